@@ -1,0 +1,148 @@
+"""The kvpolicies attention: the model's own attention for full layers, SDPA over packed runs for compressed ones.
+
+It is registered with transformers' ``AttentionInterface`` under ``kvpolicies-<inner>`` (``kvpolicies-sdpa`` by
+default), where ``<inner>`` is the implementation the model used before. Layers that hold every token call
+``<inner>`` unchanged, so an uncompressed forward is bit-for-bit the model's own. Packed layers hold a different
+number of entries than the logical sequence, and possibly one per head, so their mask comes from the cache layout
+rather than from the model. After the attention has read a layer's keys, the layer may evict.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from kvpolicies.cache import CompressedLayer, claim_layer
+
+PREFIX = "kvpolicies-"
+
+
+def prepare_model(model) -> None:
+    """Switch ``model`` to the kvpolicies attention wrapping its current implementation (idempotent).
+
+    A model running the kvpolicies attention behaves exactly as before with any other cache.
+    """
+    current = model.config._attn_implementation
+    if current.startswith(PREFIX):
+        return
+    name = register_attention(current)
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise RuntimeError(
+            f"{type(model).__name__} cannot switch its attention implementation, so KV entries cannot be evicted; "
+            "kvpolicies supports models written with transformers' AttentionInterface (Llama, Qwen2, Mistral, ...)"
+        )
+
+
+def register_attention(inner: str) -> str:
+    """Register ``kvpolicies-<inner>`` (attention and mask functions) and return its name."""
+    name = PREFIX + inner
+    if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        if inner not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+            raise ValueError(
+                f"attention implementation {inner!r} is not supported by kvpolicies; "
+                f"use one of {sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)}"
+            )
+
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            return kvpolicies_attention(_inner_function(inner, module), module, query, key, value, attention_mask, **kwargs)
+
+        ALL_ATTENTION_FUNCTIONS.register(name, attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    return name
+
+
+def _inner_function(inner: str, module) -> Callable:
+    if inner == "eager":
+        # Eager attention is defined per model family, next to the attention module.
+        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+    return ALL_ATTENTION_FUNCTIONS[inner]
+
+
+def kvpolicies_attention(inner: Callable, module, query, key, value, attention_mask, **kwargs):
+    """Attention for one layer; ``query`` is ``[batch, heads, q_len, head_dim]``, output ``[batch, q_len, heads, d]``."""
+    layer = claim_layer(key)
+    if layer is None:
+        return inner(module, query, key, value, attention_mask, **kwargs)
+    q_len = query.shape[2]
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    new_visible = new_token_mask(attention_mask, query.shape[0], q_len, query.device)
+    if layer.packed:
+        dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
+        output = packed_attention(query, layer, new_visible, scaling, dropout), None
+    else:
+        output = inner(module, query, key, value, attention_mask, **kwargs)
+    new_valid = torch.ones(query.shape[0], q_len, dtype=torch.bool, device=query.device)
+    if new_visible is not None:
+        new_valid = new_visible.diagonal(dim1=1, dim2=2)
+    layer.after_attention(query, new_valid, scaling)
+    return output
+
+
+def new_token_mask(attention_mask, batch: int, q_len: int, device) -> torch.Tensor | None:
+    """Which new tokens each new query may see, ``[batch, q_len, q_len]`` bool, or None for plain causality.
+
+    Read from the model's mask in whatever format its attention uses: 4D bool (sdpa), 4D additive float (eager) or
+    2D padding mask (flash attention). Its last ``q_len`` key columns are the new tokens.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.ndim == 2:
+        real = attention_mask[:, -q_len:].bool()
+        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
+        return causal[None] & real[:, None, :]
+    if attention_mask.ndim != 4:
+        raise ValueError(f"unsupported attention mask with shape {tuple(attention_mask.shape)}")
+    block = attention_mask[:, 0, :, -q_len:]
+    if block.dtype != torch.bool:
+        block = block > torch.finfo(block.dtype).min / 2
+    return block.expand(batch, q_len, q_len)
+
+
+def packed_attention(
+    query: torch.Tensor, layer: CompressedLayer, new_visible: torch.Tensor | None, scaling: float, dropout: float
+) -> torch.Tensor:
+    """SDPA of ``query`` over the layer's packed runs; returns ``[batch, q_len, heads, head_dim]``.
+
+    The query heads sharing a KV head are folded into the query rows, so GQA needs no copy of the keys. A run sees
+    all its old entries and, among its newest ``q_len`` entries, what ``new_visible`` allows (causal by default).
+    """
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads = layer.num_heads
+    groups = heads // kv_heads
+    rows = query.reshape(batch, kv_heads, groups * q_len, head_dim)
+    if new_visible is None and q_len > 1:
+        new_visible = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril().expand(batch, -1, -1)
+    if new_visible is not None and bool(new_visible.all()):
+        new_visible = None
+
+    def mask_for(length: int, visible: torch.Tensor | None) -> torch.Tensor | None:
+        """``[..., groups * q_len, length]`` for ``visible`` of shape ``[..., q_len, q_len]``."""
+        if visible is None:
+            return None
+        old = torch.ones(*visible.shape[:-1], length - q_len, dtype=torch.bool, device=visible.device)
+        full = torch.cat([old, visible], dim=-1)
+        return full.tile(*([1] * (full.ndim - 2)), groups, 1)  # rows are (group, query)
+
+    if layer.uniform:
+        length = layer.lengths[0]
+        keys = layer.keys.view(batch, kv_heads, length, head_dim)
+        values = layer.values.view(batch, kv_heads, length, head_dim)
+        mask = mask_for(length, None if new_visible is None else new_visible[:, None])
+        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    else:
+        out = torch.empty_like(rows)
+        runs_k = layer.keys.split(layer.lengths)
+        runs_v = layer.values.split(layer.lengths)
+        for run, (k, v) in enumerate(zip(runs_k, runs_v)):
+            b, h = divmod(run, kv_heads)
+            mask = mask_for(k.shape[0], None if new_visible is None else new_visible[b])
+            out[b, h] = F.scaled_dot_product_attention(
+                rows[b, h][None], k[None], v[None], attn_mask=mask, dropout_p=dropout, scale=scaling
+            )[0]
+    return out.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()

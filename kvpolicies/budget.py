@@ -1,0 +1,192 @@
+"""One memory budget for every policy, resolved into per-layer × per-KV-head token allocations.
+
+Equal memory means equal *entries*: an entry is one token's key and value in one KV head of one layer, so its size
+is ``2 × head_dim × dtype bytes`` whatever the policy. GQA models are counted per KV head, never per query head.
+Layers a policy leaves uncompressed count against the same total.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BudgetUnit = Literal["fraction", "tokens", "bytes"]
+
+_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+class BudgetError(ValueError):
+    """A budget that cannot be honoured for this model, sequence and policy."""
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """The geometry of a model's KV cache: what one entry costs and how many heads hold entries."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+
+    @property
+    def cells(self) -> int:
+        """Number of (layer, KV head) pairs, each holding its own run of entries."""
+        return self.num_layers * self.num_kv_heads
+
+    @property
+    def entry_bytes(self) -> int:
+        """Bytes of one entry: a key and a value of one token in one KV head."""
+        return 2 * self.head_dim * self.dtype_bytes
+
+    @classmethod
+    def from_config(cls, config, dtype: torch.dtype) -> CacheShape:
+        config = config.get_text_config(decoder=True)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return cls(config.num_hidden_layers, kv_heads, head_dim, torch.empty((), dtype=dtype).element_size())
+
+
+class Budget(BaseModel):
+    """How much of the KV cache a policy may keep.
+
+    - ``fraction``: share of the full cache, in (0, 1]; 1 keeps everything.
+    - ``tokens``: average tokens kept per KV head (per layer), > 0.
+    - ``bytes``: resident bytes of keys and values for one sequence, > 0.
+
+    ``slack_tokens`` lets a head grow that many entries past its allocation during decoding before eviction runs
+    again, so eviction is not paid on every generated token (0 = evict at every step). Prefill is always cut to
+    the allocation exactly.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    unit: BudgetUnit = "fraction"
+    value: float
+    slack_tokens: int = Field(16, ge=0, description="decode-time growth allowed before re-evicting, per head")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> Budget:
+        if not math.isfinite(self.value):
+            raise ValueError(f"budget value must be a finite number, got {self.value}")
+        if self.unit == "fraction" and not 0 < self.value <= 1:
+            raise ValueError(
+                f"a fraction budget must be in (0, 1] (the share of the full cache kept), got {self.value}"
+            )
+        if self.unit in ("tokens", "bytes") and self.value <= 0:
+            raise ValueError(f"a {self.unit} budget must be > 0, got {self.value}")
+        return self
+
+    @classmethod
+    def parse(cls, spec: Budget | float | int | str) -> Budget:
+        """Read ``0.5``, ``"50%"``, ``"512 tokens"``, ``"64MiB"`` or ``"1e6 bytes"`` into a Budget."""
+        if isinstance(spec, Budget):
+            return spec
+        if isinstance(spec, (int, float)):
+            if spec > 1:
+                raise BudgetError(
+                    f"budget {spec}: a bare number is a fraction in (0, 1]; "
+                    f"write '{spec} tokens' for tokens per KV head or '{spec}B' for bytes"
+                )
+            return cls(unit="fraction", value=spec)
+        text = spec.strip().lower().replace(" ", "")
+        if match := re.fullmatch(r"([0-9.e+-]+)%", text):
+            return cls(unit="fraction", value=float(match[1]) / 100)
+        if match := re.fullmatch(r"([0-9.e+-]+)(tokens?|tok|t)", text):
+            return cls(unit="tokens", value=float(match[1]))
+        if match := re.fullmatch(r"([0-9.e+-]+)(b|bytes?|kb|mb|gb|kib|mib|gib)", text):
+            unit = "b" if match[2].startswith("byte") else match[2]
+            return cls(unit="bytes", value=float(match[1]) * _BYTE_UNITS[unit])
+        try:
+            number = float(text)
+        except ValueError:
+            raise BudgetError(
+                f"cannot read budget {spec!r}: use a fraction in (0, 1] such as 0.5 or 50%, "
+                f"tokens per KV head such as '512 tokens', or bytes such as '64MiB'"
+            ) from None
+        return cls.parse(number)
+
+    def total_entries(self, seq_len: int, shape: CacheShape) -> int:
+        """Entries the whole cache of one sequence may hold: at least one per head, at most the full cache."""
+        full = shape.cells * seq_len
+        if self.unit == "fraction":
+            wanted = math.floor(self.value * full + 1e-9)
+        elif self.unit == "tokens":
+            wanted = math.floor(self.value * shape.cells + 1e-9)
+        else:
+            wanted = math.floor(self.value / shape.entry_bytes)
+        return max(min(wanted, full), min(shape.cells, full))
+
+    def allocate(self, seq_len: int, shape: CacheShape) -> Allocation:
+        """The uniform allocation: every (layer, KV head) gets the same share, remainders to the first cells."""
+        total = self.total_entries(seq_len, shape)
+        tokens = spread(total, shape.cells, seq_len).view(shape.num_layers, shape.num_kv_heads)
+        return Allocation(tokens=tokens, seq_len=seq_len, total=total)
+
+    def __str__(self) -> str:
+        if self.unit == "fraction":
+            return f"{self.value:g}"
+        if self.unit == "tokens":
+            return f"{self.value:g} tokens"
+        return f"{self.value:g}B"
+
+
+def spread(total: int, cells: int, cap: int) -> torch.Tensor:
+    """Split ``total`` entries over ``cells`` heads as evenly as possible, none above ``cap``, none below 1."""
+    if cells == 0:
+        return torch.zeros(0, dtype=torch.long)
+    total = max(min(total, cells * cap), min(cells, cells * cap))
+    base, extra = divmod(total, cells)
+    tokens = torch.full((cells,), base, dtype=torch.long)
+    tokens[:extra] += 1
+    return tokens
+
+
+@dataclass
+class Allocation:
+    """Tokens kept per (layer, KV head) for one sequence of ``seq_len`` real tokens; ``tokens.sum() == total``."""
+
+    tokens: torch.Tensor
+    """``[num_layers, num_kv_heads]`` long."""
+    seq_len: int
+    total: int
+
+    def with_full_layers(self, layers: Iterable[int]) -> Allocation:
+        """Leave ``layers`` uncompressed and share what is left of the total among the other layers."""
+        num_layers, num_heads = self.tokens.shape
+        full = sorted({layer % num_layers for layer in layers})
+        if not full:
+            return self
+        rest = [layer for layer in range(num_layers) if layer not in full]
+        remaining = self.total - len(full) * num_heads * self.seq_len
+        if remaining < len(rest) * num_heads:
+            needed = (len(full) * self.seq_len + len(rest)) / (num_layers * self.seq_len)
+            raise BudgetError(
+                f"the budget keeps {self.total} entries, but leaving layers {full} uncompressed already takes "
+                f"{len(full) * num_heads * self.seq_len} of them for a {self.seq_len}-token sequence; raise the "
+                f"budget to at least {needed:.3f} of the cache or leave fewer layers uncompressed"
+            )
+        tokens = self.tokens.clone()
+        tokens[full] = self.seq_len
+        if rest:
+            tokens[rest] = spread(remaining, len(rest) * num_heads, self.seq_len).view(len(rest), num_heads)
+        return Allocation(tokens=tokens, seq_len=self.seq_len, total=self.total)
+
+    def check(self, policy_name: str) -> None:
+        """Raise if a policy's allocation breaks the equal-budget contract."""
+        tokens = self.tokens
+        if tokens.min().item() < 1 or tokens.max().item() > self.seq_len:
+            raise BudgetError(
+                f"policy {policy_name!r} allocated between {tokens.min().item()} and {tokens.max().item()} tokens "
+                f"to a head; each head must keep between 1 and {self.seq_len} (the sequence length)"
+            )
+        if tokens.sum().item() > self.total:
+            raise BudgetError(
+                f"policy {policy_name!r} allocated {tokens.sum().item()} entries, more than the budget's "
+                f"{self.total}; reallocation must move entries, not add them"
+            )

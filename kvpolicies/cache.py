@@ -1,0 +1,282 @@
+"""A transformers ``Cache`` that physically holds only the entries a policy keeps.
+
+Layout. A layer starts *dense* like transformers' ``DynamicLayer`` (``[batch, kv_heads, seq, head_dim]``). The
+first eviction turns it *packed*: keys and values become ``[entries, head_dim]`` tensors holding, one run after
+another, the kept entries of every (sequence, KV head) pair in age order, with the run lengths kept as Python ints.
+Runs may differ in length (per-head budgets, sequences of different lengths), and padding is never stored, so the
+memory really is freed. When all runs have one length the packed tensor *is* the dense layout (a free view).
+
+Two lengths. ``get_seq_length()`` is the logical number of tokens seen (RoPE positions continue from it), while a
+packed layer holds fewer entries; masks of packed layers are built by :mod:`kvpolicies.attention`, which is why the
+model must run the kvpolicies attention (``CompressedCache`` switches it on).
+
+Eviction runs right after a layer's attention has read the full keys, so prefill peaks at one uncompressed layer.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvpolicies.budget import Allocation, Budget, CacheShape
+from kvpolicies.policy import Policy, ScoreInputs, Signal
+from kvpolicies.selection import age_order, select
+from kvpolicies.signals import attention_received
+
+_pending = threading.local()
+
+
+def claim_layer(keys: torch.Tensor) -> CompressedLayer | None:
+    """The compressed layer whose ``update()`` just returned ``keys``, or None for any other cache."""
+    layer = getattr(_pending, "layer", None)
+    if layer is None or getattr(_pending, "keys", None) is not keys:
+        return None
+    _pending.layer = _pending.keys = None
+    return layer
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What the cache holds, counted from its tensors."""
+
+    kept_entries: int
+    full_entries: int
+    resident_bytes: int
+    full_bytes: int
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept_entries / self.full_entries if self.full_entries else 1.0
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One decoder layer's entries, dense until the first eviction and packed after it."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, cache: CompressedCache, layer_idx: int) -> None:
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.reset()
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.logical_length = 0
+        self.packed = False
+        self.lengths: list[int] = []
+        self.uniform = True
+        self.valid: torch.Tensor | None = None  # dense only: [batch, seq] bool, False on padding
+        self.seen: list[int] = []  # real tokens seen per sequence
+        self.awaiting_attention = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.valid = torch.zeros(self.batch_size, 0, dtype=torch.bool, device=self.device)
+        self.seen = [0] * self.batch_size
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens; return what the attention reads (dense, or packed for kvpolicies attention)."""
+        if self.awaiting_attention:
+            raise RuntimeError(
+                "CompressedCache was updated twice without its attention running: the model is not using the "
+                "kvpolicies attention. Build the cache with CompressedCache(model, ...) or call "
+                "kvpolicies.prepare_model(model) before generating."
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.packed:
+            self.keys = self._append_packed(self.keys, key_states)
+            self.values = self._append_packed(self.values, value_states)
+            self.lengths = [n + key_states.shape[-2] for n in self.lengths]
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        self.logical_length += key_states.shape[-2]
+        self.awaiting_attention = True
+        _pending.layer, _pending.keys = self, self.keys
+        return self.keys, self.values
+
+    def _append_packed(self, packed: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        batch, heads, q_len, head_dim = new.shape
+        if self.uniform:
+            old = packed.view(batch, heads, self.lengths[0], head_dim)
+            return torch.cat([old, new], dim=2).view(-1, head_dim)
+        runs = packed.split(self.lengths)
+        fresh = new.reshape(batch * heads, q_len, head_dim).unbind(0)
+        return torch.cat([piece for pair in zip(runs, fresh) for piece in pair])
+
+    def after_attention(self, query: torch.Tensor, new_valid: torch.Tensor, scaling: float) -> None:
+        """Record which new tokens are real, then let the cache evict. ``new_valid``: ``[batch, q_len]`` bool."""
+        self.awaiting_attention = False
+        if not self.packed:
+            self.valid = torch.cat([self.valid, new_valid], dim=1)
+        self.seen = [s + n for s, n in zip(self.seen, new_valid.sum(1).tolist())]
+        self.cache.evict(self, query, scaling)
+
+    def kept_counts(self) -> torch.Tensor:
+        """``[batch, kv_heads]`` real entries held per head."""
+        if not self.is_initialized:
+            return torch.zeros(0, 0, dtype=torch.long)
+        if self.packed:
+            return torch.tensor(self.lengths, dtype=torch.long).view(self.batch_size, self.num_heads)
+        return self.valid.sum(1).cpu().view(-1, 1).expand(self.batch_size, self.num_heads)
+
+    def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values ``[batch, kv_heads, seq, head_dim]`` and valid ``[batch, kv_heads, seq]`` for scoring."""
+        shape = (self.batch_size, self.num_heads)
+        if not self.packed:
+            return self.keys, self.values, self.valid[:, None, :].expand(*shape, -1)
+        if self.uniform:
+            length = self.lengths[0]
+            valid = torch.ones(*shape, length, dtype=torch.bool, device=self.device)
+            view = (*shape, length, self.head_dim)
+            return self.keys.view(view), self.values.view(view), valid
+        lengths = torch.tensor(self.lengths, device=self.device)
+        longest = max(self.lengths)
+        valid = torch.arange(longest, device=self.device) < lengths[:, None]
+        keys = self.keys.new_zeros(len(self.lengths), longest, self.head_dim)
+        values = self.values.new_zeros(len(self.lengths), longest, self.head_dim)
+        keys[valid], values[valid] = self.keys, self.values
+        view = (*shape, longest, self.head_dim)
+        return keys.view(view), values.view(view), valid.view(*shape, longest)
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> None:
+        """Keep only the entries where ``keep`` (``[batch, kv_heads, seq]``) is True, packed in age order."""
+        self.keys, self.values = keys[keep], values[keep]
+        self.lengths = keep.sum(-1).flatten().tolist()
+        self.uniform = len(set(self.lengths)) == 1
+        self.packed, self.valid = True, None
+
+    def resident_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+
+    def get_seq_length(self) -> int:
+        return self.logical_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Logical sizes: dense layers hold every token; packed layers build their own masks.
+        return self.logical_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported with a CompressedCache; use greedy or sampling")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a CompressedCache cannot be cropped (assisted decoding is not supported)")
+
+
+class CompressedCache(Cache):
+    """A KV cache that evicts entries with ``policy`` under ``budget``.
+
+    >>> cache = CompressedCache(model, get_policy("l2norm"), Budget.parse(0.5))
+    >>> model.generate(**inputs, past_key_values=cache)
+    >>> cache.stats()
+
+    Construction switches the model to the kvpolicies attention (which runs the model's own attention for layers
+    that still hold every token), see :func:`kvpolicies.attention.prepare_model`.
+    """
+
+    def __init__(self, model, policy: Policy, budget: Budget | float | str) -> None:
+        from kvpolicies.attention import prepare_model
+
+        text_config = model.config.get_text_config(decoder=True)
+        layer_types = getattr(text_config, "layer_types", None) or []
+        unsupported = sorted({t for t in layer_types if t != "full_attention"})
+        if unsupported:
+            raise NotImplementedError(
+                f"CompressedCache supports full-attention layers only; this model also has {unsupported}"
+            )
+        prepare_model(model)
+        self.policy = policy
+        self.budget = Budget.parse(budget)
+        self.shape = CacheShape.from_config(model.config, model.dtype)
+        self._allocations: dict[int, torch.Tensor] = {}
+        super().__init__(layers=[CompressedLayer(self, i) for i in range(self.shape.num_layers)])
+
+    def allocation(self, seq_len: int) -> Allocation:
+        """The policy's allocation for a sequence of ``seq_len`` real tokens, checked against the budget."""
+        allocation = self.policy.allocate(self.budget.allocate(seq_len, self.shape))
+        allocation.check(self.policy.name)
+        return allocation
+
+    def _tokens(self, seq_len: int) -> torch.Tensor:
+        if seq_len not in self._allocations:
+            self._allocations[seq_len] = self.allocation(seq_len).tokens
+        return self._allocations[seq_len]
+
+    def evict(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
+        """Cut ``layer`` back to its allocation if a sequence outgrew it (by more than the slack when decoding)."""
+        if not self.policy.compresses:
+            return
+        counts = layer.kept_counts()
+        targets = torch.stack([self._tokens(max(n, 1))[layer.layer_idx] for n in layer.seen])
+        slack = 0 if query.shape[-2] > 1 else self.budget.slack_tokens
+        over = (counts > targets + slack).any(-1)
+        padded = not layer.packed and not bool(layer.valid.all())
+        if not (over.any() or padded):
+            return
+        keys, values, valid = layer.dense_view()
+        keep_n = torch.where(over[:, None], torch.minimum(targets, counts), counts)
+        if over.any():
+            inputs = self._score_inputs(layer, keys, values, valid, query, scaling)
+            scores = self.policy.score(inputs)
+            if scores.shape != valid.shape:
+                raise ValueError(
+                    f"policy {self.policy.name!r} returned scores of shape {tuple(scores.shape)}; "
+                    f"expected [batch, kv_heads, seq] = {tuple(valid.shape)}"
+                )
+        else:
+            scores = torch.zeros(valid.shape, device=valid.device)
+        config = self.policy.config
+        keep = select(scores, valid, keep_n, config.sink_tokens, config.window_tokens)
+        layer.store(keys, values, keep)
+
+    def _score_inputs(self, layer, keys, values, valid, query, scaling) -> ScoreInputs:
+        needs = self.policy.needs
+        order = age_order(valid)
+        inputs = ScoreInputs(layer_idx=layer.layer_idx, valid=valid, order=order, seen_tokens=list(layer.seen))
+        if Signal.KEYS in needs:
+            inputs.keys = keys
+        if Signal.VALUES in needs:
+            inputs.values = values
+        if Signal.QUERIES in needs:
+            inputs.queries = query
+        if Signal.ATTENTION in needs:
+            inputs.attention = attention_received(query, keys, valid, order, scaling)
+        return inputs
+
+    def kept_per_head(self) -> torch.Tensor:
+        """``[num_layers, batch, kv_heads]`` entries held per head."""
+        return torch.stack([layer.kept_counts() for layer in self.layers])
+
+    def resident_bytes(self) -> int:
+        """Bytes of the key and value tensors this cache holds right now (padding included if stored)."""
+        return sum(layer.resident_bytes() for layer in self.layers)
+
+    def stats(self) -> CacheStats:
+        seen = sum(self.layers[0].seen) if self.layers[0].is_initialized else 0
+        full_entries = seen * self.shape.cells
+        return CacheStats(
+            kept_entries=int(self.kept_per_head().sum()) if seen else 0,
+            full_entries=full_entries,
+            resident_bytes=self.resident_bytes(),
+            full_bytes=full_entries * self.shape.entry_bytes,
+        )

@@ -1,0 +1,153 @@
+"""The ``kvpolicies`` command. Results go to stdout; progress and logs go to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from tabulate import tabulate
+
+from kvpolicies.budget import Budget, BudgetError
+from kvpolicies.policy import PolicyConfigError
+from kvpolicies.registry import UnknownPolicyError, get_policy, list_policies
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (UnknownPolicyError, PolicyConfigError, BudgetError, ValidationError, FileNotFoundError) as error:
+        print(f"kvpolicies: error: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvpolicies", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    listing = commands.add_parser("list", help="show the registered policies and their options")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(run=run_list)
+
+    generate = commands.add_parser("generate", help="generate text with a compressed KV cache")
+    generate.add_argument("prompt", nargs="?", help="the prompt (or use --file)")
+    generate.add_argument("--file", type=Path, help="read the prompt from this file")
+    generate.add_argument("--policy", default="l2norm", help="policy name (see `kvpolicies list`)")
+    generate.add_argument("--budget", default="0.5", help="0.5 | 50%% | '512 tokens' | 64MiB (default: 0.5)")
+    generate.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="policy option (JSON value), repeatable"
+    )
+    generate.add_argument("--model", help="model id, folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    generate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    generate.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    generate.set_defaults(run=run_generate)
+    return parser
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["window_tokens=32", "uncompressed_layers=[]"]`` → ``{"window_tokens": 32, "uncompressed_layers": []}``."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise PolicyConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            options[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key.strip()] = text
+    return options
+
+
+def run_list(args: argparse.Namespace) -> int:
+    policies = list_policies()
+    if args.json:
+        rows = [
+            {
+                "name": p.name,
+                "plugin": p.plugin,
+                "summary": p.summary,
+                "needs": sorted(p.needs),
+                "options": p.policy_class.Config.model_json_schema()["properties"],
+            }
+            for p in policies
+        ]
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    rows = [
+        [
+            p.name,
+            ", ".join(sorted(p.needs)) or "nothing",
+            p.summary,
+            "\n".join(f"{key}={value!r}" for key, value in p.config_fields().items()),
+        ]
+        for p in policies
+    ]
+    print(tabulate(rows, headers=["policy", "reads", "description", "options (defaults)"], tablefmt="simple_grid"))
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvpolicies.cache import CompressedCache
+    from kvpolicies.models import load_model
+
+    if (args.prompt is None) == (args.file is None):
+        raise PolicyConfigError("give the prompt either as an argument or with --file, not both or neither")
+    prompt = args.prompt if args.file is None else args.file.read_text()
+    policy = get_policy(args.policy, **parse_options(args.set))
+    budget = Budget.parse(args.budget)
+
+    print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.raw or not getattr(tokenizer, "chat_template", None):
+        inputs = tokenizer(prompt, return_tensors="pt")
+    else:
+        messages = [{"role": "user", "content": prompt}]
+        inputs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    inputs = inputs.to(model.device)
+    prompt_tokens = inputs["input_ids"].shape[1]
+    cache = CompressedCache(model, policy, budget)
+    print(f"kvpolicies: generating with {policy!r} at budget {budget} ...", file=sys.stderr)
+    started = time.perf_counter()
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            past_key_values=cache,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    seconds = time.perf_counter() - started
+    new_tokens = output[0, prompt_tokens:]
+    print(tokenizer.decode(new_tokens, skip_special_tokens=True))
+    print()
+    stats = cache.stats()
+    rows = [
+        ["policy", f"{policy.name} {json.dumps(policy.config.model_dump(mode='json'))}"],
+        ["budget", str(budget)],
+        ["tokens (prompt + generated)", f"{prompt_tokens} + {len(new_tokens)}"],
+        ["KV entries kept / full", f"{stats.kept_entries:,} / {stats.full_entries:,} ({stats.kept_fraction:.1%})"],
+        [
+            "resident KV bytes / full",
+            f"{stats.resident_bytes:,} / {stats.full_bytes:,} ({stats.resident_bytes / max(stats.full_bytes, 1):.1%})",
+        ],
+        ["wall time", f"{seconds:.2f} s"],
+    ]
+    print(tabulate(rows, tablefmt="plain"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

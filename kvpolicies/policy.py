@@ -1,0 +1,144 @@
+"""The policy interface: a config, the signals it reads, and a score per cached entry.
+
+A policy only says *what it would rather keep*. The framework turns scores into a kept set under the budget
+(:mod:`kvpolicies.selection`), stores it (:mod:`kvpolicies.cache`) and accounts for it, so every policy is
+compared on identical mechanics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvpolicies.budget import Allocation
+
+
+class Signal(StrEnum):
+    """What a policy's ``score()`` may read. Signals not declared in ``Policy.needs`` are never computed."""
+
+    KEYS = "keys"
+    """Cached keys (after RoPE), ``[batch, kv_heads, seq, head_dim]``."""
+    VALUES = "values"
+    """Cached values, ``[batch, kv_heads, seq, head_dim]``."""
+    QUERIES = "queries"
+    """Queries of the forward pass that triggered the eviction (after RoPE), ``[batch, heads, q_len, head_dim]``.
+    At prefill these are the prompt's queries; during decoding, the newest token's."""
+    ATTENTION = "attention"
+    """Attention each cached entry received from those queries, summed over the query heads that share its KV head
+    and over the queries, ``[batch, kv_heads, seq]``. Computed in query chunks (memory O(chunk × seq)), never by
+    switching the model to eager attention."""
+
+
+class PolicyConfig(BaseModel):
+    """Base of every policy config: validated, immutable, serialisable, hashable.
+
+    ``sink_tokens`` and ``window_tokens`` are protected by the framework for any policy: the first real tokens
+    (attention sinks) and the most recent ones are kept whatever the score, and they count inside the budget.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sink_tokens: int = Field(0, ge=0, description="first real tokens of each head always kept (attention sinks)")
+    window_tokens: int = Field(0, ge=0, description="most recent tokens of each head always kept")
+
+
+@dataclass
+class ScoreInputs:
+    """What ``Policy.score`` receives for one layer. Padded entries (``valid`` False) get no say in selection.
+
+    Tensors are a dense ``[batch, kv_heads, seq, ...]`` view of the layer's entries; signals the policy did not
+    declare in ``needs`` are ``None``.
+    """
+
+    layer_idx: int
+    valid: torch.Tensor
+    """``[batch, kv_heads, seq]`` bool: True for real cached entries, False for padding."""
+    order: torch.Tensor
+    """``[batch, kv_heads, seq]`` long: age rank among the valid entries of the head, 0 = oldest (-1 on padding)."""
+    seen_tokens: list[int]
+    """Real tokens each sequence has seen so far (its logical length without padding)."""
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+
+
+class PolicyConfigError(ValueError):
+    """A policy was given a config it does not accept."""
+
+
+class Policy:
+    """Base class of an eviction policy. Subclasses set ``name``, ``Config``, ``needs`` and implement ``score``.
+
+    The docstring's first line is the one-line description shown by ``kvpolicies list``.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[PolicyConfig]] = PolicyConfig
+    needs: ClassVar[frozenset[Signal]] = frozenset()
+    compresses: ClassVar[bool] = True
+    """False only for the reference full cache: the cache then never evicts, whatever the budget."""
+
+    def __init__(self, config: PolicyConfig | None = None, **options: Any) -> None:
+        if config is not None and options:
+            raise PolicyConfigError(f"policy {self.name!r}: pass either a config object or keyword options, not both")
+        if config is None:
+            config = self.parse_config(options)
+        elif not isinstance(config, self.Config):
+            raise PolicyConfigError(
+                f"policy {self.name!r} expects a {self.Config.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+
+    @classmethod
+    def parse_config(cls, options: dict[str, Any]) -> PolicyConfig:
+        """Validate user options into ``Config``, with an error that lists the valid keys."""
+        unknown = sorted(set(options) - set(cls.Config.model_fields))
+        if unknown:
+            raise PolicyConfigError(
+                f"policy {cls.name!r} has no option {', '.join(map(repr, unknown))}; "
+                f"valid options: {', '.join(cls.Config.model_fields)}"
+            )
+        try:
+            return cls.Config(**options)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors()
+            )
+            raise PolicyConfigError(f"policy {cls.name!r}: invalid option ({problems})") from None
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = inspect.getdoc(cls) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        """Return ``[batch, kv_heads, seq]`` scores: higher means keep. Values at padded positions are ignored."""
+        raise NotImplementedError(f"policy {self.name!r} does not implement score()")
+
+    def allocate(self, allocation: Allocation) -> Allocation:
+        """Redistribute the budget across layers and KV heads; the default keeps the uniform allocation.
+
+        Whatever is returned must keep ``allocation.total`` entries and at least one per head; the cache checks.
+        """
+        return allocation
+
+    def identity(self) -> dict[str, Any]:
+        """The JSON-able description of this policy that identifies a run."""
+        return {"policy": self.name, "config": self.config.model_dump(mode="json")}
+
+    def config_hash(self) -> str:
+        """A stable 16-hex-digit hash of the policy name and its full config (defaults included)."""
+        text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items())
+        return f"{type(self).__name__}({options})"

@@ -1,0 +1,174 @@
+"""The policy registry: every plugin of the ``kvpolicies`` entry-point group, loaded once through pluggy.
+
+``KVPOLICIES_PLUGINS=name,name`` loads only those entry points (for reproducible runs and tests); unset loads all.
+A plugin that fails to import or to register is reported with a warning and skipped; two policies claiming one
+name is an error naming both plugins, since silently picking one would make results depend on install order.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from kvpolicies import hookspecs
+from kvpolicies.policy import Policy, Signal
+
+ENTRY_POINT_GROUP = "kvpolicies"
+PLUGINS_ENV = "KVPOLICIES_PLUGINS"
+
+
+class UnknownPolicyError(KeyError):
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+class PolicyRegistryError(RuntimeError):
+    """The installed plugins contradict each other (e.g. two policies with one name)."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin could not be loaded; the rest of the registry works."""
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    name: str
+    policy_class: type[Policy]
+    plugin: str
+
+    @property
+    def summary(self) -> str:
+        return self.policy_class.summary()
+
+    @property
+    def needs(self) -> frozenset[Signal]:
+        return self.policy_class.needs
+
+    def config_fields(self) -> dict[str, Any]:
+        """Option name → default value."""
+        return {name: field.default for name, field in self.policy_class.Config.model_fields.items()}
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.manager = pluggy.PluginManager(hookspecs.PROJECT)
+        self.manager.add_hookspecs(hookspecs)
+        self._policies: dict[str, PolicyInfo] | None = None
+
+    def load_entry_points(self) -> None:
+        wanted = os.environ.get(PLUGINS_ENV)
+        allowed = None if wanted is None else {name.strip() for name in wanted.split(",") if name.strip()}
+        found = entry_points(group=ENTRY_POINT_GROUP)
+        if allowed is not None and (missing := allowed - {ep.name for ep in found}):
+            warnings.warn(
+                f"{PLUGINS_ENV} names {sorted(missing)}, which are not installed; installed kvpolicies plugins: "
+                f"{sorted(ep.name for ep in found)}",
+                PluginWarning,
+                stacklevel=3,
+            )
+        for entry_point in found:
+            if allowed is not None and entry_point.name not in allowed:
+                continue
+            if self.manager.get_plugin(entry_point.name) is not None:
+                continue
+            try:
+                plugin = entry_point.load()
+                self.manager.register(plugin, name=entry_point.name)
+            except Exception as error:  # a broken plugin must not take the registry down
+                warnings.warn(
+                    f"kvpolicies plugin {entry_point.name!r} ({entry_point.value}) failed to load and was skipped: "
+                    f"{type(error).__name__}: {error}",
+                    PluginWarning,
+                    stacklevel=3,
+                )
+
+    def register_plugin(self, plugin: object, name: str) -> None:
+        """Register a plugin object directly (notebooks, tests); same rules as an entry point."""
+        self.manager.register(plugin, name=name)
+        self._policies = None
+
+    def unregister_plugin(self, name: str) -> None:
+        self.manager.unregister(name=name)
+        self._policies = None
+
+    def policies(self) -> dict[str, PolicyInfo]:
+        if self._policies is None:
+            self.load_entry_points()
+            self._policies = self._collect()
+        return self._policies
+
+    def _collect(self) -> dict[str, PolicyInfo]:
+        policies: dict[str, PolicyInfo] = {}
+        for plugin_name, plugin in self.manager.list_name_plugin():
+            found: list[tuple[str, type[Policy]]] = []
+
+            def register(policy_class: type[Policy], *, aliases: tuple[str, ...] = ()) -> None:
+                if not (isinstance(policy_class, type) and issubclass(policy_class, Policy)):
+                    raise TypeError(f"register() takes a kvpolicies.Policy subclass, got {policy_class!r}")
+                if not policy_class.name:
+                    raise TypeError(f"{policy_class.__qualname__} has no `name`")
+                for name in (policy_class.name, *aliases):
+                    found.append((name, policy_class))
+
+            hook = getattr(plugin, "register_policies", None)
+            if hook is None:
+                continue
+            try:
+                hook(register=register)
+            except Exception as error:
+                warnings.warn(
+                    f"kvpolicies plugin {plugin_name!r} failed while registering policies and was skipped: "
+                    f"{type(error).__name__}: {error}",
+                    PluginWarning,
+                    stacklevel=4,
+                )
+                continue
+            for name, policy_class in found:
+                if name in policies and policies[name].policy_class is not policy_class:
+                    raise PolicyRegistryError(
+                        f"policy name {name!r} is registered by two plugins: {policies[name].plugin!r} "
+                        f"({policies[name].policy_class.__module__}) and {plugin_name!r} ({policy_class.__module__}); "
+                        f"uninstall one or restrict plugins with {PLUGINS_ENV}"
+                    )
+                policies[name] = PolicyInfo(name, policy_class, plugin_name)
+        return dict(sorted(policies.items()))
+
+    def get(self, name: str) -> PolicyInfo:
+        policies = self.policies()
+        if name not in policies:
+            close = difflib.get_close_matches(name, policies, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise UnknownPolicyError(
+                f"unknown policy {name!r}.{hint} Available policies: {', '.join(policies) or '(none installed)'}"
+            )
+        return policies[name]
+
+
+_registry = Registry()
+
+
+def registry() -> Registry:
+    return _registry
+
+
+def reset_registry() -> None:
+    """Forget loaded plugins so the next lookup reads the entry points (and ``KVPOLICIES_PLUGINS``) again."""
+    global _registry
+    _registry = Registry()
+
+
+def list_policies() -> list[PolicyInfo]:
+    """Every registered policy, sorted by name."""
+    return list(_registry.policies().values())
+
+
+def get_policy(name: str, **config: Any) -> Policy:
+    """An instance of policy ``name`` configured with ``config`` (validated by the policy's pydantic config)."""
+    info = _registry.get(name)
+    return info.policy_class(**config)

@@ -1,0 +1,53 @@
+"""Turning scores into a kept set: top-k per head with protected tokens and deterministic ties."""
+
+from __future__ import annotations
+
+import torch
+
+
+def age_order(valid: torch.Tensor) -> torch.Tensor:
+    """Rank of each valid entry among the valid entries of its head, 0 = oldest; -1 on padding.
+
+    ``valid``: ``[batch, kv_heads, seq]`` bool, entries in age order along ``seq``.
+    """
+    return torch.where(valid, valid.long().cumsum(-1) - 1, -1)
+
+
+def select(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    keep: torch.Tensor,
+    sink_tokens: int = 0,
+    window_tokens: int = 0,
+) -> torch.Tensor:
+    """Choose which entries to keep in every head.
+
+    Args:
+        scores: ``[batch, kv_heads, seq]``, higher = keep.
+        valid: ``[batch, kv_heads, seq]`` bool; padding is never kept.
+        keep: ``[batch, kv_heads]`` entries to keep per head (clamped to the valid count).
+        sink_tokens / window_tokens: the oldest / newest valid entries kept before any scored one; they count
+            inside ``keep`` (sinks win if ``keep`` cannot hold both).
+
+    Returns:
+        ``[batch, kv_heads, seq]`` bool mask, exactly ``min(keep, valid count)`` True per head.
+
+    Ties are broken towards the older entry (a stable sort), so equal scores — frequent with bf16 key norms —
+    always give the same kept set.
+    """
+    if torch.isnan(scores).any():
+        raise ValueError("the policy returned NaN scores; scores must be finite or ±inf")
+    order = age_order(valid)
+    count = valid.sum(-1, keepdim=True)
+    ranked = scores.float().masked_fill(~valid, float("-inf"))
+    if window_tokens:
+        ranked = ranked.masked_fill(valid & (order >= count - window_tokens), float("inf"))
+    if sink_tokens:
+        ranked = ranked.masked_fill(valid & (order < sink_tokens), float("inf"))
+    # Stable descending sort: among equal scores the lower index (older entry) ranks first.
+    # Sinks must rank above window entries with the same +inf, which holds because sinks are older.
+    position = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(position)
+    rank.scatter_(-1, position, torch.arange(scores.shape[-1], device=scores.device).expand_as(position))
+    limit = torch.minimum(keep.to(count.device).unsqueeze(-1), count)
+    return valid & (rank < limit)

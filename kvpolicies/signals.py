@@ -1,0 +1,41 @@
+"""Signals computed on demand for policies that declare them (see :class:`kvpolicies.Signal`)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_received(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    valid: torch.Tensor,
+    order: torch.Tensor,
+    scaling: float,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Attention each cached entry receives from ``query``, summed over its query heads and the queries.
+
+    Args:
+        query: ``[batch, heads, q_len, head_dim]``; the queries belong to the newest ``q_len`` entries.
+        keys: ``[batch, kv_heads, seq, head_dim]``.
+        valid / order: ``[batch, kv_heads, seq]`` padding mask and age rank (see ``selection.age_order``).
+
+    Returns:
+        ``[batch, kv_heads, seq]`` float32. Query ``j`` sees the entries whose age rank is at most
+        ``count - q_len + j`` (causality in age order, so dense and packed layouts agree). Queries run in chunks of
+        ``chunk`` so memory stays O(chunk × seq) instead of O(q_len × seq).
+    """
+    batch, kv_heads, seq, head_dim = keys.shape
+    heads, q_len = query.shape[1], query.shape[2]
+    grouped = query.view(batch, kv_heads, heads // kv_heads, q_len, head_dim)
+    first_new = valid.sum(-1, keepdim=True) - q_len  # [batch, kv_heads, 1]
+    received = torch.zeros(batch, kv_heads, seq, dtype=torch.float32, device=keys.device)
+    keys32 = keys.float()
+    for start in range(0, q_len, chunk):
+        stop = min(start + chunk, q_len)
+        logits = torch.einsum("bhgqd,bhsd->bhgqs", grouped[:, :, :, start:stop].float(), keys32) * scaling
+        limit = first_new + torch.arange(start, stop, device=keys.device)  # [batch, kv_heads, chunk]
+        visible = valid[:, :, None, :] & (order[:, :, None, :] <= limit[..., None])
+        logits = logits.masked_fill(~visible[:, :, None], float("-inf"))
+        received += torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=(2, 3))
+    return received
