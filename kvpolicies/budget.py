@@ -90,8 +90,8 @@ class Budget(BaseModel):
         if isinstance(spec, (int, float)):
             if spec > 1:
                 raise BudgetError(
-                    f"budget {spec}: a bare number is a fraction in (0, 1]; "
-                    f"write '{spec} tokens' for tokens per KV head or '{spec}B' for bytes"
+                    f"budget {spec:g}: a bare number is a fraction in (0, 1]; "
+                    f"write '{spec:g} tokens' for tokens per KV head or '{spec:g}B' for bytes"
                 )
             return cls(unit="fraction", value=spec)
         text = spec.strip().lower().replace(" ", "")

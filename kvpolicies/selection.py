@@ -27,7 +27,7 @@ def select(
         valid: ``[batch, kv_heads, seq]`` bool; padding is never kept.
         keep: ``[batch, kv_heads]`` entries to keep per head (clamped to the valid count).
         sink_tokens / window_tokens: the oldest / newest valid entries kept before any scored one; they count
-            inside ``keep`` (sinks win if ``keep`` cannot hold both).
+            inside ``keep``; if ``keep`` cannot hold them all, sinks (oldest first) win, then the newest.
 
     Returns:
         ``[batch, kv_heads, seq]`` bool mask, exactly ``min(keep, valid count)`` True per head.
@@ -40,13 +40,17 @@ def select(
     order = age_order(valid)
     count = valid.sum(-1, keepdim=True)
     ranked = scores.float().masked_fill(~valid, float("-inf"))
-    if window_tokens:
-        ranked = ranked.masked_fill(valid & (order >= count - window_tokens), float("inf"))
-    if sink_tokens:
-        ranked = ranked.masked_fill(valid & (order < sink_tokens), float("inf"))
     # Stable descending sort: among equal scores the lower index (older entry) ranks first.
-    # Sinks must rank above window entries with the same +inf, which holds because sinks are older.
     position = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    if sink_tokens or window_tokens:
+        # Protected entries go first: sinks (oldest first), then the window (newest first), then by score.
+        window = valid & (order >= count - window_tokens)
+        sinks = valid & (order < sink_tokens)
+        priority = sinks.long() * 2 + (window & ~sinks).long()
+        within = torch.where(sinks, -order, torch.where(window, order, 0)).gather(-1, position)
+        position = position.gather(-1, torch.sort(within, dim=-1, descending=True, stable=True).indices)
+        priority = priority.gather(-1, position)
+        position = position.gather(-1, torch.sort(priority, dim=-1, descending=True, stable=True).indices)
     rank = torch.empty_like(position)
     rank.scatter_(-1, position, torch.arange(scores.shape[-1], device=scores.device).expand_as(position))
     limit = torch.minimum(keep.to(count.device).unsqueeze(-1), count)

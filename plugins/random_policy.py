@@ -27,7 +27,7 @@ class RandomEviction(Policy):
         scores = torch.empty(batch, heads, seq)
         for row, seen in enumerate(inputs.seen_tokens):
             generator = torch.Generator().manual_seed(hash((self.config.seed, inputs.layer_idx, seen)) % 2**62)
-            draws = torch.rand(heads, seq, generator=generator)
+            draws = torch.rand(heads, max(seen, 1), generator=generator)
             scores[row] = draws.gather(1, inputs.order[row].clamp(min=0).cpu())
         return scores.to(inputs.valid.device)
 

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny random-weight Llama for most tests, the real embedded model once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import kvpolicies
+
+
+def tiny_llama(num_layers: int = 8, attn_implementation: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
+    """A random Llama with GQA (6 query heads over 2 KV heads), small enough to run everywhere in milliseconds."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=num_layers,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    config._attn_implementation = attn_implementation
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_model() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The embedded SmolLM2-135M-Instruct (fp32, CPU unless CUDA is present), loaded once."""
+    return kvpolicies.load_model()
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """A registry that re-reads the entry points, restored afterwards."""
+    kvpolicies.reset_registry()
+    yield
+    monkeypatch.undo()
+    kvpolicies.reset_registry()

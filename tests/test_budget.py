@@ -1,0 +1,122 @@
+"""Budget arithmetic: one total for every policy, honest ranges, never an empty head."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from kvpolicies import Budget, BudgetError, CacheShape
+
+SMOL = CacheShape(num_layers=30, num_kv_heads=3, head_dim=64, dtype_bytes=4)
+
+shapes = st.builds(
+    CacheShape,
+    num_layers=st.integers(1, 40),
+    num_kv_heads=st.integers(1, 8),
+    head_dim=st.sampled_from([16, 64, 128]),
+    dtype_bytes=st.sampled_from([2, 4]),
+)
+
+
+@given(shape=shapes, seq_len=st.integers(1, 5000), fraction=st.floats(0.001, 1.0))
+def test_fraction_allocation_sums_to_the_budget_with_at_least_one_entry_per_head(shape, seq_len, fraction):
+    allocation = Budget(value=fraction).allocate(seq_len, shape)
+    tokens = allocation.tokens
+    assert tokens.shape == (shape.num_layers, shape.num_kv_heads)
+    assert int(tokens.sum()) == allocation.total
+    assert int(tokens.min()) >= 1 and int(tokens.max()) <= seq_len
+    assert int(tokens.max()) - int(tokens.min()) <= 1  # uniform: remainders differ by one at most
+    wanted = int(fraction * shape.cells * seq_len + 1e-9)
+    assert allocation.total == max(min(wanted, shape.cells * seq_len), shape.cells)
+
+
+@given(shape=shapes, seq_len=st.integers(1, 5000), per_head=st.floats(0.5, 10000))
+def test_token_budget_is_an_average_per_kv_head_capped_by_the_sequence(shape, seq_len, per_head):
+    allocation = Budget(unit="tokens", value=per_head).allocate(seq_len, shape)
+    expected = min(int(per_head * shape.cells + 1e-9), shape.cells * seq_len)
+    assert allocation.total == max(expected, shape.cells) if seq_len >= 1 else 0
+    assert int(allocation.tokens.max()) <= seq_len
+
+
+@given(shape=shapes, seq_len=st.integers(1, 5000), megabytes=st.floats(0.01, 100))
+def test_byte_budget_counts_keys_and_values_per_kv_head(shape, seq_len, megabytes):
+    budget = Budget(unit="bytes", value=megabytes * 1e6)
+    allocation = budget.allocate(seq_len, shape)
+    entries = int(allocation.tokens.sum())
+    if entries > shape.cells:  # above the one-per-head floor the bytes bound is exact
+        assert entries * shape.entry_bytes <= budget.value
+        assert (entries + 1) * shape.entry_bytes > budget.value or entries == shape.cells * seq_len
+
+
+@given(seq_len=st.integers(1, 4000), fraction=st.floats(0.05, 1.0))
+def test_uncompressed_layers_count_against_the_same_total(seq_len, fraction):
+    allocation = Budget(value=fraction).allocate(seq_len, SMOL)
+    try:
+        moved = allocation.with_full_layers([0, 1])
+    except BudgetError:
+        assert allocation.total < 2 * 3 * seq_len + 28 * 3
+        return
+    assert int(moved.tokens.sum()) == allocation.total
+    assert (moved.tokens[:2] == seq_len).all()
+    assert int(moved.tokens[2:].min()) >= 1
+
+
+def test_budget_at_or_above_the_sequence_is_a_no_op():
+    assert (Budget(value=1.0).allocate(100, SMOL).tokens == 100).all()
+    assert (Budget.parse("512 tokens").allocate(100, SMOL).tokens == 100).all()
+    assert (Budget.parse("1GiB").allocate(100, SMOL).tokens == 100).all()
+
+
+def test_tiny_budget_never_empties_a_head():
+    tokens = Budget(value=1e-6).allocate(50, SMOL).tokens
+    assert (tokens == 1).all()
+
+
+def test_smollm_half_budget_is_half_the_entries():
+    allocation = Budget(value=0.5).allocate(2000, SMOL)
+    assert allocation.total == 90_000
+    assert SMOL.entry_bytes == 512  # 2 x 64 x fp32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"value": 0}, "(0, 1]"),
+        ({"value": -0.5}, "(0, 1]"),
+        ({"value": 1.5}, "(0, 1]"),
+        ({"unit": "tokens", "value": -3}, "must be > 0"),
+        ({"unit": "bytes", "value": 0}, "must be > 0"),
+        ({"unit": "pages", "value": 3}, "fraction"),
+        ({"value": 0.5, "slack_tokens": -1}, "greater than or equal to 0"),
+        ({"value": 0.5, "colour": "red"}, "Extra inputs"),
+    ],
+)
+def test_invalid_budgets_name_the_valid_range(kwargs, message):
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        Budget(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("text", "unit", "value"),
+    [
+        ("0.5", "fraction", 0.5),
+        ("25%", "fraction", 0.25),
+        ("512 tokens", "tokens", 512),
+        ("64tok", "tokens", 64),
+        ("2MiB", "bytes", 2 * 2**20),
+        ("1e6 bytes", "bytes", 1e6),
+        (0.1, "fraction", 0.1),
+    ],
+)
+def test_budget_parse_reads_every_unit(text, unit, value):
+    budget = Budget.parse(text)
+    assert (budget.unit, budget.value) == (unit, value)
+
+
+def test_bare_number_above_one_is_rejected_with_the_fix():
+    with pytest.raises(BudgetError, match="512 tokens"):
+        Budget.parse("512")
+    with pytest.raises(BudgetError, match="fraction in"):
+        Budget.parse("lots")

@@ -1,0 +1,47 @@
+"""The command line: listing, errors with fixes, generation output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvpolicies.cli import main, parse_options
+
+
+def test_list_shows_every_policy_with_its_options(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("full", "l2norm", "random", "streaming"):
+        assert name in out
+    assert "uncompressed_layers=(0, 1)" in out and "keys" in out
+
+
+def test_list_json_is_machine_readable(capsys):
+    assert main(["list", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["l2norm"]["needs"] == ["keys"]
+    assert rows["streaming"]["options"]["sink_tokens"]["default"] == 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--policy", "l2nrm", "hi"], "Did you mean 'l2norm'"),
+        (["generate", "--budget", "7", "hi"], "'7 tokens'"),
+        (["generate", "--budget", "0", "hi"], "(0, 1]"),
+        (["generate", "--set", "sinks=4", "hi"], "valid options: sink_tokens"),
+        (["generate"], "either as an argument or with --file"),
+    ],
+)
+def test_bad_input_fails_with_a_message_that_names_the_fix(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_set_values_are_json_when_they_parse():
+    assert parse_options(["uncompressed_layers=[]", "keep_highest=true", "name=abc"]) == {
+        "uncompressed_layers": [],
+        "keep_highest": True,
+        "name": "abc",
+    }

@@ -1,0 +1,86 @@
+"""End to end on the real embedded model (SmolLM2-135M-Instruct), loaded once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvpolicies
+from kvpolicies import CompressedCache
+from kvpolicies.cli import main
+
+pytestmark = pytest.mark.slow
+
+LONG_PROMPT = (
+    "Read the notes and answer the question.\n"
+    + " ".join(f"Note {i}: the shelf {i} holds {i * 7 % 13} red boxes and {i * 5 % 11} blue boxes." for i in range(40))
+    + "\nQuestion: how many red boxes does shelf 3 hold?"
+)
+
+
+def chat_ids(tokenizer, text: str) -> dict[str, torch.Tensor]:
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
+def generate(model, inputs, cache=None, tokens: int = 24) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:]
+
+
+def test_embedded_model_geometry(real_model):
+    model, _ = real_model
+    shape = kvpolicies.CacheShape.from_config(model.config, model.dtype)
+    assert (shape.num_layers, shape.num_kv_heads, shape.head_dim) == (30, 3, 64)
+    assert shape.entry_bytes * shape.cells == 46_080  # full KV per token in fp32
+
+
+def test_full_budget_generation_is_token_identical_to_the_plain_model(real_model):
+    model, tokenizer = real_model
+    inputs = chat_ids(tokenizer, LONG_PROMPT)
+    plain = generate(model, inputs)
+    for policy, budget in (("full", 0.5), ("l2norm", 1.0)):
+        assert torch.equal(generate(model, inputs, CompressedCache(model, kvpolicies.get_policy(policy), budget)), plain)
+
+
+def test_half_budget_greedy_generation_halves_the_cache(real_model):
+    model, tokenizer = real_model
+    inputs = chat_ids(tokenizer, LONG_PROMPT)
+    prompt_tokens = inputs["input_ids"].shape[1]
+    assert prompt_tokens > 800
+    cache = CompressedCache(model, kvpolicies.get_policy("l2norm"), kvpolicies.Budget(value=0.5, slack_tokens=0))
+    with torch.no_grad():
+        model(**inputs, past_key_values=cache)
+    stats = cache.stats()
+    assert stats.full_bytes == prompt_tokens * 46_080
+    assert stats.resident_bytes == pytest.approx(stats.full_bytes / 2, rel=0.01)
+    kept = cache.kept_per_head()[:, 0]
+    assert (kept[:2] == prompt_tokens).all()  # the paper's uncompressed first layers ...
+    assert int(kept[2:].max()) < prompt_tokens / 2  # ... paid for by the others
+
+    cache = CompressedCache(model, kvpolicies.get_policy("l2norm"), 0.5)
+    text = tokenizer.decode(generate(model, inputs, cache), skip_special_tokens=True)
+    assert text.strip()  # the compressed model still talks; its accuracy is for the leaderboard to measure
+    assert cache.get_seq_length() == prompt_tokens + 23
+
+
+def test_equal_budget_gives_every_policy_the_same_bytes(real_model):
+    model, tokenizer = real_model
+    inputs = chat_ids(tokenizer, LONG_PROMPT)
+    resident = {}
+    for info in kvpolicies.list_policies():
+        if not info.policy_class.compresses:
+            continue
+        cache = CompressedCache(model, info.policy_class(), kvpolicies.Budget(value=0.25, slack_tokens=0))
+        with torch.no_grad():
+            model(**inputs, past_key_values=cache)
+        resident[info.name] = (cache.stats().kept_entries, cache.resident_bytes())
+    assert len(set(resident.values())) == 1, resident
+
+
+def test_cli_generate_prints_text_and_memory(capsys):
+    assert main(["generate", "--policy", "streaming", "--budget", "0.5", "--max-new-tokens", "12", LONG_PROMPT]) == 0
+    out = capsys.readouterr().out
+    assert "KV entries kept / full" in out and "resident KV bytes / full" in out
+    assert "streaming" in out
