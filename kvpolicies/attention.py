@@ -77,9 +77,7 @@ def kvpolicies_attention(inner: Callable, module, query, key, value, attention_m
         output = packed_attention(query, layer, new_visible, scaling, dropout), None
     else:
         output = inner(module, query, key, value, attention_mask, **kwargs)
-    new_valid = torch.ones(query.shape[0], q_len, dtype=torch.bool, device=query.device)
-    if new_visible is not None:
-        new_valid = new_visible.diagonal(dim1=1, dim2=2)
+    new_valid = None if new_visible is None else new_visible.diagonal(dim1=1, dim2=2)
     layer.after_attention(query, new_valid, scaling)
     return output
 

@@ -119,21 +119,34 @@ class CompressedLayer(CacheLayerMixin):
         fresh = new.reshape(batch * heads, q_len, head_dim).unbind(0)
         return torch.cat([piece for pair in zip(runs, fresh) for piece in pair])
 
-    def after_attention(self, query: torch.Tensor, new_valid: torch.Tensor, scaling: float) -> None:
-        """Record which new tokens are real, then let the cache evict. ``new_valid``: ``[batch, q_len]`` bool."""
+    def after_attention(self, query: torch.Tensor, new_valid: torch.Tensor | None, scaling: float) -> None:
+        """Record which new tokens are real, then let the cache evict.
+
+        ``new_valid``: ``[batch, q_len]`` bool, or None when all are real (no device sync on the decode path).
+        """
         self.awaiting_attention = False
+        q_len = query.shape[-2]
+        if new_valid is None:
+            self.seen = [n + q_len for n in self.seen]
+        else:
+            self.seen = [s + n for s, n in zip(self.seen, new_valid.sum(1).tolist())]
         if not self.packed:
+            if new_valid is None:
+                new_valid = torch.ones(self.batch_size, q_len, dtype=torch.bool, device=self.device)
             self.valid = torch.cat([self.valid, new_valid], dim=1)
-        self.seen = [s + n for s, n in zip(self.seen, new_valid.sum(1).tolist())]
         self.cache.evict(self, query, scaling)
+
+    def counts(self) -> list[list[int]]:
+        """Real entries held per sequence and KV head (a dense layer holds every real token seen)."""
+        if self.packed:
+            return [self.lengths[b * self.num_heads : (b + 1) * self.num_heads] for b in range(self.batch_size)]
+        return [[n] * self.num_heads for n in self.seen]
 
     def kept_counts(self) -> torch.Tensor:
         """``[batch, kv_heads]`` real entries held per head."""
         if not self.is_initialized:
             return torch.zeros(0, 0, dtype=torch.long)
-        if self.packed:
-            return torch.tensor(self.lengths, dtype=torch.long).view(self.batch_size, self.num_heads)
-        return self.valid.sum(1).cpu().view(-1, 1).expand(self.batch_size, self.num_heads)
+        return torch.tensor(self.counts(), dtype=torch.long)
 
     def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values ``[batch, kv_heads, seq, head_dim]`` and valid ``[batch, kv_heads, seq]`` for scoring."""
@@ -194,8 +207,9 @@ class CompressedCache(Cache):
     that still hold every token), see :func:`kvpolicies.attention.prepare_model`.
     """
 
-    def __init__(self, model, policy: Policy, budget: Budget | float | str) -> None:
+    def __init__(self, model, policy: Policy | str, budget: Budget | float | str) -> None:
         from kvpolicies.attention import prepare_model
+        from kvpolicies.registry import get_policy
 
         text_config = model.config.get_text_config(decoder=True)
         layer_types = getattr(text_config, "layer_types", None) or []
@@ -205,10 +219,10 @@ class CompressedCache(Cache):
                 f"CompressedCache supports full-attention layers only; this model also has {unsupported}"
             )
         prepare_model(model)
-        self.policy = policy
+        self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.budget = Budget.parse(budget)
         self.shape = CacheShape.from_config(model.config, model.dtype)
-        self._allocations: dict[int, torch.Tensor] = {}
+        self._allocations: dict[int, list[list[int]]] = {}
         super().__init__(layers=[CompressedLayer(self, i) for i in range(self.shape.num_layers)])
 
     def allocation(self, seq_len: int) -> Allocation:
@@ -217,25 +231,29 @@ class CompressedCache(Cache):
         allocation.check(self.policy.name)
         return allocation
 
-    def _tokens(self, seq_len: int) -> torch.Tensor:
+    def _targets(self, seq_len: int) -> list[list[int]]:
+        """Per layer, per KV head allocation as Python ints: the decode-time check must not touch the device."""
         if seq_len not in self._allocations:
-            self._allocations[seq_len] = self.allocation(seq_len).tokens
+            self._allocations[seq_len] = self.allocation(seq_len).tokens.tolist()
         return self._allocations[seq_len]
 
     def evict(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
         """Cut ``layer`` back to its allocation if a sequence outgrew it (by more than the slack when decoding)."""
         if not self.policy.compresses:
             return
-        counts = layer.kept_counts()
-        targets = torch.stack([self._tokens(max(n, 1))[layer.layer_idx] for n in layer.seen])
         slack = 0 if query.shape[-2] > 1 else self.budget.slack_tokens
-        over = (counts > targets + slack).any(-1)
-        padded = not layer.packed and not bool(layer.valid.all())
-        if not (over.any() or padded):
+        targets = [self._targets(max(n, 1))[layer.layer_idx] for n in layer.seen]
+        counts = layer.counts()
+        over = [any(c > t + slack for c, t in zip(row_c, row_t)) for row_c, row_t in zip(counts, targets)]
+        padded = not layer.packed and min(layer.seen) < layer.logical_length
+        if not (any(over) or padded):
             return
         keys, values, valid = layer.dense_view()
-        keep_n = torch.where(over[:, None], torch.minimum(targets, counts), counts)
-        if over.any():
+        keep_n = torch.tensor(
+            [[min(c, t) if row_over else c for c, t in zip(row_c, row_t)]
+             for row_c, row_t, row_over in zip(counts, targets, over)]
+        )
+        if any(over):
             inputs = self._score_inputs(layer, keys, values, valid, query, scaling)
             scores = self.policy.score(inputs)
             if scores.shape != valid.shape:

@@ -81,7 +81,7 @@ def test_layers_holding_different_lengths_attend_like_a_plain_cache_with_the_sam
     token = torch.tensor([[7]])
     position = torch.tensor([[40]])
     with torch.no_grad():
-        got = tiny_model(token, past_key_values=cache, position_ids=position).logits
+        got = tiny_model(token, past_key_values=cache).logits  # position from the cache's logical length
         want = tiny_model(token, past_key_values=plain, position_ids=position, attention_mask=None).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
