@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from transformers import DynamicCache
 
@@ -231,3 +233,30 @@ def test_sinks_and_window_survive_eviction(tiny_model):
             middle = everything[3:-5]
             top = torch.sort(middle.norm(dim=-1), descending=True, stable=True).indices[:4].sort().values
             torch.testing.assert_close(kept[3:-5], middle[top])
+
+
+POLICIES = ["l2norm", "random", "streaming"]
+_SMALL_MODEL = tiny_llama(num_layers=3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seq_len=st.integers(2, 70),
+    fraction=st.floats(0.02, 1.0),
+    policy=st.sampled_from(POLICIES),
+    sinks=st.integers(0, 4),
+    window=st.integers(0, 8),
+)
+def test_prefill_keeps_exactly_the_allocation_in_every_head(seq_len, fraction, policy, sinks, window):
+    model = _SMALL_MODEL
+    options = {"sink_tokens": sinks, "window_tokens": window}
+    if policy == "l2norm":
+        options["uncompressed_layers"] = []
+    cache = CompressedCache(model, kvpolicies.get_policy(policy, **options), Budget(value=fraction))
+    with torch.no_grad():
+        model(torch.randint(3, 128, (1, seq_len)), past_key_values=cache)
+    allocation = cache.allocation(seq_len)
+    assert torch.equal(cache.kept_per_head()[:, 0], allocation.tokens)
+    assert cache.resident_bytes() == int(allocation.tokens.sum()) * cache.shape.entry_bytes
+    assert cache.get_seq_length() == seq_len
+

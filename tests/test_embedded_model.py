@@ -84,3 +84,19 @@ def test_cli_generate_prints_text_and_memory(capsys):
     out = capsys.readouterr().out
     assert "KV entries kept / full" in out and "resident KV bytes / full" in out
     assert "streaming" in out
+
+
+def test_cached_conversion_is_identical_to_loading_the_gguf(real_model):
+    """The converted-weights cache (a save_pretrained workaround) must not change a single logit."""
+    from transformers import AutoModelForCausalLM
+
+    from kvpolicies.models import embedded_gguf
+
+    model, tokenizer = real_model
+    gguf = embedded_gguf()
+    direct = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    ).to(model.device, model.dtype).eval()
+    ids = tokenizer("Paris is the capital of", return_tensors="pt")["input_ids"].to(model.device)
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, model(ids).logits)
