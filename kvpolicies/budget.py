@@ -138,13 +138,46 @@ class Budget(BaseModel):
 
 def spread(total: int, cells: int, cap: int) -> torch.Tensor:
     """Split ``total`` entries over ``cells`` heads as evenly as possible, none above ``cap``, none below 1."""
+    return distribute(total, torch.ones(cells), cap=cap)
+
+
+def distribute(
+    total: int,
+    weights: torch.Tensor,
+    cap: int | torch.Tensor,
+    floor: int | torch.Tensor = 1,
+) -> torch.Tensor:
+    """Integer shares of ``total`` proportional to ``weights``, each within ``[floor, cap]``, summing to ``total``.
+
+    Every cell first gets its floor; the rest is shared in proportion to the weights, cells that would pass their
+    cap are fixed at it and the others share again (water filling). Rounding gives the leftover units to the
+    largest fractional parts, ties to the first cells, so the result is deterministic. ``total`` is clamped to what
+    the floors and caps allow.
+    """
+    weights = weights.detach().flatten().double().clamp(min=0).cpu()
+    cells = weights.numel()
     if cells == 0:
         return torch.zeros(0, dtype=torch.long)
-    total = max(min(total, cells * cap), min(cells, cells * cap))
-    base, extra = divmod(total, cells)
-    tokens = torch.full((cells,), base, dtype=torch.long)
-    tokens[:extra] += 1
-    return tokens
+    cap = torch.as_tensor(cap, dtype=torch.double).flatten().expand(cells)
+    floor = torch.minimum(torch.as_tensor(floor, dtype=torch.double).flatten().expand(cells), cap)
+    total = int(max(min(total, int(cap.sum())), int(floor.sum())))
+    capped = torch.zeros(cells, dtype=torch.bool)
+    while True:
+        free = ~capped
+        pool = total - cap[capped].sum() - floor[free].sum()
+        share = torch.where(free, weights, 0.0)
+        share = share / share.sum() if share.sum() > 0 else free.double() / free.sum().clamp(min=1)
+        shares = torch.where(capped, cap, floor + pool * share)
+        newly = free & (shares > cap)
+        if not newly.any():
+            break
+        capped |= newly
+    base = shares.floor().long()
+    leftover = total - int(base.sum())
+    if leftover > 0:
+        fraction = (shares - base).masked_fill(base >= cap.long(), -1.0)
+        base[torch.sort(fraction, descending=True, stable=True).indices[:leftover]] += 1
+    return base
 
 
 @dataclass

@@ -53,7 +53,11 @@ class CacheStats:
 
 
 class CompressedLayer(CacheLayerMixin):
-    """One decoder layer's entries, dense until the first eviction and packed after it."""
+    """One decoder layer's entries, dense until the first eviction and packed after it.
+
+    Besides keys and values a layer may carry a per-entry track in the same layout (the attention each entry has
+    accumulated, for policies that read it) and a rolling buffer of the most recent queries.
+    """
 
     is_sliding = False
     is_compileable = False
@@ -68,6 +72,8 @@ class CompressedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = None
+        self.cumulative: torch.Tensor | None = None  # attention received so far, [..., 1] float32
+        self.recent_queries: torch.Tensor | None = None  # [batch, heads, <= query_window, head_dim]
         self.is_initialized = False
         self.logical_length = 0
         self.packed = False
@@ -82,6 +88,8 @@ class CompressedLayer(CacheLayerMixin):
         self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
         self.keys = key_states[:, :, :0]
         self.values = value_states[:, :, :0]
+        if Signal.CUMULATIVE_ATTENTION in self.cache.policy.needs:
+            self.cumulative = key_states.new_zeros(self.batch_size, self.num_heads, 0, 1, dtype=torch.float32)
         self.valid = torch.zeros(self.batch_size, 0, dtype=torch.bool, device=self.device)
         self.seen = [0] * self.batch_size
         self.is_initialized = True
@@ -98,29 +106,32 @@ class CompressedLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        batch, heads, q_len, _ = key_states.shape
+        self.keys = self._append(self.keys, key_states)
+        self.values = self._append(self.values, value_states)
+        if self.cumulative is not None:
+            self.cumulative = self._append(self.cumulative, self.cumulative.new_zeros(batch, heads, q_len, 1))
         if self.packed:
-            self.keys = self._append_packed(self.keys, key_states)
-            self.values = self._append_packed(self.values, value_states)
-            self.lengths = [n + key_states.shape[-2] for n in self.lengths]
-        else:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
-        self.logical_length += key_states.shape[-2]
+            self.lengths = [n + q_len for n in self.lengths]
+        self.logical_length += q_len
         self.awaiting_attention = True
         _pending.layer, _pending.keys = self, self.keys
         return self.keys, self.values
 
-    def _append_packed(self, packed: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        batch, heads, q_len, head_dim = new.shape
+    def _append(self, stored: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Append ``new`` (``[batch, kv_heads, q_len, dim]``) at the end of every head's run."""
+        if not self.packed:
+            return torch.cat([stored, new], dim=-2)
+        batch, heads, q_len, dim = new.shape
         if self.uniform:
-            old = packed.view(batch, heads, self.lengths[0], head_dim)
-            return torch.cat([old, new], dim=2).view(-1, head_dim)
-        runs = packed.split(self.lengths)
-        fresh = new.reshape(batch * heads, q_len, head_dim).unbind(0)
+            old = stored.view(batch, heads, self.lengths[0], dim)
+            return torch.cat([old, new], dim=2).view(-1, dim)
+        runs = stored.split(self.lengths)
+        fresh = new.reshape(batch * heads, q_len, dim).unbind(0)
         return torch.cat([piece for pair in zip(runs, fresh) for piece in pair])
 
     def after_attention(self, query: torch.Tensor, new_valid: torch.Tensor | None, scaling: float) -> None:
-        """Record which new tokens are real, then let the cache evict.
+        """Record which new tokens are real and what they attended to, then let the cache evict.
 
         ``new_valid``: ``[batch, q_len]`` bool, or None when all are real (no device sync on the decode path).
         """
@@ -134,7 +145,28 @@ class CompressedLayer(CacheLayerMixin):
             if new_valid is None:
                 new_valid = torch.ones(self.batch_size, q_len, dtype=torch.bool, device=self.device)
             self.valid = torch.cat([self.valid, new_valid], dim=1)
+        window = self.cache.policy.query_window
+        if window:
+            recent = query if self.recent_queries is None else torch.cat([self.recent_queries, query], dim=2)
+            self.recent_queries = recent[:, :, -window:]
+        if self.cumulative is not None:
+            self.cumulative += self._attention_received(query, scaling)[..., None]
         self.cache.evict(self, query, scaling)
+
+    def _attention_received(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention ``query`` gives each stored entry, in storage layout (``[b, h, s]`` dense, ``[N]`` packed)."""
+        if not self.packed or self.uniform:
+            keys, _, valid = self.dense_view(tracks=False)
+            received = attention_received(query, keys, valid, age_order(valid), scaling)
+            return received.flatten() if self.packed else received
+        groups = query.shape[1] // self.num_heads
+        pieces = []
+        for run, keys in enumerate(self.keys.split(self.lengths)):
+            b, h = divmod(run, self.num_heads)
+            valid = torch.ones(1, 1, keys.shape[0], dtype=torch.bool, device=self.device)
+            run_query = query[b : b + 1, h * groups : (h + 1) * groups]
+            pieces.append(attention_received(run_query, keys[None, None], valid, age_order(valid), scaling).flatten())
+        return torch.cat(pieces)
 
     def counts(self) -> list[list[int]]:
         """Real entries held per sequence and KV head (a dense layer holds every real token seen)."""
@@ -148,33 +180,53 @@ class CompressedLayer(CacheLayerMixin):
             return torch.zeros(0, 0, dtype=torch.long)
         return torch.tensor(self.counts(), dtype=torch.long)
 
-    def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values ``[batch, kv_heads, seq, head_dim]`` and valid ``[batch, kv_heads, seq]`` for scoring."""
+    def tracks(self) -> dict[str, torch.Tensor]:
+        """Every per-entry tensor by name, in storage layout."""
+        tracks = {"keys": self.keys, "values": self.values}
+        if self.cumulative is not None:
+            tracks["cumulative"] = self.cumulative
+        return tracks
+
+    def dense_view(self, tracks: bool = True):
+        """The entries as ``[batch, kv_heads, seq, ...]`` views for scoring, with ``valid`` ``[batch, kv_heads, seq]``.
+
+        Returns ``(tracks by name, valid)``, or ``(keys, values, valid)`` with ``tracks=False``. Packed layers whose
+        runs share one length are viewed for free; ragged ones are padded into a temporary copy.
+        """
         shape = (self.batch_size, self.num_heads)
+        stored = self.tracks() if tracks else {"keys": self.keys, "values": self.values}
         if not self.packed:
-            return self.keys, self.values, self.valid[:, None, :].expand(*shape, -1)
-        if self.uniform:
+            valid = self.valid[:, None, :].expand(*shape, -1)
+            dense = stored
+        elif self.uniform:
             length = self.lengths[0]
             valid = torch.ones(*shape, length, dtype=torch.bool, device=self.device)
-            view = (*shape, length, self.head_dim)
-            return self.keys.view(view), self.values.view(view), valid
-        lengths = torch.tensor(self.lengths, device=self.device)
-        longest = max(self.lengths)
-        valid = torch.arange(longest, device=self.device) < lengths[:, None]
-        keys = self.keys.new_zeros(len(self.lengths), longest, self.head_dim)
-        values = self.values.new_zeros(len(self.lengths), longest, self.head_dim)
-        keys[valid], values[valid] = self.keys, self.values
-        view = (*shape, longest, self.head_dim)
-        return keys.view(view), values.view(view), valid.view(*shape, longest)
+            dense = {name: t.view(*shape, length, t.shape[-1]) for name, t in stored.items()}
+        else:
+            lengths = torch.tensor(self.lengths, device=self.device)
+            longest = max(self.lengths)
+            flat_valid = torch.arange(longest, device=self.device) < lengths[:, None]
+            dense = {}
+            for name, t in stored.items():
+                padded = t.new_zeros(len(self.lengths), longest, t.shape[-1])
+                padded[flat_valid] = t
+                dense[name] = padded.view(*shape, longest, t.shape[-1])
+            valid = flat_valid.view(*shape, longest)
+        if tracks:
+            return dense, valid
+        return dense["keys"], dense["values"], valid
 
-    def store(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> None:
+    def store(self, dense: dict[str, torch.Tensor], keep: torch.Tensor) -> None:
         """Keep only the entries where ``keep`` (``[batch, kv_heads, seq]``) is True, packed in age order."""
-        self.keys, self.values = keys[keep], values[keep]
+        self.keys, self.values = dense["keys"][keep], dense["values"][keep]
+        if self.cumulative is not None:
+            self.cumulative = dense["cumulative"][keep]
         self.lengths = keep.sum(-1).flatten().tolist()
         self.uniform = len(set(self.lengths)) == 1
         self.packed, self.valid = True, None
 
     def resident_bytes(self) -> int:
+        """Bytes of the keys and values held (a policy's per-entry attention track is reported apart)."""
         if not self.is_initialized:
             return 0
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
@@ -248,37 +300,51 @@ class CompressedCache(Cache):
         padded = not layer.packed and min(layer.seen) < layer.logical_length
         if not (any(over) or padded):
             return
-        keys, values, valid = layer.dense_view()
-        keep_n = torch.tensor(
-            [[min(c, t) if row_over else c for c, t in zip(row_c, row_t)]
-             for row_c, row_t, row_over in zip(counts, targets, over)]
-        )
+        dense, valid = layer.dense_view()
+        # Rows over budget get their allocation (select() clamps a head to what it holds), others keep everything.
+        keep_n = torch.tensor([row_t if row_over else row_c for row_c, row_t, row_over in zip(counts, targets, over)])
         if any(over):
-            inputs = self._score_inputs(layer, keys, values, valid, query, scaling)
+            inputs = self._score_inputs(layer, dense, valid, keep_n, query, scaling)
             scores = self.policy.score(inputs)
             if scores.shape != valid.shape:
                 raise ValueError(
                     f"policy {self.policy.name!r} returned scores of shape {tuple(scores.shape)}; "
                     f"expected [batch, kv_heads, seq] = {tuple(valid.shape)}"
                 )
+            keep_n = self._reallocate_heads(scores, valid, keep_n, over)
         else:
             scores = torch.zeros(valid.shape, device=valid.device)
-        config = self.policy.config
-        keep = select(scores, valid, keep_n, config.sink_tokens, config.window_tokens)
-        layer.store(keys, values, keep)
+        keep = select(scores, valid, keep_n, *self.policy.protected)
+        layer.store(dense, keep)
 
-    def _score_inputs(self, layer, keys, values, valid, query, scaling) -> ScoreInputs:
+    def _reallocate_heads(self, scores, valid, keep_n, over) -> torch.Tensor:
+        moved = self.policy.reallocate_heads(scores, valid, keep_n).to(keep_n.device, torch.long)
+        if moved.shape != keep_n.shape or (moved.sum(-1) > keep_n.sum(-1)).any():
+            raise ValueError(
+                f"policy {self.policy.name!r}: reallocate_heads() must return [batch, kv_heads] with at most the "
+                f"allocated entries per sequence ({keep_n.sum(-1).tolist()}), got {moved.sum(-1).tolist()}"
+            )
+        if (moved < 1).any():
+            raise ValueError(f"policy {self.policy.name!r}: reallocate_heads() left a head with no entry")
+        return torch.where(torch.tensor(over)[:, None], moved, keep_n)
+
+    def _score_inputs(self, layer, dense, valid, keep, query, scaling) -> ScoreInputs:
         needs = self.policy.needs
         order = age_order(valid)
-        inputs = ScoreInputs(layer_idx=layer.layer_idx, valid=valid, order=order, seen_tokens=list(layer.seen))
+        inputs = ScoreInputs(
+            layer_idx=layer.layer_idx, valid=valid, order=order, seen_tokens=list(layer.seen), keep=keep
+        )
         if Signal.KEYS in needs:
-            inputs.keys = keys
+            inputs.keys = dense["keys"]
         if Signal.VALUES in needs:
-            inputs.values = values
+            inputs.values = dense["values"]
+        queries = layer.recent_queries if layer.recent_queries is not None else query
         if Signal.QUERIES in needs:
-            inputs.queries = query
+            inputs.queries = queries
         if Signal.ATTENTION in needs:
-            inputs.attention = attention_received(query, keys, valid, order, scaling)
+            inputs.attention = attention_received(queries, dense["keys"], valid, order, scaling)
+        if Signal.CUMULATIVE_ATTENTION in needs:
+            inputs.cumulative_attention = dense["cumulative"][..., 0]
         return inputs
 
     def kept_per_head(self) -> torch.Tensor:

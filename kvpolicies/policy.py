@@ -28,12 +28,17 @@ class Signal(StrEnum):
     VALUES = "values"
     """Cached values, ``[batch, kv_heads, seq, head_dim]``."""
     QUERIES = "queries"
-    """Queries of the forward pass that triggered the eviction (after RoPE), ``[batch, heads, q_len, head_dim]``.
-    At prefill these are the prompt's queries; during decoding, the newest token's."""
+    """Recent queries (after RoPE), ``[batch, heads, q, head_dim]``: the last ``Policy.query_window`` queries seen
+    (kept in a small rolling buffer per layer), or, if that is None, those of the forward pass that triggered the
+    eviction (the prompt's at prefill, the newest token's during decoding)."""
     ATTENTION = "attention"
-    """Attention each cached entry received from those queries, summed over the query heads that share its KV head
-    and over the queries, ``[batch, kv_heads, seq]``. Computed in query chunks (memory O(chunk × seq)), never by
-    switching the model to eager attention."""
+    """Attention each cached entry received from the queries above, summed over the query heads that share its KV
+    head and over the queries, ``[batch, kv_heads, seq]``. Computed in query chunks (memory O(chunk × seq)), never
+    by switching the model to eager attention."""
+    CUMULATIVE_ATTENTION = "cumulative_attention"
+    """Attention each cached entry has received from every query since it entered the cache (the prompt's, then
+    every generated token's), summed like ``ATTENTION``, ``[batch, kv_heads, seq]``. Costs one extra q·Kᵀ per layer
+    and forward pass, since it must be accumulated at every step, not only when evicting."""
 
 
 class PolicyConfig(BaseModel):
@@ -64,10 +69,13 @@ class ScoreInputs:
     """``[batch, kv_heads, seq]`` long: age rank among the valid entries of the head, 0 = oldest (-1 on padding)."""
     seen_tokens: list[int]
     """Real tokens each sequence has seen so far (its logical length without padding)."""
+    keep: torch.Tensor
+    """``[batch, kv_heads]`` long: how many entries of each head the framework will keep."""
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
     queries: torch.Tensor | None = None
     attention: torch.Tensor | None = None
+    cumulative_attention: torch.Tensor | None = None
 
 
 class PolicyConfigError(ValueError):
@@ -82,7 +90,8 @@ class Policy:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[PolicyConfig]] = PolicyConfig
-    needs: ClassVar[frozenset[Signal]] = frozenset()
+    needs: frozenset[Signal] = frozenset()
+    """Signals ``score()`` reads. A class attribute; a policy that wraps another sets it per instance."""
     compresses: ClassVar[bool] = True
     """False only for the reference full cache: the cache then never evicts, whatever the budget."""
 
@@ -123,12 +132,31 @@ class Policy:
         """Return ``[batch, kv_heads, seq]`` scores: higher means keep. Values at padded positions are ignored."""
         raise NotImplementedError(f"policy {self.name!r} does not implement score()")
 
-    def allocate(self, allocation: Allocation) -> Allocation:
-        """Redistribute the budget across layers and KV heads; the default keeps the uniform allocation.
+    @property
+    def protected(self) -> tuple[int, int]:
+        """``(sink_tokens, window_tokens)`` the framework keeps before any scored entry."""
+        return self.config.sink_tokens, self.config.window_tokens
 
-        Whatever is returned must keep ``allocation.total`` entries and at least one per head; the cache checks.
+    @property
+    def query_window(self) -> int | None:
+        """How many recent queries ``QUERIES``/``ATTENTION`` cover; None means the triggering forward's queries."""
+        return None
+
+    def allocate(self, allocation: Allocation) -> Allocation:
+        """Redistribute the budget across layers and KV heads before scoring; the default keeps it uniform.
+
+        Whatever is returned must keep at most ``allocation.total`` entries and at least one per head; the cache
+        checks and names the policy otherwise.
         """
         return allocation
+
+    def reallocate_heads(self, scores: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Move entries between the KV heads of one layer after scoring (AdaKV-style); the default moves none.
+
+        ``scores``/``valid``: ``[batch, kv_heads, seq]``; ``keep``: ``[batch, kv_heads]`` allocation. Return a new
+        ``[batch, kv_heads]`` with at most the same row sums and at least one entry per head.
+        """
+        return keep
 
     def identity(self) -> dict[str, Any]:
         """The JSON-able description of this policy that identifies a run."""

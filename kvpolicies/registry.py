@@ -48,7 +48,11 @@ class PolicyInfo:
 
     @property
     def needs(self) -> frozenset[Signal]:
-        return self.policy_class.needs
+        """Signals read with the default options (a wrapper reads what its default scorer reads)."""
+        try:
+            return self.policy_class().needs
+        except Exception:  # a policy whose defaults need more input still lists its class-level needs
+            return self.policy_class.needs
 
     def config_fields(self) -> dict[str, Any]:
         """Option name → default value."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -120,3 +121,21 @@ def test_bare_number_above_one_is_rejected_with_the_fix():
         Budget.parse("512")
     with pytest.raises(BudgetError, match="fraction in"):
         Budget.parse("lots")
+
+
+@given(
+    weights=st.lists(st.floats(0, 100), min_size=1, max_size=60),
+    cap=st.integers(1, 500),
+    floor=st.integers(0, 20),
+    total=st.integers(0, 20000),
+)
+def test_distribute_respects_floor_cap_and_total(weights, cap, floor, total):
+    from kvpolicies.budget import distribute
+
+    shares = distribute(total, torch.tensor(weights), cap=cap, floor=floor)
+    low = min(floor, cap)
+    assert int(shares.min()) >= low and int(shares.max()) <= cap
+    assert int(shares.sum()) == max(min(total, cap * len(weights)), low * len(weights))
+    # More weight never means fewer entries (floors and caps being equal).
+    order = sorted(range(len(weights)), key=lambda i: weights[i])
+    assert all(shares[a] <= shares[b] + 1 for a, b in zip(order, order[1:]))

@@ -14,14 +14,19 @@ def inputs_for(keys: torch.Tensor, valid: torch.Tensor | None = None, layer_idx:
     batch, heads, seq, _ = keys.shape
     valid = torch.ones(batch, heads, seq, dtype=torch.bool) if valid is None else valid
     return ScoreInputs(
-        layer_idx=layer_idx, valid=valid, order=age_order(valid), seen_tokens=[int(valid[b, 0].sum()) for b in range(batch)], keys=keys
+        layer_idx=layer_idx,
+        valid=valid,
+        order=age_order(valid),
+        seen_tokens=[int(valid[b, 0].sum()) for b in range(batch)],
+        keep=valid.sum(-1),
+        keys=keys,
     )
 
 
 def kept_positions(policy, inputs: ScoreInputs, keep: int) -> list[list[list[int]]]:
     scores = policy.score(inputs)
     keep_n = torch.full(inputs.valid.shape[:2], keep)
-    mask = select(scores, inputs.valid, keep_n, policy.config.sink_tokens, policy.config.window_tokens)
+    mask = select(scores, inputs.valid, keep_n, *policy.protected)
     return [[row.nonzero().flatten().tolist() for row in heads] for heads in mask]
 
 

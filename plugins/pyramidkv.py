@@ -1,0 +1,44 @@
+"""PyramidKV (Cai et al. 2024, "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling",
+arXiv 2406.02069)."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from kvpolicies import Allocation, hookimpl
+from kvpolicies.budget import distribute
+from kvpolicies.composition import ScorerWrapper, WrapperConfig
+
+
+class PyramidKVConfig(WrapperConfig):
+    beta: float = Field(20.0, gt=1, description="average layer share / top layer share: higher is steeper")
+
+
+class PyramidKV(ScorerWrapper):
+    """Give lower layers more entries and upper layers fewer (a linear pyramid), scoring within layers with SnapKV.
+
+    Layer shares fall linearly from ``2·avg − avg/beta`` at the first layer to ``avg/beta`` at the last, where
+    ``avg`` is the uniform share, so the total equals the uniform allocation exactly; a layer that would get more
+    than the sequence is capped and its excess goes to the others. Within a layer, heads share evenly and entries
+    are ranked by ``scorer`` (SnapKV by default, as in the paper; any policy works). The scorer's own allocation,
+    if any, is replaced.
+    """
+
+    name = "pyramidkv"
+    Config = PyramidKVConfig
+
+    def allocate(self, allocation: Allocation) -> Allocation:
+        layers, heads = allocation.tokens.shape
+        average = allocation.total / layers
+        top = average / self.config.beta
+        bottom = 2 * average - top
+        per_layer = torch.linspace(bottom, top, layers) if layers > 1 else torch.tensor([average])
+        weights = per_layer[:, None].expand(layers, heads)
+        tokens = distribute(allocation.total, weights, cap=allocation.seq_len).view(layers, heads)
+        return Allocation(tokens=tokens, seq_len=allocation.seq_len, total=allocation.total)
+
+
+@hookimpl
+def register_policies(register):
+    register(PyramidKV)
