@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from tabulate import tabulate
 
 from kvpolicies.budget import Budget, BudgetError
-from kvpolicies.policy import PolicyConfigError
+from kvpolicies.policy import Policy, PolicyConfigError
 from kvpolicies.registry import UnknownPolicyError, get_policy, list_policies
 
 
@@ -39,18 +39,37 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate text with a compressed KV cache")
     generate.add_argument("prompt", nargs="?", help="the prompt (or use --file)")
     generate.add_argument("--file", type=Path, help="read the prompt from this file")
-    generate.add_argument("--policy", default="l2norm", help="policy name (see `kvpolicies list`)")
-    generate.add_argument("--budget", default="0.5", help="0.5 | 50%% | '512 tokens' | 64MiB (default: 0.5)")
-    generate.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="policy option (JSON value), repeatable"
-    )
-    generate.add_argument("--model", help="model id, folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    add_policy_arguments(generate)
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
-    generate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    generate.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
     generate.set_defaults(run=run_generate)
+
+    inspect = commands.add_parser("inspect", help="show how a policy spreads a budget over layers and KV heads")
+    add_policy_arguments(inspect)
+    inspect.add_argument("--tokens", type=int, default=2000, help="sequence length of the planned allocation")
+    inspect.add_argument("--file", type=Path, help="run this prompt and show the entries actually kept per head")
+    inspect.set_defaults(run=run_inspect)
+
+    scores = commands.add_parser("head-scores", help="measure retrieval scores per KV head (for headkv static)")
+    scores.add_argument("--model", help="model id, folder or .gguf file (default: the embedded model)")
+    scores.add_argument("--output", type=Path, required=True, help="JSON file to write")
+    scores.add_argument("--samples", type=int, default=8, help="passkey prompts to probe (default: 8)")
+    scores.add_argument("--tokens", type=int, default=1000, help="approximate prompt length (default: 1000)")
+    scores.add_argument("--seed", type=int, default=0)
+    scores.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    scores.set_defaults(run=run_head_scores)
     return parser
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", default="l2norm", help="policy name (see `kvpolicies list`)")
+    parser.add_argument("--budget", default="0.5", help="0.5 | 50%% | '512 tokens' | 64MiB (default: 0.5)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="policy option (JSON value), repeatable"
+    )
+    parser.add_argument("--model", help="model id, folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -146,6 +165,68 @@ def run_generate(args: argparse.Namespace) -> int:
         ["wall time", f"{seconds:.2f} s"],
     ]
     print(tabulate(rows, tablefmt="plain"))
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvpolicies.cache import CompressedCache
+    from kvpolicies.models import load_model
+
+    policy = get_policy(args.policy, **parse_options(args.set))
+    budget = Budget.parse(args.budget)
+    print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    cache = CompressedCache(model, policy, budget)
+    if args.file is None:
+        tokens = cache.allocation(args.tokens).tokens
+        seq_len = args.tokens
+        heading = f"planned allocation for a {seq_len}-token sequence"
+        if type(policy).reallocate_heads is not Policy.reallocate_heads:
+            heading += " (before this policy moves entries between heads by score: use --file to measure)"
+    else:
+        inputs = tokenizer(args.file.read_text(), return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            model(**inputs, past_key_values=cache)
+        tokens = cache.kept_per_head()[:, 0]
+        seq_len = inputs["input_ids"].shape[1]
+        heading = f"entries kept after the prefill of {args.file} ({seq_len} tokens)"
+    print(f"{policy.name} at budget {budget}: {heading}")
+    print(allocation_table(tokens, seq_len))
+    total = int(tokens.sum())
+    full = seq_len * tokens.numel()
+    print(
+        f"total: {total:,} of {full:,} entries ({total / full:.1%}), "
+        f"{total * cache.shape.entry_bytes:,} bytes of {full * cache.shape.entry_bytes:,}"
+    )
+    return 0
+
+
+def allocation_table(tokens, seq_len: int) -> str:
+    """A layer × KV-head table of entries, with each layer's share of the full cache."""
+    heads = tokens.shape[1]
+    rows = [[layer, *row.tolist(), f"{row.sum().item() / (heads * seq_len):.1%}"] for layer, row in enumerate(tokens)]
+    return tabulate(rows, headers=["layer", *(f"head {h}" for h in range(heads)), "of full"], tablefmt="simple")
+
+
+def run_head_scores(args: argparse.Namespace) -> int:
+    from kvpolicies.head_scores import retrieval_scores, save_head_scores
+    from kvpolicies.models import load_model
+
+    print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=args.device)
+    print(f"kvpolicies: probing {args.samples} passkey prompts of ~{args.tokens} tokens ...", file=sys.stderr)
+    scores = retrieval_scores(model, tokenizer, samples=args.samples, context_tokens=args.tokens, seed=args.seed)
+    save_head_scores(
+        args.output, scores, model=args.model or "smollm2-135m-instruct", samples=args.samples,
+        context_tokens=args.tokens, seed=args.seed,
+    )
+    print(tabulate(
+        [[layer, *(f"{v:.2f}" for v in row.tolist())] for layer, row in enumerate(scores)],
+        headers=["layer", *(f"head {h}" for h in range(scores.shape[1]))], tablefmt="simple",
+    ))
+    print(f"wrote {args.output}")
     return 0
 
 

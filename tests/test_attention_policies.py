@@ -197,3 +197,19 @@ def test_wrappers_validate_their_scorer():
     with pytest.raises(kvpolicies.PolicyConfigError, match="keeps everything"):
         kvpolicies.get_policy("headkv", scorer="full")
     assert kvpolicies.get_policy("pyramidkv", scorer="l2norm").needs == {kvpolicies.Signal.KEYS}
+
+
+def test_reallocated_heads_do_not_trigger_eviction_at_every_decoding_step(tiny_model):
+    """A head above its uniform share after AdaKV moved entries is legitimate: only the layer total counts."""
+    policy = kvpolicies.get_policy("headkv", scorer="l2norm", scorer_options={"uncompressed_layers": []})
+    calls = []
+    score = policy.score
+    policy.score = lambda inputs: calls.append(inputs.layer_idx) or score(inputs)
+    cache = CompressedCache(tiny_model, policy, Budget(value=0.25, slack_tokens=4))
+    with torch.no_grad():
+        out = tiny_model(torch.randint(3, 128, (1, 64)), past_key_values=cache)
+        assert (cache.kept_per_head()[:, 0, 0] != cache.kept_per_head()[:, 0, 1]).any()
+        assert len(calls) == 8  # one eviction per layer at prefill
+        for _ in range(4):  # the layer totals grow by 2 per step, within 2 heads x 4 slack
+            out = tiny_model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+    assert len(calls) == 8

@@ -86,3 +86,34 @@ def test_cached_conversion_is_identical_to_loading_the_gguf(real_model):
     ids = tokenizer("Paris is the capital of", return_tensors="pt")["input_ids"].to(model.device)
     with torch.no_grad():
         assert torch.equal(direct(ids).logits, model(ids).logits)
+
+
+def test_head_scores_find_sparse_retrieval_heads_and_drive_headkv(real_model, tmp_path):
+    from kvpolicies.head_scores import load_head_scores, retrieval_scores, save_head_scores
+
+    model, tokenizer = real_model
+    scores = retrieval_scores(model, tokenizer, samples=2, context_tokens=600, seed=1)
+    assert scores.shape == (30, 3)
+    assert float(scores.min()) >= 0 and float(scores.max()) <= 1
+    assert float(scores.max()) > 0.2  # retrieval heads exist ...
+    assert float((scores > 0.1).float().mean()) < 0.2  # ... and they are few
+    path = tmp_path / "heads.json"
+    save_head_scores(path, scores, model="embedded")
+    torch.testing.assert_close(load_head_scores(path, smoothing=0.0), scores.double())
+
+    policy = kvpolicies.get_policy("headkv", allocation="static", head_scores=str(path))
+    cache = CompressedCache(model, policy, 0.25)
+    allocation = cache.allocation(1000)
+    assert int(allocation.tokens.sum()) == allocation.total
+    top_layer, top_head = divmod(int(scores.argmax()), 3)
+    assert int(allocation.tokens[top_layer, top_head]) == 1000  # the strongest retrieval head stays whole
+
+
+def test_cli_inspect_prints_a_layer_by_head_table(capsys):
+    assert main(["inspect", "--policy", "pyramidkv", "--budget", "0.25", "--tokens", "1000"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()[:2].strip().isdigit()]
+    assert len(lines) == 30
+    first, last = (int(lines[0].split()[1]), int(lines[-1].split()[1]))
+    assert first > 400 and last < 50
+    assert "total: 22,500 of 90,000 entries (25.0%)" in out
