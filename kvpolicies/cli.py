@@ -19,6 +19,12 @@ from kvpolicies.registry import UnknownPolicyError, get_policy, list_policies
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:
+        from kvpolicies.lm_eval import main as lm_eval_main
+
+        lm_eval_main(argv[1:])
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -58,7 +64,33 @@ def build_parser() -> argparse.ArgumentParser:
     scores.add_argument("--seed", type=int, default=0)
     scores.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     scores.set_defaults(run=run_head_scores)
+
+    commands.add_parser(
+        "lm-eval",
+        help="run lm-evaluation-harness with the `kvpolicies` model registered (arguments as for lm_eval)",
+        description="kvpolicies lm-eval --model kvpolicies --model_args policy=l2norm,budget=0.5 --tasks kvp_passkey "
+        "--include_path evals/tasks --limit 10   (every argument goes to lm_eval unchanged)",
+    )
+
+    data = commands.add_parser("eval-data", help="write the offline evaluation sets (passkey, niah, ppl) as JSONL")
+    data.add_argument("--out", type=Path, required=True, help="folder for kvp_passkey.jsonl, kvp_niah.jsonl, ...")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--lengths", help="comma-separated token lengths (default: each task's own)")
+    data.set_defaults(run=run_eval_data)
     return parser
+
+
+def run_eval_data(args: argparse.Namespace) -> int:
+    from kvpolicies_evals.data import GENERATORS, write_jsonl
+
+    for task, generate in GENERATORS.items():
+        options = {"seed": args.seed}
+        if args.lengths:
+            options["lengths"] = [int(n) for n in args.lengths.split(",")]
+        rows = generate(**options)
+        path = write_jsonl(args.out / f"{task}.jsonl", rows)
+        print(f"{path}: {len(rows)} samples")
+    return 0
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:

@@ -67,7 +67,7 @@ def load_model(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or default_dtype(device)
-    source, options = _resolve_source(name_or_path)
+    source, options = resolve_source(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(source, **options)
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=dtype, attn_implementation=attn_implementation, **options
@@ -78,7 +78,7 @@ def load_model(
     return model, tokenizer
 
 
-def _resolve_source(name_or_path) -> tuple[str, dict]:
+def resolve_source(name_or_path) -> tuple[str, dict]:
     if name_or_path is None or str(name_or_path) == EMBEDDED_MODEL:
         return str(converted_gguf(embedded_gguf())), {"local_files_only": True}
     path = Path(name_or_path)

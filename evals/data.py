@@ -1,0 +1,181 @@
+"""Deterministic, offline evaluation data: passkey retrieval, needle in a haystack, long-text perplexity.
+
+Every sample is a pure function of its seed and parameters, so a task's data is the same on every machine. Lengths
+are measured in tokens of the embedded model's tokenizer (any tokenizer can be passed). The natural-text haystack
+is the Python documentation that ships with CPython (``pydoc_data.topics``), available offline everywhere.
+
+``kvpolicies eval-data --out DIR`` writes the default sets as JSONL; the lm-eval tasks in ``evals/tasks`` build the
+same data on first use and keep it under the user cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n"
+)
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+NIAH_INTRO = "Read the following documentation carefully. A special magic number is hidden in it.\n\n"
+CITIES = ["Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Windhoek", "Reykjavik", "Da Nang", "Cusco"]
+
+DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
+DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@lru_cache(maxsize=1)
+def default_tokenizer():
+    from kvpolicies.models import converted_gguf, embedded_gguf
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(converted_gguf(embedded_gguf())), local_files_only=True)
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _fit(tokenizer, target: int, make, low: int, high: int) -> str:
+    """Largest ``make(n)`` (n in [low, high]) whose length is at most ``target`` tokens: a binary search."""
+    best = make(low)
+    while low <= high:
+        middle = (low + high) // 2
+        text = make(middle)
+        if count_tokens(tokenizer, text) <= target:
+            best, low = text, middle + 1
+        else:
+            high = middle - 1
+    return best
+
+
+def passkey_prompt(rng: random.Random, approx_tokens: int, depth: float | None = None) -> tuple[str, str, str]:
+    """``(prompt, needle, passkey)`` with ~13 tokens per filler sentence, without a tokenizer (probes, benchmarks)."""
+    passkey = f"{rng.randint(10000, 99999)}"
+    needle = f"The pass key is {passkey}. Remember it. {passkey} is the pass key. "
+    repeats = max(2, approx_tokens // 20)
+    before = round(repeats * depth) if depth is not None else rng.randint(1, repeats - 1)
+    prompt = PASSKEY_INTRO + FILLER * before + needle + FILLER * (repeats - before) + PASSKEY_QUESTION
+    return prompt, needle, passkey
+
+
+def passkey_samples(
+    lengths: Sequence[int] = DEFAULT_LENGTHS,
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    per_cell: int = 2,
+    seed: int = 0,
+    tokenizer=None,
+) -> list[dict]:
+    """Passkey retrieval: a 5-digit key in repeated filler, ``lengths`` (tokens) × ``depths`` × ``per_cell``."""
+    tokenizer = tokenizer or default_tokenizer()
+    samples = []
+    for length in lengths:
+        for depth in depths:
+            for index in range(per_cell):
+                rng = random.Random(_seed(seed, "passkey", length, depth, index))
+                passkey = f"{rng.randint(10000, 99999)}"
+                needle = f"The pass key is {passkey}. Remember it. {passkey} is the pass key. "
+                budget = length - count_tokens(tokenizer, PASSKEY_INTRO + needle + PASSKEY_QUESTION)
+
+                def make(repeats: int) -> str:
+                    before = round(repeats * depth)
+                    return PASSKEY_INTRO + FILLER * before + needle + FILLER * (repeats - before) + PASSKEY_QUESTION
+
+                prompt = _fit(tokenizer, length, make, 1, max(2, budget // 10))
+                samples.append(
+                    {"prompt": prompt, "answer": passkey, "length": length, "depth": depth,
+                     "tokens": count_tokens(tokenizer, prompt)}
+                )
+    return samples
+
+
+def haystack_text() -> str:
+    """Natural English prose from the Python documentation bundled with CPython, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key].strip() for key in sorted(topics))
+
+
+def niah_samples(
+    lengths: Sequence[int] = DEFAULT_LENGTHS,
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    per_cell: int = 2,
+    seed: int = 0,
+    tokenizer=None,
+) -> list[dict]:
+    """Needle in a haystack: a city's 7-digit magic number hidden in documentation prose at a given depth."""
+    tokenizer = tokenizer or default_tokenizer()
+    haystack = haystack_text()
+    samples = []
+    for length in lengths:
+        for depth in depths:
+            for index in range(per_cell):
+                rng = random.Random(_seed(seed, "niah", length, depth, index))
+                city = rng.choice(CITIES)
+                number = f"{rng.randint(1_000_000, 9_999_999)}"
+                needle = f"\nThe special magic number for {city} is: {number}.\n"
+                question = f"\n\nWhat is the special magic number for {city} mentioned in the text above? " \
+                           f"The special magic number for {city} is:"
+                start = rng.randint(0, len(haystack) // 2)
+
+                def make(chars: int) -> str:
+                    body = haystack[start : start + chars]
+                    cut = round(len(body) * depth)
+                    cut = body.rfind(". ", 0, cut) + 2 if body.rfind(". ", 0, cut) > 0 else cut
+                    return NIAH_INTRO + body[:cut] + needle + body[cut:] + question
+
+                prompt = _fit(tokenizer, length, make, 100, length * 8)
+                samples.append(
+                    {"prompt": prompt, "answer": number, "city": city, "length": length, "depth": depth,
+                     "tokens": count_tokens(tokenizer, prompt)}
+                )
+    return samples
+
+
+def ppl_documents(lengths: Sequence[int] = (2048, 4096), per_length: int = 3, seed: int = 0, tokenizer=None) -> list[dict]:
+    """Long documents of natural text (Python documentation) of about ``lengths`` tokens for rolling perplexity."""
+    tokenizer = tokenizer or default_tokenizer()
+    haystack = haystack_text()
+    documents = []
+    for length in lengths:
+        for index in range(per_length):
+            rng = random.Random(_seed(seed, "ppl", length, 0, index))
+            start = rng.randint(0, len(haystack) // 2)
+            start = haystack.find("\n\n", start) + 2
+            text = _fit(tokenizer, length, lambda chars: haystack[start : start + chars], 100, length * 8)
+            documents.append({"text": text, "length": length, "tokens": count_tokens(tokenizer, text)})
+    return documents
+
+
+GENERATORS = {"kvp_passkey": passkey_samples, "kvp_niah": niah_samples, "kvp_ppl": ppl_documents}
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(path.suffix + ".tmp")
+    with staging.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    staging.replace(path)  # atomic: a half-written file is never read as data
+    return path
+
+
+def dataset_file(task: str, **parameters) -> Path:
+    """The JSONL file of ``task`` for ``parameters``, generated under the user cache on first use."""
+    from kvpolicies.models import cache_dir
+
+    key = hashlib.sha256(json.dumps(parameters, sort_keys=True, default=list).encode()).hexdigest()[:12]
+    path = cache_dir() / "evals" / f"{task}-{key}.jsonl"
+    if not path.exists():
+        write_jsonl(path, GENERATORS[task](**parameters))
+    return path
+
+
+def _seed(seed: int, *parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr((seed, *parts)).encode()).digest()[:8], "big")

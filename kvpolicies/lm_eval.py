@@ -1,0 +1,203 @@
+"""lm-evaluation-harness adapter: the model ``kvpolicies`` (an HFLM whose KV cache is compressed) and a drop-in CLI.
+
+``lm_eval`` has no plugin discovery for models, so ``kvpolicies lm-eval ARGS`` (or ``python -m kvpolicies.lm_eval
+ARGS``) registers the model and hands ARGS unchanged to lm-eval's own command line.
+
+What is compressed, per request type:
+
+- ``generate_until``: the prompt is prefilled, each layer is cut to the budget right after its attention has read
+  it, then generation runs on the compressed cache (decode-time eviction past the budget's slack).
+- ``loglikelihood``: the context is prefilled and compressed the same way; the continuation is then scored on the
+  compressed cache. As in generation, the first continuation token is predicted by the last context position
+  during prefill, before any eviction, so single-token continuations are not affected by the budget.
+- ``loglikelihood_rolling``: each document streams through one cache in chunks of ``stream_chunk`` tokens; after
+  every chunk the cache is cut back to the budget, so the budget binds while the document is read (the paper's
+  language-modelling setting). Tokens in a chunk see the compressed past plus their own chunk.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval import utils as lm_utils
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+from kvpolicies.attention import prepare_model
+from kvpolicies.budget import Budget
+from kvpolicies.cache import CompressedCache
+from kvpolicies.models import default_device, resolve_source
+from kvpolicies.policy import PolicyConfigError
+from kvpolicies.registry import get_policy
+
+_HFLM_ARGUMENTS = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+
+
+def coerce_option(value: Any) -> Any:
+    """Model-args values arrive as strings or scalars; read JSON where it parses (``[]``, ``true``, ``{"a": 1}``)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+@register_model("kvpolicies")
+class KVPoliciesLM(HFLM):
+    """An HFLM whose every request runs on a ``CompressedCache``; model args beyond HFLM's are policy options."""
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        policy: str = "full",
+        budget: float | str = 1.0,
+        slack_tokens: int = 16,
+        stream_chunk: int = 128,
+        device: str | None = None,
+        dtype: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        options = {key: coerce_option(kwargs.pop(key)) for key in list(kwargs) if key not in _HFLM_ARGUMENTS}
+        try:
+            self.kv_policy = get_policy(policy, **options)
+        except PolicyConfigError as error:
+            raise PolicyConfigError(
+                f"{error}. Model args that are neither HFLM's nor the policy's are rejected; HFLM's are: "
+                f"{', '.join(sorted(_HFLM_ARGUMENTS))}"
+            ) from None
+        self.kv_budget = Budget.parse(budget).model_copy(update={"slack_tokens": int(slack_tokens)})
+        self.stream_chunk = int(stream_chunk)
+        source, _ = resolve_source(pretrained)
+        device = device or str(default_device())
+        if dtype is None:
+            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        super().__init__(pretrained=source, device=device, dtype=dtype, **kwargs)
+        if self.backend != "causal":
+            raise ValueError("kvpolicies evaluates decoder-only (causal) models")
+        prepare_model(self.model)
+        self.kv_measurements: list[tuple[int, int, int]] = []  # (sequences, resident bytes, full bytes)
+
+    def new_cache(self) -> CompressedCache:
+        return CompressedCache(self.model, self.kv_policy, self.kv_budget)
+
+    def _measure(self, cache: CompressedCache, sequences: int) -> None:
+        stats = cache.stats()
+        self.kv_measurements.append((sequences, stats.resident_bytes, stats.full_bytes))
+
+    # -- generate_until ------------------------------------------------------------------------------------------
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        cache = self.new_cache()
+        output = super()._model_generate(context, max_length, stop, past_key_values=cache, **generation_kwargs)
+        self._measure(cache, context.shape[0])
+        return output
+
+    # -- loglikelihood -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _continuation_logprobs(self, tokens: list[int], continuation: int) -> torch.Tensor:
+        """Log-probs ``[continuation, vocab]`` of the last ``continuation`` tokens, context compressed first."""
+        cache = self.new_cache()
+        ids = torch.tensor([tokens[:-1]], device=self.device)
+        split = ids.shape[1] - continuation + 1  # the context, whose last position predicts the first token
+        pieces = [self.model(ids[:, :split], past_key_values=cache).logits[:, -1:]]
+        if split < ids.shape[1]:
+            pieces.append(self.model(ids[:, split:], past_key_values=cache).logits)
+        self._measure(cache, 1)
+        return F.log_softmax(torch.cat(pieces, dim=1)[0].float(), dim=-1)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        results = []
+        for request_str, context, continuation in tqdm(
+            requests, disable=disable_tqdm or self.rank != 0, desc="kvpolicies loglikelihood"
+        ):
+            tokens = (context + continuation)[-(self.max_length + 1) :]
+            logprobs = self._continuation_logprobs(tokens, len(continuation))
+            target = torch.tensor(continuation, device=logprobs.device)
+            answer = (
+                float(logprobs.gather(1, target[:, None]).sum()),
+                bool((logprobs.argmax(-1) == target).all()),
+            )
+            results.append(answer)
+            if request_str is not None:
+                self.cache_hook.add_partial("loglikelihood", request_str, answer)
+        return results
+
+    # -- loglikelihood_rolling -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        results = []
+        for (text,) in tqdm(
+            [request.args for request in requests], disable=disable_tqdm or self.rank != 0, desc="kvpolicies rolling"
+        ):
+            windows = map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            )
+            total = sum(self._streamed_logprob(context, continuation) for context, continuation in windows)
+            results.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+        return results
+
+    def _streamed_logprob(self, context: list[int], continuation: list[int]) -> float:
+        """Sum of log-probs of ``continuation``, streamed in chunks with the cache cut to budget after each."""
+        cache = self.new_cache()
+        ids = torch.tensor([(context + continuation)[:-1]], device=self.device)
+        logits = []
+        for start in range(0, ids.shape[1], self.stream_chunk):
+            logits.append(self.model(ids[:, start : start + self.stream_chunk], past_key_values=cache).logits)
+        self._measure(cache, 1)
+        logprobs = F.log_softmax(torch.cat(logits, dim=1)[0, -len(continuation) :].float(), dim=-1)
+        target = torch.tensor(continuation, device=logprobs.device)
+        return float(logprobs.gather(1, target[:, None]).sum())
+
+    # -- results -------------------------------------------------------------------------------------------------
+    def kv_memory(self) -> dict[str, Any]:
+        """Resident KV bytes per sequence at the end of each request, next to the full cache's."""
+        if not self.kv_measurements:
+            return {"requests": 0}
+        resident = [r / n for n, r, _ in self.kv_measurements]
+        full = [f / n for n, _, f in self.kv_measurements]
+        return {
+            "requests": len(self.kv_measurements),
+            "resident_bytes_peak": max(resident),
+            "resident_bytes_mean": statistics.fmean(resident),
+            "full_bytes_peak": max(full),
+            "full_bytes_mean": statistics.fmean(full),
+            "resident_fraction_mean": statistics.fmean(r / f for r, f in zip(resident, full) if f) if any(full) else 1.0,
+        }
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        info["kvpolicies"] = {
+            **self.kv_policy.identity(),
+            "config_hash": self.kv_policy.config_hash(),
+            "budget": self.kv_budget.model_dump(),
+            "stream_chunk": self.stream_chunk,
+            "kv_memory": self.kv_memory(),
+        }
+        return info
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run lm-eval's own command line with the ``kvpolicies`` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The lm-eval adapter: both request types through lm-eval itself, memory in the results, the drop-in command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lm_eval import simple_evaluate
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from kvpolicies import PolicyConfigError
+from kvpolicies.cli import main
+from kvpolicies.lm_eval import KVPoliciesLM
+from kvpolicies.models import converted_gguf, embedded_gguf
+
+TASKS = str(Path(__file__).parents[1] / "evals" / "tasks")
+PASSKEY = {"lengths": [200], "depths": [0.5], "per_cell": 2}
+PPL = {"lengths": [300], "per_length": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tmp_path_factory) -> str:
+    """A random-weight Llama with the embedded model's tokenizer, saved as a normal model folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(converted_gguf(embedded_gguf())), local_files_only=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def evaluate(model, tasks: list[str], metadata: dict, **kwargs):
+    return simple_evaluate(
+        model=model, tasks=tasks, task_manager=TaskManager(include_path=TASKS, metadata=metadata),
+        bootstrap_iters=0, **kwargs,
+    )
+
+
+def test_generate_until_runs_through_lm_eval_and_reports_memory(tiny_pretrained):
+    lm = KVPoliciesLM(pretrained=tiny_pretrained, policy="l2norm", budget=0.5, uncompressed_layers="[]")
+    results = evaluate(lm, ["kvp_passkey"], PASSKEY)
+    assert "exact_match,first_key" in results["results"]["kvp_passkey"]
+    info = results["config"]["kvpolicies"]
+    assert info["policy"] == "l2norm" and info["config"]["uncompressed_layers"] == []
+    assert info["budget"]["value"] == 0.5 and len(info["config_hash"]) == 16
+    memory = info["kv_memory"]
+    assert memory["requests"] == 2
+    # Half the prompt, plus up to 11 generated tokens in the slack: between 50% and 60% of the full cache.
+    assert 0.5 <= memory["resident_fraction_mean"] < 0.6
+    assert memory["resident_bytes_peak"] < memory["full_bytes_peak"]
+
+
+def test_rolling_perplexity_with_full_cache_equals_lm_eval_hf_model(tiny_pretrained):
+    ours = evaluate(KVPoliciesLM(pretrained=tiny_pretrained, policy="full", stream_chunk=64), ["kvp_ppl"], PPL)
+    theirs = evaluate(HFLM(pretrained=tiny_pretrained, device="cpu", dtype="float32"), ["kvp_ppl"], PPL)
+    ours_ppl = ours["results"]["kvp_ppl"]["word_perplexity,none"]
+    assert ours_ppl == pytest.approx(theirs["results"]["kvp_ppl"]["word_perplexity,none"], rel=1e-4)
+
+    squeezed = evaluate(
+        KVPoliciesLM(pretrained=tiny_pretrained, policy="streaming", budget="32 tokens", stream_chunk=64),
+        ["kvp_ppl"], PPL,
+    )
+    assert squeezed["results"]["kvp_ppl"]["word_perplexity,none"] != pytest.approx(ours_ppl, rel=1e-4)
+    memory = squeezed["config"]["kvpolicies"]["kv_memory"]
+    # The budget binds while the document streams: at most 32 tokens per head (+ one 64-token chunk) held.
+    assert memory["resident_bytes_peak"] <= (32 + 64) * 4 * 2 * 2 * 16 * 4
+
+
+def loglikelihood_requests() -> list[Instance]:
+    pairs = [("The capital of France is", " Paris, a city on the Seine."), ("Two plus two is", " four")]
+    return [
+        Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)
+    ]
+
+
+def test_loglikelihood_with_full_cache_equals_lm_eval_hf_model(tiny_pretrained):
+    ours = KVPoliciesLM(pretrained=tiny_pretrained, policy="full").loglikelihood(loglikelihood_requests())
+    theirs = HFLM(pretrained=tiny_pretrained, device="cpu", dtype="float32").loglikelihood(loglikelihood_requests())
+    for (ours_lp, ours_greedy), (their_lp, their_greedy) in zip(ours, theirs):
+        assert ours_lp == pytest.approx(their_lp, abs=1e-4)
+        assert ours_greedy == their_greedy
+
+
+def test_loglikelihood_scores_the_continuation_on_the_compressed_context(tiny_pretrained):
+    full = KVPoliciesLM(pretrained=tiny_pretrained, policy="full").loglikelihood(loglikelihood_requests())
+    lm = KVPoliciesLM(pretrained=tiny_pretrained, policy="streaming", budget="2 tokens", sink_tokens=1)
+    squeezed = lm.loglikelihood(loglikelihood_requests())
+    assert squeezed[0][0] != pytest.approx(full[0][0], abs=1e-4)  # multi-token continuation: affected
+    assert lm.kv_memory()["requests"] == 2
+
+
+def test_unknown_model_args_are_rejected_with_the_valid_options(tiny_pretrained):
+    with pytest.raises(PolicyConfigError, match="no option 'colour'.*valid options: sink_tokens.*HFLM's are:"):
+        KVPoliciesLM(pretrained=tiny_pretrained, policy="l2norm", colour="red")
+
+
+def test_drop_in_command_passes_arguments_to_lm_eval_unchanged(tiny_pretrained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths resolve like lm_eval's own
+    main([
+        "lm-eval", "--model", "kvpolicies",
+        "--model_args", f"pretrained={tiny_pretrained},policy=random,budget=0.5",
+        "--tasks", "kvp_passkey", "--include_path", TASKS, "--limit", "1",
+        "--metadata", json.dumps(PASSKEY), "--output_path", "out", "--log_samples",
+    ])
+    written = list(Path("out").rglob("results_*.json"))
+    assert len(written) == 1
+    results = json.loads(written[0].read_text())
+    assert results["config"]["kvpolicies"]["policy"] == "random"
+    assert results["config"]["kvpolicies"]["kv_memory"]["requests"] == 1
+    assert list(Path("out").rglob("samples_kvp_passkey_*.jsonl"))
+
+
+@pytest.mark.slow
+def test_full_cache_passkey_scores_equal_lm_eval_hf_on_the_embedded_model():
+    """Same task, same data, same answers: the adapter adds nothing when it keeps everything."""
+    metadata = {"lengths": [1024], "depths": [0.1, 0.5, 0.9], "per_cell": 2}
+    folder = str(converted_gguf(embedded_gguf()))
+    ours = evaluate(KVPoliciesLM(policy="full"), ["kvp_passkey"], metadata, log_samples=True)
+    theirs = evaluate(HFLM(pretrained=folder, device="cpu", dtype="float32"), ["kvp_passkey"], metadata, log_samples=True)
+    assert ours["results"]["kvp_passkey"]["exact_match,first_key"] == theirs["results"]["kvp_passkey"]["exact_match,first_key"]
+    assert [s["resps"] for s in ours["samples"]["kvp_passkey"]] == [s["resps"] for s in theirs["samples"]["kvp_passkey"]]
+    assert ours["results"]["kvp_passkey"]["exact_match,first_key"] >= 0.8  # the embedded model does retrieve at 1k
