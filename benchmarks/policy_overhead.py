@@ -19,7 +19,7 @@ from tabulate import tabulate
 
 import kvpolicies
 from kvpolicies import Budget, CompressedCache
-from kvpolicies.head_scores import passkey_prompt
+from kvpolicies_evals.data import passkey_prompt
 
 
 def measure(model, ids: torch.Tensor, make_cache, decode_steps: int) -> tuple[float, float, int]:

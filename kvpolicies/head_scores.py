@@ -14,24 +14,6 @@ from pathlib import Path
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-
-
-def passkey_prompt(rng: random.Random, approx_tokens: int) -> tuple[str, str, str]:
-    """``(context, needle, passkey)``: filler around a needle at a random depth; ~13 tokens per filler sentence."""
-    passkey = f"{rng.randint(10000, 99999)}"
-    needle = f"The pass key is {passkey}. Remember it. {passkey} is the pass key. "
-    repeats = max(2, approx_tokens // 20)
-    depth = rng.randint(1, repeats - 1)
-    context = (
-        "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize "
-        "it. I will quiz you about the important information there.\n"
-        + FILLER * depth + needle + FILLER * (repeats - depth)
-        + "\nWhat is the pass key? The pass key is "
-    )
-    return context, needle, passkey
-
-
 class _QueryRecorder:
     """An attention implementation that records each layer's last ``rows`` queries, then runs the inner one."""
 
@@ -50,6 +32,8 @@ def retrieval_scores(model, tokenizer, samples: int = 8, context_tokens: int = 1
     """``[layers, kv_heads]`` retrieval hit rates measured on ``samples`` teacher-forced passkey prompts."""
     from transformers import DynamicCache
 
+    from kvpolicies_evals.data import passkey_prompt
+
     rng = random.Random(seed)
     config = model.config.get_text_config(decoder=True)
     kv_heads = config.num_key_value_heads
@@ -61,7 +45,7 @@ def retrieval_scores(model, tokenizer, samples: int = 8, context_tokens: int = 1
     for _ in range(samples):
         context, needle, passkey = passkey_prompt(rng, context_tokens)
         prompt_ids = tokenizer(context, return_tensors="pt")["input_ids"]
-        answer_ids = tokenizer(passkey, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        answer_ids = tokenizer(" " + passkey, add_special_tokens=False, return_tensors="pt")["input_ids"]
         ids = torch.cat([prompt_ids, answer_ids], dim=1).to(model.device)
         prompt_len, answer_len = prompt_ids.shape[1], answer_ids.shape[1]
         # Query at position t predicts token t + 1: the rows that produce the answer tokens.

@@ -130,3 +130,22 @@ def test_full_cache_passkey_scores_equal_lm_eval_hf_on_the_embedded_model():
     assert ours["results"]["kvp_passkey"]["exact_match,first_key"] == theirs["results"]["kvp_passkey"]["exact_match,first_key"]
     assert [s["resps"] for s in ours["samples"]["kvp_passkey"]] == [s["resps"] for s in theirs["samples"]["kvp_passkey"]]
     assert ours["results"]["kvp_passkey"]["exact_match,first_key"] >= 0.8  # the embedded model does retrieve at 1k
+
+
+def test_accelerate_launch_runs_the_adapter(tiny_pretrained, tmp_path):
+    """lm-eval's own data-parallel route: `accelerate launch -m kvpolicies.lm_eval` (one process on CPU)."""
+    import subprocess
+    import sys
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [
+        str(accelerate), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "kvpolicies.lm_eval", "--model", "kvpolicies",
+        "--model_args", f"pretrained={tiny_pretrained},policy=snapkv,budget=0.5",
+        "--tasks", "kvp_passkey", "--include_path", TASKS, "--limit", "2",
+        "--metadata", json.dumps(PASSKEY), "--output_path", str(tmp_path / "out"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert results["config"]["kvpolicies"]["policy"] == "snapkv"
