@@ -21,6 +21,7 @@ import inspect
 import json
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,6 +86,7 @@ class KVPoliciesLM(HFLM):
             raise ValueError("kvpolicies evaluates decoder-only (causal) models")
         prepare_model(self.model)
         self.kv_measurements: list[tuple[int, int, int]] = []  # (sequences, resident bytes, full bytes)
+        self.timings = Timings()
 
     def new_cache(self) -> CompressedCache:
         return CompressedCache(self.model, self.kv_policy, self.kv_budget)
@@ -96,8 +98,12 @@ class KVPoliciesLM(HFLM):
     # -- generate_until ------------------------------------------------------------------------------------------
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
         cache = self.new_cache()
-        output = super()._model_generate(context, max_length, stop, past_key_values=cache, **generation_kwargs)
+        clock = StepClock(self.device)
+        output = super()._model_generate(
+            context, max_length, stop, past_key_values=cache, streamer=clock, **generation_kwargs
+        )
         self._measure(cache, context.shape[0])
+        self.timings.add_generation(context.numel(), context.shape[0], clock)
         return output
 
     # -- loglikelihood -------------------------------------------------------------------------------------------
@@ -107,7 +113,9 @@ class KVPoliciesLM(HFLM):
         cache = self.new_cache()
         ids = torch.tensor([tokens[:-1]], device=self.device)
         split = ids.shape[1] - continuation + 1  # the context, whose last position predicts the first token
+        started = time.perf_counter()
         pieces = [self.model(ids[:, :split], past_key_values=cache).logits[:, -1:]]
+        self.timings.add_prefill(split, _synchronized(self.device, started))
         if split < ids.shape[1]:
             pieces.append(self.model(ids[:, split:], past_key_values=cache).logits)
         self._measure(cache, 1)
@@ -156,8 +164,10 @@ class KVPoliciesLM(HFLM):
         cache = self.new_cache()
         ids = torch.tensor([(context + continuation)[:-1]], device=self.device)
         logits = []
+        started = time.perf_counter()
         for start in range(0, ids.shape[1], self.stream_chunk):
             logits.append(self.model(ids[:, start : start + self.stream_chunk], past_key_values=cache).logits)
+        self.timings.add_prefill(ids.shape[1], _synchronized(self.device, started))
         self._measure(cache, 1)
         logprobs = F.log_softmax(torch.cat(logits, dim=1)[0, -len(continuation) :].float(), dim=-1)
         target = torch.tensor(continuation, device=logprobs.device)
@@ -187,8 +197,57 @@ class KVPoliciesLM(HFLM):
             "budget": self.kv_budget.model_dump(),
             "stream_chunk": self.stream_chunk,
             "kv_memory": self.kv_memory(),
+            "speed": self.timings.summary(),
         }
         return info
+
+
+def _synchronized(device, started: float) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+class StepClock:
+    """A ``generate`` streamer that only notes times: once before prefill, then after every new token."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+class Timings:
+    """Prefill and decode throughput over the requests of a run (tokens summed over the batch)."""
+
+    def __init__(self) -> None:
+        self.prefill_tokens = self.decode_tokens = 0
+        self.prefill_s = self.decode_s = 0.0
+
+    def add_prefill(self, tokens: int, seconds: float) -> None:
+        self.prefill_tokens += tokens
+        self.prefill_s += seconds
+
+    def add_generation(self, prompt_tokens: int, batch: int, clock: StepClock) -> None:
+        if len(clock.stamps) >= 2:  # stamps: before prefill, after the first token, after each further one
+            self.add_prefill(prompt_tokens, clock.stamps[1] - clock.stamps[0])
+            self.decode_tokens += (len(clock.stamps) - 2) * batch
+            self.decode_s += clock.stamps[-1] - clock.stamps[1]
+
+    def summary(self) -> dict[str, float | None]:
+        return {
+            "prefill_tokens_per_s": self.prefill_tokens / self.prefill_s if self.prefill_s else None,
+            "decode_tokens_per_s": self.decode_tokens / self.decode_s if self.decode_s else None,
+            "prefill_s": self.prefill_s,
+            "decode_s": self.decode_s,
+        }
 
 
 def main(argv: Sequence[str] | None = None) -> None:

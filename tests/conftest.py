@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import kvpolicies
+from kvpolicies.models import converted_gguf, embedded_gguf
 
 
 def tiny_llama(num_layers: int = 8, attn_implementation: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
@@ -46,3 +47,19 @@ def fresh_registry(monkeypatch):
     yield
     monkeypatch.undo()
     kvpolicies.reset_registry()
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory) -> str:
+    """A random-weight Llama with the embedded model's tokenizer, saved as a normal model folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(converted_gguf(embedded_gguf())), local_files_only=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -6,12 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from kvpolicies import PolicyConfigError
 from kvpolicies.cli import main
@@ -21,22 +19,6 @@ from kvpolicies.models import converted_gguf, embedded_gguf
 TASKS = str(Path(__file__).parents[1] / "evals" / "tasks")
 PASSKEY = {"lengths": [200], "depths": [0.5], "per_cell": 2}
 PPL = {"lengths": [300], "per_length": 1}
-
-
-@pytest.fixture(scope="module")
-def tiny_pretrained(tmp_path_factory) -> str:
-    """A random-weight Llama with the embedded model's tokenizer, saved as a normal model folder."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(str(converted_gguf(embedded_gguf())), local_files_only=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def evaluate(model, tasks: list[str], metadata: dict, **kwargs):

@@ -1,0 +1,219 @@
+"""Leaderboards from saved sweep results: tables (tabulate) and plots (matplotlib), without loading any model.
+
+Per task and budget, policies are ranked by the task's primary metric, with the full cache shown as the reference
+row. The overall table puts tasks on one scale by comparing each policy with the full cache on the same task:
+``score / full`` for accuracies, ``full / score`` for perplexities (1.0 = as good as keeping everything); it shows
+the mean of that ratio over tasks at each budget and the area under the ratio-vs-budget curve (trapezoids over the
+swept budgets, divided by their span).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from kvpolicies.budget import Budget
+
+FORMATS = {"terminal": "simple_grid", "markdown": "github", "html": "html", "csv": "csv"}
+
+
+@dataclass(frozen=True)
+class Row:
+    task: str
+    policy: str
+    budget: float | None  # None for the full cache
+    score: float
+    metric: str
+    higher_is_better: bool
+    samples: int
+    resident_bytes: float | None
+    full_bytes: float | None
+    prefill_tps: float | None
+    decode_tps: float | None
+    peak_memory_bytes: float | None
+    model: str
+
+
+def load_rows(results_dir: Path) -> tuple[list[Row], list[dict[str, Any]]]:
+    """Finished cells as rows, and the failed cells' records (to report, not to rank)."""
+    rows, failures = [], []
+    for path in sorted(Path(results_dir).glob("*.json")):
+        record = json.loads(path.read_text())
+        if record.get("status") != "ok":
+            failures.append(record)
+            continue
+        cell = record["cell"]
+        policy = cell["policy"].get("label") or cell["policy"]["name"]
+        budget = record["identity"]["budget"]
+        rows.append(Row(
+            task=cell["task"]["name"],
+            policy=policy,
+            budget=None if budget is None else _fraction_label(budget),
+            score=record["score"],
+            metric=record["primary_metric"],
+            higher_is_better=record["higher_is_better"],
+            samples=record.get("samples", 0),
+            resident_bytes=record["kv_memory"].get("resident_bytes_mean"),
+            full_bytes=record["kv_memory"].get("full_bytes_mean"),
+            prefill_tps=record["speed"].get("prefill_tokens_per_s"),
+            decode_tps=record["speed"].get("decode_tokens_per_s"),
+            peak_memory_bytes=record.get("peak_memory_bytes"),
+            model=record["identity"]["model"],
+        ))
+    return rows, failures
+
+
+def _fraction_label(budget: dict[str, Any]) -> float | str:
+    spec = Budget.model_validate(budget)
+    return spec.value if spec.unit == "fraction" else str(spec)
+
+
+def _mib(value: float | None) -> str:
+    return "" if value is None else f"{value / 2**20:.1f}"
+
+
+def _rate(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
+
+
+def task_tables(rows: list[Row]) -> list[tuple[str, list[str], list[list[Any]]]]:
+    """One ``(title, headers, rows)`` per model, task and budget, best policy first, the full cache last."""
+    tables = []
+    groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[(row.model, row.task)].append(row)
+    for (model, task), members in sorted(groups.items()):
+        reference = [r for r in members if r.budget is None]
+        budgets = sorted({r.budget for r in members if r.budget is not None}, key=str)
+        for budget in budgets:
+            ranked = sorted((r for r in members if r.budget == budget), key=lambda r: r.score,
+                            reverse=members[0].higher_is_better)
+            body = [
+                [rank, r.policy, f"{r.score:.3f}", _mib(r.resident_bytes),
+                 f"{r.resident_bytes / r.full_bytes:.1%}" if r.resident_bytes and r.full_bytes else "",
+                 _rate(r.prefill_tps), _rate(r.decode_tps), _mib(r.peak_memory_bytes), r.samples]
+                for rank, r in enumerate(ranked, 1)
+            ]
+            body += [["ref", f"{r.policy} (no eviction)", f"{r.score:.3f}", _mib(r.resident_bytes), "100%",
+                      _rate(r.prefill_tps), _rate(r.decode_tps), _mib(r.peak_memory_bytes), r.samples]
+                     for r in reference]
+            title = f"{task} — budget {budget} — {members[0].metric} ({'higher' if members[0].higher_is_better else 'lower'} is better) — {model}"
+            headers = ["#", "policy", "score", "KV MiB", "of full", "prefill tok/s", "decode tok/s",
+                       "peak MiB", "n"]
+            tables.append((title, headers, body))
+    return tables
+
+
+def overall_table(rows: list[Row]) -> tuple[str, list[str], list[list[Any]]]:
+    """Mean ratio to the full cache over tasks, per budget, and its area under the budget curve."""
+    full = {(r.model, r.task): r.score for r in rows if r.budget is None}
+    ratios: dict[tuple[str, str], dict[Any, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        reference = full.get((r.model, r.task))
+        if r.budget is None or reference is None:
+            continue
+        if r.higher_is_better:
+            if reference == 0:
+                continue  # the full cache scores nothing on this task: no scale to compare on
+            ratio = r.score / reference
+        else:
+            ratio = reference / r.score
+        ratios[(r.model, r.policy)][r.budget].append(ratio)
+    budgets = sorted({b for per in ratios.values() for b in per}, key=lambda b: (isinstance(b, str), b))
+    body = []
+    for (model, policy), per_budget in ratios.items():
+        means = {b: statistics.fmean(v) for b, v in per_budget.items()}
+        body.append([policy, *(f"{means[b]:.3f}" if b in means else "" for b in budgets), _area(means), model])
+    body.sort(key=lambda row: -float(row[-2]) if row[-2] != "" else 0)
+    headers = ["policy", *(f"@{b}" for b in budgets), "AUC", "model"]
+    title = "overall — mean over tasks of score relative to the full cache (1.0 = no loss)"
+    return title, headers, body
+
+
+def _area(means: dict[Any, float]) -> str:
+    points = sorted((b, v) for b, v in means.items() if isinstance(b, float))
+    if len(points) < 2:
+        return ""
+    area = sum((b2 - b1) * (v1 + v2) / 2 for (b1, v1), (b2, v2) in zip(points, points[1:]))
+    return f"{area / (points[-1][0] - points[0][0]):.3f}"
+
+
+def render(results_dir: Path, fmt: str = "terminal") -> str:
+    rows, failures = load_rows(results_dir)
+    if not rows:
+        return f"no finished results in {results_dir}"
+    tables = [overall_table(rows), *task_tables(rows)]
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        for title, headers, body in tables:
+            writer.writerow([title])
+            writer.writerow(headers)
+            writer.writerows(body)
+            writer.writerow([])
+        return buffer.getvalue()
+    parts = []
+    for title, headers, body in tables:
+        heading = f"<h3>{title}</h3>" if fmt == "html" else (f"### {title}" if fmt == "markdown" else title)
+        parts.append(f"{heading}\n\n{tabulate(body, headers=headers, tablefmt=FORMATS[fmt])}")
+    if failures:
+        lines = [f"- {f['cell']['task']['name']} / {f['cell']['policy']['name']} @ {f['cell']['budget']}: {f['error']}"
+                 for f in failures]
+        parts.append("failed cells (re-run the sweep to retry):\n" + "\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(results_dir: Path, out_dir: Path) -> list[Path]:
+    """PNG figures: score vs budget per task, resident KV memory vs budget, decode speed vs budget."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install -e '.[plots]'") from None
+    rows, _ = load_rows(results_dir)
+    rows = [r for r in rows if r.budget is None or isinstance(r.budget, float)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def figure(name: str, ylabel: str, value, tasks: list[str]) -> None:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+        for axis, task in zip(axes[0], tasks):
+            members = [r for r in rows if r.task == task]
+            for policy in sorted({r.policy for r in members if r.budget is not None}):
+                points = sorted((r.budget, value(r)) for r in members if r.policy == policy and r.budget is not None
+                                and value(r) is not None)
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=policy)
+            for r in members:
+                if r.budget is None and value(r) is not None:
+                    axis.axhline(value(r), color="black", linestyle="--", linewidth=1, label=f"{r.policy} (no eviction)")
+            axis.set_title(task)
+            axis.set_xlabel("budget (fraction of the KV cache kept)")
+            axis.set_ylabel(ylabel if ylabel != "score" else members[0].metric.split(",")[0])
+            axis.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    tasks = sorted({r.task for r in rows})
+    if not tasks:
+        return written
+    figure("score_vs_budget", "score", lambda r: r.score, tasks)
+    figure("kv_memory_vs_budget", "resident KV MiB per sequence",
+           lambda r: None if r.resident_bytes is None else r.resident_bytes / 2**20, tasks)
+    figure("decode_speed_vs_budget", "decode tokens/s", lambda r: r.decode_tps, [t for t in tasks if any(
+        r.decode_tps for r in rows if r.task == t)] or tasks)
+    return written

@@ -1,0 +1,186 @@
+"""Sweeps: grid expansion, stable cell keys, resumability after a kill, failures recorded; leaderboards offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from kvpolicies.leaderboard import load_rows, overall_table, plot, render, task_tables
+from kvpolicies.sweep import Cell, SweepConfig, cells, write_atomic
+
+
+def test_grid_runs_the_full_cache_once_per_task():
+    config = SweepConfig(policies=["full", "l2norm", "random"], budgets=[0.25, 0.5], tasks=["kvp_passkey", "kvp_ppl"])
+    grid = cells(config)
+    assert len(grid) == 2 * (1 + 2 * 2)
+    assert [c.budget for c in grid if c.policy.name == "full"] == [1.0, 1.0]
+    assert len({c.key() for c in grid}) == len(grid)
+
+
+def test_cell_keys_change_with_anything_that_changes_the_result():
+    base = cells(SweepConfig(policies=["l2norm"], budgets=[0.5], tasks=["kvp_passkey"]))[0]
+    assert base.key() == cells(SweepConfig(policies=["l2norm"], budgets=["50%"], tasks=["kvp_passkey"]))[0].key()
+    variants = [
+        base.model_copy(update={"budget": 0.25}),
+        base.model_copy(update={"seed": 1}),
+        base.model_copy(update={"model": "other/model"}),
+        base.model_copy(update={"policy": base.policy.model_copy(update={"options": {"window_tokens": 4}})}),
+        base.model_copy(update={"task": base.task.model_copy(update={"limit": 3})}),
+    ]
+    assert len({base.key(), *(v.key() for v in variants)}) == 6
+
+
+def test_default_grid_is_every_policy_at_four_budgets_on_the_offline_tasks():
+    config = SweepConfig()
+    assert config.budgets == [0.1, 0.25, 0.5, 0.75]
+    assert [t.name for t in config.tasks] == ["kvp_passkey", "kvp_niah", "kvp_ppl"]
+    assert {"l2norm", "h2o", "snapkv", "full"} <= {p.name for p in config.resolved_policies()}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"budgets": [1.5]}, "(0, 1]"),
+        ({"policies": [{"name": "l2norm", "colour": 1}]}, "Extra inputs"),
+        ({"tasks": [{"name": "kvp_passkey", "limit": 0}]}, "greater than or equal to 1"),
+        ({"grid": []}, "Extra inputs"),
+    ],
+)
+def test_bad_sweep_configs_fail_with_a_clear_message(data, message):
+    with pytest.raises((ValidationError, ValueError), match=message.replace("(", r"\(").replace("]", r"\]")):
+        SweepConfig.model_validate(data)
+
+
+def test_sweep_config_reads_yaml_and_toml(tmp_path):
+    (tmp_path / "grid.yaml").write_text("policies: [l2norm, {name: snapkv, label: snap}]\nbudgets: [0.5]\n")
+    (tmp_path / "grid.toml").write_text('budgets = [0.25]\n[[policies]]\nname = "random"\noptions = {seed = 3}\n')
+    assert [p.title for p in SweepConfig.load(tmp_path / "grid.yaml").policies] == ["l2norm", "snap"]
+    assert SweepConfig.load(tmp_path / "grid.toml").policies[0].options == {"seed": 3}
+
+
+def sweep_command(config: Path, results: Path) -> list[str]:
+    return [sys.executable, "-m", "kvpolicies.cli", "sweep", "--config", str(config), "--results", str(results),
+            "--no-plots"]
+
+
+def finished(results: Path) -> dict[str, dict]:
+    records = (json.loads(p.read_text()) for p in results.glob("*.json"))
+    return {r["key"]: r for r in records if r["status"] == "ok"}
+
+
+def test_a_killed_sweep_resumes_and_ends_with_identical_results(tiny_pretrained, tmp_path):
+    config = tmp_path / "grid.yaml"
+    config.write_text(json.dumps({
+        "models": [tiny_pretrained],
+        "policies": ["full", "random", "streaming"],
+        "budgets": [0.25, 0.5],
+        "tasks": [{"name": "kvp_passkey", "metadata": {"lengths": [200], "depths": [0.5], "per_cell": 2}}],
+    }))
+    interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
+    process = subprocess.Popen(sweep_command(config, interrupted), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(list(interrupted.glob("*.json"))) < 2 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)  # mid-run: some cells done, one in flight
+    process.wait()
+    done_before = finished(interrupted)
+    assert 1 <= len(done_before) < 5
+
+    resumed = subprocess.run(sweep_command(config, interrupted), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{len(done_before)} already done" in resumed.stderr
+    subprocess.run(sweep_command(config, reference), capture_output=True, text=True, timeout=300, check=True)
+
+    after, expected = finished(interrupted), finished(reference)
+    assert set(after) == set(expected) and len(after) == 5
+    for key in done_before:  # finished cells were not recomputed
+        assert after[key]["finished_at"] == done_before[key]["finished_at"]
+    assert {k: r["metrics"] for k, r in after.items()} == {k: r["metrics"] for k, r in expected.items()}
+    ranking = lambda rows: [(t, [(r[1], r[2]) for r in body]) for t, _, body in task_tables(rows)]  # noqa: E731
+    assert ranking(load_rows(interrupted)[0]) == ranking(load_rows(reference)[0])
+
+
+def fake_record(task, policy, budget, score, higher=True, resident=100.0, full=200.0, status="ok"):
+    record = {
+        "key": f"{task}-{policy}-{budget}",
+        "status": status,
+        "cell": {"task": {"name": task}, "policy": {"name": policy, "label": None}, "budget": budget},
+        "identity": {"model": "m", "budget": None if policy == "full" else {"unit": "fraction", "value": budget}},
+        "score": score, "primary_metric": "exact_match,x" if higher else "word_perplexity,none",
+        "higher_is_better": higher, "samples": 10,
+        "kv_memory": {"resident_bytes_mean": resident, "full_bytes_mean": full},
+        "speed": {"prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": 20.0},
+        "peak_memory_bytes": 2**30,
+    }
+    if status != "ok":
+        record["error"] = "RuntimeError: boom"
+    return record
+
+
+@pytest.fixture
+def saved_results(tmp_path):
+    records = [
+        fake_record("acc", "full", 1.0, 0.8, resident=200.0),
+        fake_record("acc", "a", 0.25, 0.4), fake_record("acc", "a", 0.5, 0.8),
+        fake_record("acc", "b", 0.25, 0.6), fake_record("acc", "b", 0.5, 0.6),
+        fake_record("ppl", "full", 1.0, 10.0, higher=False, resident=200.0),
+        fake_record("ppl", "a", 0.25, 20.0, higher=False), fake_record("ppl", "a", 0.5, 10.0, higher=False),
+        fake_record("ppl", "b", 0.25, 12.5, higher=False), fake_record("ppl", "b", 0.5, 12.5, higher=False),
+        fake_record("acc", "c", 0.5, 0.0, status="error"),
+    ]
+    for record in records:
+        write_atomic(tmp_path / f"{record['key']}.json", record)
+    return tmp_path
+
+
+def test_leaderboard_ranks_each_task_and_budget_with_the_right_direction(saved_results):
+    rows, failures = load_rows(saved_results)
+    assert len(rows) == 10 and len(failures) == 1
+    tables = {title.split(" — ")[0] + "@" + title.split(" — ")[1]: body for title, _, body in task_tables(rows)}
+    assert [r[1] for r in tables["acc@budget 0.25"]] == ["b", "a", "full (no eviction)"]
+    assert [r[1] for r in tables["ppl@budget 0.25"]] == ["b", "a", "full (no eviction)"]  # lower perplexity first
+    assert [r[1] for r in tables["ppl@budget 0.5"]][:2] == ["a", "b"]
+
+
+def test_overall_table_compares_with_the_full_cache_and_integrates_over_budgets(saved_results):
+    _, headers, body = overall_table(load_rows(saved_results)[0])
+    by_policy = {row[0]: dict(zip(headers, row)) for row in body}
+    # a: acc 0.5 and 1.0 of full; ppl 10/20 = 0.5 and 1.0 -> means 0.5 @0.25 and 1.0 @0.5, AUC 0.75
+    assert by_policy["a"]["@0.25"] == "0.500" and by_policy["a"]["@0.5"] == "1.000" and by_policy["a"]["AUC"] == "0.750"
+    # b: acc 0.75, ppl 0.8 at both budgets
+    assert by_policy["b"]["@0.25"] == "0.775" and by_policy["b"]["AUC"] == "0.775"
+    assert [row[0] for row in body] == ["b", "a"]
+
+
+@pytest.mark.parametrize("fmt", ["terminal", "markdown", "csv", "html"])
+def test_leaderboard_renders_every_format_and_reports_failures(saved_results, fmt):
+    text = render(saved_results, fmt)
+    assert "full (no eviction)" in text and "0.775" in text
+    if fmt == "html":
+        assert "<table>" in text
+    if fmt == "csv":
+        assert "policy,@0.25,@0.5,AUC,model" in text
+    if fmt != "csv":
+        assert "RuntimeError: boom" in text
+
+
+def test_leaderboard_plots_are_written_without_a_model(saved_results, tmp_path):
+    pytest.importorskip("matplotlib")
+    written = plot(saved_results, tmp_path / "plots")
+    assert {p.name for p in written} == {"score_vs_budget.png", "kv_memory_vs_budget.png", "decode_speed_vs_budget.png"}
+    assert all(p.stat().st_size > 10_000 for p in written)
+
+
+def test_leaderboard_command_on_a_missing_folder_names_the_fix(capsys, tmp_path):
+    from kvpolicies.cli import main
+
+    assert main(["leaderboard", str(tmp_path / "nope")]) == 2
+    assert "run `kvpolicies sweep` first" in capsys.readouterr().err
