@@ -55,14 +55,31 @@ def _fit(tokenizer, target: int, make, low: int, high: int) -> str:
     return best
 
 
+def _needle(rng: random.Random) -> tuple[str, str]:
+    passkey = f"{rng.randint(10000, 99999)}"
+    return passkey, f"The pass key is {passkey}. Remember it. {passkey} is the pass key. "
+
+
+def _passkey_text(needle: str, repeats: int, depth: float) -> str:
+    before = round(repeats * depth)
+    return PASSKEY_INTRO + FILLER * before + needle + FILLER * (repeats - before) + PASSKEY_QUESTION
+
+
 def passkey_prompt(rng: random.Random, approx_tokens: int, depth: float | None = None) -> tuple[str, str, str]:
     """``(prompt, needle, passkey)`` with ~13 tokens per filler sentence, without a tokenizer (probes, benchmarks)."""
-    passkey = f"{rng.randint(10000, 99999)}"
-    needle = f"The pass key is {passkey}. Remember it. {passkey} is the pass key. "
+    passkey, needle = _needle(rng)
     repeats = max(2, approx_tokens // 20)
-    before = round(repeats * depth) if depth is not None else rng.randint(1, repeats - 1)
-    prompt = PASSKEY_INTRO + FILLER * before + needle + FILLER * (repeats - before) + PASSKEY_QUESTION
-    return prompt, needle, passkey
+    if depth is None:
+        depth = rng.randint(1, repeats - 1) / repeats
+    return _passkey_text(needle, repeats, depth), needle, passkey
+
+
+def _grid(task: str, lengths: Sequence[int], depths: Sequence[float], per_cell: int, seed: int):
+    """``(length, depth, rng)`` for every sample of a length × depth grid; each rng depends on its cell only."""
+    for length in lengths:
+        for depth in depths:
+            for index in range(per_cell):
+                yield length, depth, random.Random(_seed(seed, task, length, depth, index))
 
 
 def passkey_samples(
@@ -75,23 +92,12 @@ def passkey_samples(
     """Passkey retrieval: a 5-digit key in repeated filler, ``lengths`` (tokens) × ``depths`` × ``per_cell``."""
     tokenizer = tokenizer or default_tokenizer()
     samples = []
-    for length in lengths:
-        for depth in depths:
-            for index in range(per_cell):
-                rng = random.Random(_seed(seed, "passkey", length, depth, index))
-                passkey = f"{rng.randint(10000, 99999)}"
-                needle = f"The pass key is {passkey}. Remember it. {passkey} is the pass key. "
-                budget = length - count_tokens(tokenizer, PASSKEY_INTRO + needle + PASSKEY_QUESTION)
-
-                def make(repeats: int) -> str:
-                    before = round(repeats * depth)
-                    return PASSKEY_INTRO + FILLER * before + needle + FILLER * (repeats - before) + PASSKEY_QUESTION
-
-                prompt = _fit(tokenizer, length, make, 1, max(2, budget // 10))
-                samples.append(
-                    {"prompt": prompt, "answer": passkey, "length": length, "depth": depth,
-                     "tokens": count_tokens(tokenizer, prompt)}
-                )
+    for length, depth, rng in _grid("passkey", lengths, depths, per_cell, seed):
+        passkey, needle = _needle(rng)
+        room = length - count_tokens(tokenizer, PASSKEY_INTRO + needle + PASSKEY_QUESTION)
+        prompt = _fit(tokenizer, length, lambda repeats: _passkey_text(needle, repeats, depth), 1, max(2, room // 10))
+        samples.append({"prompt": prompt, "answer": passkey, "length": length, "depth": depth,
+                        "tokens": count_tokens(tokenizer, prompt)})
     return samples
 
 
@@ -113,28 +119,24 @@ def niah_samples(
     tokenizer = tokenizer or default_tokenizer()
     haystack = haystack_text()
     samples = []
-    for length in lengths:
-        for depth in depths:
-            for index in range(per_cell):
-                rng = random.Random(_seed(seed, "niah", length, depth, index))
-                city = rng.choice(CITIES)
-                number = f"{rng.randint(1_000_000, 9_999_999)}"
-                needle = f"\nThe special magic number for {city} is: {number}.\n"
-                question = f"\n\nWhat is the special magic number for {city} mentioned in the text above? " \
-                           f"The special magic number for {city} is:"
-                start = rng.randint(0, len(haystack) // 2)
+    for length, depth, rng in _grid("niah", lengths, depths, per_cell, seed):
+        city = rng.choice(CITIES)
+        number = f"{rng.randint(1_000_000, 9_999_999)}"
+        needle = f"\nThe special magic number for {city} is: {number}.\n"
+        question = (f"\n\nWhat is the special magic number for {city} mentioned in the text above? "
+                    f"The special magic number for {city} is:")
+        start = rng.randint(0, len(haystack) // 2)
 
-                def make(chars: int) -> str:
-                    body = haystack[start : start + chars]
-                    cut = round(len(body) * depth)
-                    cut = body.rfind(". ", 0, cut) + 2 if body.rfind(". ", 0, cut) > 0 else cut
-                    return NIAH_INTRO + body[:cut] + needle + body[cut:] + question
+        def make(chars: int) -> str:
+            body = haystack[start : start + chars]
+            cut = round(len(body) * depth)
+            sentence_end = body.rfind(". ", 0, cut)
+            cut = sentence_end + 2 if sentence_end > 0 else cut  # insert between sentences
+            return NIAH_INTRO + body[:cut] + needle + body[cut:] + question
 
-                prompt = _fit(tokenizer, length, make, 100, length * 8)
-                samples.append(
-                    {"prompt": prompt, "answer": number, "city": city, "length": length, "depth": depth,
-                     "tokens": count_tokens(tokenizer, prompt)}
-                )
+        prompt = _fit(tokenizer, length, make, 100, length * 8)
+        samples.append({"prompt": prompt, "answer": number, "city": city, "length": length, "depth": depth,
+                        "tokens": count_tokens(tokenizer, prompt)})
     return samples
 
 
@@ -154,6 +156,8 @@ def ppl_documents(lengths: Sequence[int] = (2048, 4096), per_length: int = 3, se
 
 
 GENERATORS = {"kvp_passkey": passkey_samples, "kvp_niah": niah_samples, "kvp_ppl": ppl_documents}
+DATA_VERSION = 1
+"""Bump when a generator's output changes, so files cached under the old parameters are not reused."""
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
@@ -170,7 +174,8 @@ def dataset_file(task: str, **parameters) -> Path:
     """The JSONL file of ``task`` for ``parameters``, generated under the user cache on first use."""
     from kvpolicies.models import cache_dir
 
-    key = hashlib.sha256(json.dumps(parameters, sort_keys=True, default=list).encode()).hexdigest()[:12]
+    text = json.dumps({"data_version": DATA_VERSION, **parameters}, sort_keys=True, default=list)
+    key = hashlib.sha256(text.encode()).hexdigest()[:12]
     path = cache_dir() / "evals" / f"{task}-{key}.jsonl"
     if not path.exists():
         write_jsonl(path, GENERATORS[task](**parameters))

@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--format", choices=["terminal", "markdown", "csv", "html"], default="terminal")
     board.add_argument("--output", type=Path, help="write the tables here instead of stdout")
     board.add_argument("--plots", type=Path, help="write PNG figures into this folder")
+    board.add_argument("--provenance", action="store_true", help="start with dates, versions, devices and the grid")
     board.set_defaults(run=run_leaderboard)
 
     data = commands.add_parser("eval-data", help="write the offline evaluation sets (passkey, niah, ppl) as JSONL")
@@ -142,7 +143,7 @@ def run_leaderboard(args: argparse.Namespace) -> int:
 
     if not args.results.is_dir():
         raise FileNotFoundError(f"results folder {args.results} does not exist; run `kvpolicies sweep` first")
-    text = render(args.results, args.format)
+    text = render(args.results, args.format, with_provenance=args.provenance)
     if args.output:
         args.output.write_text(text)
         print(f"wrote {args.output}", file=sys.stderr)

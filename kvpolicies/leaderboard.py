@@ -39,14 +39,18 @@ class Row:
     prefill_tps: float | None
     decode_tps: float | None
     peak_memory_bytes: float | None
+    """Peak memory the cell needed above what the process held when it started."""
     model: str
+
+
+def load_records(results_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(path.read_text()) for path in sorted(Path(results_dir).glob("*.json"))]
 
 
 def load_rows(results_dir: Path) -> tuple[list[Row], list[dict[str, Any]]]:
     """Finished cells as rows, and the failed cells' records (to report, not to rank)."""
     rows, failures = [], []
-    for path in sorted(Path(results_dir).glob("*.json")):
-        record = json.loads(path.read_text())
+    for record in load_records(results_dir):
         if record.get("status") != "ok":
             failures.append(record)
             continue
@@ -65,7 +69,7 @@ def load_rows(results_dir: Path) -> tuple[list[Row], list[dict[str, Any]]]:
             full_bytes=record["kv_memory"].get("full_bytes_mean"),
             prefill_tps=record["speed"].get("prefill_tokens_per_s"),
             decode_tps=record["speed"].get("decode_tokens_per_s"),
-            peak_memory_bytes=record.get("peak_memory_bytes"),
+            peak_memory_bytes=record.get("peak_memory_growth_bytes", record.get("peak_memory_bytes")),
             model=record["identity"]["model"],
         ))
     return rows, failures
@@ -107,7 +111,7 @@ def task_tables(rows: list[Row]) -> list[tuple[str, list[str], list[list[Any]]]]
                      for r in reference]
             title = f"{task} — budget {budget} — {members[0].metric} ({'higher' if members[0].higher_is_better else 'lower'} is better) — {model}"
             headers = ["#", "policy", "score", "KV MiB", "of full", "prefill tok/s", "decode tok/s",
-                       "peak MiB", "n"]
+                       "peak +MiB", "n"]
             tables.append((title, headers, body))
     return tables
 
@@ -146,7 +150,26 @@ def _area(means: dict[Any, float]) -> str:
     return f"{area / (points[-1][0] - points[0][0]):.3f}"
 
 
-def render(results_dir: Path, fmt: str = "terminal") -> str:
+def provenance(records: list[dict[str, Any]]) -> list[str]:
+    """Where the numbers come from: dates, versions, devices and the grid, read from the result files."""
+    finished = sorted(r["finished_at"] for r in records if r.get("finished_at"))
+    versions = sorted({json.dumps(r["versions"], sort_keys=True) for r in records if r.get("versions")})
+    lines = [f"results: {len(records)} cells, finished {finished[0][:10]} to {finished[-1][:10]}"] if finished else []
+    lines += [f"versions: {', '.join(f'{k} {v}' for k, v in json.loads(v).items())}" for v in versions]
+    lines.append(f"devices: {', '.join(sorted({r.get('device', '?') for r in records if r.get('status') == 'ok'}))}")
+    lines.append(f"code: {', '.join(sorted({r['identity']['code_version'] for r in records if 'identity' in r}))}")
+    lines.append(f"models: {', '.join(sorted({r['identity']['model'] for r in records if 'identity' in r}))}")
+    tasks = {json.dumps(r["cell"]["task"], sort_keys=True) for r in records if "cell" in r}
+    lines += [f"task: {t}" for t in sorted(tasks)]
+    policies = {json.dumps(r["identity"]["policy"], sort_keys=True) for r in records if "identity" in r}
+    lines += [f"policy: {p}" for p in sorted(policies)]
+    budgets = sorted({str(r["cell"]["budget"]) for r in records if "cell" in r and r["cell"]["policy"]["name"] != "full"})
+    seeds = sorted({str(r["cell"].get("seed")) for r in records if "cell" in r})
+    lines.append(f"budgets: {', '.join(budgets)}; seed: {', '.join(seeds)}")
+    return lines
+
+
+def render(results_dir: Path, fmt: str = "terminal", with_provenance: bool = False) -> str:
     rows, failures = load_rows(results_dir)
     if not rows:
         return f"no finished results in {results_dir}"
@@ -161,6 +184,14 @@ def render(results_dir: Path, fmt: str = "terminal") -> str:
             writer.writerow([])
         return buffer.getvalue()
     parts = []
+    if with_provenance:
+        lines = provenance(load_records(results_dir))
+        if fmt == "markdown":
+            parts.append(f"# Leaderboard\n\nGenerated from `{results_dir}` by "
+                         f"`kvpolicies leaderboard {results_dir} --format markdown --provenance`.")
+            parts.append("\n".join(f"- {line}" for line in lines))
+        else:
+            parts.append("\n".join(lines))
     for title, headers, body in tables:
         heading = f"<h3>{title}</h3>" if fmt == "html" else (f"### {title}" if fmt == "markdown" else title)
         parts.append(f"{heading}\n\n{tabulate(body, headers=headers, tablefmt=FORMATS[fmt])}")

@@ -148,8 +148,11 @@ def cells(config: SweepConfig) -> list[Cell]:
 _CODE_VERSION: str | None = None
 
 
+PRESENTATION_ONLY = {"cli.py", "leaderboard.py"}  # they render results; editing them changes no number
+
+
 def code_version() -> str:
-    """Package version plus a hash of the Python sources that compute results (core, plugins, evals)."""
+    """Package version plus a hash of the sources that compute results (core, plugins, evals task files)."""
     global _CODE_VERSION
     if _CODE_VERSION is None:
         import kvpolicies
@@ -160,6 +163,8 @@ def code_version() -> str:
         for package in (kvpolicies, kvpolicies_plugins, kvpolicies_evals):
             root = Path(package.__file__).parent
             for path in sorted(root.rglob("*.py")) + sorted(root.rglob("*.yaml")):
+                if package is kvpolicies and path.name in PRESENTATION_ONLY:
+                    continue
                 digest.update(path.relative_to(root).as_posix().encode())
                 digest.update(path.read_bytes())
         from importlib.metadata import version
@@ -175,20 +180,31 @@ def tasks_dir() -> Path:
 
 
 class PeakMemory:
-    """Peak memory while the block runs: CUDA allocator peak, or sampled process RSS on CPU (every 20 ms)."""
+    """Peak memory while the block runs: CUDA allocator peak, or sampled process RSS on CPU (every 20 ms).
+
+    ``growth_bytes`` is the peak minus what was in use when the block started: the memory this cell needed on top
+    of what the process already held (a sweep process keeps earlier cells' allocator pools, so its absolute RSS
+    only grows and is not comparable between cells).
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.peak_bytes = 0
+        self.peak_bytes = self.start_bytes = 0
         self._stop = threading.Event()
+
+    @property
+    def growth_bytes(self) -> int:
+        return max(0, self.peak_bytes - self.start_bytes)
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
         else:
             import psutil
 
             process = psutil.Process()
+            self.start_bytes = self.peak_bytes = process.memory_info().rss
 
             def sample() -> None:
                 while not self._stop.is_set():
@@ -250,6 +266,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         "kv_memory": info["kv_memory"],
         "speed": info["speed"],
         "peak_memory_bytes": peak.peak_bytes,
+        "peak_memory_growth_bytes": peak.growth_bytes,
         "wall_s": time.perf_counter() - started,
         "device": str(lm.device) + (f" ({torch.cuda.get_device_name(lm.device)})" if lm.device.type == "cuda" else ""),
     }
