@@ -50,14 +50,14 @@ def register_attention(inner: str) -> str:
             )
 
         def attention(module, query, key, value, attention_mask, **kwargs):
-            return kvpolicies_attention(_inner_function(inner, module), module, query, key, value, attention_mask, **kwargs)
+            return kvpolicies_attention(inner_function(inner, module), module, query, key, value, attention_mask, **kwargs)
 
         ALL_ATTENTION_FUNCTIONS.register(name, attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
     return name
 
 
-def _inner_function(inner: str, module) -> Callable:
+def inner_function(inner: str, module) -> Callable:
     if inner == "eager":
         # Eager attention is defined per model family, next to the attention module.
         return getattr(sys.modules[type(module).__module__], "eager_attention_forward")

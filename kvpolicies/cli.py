@@ -92,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--provenance", action="store_true", help="start with dates, versions, devices and the grid")
     board.set_defaults(run=run_leaderboard)
 
+    analyze = commands.add_parser("analyze", help="measurements behind the policies (norms vs attention)")
+    analyses = analyze.add_subparsers(required=True, metavar="ANALYSIS")
+    norms = analyses.add_parser("norms", help="correlation of key L2 norms with the attention keys receive")
+    norms.add_argument("--model", help="model id, folder or .gguf file (default: the embedded model)")
+    source = norms.add_mutually_exclusive_group()
+    source.add_argument("--text", type=Path, help="text file to run (default: the first kvp_niah prompt at 2k tokens)")
+    source.add_argument("--task", choices=["kvp_passkey", "kvp_niah", "kvp_ppl"], help="first sample of this task")
+    norms.add_argument("--tokens", type=int, default=2048, help="prompt length when taken from a task")
+    norms.add_argument("--window", type=int, default=64, help="last queries whose attention is measured")
+    norms.add_argument("--keep", type=float, default=0.5, help="fraction for the top-k overlap")
+    norms.add_argument("--layers", default="0,1,15,29", help="layers for the scatter plots")
+    norms.add_argument("--out", type=Path, default=Path("results/analysis"), help="folder for the PNG figures")
+    norms.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    norms.set_defaults(run=run_analyze_norms)
+
     data = commands.add_parser("eval-data", help="write the offline evaluation sets (passkey, niah, ppl) as JSONL")
     data.add_argument("--out", type=Path, required=True, help="folder for kvp_passkey.jsonl, kvp_niah.jsonl, ...")
     data.add_argument("--seed", type=int, default=0)
@@ -152,6 +167,38 @@ def run_leaderboard(args: argparse.Namespace) -> int:
     if args.plots:
         for path in plot(args.results, args.plots):
             print(f"plot: {path}", file=sys.stderr)
+    return 0
+
+
+def run_analyze_norms(args: argparse.Namespace) -> int:
+    from kvpolicies.analysis import norm_attention, plot_norm_attention, summary_rows
+    from kvpolicies.models import load_model
+
+    print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=args.device, dtype="float32")
+    if args.text:
+        text = args.text.read_text()
+    else:
+        from kvpolicies_evals.data import GENERATORS
+
+        task = args.task or "kvp_niah"
+        options = {"lengths": [args.tokens]} | ({"per_length": 1} if task == "kvp_ppl" else {"per_cell": 1})
+        first = GENERATORS[task](**options)[0]
+        text = first.get("prompt", first.get("text"))
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    result = norm_attention(model, ids, window=args.window, keep_fraction=args.keep)
+    heads = result.spearman.shape[1]
+    print(f"key norm vs attention from the last {args.window} queries, {result.tokens} tokens "
+          f"(negative rho = low norm, high attention, as the L2-norm paper claims)")
+    print(tabulate(summary_rows(result), tablefmt="simple", headers=[
+        "layer", *(f"rho head {h}" for h in range(heads)), "pearson (mean)", f"top-{args.keep:g} overlap"]))
+    negative = int((result.spearman < 0).sum())
+    print(f"Spearman rho < 0 in {negative} of {result.spearman.numel()} layer x head cells; "
+          f"mean rho {result.spearman.mean():+.3f}; mean overlap {result.overlap.mean():.3f} "
+          f"(chance: {args.keep:g})")
+    layers = [int(x) % result.spearman.shape[0] for x in args.layers.split(",")]
+    for path in plot_norm_attention(result, args.out, layers):
+        print(f"plot: {path}")
     return 0
 
 

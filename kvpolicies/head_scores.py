@@ -12,26 +12,13 @@ import random
 from pathlib import Path
 
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-class _QueryRecorder:
-    """An attention implementation that records each layer's last ``rows`` queries, then runs the inner one."""
-
-    def __init__(self, inner: str, rows: int) -> None:
-        self.inner = ALL_ATTENTION_FUNCTIONS[inner]
-        self.rows = rows
-        self.queries: dict[int, torch.Tensor] = {}
-
-    def __call__(self, module, query, key, value, attention_mask, **kwargs):
-        self.queries[module.layer_idx] = query[:, :, -self.rows :].detach()
-        return self.inner(module, query, key, value, attention_mask, **kwargs)
+from kvpolicies.probe import queries_and_keys
 
 
 @torch.no_grad()
 def retrieval_scores(model, tokenizer, samples: int = 8, context_tokens: int = 1000, seed: int = 0) -> torch.Tensor:
     """``[layers, kv_heads]`` retrieval hit rates measured on ``samples`` teacher-forced passkey prompts."""
-    from transformers import DynamicCache
-
     from kvpolicies_evals.data import passkey_prompt
 
     rng = random.Random(seed)
@@ -40,30 +27,17 @@ def retrieval_scores(model, tokenizer, samples: int = 8, context_tokens: int = 1
     groups = config.num_attention_heads // kv_heads
     hits = torch.zeros(config.num_hidden_layers, config.num_attention_heads)
     copies = 0
-    previous = model.config._attn_implementation
-    inner = previous.removeprefix("kvpolicies-") if previous.startswith("kvpolicies-") else previous
     for _ in range(samples):
         context, needle, passkey = passkey_prompt(rng, context_tokens)
         prompt_ids = tokenizer(context, return_tensors="pt")["input_ids"]
+        # The answer as it appears in the needle (after a space), so the copied tokens match the needle's.
         answer_ids = tokenizer(" " + passkey, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        ids = torch.cat([prompt_ids, answer_ids], dim=1).to(model.device)
         prompt_len, answer_len = prompt_ids.shape[1], answer_ids.shape[1]
-        # Query at position t predicts token t + 1: the rows that produce the answer tokens.
-        recorder = _QueryRecorder(inner, rows=answer_len + 1)
-        name = "kvpolicies-probe"
-        ALL_ATTENTION_FUNCTIONS.register(name, recorder)
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
-        model.set_attn_implementation(name)
-        try:
-            cache = DynamicCache(config=model.config)
-            model(ids, past_key_values=cache)
-        finally:
-            model.set_attn_implementation(previous)
+        # Query at position t predicts token t + 1: the last answer_len + 1 rows emit the answer tokens.
+        queries, cache = queries_and_keys(model, torch.cat([prompt_ids, answer_ids], dim=1), rows=answer_len + 1)
         targets = answer_ids[0].tolist()
         context_ids = prompt_ids[0].tolist()
-        for layer_idx, query in recorder.queries.items():
+        for layer_idx, query in queries.items():
             keys = cache.layers[layer_idx].keys[0, :, :prompt_len]  # [kv_heads, prompt_len, head_dim]
             for step, token in enumerate(targets):
                 sources = {p for p, t in enumerate(context_ids) if t == token}

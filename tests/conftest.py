@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import settings
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import kvpolicies
 from kvpolicies.models import converted_gguf, embedded_gguf
+
+
+# Property tests explore the same examples on every run: a CI failure is always reproducible locally.
+settings.register_profile("kvpolicies", derandomize=True, deadline=None)
+settings.load_profile("kvpolicies")
 
 
 def tiny_llama(num_layers: int = 8, attn_implementation: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:

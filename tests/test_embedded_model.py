@@ -117,3 +117,12 @@ def test_cli_inspect_prints_a_layer_by_head_table(capsys):
     first, last = (int(lines[0].split()[1]), int(lines[-1].split()[1]))
     assert first > 400 and last < 50
     assert "total: 22,500 of 90,000 entries (25.0%)" in out
+
+
+def test_analyze_norms_reports_the_correlation_per_layer_and_head(capsys, tmp_path):
+    """On natural text the paper's mechanism shows on this model: low key norms draw attention in most cells."""
+    assert main(["analyze", "norms", "--tokens", "1024", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    negative, total = (int(x) for x in out.split("Spearman rho < 0 in ")[1].split(" layer")[0].split(" of "))
+    assert total == 90 and negative >= 75
+    assert (tmp_path / "norm_attention_spearman.png").exists() and (tmp_path / "norm_attention_scatter.png").exists()
