@@ -260,3 +260,19 @@ def test_prefill_keeps_exactly_the_allocation_in_every_head(seq_len, fraction, p
     assert cache.resident_bytes() == int(allocation.tokens.sum()) * cache.shape.entry_bytes
     assert cache.get_seq_length() == seq_len
 
+
+
+@pytest.mark.parametrize("policy", ["l2norm", "snapkv", "h2o"])
+def test_selections_are_identical_under_sdpa_and_eager_attention(policy):
+    """Scoring never depends on the attention kernel: the kept entries match between implementations."""
+    ids = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(5))
+    kept = {}
+    for attn in ("sdpa", "eager"):
+        model = tiny_llama(attn_implementation=attn)
+        cache = CompressedCache(model, kvpolicies.get_policy(policy, **({"uncompressed_layers": []} if policy == "l2norm" else {})), 0.25)
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+        kept[attn] = [(layer.lengths, layer.keys.clone()) for layer in cache.layers]
+    for (lengths_s, keys_s), (lengths_e, keys_e) in zip(kept["sdpa"], kept["eager"]):
+        assert lengths_s == lengths_e
+        torch.testing.assert_close(keys_s, keys_e, atol=1e-5, rtol=1e-5)
