@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -158,15 +159,18 @@ def run_leaderboard(args: argparse.Namespace) -> int:
 
     if not args.results.is_dir():
         raise FileNotFoundError(f"results folder {args.results} does not exist; run `kvpolicies sweep` first")
-    text = render(args.results, args.format, with_provenance=args.provenance)
+    images = []
+    if args.plots:
+        for path in plot(args.results, args.plots):
+            print(f"plot: {path}", file=sys.stderr)
+            base = args.output.parent if args.output else Path.cwd()
+            images.append(os.path.relpath(path, base))
+    text = render(args.results, args.format, with_provenance=args.provenance, images=images)
     if args.output:
         args.output.write_text(text)
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         print(text)
-    if args.plots:
-        for path in plot(args.results, args.plots):
-            print(f"plot: {path}", file=sys.stderr)
     return 0
 
 

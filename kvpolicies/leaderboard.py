@@ -169,7 +169,9 @@ def provenance(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def render(results_dir: Path, fmt: str = "terminal", with_provenance: bool = False) -> str:
+def render(
+    results_dir: Path, fmt: str = "terminal", with_provenance: bool = False, images: list[str] | None = None
+) -> str:
     rows, failures = load_rows(results_dir)
     if not rows:
         return f"no finished results in {results_dir}"
@@ -187,14 +189,19 @@ def render(results_dir: Path, fmt: str = "terminal", with_provenance: bool = Fal
     if with_provenance:
         lines = provenance(load_records(results_dir))
         if fmt == "markdown":
-            parts.append(f"# Leaderboard\n\nGenerated from `{results_dir}` by "
-                         f"`kvpolicies leaderboard {results_dir} --format markdown --provenance`.")
+            parts.append(
+                f"# Leaderboard\n\nGenerated from the result files in `{results_dir}` by `kvpolicies leaderboard` "
+                "(`--format markdown --provenance`); the sweep that wrote them is resumable, so re-running it "
+                "computes only missing cells. Scores are what they are: no task, prompt or seed was tuned."
+            )
             parts.append("\n".join(f"- {line}" for line in lines))
         else:
             parts.append("\n".join(lines))
     for title, headers, body in tables:
         heading = f"<h3>{title}</h3>" if fmt == "html" else (f"### {title}" if fmt == "markdown" else title)
         parts.append(f"{heading}\n\n{tabulate(body, headers=headers, tablefmt=FORMATS[fmt])}")
+    if images and fmt == "markdown":
+        parts.insert(2 if with_provenance else 0, "\n".join(f"![{Path(i).stem}]({i})" for i in images))
     if failures:
         lines = [f"- {f['cell']['task']['name']} / {f['cell']['policy']['name']} @ {f['cell']['budget']}: {f['error']}"
                  for f in failures]

@@ -184,3 +184,17 @@ def test_leaderboard_command_on_a_missing_folder_names_the_fix(capsys, tmp_path)
 
     assert main(["leaderboard", str(tmp_path / "nope")]) == 2
     assert "run `kvpolicies sweep` first" in capsys.readouterr().err
+
+
+def test_leaderboard_command_writes_markdown_with_provenance_and_plots(saved_results, tmp_path):
+    pytest.importorskip("matplotlib")
+    from kvpolicies.cli import main
+
+    output = tmp_path / "docs" / "board.md"
+    output.parent.mkdir()
+    assert main(["leaderboard", str(saved_results), "--format", "markdown", "--provenance",
+                 "--plots", str(tmp_path / "docs" / "plots"), "--output", str(output)]) == 0
+    text = output.read_text()
+    assert text.startswith("# Leaderboard") and "- budgets: 0.25, 0.5" in text
+    assert "![score_vs_budget](plots/score_vs_budget.png)" in text
+    assert (tmp_path / "docs" / "plots" / "score_vs_budget.png").exists()
