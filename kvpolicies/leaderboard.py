@@ -157,11 +157,12 @@ def provenance(records: list[dict[str, Any]]) -> list[str]:
     lines = [f"results: {len(records)} cells, finished {finished[0][:10]} to {finished[-1][:10]}"] if finished else []
     lines += [f"versions: {', '.join(f'{k} {v}' for k, v in json.loads(v).items())}" for v in versions]
     lines.append(f"devices: {', '.join(sorted({r.get('device', '?') for r in records if r.get('status') == 'ok'}))}")
-    lines.append(f"code: {', '.join(sorted({r['identity']['code_version'] for r in records if 'identity' in r}))}")
-    lines.append(f"models: {', '.join(sorted({r['identity']['model'] for r in records if 'identity' in r}))}")
+    identities = [r.get("identity", {}) for r in records]
+    lines.append(f"code: {', '.join(sorted({i['code_version'] for i in identities if 'code_version' in i}))}")
+    lines.append(f"models: {', '.join(sorted({i['model'] for i in identities if 'model' in i}))}")
     tasks = {json.dumps(r["cell"]["task"], sort_keys=True) for r in records if "cell" in r}
     lines += [f"task: {t}" for t in sorted(tasks)]
-    policies = {json.dumps(r["identity"]["policy"], sort_keys=True) for r in records if "identity" in r}
+    policies = {json.dumps(i["policy"], sort_keys=True) for i in identities if "policy" in i}
     lines += [f"policy: {p}" for p in sorted(policies)]
     budgets = sorted({str(r["cell"]["budget"]) for r in records if "cell" in r and r["cell"]["policy"]["name"] != "full"})
     seeds = sorted({str(r["cell"].get("seed")) for r in records if "cell" in r})
