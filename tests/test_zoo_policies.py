@@ -1,0 +1,125 @@
+"""TOVA, KeyDiff, ChunkKV and LagKV against slow references written here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+import kvpolicies
+from kvpolicies import CompressedCache, ScoreInputs
+from kvpolicies.selection import age_order
+
+
+def inputs_for(keys, values=None, valid=None, attention=None):
+    valid = torch.ones(keys.shape[:3], dtype=torch.bool) if valid is None else valid
+    return ScoreInputs(
+        layer_idx=0, valid=valid, order=age_order(valid), seen_tokens=[int(valid[0, 0].sum())],
+        keep=valid.sum(-1), keys=keys, values=values, attention=attention,
+    )
+
+
+def test_tova_keeps_what_the_newest_query_attends_to(tiny_model):
+    cache = CompressedCache(tiny_model, kvpolicies.get_policy("tova"), "10 tokens")
+    plain = DynamicCache(config=tiny_model.config)
+    captured = {}
+    handle = tiny_model.model.layers[4].self_attn.q_proj.register_forward_hook(lambda m, a, o: captured.update(q=o))
+    ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        tiny_model(ids, past_key_values=cache)
+        handle.remove()
+        tiny_model(ids, past_key_values=plain)
+    from tests.test_cache import captured_query
+
+    query = captured_query(tiny_model, cache, captured["q"][:, -1:], 29, 4)[:, 0]  # [heads, head_dim]
+    keys = plain.layers[4].keys[0]
+    for h in range(2):
+        weights = sum(torch.softmax(query[h * 3 + g] @ keys[h].T / 4.0, dim=-1) for g in range(3))
+        best = torch.sort(weights, descending=True, stable=True).indices[:10].sort().values
+        kept = cache.layers[4].keys.split(cache.layers[4].lengths)[h]
+        torch.testing.assert_close(kept, keys[h, best], atol=1e-5, rtol=1e-5)
+
+
+def test_keydiff_keeps_the_keys_least_like_the_mean_direction():
+    keys = torch.tensor([[[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [1.0, 0.05], [-1.0, 0.2]]]])
+    scores = kvpolicies.get_policy("keydiff").score(inputs_for(keys))
+    normalised = F.normalize(keys[0, 0], dim=-1)
+    mean = F.normalize(normalised.mean(0), dim=-1)
+    expected = torch.tensor([-(float(k @ mean)) for k in normalised])
+    torch.testing.assert_close(scores[0, 0], expected, atol=1e-6, rtol=1e-6)
+    kept = scores[0, 0].topk(2).indices.sort().values.tolist()
+    assert kept == [2, 4]  # the orthogonal and the opposite key
+
+
+def test_keydiff_ignores_padding_in_the_mean():
+    keys = torch.tensor([[[[5.0, 5.0], [1.0, 0.0], [0.0, 1.0]]]])
+    valid = torch.tensor([[[False, True, True]]])
+    scores = kvpolicies.get_policy("keydiff").score(inputs_for(keys, valid=valid))
+    assert scores[0, 0, 1].item() == pytest.approx(scores[0, 0, 2].item())  # symmetric once padding is out
+
+
+def test_chunkkv_sums_scores_per_chunk_so_chunks_are_kept_whole():
+    keys = torch.zeros(1, 1, 9, 2)
+    keys[0, 0, :, 0] = torch.tensor([5.0, 5.0, 5.0, 1.0, 9.0, 1.0, 0.5, 0.5, 0.5])  # l2norm scores = -norm
+    policy = kvpolicies.get_policy("chunkkv", scorer="l2norm", chunk_tokens=3)
+    scores = policy.score(inputs_for(keys))
+    assert scores[0, 0].tolist() == [-15.0] * 3 + [-11.0] * 3 + [-1.5] * 3
+    from kvpolicies.selection import select
+
+    kept = select(scores, torch.ones(1, 1, 9, dtype=torch.bool), torch.tensor([[6]]))
+    assert kept[0, 0].nonzero().flatten().tolist() == [3, 4, 5, 6, 7, 8]
+
+
+def lagkv_reference(keys, values, sinks, lag):
+    """Explicit loops over partitions for one head: ``[seq, dim]`` -> ``[seq]`` scores."""
+    seq = keys.shape[0]
+    scores = [math.inf] * seq
+    starts = list(range(sinks, seq, lag))
+    for index, start in enumerate(starts):
+        chunk = range(start, min(start + lag, seq))
+        following = range(start + lag, min(start + 2 * lag, seq))
+        if len(chunk) < lag or len(following) < lag:
+            continue  # no complete successor yet: kept
+        deviation = []
+        for t in chunk:
+            total = 0.0
+            for states in (keys, values):
+                low = torch.stack([states[u] for u in following]).min(0).values
+                high = torch.stack([states[u] for u in following]).max(0).values
+                total += float(((states[t] - low) / (high - low).clamp(min=1e-6)).std())
+            deviation.append(total)
+        top = max(deviation)
+        exp = [math.exp(d - top) for d in deviation]
+        for t, e in zip(chunk, exp):
+            scores[t] = e / sum(exp)
+    for t in range(min(sinks, seq)):
+        scores[t] = 0.0  # sinks: protected by the framework, their score is irrelevant
+    return torch.tensor(scores)
+
+
+def test_lagkv_matches_explicit_partition_loops():
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 23, 4, generator=generator)
+    values = torch.randn(1, 2, 23, 4, generator=generator)
+    policy = kvpolicies.get_policy("lagkv", sink_tokens=2, lag_tokens=5)
+    scores = policy.score(inputs_for(keys, values))
+    for h in range(2):
+        expected = lagkv_reference(keys[0, h], values[0, h], sinks=2, lag=5)
+        finite = torch.isfinite(expected)
+        assert torch.equal(torch.isfinite(scores[0, h]), finite)
+        torch.testing.assert_close(scores[0, h][finite], expected[finite], atol=1e-5, rtol=1e-5)
+
+
+def test_lagkv_is_invariant_to_left_padding():
+    generator = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(1, 1, 20, 4, generator=generator), torch.randn(1, 1, 20, 4, generator=generator)
+    policy = kvpolicies.get_policy("lagkv", sink_tokens=1, lag_tokens=4)
+    plain = policy.score(inputs_for(keys, values))
+    padded_keys = torch.cat([torch.zeros(1, 1, 3, 4), keys], dim=2)
+    padded_values = torch.cat([torch.zeros(1, 1, 3, 4), values], dim=2)
+    valid = torch.cat([torch.zeros(1, 1, 3, dtype=torch.bool), torch.ones(1, 1, 20, dtype=torch.bool)], dim=2)
+    padded = policy.score(inputs_for(padded_keys, padded_values, valid=valid))
+    torch.testing.assert_close(padded[..., 3:], plain)
