@@ -78,7 +78,7 @@ def kvpolicies_attention(inner: Callable, module, query, key, value, attention_m
     else:
         output = inner(module, query, key, value, attention_mask, **kwargs)
     new_valid = None if new_visible is None else new_visible.diagonal(dim1=1, dim2=2)
-    layer.after_attention(query, new_valid, scaling)
+    layer.after_attention(query, new_valid, scaling, module)
     return output
 
 

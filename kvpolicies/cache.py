@@ -130,7 +130,9 @@ class CompressedLayer(CacheLayerMixin):
         fresh = new.reshape(batch * heads, q_len, dim).unbind(0)
         return torch.cat([piece for pair in zip(runs, fresh) for piece in pair])
 
-    def after_attention(self, query: torch.Tensor, new_valid: torch.Tensor | None, scaling: float) -> None:
+    def after_attention(
+        self, query: torch.Tensor, new_valid: torch.Tensor | None, scaling: float, module: torch.nn.Module | None = None
+    ) -> None:
         """Record which new tokens are real and what they attended to, then let the cache evict.
 
         ``new_valid``: ``[batch, q_len]`` bool, or None when all are real (no device sync on the decode path).
@@ -151,7 +153,7 @@ class CompressedLayer(CacheLayerMixin):
             self.recent_queries = recent[:, :, -window:]
         if self.cumulative is not None:
             self.cumulative += self._attention_received(query, scaling)[..., None]
-        self.cache.evict(self, query, scaling)
+        self.cache.evict(self, query, scaling, module)
 
     def _attention_received(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention ``query`` gives each stored entry, in storage layout (``[b, h, s]`` dense, ``[N]`` packed)."""
@@ -289,7 +291,9 @@ class CompressedCache(Cache):
             self._allocations[seq_len] = self.allocation(seq_len).tokens.tolist()
         return self._allocations[seq_len]
 
-    def evict(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
+    def evict(
+        self, layer: CompressedLayer, query: torch.Tensor, scaling: float, module: torch.nn.Module | None = None
+    ) -> None:
         """Cut ``layer`` back to its allocation if a sequence outgrew it (by more than the slack when decoding)."""
         if not self.policy.compresses:
             return
@@ -307,6 +311,7 @@ class CompressedCache(Cache):
         keep_n = torch.tensor([row_t if row_over else row_c for row_c, row_t, row_over in zip(counts, targets, over)])
         if any(over):
             inputs = self._score_inputs(layer, dense, valid, keep_n, query, scaling)
+            inputs.module = module
             scores = self.policy.score(inputs)
             if scores.shape != valid.shape:
                 raise ValueError(

@@ -76,6 +76,8 @@ class ScoreInputs:
     queries: torch.Tensor | None = None
     attention: torch.Tensor | None = None
     cumulative_attention: torch.Tensor | None = None
+    module: torch.nn.Module | None = None
+    """The layer's attention module, for policies that read its weights (e.g. ``o_proj``); always provided."""
 
 
 class PolicyConfigError(ValueError):

@@ -123,3 +123,29 @@ def test_lagkv_is_invariant_to_left_padding():
     valid = torch.cat([torch.zeros(1, 1, 3, dtype=torch.bool), torch.ones(1, 1, 20, dtype=torch.bool)], dim=2)
     padded = policy.score(inputs_for(padded_keys, padded_values, valid=valid))
     torch.testing.assert_close(padded[..., 3:], plain)
+
+
+def test_criticalkv_rescales_scores_by_the_projected_value_norm():
+    torch.manual_seed(0)
+    values = torch.randn(1, 2, 6, 4)
+    module = torch.nn.Module()
+    module.o_proj = torch.nn.Linear(6 * 4, 10, bias=False)  # 6 query heads over 2 KV heads, hidden 10
+    attention = torch.rand(1, 2, 6)
+    policy = kvpolicies.get_policy("criticalkv", epsilon=0.0)
+    inputs = inputs_for(torch.zeros(1, 2, 6, 4), values, attention=attention)
+    inputs.module = module
+    scores = policy.score(inputs)
+    weight = module.o_proj.weight
+    for h in range(2):
+        for s in range(6):
+            norms = [float((weight[:, (h * 3 + g) * 4 : (h * 3 + g + 1) * 4] @ values[0, h, s]).norm()) for g in range(3)]
+            expected = float(attention[0, h, s] / attention[0, h].sum()) * sum(norms) / 3
+            assert scores[0, h, s].item() == pytest.approx(expected, rel=1e-5)
+    assert policy.needs == {kvpolicies.Signal.ATTENTION, kvpolicies.Signal.VALUES}
+
+
+def test_criticalkv_refuses_negative_inner_scores():
+    policy = kvpolicies.get_policy("criticalkv", scorer="l2norm")
+    inputs = inputs_for(torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
+    with pytest.raises(ValueError, match="non-negative"):
+        policy.score(inputs)

@@ -1,0 +1,64 @@
+"""CriticalKV (Feng et al. 2025, "Identify Critical KV Cache in LLM Inference from an Output Perturbation
+Perspective", arXiv 2502.03805)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from kvpolicies import PolicyConfig, ScoreInputs, Signal, hookimpl
+from kvpolicies.composition import ScorerWrapper, WrapperConfig
+
+
+class CriticalKVConfig(WrapperConfig):
+    scorer: str = Field("tova", description="attention-like policy whose scores are rescaled (non-negative scores)")
+    epsilon: float = Field(1e-4, ge=0, description="added to the normalised scores before rescaling")
+
+
+class CriticalKV(ScorerWrapper):
+    """Rescale an attention-like scorer by how far each value moves the output: ``score × ‖W_o v‖``.
+
+    An entry's contribution to the layer output is its attention weight times its value projected by the output
+    matrix, so a value with a small projected norm can be dropped even if attended. Scores of the inner policy
+    (TOVA by default) are normalised per head to sum to one, ``epsilon`` is added, and the result is multiplied by
+    ``‖W_o^(j) v‖`` averaged over the query heads ``j`` sharing the KV head. Protected (+inf) scores stay +inf.
+    Simplification: the paper's two-stage selection (a first cut by attention, then the rescaled ranking) is
+    folded into this single rescaled ranking.
+    """
+
+    name = "criticalkv"
+    Config = CriticalKVConfig
+
+    def __init__(self, config: PolicyConfig | None = None, **options: Any) -> None:
+        super().__init__(config, **options)
+        self.needs = self.scorer.needs | {Signal.VALUES}
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        base = self.scorer.score(inputs).float().masked_fill(~inputs.valid, 0.0)
+        finite = torch.isfinite(base)
+        if (base[finite & inputs.valid] < 0).any():
+            raise ValueError(
+                f"criticalkv rescales non-negative, attention-like scores; scorer {self.config.scorer!r} returns "
+                "negative ones (use tova, snapkv, h2o, ...)"
+            )
+        base = torch.where(finite, base, 0.0)
+        normalised = base / base.sum(-1, keepdim=True).clamp(min=1e-12) + self.config.epsilon
+        rescaled = normalised * projected_value_norms(inputs.values, inputs.module)
+        return torch.where(finite, rescaled, float("inf"))
+
+
+def projected_value_norms(values: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """``‖W_o^(j) v‖`` averaged over the query heads sharing each KV head: ``[batch, kv_heads, seq]``."""
+    batch, kv_heads, seq, head_dim = values.shape
+    weight = module.o_proj.weight.float()  # [hidden, heads * head_dim]
+    groups = weight.shape[1] // head_dim // kv_heads
+    weight = weight.view(weight.shape[0], kv_heads, groups, head_dim)
+    projected = torch.einsum("bhsd,ohgd->bhgso", values.float(), weight)
+    return projected.norm(dim=-1).mean(dim=2)
+
+
+@hookimpl
+def register_policies(register):
+    register(CriticalKV)
