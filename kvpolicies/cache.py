@@ -288,6 +288,8 @@ class CompressedCache(Cache):
     def _targets(self, seq_len: int) -> list[list[int]]:
         """Per layer, per KV head allocation as Python ints: the decode-time check must not touch the device."""
         if seq_len not in self._allocations:
+            if len(self._allocations) >= 256:  # lengths only grow while decoding: old ones are not asked again
+                self._allocations.clear()
             self._allocations[seq_len] = self.allocation(seq_len).tokens.tolist()
         return self._allocations[seq_len]
 
