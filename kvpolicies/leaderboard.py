@@ -225,14 +225,15 @@ def plot(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
 
     def figure(name: str, ylabel: str, value, tasks: list[str]) -> None:
-        fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks) + 1.8, 4), squeeze=False)
         for axis, task in zip(axes[0], tasks):
+            axis.set_prop_cycle(color=plt.cm.tab20.colors, marker=["o", "s", "^", "D"] * 5)
             members = [r for r in rows if r.task == task]
             for policy in sorted({r.policy for r in members if r.budget is not None}):
                 points = sorted((r.budget, value(r)) for r in members if r.policy == policy and r.budget is not None
                                 and value(r) is not None)
                 if points:
-                    axis.plot(*zip(*points), marker="o", label=policy)
+                    axis.plot(*zip(*points), label=policy)
             for r in members:
                 if r.budget is None and value(r) is not None:
                     axis.axhline(value(r), color="black", linestyle="--", linewidth=1, label=f"{r.policy} (no eviction)")
@@ -240,7 +241,7 @@ def plot(results_dir: Path, out_dir: Path) -> list[Path]:
             axis.set_xlabel("budget (fraction of the KV cache kept)")
             axis.set_ylabel(ylabel if ylabel != "score" else members[0].metric.split(",")[0])
             axis.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=8)
+        axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.tight_layout()
         path = out_dir / f"{name}.png"
         fig.savefig(path, dpi=110)
