@@ -149,3 +149,12 @@ def test_criticalkv_refuses_negative_inner_scores():
     inputs = inputs_for(torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
     with pytest.raises(ValueError, match="non-negative"):
         policy.score(inputs)
+
+
+def test_tova_layer_pooling_shares_one_kept_set_across_heads():
+    attention = torch.tensor([[[0.6, 0.1, 0.3, 0.0], [0.0, 0.5, 0.1, 0.4]]])
+    keys = torch.zeros(1, 2, 4, 2)
+    per_head = kvpolicies.get_policy("tova").score(inputs_for(keys, attention=attention))
+    shared = kvpolicies.get_policy("tova", pooling="layer").score(inputs_for(keys, attention=attention))
+    assert torch.equal(per_head, attention)
+    torch.testing.assert_close(shared, torch.tensor([[[0.3, 0.3, 0.2, 0.2]] * 2]))
