@@ -36,7 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvpolicies", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="kvpolicies",
+        description="Compare KV-cache eviction policies under equal memory budgets. Results go to stdout; progress "
+        "and logs go to stderr.",
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     listing = commands.add_parser("list", help="show the registered policies and their options")
