@@ -12,7 +12,6 @@ from transformers import DynamicCache
 import kvpolicies
 from kvpolicies import Budget, CacheShape, CompressedCache, ScoreInputs
 from kvpolicies.selection import age_order
-from tests.conftest import tiny_llama
 
 
 def explicit_received(queries, keys, scaling):

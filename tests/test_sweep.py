@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from kvpolicies.leaderboard import load_rows, overall_table, plot, render, task_tables
-from kvpolicies.sweep import Cell, SweepConfig, cells, write_atomic
+from kvpolicies.sweep import SweepConfig, cells, write_atomic
 
 
 def test_grid_runs_the_full_cache_once_per_task():
