@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from tabulate import tabulate
 
 from kvpolicies.budget import Budget, BudgetError
-from kvpolicies.policy import Policy, PolicyConfigError
+from kvpolicies.policy import Policy, PolicyConfigError, coerce_option
 from kvpolicies.registry import UnknownPolicyError, get_policy, list_policies
 
 
@@ -241,10 +241,7 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise PolicyConfigError(f"--set expects KEY=VALUE, got {pair!r}")
-        try:
-            options[key.strip()] = json.loads(text)
-        except json.JSONDecodeError:
-            options[key.strip()] = text
+        options[key.strip()] = coerce_option(text)
     return options
 
 

@@ -18,7 +18,6 @@ What is compressed, per request type:
 from __future__ import annotations
 
 import inspect
-import json
 import statistics
 import sys
 import time
@@ -36,20 +35,10 @@ from kvpolicies.attention import prepare_model
 from kvpolicies.budget import Budget
 from kvpolicies.cache import CompressedCache
 from kvpolicies.models import default_device, resolve_source
-from kvpolicies.policy import PolicyConfigError
+from kvpolicies.policy import PolicyConfigError, coerce_option
 from kvpolicies.registry import get_policy
 
 _HFLM_ARGUMENTS = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
-
-
-def coerce_option(value: Any) -> Any:
-    """Model-args values arrive as strings or scalars; read JSON where it parses (``[]``, ``true``, ``{"a": 1}``)."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
 
 
 @register_model("kvpolicies")

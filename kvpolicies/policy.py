@@ -80,6 +80,16 @@ class ScoreInputs:
     """The layer's attention module, for policies that read its weights (e.g. ``o_proj``); always provided."""
 
 
+def coerce_option(value: Any) -> Any:
+    """Options typed on a command line arrive as text: read JSON where it parses (``[]``, ``true``, ``4``)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
 class PolicyConfigError(ValueError):
     """A policy was given a config it does not accept."""
 
