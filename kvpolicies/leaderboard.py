@@ -158,7 +158,11 @@ def provenance(records: list[dict[str, Any]]) -> list[str]:
     lines += [f"versions: {', '.join(f'{k} {v}' for k, v in json.loads(v).items())}" for v in versions]
     lines.append(f"devices: {', '.join(sorted({r.get('device', '?') for r in records if r.get('status') == 'ok'}))}")
     identities = [r.get("identity", {}) for r in records]
-    lines.append(f"code: {', '.join(sorted({i['code_version'] for i in identities if 'code_version' in i}))}")
+    code = sorted({i["code_version"].split("/")[0] for i in identities if "code_version" in i})
+    lines.append(f"code (core): {', '.join(code)}")
+    loads = [r[key] for r in records for key in ("load_average_start", "load_average_end") if r.get(key) is not None]
+    if loads:
+        lines.append(f"1-min load average during cells: {min(loads):.1f} to {max(loads):.1f}")
     lines.append(f"models: {', '.join(sorted({i['model'] for i in identities if 'model' in i}))}")
     tasks = {json.dumps(r["cell"]["task"], sort_keys=True) for r in records if "cell" in r}
     lines += [f"task: {t}" for t in sorted(tasks)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -28,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvpolicies.budget import Budget
+from kvpolicies.policy import Policy
 from kvpolicies.registry import get_policy, list_policies
 
 
@@ -124,7 +126,7 @@ class Cell(BaseModel):
             "budget": Budget.parse(self.budget).model_dump() if policy.compresses else None,
             "seed": self.seed,
             "batch_size": self.batch_size,
-            "code_version": code_version(),
+            "code_version": code_version(policy),
         }
 
     def key(self) -> str:
@@ -145,32 +147,58 @@ def cells(config: SweepConfig) -> list[Cell]:
     return grid
 
 
-_CODE_VERSION: str | None = None
+PRESENTATION_ONLY = {"cli.py", "leaderboard.py", "analysis.py", "reports.py"}
+"""Core modules that only render or analyse results: editing them changes no sweep number."""
 
 
-PRESENTATION_ONLY = {"cli.py", "leaderboard.py"}  # they render results; editing them changes no number
+@functools.lru_cache(maxsize=1)
+def _core_digest() -> str:
+    import kvpolicies
+    import kvpolicies_evals
+
+    digest = hashlib.sha256()
+    for package in (kvpolicies, kvpolicies_evals):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")) + sorted(root.rglob("*.yaml")):
+            if package is kvpolicies and path.name in PRESENTATION_ONLY:
+                continue
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
-def code_version() -> str:
-    """Package version plus a hash of the sources that compute results (core, plugins, evals task files)."""
-    global _CODE_VERSION
-    if _CODE_VERSION is None:
-        import kvpolicies
-        import kvpolicies_evals
-        import kvpolicies_plugins
+def _policy_sources(policy: Policy) -> set[Path]:
+    """Source files outside the core that define ``policy``: its classes' modules and those of wrapped scorers."""
+    import kvpolicies
 
-        digest = hashlib.sha256()
-        for package in (kvpolicies, kvpolicies_plugins, kvpolicies_evals):
-            root = Path(package.__file__).parent
-            for path in sorted(root.rglob("*.py")) + sorted(root.rglob("*.yaml")):
-                if package is kvpolicies and path.name in PRESENTATION_ONLY:
-                    continue
-                digest.update(path.relative_to(root).as_posix().encode())
-                digest.update(path.read_bytes())
-        from importlib.metadata import version
+    core = Path(kvpolicies.__file__).parent
+    sources = set()
+    for cls in type(policy).__mro__:
+        try:
+            source = Path(inspect.getsourcefile(cls) or "")
+        except TypeError:  # builtins such as object
+            continue
+        if source.is_file() and core not in source.parents:
+            sources.add(source)
+    inner = getattr(policy, "scorer", None)
+    if isinstance(inner, Policy):
+        sources |= _policy_sources(inner)
+    return sources
 
-        _CODE_VERSION = f"{version('kvpolicies')}+{digest.hexdigest()[:10]}"
-    return _CODE_VERSION
+
+def code_version(policy: Policy | None = None) -> str:
+    """``VERSION+CORE/PLUGIN``: hashes of the sources that compute a result, the core and evals, then the plugin
+    module(s) of ``policy``, so adding or editing one plugin leaves every other policy's finished cells valid."""
+    from importlib.metadata import version
+
+    core = f"{version('kvpolicies')}+{_core_digest()[:10]}"
+    if policy is None:
+        return core
+    digest = hashlib.sha256()
+    for source in sorted(_policy_sources(policy)):
+        digest.update(source.name.encode())
+        digest.update(source.read_bytes())
+    return f"{core}/{digest.hexdigest()[:8]}"
 
 
 def tasks_dir() -> Path:
@@ -308,6 +336,7 @@ def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True) -> 
             "identity": cell.identity(),
             "versions": versions(),
             "started_at": datetime.now(timezone.utc).isoformat(),
+            "load_average_start": _load_average(),
         }
         try:
             record |= {"status": "ok", **run_cell(cell)}
@@ -317,10 +346,19 @@ def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True) -> 
             print(f"kvpolicies: cell failed ({cell.task.name}, {cell.policy.title}, {cell.budget}): "
                   f"{record['error']}", file=sys.stderr)
         record["finished_at"] = datetime.now(timezone.utc).isoformat()
+        record["load_average_end"] = _load_average()
         write_atomic(result_path(results_dir, cell), record)
         bar.update(1)
         yield record
     bar.close()
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average, so a reader can tell timings taken on a busy machine (None where unsupported)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _finished(path: Path) -> bool:

@@ -38,6 +38,22 @@ def test_cell_keys_change_with_anything_that_changes_the_result():
     assert len({base.key(), *(v.key() for v in variants)}) == 6
 
 
+def test_code_version_covers_the_core_and_only_the_plugins_a_policy_is_made_of():
+    from kvpolicies import get_policy
+    from kvpolicies.sweep import _policy_sources, code_version
+
+    def files(name: str, **options) -> set[str]:
+        return {path.name for path in _policy_sources(get_policy(name, **options))}
+
+    assert files("l2norm") == {"l2norm.py"}
+    assert files("chunkkv", scorer="tova") == {"chunkkv.py", "tova.py"}
+    assert files("criticalkv", scorer="headkv", scorer_options={"scorer": "keydiff"}) == {
+        "criticalkv.py", "headkv.py", "keydiff.py"
+    }
+    l2, tova = code_version(get_policy("l2norm")), code_version(get_policy("tova"))
+    assert l2 != tova and l2.split("/")[0] == tova.split("/")[0] == code_version()
+
+
 def test_default_grid_is_every_policy_at_four_budgets_on_the_offline_tasks():
     config = SweepConfig()
     assert config.budgets == [0.1, 0.25, 0.5, 0.75]
