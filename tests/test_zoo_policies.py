@@ -158,3 +158,75 @@ def test_tova_layer_pooling_shares_one_kept_set_across_heads():
     shared = kvpolicies.get_policy("tova", pooling="layer").score(inputs_for(keys, attention=attention))
     assert torch.equal(per_head, attention)
     torch.testing.assert_close(shared, torch.tensor([[[0.3, 0.3, 0.2, 0.2]] * 2]))
+
+
+def expected_attention_setup(rope_parameters=None):
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 100.0})
+    return config, LlamaRotaryEmbedding(config), SimpleNamespace(config=config, scaling=8**-0.5)
+
+
+def rope(rotary, states, positions):
+    """transformers' own RoPE of ``[heads, n, dim]`` pre-RoPE states at ``positions``."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cos, sin = rotary(states, torch.tensor([positions]))
+    rotated, _ = apply_rotary_pos_emb(states[None], states[None], cos, sin)
+    return rotated[0]
+
+
+def test_expected_attention_matches_gaussian_expectation_over_explicitly_rotated_queries():
+    config, rotary, module = expected_attention_setup()
+    generator = torch.Generator().manual_seed(0)
+    pre_rope = torch.randn(4, 6, 8, generator=generator)  # queries at positions 10..15, before RoPE
+    queries = rope(rotary, pre_rope, list(range(10, 16)))[None]
+    keys, values = torch.randn(1, 2, 20, 8, generator=generator), torch.randn(1, 2, 20, 8, generator=generator)
+    policy = kvpolicies.get_policy("expected_attention", query_tokens=6, future_tokens=5)
+    inputs = inputs_for(keys, values)
+    inputs.queries, inputs.module, inputs.seen_tokens = queries, module, [16]
+    scores = policy.score(inputs)
+
+    scale = 8**-0.5
+    for kv_head in range(2):
+        per_query_head = []
+        for head in (2 * kv_head, 2 * kv_head + 1):
+            future = torch.stack([
+                torch.stack([rope(rotary, pre_rope[head : head + 1, i : i + 1], [16 + j])[0, 0] for j in range(5)]).mean(0)
+                for i in range(6)
+            ])  # each query's average over the next five positions
+            mean = future.mean(0)
+            covariance = (future - mean).T @ (future - mean) / 6
+            logits = torch.tensor([scale * float(k @ mean) + scale**2 / 2 * float(k @ covariance @ k)
+                                   for k in keys[0, kv_head]])
+            per_query_head.append(torch.softmax(logits, 0))
+        expected = torch.stack(per_query_head).mean(0) * values[0, kv_head].norm(dim=-1)
+        torch.testing.assert_close(scores[0, kv_head], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_expected_attention_ignores_buffered_queries_older_than_the_sequence():
+    _, _, module = expected_attention_setup()
+    generator = torch.Generator().manual_seed(1)
+    queries = torch.randn(1, 4, 6, 8, generator=generator)
+    keys, values = torch.randn(1, 2, 9, 8, generator=generator), torch.randn(1, 2, 9, 8, generator=generator)
+    policy = kvpolicies.get_policy("expected_attention", query_tokens=6)
+    scores = []
+    for padding in (torch.zeros(1, 4, 3, 8), torch.randn(1, 4, 3, 8, generator=generator)):
+        inputs = inputs_for(keys, values)
+        inputs.queries, inputs.module, inputs.seen_tokens = torch.cat([padding, queries[:, :, 3:]], 2), module, [3]
+        scores.append(policy.score(inputs))
+    torch.testing.assert_close(scores[0], scores[1])
+
+
+def test_expected_attention_reads_scaled_rope_frequencies_from_the_config():
+    from kvpolicies_plugins.expected_attention import rotary_frequencies
+
+    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    for parameters in (None, llama3):
+        config, rotary, _ = expected_attention_setup(parameters)
+        torch.testing.assert_close(rotary_frequencies(config, 8), rotary.inv_freq.float())
