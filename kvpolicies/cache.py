@@ -16,6 +16,7 @@ Eviction runs right after a layer's attention has read the full keys, so prefill
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +138,7 @@ class CompressedLayer(CacheLayerMixin):
 
         ``new_valid``: ``[batch, q_len]`` bool, or None when all are real (no device sync on the decode path).
         """
+        started = self.cache.clock() if self.cache.timing else None
         self.awaiting_attention = False
         q_len = query.shape[-2]
         if new_valid is None:
@@ -154,6 +156,8 @@ class CompressedLayer(CacheLayerMixin):
         if self.cumulative is not None:
             self.cumulative += self._attention_received(query, scaling)[..., None]
         self.cache.evict(self, query, scaling, module)
+        if started is not None:
+            self.cache.policy_seconds += self.cache.clock() - started
 
     def _attention_received(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention ``query`` gives each stored entry, in storage layout (``[b, h, s]`` dense, ``[N]`` packed)."""
@@ -233,6 +237,11 @@ class CompressedLayer(CacheLayerMixin):
             return 0
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
+    def auxiliary_bytes(self) -> int:
+        """Bytes held besides keys and values: the recent-query buffer, the attention track, the padding mask."""
+        extras = (self.recent_queries, self.cumulative, self.valid)
+        return sum(t.numel() * t.element_size() for t in extras if t is not None)
+
     def get_seq_length(self) -> int:
         return self.logical_length
 
@@ -277,6 +286,9 @@ class CompressedCache(Cache):
         self.budget = Budget.parse(budget)
         self.shape = CacheShape.from_config(model.config, model.dtype)
         self._allocations: dict[int, list[list[int]]] = {}
+        self.timing = False
+        """When True, ``policy_seconds`` accumulates the time spent in the policy (signals, scoring, eviction)."""
+        self.policy_seconds = 0.0
         super().__init__(layers=[CompressedLayer(self, i) for i in range(self.shape.num_layers)])
 
     def allocation(self, seq_len: int) -> Allocation:
@@ -363,6 +375,16 @@ class CompressedCache(Cache):
     def resident_bytes(self) -> int:
         """Bytes of the key and value tensors this cache holds right now (padding included if stored)."""
         return sum(layer.resident_bytes() for layer in self.layers)
+
+    def auxiliary_bytes(self) -> int:
+        """Bytes a policy holds besides the cache entries (query buffers, attention tracks, padding masks)."""
+        return sum(layer.auxiliary_bytes() for layer in self.layers)
+
+    def clock(self) -> float:
+        """A timestamp that includes the device's queued work (CUDA runs asynchronously)."""
+        if self.layers[0].is_initialized and self.layers[0].device.type == "cuda":
+            torch.cuda.synchronize(self.layers[0].device)
+        return time.perf_counter()
 
     def stats(self) -> CacheStats:
         seen = sum(self.layers[0].seen) if self.layers[0].is_initialized else 0

@@ -22,6 +22,14 @@ from tabulate import tabulate
 
 from kvpolicies.budget import Budget
 
+COLUMNS = (
+    "Columns: *KV MiB* is the mean resident KV cache per request, counted from the cache's tensors, and *of full* "
+    "its share of the full cache's bytes; *prefill/decode tok/s* are measured inside lm-eval's requests; *peak "
+    "+MiB* is the cell's peak memory above what the process held when it started (CUDA allocator peak, or sampled "
+    "RSS growth on CPU); *load* is the highest 1-minute load average at the cell's start or end: timings from "
+    "cells whose load exceeds the machine's cores shared the CPU with other work; *n* is the number of samples."
+)
+
 FORMATS = {"terminal": "simple_grid", "markdown": "github", "html": "html", "csv": "csv"}
 
 
@@ -41,6 +49,8 @@ class Row:
     peak_memory_bytes: float | None
     """Peak memory the cell needed above what the process held when it started."""
     model: str
+    load: float | None = None
+    """Highest 1-minute load average seen at the cell's start or end: timings from a busy machine show it."""
 
 
 def load_records(results_dir: Path) -> list[dict[str, Any]]:
@@ -71,6 +81,8 @@ def load_rows(results_dir: Path) -> tuple[list[Row], list[dict[str, Any]]]:
             decode_tps=record["speed"].get("decode_tokens_per_s"),
             peak_memory_bytes=record.get("peak_memory_growth_bytes", record.get("peak_memory_bytes")),
             model=record["identity"]["model"],
+            load=max((record[k] for k in ("load_average_start", "load_average_end") if record.get(k) is not None),
+                     default=None),
         ))
     return rows, failures
 
@@ -88,6 +100,10 @@ def _rate(value: float | None) -> str:
     return "" if value is None else f"{value:.0f}"
 
 
+def _load(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
 def task_tables(rows: list[Row]) -> list[tuple[str, list[str], list[list[Any]]]]:
     """One ``(title, headers, rows)`` per model, task and budget, best policy first, the full cache last."""
     tables = []
@@ -103,15 +119,15 @@ def task_tables(rows: list[Row]) -> list[tuple[str, list[str], list[list[Any]]]]
             body = [
                 [rank, r.policy, f"{r.score:.3f}", _mib(r.resident_bytes),
                  f"{r.resident_bytes / r.full_bytes:.1%}" if r.resident_bytes and r.full_bytes else "",
-                 _rate(r.prefill_tps), _rate(r.decode_tps), _mib(r.peak_memory_bytes), r.samples]
+                 _rate(r.prefill_tps), _rate(r.decode_tps), _mib(r.peak_memory_bytes), _load(r.load), r.samples]
                 for rank, r in enumerate(ranked, 1)
             ]
             body += [["ref", f"{r.policy} (no eviction)", f"{r.score:.3f}", _mib(r.resident_bytes), "100%",
-                      _rate(r.prefill_tps), _rate(r.decode_tps), _mib(r.peak_memory_bytes), r.samples]
+                      _rate(r.prefill_tps), _rate(r.decode_tps), _mib(r.peak_memory_bytes), _load(r.load), r.samples]
                      for r in reference]
             title = f"{task} — budget {budget} — {members[0].metric} ({'higher' if members[0].higher_is_better else 'lower'} is better) — {model}"
             headers = ["#", "policy", "score", "KV MiB", "of full", "prefill tok/s", "decode tok/s",
-                       "peak +MiB", "n"]
+                       "peak +MiB", "load", "n"]
             tables.append((title, headers, body))
     return tables
 
@@ -202,6 +218,7 @@ def render(
             parts.append("\n".join(f"- {line}" for line in lines))
         else:
             parts.append("\n".join(lines))
+        parts.append(COLUMNS)
     for title, headers, body in tables:
         heading = f"<h3>{title}</h3>" if fmt == "html" else (f"### {title}" if fmt == "markdown" else title)
         parts.append(f"{heading}\n\n{tabulate(body, headers=headers, tablefmt=FORMATS[fmt])}")

@@ -7,6 +7,8 @@ What is compressed, per request type:
 
 - ``generate_until``: the prompt is prefilled, each layer is cut to the budget right after its attention has read
   it, then generation runs on the compressed cache (decode-time eviction past the budget's slack).
+  With ``prefill_chunk=N`` the prompt is prefilled N tokens at a time (transformers' ``prefill_chunk_size``) and
+  the cache is cut back to the budget after every chunk, so prefill memory follows the budget, not the prompt.
 - ``loglikelihood``: the context is prefilled and compressed the same way; the continuation is then scored on the
   compressed cache. As in generation, the first continuation token is predicted by the last context position
   during prefill, before any eviction, so single-token continuations are not affected by the budget.
@@ -52,6 +54,7 @@ class KVPoliciesLM(HFLM):
         budget: float | str = 1.0,
         slack_tokens: int = 16,
         stream_chunk: int = 128,
+        prefill_chunk: int | None = None,
         device: str | None = None,
         dtype: str | None = None,
         **kwargs: Any,
@@ -66,6 +69,7 @@ class KVPoliciesLM(HFLM):
             ) from None
         self.kv_budget = Budget.parse(budget).model_copy(update={"slack_tokens": int(slack_tokens)})
         self.stream_chunk = int(stream_chunk)
+        self.prefill_chunk = None if prefill_chunk in (None, "", "None") else int(prefill_chunk)
         source, _ = resolve_source(pretrained)
         device = device or str(default_device())
         if dtype is None:
@@ -88,6 +92,8 @@ class KVPoliciesLM(HFLM):
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
         cache = self.new_cache()
         clock = StepClock(self.device)
+        if self.prefill_chunk:
+            generation_kwargs["prefill_chunk_size"] = self.prefill_chunk
         output = super()._model_generate(
             context, max_length, stop, past_key_values=cache, streamer=clock, **generation_kwargs
         )

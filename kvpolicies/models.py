@@ -125,3 +125,41 @@ def _file_digest(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+RANDOM_SHAPES: dict[str, dict] = {
+    "llama3-8b": {
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    },
+}
+"""Architectures benchmarked with random weights: the cost of a policy depends on shapes, not on training."""
+
+
+def random_config(spec: str, attn_implementation: str = "sdpa"):
+    """The ``LlamaConfig`` of ``NAME`` or ``NAME:LAYERS`` (e.g. ``llama3-8b:2``) from ``RANDOM_SHAPES``."""
+    from transformers import LlamaConfig
+
+    name, _, layers = spec.partition(":")
+    if name not in RANDOM_SHAPES:
+        raise ValueError(f"unknown random model shape {name!r}; known: {', '.join(sorted(RANDOM_SHAPES))}")
+    shape = dict(RANDOM_SHAPES[name]) | ({"num_hidden_layers": int(layers)} if layers else {})
+    config = LlamaConfig(**shape, tie_word_embeddings=False)
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def random_model(spec: str, *, device=None, dtype=None, attn_implementation: str = "sdpa"):
+    """A random-weight Llama of a real shape (see :func:`random_config`), built on ``device``; no tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    config = random_config(spec, attn_implementation)
+    device = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype or default_dtype(device))
+    return model.eval()

@@ -8,7 +8,9 @@ name is an error naming both plugins, since silently picking one would make resu
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -54,9 +56,22 @@ class PolicyInfo:
         except Exception:  # a policy whose defaults need more input still lists its class-level needs
             return self.policy_class.needs
 
+    @property
+    def paper(self) -> str:
+        """Where the method comes from: the first paragraph of its plugin module's docstring (by convention)."""
+        module = sys.modules.get(self.policy_class.__module__)
+        doc = (inspect.getdoc(module) if module is not None else None) or ""
+        return " ".join(doc.split("\n\n")[0].split())
+
+    @property
+    def attention_free(self) -> bool:
+        """True when scoring reads no attention weights, so it runs next to SDPA/FlashAttention at no extra q·Kᵀ."""
+        return not self.needs & {Signal.ATTENTION, Signal.CUMULATIVE_ATTENTION}
+
     def config_fields(self) -> dict[str, Any]:
         """Option name → default value."""
-        return {name: field.default for name, field in self.policy_class.Config.model_fields.items()}
+        fields = self.policy_class.Config.model_fields
+        return {name: field.get_default(call_default_factory=True) for name, field in fields.items()}
 
 
 class Registry:

@@ -147,8 +147,8 @@ def cells(config: SweepConfig) -> list[Cell]:
     return grid
 
 
-PRESENTATION_ONLY = {"cli.py", "leaderboard.py", "analysis.py", "reports.py"}
-"""Core modules that only render or analyse results: editing them changes no sweep number."""
+PRESENTATION_ONLY = {"cli.py", "leaderboard.py", "analysis.py", "reports.py", "replication.py", "bench.py"}
+"""Core modules that render results or measure outside sweep cells: editing them changes no sweep number."""
 
 
 @functools.lru_cache(maxsize=1)

@@ -33,6 +33,13 @@ class ExpectedAttention(Policy):
     ``query_tokens × heads × head_dim`` values per layer (not counted as KV cache). Raise ``query_tokens`` to
     approach kvpress's estimate, at that memory cost. Models whose RoPE rotates only part of each head
     (``partial_rotary_factor`` < 1) are refused.
+
+    Measured on the embedded model (passkey at 2k tokens, budget 0.5): the covariance term decides the ranking.
+    ``s²·kᵀΣk / 2`` grows with the key's norm along the queries' high-variance directions and, inside an
+    exponential, outweighs the mean term, so the policy keeps large keys, like L2's keep-highest ablation. In a
+    two-prompt probe, ``covariance=False`` found one passkey of two and the default none; statistics from 4096
+    buffered queries (the whole prompt, as kvpress) gave the same answers as from 128. kvpress's own press scores
+    0.167 at 50% on natural text with this model (team notes).
     """
 
     name = "expected_attention"

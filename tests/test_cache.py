@@ -276,3 +276,29 @@ def test_selections_are_identical_under_sdpa_and_eager_attention(policy):
     for (lengths_s, keys_s), (lengths_e, keys_e) in zip(kept["sdpa"], kept["eager"]):
         assert lengths_s == lengths_e
         torch.testing.assert_close(keys_s, keys_e, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_prefill_evicts_between_chunks_so_memory_follows_the_budget(tiny_model):
+    ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(5))
+    plain = tiny_model.generate(ids, max_new_tokens=6, do_sample=False)
+    chunked = tiny_model.generate(ids, max_new_tokens=6, do_sample=False, prefill_chunk_size=32,
+                                  past_key_values=CompressedCache(tiny_model, "full", 1.0))
+    assert torch.equal(plain, chunked)  # chunking alone changes nothing
+
+    peaks = {}
+    for chunk in (None, 32):
+        cache = CompressedCache(tiny_model, "snapkv", 0.25)
+        layer, held = cache.layers[3], []
+        update = layer.update
+
+        def recording_update(*args, **kwargs):
+            result = update(*args, **kwargs)
+            held.append(layer.keys.numel() // (layer.head_dim * layer.num_heads))  # entries per head, pre-eviction
+            return result
+
+        layer.update = recording_update
+        tiny_model.generate(ids, max_new_tokens=6, do_sample=False, prefill_chunk_size=chunk, past_key_values=cache)
+        peaks[chunk] = max(held)
+    assert peaks[None] == 200  # one forward: the layer holds the whole prompt until its attention has read it
+    # Chunked: a quarter of what was read before plus one incoming chunk, never the whole prompt.
+    assert peaks[32] <= 168 // 4 + 32

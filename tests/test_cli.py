@@ -15,6 +15,7 @@ def test_list_shows_every_policy_with_its_options(capsys):
     for name in ("full", "l2norm", "random", "streaming"):
         assert name in out
     assert "uncompressed_layers=(0, 1)" in out and "keys" in out
+    assert "scorer_options={}" in out and "Undefined" not in out
 
 
 def test_list_json_is_machine_readable(capsys):
@@ -22,6 +23,10 @@ def test_list_json_is_machine_readable(capsys):
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
     assert rows["l2norm"]["needs"] == ["keys"]
     assert rows["streaming"]["options"]["sink_tokens"]["default"] == 4
+    assert "arXiv 2406.11430" in rows["l2norm"]["paper"] and "arXiv 2401.06104" in rows["tova"]["paper"]
+    free = {name for name, row in rows.items() if row["attention_free"]}
+    assert {"l2norm", "keydiff", "lagkv", "expected_attention", "random", "streaming"} <= free
+    assert not free & {"h2o", "snapkv", "tova", "criticalkv"}
 
 
 @pytest.mark.parametrize(

@@ -131,3 +131,17 @@ def test_accelerate_launch_runs_the_adapter(tiny_pretrained, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     assert results["config"]["kvpolicies"]["policy"] == "snapkv"
+
+
+def test_prefill_chunk_model_arg_prefills_in_chunks_with_identical_full_cache_answers(tiny_pretrained):
+    runs = []
+    for chunk in (None, "64"):
+        lm = KVPoliciesLM(pretrained=tiny_pretrained, policy="full", prefill_chunk=chunk)
+        widths = []
+        lm.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+        result = evaluate(lm, ["kvp_passkey"], PASSKEY, log_samples=True)
+        runs.append(([s["resps"] for s in result["samples"]["kvp_passkey"]], max(widths)))
+    (plain, plain_width), (chunked, chunked_width) = runs
+    assert plain_width > 150 and chunked_width == 64  # the ~200-token prompts went in 64 tokens at a time
+    assert chunked == plain

@@ -1,0 +1,179 @@
+"""Memory and speed of the compressed cache next to the full cache and the physical limit.
+
+For each context length, policy and budget: one prefill of a fixed prompt and a fixed number of greedy decoding
+steps, timed in this process after a warm-up, repeated with policies interleaved (drift in machine speed hits all
+alike) and reduced to medians. What is reported, and why:
+
+- resident KV bytes, counted from the cache's tensors, next to the physical limit ``2 · head_dim · dtype bytes ·
+  kept entries`` (summed over layers and KV heads): the packed layout must not waste memory on padding or
+  over-allocation. Index overhead of the ragged layout is per-head run lengths kept as Python ints, not tensors;
+  other per-policy state (query buffers, attention tracks, padding masks) is reported apart as auxiliary bytes;
+- peak memory: CUDA's peak allocated bytes, or on CPU the growth of the process RSS (sampled every 20 ms), which
+  include weights' activations, logits and allocator behaviour, not only the cache;
+- prefill time, time to first token (prefill plus choosing the first token) and decode tokens/s;
+- the policy's own time (signals, scoring, selection, packing) as a share of prefill, and per decoding step.
+
+Logits are computed for the last position only (``logits_to_keep=1``), as generation does, so a ``seq × vocab``
+matrix does not dominate the peak. ``prefill_chunk`` feeds the prompt in chunks with eviction after each one.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from kvpolicies.budget import Budget, BudgetError
+from kvpolicies.cache import CompressedCache
+
+
+@dataclass
+class Measurement:
+    policy: str
+    budget: str
+    context_tokens: int
+    prefill_s: float
+    ttft_s: float
+    decode_ms_per_token: float
+    policy_prefill_s: float
+    """Time inside the policy during prefill (signals, scores, selection, packing)."""
+    policy_decode_ms_per_token: float
+    resident_bytes: int
+    physical_bytes: int
+    """``kept entries × 2 × head_dim × dtype bytes``: what the kept entries need, nothing more."""
+    auxiliary_bytes: int
+    full_bytes: int
+    peak_bytes: int
+    """Peak memory growth while the run lasted (see the module docstring)."""
+    decode_tokens: int
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return 1000.0 / self.decode_ms_per_token if self.decode_ms_per_token else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+def prompt_ids(tokenizer, tokens: int, device: torch.device, vocab_size: int = 32000) -> torch.Tensor:
+    """``[1, tokens]`` ids of a passkey prompt, or seeded random ids without a tokenizer (random-weight models):
+    the content does not change the cost."""
+    from kvpolicies_evals.data import passkey_prompt
+
+    if tokenizer is None:
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(3, vocab_size, (1, tokens), generator=generator).to(device)
+    text, _, _ = passkey_prompt(random.Random(0), tokens * 2)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens]
+    if ids.shape[1] < tokens:
+        raise ValueError(f"the benchmark prompt has only {ids.shape[1]} tokens, {tokens} were asked")
+    return ids.to(device)
+
+
+@torch.no_grad()
+def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens: int,
+            prefill_chunk: int | None = None) -> Measurement:
+    """One prefill of ``ids`` and ``decode_tokens`` greedy steps on a fresh cache."""
+    from kvpolicies.sweep import PeakMemory
+
+    cache = CompressedCache(model, policy, budget)
+    cache.timing = True
+    chunk = prefill_chunk or ids.shape[1]
+    with PeakMemory(model.device) as peak:
+        started = cache_clock(model.device)
+        for start in range(0, ids.shape[1], chunk):
+            logits = model(ids[:, start : start + chunk], past_key_values=cache, logits_to_keep=1).logits
+        prefilled = cache_clock(model.device)
+        token = logits[:, -1:].argmax(-1)
+        first_token = cache_clock(model.device)
+        policy_prefill, cache.policy_seconds = cache.policy_seconds, 0.0
+        for _ in range(decode_tokens):
+            token = model(token, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        decoded = cache_clock(model.device)
+    stats = cache.stats()
+    steps = max(decode_tokens, 1)
+    return Measurement(
+        policy=policy, budget=str(budget), context_tokens=ids.shape[1],
+        prefill_s=prefilled - started, ttft_s=first_token - started,
+        decode_ms_per_token=(decoded - first_token) * 1000 / steps,
+        policy_prefill_s=policy_prefill, policy_decode_ms_per_token=cache.policy_seconds * 1000 / steps,
+        resident_bytes=stats.resident_bytes, physical_bytes=stats.kept_entries * cache.shape.entry_bytes,
+        auxiliary_bytes=cache.auxiliary_bytes(), full_bytes=stats.full_bytes, peak_bytes=peak.growth_bytes,
+        decode_tokens=decode_tokens,
+    )
+
+
+def cache_clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def median_measurement(runs: list[Measurement]) -> Measurement:
+    """Medians of the timings and peaks; byte counts are deterministic, taken from the last run."""
+    timed = ("prefill_s", "ttft_s", "decode_ms_per_token", "policy_prefill_s", "policy_decode_ms_per_token",
+             "peak_bytes")
+    medians = {name: statistics.median(getattr(run, name) for run in runs) for name in timed}
+    return Measurement(**(asdict(runs[-1]) | medians))
+
+
+def run_benchmark(model, tokenizer, contexts: list[int], policies: list[str], budgets: list[str | float],
+                  decode_tokens: int = 32, repeats: int = 3, prefill_chunk: int | None = None,
+                  progress=None) -> list[Measurement]:
+    """Every context × (full cache + every policy × budget), medians over ``repeats`` interleaved runs."""
+    results: list[Measurement] = []
+    skipped: dict[int, dict[int, str]] = {}
+    for tokens in contexts:
+        ids = prompt_ids(tokenizer, tokens, model.device, model.config.vocab_size)
+        grid = [("full", Budget.parse(1.0))] + [
+            (name, Budget.parse(budget)) for name in policies if name != "full" for budget in budgets
+        ]
+        measure(model, ids, "full", Budget.parse(1.0), 2, prefill_chunk)  # warm-up: allocator, kernels, caches
+        runs: dict[int, list[Measurement]] = {i: [] for i in range(len(grid))}
+        for repeat in range(repeats):
+            for i, (name, budget) in enumerate(grid):
+                if i in skipped.get(tokens, {}):
+                    continue
+                try:
+                    runs[i].append(measure(model, ids, name, budget, decode_tokens, prefill_chunk))
+                except BudgetError as error:  # e.g. l2norm's whole layers do not fit a small budget
+                    skipped.setdefault(tokens, {})[i] = f"{name} @ {budget}: {error}"
+                if progress:
+                    progress(f"{tokens} tokens, repeat {repeat + 1}/{repeats}: {name} @ {budget}")
+        results += [median_measurement(runs[i]) for i in range(len(grid)) if runs[i]]
+    for per_context in skipped.values():
+        for reason in per_context.values():
+            if progress:
+                progress(f"skipped {reason}")
+    return results
+
+
+def tables(results: list[Measurement], tablefmt: str = "github") -> str:
+    """One table per context length, rows in the order measured, times relative to the full cache."""
+    from tabulate import tabulate
+
+    out = []
+    for tokens in sorted({r.context_tokens for r in results}):
+        rows = [r for r in results if r.context_tokens == tokens]
+        full = next(r for r in rows if r.policy == "full")
+        body = [
+            [
+                r.policy, "-" if r.policy == "full" else r.budget,
+                f"{r.resident_bytes / 2**20:.1f}", f"{r.resident_bytes / r.physical_bytes:.3f}" if r.physical_bytes else "",
+                f"{r.auxiliary_bytes / 2**20:.2f}", f"{r.peak_bytes / 2**20:.0f}",
+                f"{r.prefill_s:.2f}", f"{r.prefill_s / full.prefill_s:.2f}x", f"{r.ttft_s:.2f}",
+                f"{r.policy_prefill_s / r.prefill_s:.1%}",
+                f"{r.decode_tokens_per_s:.1f}", f"{r.decode_tokens_per_s / full.decode_tokens_per_s:.2f}x",
+                f"{r.policy_decode_ms_per_token:.2f}",
+            ]
+            for r in rows
+        ]
+        headers = ["policy", "budget", "KV MiB", "KV / physical", "aux MiB", "peak +MiB", "prefill s", "vs full",
+                   "TTFT s", "policy share of prefill", "decode tok/s", "vs full", "policy ms/step"]
+        table = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+        out.append(f"context: {tokens} tokens\n\n" + table)
+    return "\n\n".join(out)

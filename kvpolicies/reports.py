@@ -1,0 +1,169 @@
+"""Generated documentation pages: the policy catalogue (docs/policies.md) from saved sweep and benchmark results.
+
+Nothing here computes a result: pages are rendered from result files, so a page always says what was measured,
+with which versions, and how to measure it again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from kvpolicies.leaderboard import load_rows
+from kvpolicies.policy import Policy, Signal
+from kvpolicies.registry import PolicyInfo, get_policy, list_policies
+
+CATALOGUE_TASKS = ("kvp_passkey", "kvp_niah")
+CATALOGUE_BUDGETS = (0.5, 0.25)
+CATALOGUE_COMMAND = "kvpolicies report policies --output docs/policies.md"
+
+
+def decode_behaviour(policy: Policy) -> str:
+    """What the policy does while generating, derived from what it reads (so it cannot drift from the code)."""
+    if not policy.compresses:
+        return "never evicts"
+    needs, window = policy.needs, policy.query_window
+    if Signal.CUMULATIVE_ATTENTION in needs:
+        what = "adds every new query's attention to each entry's running total (one q·Kᵀ per layer per token)"
+    elif Signal.ATTENTION in needs:
+        what = (f"re-scores with the attention of the last {window} queries (prompt and generated)" if window
+                else "re-scores with the attention of the queries that triggered the eviction")
+    elif Signal.QUERIES in needs:
+        what = (f"re-estimates from the last {window} queries" if window
+                else "re-estimates from the queries that triggered the eviction")
+    elif needs & {Signal.KEYS, Signal.VALUES}:
+        what = f"re-scores the held {' and '.join(sorted(s.value for s in needs & {Signal.KEYS, Signal.VALUES}))}"
+    else:
+        what = "re-ranks by position or chance, reading no tensor"
+    return f"{what}; evicts when a head exceeds its allocation by the slack"
+
+
+def _latest(records: list[dict[str, Any]]) -> dict[tuple[str, str, Any], dict[str, Any]]:
+    """Finished records by (task, policy label, budget); if a cell was run twice, the newest wins."""
+    best: dict[tuple[str, str, Any], dict[str, Any]] = {}
+    for record in records:
+        if record.get("status") != "ok":
+            continue
+        cell = record["cell"]
+        key = (cell["task"]["name"], cell["policy"].get("label") or cell["policy"]["name"], cell["budget"])
+        if key not in best or record.get("finished_at", "") > best[key].get("finished_at", ""):
+            best[key] = record
+    return best
+
+
+def _benchmark(path: Path | None) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Header and the measurement per policy at the budget closest to 0.25, from ``kvpolicies bench --json``."""
+    if path is None or not path.exists():
+        return "", {}
+    data = json.loads(path.read_text())
+    chosen: dict[str, dict[str, Any]] = {}
+    for result in data["results"]:
+        name = result["policy"]
+        distance = abs(_budget_value(result["budget"]) - 0.25)
+        if name not in chosen or distance < abs(_budget_value(chosen[name]["budget"]) - 0.25):
+            chosen[name] = result
+    return data.get("header", ""), chosen
+
+
+def _budget_value(text: str) -> float:
+    try:
+        return float(str(text).split()[0])
+    except ValueError:
+        return 1.0
+
+
+def catalogue_sweep():
+    """The cells the catalogue shows: every policy at 0.5 and 0.25 on the default passkey and needle tasks (the same
+    cells as the default sweep's, so a results folder shared with it is reused)."""
+    from kvpolicies.sweep import SweepConfig, default_tasks
+
+    tasks = [task for task in default_tasks() if task.name in CATALOGUE_TASKS]
+    return SweepConfig(budgets=list(CATALOGUE_BUDGETS), tasks=tasks)
+
+
+def policies_page(results_dir: Path, bench_json: Path | None = None, today: date | None = None) -> str:
+    """Markdown of every registered policy: paper, signals, cost, decode behaviour, scores next to random."""
+    from kvpolicies.leaderboard import load_records, provenance
+
+    records = load_records(results_dir) if results_dir.is_dir() else []
+    latest = _latest(records)
+    header, bench = _benchmark(bench_json)
+    full_bench = bench.get("full")
+
+    def score(task: str, policy: str, budget: float) -> float | None:
+        record = latest.get((task, policy, 1.0 if policy == "full" else budget))
+        return None if record is None else record["score"]
+
+    infos: list[PolicyInfo] = list_policies()
+    order = ["full", "random"] + sorted(i.name for i in infos if i.name not in ("full", "random"))
+    by_name = {info.name: info for info in infos}
+    rows = []
+    for name in order:
+        if name not in by_name:
+            continue
+        info, policy = by_name[name], get_policy(name)
+        cells = []
+        for task in CATALOGUE_TASKS:
+            for budget in CATALOGUE_BUDGETS:
+                value = score(task, name, budget)
+                chance = score(task, "random", budget)
+                mark = " ▲" if value is not None and chance is not None and name not in ("random", "full") and value > chance else ""
+                cells.append("" if value is None else f"{value:.2f}{mark}")
+        measured = bench.get(name)
+        cost = decode = ""
+        if measured and measured["prefill_s"]:
+            cost = f"{measured['policy_prefill_s'] / measured['prefill_s']:.1%}"
+            if full_bench:
+                decode = f"{measured['decode_tokens_per_s'] / full_bench['decode_tokens_per_s']:.2f}×"
+        rows.append([
+            f"`{name}`", info.paper, ", ".join(sorted(info.needs)) or "nothing",
+            "yes" if info.attention_free else "no", cost, decode, decode_behaviour(policy), *cells,
+        ])
+    headers = ["policy", "paper", "reads", "attention-free", "policy time / prefill", "decode speed vs full",
+               "during decoding", *(f"{t.removeprefix('kvp_')} @{b}" for t in CATALOGUE_TASKS for b in CATALOGUE_BUDGETS)]
+
+    used = [r for r in records if r.get("status") == "ok" and r["cell"]["task"]["name"] in CATALOGUE_TASKS
+            and (r["cell"]["budget"] in CATALOGUE_BUDGETS or r["cell"]["policy"]["name"] == "full")]
+    samples = defaultdict(set)
+    for record in used:
+        samples[record["cell"]["task"]["name"]].add(record.get("samples"))
+    lines = [
+        "# Policies",
+        "",
+        f"Generated on {(today or date.today()).isoformat()} by `{CATALOGUE_COMMAND}` from saved results; do not "
+        "edit by hand.",
+        "",
+        "Every policy is a plugin registered through the `kvpolicies` entry-point group and runs under the same budget "
+        "mechanics: the framework turns its scores into a kept set, stores it and counts it, so two policies at one "
+        "budget hold the same number of KV entries.",
+        "",
+        "- **reads**: the signals `score()` receives (`kvpolicies list` shows the same). *Attention-free* policies "
+        "read no attention weights, so they need no extra q·Kᵀ next to SDPA/FlashAttention.",
+        "- **policy time / prefill**: time spent in the policy (signals, scoring, selection, packing) as a share of "
+        "prefill; **decode speed vs full**: decoded tokens/s relative to the full cache. Both from `kvpolicies bench` "
+        "at the budget nearest 0.25 (see below).",
+        "- **passkey / niah @budget**: exact-match accuracy on the offline tasks at ~2k tokens (`kvp_passkey`: passkey "
+        "in repeated filler; `kvp_niah`: a magic number in natural documentation text), fraction of the cache kept. "
+        f"Samples per cell: {', '.join(f'{t} {sorted(n)}' for t, n in sorted(samples.items())) or 'none yet'}. "
+        "▲ marks a score above `random` at the same task and budget; with 10 samples one case is 0.1, so "
+        "differences of 0.1–0.2 are within noise.",
+        "",
+        tabulate(rows, headers=headers, tablefmt="github"),
+        "",
+        "## Provenance",
+        "",
+        "```",
+        *provenance(used),
+        *([f"benchmark: {header}"] if header else ["benchmark: none (run `kvpolicies bench --json FILE`)"]),
+        "```",
+    ]
+    missing = [(t, n, b) for n in order if n in by_name and n != "full" for t in CATALOGUE_TASKS
+               for b in CATALOGUE_BUDGETS if score(t, n, b) is None]
+    if missing:
+        lines += ["", f"Missing cells ({len(missing)}): " + ", ".join(f"{n} {t} @{b}" for t, n, b in missing)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,36 @@
+"""The benchmark: memory at the physical limit, policy time measured, tables per context."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvpolicies.bench import run_benchmark, tables
+from kvpolicies.models import random_config
+
+
+def test_benchmark_measures_memory_against_the_physical_limit_and_policy_time(tiny_model):
+    results = run_benchmark(tiny_model, None, [96], ["snapkv", "h2o", "random"], [0.5], decode_tokens=3, repeats=1)
+    by_policy = {r.policy: r for r in results}
+    assert list(by_policy) == ["full", "snapkv", "h2o", "random"]
+    for result in results:
+        assert result.resident_bytes == result.physical_bytes  # packed storage: no padding, no over-allocation
+        assert result.ttft_s >= result.prefill_s > 0 and result.decode_ms_per_token > 0
+    assert by_policy["snapkv"].resident_bytes < 0.6 * by_policy["full"].resident_bytes
+    assert by_policy["snapkv"].policy_prefill_s > 0 and by_policy["snapkv"].auxiliary_bytes > 0  # query buffer
+    assert by_policy["h2o"].policy_decode_ms_per_token > 0  # cumulative attention at every step
+    text = tables(results)
+    assert "context: 96 tokens" in text and "| snapkv" in text and "1.000" in text
+
+
+def test_chunked_prefill_in_the_benchmark_keeps_the_same_budget(tiny_model):
+    whole, chunked = (run_benchmark(tiny_model, None, [96], ["snapkv"], [0.25], 2, 1, prefill_chunk=chunk)[1]
+                      for chunk in (None, 32))
+    assert chunked.resident_bytes == whole.resident_bytes
+
+
+def test_random_architectures_have_the_published_shapes():
+    config = random_config("llama3-8b:2")
+    assert (config.num_hidden_layers, config.num_key_value_heads, config.head_dim) == (2, 8, 128)
+    assert random_config("llama3-8b").num_hidden_layers == 32
+    with pytest.raises(ValueError, match="known: llama3-8b"):
+        random_config("gpt5")

@@ -1,0 +1,101 @@
+"""Generated pages: the policy catalogue and the L2-norm replication, rendered from saved results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import kvpolicies
+from kvpolicies.reports import decode_behaviour, policies_page
+from kvpolicies.replication import ABLATIONS, replicate, selection_agreement, verdicts
+
+
+def record(task: str, policy: str, budget: float, score: float, label: str | None = None, model=None) -> dict:
+    return {
+        "status": "ok", "score": score, "primary_metric": "exact_match,first_key", "samples": 10,
+        "finished_at": "2026-11-24T12:00:00+00:00", "device": "cpu",
+        "versions": {"kvpolicies": "0.1.0", "torch": "2.13.0"},
+        "cell": {"model": model, "task": {"name": task, "metadata": {}, "limit": None},
+                 "policy": {"name": policy, "options": {}, "label": label}, "budget": budget, "seed": 0},
+        "identity": {"model": model or "smollm2-135m-instruct", "policy": {"policy": policy, "config": {}},
+                     "code_version": "0.1.0+abc/def"},
+    }
+
+
+def write(results: Path, records: list[dict]) -> Path:
+    results.mkdir(parents=True, exist_ok=True)
+    for i, item in enumerate(records):
+        (results / f"{i:04d}.json").write_text(json.dumps(item))
+    return results
+
+
+def test_decode_behaviour_follows_what_each_policy_reads():
+    assert "running total" in decode_behaviour(kvpolicies.get_policy("h2o"))
+    assert "last 1 queries" in decode_behaviour(kvpolicies.get_policy("tova"))
+    assert "last 32 queries" in decode_behaviour(kvpolicies.get_policy("pyramidkv"))  # its SnapKV scorer
+    assert "held keys" in decode_behaviour(kvpolicies.get_policy("l2norm"))
+    assert decode_behaviour(kvpolicies.get_policy("full")) == "never evicts"
+
+
+def test_policy_catalogue_marks_scores_above_random_and_lists_missing_cells(tmp_path):
+    results = write(tmp_path / "results", [
+        record("kvp_passkey", "full", 1.0, 1.0),
+        record("kvp_passkey", "random", 0.5, 0.4),
+        record("kvp_passkey", "keydiff", 0.5, 0.9),
+        record("kvp_passkey", "l2norm", 0.5, 0.4),
+    ])
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"header": "test bench", "results": [
+        {"policy": "full", "budget": "1.0", "prefill_s": 5.0, "policy_prefill_s": 0.0, "decode_tokens_per_s": 10.0},
+        {"policy": "keydiff", "budget": "0.25", "prefill_s": 5.0, "policy_prefill_s": 0.1, "decode_tokens_per_s": 12.0},
+    ]}))
+    text = policies_page(results, bench)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| `")}
+    assert "0.90 ▲" in rows["`keydiff`"] and "2.0%" in rows["`keydiff`"] and "1.20×" in rows["`keydiff`"]
+    assert "0.40 ▲" not in rows["`l2norm`"] and "0.40" in rows["`l2norm`"]  # a tie with chance is not a win
+    assert "arXiv 2504.15364" in rows["`keydiff`"]
+    assert "Missing cells" in text and "keydiff kvp_niah @0.5" in text
+    assert "benchmark: test bench" in text
+
+
+def test_verdicts_apply_the_stated_tolerances():
+    latest = {
+        ("kvp_ppl", "full", 1.0): {"score": 20.0}, ("kvp_ppl", "l2norm", 0.5): {"score": 20.9},
+        ("kvp_niah", "full", 1.0): {"score": 0.9}, ("kvp_niah", "l2norm", 0.5): {"score": 0.7},
+        ("kvp_passkey", "full", 1.0): {"score": 1.0},
+    }
+    found = verdicts(latest, {"negative": 80, "cells": 90, "mean": -0.3})
+    assert [v.holds for v in found] == [True, True, False, None]
+    assert "20.90 vs 20.00" in found[1].measured
+
+
+def test_selections_agree_between_sdpa_and_eager_on_a_saved_model(tiny_pretrained):
+    import torch
+
+    ids = torch.randint(3, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    agreement = selection_agreement(tiny_pretrained, ids, ["snapkv", "keydiff"], budget=0.5, device="cpu")
+    assert agreement == {"snapkv": 1.0, "keydiff": 1.0}
+
+
+def test_replication_page_renders_claims_from_saved_results_without_running_cells(tiny_pretrained, tmp_path):
+    model = tiny_pretrained
+    results = write(tmp_path / "results", [
+        record("kvp_niah", "full", 1.0, 0.9, model=model),
+        record("kvp_niah", "l2norm", 0.5, 0.0, model=model),
+        record("kvp_niah", "l2norm", 0.5, 0.1, label=ABLATIONS[0].title, model=model),
+        record("kvp_niah", "random", 0.5, 0.3, model=model),
+        record("kvp_niah", "random", 0.5, 0.8, model="another/model"),  # another model's results are ignored
+    ])
+    output = tmp_path / "docs" / "replication.md"
+    text = replicate(results, tmp_path / "docs" / "figures", output, model=model, run=False, device="cpu",
+                     progress=lambda message: None)
+    assert "| needle in a haystack" not in text  # claims are phrased by the page, verdicts computed
+    assert "accuracy 0.00 vs 0.90 with the full cache" in text and "does not hold" in text
+    random_rows = [line for line in text.splitlines() if line.startswith("| random ")]
+    assert any("0.300" in row for row in random_rows) and "0.800" not in text
+    assert "l2norm, keep highest norms" in text
+    assert "![kvp_niah](figures/kvp_niah.png)" in text and (tmp_path / "docs" / "figures" / "kvp_niah.png").exists()
+    assert "same selection (SDPA vs eager)" in text
+    assert "Spearman ρ (mean)" in text and "Spearman ρ < 0 in" in text
