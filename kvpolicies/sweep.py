@@ -147,8 +147,9 @@ def cells(config: SweepConfig) -> list[Cell]:
     return grid
 
 
-PRESENTATION_ONLY = {"cli.py", "leaderboard.py", "analysis.py", "reports.py", "replication.py", "bench.py"}
-"""Core modules that render results or measure outside sweep cells: editing them changes no sweep number."""
+PRESENTATION_ONLY = {"leaderboard.py", "analysis.py", "reports.py", "replication.py", "bench.py"}
+"""Core modules that render results or measure outside sweep cells (and the ``cli`` package): editing them changes
+no sweep number."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -160,9 +161,10 @@ def _core_digest() -> str:
     for package in (kvpolicies, kvpolicies_evals):
         root = Path(package.__file__).parent
         for path in sorted(root.rglob("*.py")) + sorted(root.rglob("*.yaml")):
-            if package is kvpolicies and path.name in PRESENTATION_ONLY:
+            relative = path.relative_to(root)
+            if package is kvpolicies and (path.name in PRESENTATION_ONLY or relative.parts[0] == "cli"):
                 continue
-            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(relative.as_posix().encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
 

@@ -1,0 +1,3 @@
+from kvpolicies.cli import main
+
+raise SystemExit(main())

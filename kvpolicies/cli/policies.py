@@ -1,0 +1,195 @@
+"""`kvpolicies list | generate | inspect | head-scores`: policies on one prompt."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from tabulate import tabulate
+
+from kvpolicies.budget import Budget
+from kvpolicies.cli.options import add_policy_arguments, parse_options
+from kvpolicies.policy import Policy, PolicyConfigError
+from kvpolicies.registry import get_policy, list_policies
+
+
+def add_commands(commands) -> None:
+    listing = commands.add_parser("list", help="show the registered policies and their options")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(run=run_list)
+
+    generate = commands.add_parser("generate", help="generate text with a compressed KV cache")
+    generate.add_argument("prompt", nargs="?", help="the prompt (or use --file)")
+    generate.add_argument("--file", type=Path, help="read the prompt from this file")
+    add_policy_arguments(generate)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    generate.add_argument("--prefill-chunk", type=int, metavar="N",
+                          help="prefill N tokens at a time, evicting after each chunk (memory follows the budget)")
+    generate.set_defaults(run=run_generate)
+
+    inspect = commands.add_parser("inspect", help="show how a policy spreads a budget over layers and KV heads")
+    add_policy_arguments(inspect)
+    inspect.add_argument("--tokens", type=int, default=2000, help="sequence length of the planned allocation")
+    inspect.add_argument("--file", type=Path, help="run this prompt and show the entries actually kept per head")
+    inspect.set_defaults(run=run_inspect)
+
+    scores = commands.add_parser("head-scores", help="measure retrieval scores per KV head (for headkv static)")
+    scores.add_argument("--model", help="model id, folder or .gguf file (default: the embedded model)")
+    scores.add_argument("--output", type=Path, required=True, help="JSON file to write")
+    scores.add_argument("--samples", type=int, default=8, help="passkey prompts to probe (default: 8)")
+    scores.add_argument("--tokens", type=int, default=1000, help="approximate prompt length (default: 1000)")
+    scores.add_argument("--seed", type=int, default=0)
+    scores.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    scores.set_defaults(run=run_head_scores)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    policies = list_policies()
+    if args.json:
+        rows = [
+            {
+                "name": p.name,
+                "plugin": p.plugin,
+                "summary": p.summary,
+                "paper": p.paper,
+                "needs": sorted(p.needs),
+                "attention_free": p.attention_free,
+                "options": p.policy_class.Config.model_json_schema()["properties"],
+            }
+            for p in policies
+        ]
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    rows = [
+        [
+            p.name,
+            (", ".join(sorted(p.needs)) or "nothing") + ("\n(attention-free)" if p.attention_free else ""),
+            f"{p.summary}\n{p.paper}",
+            "\n".join(f"{key}={value!r}" for key, value in p.config_fields().items()),
+        ]
+        for p in policies
+    ]
+    print(tabulate(rows, headers=["policy", "reads", "what it keeps / paper", "options (defaults)"],
+                   tablefmt="simple_grid", maxcolwidths=[None, 24, 80, None]))
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvpolicies.cache import CompressedCache
+    from kvpolicies.models import load_model
+
+    if (args.prompt is None) == (args.file is None):
+        raise PolicyConfigError("give the prompt either as an argument or with --file, not both or neither")
+    prompt = args.prompt if args.file is None else args.file.read_text()
+    policy = get_policy(args.policy, **parse_options(args.set))
+    budget = Budget.parse(args.budget)
+
+    print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.raw or not getattr(tokenizer, "chat_template", None):
+        inputs = tokenizer(prompt, return_tensors="pt")
+    else:
+        messages = [{"role": "user", "content": prompt}]
+        inputs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    inputs = inputs.to(model.device)
+    prompt_tokens = inputs["input_ids"].shape[1]
+    cache = CompressedCache(model, policy, budget)
+    print(f"kvpolicies: generating with {policy!r} at budget {budget} ...", file=sys.stderr)
+    started = time.perf_counter()
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            past_key_values=cache,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            prefill_chunk_size=args.prefill_chunk,
+        )
+    seconds = time.perf_counter() - started
+    new_tokens = output[0, prompt_tokens:]
+    print(tokenizer.decode(new_tokens, skip_special_tokens=True))
+    print()
+    stats = cache.stats()
+    rows = [
+        ["policy", f"{policy.name} {json.dumps(policy.config.model_dump(mode='json'))}"],
+        ["budget", str(budget)],
+        ["tokens (prompt + generated)", f"{prompt_tokens} + {len(new_tokens)}"],
+        ["KV entries kept / full", f"{stats.kept_entries:,} / {stats.full_entries:,} ({stats.kept_fraction:.1%})"],
+        [
+            "resident KV bytes / full",
+            f"{stats.resident_bytes:,} / {stats.full_bytes:,} ({stats.resident_bytes / max(stats.full_bytes, 1):.1%})",
+        ],
+        ["wall time", f"{seconds:.2f} s"],
+    ]
+    print(tabulate(rows, tablefmt="plain"))
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvpolicies.cache import CompressedCache
+    from kvpolicies.models import load_model
+
+    policy = get_policy(args.policy, **parse_options(args.set))
+    budget = Budget.parse(args.budget)
+    print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    cache = CompressedCache(model, policy, budget)
+    if args.file is None:
+        tokens = cache.allocation(args.tokens).tokens
+        seq_len = args.tokens
+        heading = f"planned allocation for a {seq_len}-token sequence"
+        if type(policy).reallocate_heads is not Policy.reallocate_heads:
+            heading += " (before this policy moves entries between heads by score: use --file to measure)"
+    else:
+        inputs = tokenizer(args.file.read_text(), return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            model(**inputs, past_key_values=cache)
+        tokens = cache.kept_per_head()[:, 0]
+        seq_len = inputs["input_ids"].shape[1]
+        heading = f"entries kept after the prefill of {args.file} ({seq_len} tokens)"
+    print(f"{policy.name} at budget {budget}: {heading}")
+    print(allocation_table(tokens, seq_len))
+    total = int(tokens.sum())
+    full = seq_len * tokens.numel()
+    print(
+        f"total: {total:,} of {full:,} entries ({total / full:.1%}), "
+        f"{total * cache.shape.entry_bytes:,} bytes of {full * cache.shape.entry_bytes:,}"
+    )
+    return 0
+
+
+def allocation_table(tokens, seq_len: int) -> str:
+    """A layer × KV-head table of entries, with each layer's share of the full cache."""
+    heads = tokens.shape[1]
+    rows = [[layer, *row.tolist(), f"{row.sum().item() / (heads * seq_len):.1%}"] for layer, row in enumerate(tokens)]
+    return tabulate(rows, headers=["layer", *(f"head {h}" for h in range(heads)), "of full"], tablefmt="simple")
+
+
+def run_head_scores(args: argparse.Namespace) -> int:
+    from kvpolicies.head_scores import retrieval_scores, save_head_scores
+    from kvpolicies.models import load_model
+
+    print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=args.device)
+    print(f"kvpolicies: probing {args.samples} passkey prompts of ~{args.tokens} tokens ...", file=sys.stderr)
+    scores = retrieval_scores(model, tokenizer, samples=args.samples, context_tokens=args.tokens, seed=args.seed)
+    save_head_scores(
+        args.output, scores, model=args.model or "smollm2-135m-instruct", samples=args.samples,
+        context_tokens=args.tokens, seed=args.seed,
+    )
+    print(tabulate(
+        [[layer, *(f"{v:.2f}" for v in row.tolist())] for layer, row in enumerate(scores)],
+        headers=["layer", *(f"head {h}" for h in range(scores.shape[1]))], tablefmt="simple",
+    ))
+    print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,197 @@
+"""`kvpolicies analyze | bench | report | eval-data`: measurements and generated pages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+from kvpolicies.budget import Budget
+from kvpolicies.registry import get_policy, list_policies
+
+
+def add_commands(commands) -> None:
+    analyze = commands.add_parser("analyze", help="measurements behind the policies (norms vs attention)")
+    analyses = analyze.add_subparsers(required=True, metavar="ANALYSIS")
+    norms = analyses.add_parser("norms", help="correlation of key L2 norms with the attention keys receive")
+    norms.add_argument("--model", help="model id, folder or .gguf file (default: the embedded model)")
+    source = norms.add_mutually_exclusive_group()
+    source.add_argument("--text", type=Path, help="text file to run (default: the first kvp_niah prompt at 2k tokens)")
+    source.add_argument("--task", choices=["kvp_passkey", "kvp_niah", "kvp_ppl"], help="first sample of this task")
+    norms.add_argument("--tokens", type=int, default=2048, help="prompt length when taken from a task")
+    norms.add_argument("--window", type=int, default=64, help="last queries whose attention is measured")
+    norms.add_argument("--keep", type=float, default=0.5, help="fraction for the top-k overlap")
+    norms.add_argument("--layers", default="0,1,15,29", help="layers for the scatter plots")
+    norms.add_argument("--out", type=Path, default=Path("results/analysis"), help="folder for the PNG figures")
+    norms.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    norms.set_defaults(run=run_analyze_norms)
+
+    bench = commands.add_parser("bench", help="memory and speed of every policy vs the full cache and the physical limit")
+    bench_model = bench.add_mutually_exclusive_group()
+    bench_model.add_argument("--model", help="model id, folder or .gguf file (default: the embedded model)")
+    bench_model.add_argument("--random-model", metavar="SHAPE[:LAYERS]",
+                             help="random weights of a real architecture, e.g. llama3-8b:2 (prompt: random ids)")
+    bench.add_argument("--contexts", default="1024,2048,4096,8192", help="comma-separated prompt lengths in tokens")
+    bench.add_argument("--policies", help="comma-separated policy names (default: every registered policy)")
+    bench.add_argument("--budgets", default="0.5,0.25,0.1", help="comma-separated budgets")
+    bench.add_argument("--decode", type=int, default=32, help="decoded tokens per run (default: 32)")
+    bench.add_argument("--repeats", type=int, default=3, help="interleaved runs per cell, medians reported")
+    bench.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill N tokens at a time, evicting between")
+    bench.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    bench.add_argument("--dtype", help="float32, bfloat16, ... (default: bfloat16 on CUDA, float32 on CPU)")
+    bench.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
+    bench.set_defaults(run=run_bench)
+
+    report = commands.add_parser("report", help="regenerate a documentation page from (and, if missing, by running) "
+                                 "sweeps and benchmarks")
+    pages = report.add_subparsers(required=True, metavar="PAGE")
+    catalogue = pages.add_parser("policies", help="docs/policies.md: every policy's paper, cost and scores vs random")
+    catalogue.add_argument("--results", type=Path, default=Path("results/default"),
+                           help="sweep results folder, shared with the default sweep (default: results/default)")
+    catalogue.add_argument("--bench-json", type=Path, default=Path("results/bench-2k.json"),
+                           help="benchmark measurements; measured at 2048 tokens if the file is missing")
+    catalogue.add_argument("--no-run", action="store_true", help="render from what is saved; run nothing")
+    catalogue.add_argument("--output", type=Path, help="write the page here instead of stdout")
+    catalogue.set_defaults(run=run_report_policies)
+    paper = pages.add_parser("paper", help="docs/paper-replication.md: the L2-norm paper's claims measured here")
+    paper.add_argument("--model", help="model id, folder or .gguf file (default: the embedded model)")
+    paper.add_argument("--results", type=Path, default=Path("results/default"),
+                       help="sweep results folder, shared with the default sweep (default: results/default)")
+    paper.add_argument("--plots", type=Path, default=Path("docs/paper-replication"), help="folder for the figures")
+    paper.add_argument("--bench-json", type=Path, default=Path("results/bench-replication.json"),
+                       help="benchmark measurements; measured at 2048 tokens if the file is missing")
+    paper.add_argument("--no-run", action="store_true", help="run no sweep cell or benchmark; render what is saved")
+    paper.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    paper.add_argument("--output", type=Path, help="write the page here instead of stdout")
+    paper.set_defaults(run=run_report_paper)
+
+    data = commands.add_parser("eval-data", help="write the offline evaluation sets (passkey, niah, ppl) as JSONL")
+    data.add_argument("--out", type=Path, required=True, help="folder for kvp_passkey.jsonl, kvp_niah.jsonl, ...")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--lengths", help="comma-separated token lengths (default: each task's own)")
+    data.set_defaults(run=run_eval_data)
+
+
+def run_analyze_norms(args: argparse.Namespace) -> int:
+    from kvpolicies.analysis import norm_attention, plot_norm_attention, summary_rows
+    from kvpolicies.models import load_model
+
+    print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=args.device, dtype="float32")
+    if args.text:
+        text = args.text.read_text()
+    else:
+        from kvpolicies_evals.data import GENERATORS
+
+        task = args.task or "kvp_niah"
+        options = {"lengths": [args.tokens]} | ({"per_length": 1} if task == "kvp_ppl" else {"per_cell": 1})
+        first = GENERATORS[task](**options)[0]
+        text = first.get("prompt", first.get("text"))
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    result = norm_attention(model, ids, window=args.window, keep_fraction=args.keep)
+    heads = result.spearman.shape[1]
+    print(f"key norm vs attention from the last {args.window} queries, {result.tokens} tokens "
+          f"(negative rho = low norm, high attention, as the L2-norm paper claims)")
+    print(tabulate(summary_rows(result), tablefmt="simple", headers=[
+        "layer", *(f"rho head {h}" for h in range(heads)), "pearson (mean)", f"top-{args.keep:g} overlap"]))
+    negative = int((result.spearman < 0).sum())
+    print(f"Spearman rho < 0 in {negative} of {result.spearman.numel()} layer x head cells; "
+          f"mean rho {result.spearman.mean():+.3f}; mean overlap {result.overlap.mean():.3f} "
+          f"(chance: {args.keep:g})")
+    layers = [int(x) % result.spearman.shape[0] for x in args.layers.split(",")]
+    for path in plot_norm_attention(result, args.out, layers):
+        print(f"plot: {path}")
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+    import transformers
+
+    from kvpolicies.bench import run_benchmark, tables
+    from kvpolicies.models import load_model
+
+    policies = [name.strip() for name in args.policies.split(",")] if args.policies else [
+        info.name for info in list_policies()
+    ]
+    budgets = [Budget.parse(text.strip()) for text in args.budgets.split(",")]
+    for name in policies:
+        get_policy(name)  # fail before loading anything
+    contexts = [int(text) for text in args.contexts.split(",")]
+    if args.random_model:
+        from kvpolicies.models import random_model
+
+        model, tokenizer = random_model(args.random_model, device=args.device, dtype=args.dtype), None
+    else:
+        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    progress = lambda message: print(f"kvpolicies bench: {message}", file=sys.stderr)  # noqa: E731
+    results = run_benchmark(model, tokenizer, contexts, policies, budgets, args.decode, args.repeats,
+                            args.prefill_chunk, progress)
+    device = str(model.device) + (f" ({torch.cuda.get_device_name(model.device)})" if model.device.type == "cuda" else
+                                  f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    name = f"random-weight {args.random_model}" if args.random_model else args.model or "embedded SmolLM2-135M-Instruct"
+    header = (f"model: {name}, device: {device}, dtype: {model.dtype}, "
+              f"attention: {model.config._attn_implementation}, torch {torch.__version__}, transformers "
+              f"{transformers.__version__}, decode: {args.decode} tokens, medians of {args.repeats}, prefill chunk: "
+              f"{args.prefill_chunk or 'none'}")
+    print(header + "\n\n" + tables(results))
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "results": [r.as_dict() for r in results]}, indent=1))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def run_report_policies(args: argparse.Namespace) -> int:
+    from kvpolicies.reports import catalogue_sweep, policies_page
+
+    if not args.no_run:
+        from kvpolicies.sweep import run_sweep
+
+        failed = sum(record["status"] != "ok" for record in run_sweep(catalogue_sweep(), args.results))
+        if failed:
+            print(f"kvpolicies: {failed} cells failed; the page shows them as missing", file=sys.stderr)
+        if not args.bench_json.exists():
+            args.bench_json.parent.mkdir(parents=True, exist_ok=True)
+            run_bench(argparse.Namespace(
+                model=None, random_model=None, contexts="2048", policies=None, budgets="0.25", decode=32, repeats=3,
+                prefill_chunk=None, device=None, dtype=None, json=args.bench_json,
+            ))
+    text = policies_page(args.results, args.bench_json)
+    if args.output:
+        args.output.write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def run_report_paper(args: argparse.Namespace) -> int:
+    from kvpolicies.replication import replicate
+
+    text = replicate(args.results, args.plots, args.output, model=args.model, run=not args.no_run,
+                     bench_json=args.bench_json, device=args.device,
+                     progress=lambda message: print(f"kvpolicies: {message}", file=sys.stderr))
+    if args.output:
+        args.output.write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def run_eval_data(args: argparse.Namespace) -> int:
+    from kvpolicies_evals.data import GENERATORS, write_jsonl
+
+    for task, generate in GENERATORS.items():
+        options = {"seed": args.seed}
+        if args.lengths:
+            options["lengths"] = [int(n) for n in args.lengths.split(",")]
+        rows = generate(**options)
+        path = write_jsonl(args.out / f"{task}.jsonl", rows)
+        print(f"{path}: {len(rows)} samples")
+    return 0

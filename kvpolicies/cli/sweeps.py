@@ -1,0 +1,99 @@
+"""`kvpolicies sweep | leaderboard`: grids of cells and their rankings."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvpolicies.policy import PolicyConfigError
+from kvpolicies.registry import get_policy
+
+
+def add_commands(commands) -> None:
+    commands.add_parser(
+        "lm-eval",
+        help="run lm-evaluation-harness with the `kvpolicies` model registered (arguments as for lm_eval)",
+        description="kvpolicies lm-eval --model kvpolicies --model_args policy=l2norm,budget=0.5 --tasks kvp_passkey "
+        "--include_path evals/tasks --limit 10   (every argument goes to lm_eval unchanged)",
+    )
+
+    sweep = commands.add_parser("sweep", help="run policies x budgets x tasks x models, resumable, then rank them")
+    sweep.add_argument("--config", type=Path, help="YAML or TOML grid (see docs/leaderboard.md)")
+    sweep.add_argument("--quick", action="store_true", help="small grid: passkey at 2k tokens, 5 policies, 2 budgets")
+    sweep.add_argument("--results", type=Path, help="results folder (default: results/quick or results/default)")
+    sweep.add_argument("--policies", help="comma-separated policy names (default: every registered policy)")
+    sweep.add_argument("--budgets", help="comma-separated budgets (default: 0.1,0.25,0.5,0.75)")
+    sweep.add_argument("--tasks", help="comma-separated task names (default: kvp_passkey,kvp_niah,kvp_ppl)")
+    sweep.add_argument("--models", help="comma-separated model ids/paths (default: the embedded model)")
+    sweep.add_argument("--limit", type=int, help="samples per task (default: the task's whole data)")
+    sweep.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    sweep.set_defaults(run=run_sweep_command)
+
+    board = commands.add_parser("leaderboard", help="render saved sweep results as tables and plots (no model)")
+    board.add_argument("results", type=Path, help="results folder of a sweep")
+    board.add_argument("--format", choices=["terminal", "markdown", "csv", "html"], default="terminal")
+    board.add_argument("--output", type=Path, help="write the tables here instead of stdout")
+    board.add_argument("--plots", type=Path, help="write PNG figures into this folder")
+    board.add_argument("--provenance", action="store_true", help="start with dates, versions, devices and the grid")
+    board.set_defaults(run=run_leaderboard)
+
+
+def sweep_config(args: argparse.Namespace):
+    from kvpolicies.sweep import QUICK, SweepConfig, TaskSpec
+
+    if args.config and args.quick:
+        raise PolicyConfigError("use either --config or --quick")
+    config = SweepConfig.load(args.config) if args.config else (QUICK.model_copy(deep=True) if args.quick else SweepConfig())
+    updates: dict[str, Any] = {}
+    if args.policies:
+        updates["policies"] = [name.strip() for name in args.policies.split(",")]
+    if args.budgets:
+        updates["budgets"] = [text.strip() for text in args.budgets.split(",")]
+    if args.tasks:
+        known = {task.name: task for task in config.tasks}
+        updates["tasks"] = [known.get(name.strip(), TaskSpec(name=name.strip())) for name in args.tasks.split(",")]
+    if args.models:
+        updates["models"] = [name.strip() for name in args.models.split(",")]
+    config = SweepConfig.model_validate(config.model_dump() | updates)
+    if args.limit:
+        config.tasks = [task.model_copy(update={"limit": args.limit}) for task in config.tasks]
+    for spec in config.resolved_policies():
+        get_policy(spec.name, **spec.options)  # fail before running anything
+    return config
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from kvpolicies.leaderboard import plot, render
+    from kvpolicies.sweep import run_sweep
+
+    config = sweep_config(args)
+    results = args.results or Path("results") / ("quick" if args.quick else "default")
+    failed = sum(record["status"] != "ok" for record in run_sweep(config, results))
+    print(render(results))
+    if not args.no_plots:
+        for path in plot(results, results / "plots"):
+            print(f"plot: {path}")
+    return 1 if failed else 0
+
+
+def run_leaderboard(args: argparse.Namespace) -> int:
+    from kvpolicies.leaderboard import plot, render
+
+    if not args.results.is_dir():
+        raise FileNotFoundError(f"results folder {args.results} does not exist; run `kvpolicies sweep` first")
+    images = []
+    if args.plots:
+        for path in plot(args.results, args.plots):
+            print(f"plot: {path}", file=sys.stderr)
+            base = args.output.parent if args.output else Path.cwd()
+            images.append(os.path.relpath(path, base))
+    text = render(args.results, args.format, with_provenance=args.provenance, images=images)
+    if args.output:
+        args.output.write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
