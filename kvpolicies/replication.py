@@ -108,12 +108,6 @@ class Verdict:
         return [self.claim, self.measured, mark]
 
 
-def _scores(records: list[dict[str, Any]]) -> dict[tuple[str, str, float], dict[str, Any]]:
-    from kvpolicies.reports import _latest
-
-    return _latest(records)
-
-
 def verdicts(latest: dict, correlation: dict[str, Any] | None) -> list[Verdict]:
     """The paper's claims against the measurements, with the tolerances stated in this module."""
     def get(task: str, policy: str, budget: float) -> float | None:
@@ -310,7 +304,7 @@ def replicate(results_dir: Path, plots_dir: Path, output: Path | None, model: st
     import json
 
     from kvpolicies.leaderboard import load_records
-    from kvpolicies.reports import _benchmark
+    from kvpolicies.reports import benchmark_by_policy, latest_records
 
     if run:
         from kvpolicies.sweep import run_sweep
@@ -336,11 +330,11 @@ def replicate(results_dir: Path, plots_dir: Path, output: Path | None, model: st
     records = [r for r in load_records(results_dir) if r.get("identity", {}).get("model") ==
                (model or "smollm2-135m-instruct")]
     wanted = set(BASELINES) | {spec.title for spec in ABLATIONS}
-    latest = {key: record for key, record in _scores(records).items() if key[1] in wanted}
+    latest = {key: record for key, record in latest_records(records).items() if key[1] in wanted}
     base = output.parent if output else Path.cwd()
     task_images = {path.stem: path for path in plot_scores(latest, plots_dir, list(BASELINES))}
     relative = {name: Path(_relative(path, base)) for name, path in (images | task_images).items()}
-    _, bench = _benchmark(bench_json)
+    _, bench = benchmark_by_policy(bench_json)
     used = [r for r in records if any(r is record for record in latest.values())]
     return page(latest, used, correlation, agreement, bench, {k: str(v) for k, v in relative.items()}, model)
 

@@ -14,7 +14,6 @@ from typing import Any
 
 from tabulate import tabulate
 
-from kvpolicies.leaderboard import load_rows
 from kvpolicies.policy import Policy, Signal
 from kvpolicies.registry import PolicyInfo, get_policy, list_policies
 
@@ -43,7 +42,7 @@ def decode_behaviour(policy: Policy) -> str:
     return f"{what}; evicts when a head exceeds its allocation by the slack"
 
 
-def _latest(records: list[dict[str, Any]]) -> dict[tuple[str, str, Any], dict[str, Any]]:
+def latest_records(records: list[dict[str, Any]]) -> dict[tuple[str, str, Any], dict[str, Any]]:
     """Finished records by (task, policy label, budget); if a cell was run twice, the newest wins."""
     best: dict[tuple[str, str, Any], dict[str, Any]] = {}
     for record in records:
@@ -56,7 +55,7 @@ def _latest(records: list[dict[str, Any]]) -> dict[tuple[str, str, Any], dict[st
     return best
 
 
-def _benchmark(path: Path | None) -> tuple[str, dict[str, dict[str, Any]]]:
+def benchmark_by_policy(path: Path | None) -> tuple[str, dict[str, dict[str, Any]]]:
     """Header and the measurement per policy at the budget closest to 0.25, from ``kvpolicies bench --json``."""
     if path is None or not path.exists():
         return "", {}
@@ -91,8 +90,8 @@ def policies_page(results_dir: Path, bench_json: Path | None = None, today: date
     from kvpolicies.leaderboard import load_records, provenance
 
     records = load_records(results_dir) if results_dir.is_dir() else []
-    latest = _latest(records)
-    header, bench = _benchmark(bench_json)
+    latest = latest_records(records)
+    header, bench = benchmark_by_policy(bench_json)
     full_bench = bench.get("full")
 
     def score(task: str, policy: str, budget: float) -> float | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 
 import kvpolicies
 from kvpolicies.reports import decode_behaviour, policies_page
