@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -126,3 +129,25 @@ def test_analyze_norms_reports_the_correlation_per_layer_and_head(capsys, tmp_pa
     negative, total = (int(x) for x in out.split("Spearman rho < 0 in ")[1].split(" layer")[0].split(" of "))
     assert total == 90 and negative >= 75
     assert (tmp_path / "norm_attention_spearman.png").exists() and (tmp_path / "norm_attention_scatter.png").exists()
+
+
+ZOO = [info.name for info in kvpolicies.list_policies() if info.policy_class.compresses]
+
+TASKS = str(Path(__file__).parents[1] / "evals" / "tasks")
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_every_policy_runs_end_to_end_through_generate_and_the_lm_eval_drop_in(name, capsys, tmp_path, monkeypatch):
+    """The two user-facing entry points, on the embedded model, for every registered policy."""
+    assert main(["generate", "--policy", name, "--budget", "0.5", "--max-new-tokens", "4", LONG_PROMPT]) == 0
+    out = capsys.readouterr().out
+    kept = next(line for line in out.splitlines() if line.startswith("KV entries kept / full"))
+    assert "(50." in kept or "(51." in kept  # half the prompt, plus what the 4 new tokens add within the slack
+
+    monkeypatch.chdir(tmp_path)
+    main(["lm-eval", "--model", "kvpolicies", "--model_args", f"policy={name},budget=0.25",
+          "--tasks", "kvp_passkey", "--include_path", TASKS, "--limit", "1",
+          "--metadata", json.dumps({"lengths": [512], "depths": [0.5], "per_cell": 1}), "--output_path", "out"])
+    results = json.loads(next(Path("out").rglob("results_*.json")).read_text())
+    assert results["config"]["kvpolicies"]["policy"] == name
+    assert results["config"]["kvpolicies"]["kv_memory"]["resident_fraction_mean"] < 0.35
