@@ -114,8 +114,9 @@ def plot_norm_attention(result: NormAttention, out_dir, layers: list[int]) -> li
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from pathlib import Path
+
+    import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -177,3 +178,41 @@ def tables(results: list[Measurement], tablefmt: str = "github") -> str:
         table = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
         out.append(f"context: {tokens} tokens\n\n" + table)
     return "\n\n".join(out)
+
+
+def benchmark(model_name: str | None = None, contexts: Sequence[int] = (2048,), policies: Sequence[str] | None = None,
+              budgets: Sequence[str | float] = ("0.25",), decode_tokens: int = 32, repeats: int = 3,
+              prefill_chunk: int | None = None, device: str | None = None, dtype: str | None = None,
+              random_model: str | None = None, json_path=None, progress=None) -> tuple[str, list[Measurement]]:
+    """Load the model, measure every policy (default: every registered one) and describe the setting in a header;
+    with ``json_path``, also save ``{"header", "results"}`` there (what the generated pages read)."""
+    import json
+    import platform
+
+    import transformers
+
+    from kvpolicies.models import load_model
+    from kvpolicies.registry import get_policy, list_policies
+
+    policies = list(policies) if policies else [info.name for info in list_policies()]
+    budgets = [Budget.parse(budget) for budget in budgets]
+    for name in policies:
+        get_policy(name)  # fail before loading anything
+    if random_model:
+        from kvpolicies.models import random_model as build
+
+        model, tokenizer = build(random_model, device=device, dtype=dtype), None
+    else:
+        model, tokenizer = load_model(model_name, device=device, dtype=dtype)
+    results = run_benchmark(model, tokenizer, list(contexts), policies, budgets, decode_tokens, repeats,
+                            prefill_chunk, progress)
+    where = (torch.cuda.get_device_name(model.device) if model.device.type == "cuda"
+             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    name = f"random-weight {random_model}" if random_model else model_name or "embedded SmolLM2-135M-Instruct"
+    header = (f"model: {name}, device: {model.device} ({where}), dtype: {model.dtype}, attention: "
+              f"{model.config._attn_implementation}, torch {torch.__version__}, transformers {transformers.__version__}, "
+              f"decode: {decode_tokens} tokens, medians of {repeats}, prefill chunk: {prefill_chunk or 'none'}")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"header": header, "results": [r.as_dict() for r in results]}, indent=1))
+    return header, results

@@ -74,9 +74,8 @@ def kept_masks(model, ids: torch.Tensor, policy: str, budget: float) -> list[tor
 def selection_agreement(model_name: str | None, ids: torch.Tensor, policies: list[str], budget: float = 0.5,
                         device: str | None = None) -> dict[str, float | str]:
     """Per policy, the share of entries kept under SDPA that eager attention keeps too (1.0 = identical)."""
-    from kvpolicies.models import load_model
-
     from kvpolicies.budget import BudgetError
+    from kvpolicies.models import load_model
 
     masks: dict[str, dict[str, list[torch.Tensor]]] = {"sdpa": {}, "eager": {}}
     agreement: dict[str, float | str] = {}
@@ -273,9 +272,10 @@ def page(latest: dict, records: list[dict[str, Any]], correlation: dict[str, Any
 def correlation_summary(model_name: str | None, tokens: int = 2048, window: int = 64, device: str | None = None,
                         plots: Path | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
     """Per-layer norm/attention correlation on the first kvp_niah prompt, and its figures."""
+    from kvpolicies_evals.data import niah_samples
+
     from kvpolicies.analysis import norm_attention, plot_norm_attention
     from kvpolicies.models import load_model
-    from kvpolicies_evals.data import niah_samples
 
     model, tokenizer = load_model(model_name, device=device, dtype="float32")
     text = niah_samples(lengths=[tokens], per_cell=1, tokenizer=tokenizer)[0]["prompt"]
@@ -301,7 +301,6 @@ def replicate(results_dir: Path, plots_dir: Path, output: Path | None, model: st
               run: bool = True, bench_json: Path | None = None, device: str | None = None,
               progress: Callable[[str], None] = print) -> str:
     """Run what is missing (sweeps, correlation, compatibility, benchmark) and return the page."""
-    import json
 
     from kvpolicies.leaderboard import load_records
     from kvpolicies.reports import benchmark_by_policy, latest_records
@@ -318,15 +317,10 @@ def replicate(results_dir: Path, plots_dir: Path, output: Path | None, model: st
     progress("comparing selections under SDPA and eager attention")
     agreement = selection_agreement(model, correlation.pop("ids"), ["l2norm", "snapkv", "h2o"], device=device)
     if run and bench_json is not None and not bench_json.exists():
-        from kvpolicies.bench import run_benchmark
-        from kvpolicies.models import load_model
+        from kvpolicies.bench import benchmark
 
-        progress("benchmarking policy time at 2048 tokens")
-        loaded, tokenizer = load_model(model, device=device)
-        results = run_benchmark(loaded, tokenizer, [2048], list(BASELINES), ["0.25"], 32, 3)
-        bench_json.parent.mkdir(parents=True, exist_ok=True)
-        bench_json.write_text(json.dumps({"header": f"{model or 'embedded'}, {loaded.device}, 2048 tokens",
-                                          "results": [r.as_dict() for r in results]}, indent=1))
+        progress("benchmarking every policy at 2048 tokens, budget 0.25")
+        benchmark(model, device=device, json_path=bench_json)
     records = [r for r in load_records(results_dir) if r.get("identity", {}).get("model") ==
                (model or "smollm2-135m-instruct")]
     wanted = set(BASELINES) | {spec.title for spec in ABLATIONS}

@@ -154,8 +154,9 @@ no sweep number."""
 
 @functools.lru_cache(maxsize=1)
 def _core_digest() -> str:
-    import kvpolicies
     import kvpolicies_evals
+
+    import kvpolicies
 
     digest = hashlib.sha256()
     for package in (kvpolicies, kvpolicies_evals):

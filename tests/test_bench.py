@@ -34,3 +34,17 @@ def test_random_architectures_have_the_published_shapes():
     assert random_config("llama3-8b").num_hidden_layers == 32
     with pytest.raises(ValueError, match="known: llama3-8b"):
         random_config("gpt5")
+
+
+def test_bench_command_prints_tables_and_saves_what_the_pages_read(tiny_pretrained, tmp_path, capsys):
+    import json
+
+    from kvpolicies.cli import main
+
+    saved = tmp_path / "bench.json"
+    assert main(["bench", "--model", tiny_pretrained, "--contexts", "64", "--policies", "snapkv,keydiff",
+                 "--budgets", "0.5", "--decode", "2", "--repeats", "1", "--device", "cpu", "--json", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"model: {tiny_pretrained}") and "context: 64 tokens" in out and "| keydiff" in out
+    data = json.loads(saved.read_text())
+    assert [r["policy"] for r in data["results"]] == ["full", "snapkv", "keydiff"] and data["header"] in out

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from tabulate import tabulate
-
-from kvpolicies.budget import Budget
-from kvpolicies.registry import get_policy, list_policies
 
 
 def add_commands(commands) -> None:
@@ -61,7 +57,7 @@ def add_commands(commands) -> None:
     paper.add_argument("--results", type=Path, default=Path("results/default"),
                        help="sweep results folder, shared with the default sweep (default: results/default)")
     paper.add_argument("--plots", type=Path, default=Path("docs/paper-replication"), help="folder for the figures")
-    paper.add_argument("--bench-json", type=Path, default=Path("results/bench-replication.json"),
+    paper.add_argument("--bench-json", type=Path, default=Path("results/bench-2k.json"),
                        help="benchmark measurements; measured at 2048 tokens if the file is missing")
     paper.add_argument("--no-run", action="store_true", help="run no sweep cell or benchmark; render what is saved")
     paper.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
@@ -108,40 +104,17 @@ def run_analyze_norms(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    import platform
+    from kvpolicies.bench import benchmark, tables
 
-    import torch
-    import transformers
-
-    from kvpolicies.bench import run_benchmark, tables
-    from kvpolicies.models import load_model
-
-    policies = [name.strip() for name in args.policies.split(",")] if args.policies else [
-        info.name for info in list_policies()
-    ]
-    budgets = [Budget.parse(text.strip()) for text in args.budgets.split(",")]
-    for name in policies:
-        get_policy(name)  # fail before loading anything
-    contexts = [int(text) for text in args.contexts.split(",")]
-    if args.random_model:
-        from kvpolicies.models import random_model
-
-        model, tokenizer = random_model(args.random_model, device=args.device, dtype=args.dtype), None
-    else:
-        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    progress = lambda message: print(f"kvpolicies bench: {message}", file=sys.stderr)  # noqa: E731
-    results = run_benchmark(model, tokenizer, contexts, policies, budgets, args.decode, args.repeats,
-                            args.prefill_chunk, progress)
-    device = str(model.device) + (f" ({torch.cuda.get_device_name(model.device)})" if model.device.type == "cuda" else
-                                  f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    name = f"random-weight {args.random_model}" if args.random_model else args.model or "embedded SmolLM2-135M-Instruct"
-    header = (f"model: {name}, device: {device}, dtype: {model.dtype}, "
-              f"attention: {model.config._attn_implementation}, torch {torch.__version__}, transformers "
-              f"{transformers.__version__}, decode: {args.decode} tokens, medians of {args.repeats}, prefill chunk: "
-              f"{args.prefill_chunk or 'none'}")
+    header, results = benchmark(
+        args.model, [int(text) for text in args.contexts.split(",")],
+        [name.strip() for name in args.policies.split(",")] if args.policies else None,
+        [text.strip() for text in args.budgets.split(",")], args.decode, args.repeats, args.prefill_chunk,
+        args.device, args.dtype, args.random_model, args.json,
+        progress=lambda message: print(f"kvpolicies bench: {message}", file=sys.stderr),
+    )
     print(header + "\n\n" + tables(results))
     if args.json:
-        args.json.write_text(json.dumps({"header": header, "results": [r.as_dict() for r in results]}, indent=1))
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
@@ -156,11 +129,10 @@ def run_report_policies(args: argparse.Namespace) -> int:
         if failed:
             print(f"kvpolicies: {failed} cells failed; the page shows them as missing", file=sys.stderr)
         if not args.bench_json.exists():
-            args.bench_json.parent.mkdir(parents=True, exist_ok=True)
-            run_bench(argparse.Namespace(
-                model=None, random_model=None, contexts="2048", policies=None, budgets="0.25", decode=32, repeats=3,
-                prefill_chunk=None, device=None, dtype=None, json=args.bench_json,
-            ))
+            from kvpolicies.bench import benchmark
+
+            benchmark(json_path=args.bench_json, progress=lambda message: print(f"kvpolicies bench: {message}",
+                                                                                  file=sys.stderr))
     text = policies_page(args.results, args.bench_json)
     if args.output:
         args.output.write_text(text)
