@@ -10,6 +10,7 @@ it with a stated tolerance, never a hand-written conclusion.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
@@ -327,13 +328,7 @@ def replicate(results_dir: Path, plots_dir: Path, output: Path | None, model: st
     latest = {key: record for key, record in latest_records(records).items() if key[1] in wanted}
     base = output.parent if output else Path.cwd()
     task_images = {path.stem: path for path in plot_scores(latest, plots_dir, list(BASELINES))}
-    relative = {name: Path(_relative(path, base)) for name, path in (images | task_images).items()}
+    relative = {name: os.path.relpath(path, base) for name, path in (images | task_images).items()}
     _, bench = benchmark_by_policy(bench_json)
     used = [r for r in records if any(r is record for record in latest.values())]
-    return page(latest, used, correlation, agreement, bench, {k: str(v) for k, v in relative.items()}, model)
-
-
-def _relative(path: Path, base: Path) -> str:
-    import os
-
-    return os.path.relpath(path, base)
+    return page(latest, used, correlation, agreement, bench, relative, model)

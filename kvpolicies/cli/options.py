@@ -1,9 +1,11 @@
-"""Command-line arguments shared by the commands that run one policy."""
+"""Command-line pieces shared by several commands: policy arguments and where a command's text goes."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from kvpolicies.policy import PolicyConfigError, coerce_option
@@ -29,3 +31,12 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
             raise PolicyConfigError(f"--set expects KEY=VALUE, got {pair!r}")
         options[key.strip()] = coerce_option(text)
     return options
+
+
+def write_or_print(text: str, output: Path | None) -> None:
+    """Write a command's result to ``output`` (saying so on stderr), or print it to stdout."""
+    if output:
+        output.write_text(text)
+        print(f"wrote {output}", file=sys.stderr)
+    else:
+        print(text)

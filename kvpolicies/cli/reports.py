@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from kvpolicies.cli.options import write_or_print
+
 
 def add_commands(commands) -> None:
     analyze = commands.add_parser("analyze", help="measurements behind the policies (norms vs attention)")
@@ -134,11 +136,7 @@ def run_report_policies(args: argparse.Namespace) -> int:
             benchmark(json_path=args.bench_json, progress=lambda message: print(f"kvpolicies bench: {message}",
                                                                                   file=sys.stderr))
     text = policies_page(args.results, args.bench_json)
-    if args.output:
-        args.output.write_text(text)
-        print(f"wrote {args.output}", file=sys.stderr)
-    else:
-        print(text)
+    write_or_print(text, args.output)
     return 0
 
 
@@ -148,11 +146,7 @@ def run_report_paper(args: argparse.Namespace) -> int:
     text = replicate(args.results, args.plots, args.output, model=args.model, run=not args.no_run,
                      bench_json=args.bench_json, device=args.device,
                      progress=lambda message: print(f"kvpolicies: {message}", file=sys.stderr))
-    if args.output:
-        args.output.write_text(text)
-        print(f"wrote {args.output}", file=sys.stderr)
-    else:
-        print(text)
+    write_or_print(text, args.output)
     return 0
 
 

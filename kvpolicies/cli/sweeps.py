@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kvpolicies.cli.options import write_or_print
 from kvpolicies.policy import PolicyConfigError
 from kvpolicies.registry import get_policy
 
@@ -91,9 +92,5 @@ def run_leaderboard(args: argparse.Namespace) -> int:
             base = args.output.parent if args.output else Path.cwd()
             images.append(os.path.relpath(path, base))
     text = render(args.results, args.format, with_provenance=args.provenance, images=images)
-    if args.output:
-        args.output.write_text(text)
-        print(f"wrote {args.output}", file=sys.stderr)
-    else:
-        print(text)
+    write_or_print(text, args.output)
     return 0
