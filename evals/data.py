@@ -1,4 +1,5 @@
-"""Deterministic, offline evaluation data: passkey retrieval, needle in a haystack, long-text perplexity.
+"""Deterministic, offline evaluation data: passkey retrieval (in filler or in prose), needle in a haystack,
+long-text perplexity.
 
 Every sample is a pure function of its seed and parameters, so a task's data is the same on every machine. Lengths
 are measured in tokens of the embedded model's tokenizer (any tokenizer can be passed). The natural-text haystack
@@ -125,19 +126,58 @@ def niah_samples(
         needle = f"\nThe special magic number for {city} is: {number}.\n"
         question = (f"\n\nWhat is the special magic number for {city} mentioned in the text above? "
                     f"The special magic number for {city} is:")
-        start = rng.randint(0, len(haystack) // 2)
-
-        def make(chars: int) -> str:
-            body = haystack[start : start + chars]
-            cut = round(len(body) * depth)
-            sentence_end = body.rfind(". ", 0, cut)
-            cut = sentence_end + 2 if sentence_end > 0 else cut  # insert between sentences
-            return NIAH_INTRO + body[:cut] + needle + body[cut:] + question
-
-        prompt = _fit(tokenizer, length, make, 100, length * 8)
+        prompt = _hide_in_prose(tokenizer, haystack, rng, length, depth, NIAH_INTRO, needle, question)
         samples.append({"prompt": prompt, "answer": number, "city": city, "length": length, "depth": depth,
                         "tokens": count_tokens(tokenizer, prompt)})
     return samples
+
+
+def text_passkey_samples(
+    lengths: Sequence[int] = DEFAULT_LENGTHS,
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    per_cell: int = 2,
+    seed: int = 0,
+    tokenizer=None,
+) -> list[dict]:
+    """Passkey retrieval in natural text: ``kvp_passkey``'s needle (a 5-digit key stated twice) and question, hidden
+    in documentation prose instead of repeated filler.
+
+    This is the task of the kvpress reference measurements in the team notes, so policies can be checked against
+    them; it sits between the two others: the key is as easy to find as in ``kvp_passkey`` but the haystack is as
+    varied as in ``kvp_niah``, so a policy cannot win by dropping near-duplicate filler.
+
+    The needle is a paragraph of its own. Spliced into a sentence of Python documentation, "the pass key" reads as
+    Python's ``pass`` statement: the embedded model with its full cache then answered "a special syntax in Python"
+    and the like, retrieving 11 of 24 keys (0.46, against 0.958 on the kvpress anchors' task); between paragraphs
+    it retrieved 10 of the first 12 in a probe.
+    """
+    tokenizer = tokenizer or default_tokenizer()
+    haystack = haystack_text()
+    samples = []
+    for length, depth, rng in _grid("passkey_text", lengths, depths, per_cell, seed):
+        passkey, needle = _needle(rng)
+        prompt = _hide_in_prose(tokenizer, haystack, rng, length, depth, PASSKEY_INTRO, needle.strip() + "\n\n",
+                                PASSKEY_QUESTION, between="\n\n")
+        samples.append({"prompt": prompt, "answer": passkey, "length": length, "depth": depth,
+                        "tokens": count_tokens(tokenizer, prompt)})
+    return samples
+
+
+def _hide_in_prose(tokenizer, haystack: str, rng: random.Random, length: int, depth: float, intro: str,
+                   needle: str, question: str, between: str = ". ") -> str:
+    """``intro`` + a slice of ``haystack`` with ``needle`` after the last ``between`` (end of a sentence or of a
+    paragraph) before ``depth`` + ``question``: the longest such prompt of at most ``length`` tokens, the slice
+    starting at a random point of the first half."""
+    start = rng.randint(0, len(haystack) // 2)
+
+    def make(chars: int) -> str:
+        body = haystack[start : start + chars]
+        cut = round(len(body) * depth)
+        boundary = body.rfind(between, 0, cut)
+        cut = boundary + len(between) if boundary > 0 else cut
+        return intro + body[:cut] + needle + body[cut:] + question
+
+    return _fit(tokenizer, length, make, 100, length * 8)
 
 
 def ppl_documents(lengths: Sequence[int] = (2048, 4096), per_length: int = 3, seed: int = 0, tokenizer=None) -> list[dict]:
@@ -155,8 +195,13 @@ def ppl_documents(lengths: Sequence[int] = (2048, 4096), per_length: int = 3, se
     return documents
 
 
-GENERATORS = {"kvp_passkey": passkey_samples, "kvp_niah": niah_samples, "kvp_ppl": ppl_documents}
-DATA_VERSION = 1
+GENERATORS = {
+    "kvp_passkey": passkey_samples,
+    "kvp_passkey_text": text_passkey_samples,
+    "kvp_niah": niah_samples,
+    "kvp_ppl": ppl_documents,
+}
+DATA_VERSION = 2
 """Bump when a generator's output changes, so files cached under the old parameters are not reused."""
 
 

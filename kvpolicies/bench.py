@@ -108,6 +108,35 @@ def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
     )
 
 
+@torch.no_grad()
+def profile(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens: int,
+            prefill_chunk: int | None = None, rows: int = 12) -> str:
+    """Where one run's time goes: the operators with the most self time, prefill and decode profiled apart.
+
+    The benchmark says how fast; this says why, e.g. whether a slow decode is the model's linear layers, the
+    attention over the kept entries, or the policy's own re-scoring (its tensor ops show up under their names).
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = model.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    measure(model, ids, policy, budget, 2, prefill_chunk)  # warm-up outside the profile
+    cache = CompressedCache(model, policy, budget)
+    chunk = prefill_chunk or ids.shape[1]
+    with torch_profile(activities=activities) as prefill:
+        for start in range(0, ids.shape[1], chunk):
+            logits = model(ids[:, start : start + chunk], past_key_values=cache, logits_to_keep=1).logits
+    token = logits[:, -1:].argmax(-1)
+    with torch_profile(activities=activities) as decode:
+        for _ in range(decode_tokens):
+            token = model(token, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    title = f"{policy} @ {budget}, {ids.shape[1]} tokens"
+    return (f"{title}: prefill\n{prefill.key_averages().table(sort_by=sort, row_limit=rows)}\n"
+            f"{title}: {decode_tokens} decoding steps\n{decode.key_averages().table(sort_by=sort, row_limit=rows)}")
+
+
 def cache_clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -191,19 +220,8 @@ def benchmark(model_name: str | None = None, contexts: Sequence[int] = (2048,), 
 
     import transformers
 
-    from kvpolicies.models import load_model
-    from kvpolicies.registry import get_policy, list_policies
-
-    policies = list(policies) if policies else [info.name for info in list_policies()]
-    budgets = [Budget.parse(budget) for budget in budgets]
-    for name in policies:
-        get_policy(name)  # fail before loading anything
-    if random_model:
-        from kvpolicies.models import random_model as build
-
-        model, tokenizer = build(random_model, device=device, dtype=dtype), None
-    else:
-        model, tokenizer = load_model(model_name, device=device, dtype=dtype)
+    policies, budgets = _checked(policies, budgets)
+    model, tokenizer = _load(model_name, device, dtype, random_model)
     results = run_benchmark(model, tokenizer, list(contexts), policies, budgets, decode_tokens, repeats,
                             prefill_chunk, progress)
     where = (torch.cuda.get_device_name(model.device) if model.device.type == "cuda"
@@ -216,3 +234,42 @@ def benchmark(model_name: str | None = None, contexts: Sequence[int] = (2048,), 
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"header": header, "results": [r.as_dict() for r in results]}, indent=1))
     return header, results
+
+
+def profiles(model_name: str | None = None, contexts: Sequence[int] = (2048,), policies: Sequence[str] | None = None,
+             budgets: Sequence[str | float] = ("0.25",), decode_tokens: int = 32, prefill_chunk: int | None = None,
+             device: str | None = None, dtype: str | None = None, random_model: str | None = None,
+             rows: int = 12) -> str:
+    """``profile`` of the full cache and every policy × budget at every context, as one text."""
+    policies, budgets = _checked(policies, budgets)
+    model, tokenizer = _load(model_name, device, dtype, random_model)
+    out = []
+    for tokens in contexts:
+        ids = prompt_ids(tokenizer, tokens, model.device, model.config.vocab_size)
+        grid = [("full", Budget.parse(1.0))] + [(n, b) for n in policies if n != "full" for b in budgets]
+        for name, budget in grid:
+            try:
+                out.append(profile(model, ids, name, budget, decode_tokens, prefill_chunk, rows))
+            except BudgetError as error:
+                out.append(f"{name} @ {budget}, {tokens} tokens: skipped: {error}")
+    return "\n\n".join(out)
+
+
+def _checked(policies: Sequence[str] | None, budgets: Sequence[str | float]) -> tuple[list[str], list[Budget]]:
+    from kvpolicies.registry import get_policy, list_policies
+
+    names = list(policies) if policies else [info.name for info in list_policies()]
+    for name in names:
+        get_policy(name)  # fail before loading anything
+    return names, [Budget.parse(budget) for budget in budgets]
+
+
+def _load(model_name: str | None, device: str | None, dtype: str | None, random_model: str | None):
+    """``(model, tokenizer)``; random-weight models have no tokenizer (their prompts are random ids)."""
+    if random_model:
+        from kvpolicies.models import random_model as build
+
+        return build(random_model, device=device, dtype=dtype), None
+    from kvpolicies.models import load_model
+
+    return load_model(model_name, device=device, dtype=dtype)

@@ -249,7 +249,7 @@ def page(latest: dict, records: list[dict[str, Any]], correlation: dict[str, Any
             + ("" if flash else " flash-attn is not installed here, so FlashAttention was not run."),
             "",
             tabulate([[name, f"{value:.4f}" if isinstance(value, float) else value] for name, value in agreement.items()],
-                     headers=["policy", "same selection (SDPA vs eager)"], tablefmt="github"),
+                     headers=["policy", "same selection (SDPA vs eager)"], tablefmt="github", disable_numparse=True),
             "",
         ]
     if bench:
@@ -303,16 +303,10 @@ def replicate(results_dir: Path, plots_dir: Path, output: Path | None, model: st
               progress: Callable[[str], None] = print) -> str:
     """Run what is missing (sweeps, correlation, compatibility, benchmark) and return the page."""
 
-    from kvpolicies.leaderboard import load_records
-    from kvpolicies.reports import benchmark_by_policy, latest_records
+    from kvpolicies.reports import benchmark_by_policy, chosen_records, run_missing
 
     if run:
-        from kvpolicies.sweep import run_sweep
-
-        for config in sweeps(model):
-            for record in run_sweep(config, results_dir):
-                if record["status"] != "ok":
-                    progress(f"cell failed: {record['error']}")
+        run_missing(sweeps(model), results_dir, progress)
     progress("measuring the norm/attention correlation")
     correlation, images = correlation_summary(model, device=device, plots=plots_dir)
     progress("comparing selections under SDPA and eager attention")
@@ -322,13 +316,9 @@ def replicate(results_dir: Path, plots_dir: Path, output: Path | None, model: st
 
         progress("benchmarking every policy at 2048 tokens, budget 0.25")
         benchmark(model, device=device, json_path=bench_json)
-    records = [r for r in load_records(results_dir) if r.get("identity", {}).get("model") ==
-               (model or "smollm2-135m-instruct")]
-    wanted = set(BASELINES) | {spec.title for spec in ABLATIONS}
-    latest = {key: record for key, record in latest_records(records).items() if key[1] in wanted}
+    latest, used = chosen_records(results_dir, model, set(BASELINES) | {spec.title for spec in ABLATIONS})
     base = output.parent if output else Path.cwd()
     task_images = {path.stem: path for path in plot_scores(latest, plots_dir, list(BASELINES))}
     relative = {name: os.path.relpath(path, base) for name, path in (images | task_images).items()}
     _, bench = benchmark_by_policy(bench_json)
-    used = [r for r in records if any(r is record for record in latest.values())]
     return page(latest, used, correlation, agreement, bench, relative, model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,30 @@ def latest_records(records: list[dict[str, Any]]) -> dict[tuple[str, str, Any], 
         if key not in best or record.get("finished_at", "") > best[key].get("finished_at", ""):
             best[key] = record
     return best
+
+
+def run_missing(configs: list, results_dir: Path, progress: Callable[[str], None] = print) -> None:
+    """Run every cell of ``configs`` not yet finished in ``results_dir``; a failed cell is reported, not raised."""
+    from kvpolicies.sweep import run_sweep
+
+    for config in configs:
+        for record in run_sweep(config, results_dir):
+            if record["status"] != "ok":
+                progress(f"cell failed: {record['error']}")
+
+
+def chosen_records(results_dir: Path, model: str | None, titles: set[str],
+                   task: str | None = None) -> tuple[dict[tuple[str, str, Any], dict[str, Any]], list[dict[str, Any]]]:
+    """A page's cells: the newest finished record per (task, policy title, budget) of ``model`` for the given
+    policy titles (and task), and the list of those records for the provenance."""
+    from kvpolicies.leaderboard import load_records
+
+    records = [r for r in load_records(results_dir) if r.get("identity", {}).get("model") ==
+               (model or "smollm2-135m-instruct")] if results_dir.is_dir() else []
+    latest = {key: record for key, record in latest_records(records).items()
+              if key[1] in titles and (task is None or key[0] == task)}
+    used = [r for r in records if any(r is record for record in latest.values())]
+    return latest, used
 
 
 def benchmark_by_policy(path: Path | None) -> tuple[str, dict[str, dict[str, Any]]]:

@@ -147,7 +147,7 @@ def cells(config: SweepConfig) -> list[Cell]:
     return grid
 
 
-PRESENTATION_ONLY = {"leaderboard.py", "analysis.py", "reports.py", "replication.py", "bench.py"}
+PRESENTATION_ONLY = {"leaderboard.py", "analysis.py", "reports.py", "replication.py", "anchors.py", "bench.py"}
 """Core modules that render results or measure outside sweep cells (and the ``cli`` package): editing them changes
 no sweep number."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kvpolicies.bench import run_benchmark, tables
 from kvpolicies.models import random_config
@@ -48,3 +49,24 @@ def test_bench_command_prints_tables_and_saves_what_the_pages_read(tiny_pretrain
     assert out.startswith(f"model: {tiny_pretrained}") and "context: 64 tokens" in out and "| keydiff" in out
     data = json.loads(saved.read_text())
     assert [r["policy"] for r in data["results"]] == ["full", "snapkv", "keydiff"] and data["header"] in out
+
+
+def test_profile_splits_prefill_and_decode_and_names_the_operators(tiny_model):
+    from kvpolicies.bench import profile
+    from kvpolicies.budget import Budget
+
+    text = profile(tiny_model, torch.randint(3, 100, (1, 64)), "h2o", Budget.parse(0.5), decode_tokens=2, rows=5)
+    prefill, decode = text.split("h2o @ 0.5, 64 tokens: 2 decoding steps")
+    assert prefill.startswith("h2o @ 0.5, 64 tokens: prefill")
+    for part in (prefill, decode):
+        assert "Self CPU time total" in part
+        assert 1 <= sum(line.strip().startswith("aten::") for line in part.splitlines()) <= 5  # the top `rows` operators
+
+
+def test_bench_command_profiles_instead_of_timing(tiny_pretrained, capsys):
+    from kvpolicies.cli import main
+
+    assert main(["bench", "--model", tiny_pretrained, "--contexts", "48", "--policies", "keydiff",
+                 "--budgets", "0.5", "--decode", "2", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "full @ 1, 48 tokens: prefill" in out and "keydiff @ 0.5, 48 tokens: 2 decoding steps" in out

@@ -8,6 +8,7 @@ from kvpolicies_evals.data import dataset_file
 
 PARAMETERS = {
     "kvp_passkey": ("lengths", "depths", "per_cell", "seed"),
+    "kvp_passkey_text": ("lengths", "depths", "per_cell", "seed"),
     "kvp_niah": ("lengths", "depths", "per_cell", "seed"),
     "kvp_ppl": ("lengths", "per_length", "seed"),
 }

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from kvpolicies_evals.data import GENERATORS
 from tabulate import tabulate
 
 from kvpolicies.cli.options import write_or_print
@@ -18,7 +19,7 @@ def add_commands(commands) -> None:
     norms.add_argument("--model", help="model id, folder or .gguf file (default: the embedded model)")
     source = norms.add_mutually_exclusive_group()
     source.add_argument("--text", type=Path, help="text file to run (default: the first kvp_niah prompt at 2k tokens)")
-    source.add_argument("--task", choices=["kvp_passkey", "kvp_niah", "kvp_ppl"], help="first sample of this task")
+    source.add_argument("--task", choices=sorted(GENERATORS), help="first sample of this task")
     norms.add_argument("--tokens", type=int, default=2048, help="prompt length when taken from a task")
     norms.add_argument("--window", type=int, default=64, help="last queries whose attention is measured")
     norms.add_argument("--keep", type=float, default=0.5, help="fraction for the top-k overlap")
@@ -41,6 +42,8 @@ def add_commands(commands) -> None:
     bench.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     bench.add_argument("--dtype", help="float32, bfloat16, ... (default: bfloat16 on CUDA, float32 on CPU)")
     bench.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
+    bench.add_argument("--profile", action="store_true",
+                       help="instead of the tables: where each run's time goes (torch profiler, top operators)")
     bench.set_defaults(run=run_bench)
 
     report = commands.add_parser("report", help="regenerate a documentation page from (and, if missing, by running) "
@@ -66,6 +69,15 @@ def add_commands(commands) -> None:
     paper.add_argument("--output", type=Path, help="write the page here instead of stdout")
     paper.set_defaults(run=run_report_paper)
 
+    anchors = pages.add_parser("anchors", help="docs/kvpress-anchors.md: our policies next to kvpress's reference "
+                               "measurements on a natural-text passkey")
+    anchors.add_argument("--model", help="model id, folder or .gguf file (default: the embedded model)")
+    anchors.add_argument("--results", type=Path, default=Path("results/anchors"),
+                         help="sweep results folder (default: results/anchors)")
+    anchors.add_argument("--no-run", action="store_true", help="render from what is saved; run nothing")
+    anchors.add_argument("--output", type=Path, help="write the page here instead of stdout")
+    anchors.set_defaults(run=run_report_anchors)
+
     data = commands.add_parser("eval-data", help="write the offline evaluation sets (passkey, niah, ppl) as JSONL")
     data.add_argument("--out", type=Path, required=True, help="folder for kvp_passkey.jsonl, kvp_niah.jsonl, ...")
     data.add_argument("--seed", type=int, default=0)
@@ -82,8 +94,6 @@ def run_analyze_norms(args: argparse.Namespace) -> int:
     if args.text:
         text = args.text.read_text()
     else:
-        from kvpolicies_evals.data import GENERATORS
-
         task = args.task or "kvp_niah"
         options = {"lengths": [args.tokens]} | ({"per_length": 1} if task == "kvp_ppl" else {"per_cell": 1})
         first = GENERATORS[task](**options)[0]
@@ -106,8 +116,14 @@ def run_analyze_norms(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from kvpolicies.bench import benchmark, tables
+    from kvpolicies.bench import benchmark, profiles, tables
 
+    if args.profile:
+        print(profiles(args.model, [int(text) for text in args.contexts.split(",")],
+                       [name.strip() for name in args.policies.split(",")] if args.policies else None,
+                       [text.strip() for text in args.budgets.split(",")], args.decode, args.prefill_chunk,
+                       args.device, args.dtype, args.random_model))
+        return 0
     header, results = benchmark(
         args.model, [int(text) for text in args.contexts.split(",")],
         [name.strip() for name in args.policies.split(",")] if args.policies else None,
@@ -150,8 +166,17 @@ def run_report_paper(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_report_anchors(args: argparse.Namespace) -> int:
+    from kvpolicies.anchors import compare
+
+    text = compare(args.results, model=args.model, run=not args.no_run,
+                   progress=lambda message: print(f"kvpolicies: {message}", file=sys.stderr))
+    write_or_print(text, args.output)
+    return 0
+
+
 def run_eval_data(args: argparse.Namespace) -> int:
-    from kvpolicies_evals.data import GENERATORS, write_jsonl
+    from kvpolicies_evals.data import write_jsonl
 
     for task, generate in GENERATORS.items():
         options = {"seed": args.seed}
