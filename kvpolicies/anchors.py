@@ -68,13 +68,11 @@ KVPRESS = (
 
 
 def sweeps(model: str | None = None) -> list[SweepConfig]:
-    """One grid per set of budgets (most anchors have all three), plus the full cache."""
-    groups: dict[tuple[float, ...], list[PolicySpec]] = {}
-    for anchor in KVPRESS:
-        groups.setdefault(anchor.budgets, []).append(anchor.policy)
+    """The full cache, then one grid per budget, largest first: an interrupted run has the most telling cells."""
     configs = [SweepConfig(models=[model], policies=["full"], budgets=[0.5], tasks=[TASK])]
-    for budgets, policies in groups.items():
-        configs.append(SweepConfig(models=[model], policies=policies, budgets=list(budgets), tasks=[TASK]))
+    for budget in BUDGETS:
+        policies = [anchor.policy for anchor in KVPRESS if budget in anchor.budgets]
+        configs.append(SweepConfig(models=[model], policies=policies, budgets=[budget], tasks=[TASK]))
     return configs
 
 
