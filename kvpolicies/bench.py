@@ -79,7 +79,7 @@ def prompt_ids(tokenizer, tokens: int, device: torch.device, vocab_size: int = 3
 def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens: int,
             prefill_chunk: int | None = None) -> Measurement:
     """One prefill of ``ids`` and ``decode_tokens`` greedy steps on a fresh cache."""
-    from kvpolicies.sweep import PeakMemory
+    from kvpolicies.memory import PeakMemory
 
     cache = CompressedCache(model, policy, budget)
     cache.timing = True
@@ -206,7 +206,55 @@ def tables(results: list[Measurement], tablefmt: str = "github") -> str:
                    "TTFT s", "policy share of prefill", "decode tok/s", "vs full", "policy ms/step"]
         table = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
         out.append(f"context: {tokens} tokens\n\n" + table)
+    if len({r.context_tokens for r in results}) > 1:
+        out.append(scaling(results, tablefmt))
     return "\n\n".join(out)
+
+
+def scaling(results: list[Measurement], tablefmt: str = "github") -> str:
+    """How each policy's advantage changes with the context: decode speed, prefill time and peak memory by context.
+
+    The per-context tables hold the detail; this is the question a reader brings to them, e.g. from which prompt
+    length on a small cache pays for its eviction.
+    """
+    from tabulate import tabulate
+
+    contexts = sorted({r.context_tokens for r in results})
+    full = {r.context_tokens: r for r in results if r.policy == "full"}
+    cells = {(r.policy, r.budget, r.context_tokens): r for r in results}
+    keys = list(dict.fromkeys((r.policy, r.budget) for r in results))
+    parts = []
+    for title, value in (
+        ("decode tokens/s vs the full cache",
+         lambda r: f"{r.decode_tokens_per_s / full[r.context_tokens].decode_tokens_per_s:.2f}x"),
+        ("prefill time vs the full cache", lambda r: f"{r.prefill_s / full[r.context_tokens].prefill_s:.2f}x"),
+        ("peak memory growth, MiB", lambda r: f"{r.peak_bytes / 2**20:.0f}"),
+    ):
+        body = [[policy, "-" if policy == "full" else budget,
+                 *(value(cells[policy, budget, tokens]) if (policy, budget, tokens) in cells and tokens in full
+                   else "" for tokens in contexts)]
+                for policy, budget in keys]
+        headers = ["policy", "budget", *(f"{tokens} tokens" for tokens in contexts)]
+        parts.append(f"{title}, by context\n\n" + tabulate(body, headers=headers, tablefmt=tablefmt,
+                                                             disable_numparse=True))
+    return "\n\n".join(parts)
+
+
+def load(paths: Sequence) -> tuple[list[str], list[Measurement]]:
+    """The headers and measurements of saved benchmark files (``--json``), e.g. one run per context, as one set."""
+    import json
+    from dataclasses import fields
+    from pathlib import Path
+
+    names = {field.name for field in fields(Measurement)}
+    headers: list[str] = []
+    results: list[Measurement] = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if data["header"] not in headers:
+            headers.append(data["header"])
+        results += [Measurement(**{k: v for k, v in row.items() if k in names}) for row in data["results"]]
+    return headers, results
 
 
 def benchmark(model_name: str | None = None, contexts: Sequence[int] = (2048,), policies: Sequence[str] | None = None,

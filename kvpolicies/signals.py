@@ -33,9 +33,21 @@ def attention_received(
     keys32 = keys.float()
     for start in range(0, q_len, chunk):
         stop = min(start + chunk, q_len)
-        logits = torch.einsum("bhgqd,bhsd->bhgqs", grouped[:, :, :, start:stop].float(), keys32) * scaling
+        seen = _visible_prefix(valid, order, first_new + stop - 1) if q_len > chunk else seq
+        logits = torch.einsum("bhgqd,bhsd->bhgqs", grouped[:, :, :, start:stop].float(), keys32[:, :, :seen])
         limit = first_new + torch.arange(start, stop, device=keys.device)  # [batch, kv_heads, chunk]
-        visible = valid[:, :, None, :] & (order[:, :, None, :] <= limit[..., None])
-        logits = logits.masked_fill(~visible[:, :, None], float("-inf"))
-        received += torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=(2, 3))
+        visible = valid[:, :, None, :seen] & (order[:, :, None, :seen] <= limit[..., None])
+        probs = logits.mul_(scaling).masked_fill_(~visible[:, :, None], float("-inf")).softmax(dim=-1)
+        received[..., :seen] += probs.nan_to_num_(0.0).sum(dim=(2, 3))
     return received
+
+
+def _visible_prefix(valid: torch.Tensor, order: torch.Tensor, last_limit: torch.Tensor) -> int:
+    """How many leading storage positions a query chunk can see, in any sequence or head.
+
+    Causality hides every entry younger than the chunk's last query: at prefill, the keys of later chunks. Cutting
+    them before q·Kᵀ halves the work of a long prompt (a triangle instead of a square); entries past the cut are
+    invisible to every query of the chunk, so the result is unchanged.
+    """
+    seen = (valid & (order <= last_limit)).flatten(0, 1).any(0)
+    return int(seen.nonzero().max()) + 1 if bool(seen.any()) else 0

@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 import tomllib
 import traceback
@@ -29,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvpolicies.budget import Budget
+from kvpolicies.memory import PeakMemory
 from kvpolicies.policy import Policy
 from kvpolicies.registry import get_policy, list_policies
 
@@ -208,50 +208,6 @@ def tasks_dir() -> Path:
     import kvpolicies_evals
 
     return Path(kvpolicies_evals.__file__).parent / "tasks"
-
-
-class PeakMemory:
-    """Peak memory while the block runs: CUDA allocator peak, or sampled process RSS on CPU (every 20 ms).
-
-    ``growth_bytes`` is the peak minus what was in use when the block started: the memory this cell needed on top
-    of what the process already held (a sweep process keeps earlier cells' allocator pools, so its absolute RSS
-    only grows and is not comparable between cells).
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak_bytes = self.start_bytes = 0
-        self._stop = threading.Event()
-
-    @property
-    def growth_bytes(self) -> int:
-        return max(0, self.peak_bytes - self.start_bytes)
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start_bytes = torch.cuda.memory_allocated(self.device)
-        else:
-            import psutil
-
-            process = psutil.Process()
-            self.start_bytes = self.peak_bytes = process.memory_info().rss
-
-            def sample() -> None:
-                while not self._stop.is_set():
-                    self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
-                    self._stop.wait(0.02)
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
 
 
 @functools.lru_cache(maxsize=16)

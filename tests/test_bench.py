@@ -70,3 +70,23 @@ def test_bench_command_profiles_instead_of_timing(tiny_pretrained, capsys):
                  "--budgets", "0.5", "--decode", "2", "--profile"]) == 0
     out = capsys.readouterr().out
     assert "full @ 1, 48 tokens: prefill" in out and "keydiff @ 0.5, 48 tokens: 2 decoding steps" in out
+
+
+def test_saved_runs_of_several_contexts_render_as_one_set_with_a_scaling_summary(tiny_model, tmp_path, capsys):
+    import json
+
+    from kvpolicies.cli import main
+
+    paths = []
+    for tokens in (48, 96):
+        results = run_benchmark(tiny_model, None, [tokens], ["streaming"], [0.25], decode_tokens=2, repeats=1)
+        paths.append(tmp_path / f"bench-{tokens}.json")
+        paths[-1].write_text(json.dumps({"header": "model: tiny", "results": [r.as_dict() for r in results]}))
+    assert main(["bench", "--from-json", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("model: tiny\n") and out.count("model: tiny") == 1  # one header, shared by both runs
+    assert "context: 48 tokens" in out and "context: 96 tokens" in out
+    summary = out.split("decode tokens/s vs the full cache, by context")[1]
+    assert "48 tokens" in summary and "96 tokens" in summary
+    full_row = next(line for line in summary.splitlines() if line.startswith("| full"))
+    assert full_row.count("1.00x") == 2  # the full cache is the reference at every context

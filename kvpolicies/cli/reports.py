@@ -44,6 +44,8 @@ def add_commands(commands) -> None:
     bench.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
     bench.add_argument("--profile", action="store_true",
                        help="instead of the tables: where each run's time goes (torch profiler, top operators)")
+    bench.add_argument("--from-json", type=Path, nargs="+", metavar="JSON",
+                       help="measure nothing: print the tables of saved --json files (e.g. one run per context)")
     bench.set_defaults(run=run_bench)
 
     report = commands.add_parser("report", help="regenerate a documentation page from (and, if missing, by running) "
@@ -116,8 +118,12 @@ def run_analyze_norms(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from kvpolicies.bench import benchmark, profiles, tables
+    from kvpolicies.bench import benchmark, load, profiles, tables
 
+    if args.from_json:
+        headers, results = load(args.from_json)
+        print("\n".join(headers) + "\n\n" + tables(results))
+        return 0
     if args.profile:
         print(profiles(args.model, [int(text) for text in args.contexts.split(",")],
                        [name.strip() for name in args.policies.split(",")] if args.policies else None,
