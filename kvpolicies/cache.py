@@ -39,6 +39,13 @@ def claim_layer(keys: torch.Tensor) -> CompressedLayer | None:
     return layer
 
 
+def held_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes of the storage behind ``tensors``, each storage once: a small view of a large tensor counts the large
+    one, because that is what it keeps alive."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+    return sum(storages.values())
+
+
 @dataclass(frozen=True)
 class CacheStats:
     """What the cache holds, counted from its tensors."""
@@ -152,7 +159,8 @@ class CompressedLayer(CacheLayerMixin):
         window = self.cache.policy.query_window
         if window:
             recent = query if self.recent_queries is None else torch.cat([self.recent_queries, query], dim=2)
-            self.recent_queries = recent[:, :, -window:]
+            # A slice is a view: at prefill it would keep the whole prompt's queries alive in every layer.
+            self.recent_queries = recent[:, :, -window:].clone() if recent.shape[2] > window else recent
         if self.cumulative is not None:
             self.cumulative += self._attention_received(query, scaling)[..., None]
         self.cache.evict(self, query, scaling, module)
@@ -235,12 +243,11 @@ class CompressedLayer(CacheLayerMixin):
         """Bytes of the keys and values held (a policy's per-entry attention track is reported apart)."""
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+        return held_bytes(self.keys, self.values)
 
     def auxiliary_bytes(self) -> int:
         """Bytes held besides keys and values: the recent-query buffer, the attention track, the padding mask."""
-        extras = (self.recent_queries, self.cumulative, self.valid)
-        return sum(t.numel() * t.element_size() for t in extras if t is not None)
+        return held_bytes(self.recent_queries, self.cumulative, self.valid)
 
     def get_seq_length(self) -> int:
         return self.logical_length

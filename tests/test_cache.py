@@ -52,6 +52,30 @@ def test_half_budget_halves_resident_bytes(tiny_model):
     assert all(t.shape == (2 * 50, 16) for t in tensors)  # packed [entries, head_dim]: 2 KV heads x 50 tokens
 
 
+def test_query_window_holds_only_its_window_not_the_prompts_queries(tiny_model):
+    """The recent-query buffer once was a view of the whole prefill query, keeping every layer's prompt queries
+    alive (2x the full cache's peak RSS at 8k tokens); the auxiliary bytes count the storage behind each tensor."""
+    policy = kvpolicies.get_policy("snapkv")
+    cache = CompressedCache(tiny_model, policy, 0.25)
+    with torch.no_grad():
+        tiny_model(torch.randint(3, 128, (1, 200)), past_key_values=cache)
+    window = policy.query_window
+    for layer in cache.layers:
+        buffer = layer.recent_queries
+        assert buffer.shape[2] == window < 200
+        assert buffer.untyped_storage().nbytes() == buffer.numel() * buffer.element_size()
+    assert cache.auxiliary_bytes() == sum(
+        layer.recent_queries.numel() * 4 for layer in cache.layers  # packed layers: no padding mask left
+    )
+
+
+def test_a_view_counts_the_storage_it_keeps_alive():
+    from kvpolicies.cache import held_bytes
+
+    large = torch.zeros(1000)
+    assert held_bytes(large[:10]) == 4000 and held_bytes(large, large[:10], None) == 4000
+
+
 @pytest.mark.parametrize("slack", [0, 5])
 def test_decode_keeps_every_head_within_its_allocation_plus_slack(tiny_model, slack):
     budget = Budget(unit="tokens", value=16, slack_tokens=slack)
