@@ -140,7 +140,9 @@ def packed_attention(
         for run, (k, v) in enumerate(zip(runs_k, runs_v)):
             b, h = divmod(run, kv_heads)
             mask = mask_for(k.shape[0], None if new_visible is None else new_visible[b])
+            # 4-D inputs: with 3-D ones SDPA on CPU falls back to its math path (bmm + softmax), 1.5x slower.
             out[b, h] = F.scaled_dot_product_attention(
-                rows[b, h][None], k[None], v[None], attn_mask=mask, dropout_p=dropout, scale=scaling
-            )[0]
+                rows[b, h][None, None], k[None, None], v[None, None], attn_mask=mask, dropout_p=dropout,
+                scale=scaling,
+            )[0, 0]
     return out.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
