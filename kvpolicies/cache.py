@@ -158,9 +158,14 @@ class CompressedLayer(CacheLayerMixin):
             self.valid = torch.cat([self.valid, new_valid], dim=1)
         window = self.cache.policy.query_window
         if window:
-            recent = query if self.recent_queries is None else torch.cat([self.recent_queries, query], dim=2)
-            # A slice is a view: at prefill it would keep the whole prompt's queries alive in every layer.
-            self.recent_queries = recent[:, :, -window:].clone() if recent.shape[2] > window else recent
+            # One copy of at most `window` rows per step. Never keep a slice of `query`: a view would keep the whole
+            # prompt's queries alive in every layer.
+            new = query[:, :, -window:]
+            room = window - new.shape[2]
+            if self.recent_queries is None or room == 0:
+                self.recent_queries = new.clone()
+            else:
+                self.recent_queries = torch.cat([self.recent_queries[:, :, -room:], new], dim=2)
         if self.cumulative is not None:
             self.cumulative += self._attention_received(query, scaling)[..., None]
         self.cache.evict(self, query, scaling, module)

@@ -49,5 +49,5 @@ def _visible_prefix(valid: torch.Tensor, order: torch.Tensor, last_limit: torch.
     them before q·Kᵀ halves the work of a long prompt (a triangle instead of a square); entries past the cut are
     invisible to every query of the chunk, so the result is unchanged.
     """
-    seen = (valid & (order <= last_limit)).flatten(0, 1).any(0)
-    return int(seen.nonzero().max()) + 1 if bool(seen.any()) else 0
+    positions = (valid & (order <= last_limit)).flatten(0, 1).any(0).nonzero()
+    return int(positions[-1]) + 1 if len(positions) else 0
