@@ -14,11 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
 from kvpolicies.sweep import PolicySpec, SweepConfig, TaskSpec
+
+if TYPE_CHECKING:
+    from kvpolicies.reports import Latest
+    from kvpolicies.results import ResultRecord
 
 BUDGETS = (0.5, 0.25, 0.1)
 CASES = 24
@@ -86,7 +90,7 @@ def within_noise(ours: float, theirs: float, cases: int = CASES) -> bool:
     return abs(ours - theirs) <= 2 * math.sqrt(2 * pooled * (1 - pooled) / cases) + 1e-9
 
 
-def rows(latest: dict[tuple[str, str, Any], dict[str, Any]]) -> list[list[str]]:
+def rows(latest: Latest) -> list[list[str]]:
     """One row per anchor: kvpress vs ours at each budget, with a mark where the gap exceeds the noise."""
     table = []
     for anchor in KVPRESS:
@@ -97,20 +101,20 @@ def rows(latest: dict[tuple[str, str, Any], dict[str, Any]]) -> list[list[str]]:
             if theirs is None and record is None:
                 row.append("")
                 continue
-            ours = "" if record is None else f"{record['score']:.3f}"
+            ours = "" if record is None else f"{record.score:.3f}"
             text = f"{ours or '—'} / {'—' if theirs is None else f'{theirs:.3f}'}"
-            if record is not None and theirs is not None and not within_noise(record["score"], theirs):
+            if record is not None and theirs is not None and not within_noise(record.score, theirs):
                 text += " **≠**"
             row.append(text)
         table.append([*row, anchor.note])
     return table
 
 
-def page(latest: dict, records: list[dict[str, Any]], model: str | None, today: date | None = None) -> str:
+def page(latest: Latest, records: list[ResultRecord], model: str | None, today: date | None = None) -> str:
     from kvpolicies.leaderboard import provenance
 
     full = latest.get((TASK.name, "full", 1.0))
-    full_text = "not run" if full is None else f"{full['score']:.3f}"
+    full_text = "not run" if full is None else f"{full.score:.3f}"
     lines = [
         "# kvpress reference measurements next to ours",
         "",
@@ -139,7 +143,7 @@ def page(latest: dict, records: list[dict[str, Any]], model: str | None, today: 
         "## Provenance",
         "",
         "```",
-        *provenance([r for r in records if r.get("status") == "ok"]),
+        *provenance([r for r in records if r.status == "ok"]),
         "```",
         "",
     ]

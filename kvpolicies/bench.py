@@ -87,13 +87,13 @@ def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
     with PeakMemory(model.device) as peak:
         started = cache_clock(model.device)
         for start in range(0, ids.shape[1], chunk):
-            logits = model(ids[:, start : start + chunk], past_key_values=cache, logits_to_keep=1).logits
+            logits = model(ids[:, start : start + chunk], cache=cache, logits_to_keep=1).logits
         prefilled = cache_clock(model.device)
         token = logits[:, -1:].argmax(-1)
         first_token = cache_clock(model.device)
         policy_prefill, cache.policy_seconds = cache.policy_seconds, 0.0
         for _ in range(decode_tokens):
-            token = model(token, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            token = model(token, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
         decoded = cache_clock(model.device)
     stats = cache.stats()
     steps = max(decode_tokens, 1)
@@ -127,11 +127,11 @@ def profile(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
     chunk = prefill_chunk or ids.shape[1]
     with torch_profile(activities=activities) as prefill:
         for start in range(0, ids.shape[1], chunk):
-            logits = model(ids[:, start : start + chunk], past_key_values=cache, logits_to_keep=1).logits
+            logits = model(ids[:, start : start + chunk], cache=cache, logits_to_keep=1).logits
     token = logits[:, -1:].argmax(-1)
     with torch_profile(activities=activities) as decode:
         for _ in range(decode_tokens):
-            token = model(token, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            token = model(token, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
     title = f"{policy} @ {budget}, {ids.shape[1]} tokens"
     return (f"{title}: prefill\n{prefill.key_averages().table(sort_by=sort, row_limit=rows)}\n"
             f"{title}: {decode_tokens} decoding steps\n{decode.key_averages().table(sort_by=sort, row_limit=rows)}")

@@ -14,15 +14,28 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kvpolicies.errors import BudgetError, PolicyConfigError, describe
 
 BudgetUnit = Literal["fraction", "tokens", "bytes"]
 
 _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_FORMS: list[tuple[str, BudgetUnit, float]] = [
+    (r"([^%]+)(%)", "fraction", 0.01),
+    (r"(.+?)(tokens?|tok|t)", "tokens", 1.0),
+    (r"(.+?)(bytes?|kib|mib|gib|kb|mb|gb|b)", "bytes", 1.0),
+]
+FORMS = (
+    "use a fraction in (0, 1] such as 0.5 or 50%, tokens per KV head such as '512 tokens', or bytes such as '64MiB'"
+)
 
 
-class BudgetError(ValueError):
-    """A budget that cannot be honoured for this model, sequence and policy."""
+def _number(text: str, spec: object) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise BudgetError(f"cannot read budget {spec!r}: {FORMS}") from None
 
 
 @dataclass(frozen=True)
@@ -83,33 +96,50 @@ class Budget(BaseModel):
         return self
 
     @classmethod
-    def parse(cls, spec: Budget | float | int | str) -> Budget:
-        """Read ``0.5``, ``"50%"``, ``"512 tokens"``, ``"64MiB"`` or ``"1e6 bytes"`` into a Budget."""
+    def parse(cls, spec: Budget | float | int | str, slack_tokens: int | None = None) -> Budget:
+        """Read ``0.5``, ``"50%"``, ``"512 tokens"``, ``"64MiB"`` or ``"1e6 bytes"`` into a Budget.
+
+        Every way a budget enters kvpolicies (command line, sweep file, lm-eval model args, Python) goes through
+        here, so a bad one always fails the same way: a :class:`BudgetError` that shows the accepted forms.
+        """
         if isinstance(spec, Budget):
-            return spec
-        if isinstance(spec, (int, float)):
-            if spec > 1:
-                raise BudgetError(
-                    f"budget {spec:g}: a bare number is a fraction in (0, 1]; "
-                    f"write '{spec:g} tokens' for tokens per KV head or '{spec:g}B' for bytes"
-                )
-            return cls(unit="fraction", value=spec)
-        text = spec.strip().lower().replace(" ", "")
-        if match := re.fullmatch(r"([0-9.e+-]+)%", text):
-            return cls(unit="fraction", value=float(match[1]) / 100)
-        if match := re.fullmatch(r"([0-9.e+-]+)(tokens?|tok|t)", text):
-            return cls(unit="tokens", value=float(match[1]))
-        if match := re.fullmatch(r"([0-9.e+-]+)(b|bytes?|kb|mb|gb|kib|mib|gib)", text):
-            unit = "b" if match[2].startswith("byte") else match[2]
-            return cls(unit="bytes", value=float(match[1]) * _BYTE_UNITS[unit])
-        try:
-            number = float(text)
-        except ValueError:
+            budget = spec
+        elif isinstance(spec, dict):
+            budget = cls._validated(spec, spec)
+        else:
+            unit, value = cls._read(spec)
+            budget = cls._validated({"unit": unit, "value": value}, spec)
+        if slack_tokens is not None and slack_tokens != budget.slack_tokens:
+            budget = cls._validated(budget.model_dump() | {"slack_tokens": slack_tokens}, spec)
+        return budget
+
+    @classmethod
+    def _read(cls, spec: float | int | str) -> tuple[BudgetUnit, float]:
+        if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
+            raise BudgetError(f"cannot read budget {spec!r}: {FORMS}")
+        if isinstance(spec, str):
+            text = spec.strip().lower().replace(" ", "")
+            for pattern, unit, scale in _FORMS:
+                if match := re.fullmatch(pattern, text):
+                    factor = _BYTE_UNITS["b" if match[2].startswith("byte") else match[2]] if unit == "bytes" else scale
+                    return unit, _number(match[1], spec) * factor
+            spec = _number(text, spec)
+        if not math.isfinite(spec):
+            raise BudgetError(f"budget {spec!r} is not a finite number: {FORMS}")
+        if spec > 1:
             raise BudgetError(
-                f"cannot read budget {spec!r}: use a fraction in (0, 1] such as 0.5 or 50%, "
-                f"tokens per KV head such as '512 tokens', or bytes such as '64MiB'"
-            ) from None
-        return cls.parse(number)
+                f"budget {spec:g}: a bare number is a fraction in (0, 1]; "
+                f"write '{spec:g} tokens' for tokens per KV head or '{spec:g}B' for bytes"
+            )
+        return "fraction", float(spec)
+
+    @classmethod
+    def _validated(cls, data: dict, spec: object) -> Budget:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            problems = describe(error)
+            raise BudgetError(f"invalid budget {spec!r}: {problems}") from None
 
     def total_entries(self, seq_len: int, shape: CacheShape) -> int:
         """Entries the whole cache of one sequence may hold: at least one per head, at most the full cache."""
@@ -192,6 +222,12 @@ class Allocation:
     def with_full_layers(self, layers: Iterable[int]) -> Allocation:
         """Leave ``layers`` uncompressed and share what is left of the total among the other layers."""
         num_layers, num_heads = self.tokens.shape
+        outside = [layer for layer in layers if not -num_layers <= layer < num_layers]
+        if outside:
+            raise PolicyConfigError(
+                f"layers {outside} do not exist in a model of {num_layers} layers; name layers 0 to "
+                f"{num_layers - 1} (or -1 for the last, -2 for the one before, ...)"
+            )
         full = sorted({layer % num_layers for layer in layers})
         if not full:
             return self

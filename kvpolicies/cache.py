@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpolicies.budget import Allocation, Budget, CacheShape
+from kvpolicies.errors import ContextLengthWarning, ModelLoadError, PolicyConfigError
 from kvpolicies.policy import Policy, ScoreInputs, Signal
 from kvpolicies.selection import age_order, select
 from kvpolicies.signals import attention_received
@@ -48,12 +50,18 @@ def held_bytes(*tensors: torch.Tensor | None) -> int:
 
 @dataclass(frozen=True)
 class CacheStats:
-    """What the cache holds, counted from its tensors."""
+    """What the cache holds, counted from its tensors.
+
+    ``resident_bytes`` is what the key and value tensors occupy; it exceeds ``kept_entries × entry bytes`` only by
+    ``padding_bytes``, the padded positions a layer still stores densely (a left-padded batch before its first
+    eviction, or the full cache, which never evicts).
+    """
 
     kept_entries: int
     full_entries: int
     resident_bytes: int
     full_bytes: int
+    padding_bytes: int = 0
 
     @property
     def kept_fraction(self) -> float:
@@ -122,6 +130,8 @@ class CompressedLayer(CacheLayerMixin):
         if self.packed:
             self.lengths = [n + q_len for n in self.lengths]
         self.logical_length += q_len
+        if self.logical_length > self.cache.max_positions and self.layer_idx == 0:
+            self.cache.warn_past_positions(self.logical_length)
         self.awaiting_attention = True
         _pending.layer, _pending.keys = self, self.keys
         return self.keys, self.values
@@ -275,7 +285,7 @@ class CompressedCache(Cache):
     """A KV cache that evicts entries with ``policy`` under ``budget``.
 
     >>> cache = CompressedCache(model, get_policy("l2norm"), Budget.parse(0.5))
-    >>> model.generate(**inputs, past_key_values=cache)
+    >>> model.generate(**inputs, cache=cache)
     >>> cache.stats()
 
     Construction switches the model to the kvpolicies attention (which runs the model's own attention for layers
@@ -290,9 +300,11 @@ class CompressedCache(Cache):
         layer_types = getattr(text_config, "layer_types", None) or []
         unsupported = sorted({t for t in layer_types if t != "full_attention"})
         if unsupported:
-            raise NotImplementedError(
-                f"CompressedCache supports full-attention layers only; this model also has {unsupported}"
+            raise ModelLoadError(
+                f"{type(model).__name__}: CompressedCache supports full-attention layers only; this model also has "
+                f"{unsupported} layers"
             )
+        self.max_positions: int | float = getattr(text_config, "max_position_embeddings", None) or float("inf")
         prepare_model(model)
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.budget = Budget.parse(budget)
@@ -302,6 +314,18 @@ class CompressedCache(Cache):
         """When True, ``policy_seconds`` accumulates the time spent in the policy (signals, scoring, eviction)."""
         self.policy_seconds = 0.0
         super().__init__(layers=[CompressedLayer(self, i) for i in range(self.shape.num_layers)])
+
+    def warn_past_positions(self, length: int) -> None:
+        """Warn once: beyond its trained positions a model's output is unreliable, compressed or not."""
+        if not getattr(self, "_warned_positions", False):
+            self._warned_positions = True
+            warnings.warn(
+                f"the sequence has reached {length} tokens, more than the {self.max_positions} positions the model "
+                "was trained for; its outputs past that point are unreliable with or without compression. Use "
+                "shorter prompts or a model with a longer context.",
+                ContextLengthWarning,
+                stacklevel=2,
+            )
 
     def allocation(self, seq_len: int) -> Allocation:
         """The policy's allocation for a sequence of ``seq_len`` real tokens, checked against the budget."""
@@ -338,27 +362,39 @@ class CompressedCache(Cache):
         if any(over):
             inputs = self._score_inputs(layer, dense, valid, keep_n, query, scaling)
             inputs.module = module
-            scores = self.policy.score(inputs)
-            if scores.shape != valid.shape:
-                raise ValueError(
-                    f"policy {self.policy.name!r} returned scores of shape {tuple(scores.shape)}; "
-                    f"expected [batch, kv_heads, seq] = {tuple(valid.shape)}"
-                )
+            scores = self._checked(self.policy.score(inputs), valid)
             keep_n = self._reallocate_heads(scores, valid, keep_n, over)
         else:
             scores = torch.zeros(valid.shape, device=valid.device)
         keep = select(scores, valid, keep_n, *self.policy.protected)
         layer.store(dense, keep)
 
+    def _checked(self, scores: object, valid: torch.Tensor) -> torch.Tensor:
+        """``scores`` if they keep ``score()``'s contract; a policy that breaks it is named, never silently ranked."""
+        expected = f"a [batch, kv_heads, seq] = {list(valid.shape)} tensor of scores (higher = keep)"
+        if not isinstance(scores, torch.Tensor):
+            raise PolicyConfigError(f"policy {self.policy.name!r}: score() returned {type(scores).__name__}; "
+                                    f"it must return {expected}")
+        if scores.shape != valid.shape:
+            raise PolicyConfigError(f"policy {self.policy.name!r}: score() returned shape {list(scores.shape)}; "
+                                    f"it must return {expected}")
+        if scores.is_complex() or scores.dtype == torch.bool:
+            raise PolicyConfigError(f"policy {self.policy.name!r}: score() returned {scores.dtype} scores; "
+                                    "return real numbers")
+        if scores.is_floating_point() and (torch.isnan(scores) & valid).any():  # padding may hold anything
+            raise PolicyConfigError(f"policy {self.policy.name!r}: score() returned NaN for real entries; scores "
+                                    "must be numbers (±inf allowed); NaN at padded positions is ignored")
+        return scores
+
     def _reallocate_heads(self, scores, valid, keep_n, over) -> torch.Tensor:
         moved = self.policy.reallocate_heads(scores, valid, keep_n).to(keep_n.device, torch.long)
         if moved.shape != keep_n.shape or (moved.sum(-1) > keep_n.sum(-1)).any():
-            raise ValueError(
+            raise PolicyConfigError(
                 f"policy {self.policy.name!r}: reallocate_heads() must return [batch, kv_heads] with at most the "
                 f"allocated entries per sequence ({keep_n.sum(-1).tolist()}), got {moved.sum(-1).tolist()}"
             )
         if (moved < 1).any():
-            raise ValueError(f"policy {self.policy.name!r}: reallocate_heads() left a head with no entry")
+            raise PolicyConfigError(f"policy {self.policy.name!r}: reallocate_heads() left a head with no entry")
         return torch.where(torch.tensor(over)[:, None], moved, keep_n)
 
     def _score_inputs(self, layer, dense, valid, keep, query, scaling) -> ScoreInputs:
@@ -399,11 +435,28 @@ class CompressedCache(Cache):
         return time.perf_counter()
 
     def stats(self) -> CacheStats:
-        seen = sum(self.layers[0].seen) if self.layers[0].is_initialized else 0
-        full_entries = seen * self.shape.cells
+        """The whole batch: every sequence's entries, plus the padding stored with them."""
+        per_sequence = self.sequence_stats()
+        kept = sum(stats.kept_entries for stats in per_sequence)
+        resident = self.resident_bytes()
         return CacheStats(
-            kept_entries=int(self.kept_per_head().sum()) if seen else 0,
-            full_entries=full_entries,
-            resident_bytes=self.resident_bytes(),
-            full_bytes=full_entries * self.shape.entry_bytes,
+            kept_entries=kept,
+            full_entries=sum(stats.full_entries for stats in per_sequence),
+            resident_bytes=resident,
+            full_bytes=sum(stats.full_bytes for stats in per_sequence),
+            padding_bytes=max(resident - kept * self.shape.entry_bytes, 0),
         )
+
+    def sequence_stats(self) -> list[CacheStats]:
+        """One entry per sequence of the batch: its own real entries, so figures do not depend on the batch size or
+        on the padding its neighbours forced on it."""
+        if not self.layers[0].is_initialized:
+            return []
+        kept = self.kept_per_head().sum(dim=(0, 2)).tolist()
+        stats = []
+        for seen, entries in zip(self.layers[0].seen, kept):
+            full = seen * self.shape.cells
+            stats.append(CacheStats(kept_entries=int(entries), full_entries=full,
+                                    resident_bytes=int(entries) * self.shape.entry_bytes,
+                                    full_bytes=full * self.shape.entry_bytes))
+        return stats

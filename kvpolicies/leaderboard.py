@@ -4,7 +4,8 @@ Per task and budget, policies are ranked by the task's primary metric, with the 
 row. The overall table puts tasks on one scale by comparing each policy with the full cache on the same task:
 ``score / full`` for accuracies, ``full / score`` for perplexities (1.0 = as good as keeping everything); it shows
 the mean of that ratio over tasks at each budget and the area under the ratio-vs-budget curve (trapezoids over the
-swept budgets, divided by their span).
+swept budgets, divided by their span). Files of the results folder that are not valid records are skipped with a
+warning (see :mod:`kvpolicies.results`), so a stray or damaged file never costs the page.
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ import io
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
-from kvpolicies.budget import Budget
+from kvpolicies.results import ResultRecord, budget_key, load_results
 
 COLUMNS = (
-    "Columns: *KV MiB* is the mean resident KV cache per request, counted from the cache's tensors, and *of full* "
+    "Columns: *KV MiB* is the mean resident KV cache per sequence, counted from the cache's tensors, and *of full* "
     "its share of the full cache's bytes; *prefill/decode tok/s* are measured inside lm-eval's requests; *peak "
     "+MiB* is the cell's peak memory above what the process held when it started (CUDA allocator peak, or sampled "
     "RSS growth on CPU); *load* is the highest 1-minute load average at the cell's start or end: timings from "
@@ -53,43 +55,31 @@ class Row:
     """Highest 1-minute load average seen at the cell's start or end: timings from a busy machine show it."""
 
 
-def load_records(results_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(path.read_text()) for path in sorted(Path(results_dir).glob("*.json"))]
-
-
-def load_rows(results_dir: Path) -> tuple[list[Row], list[dict[str, Any]]]:
+def load_rows(records: Sequence[ResultRecord]) -> tuple[list[Row], list[ResultRecord]]:
     """Finished cells as rows, and the failed cells' records (to report, not to rank)."""
     rows, failures = [], []
-    for record in load_records(results_dir):
-        if record.get("status") != "ok":
+    for record in records:
+        if record.status != "ok":
             failures.append(record)
             continue
-        cell = record["cell"]
-        policy = cell["policy"].get("label") or cell["policy"]["name"]
-        budget = record["identity"]["budget"]
+        peak = record.peak_memory_growth_bytes
         rows.append(Row(
-            task=cell["task"]["name"],
-            policy=policy,
-            budget=None if budget is None else _fraction_label(budget),
-            score=record["score"],
-            metric=record["primary_metric"],
-            higher_is_better=record["higher_is_better"],
-            samples=record.get("samples", 0),
-            resident_bytes=record["kv_memory"].get("resident_bytes_mean"),
-            full_bytes=record["kv_memory"].get("full_bytes_mean"),
-            prefill_tps=record["speed"].get("prefill_tokens_per_s"),
-            decode_tps=record["speed"].get("decode_tokens_per_s"),
-            peak_memory_bytes=record.get("peak_memory_growth_bytes", record.get("peak_memory_bytes")),
-            model=record["identity"]["model"],
-            load=max((record[k] for k in ("load_average_start", "load_average_end") if record.get(k) is not None),
-                     default=None),
+            task=record.cell.task.name,
+            policy=record.cell.policy.title,
+            budget=None if record.identity.budget is None else budget_key(record.identity.budget),
+            score=record.score,
+            metric=record.primary_metric,
+            higher_is_better=record.higher_is_better,
+            samples=record.samples,
+            resident_bytes=record.kv_memory.resident_bytes_mean,
+            full_bytes=record.kv_memory.full_bytes_mean,
+            prefill_tps=record.speed.prefill_tokens_per_s,
+            decode_tps=record.speed.decode_tokens_per_s,
+            peak_memory_bytes=record.peak_memory_bytes if peak is None else peak,
+            model=record.identity.model,
+            load=record.load,
         ))
     return rows, failures
-
-
-def _fraction_label(budget: dict[str, Any]) -> float | str:
-    spec = Budget.model_validate(budget)
-    return spec.value if spec.unit == "fraction" else str(spec)
 
 
 def _mib(value: float | None) -> str:
@@ -97,7 +87,8 @@ def _mib(value: float | None) -> str:
 
 
 def _rate(value: float | None) -> str:
-    return "" if value is None else f"{value:.0f}"
+    """Three significant figures or more: decode speeds of 12.4 and 13.1 tok/s must not both read 12 and 13."""
+    return "" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
 def _load(value: float | None) -> str:
@@ -158,6 +149,16 @@ def overall_table(rows: list[Row]) -> tuple[str, list[str], list[list[Any]]]:
     return title, headers, body
 
 
+def missing_references(rows: list[Row]) -> list[str]:
+    """Why a task is absent from the overall table: it has scores but no full-cache row to compare them with."""
+    have = {(r.model, r.task) for r in rows if r.budget is None}
+    return [
+        f"no reference (full cache) result for task {task} on {model}, so the overall table leaves it out: run "
+        "`kvpolicies sweep` on this results folder with the same grid (every sweep includes the full cache)"
+        for model, task in sorted({(r.model, r.task) for r in rows} - have)
+    ]
+
+
 def _area(means: dict[Any, float]) -> str:
     points = sorted((b, v) for b, v in means.items() if isinstance(b, float))
     if len(points) < 2:
@@ -166,49 +167,56 @@ def _area(means: dict[Any, float]) -> str:
     return f"{area / (points[-1][0] - points[0][0]):.3f}"
 
 
-def provenance(records: list[dict[str, Any]]) -> list[str]:
+def provenance(records: Sequence[ResultRecord]) -> list[str]:
     """Where the numbers come from: dates, versions, devices and the grid, read from the result files."""
-    finished = sorted(r["finished_at"] for r in records if r.get("finished_at"))
-    versions = sorted({json.dumps(r["versions"], sort_keys=True) for r in records if r.get("versions")})
-    lines = [f"results: {len(records)} cells, finished {finished[0][:10]} to {finished[-1][:10]}"] if finished else []
+    finished = sorted(r.finished_at for r in records)
+    versions = sorted({json.dumps(r.versions, sort_keys=True) for r in records if r.versions})
+    lines = [f"results: {len(records)} cells, finished {finished[0].date()} to {finished[-1].date()}"
+             ] if finished else []
     lines += [f"versions: {', '.join(f'{k} {v}' for k, v in json.loads(v).items())}" for v in versions]
-    lines.append(f"devices: {', '.join(sorted({r.get('device', '?') for r in records if r.get('status') == 'ok'}))}")
-    identities = [r.get("identity", {}) for r in records]
-    code = sorted({i["code_version"].split("/")[0] for i in identities if "code_version" in i})
+    lines.append(f"devices: {', '.join(sorted({r.device or '?' for r in records if r.status == 'ok'}))}")
+    code = sorted({r.identity.code_version.split("/")[0] for r in records})
     lines.append(f"code (core): {', '.join(code)}")
-    loads = [r[key] for r in records for key in ("load_average_start", "load_average_end") if r.get(key) is not None]
+    loads = [x for r in records for x in (r.load_average_start, r.load_average_end) if x is not None]
     if loads:
         lines.append(f"1-min load average during cells: {min(loads):.1f} to {max(loads):.1f}")
-    lines.append(f"models: {', '.join(sorted({i['model'] for i in identities if 'model' in i}))}")
-    tasks = {json.dumps(r["cell"]["task"], sort_keys=True) for r in records if "cell" in r}
+    lines.append(f"models: {', '.join(sorted({r.identity.model for r in records}))}")
+    tasks = {json.dumps(r.cell.task.model_dump(), sort_keys=True, default=str) for r in records}
     lines += [f"task: {t}" for t in sorted(tasks)]
-    policies = {json.dumps(i["policy"], sort_keys=True) for i in identities if "policy" in i}
+    policies = {json.dumps(r.identity.policy, sort_keys=True) for r in records}
     lines += [f"policy: {p}" for p in sorted(policies)]
-    budgets = sorted({str(r["cell"]["budget"]) for r in records if "cell" in r and r["cell"]["policy"]["name"] != "full"})
-    seeds = sorted({str(r["cell"].get("seed")) for r in records if "cell" in r})
+    budgets = sorted({str(r.cell.budget) for r in records if not r.is_reference})
+    seeds = sorted({str(r.cell.seed) for r in records})
     lines.append(f"budgets: {', '.join(budgets)}; seed: {', '.join(seeds)}")
     return lines
 
 
 def render(
-    results_dir: Path, fmt: str = "terminal", with_provenance: bool = False, images: list[str] | None = None
+    results_dir: Path, fmt: str = "terminal", with_provenance: bool = False, images: list[str] | None = None,
+    records: Sequence[ResultRecord] | None = None,
 ) -> str:
-    rows, failures = load_rows(results_dir)
+    """The leaderboard of ``results_dir`` in ``fmt``; ``records``, if given, are its records already loaded (so a
+    command that also plots warns about each skipped file once)."""
+    records = load_results(results_dir) if records is None else records
+    rows, failures = load_rows(records)
     if not rows:
         return f"no finished results in {results_dir}"
     tables = [overall_table(rows), *task_tables(rows)]
+    notes = missing_references(rows)
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        for title, headers, body in tables:
+        for index, (title, headers, body) in enumerate(tables):
             writer.writerow([title])
             writer.writerow(headers)
             writer.writerows(body)
+            if index == 0:
+                writer.writerows([note] for note in notes)
             writer.writerow([])
         return buffer.getvalue()
     parts = []
     if with_provenance:
-        lines = provenance(load_records(results_dir))
+        lines = provenance(records)
         if fmt == "markdown":
             parts.append(
                 f"# Leaderboard\n\nGenerated from the result files in `{results_dir}` by `kvpolicies leaderboard` "
@@ -219,20 +227,22 @@ def render(
         else:
             parts.append("\n".join(lines))
         parts.append(COLUMNS)
-    for title, headers, body in tables:
+    for index, (title, headers, body) in enumerate(tables):
         heading = f"<h3>{title}</h3>" if fmt == "html" else (f"### {title}" if fmt == "markdown" else title)
         parts.append(f"{heading}\n\n{tabulate(body, headers=headers, tablefmt=FORMATS[fmt])}")
+        if index == 0 and notes:
+            parts.append("\n".join(f"<p>{note}</p>" if fmt == "html" else note for note in notes))
     if images and fmt == "markdown":
         parts.insert(2 if with_provenance else 0, "\n".join(f"![{Path(i).stem}]({i})" for i in images))
     if failures:
-        lines = [f"- {f['cell']['task']['name']} / {f['cell']['policy']['name']} @ {f['cell']['budget']}: {f['error']}"
-                 for f in failures]
+        lines = [f"- {f.cell.task.name} / {f.cell.policy.name} @ {f.cell.budget}: {f.error}" for f in failures]
         parts.append("failed cells (re-run the sweep to retry):\n" + "\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
 
-def plot(results_dir: Path, out_dir: Path) -> list[Path]:
-    """PNG figures: score vs budget per task, resident KV memory vs budget, decode speed vs budget."""
+def plot(results_dir: Path, out_dir: Path, records: Sequence[ResultRecord] | None = None) -> list[Path]:
+    """PNG figures: score vs budget per task, resident KV memory vs budget, decode speed vs budget (``records``: as
+    for :func:`render`)."""
     try:
         import matplotlib
 
@@ -240,21 +250,28 @@ def plot(results_dir: Path, out_dir: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("plots need matplotlib: pip install -e '.[plots]'") from None
-    rows, _ = load_rows(results_dir)
+    rows, _ = load_rows(load_results(results_dir) if records is None else records)
     rows = [r for r in rows if r.budget is None or isinstance(r.budget, float)]
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
-    def figure(name: str, ylabel: str, value, tasks: list[str]) -> None:
+    def figure(name: str, ylabel: str, value, tasks: list[str], from_zero: bool = False) -> None:
         fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks) + 1.8, 4), squeeze=False)
         for axis, task in zip(axes[0], tasks):
-            axis.set_prop_cycle(color=plt.cm.tab20.colors, marker=["o", "s", "^", "D"] * 5)
+            axis.set_prop_cycle(color=plt.cm.tab20.colors, marker=["o", "s", "^", "D", "v"] * 4,
+                                linestyle=["-", "--", ":", "-."] * 5)
             members = [r for r in rows if r.task == task]
-            for policy in sorted({r.policy for r in members if r.budget is not None}):
-                points = sorted((r.budget, value(r)) for r in members if r.policy == policy and r.budget is not None
-                                and value(r) is not None)
+            policies = sorted({r.policy for r in members if r.budget is not None})
+            budgets = sorted({r.budget for r in members if r.budget is not None})
+            # Equal results would draw one line over another: shift each policy by a sliver of the smallest budget
+            # gap, so every line stays visible without moving a point off its budget by more than 1/3 of a gap.
+            gap = min((b - a for a, b in zip(budgets, budgets[1:])), default=0.1)
+            for index, policy in enumerate(policies):
+                dodge = (index - (len(policies) - 1) / 2) * gap / (3 * max(len(policies), 1))
+                points = sorted((r.budget + dodge, value(r)) for r in members if r.policy == policy
+                                and r.budget is not None and value(r) is not None)
                 if points:
-                    axis.plot(*zip(*points), label=policy)
+                    axis.plot(*zip(*points), label=policy, alpha=0.85)
             for r in members:
                 if r.budget is None and value(r) is not None:
                     axis.axhline(value(r), color="black", linestyle="--", linewidth=1, label=f"{r.policy} (no eviction)")
@@ -262,6 +279,8 @@ def plot(results_dir: Path, out_dir: Path) -> list[Path]:
             axis.set_xlabel("budget (fraction of the KV cache kept)")
             axis.set_ylabel(ylabel if ylabel != "score" else members[0].metric.split(",")[0])
             axis.grid(alpha=0.3)
+            if from_zero:  # a bar of 12 vs 13 tok/s must not look like a doubling
+                axis.set_ylim(bottom=0)
         axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.tight_layout()
         path = out_dir / f"{name}.png"
@@ -274,7 +293,8 @@ def plot(results_dir: Path, out_dir: Path) -> list[Path]:
         return written
     figure("score_vs_budget", "score", lambda r: r.score, tasks)
     figure("kv_memory_vs_budget", "resident KV MiB per sequence",
-           lambda r: None if r.resident_bytes is None else r.resident_bytes / 2**20, tasks)
-    figure("decode_speed_vs_budget", "decode tokens/s", lambda r: r.decode_tps, [t for t in tasks if any(
-        r.decode_tps for r in rows if r.task == t)] or tasks)
+           lambda r: None if r.resident_bytes is None else r.resident_bytes / 2**20, tasks, from_zero=True)
+    figure("decode_speed_vs_budget", "decode tokens/s (one run per cell: differences under ~15% are noise)",
+           lambda r: r.decode_tps, [t for t in tasks if any(r.decode_tps for r in rows if r.task == t)] or tasks,
+           from_zero=True)
     return written

@@ -35,9 +35,10 @@ from tqdm import tqdm
 
 from kvpolicies.attention import prepare_model
 from kvpolicies.budget import Budget
-from kvpolicies.cache import CompressedCache
-from kvpolicies.models import default_device, resolve_source
-from kvpolicies.policy import PolicyConfigError, coerce_option
+from kvpolicies.cache import CacheStats, CompressedCache
+from kvpolicies.errors import ModelLoadError, PolicyConfigError, UsageError
+from kvpolicies.models import resolve_device, resolve_dtype, resolve_source
+from kvpolicies.policy import coerce_option
 from kvpolicies.registry import get_policy
 
 _HFLM_ARGUMENTS = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
@@ -49,12 +50,12 @@ class KVPoliciesLM(HFLM):
 
     def __init__(
         self,
-        pretrained: str | None = None,
+        pretrained: str | torch.nn.Module | None = None,
         policy: str = "full",
-        budget: float | str = 1.0,
-        slack_tokens: int = 16,
-        stream_chunk: int = 128,
-        prefill_chunk: int | None = None,
+        budget: Budget | float | str = 1.0,
+        slack_tokens: int | str | None = None,
+        stream_chunk: int | str = 128,
+        prefill_chunk: int | str | None = None,
         device: str | None = None,
         dtype: str | None = None,
         **kwargs: Any,
@@ -67,26 +68,30 @@ class KVPoliciesLM(HFLM):
                 f"{error}. Model args that are neither HFLM's nor the policy's are rejected; HFLM's are: "
                 f"{', '.join(sorted(_HFLM_ARGUMENTS))}"
             ) from None
-        self.kv_budget = Budget.parse(budget).model_copy(update={"slack_tokens": int(slack_tokens)})
-        self.stream_chunk = int(stream_chunk)
-        self.prefill_chunk = None if prefill_chunk in (None, "", "None") else int(prefill_chunk)
-        source, _ = resolve_source(pretrained)
-        device = device or str(default_device())
-        if dtype is None:
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        super().__init__(pretrained=source, device=device, dtype=dtype, **kwargs)
+        slack = None if slack_tokens is None else _count("slack_tokens", slack_tokens, minimum=0)
+        self.kv_budget = Budget.parse(budget, slack_tokens=slack)  # the budget's own slack (16) unless given
+        self.stream_chunk = _count("stream_chunk", stream_chunk)
+        self.prefill_chunk = None if prefill_chunk in (None, "", "None") else _count("prefill_chunk", prefill_chunk)
+        if isinstance(pretrained, torch.nn.Module):  # a model already loaded (pass its tokenizer= too)
+            super().__init__(pretrained=pretrained, **kwargs)
+        else:
+            source, _ = resolve_source(pretrained)
+            resolved = resolve_device(device)
+            dtype = str(resolve_dtype(dtype, resolved)).removeprefix("torch.")
+            super().__init__(pretrained=source, device=str(resolved), dtype=dtype, **kwargs)
         if self.backend != "causal":
-            raise ValueError("kvpolicies evaluates decoder-only (causal) models")
+            raise ModelLoadError("kvpolicies evaluates decoder-only (causal) models")
         prepare_model(self.model)
-        self.kv_measurements: list[tuple[int, int, int]] = []  # (sequences, resident bytes, full bytes)
+        self.kv_measurements: list[CacheStats] = []  # one per sequence, at the end of its request
+        self.kv_padding_bytes = 0  # largest padding a batch stored next to its sequences' entries
         self.timings = Timings()
 
     def new_cache(self) -> CompressedCache:
         return CompressedCache(self.model, self.kv_policy, self.kv_budget)
 
-    def _measure(self, cache: CompressedCache, sequences: int) -> None:
-        stats = cache.stats()
-        self.kv_measurements.append((sequences, stats.resident_bytes, stats.full_bytes))
+    def _measure(self, cache: CompressedCache) -> None:
+        self.kv_measurements += cache.sequence_stats()
+        self.kv_padding_bytes = max(self.kv_padding_bytes, cache.stats().padding_bytes)
 
     # -- generate_until ------------------------------------------------------------------------------------------
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
@@ -95,9 +100,9 @@ class KVPoliciesLM(HFLM):
         if self.prefill_chunk:
             generation_kwargs["prefill_chunk_size"] = self.prefill_chunk
         output = super()._model_generate(
-            context, max_length, stop, past_key_values=cache, streamer=clock, **generation_kwargs
+            context, max_length, stop, cache=cache, streamer=clock, **generation_kwargs
         )
-        self._measure(cache, context.shape[0])
+        self._measure(cache)
         self.timings.add_generation(context.numel(), context.shape[0], clock)
         return output
 
@@ -109,11 +114,11 @@ class KVPoliciesLM(HFLM):
         ids = torch.tensor([tokens[:-1]], device=self.device)
         split = ids.shape[1] - continuation + 1  # the context, whose last position predicts the first token
         started = time.perf_counter()
-        pieces = [self.model(ids[:, :split], past_key_values=cache).logits[:, -1:]]
+        pieces = [self.model(ids[:, :split], cache=cache).logits[:, -1:]]
         self.timings.add_prefill(split, _synchronized(self.device, started))
         if split < ids.shape[1]:
-            pieces.append(self.model(ids[:, split:], past_key_values=cache).logits)
-        self._measure(cache, 1)
+            pieces.append(self.model(ids[:, split:], cache=cache).logits)
+        self._measure(cache)
         return F.log_softmax(torch.cat(pieces, dim=1)[0].float(), dim=-1)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
@@ -161,27 +166,32 @@ class KVPoliciesLM(HFLM):
         logits = []
         started = time.perf_counter()
         for start in range(0, ids.shape[1], self.stream_chunk):
-            logits.append(self.model(ids[:, start : start + self.stream_chunk], past_key_values=cache).logits)
+            logits.append(self.model(ids[:, start : start + self.stream_chunk], cache=cache).logits)
         self.timings.add_prefill(ids.shape[1], _synchronized(self.device, started))
-        self._measure(cache, 1)
+        self._measure(cache)
         logprobs = F.log_softmax(torch.cat(logits, dim=1)[0, -len(continuation) :].float(), dim=-1)
         target = torch.tensor(continuation, device=logprobs.device)
         return float(logprobs.gather(1, target[:, None]).sum())
 
     # -- results -------------------------------------------------------------------------------------------------
     def kv_memory(self) -> dict[str, Any]:
-        """Resident KV bytes per sequence at the end of each request, next to the full cache's."""
+        """Resident KV bytes of each sequence at the end of its request, next to the full cache's.
+
+        Counted per sequence, so the figures are the same at any batch size; padding that a batch stored (the full
+        cache keeps a left-padded batch dense) is reported apart, as ``padding_bytes_peak``.
+        """
         if not self.kv_measurements:
-            return {"requests": 0}
-        resident = [r / n for n, r, _ in self.kv_measurements]
-        full = [f / n for n, _, f in self.kv_measurements]
+            return {"sequences": 0}
+        resident = [stats.resident_bytes for stats in self.kv_measurements]
+        full = [stats.full_bytes for stats in self.kv_measurements]
         return {
-            "requests": len(self.kv_measurements),
+            "sequences": len(self.kv_measurements),
             "resident_bytes_peak": max(resident),
             "resident_bytes_mean": statistics.fmean(resident),
             "full_bytes_peak": max(full),
             "full_bytes_mean": statistics.fmean(full),
             "resident_fraction_mean": statistics.fmean(r / f for r, f in zip(resident, full) if f) if any(full) else 1.0,
+            "padding_bytes_peak": self.kv_padding_bytes,
         }
 
     def get_model_info(self) -> dict:
@@ -245,13 +255,29 @@ class Timings:
         }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Run lm-eval's own command line with the ``kvpolicies`` model registered."""
-    from lm_eval.__main__ import cli_evaluate
+def _count(name: str, value: Any, minimum: int = 1) -> int:
+    """A model arg that must be a whole number (they arrive as text from ``--model_args``)."""
+    try:
+        number = float(value)  # lm-eval hands numbers over as floats (-1.0)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number.is_integer():
+        raise UsageError(f"model arg {name}={value!r} must be a whole number >= {minimum}")
+    number = int(number)
+    if number < minimum:
+        raise UsageError(f"model arg {name}={number} must be a whole number >= {minimum}")
+    return number
 
-    sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m kvpolicies.lm_eval ARGS``: the same as ``kvpolicies lm-eval ARGS``."""
+    from kvpolicies.cli import main as cli_main
+
+    return cli_main(["lm-eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    # Run as a script, this module is `__main__` and has already registered its model; make the command line's
+    # `import kvpolicies.lm_eval` find it instead of registering the same name twice.
+    sys.modules.setdefault("kvpolicies.lm_eval", sys.modules["__main__"])
+    sys.exit(main())

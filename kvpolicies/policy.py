@@ -12,12 +12,13 @@ import inspect
 import json
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kvpolicies.budget import Allocation
+from kvpolicies.errors import PolicyConfigError, describe
 
 
 class Signal(StrEnum):
@@ -53,6 +54,18 @@ class PolicyConfig(BaseModel):
     sink_tokens: int = Field(0, ge=0, description="first real tokens of each head always kept (attention sinks)")
     window_tokens: int = Field(0, ge=0, description="most recent tokens of each head always kept")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        """pydantic reads ``true`` as 1 for an int field; ``window_tokens=true`` is a mistake, not a count."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                values = value if isinstance(value, (list, tuple)) else [value]
+                if field is not None and _numeric(field.annotation) and any(isinstance(v, bool) for v in values):
+                    raise ValueError(f"{name} takes a number, got {value!r}")
+        return data
+
 
 @dataclass
 class ScoreInputs:
@@ -80,18 +93,28 @@ class ScoreInputs:
     """The layer's attention module, for policies that read its weights (e.g. ``o_proj``); always provided."""
 
 
+def _numeric(annotation: Any) -> bool:
+    """True for ``int``/``float`` and containers or optionals of them, never for ``bool``."""
+    if annotation in (int, float):
+        return True
+    return any(_numeric(arg) for arg in get_args(annotation) if arg is not bool and arg is not type(None))
+
+
 def coerce_option(value: Any) -> Any:
-    """Options typed on a command line arrive as text: read JSON where it parses (``[]``, ``true``, ``4``)."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
+    """Options typed on a command line arrive as text: read JSON where it parses (``[]``, ``true``, ``4``).
 
-
-class PolicyConfigError(ValueError):
-    """A policy was given a config it does not accept."""
+    Plain words stay text (``scorer=tova``), but text that starts like JSON (a list, an object, a quoted string)
+    must parse: silently keeping ``[1,`` as a string would hide the typo until a confusing validation error.
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        if value.strip()[:1] in ("[", "{", '"'):
+            raise PolicyConfigError(f"cannot read option value {value!r} as JSON ({error.msg} at character "
+                                    f"{error.pos}); write lists as [0,1], text as a plain word") from None
+        return value
 
 
 class Policy:
@@ -130,9 +153,7 @@ class Policy:
         try:
             return cls.Config(**options)
         except ValidationError as error:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors()
-            )
+            problems = describe(error)
             raise PolicyConfigError(f"policy {cls.name!r}: invalid option ({problems})") from None
 
     @classmethod

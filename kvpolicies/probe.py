@@ -43,5 +43,5 @@ def queries_and_keys(model, ids: torch.Tensor, rows: int) -> tuple[dict[int, tor
     filled cache (keys ``[1, kv_heads, seq, head_dim]`` per layer), both after RoPE."""
     cache = DynamicCache(config=model.config)
     with _recording(model, rows) as queries:
-        model(ids.to(model.device), past_key_values=cache)
+        model(ids.to(model.device), cache=cache)
     return dict(queries), cache

@@ -1,8 +1,8 @@
 """The policy registry: every plugin of the ``kvpolicies`` entry-point group, loaded once through pluggy.
 
 ``KVPOLICIES_PLUGINS=name,name`` loads only those entry points (for reproducible runs and tests); unset loads all.
-A plugin that fails to import or to register is reported with a warning and skipped; two policies claiming one
-name is an error naming both plugins, since silently picking one would make results depend on install order.
+A plugin that fails to import or to register is reported with a warning and skipped; a name that two plugins claim
+is reported naming both, and neither is used (asking for it is an error), while every other policy keeps working.
 """
 
 from __future__ import annotations
@@ -19,23 +19,11 @@ from typing import Any
 import pluggy
 
 from kvpolicies import hookspecs
+from kvpolicies.errors import PluginWarning, PolicyRegistryError, UnknownPolicyError
 from kvpolicies.policy import Policy, Signal
 
 ENTRY_POINT_GROUP = "kvpolicies"
 PLUGINS_ENV = "KVPOLICIES_PLUGINS"
-
-
-class UnknownPolicyError(KeyError):
-    def __str__(self) -> str:  # KeyError would quote the whole message
-        return str(self.args[0])
-
-
-class PolicyRegistryError(RuntimeError):
-    """The installed plugins contradict each other (e.g. two policies with one name)."""
-
-
-class PluginWarning(UserWarning):
-    """A plugin could not be loaded; the rest of the registry works."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +67,7 @@ class Registry:
         self.manager = pluggy.PluginManager(hookspecs.PROJECT)
         self.manager.add_hookspecs(hookspecs)
         self._policies: dict[str, PolicyInfo] | None = None
+        self._clashes: dict[str, str] = {}
 
     def load_entry_points(self) -> None:
         wanted = os.environ.get(PLUGINS_ENV)
@@ -123,7 +112,10 @@ class Registry:
         return self._policies
 
     def _collect(self) -> dict[str, PolicyInfo]:
-        policies: dict[str, PolicyInfo] = {}
+        """Every policy by name. A name two plugins claim is skipped with a warning: silently picking one would make
+        results depend on install order, and failing would take every other policy down with it."""
+        claims: dict[str, dict[type[Policy], str]] = {}
+        self._clashes = {}
         for plugin_name, plugin in self.manager.list_name_plugin():
             found: list[tuple[str, type[Policy]]] = []
 
@@ -149,17 +141,25 @@ class Registry:
                 )
                 continue
             for name, policy_class in found:
-                if name in policies and policies[name].policy_class is not policy_class:
-                    raise PolicyRegistryError(
-                        f"policy name {name!r} is registered by two plugins: {policies[name].plugin!r} "
-                        f"({policies[name].policy_class.__module__}) and {plugin_name!r} ({policy_class.__module__}); "
-                        f"uninstall one or restrict plugins with {PLUGINS_ENV}"
-                    )
+                claims.setdefault(name, {})[policy_class] = plugin_name
+        policies: dict[str, PolicyInfo] = {}
+        for name, owners in claims.items():
+            if len(owners) == 1:
+                (policy_class, plugin_name), = owners.items()
                 policies[name] = PolicyInfo(name, policy_class, plugin_name)
+                continue
+            who = " and ".join(f"{plugin!r} ({cls.__module__})" for cls, plugin in owners.items())
+            self._clashes[name] = (
+                f"policy name {name!r} is registered by two plugins: {who}, so neither is used; uninstall one or "
+                f"load only the one you want with {PLUGINS_ENV}"
+            )
+            warnings.warn(self._clashes[name], PluginWarning, stacklevel=4)
         return dict(sorted(policies.items()))
 
     def get(self, name: str) -> PolicyInfo:
         policies = self.policies()
+        if name in self._clashes:
+            raise PolicyRegistryError(self._clashes[name])
         if name not in policies:
             close = difflib.get_close_matches(name, policies, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""

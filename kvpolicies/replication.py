@@ -15,12 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tabulate import tabulate
 
 from kvpolicies.sweep import PolicySpec, SweepConfig, default_tasks
+
+if TYPE_CHECKING:
+    from kvpolicies.reports import Latest
+    from kvpolicies.results import ResultRecord
 
 BUDGETS = (0.5, 0.25, 0.1)
 """Fractions kept: 50%, 75% and 90% compression."""
@@ -66,7 +70,7 @@ def kept_masks(model, ids: torch.Tensor, policy: str, budget: float) -> list[tor
 
     cache_module.select = recording
     try:
-        model(ids, past_key_values=CompressedCache(model, policy, budget), logits_to_keep=1)
+        model(ids, cache=CompressedCache(model, policy, budget), logits_to_keep=1)
     finally:
         cache_module.select = original
     return masks
@@ -108,11 +112,11 @@ class Verdict:
         return [self.claim, self.measured, mark]
 
 
-def verdicts(latest: dict, correlation: dict[str, Any] | None) -> list[Verdict]:
+def verdicts(latest: Latest, correlation: dict[str, Any] | None) -> list[Verdict]:
     """The paper's claims against the measurements, with the tolerances stated in this module."""
     def get(task: str, policy: str, budget: float) -> float | None:
         record = latest.get((task, policy, 1.0 if policy == "full" else budget))
-        return None if record is None else record["score"]
+        return None if record is None else record.score
 
     found = []
     if correlation:
@@ -139,19 +143,19 @@ def verdicts(latest: dict, correlation: dict[str, Any] | None) -> list[Verdict]:
     return found
 
 
-def score_table(latest: dict, task: str, policies: list[str], budgets: tuple[float, ...]) -> str:
+def score_table(latest: Latest, task: str, policies: list[str], budgets: tuple[float, ...]) -> str:
     headers = ["policy", *(f"keep {b:.0%} ({1 - b:.0%} compression)" for b in budgets)]
     rows = []
     for policy in policies:
         cells = []
         for budget in budgets:
             record = latest.get((task, policy, 1.0 if policy == "full" else budget))
-            cells.append("" if record is None else f"{record['score']:.3f}")
+            cells.append("" if record is None else f"{record.score:.3f}")
         rows.append([f"{policy} (reference)" if policy == "full" else policy, *cells])
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def plot_scores(latest: dict, out_dir: Path, policies: list[str]) -> list[Path]:
+def plot_scores(latest: Latest, out_dir: Path, policies: list[str]) -> list[Path]:
     """Score vs fraction kept, one PNG per task, the replication's policies only."""
     try:
         import matplotlib
@@ -166,13 +170,13 @@ def plot_scores(latest: dict, out_dir: Path, policies: list[str]) -> list[Path]:
         fig, axis = plt.subplots(figsize=(6, 4))
         metric = ""
         for policy in policies:
-            points = sorted((budget, record["score"]) for (t, p, budget), record in latest.items()
+            points = sorted((budget, record.score) for (t, p, budget), record in latest.items()
                             if t == task and p == policy and isinstance(budget, float))
             if policy == "full" and points:
                 axis.axhline(points[0][1], color="black", linestyle="--", label="full cache")
             elif points:
                 axis.plot(*zip(*points), marker="o", label=policy)
-            metric = metric or next((r["primary_metric"] for (t, p, _), r in latest.items() if t == task), "")
+            metric = metric or next((r.primary_metric for (t, p, _), r in latest.items() if t == task), "")
         axis.set_xlabel("fraction of the KV cache kept")
         axis.set_ylabel(metric.split(",")[0])
         axis.set_title(task)
@@ -185,7 +189,7 @@ def plot_scores(latest: dict, out_dir: Path, policies: list[str]) -> list[Path]:
     return paths
 
 
-def page(latest: dict, records: list[dict[str, Any]], correlation: dict[str, Any] | None,
+def page(latest: Latest, records: list[ResultRecord], correlation: dict[str, Any] | None,
          agreement: dict[str, float | str] | None, bench: dict[str, dict[str, Any]], images: dict[str, str],
          model: str | None, today: date | None = None) -> str:
     """The markdown page; every number comes from the arguments."""
@@ -265,7 +269,7 @@ def page(latest: dict, records: list[dict[str, Any]], correlation: dict[str, Any
                      tablefmt="github"),
             "",
         ]
-    used = [r for r in records if r.get("status") == "ok"]
+    used = [r for r in records if r.status == "ok"]
     lines += ["## Provenance", "", "```", *provenance(used), "```", ""]
     return "\n".join(lines)
 

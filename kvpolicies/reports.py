@@ -7,16 +7,22 @@ with which versions, and how to measure it again.
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
+from kvpolicies.budget import Budget
 from kvpolicies.policy import Policy, Signal
 from kvpolicies.registry import PolicyInfo, get_policy, list_policies
+from kvpolicies.results import ResultRecord, budget_key, load_results
+
+Latest = dict[tuple[str, str, float | str], ResultRecord]
+"""Finished records by (task, policy title, budget as :func:`~kvpolicies.results.budget_key`)."""
 
 CATALOGUE_TASKS = ("kvp_passkey", "kvp_niah")
 CATALOGUE_BUDGETS = (0.5, 0.25)
@@ -43,15 +49,15 @@ def decode_behaviour(policy: Policy) -> str:
     return f"{what}; evicts when a head exceeds its allocation by the slack"
 
 
-def latest_records(records: list[dict[str, Any]]) -> dict[tuple[str, str, Any], dict[str, Any]]:
-    """Finished records by (task, policy label, budget); if a cell was run twice, the newest wins."""
-    best: dict[tuple[str, str, Any], dict[str, Any]] = {}
+def latest_records(records: Sequence[ResultRecord]) -> Latest:
+    """Finished records by (task, policy title, budget); if a cell was run twice, the newest wins. Budgets match as
+    values, so a cell swept at ``"50%"`` is the one at 0.5."""
+    best: Latest = {}
     for record in records:
-        if record.get("status") != "ok":
+        if record.status != "ok":
             continue
-        cell = record["cell"]
-        key = (cell["task"]["name"], cell["policy"].get("label") or cell["policy"]["name"], cell["budget"])
-        if key not in best or record.get("finished_at", "") > best[key].get("finished_at", ""):
+        key = (record.cell.task.name, record.cell.policy.title, budget_key(record.cell.budget))
+        if key not in best or record.finished_at > best[key].finished_at:
             best[key] = record
     return best
 
@@ -62,18 +68,18 @@ def run_missing(configs: list, results_dir: Path, progress: Callable[[str], None
 
     for config in configs:
         for record in run_sweep(config, results_dir):
-            if record["status"] != "ok":
-                progress(f"cell failed: {record['error']}")
+            if record.status != "ok":
+                progress(f"cell failed: {record.error}")
 
 
 def chosen_records(results_dir: Path, model: str | None, titles: set[str],
-                   task: str | None = None) -> tuple[dict[tuple[str, str, Any], dict[str, Any]], list[dict[str, Any]]]:
+                   task: str | None = None) -> tuple[Latest, list[ResultRecord]]:
     """A page's cells: the newest finished record per (task, policy title, budget) of ``model`` for the given
     policy titles (and task), and the list of those records for the provenance."""
-    from kvpolicies.leaderboard import load_records
+    from kvpolicies.sweep import EMBEDDED_MODEL
 
-    records = [r for r in load_records(results_dir) if r.get("identity", {}).get("model") ==
-               (model or "smollm2-135m-instruct")] if results_dir.is_dir() else []
+    records = [r for r in load_results(results_dir) if r.identity.model == (model or EMBEDDED_MODEL)
+               ] if results_dir.is_dir() else []
     latest = {key: record for key, record in latest_records(records).items()
               if key[1] in titles and (task is None or key[0] == task)}
     used = [r for r in records if any(r is record for record in latest.values())]
@@ -81,24 +87,35 @@ def chosen_records(results_dir: Path, model: str | None, titles: set[str],
 
 
 def benchmark_by_policy(path: Path | None) -> tuple[str, dict[str, dict[str, Any]]]:
-    """Header and the measurement per policy at the budget closest to 0.25, from ``kvpolicies bench --json``."""
+    """Header and the measurement per policy at the fraction budget closest to 0.25, from ``kvpolicies bench
+    --json``; a file that is no such output is skipped with a warning, as a page must render without it."""
     if path is None or not path.exists():
         return "", {}
-    data = json.loads(path.read_text())
-    chosen: dict[str, dict[str, Any]] = {}
-    for result in data["results"]:
-        name = result["policy"]
-        distance = abs(_budget_value(result["budget"]) - 0.25)
-        if name not in chosen or distance < abs(_budget_value(chosen[name]["budget"]) - 0.25):
-            chosen[name] = result
-    return data.get("header", ""), chosen
-
-
-def _budget_value(text: str) -> float:
     try:
-        return float(str(text).split()[0])
+        data = json.loads(path.read_text(encoding="utf-8"))
+        header, results = data.get("header", ""), list(data["results"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        print(f"kvpolicies: warning: skipped {path}: not a `kvpolicies bench --json` output "
+              f"({type(error).__name__}: {error})", file=sys.stderr)
+        return "", {}
+    chosen: dict[str, tuple[float, dict[str, Any]]] = {}
+    for result in results:
+        if not isinstance(result, dict) or "policy" not in result:
+            continue
+        distance = _distance_from_quarter(result.get("budget"))
+        if distance is not None and (result["policy"] not in chosen or distance < chosen[result["policy"]][0]):
+            chosen[result["policy"]] = (distance, result)
+    return header, {name: result for name, (_, result) in chosen.items()}
+
+
+def _distance_from_quarter(spec: Any) -> float | None:
+    """How far a measured budget is from keeping 0.25 of the cache; None for tokens or bytes, which are no fraction
+    (so no distance), and for a budget that cannot be read."""
+    try:
+        budget = Budget.parse(spec)
     except ValueError:
-        return 1.0
+        return None
+    return abs(budget.value - 0.25) if budget.unit == "fraction" else None
 
 
 def catalogue_sweep():
@@ -112,16 +129,16 @@ def catalogue_sweep():
 
 def policies_page(results_dir: Path, bench_json: Path | None = None, today: date | None = None) -> str:
     """Markdown of every registered policy: paper, signals, cost, decode behaviour, scores next to random."""
-    from kvpolicies.leaderboard import load_records, provenance
+    from kvpolicies.leaderboard import provenance
 
-    records = load_records(results_dir) if results_dir.is_dir() else []
+    records = load_results(results_dir) if results_dir.is_dir() else []
     latest = latest_records(records)
     header, bench = benchmark_by_policy(bench_json)
     full_bench = bench.get("full")
 
     def score(task: str, policy: str, budget: float) -> float | None:
         record = latest.get((task, policy, 1.0 if policy == "full" else budget))
-        return None if record is None else record["score"]
+        return None if record is None else record.score
 
     infos: list[PolicyInfo] = list_policies()
     order = ["full", "random"] + sorted(i.name for i in infos if i.name not in ("full", "random"))
@@ -151,11 +168,11 @@ def policies_page(results_dir: Path, bench_json: Path | None = None, today: date
     headers = ["policy", "paper", "reads", "attention-free", "policy time / prefill", "decode speed vs full",
                "during decoding", *(f"{t.removeprefix('kvp_')} @{b}" for t in CATALOGUE_TASKS for b in CATALOGUE_BUDGETS)]
 
-    used = [r for r in records if r.get("status") == "ok" and r["cell"]["task"]["name"] in CATALOGUE_TASKS
-            and (r["cell"]["budget"] in CATALOGUE_BUDGETS or r["cell"]["policy"]["name"] == "full")]
+    used = [r for r in records if r.status == "ok" and r.cell.task.name in CATALOGUE_TASKS
+            and (r.is_reference or budget_key(r.cell.budget) in CATALOGUE_BUDGETS)]
     samples = defaultdict(set)
     for record in used:
-        samples[record["cell"]["task"]["name"]].add(record.get("samples"))
+        samples[record.cell.task.name].add(record.samples)
     lines = [
         "# Policies",
         "",

@@ -32,11 +32,10 @@ def select(
     Returns:
         ``[batch, kv_heads, seq]`` bool mask, exactly ``min(keep, valid count)`` True per head.
 
-    Ties are broken towards the older entry (a stable sort), so equal scores — frequent with bf16 key norms —
+    Scores must be numbers at valid entries (the cache checks a policy's scores before calling this); padded
+    positions may hold anything, NaN included. Ties are broken towards the older entry (a stable sort), so equal scores — frequent with bf16 key norms —
     always give the same kept set.
     """
-    if torch.isnan(scores).any():
-        raise ValueError("the policy returned NaN scores; scores must be finite or ±inf")
     order = age_order(valid)
     count = valid.sum(-1, keepdim=True)
     ranked = scores.float().masked_fill(~valid, float("-inf"))

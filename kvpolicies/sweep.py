@@ -3,7 +3,8 @@
 A cell's file name is a hash of what determines its result (model, task and its data parameters, policy and its
 full config, budget, seed, code version), written atomically (temp file + rename), so a sweep killed at any moment
 loses no finished cell and a re-run computes only what is missing. A failing cell is recorded with its error and
-the sweep goes on; failed cells are retried on the next run.
+the sweep goes on; failed cells are retried on the next run, and so is any file that is not a valid record. The
+results folder is checked for writing before the first cell is computed.
 """
 
 from __future__ import annotations
@@ -21,16 +22,21 @@ import traceback
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvpolicies.budget import Budget
+from kvpolicies.errors import UsageError, describe
 from kvpolicies.memory import PeakMemory
+from kvpolicies.models import EMBEDDED_MODEL
 from kvpolicies.policy import Policy
 from kvpolicies.registry import get_policy, list_policies
+
+if TYPE_CHECKING:
+    from kvpolicies.results import ResultRecord
 
 
 class PolicySpec(BaseModel):
@@ -65,39 +71,77 @@ def default_tasks() -> list[TaskSpec]:
     ]
 
 
+def _budget(value: Any) -> Budget:
+    """Budgets are parsed once, where they enter (``0.5``, ``"50%"``, ``"512 tokens"``, ``"64MiB"``, a dict)."""
+    return Budget.parse(value)
+
+
+def _as_list(value: Any) -> Any:
+    """A single item where a list is expected is a one-item list (``policies = "l2norm"`` is not six letters)."""
+    return [value] if isinstance(value, (str, int, float, dict)) else value
+
+
+def reference_policy() -> PolicySpec | None:
+    """The registered policy that keeps everything (``compresses`` is False): what every budget is read against."""
+    return next((PolicySpec(name=info.name) for info in list_policies() if not info.policy_class.compresses), None)
+
+
 class SweepConfig(BaseModel):
-    """The grid. Policies and tasks accept plain names; ``full`` runs once, as the reference of every budget."""
+    """The grid. Policies and tasks accept plain names, and a single item where a list is expected; the reference
+    (the full cache) is always part of it and runs once per model and task, as the reference of every budget."""
 
     model_config = ConfigDict(extra="forbid")
 
     models: list[str | None] = Field(default_factory=lambda: [None], description="None = the embedded model")
     policies: list[PolicySpec] = Field(default_factory=list, description="empty = every registered policy")
-    budgets: list[float | str] = Field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75])
+    budgets: list[Budget] = Field(default_factory=lambda: [Budget.parse(b) for b in (0.1, 0.25, 0.5, 0.75)])
     tasks: list[TaskSpec] = Field(default_factory=default_tasks)
     seed: int = 0
     batch_size: int = Field(1, ge=1)
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, value):
+        return _as_list(value)
+
     @field_validator("policies", "tasks", mode="before")
     @classmethod
     def _names_to_specs(cls, value):
-        return [{"name": item} if isinstance(item, str) else item for item in value]
+        return [{"name": item} if isinstance(item, str) else item for item in _as_list(value)]
 
-    @field_validator("budgets")
+    @field_validator("budgets", mode="before")
     @classmethod
-    def _valid_budgets(cls, value):
-        for budget in value:
-            Budget.parse(budget)
-        return value
+    def _parse_budgets(cls, value):
+        return [_budget(item) for item in _as_list(value)]
 
     @classmethod
     def load(cls, path: Path) -> SweepConfig:
-        """Read a YAML or TOML sweep file."""
-        text = path.read_text()
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-        return cls.model_validate(data or {})
+        """Read a YAML or TOML sweep file; any problem is a :class:`UsageError` naming the file."""
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        except UnicodeDecodeError:
+            raise UsageError(f"cannot read sweep config {path}: not UTF-8 text") from None
+        except OSError as error:
+            raise UsageError(f"cannot read sweep config {path}: {(error.strerror or str(error)).lower()}") from None
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+            raise UsageError(f"cannot read sweep config {path}: {' '.join(str(error).split())}") from None
+        if not isinstance(data, dict | None):
+            raise UsageError(f"cannot read sweep config {path}: expected a mapping of models, policies, budgets and "
+                             f"tasks, found a {type(data).__name__}")
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as error:
+            raise UsageError(f"invalid sweep config {path}: {describe(error)}") from None
 
     def resolved_policies(self) -> list[PolicySpec]:
-        return self.policies or [PolicySpec(name=info.name) for info in list_policies()]
+        """The configured policies (default: every registered one), plus the reference if they lack it: without
+        it no budget's score can be compared with keeping everything."""
+        specs = self.policies or [PolicySpec(name=info.name) for info in list_policies()]
+        if all(get_policy(spec.name, **spec.options).compresses for spec in specs):
+            reference = reference_policy()
+            specs = specs + [reference] if reference else specs
+        return specs
 
 
 QUICK = SweepConfig(
@@ -108,22 +152,31 @@ QUICK = SweepConfig(
 
 
 class Cell(BaseModel):
+    """One model × task × policy × budget point of a grid."""
+
     model_config = ConfigDict(frozen=True)
 
     model: str | None
     task: TaskSpec
     policy: PolicySpec
-    budget: float | str
+    budget: Budget
     seed: int
-    batch_size: int
+    batch_size: int = 1
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _parse_budget(cls, value):
+        return _budget(value)  # result files of earlier versions hold 0.5 or "50%"
 
     def identity(self) -> dict[str, Any]:
+        """Everything that determines the cell's result; its hash is the key (the budget only for a policy that
+        compresses, so the full cache is one cell whatever the budgets)."""
         policy = get_policy(self.policy.name, **self.policy.options)
         return {
-            "model": self.model or "smollm2-135m-instruct",
+            "model": self.model or EMBEDDED_MODEL,
             "task": self.task.model_dump(),
             "policy": policy.identity(),
-            "budget": Budget.parse(self.budget).model_dump() if policy.compresses else None,
+            "budget": self.budget.model_dump() if policy.compresses else None,
             "seed": self.seed,
             "batch_size": self.batch_size,
             "code_version": code_version(policy),
@@ -135,21 +188,24 @@ class Cell(BaseModel):
 
 
 def cells(config: SweepConfig) -> list[Cell]:
-    """The grid in a stable order; the full cache runs once per model and task, whatever the budgets."""
-    grid = []
+    """The grid in a stable order, one cell per key (``0.5`` and ``50%`` are one cell); the full cache runs once
+    per model and task, whatever the budgets."""
+    grid: dict[str, Cell] = {}
     for model in config.models:
         for task in config.tasks:
             for spec in config.resolved_policies():
                 compresses = get_policy(spec.name, **spec.options).compresses
-                for budget in config.budgets if compresses else [1.0]:
-                    grid.append(Cell(model=model, task=task, policy=spec, budget=budget, seed=config.seed,
-                                     batch_size=config.batch_size))
-    return grid
+                for budget in config.budgets if compresses else [Budget.parse(1.0)]:
+                    cell = Cell(model=model, task=task, policy=spec, budget=budget, seed=config.seed,
+                                batch_size=config.batch_size)
+                    grid.setdefault(cell.key(), cell)
+    return list(grid.values())
 
 
-PRESENTATION_ONLY = {"leaderboard.py", "analysis.py", "reports.py", "replication.py", "anchors.py", "bench.py"}
-"""Core modules that render results or measure outside sweep cells (and the ``cli`` package): editing them changes
-no sweep number."""
+PRESENTATION_ONLY = {"leaderboard.py", "analysis.py", "reports.py", "replication.py", "anchors.py", "bench.py",
+                     "results.py", "errors.py"}
+"""Core modules that render, store or report results or measure outside sweep cells (and the ``cli`` package):
+editing them changes no sweep number."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -219,7 +275,7 @@ def _task_manager(metadata_json: str):
 
 
 def run_cell(cell: Cell) -> dict[str, Any]:
-    """Evaluate one cell with lm-eval and return its record (metrics, memory, speed, provenance)."""
+    """Evaluate one cell with lm-eval and return the measured fields of its record (metrics, memory, speed)."""
     import lm_eval
 
     from kvpolicies.lm_eval import KVPoliciesLM
@@ -263,12 +319,6 @@ def result_path(results_dir: Path, cell: Cell) -> Path:
     return results_dir / f"{cell.key()}.json"
 
 
-def write_atomic(path: Path, record: dict[str, Any]) -> None:
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(staging, path)  # a reader sees the old file or the whole new one, never half of it
-
-
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
@@ -277,11 +327,14 @@ def versions() -> dict[str, str]:
     }
 
 
-def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True) -> Iterator[dict[str, Any]]:
-    """Run every missing cell, yielding each record as it is written. Finished cells are skipped."""
+def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True) -> Iterator[ResultRecord]:
+    """Run every missing cell, yielding each record as it is written. Finished cells are skipped; a results folder
+    that cannot be written raises :class:`~kvpolicies.results.ResultsError` before any cell runs."""
     from tqdm import tqdm
 
-    results_dir.mkdir(parents=True, exist_ok=True)
+    from kvpolicies.results import ResultRecord, check_writable, write_record
+
+    check_writable(results_dir)
     grid = cells(config)
     todo = [cell for cell in grid if not _finished(result_path(results_dir, cell))]
     print(f"kvpolicies: {len(grid)} cells, {len(grid) - len(todo)} already done, {len(todo)} to run "
@@ -289,24 +342,19 @@ def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True) -> 
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), disable=not progress, unit="cell", file=sys.stderr)
     for cell in todo:
         bar.set_description(f"{cell.task.name} {cell.policy.title} @ {cell.budget}")
-        record = {
-            "key": cell.key(),
-            "cell": cell.model_dump(),
-            "identity": cell.identity(),
-            "versions": versions(),
-            "started_at": datetime.now(timezone.utc).isoformat(),
-            "load_average_start": _load_average(),
-        }
+        provenance = {"key": cell.key(), "cell": cell, "identity": cell.identity(), "versions": versions(),
+                      "started_at": datetime.now(timezone.utc), "load_average_start": _load_average()}
         try:
-            record |= {"status": "ok", **run_cell(cell)}
+            measured = run_cell(cell)
+            record = ResultRecord(**provenance, status="ok", **measured, finished_at=datetime.now(timezone.utc),
+                                  load_average_end=_load_average())
         except Exception as error:  # one broken cell must not stop the sweep
-            record |= {"status": "error", "error": f"{type(error).__name__}: {error}",
-                       "traceback": traceback.format_exc()}
+            record = ResultRecord(**provenance, status="error", error=f"{type(error).__name__}: {error}",
+                                  traceback=traceback.format_exc(), finished_at=datetime.now(timezone.utc),
+                                  load_average_end=_load_average())
             print(f"kvpolicies: cell failed ({cell.task.name}, {cell.policy.title}, {cell.budget}): "
-                  f"{record['error']}", file=sys.stderr)
-        record["finished_at"] = datetime.now(timezone.utc).isoformat()
-        record["load_average_end"] = _load_average()
-        write_atomic(result_path(results_dir, cell), record)
+                  f"{record.error}", file=sys.stderr)
+        write_record(result_path(results_dir, cell), record)
         bar.update(1)
         yield record
     bar.close()
@@ -321,7 +369,10 @@ def _load_average() -> float | None:
 
 
 def _finished(path: Path) -> bool:
+    """Whether ``path`` holds a valid ``ok`` record; anything else (missing, damaged, failed) is computed again."""
+    from kvpolicies.results import read_record
+
     try:
-        return json.loads(path.read_text()).get("status") == "ok"
+        return read_record(path).status == "ok"
     except (OSError, ValueError):
         return False

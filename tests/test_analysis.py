@@ -49,7 +49,7 @@ def test_norm_attention_on_a_tiny_model_matches_eager_attention_weights():
         weights = out.attentions[layer][0, :, -8:, :32]  # [heads, window queries, visible keys]
         expected = weights.view(2, 3, 8, 32).mean(dim=(1, 2))
         torch.testing.assert_close(result.attention[layer], expected, atol=1e-5, rtol=1e-4)
-        keys = out.past_key_values.layers[layer].keys[0, :, :32]
+        keys = out.cache.layers[layer].keys[0, :, :32]
         torch.testing.assert_close(result.norms[layer], keys.norm(dim=-1), atol=1e-5, rtol=1e-5)
     assert result.spearman.shape == result.pearson.shape == result.overlap.shape == (8, 2)
     assert (result.spearman.abs() <= 1).all() and ((result.overlap >= 0) & (result.overlap <= 1)).all()

@@ -67,9 +67,9 @@ def test_snapkv_in_a_cache_keeps_window_and_top_votes(tiny_model):
     handle = attn.q_proj.register_forward_hook(lambda m, a, o: captured.update(q=o))
     ids = torch.randint(3, 128, (1, 40))
     with torch.no_grad():
-        tiny_model(ids, past_key_values=cache)
+        tiny_model(ids, cache=cache)
         handle.remove()
-        tiny_model(ids, past_key_values=plain)
+        tiny_model(ids, cache=plain)
     from tests.test_cache import captured_query
 
     queries = torch.stack([captured_query(tiny_model, cache, captured["q"][:, p : p + 1], p, 2)[:, 0] for p in range(36, 40)], 1)
@@ -93,11 +93,11 @@ def test_h2o_accumulates_attention_over_prefill_and_decoding(tiny_model):
     ids = torch.randint(3, 128, (1, 12))
     steps = [torch.tensor([[5]]), torch.tensor([[9]]), torch.tensor([[17]])]
     with torch.no_grad():
-        tiny_model(ids, past_key_values=cache)
+        tiny_model(ids, cache=cache)
         for token in steps:
-            tiny_model(token, past_key_values=cache)
+            tiny_model(token, cache=cache)
         handle.remove()
-        tiny_model(torch.cat([ids, *steps], 1), past_key_values=plain)
+        tiny_model(torch.cat([ids, *steps], 1), cache=plain)
     from tests.test_cache import captured_query
 
     all_queries = torch.cat(
@@ -155,7 +155,7 @@ def test_headkv_adaptive_stores_ragged_heads_and_keeps_the_layer_total(tiny_mode
     cache = CompressedCache(tiny_model, kvpolicies.get_policy("headkv", scorer="l2norm",
                             scorer_options={"uncompressed_layers": []}), Budget(value=0.25, slack_tokens=0))
     with torch.no_grad():
-        tiny_model(torch.randint(3, 128, (1, 64)), past_key_values=cache)
+        tiny_model(torch.randint(3, 128, (1, 64)), cache=cache)
     kept = cache.kept_per_head()[:, 0]
     uniform = cache.allocation(64).tokens
     assert torch.equal(kept.sum(1), uniform.sum(1))
@@ -173,7 +173,7 @@ def test_headkv_static_follows_the_head_scores_file(tmp_path, tiny_model):
                                    scorer_options={"uncompressed_layers": []})
     cache = CompressedCache(tiny_model, policy, Budget(value=0.25, slack_tokens=0))
     with torch.no_grad():
-        tiny_model(torch.randint(3, 128, (1, 64)), past_key_values=cache)
+        tiny_model(torch.randint(3, 128, (1, 64)), cache=cache)
     kept = cache.kept_per_head()[:, 0]
     assert int(kept.sum()) == cache.allocation(64).total == 256
     assert int(kept[3, 1]) == 64 and int(kept.min()) >= 3  # the retrieval head is whole, the rest at the floor
@@ -206,9 +206,9 @@ def test_reallocated_heads_do_not_trigger_eviction_at_every_decoding_step(tiny_m
     policy.score = lambda inputs: calls.append(inputs.layer_idx) or score(inputs)
     cache = CompressedCache(tiny_model, policy, Budget(value=0.25, slack_tokens=4))
     with torch.no_grad():
-        out = tiny_model(torch.randint(3, 128, (1, 64)), past_key_values=cache)
+        out = tiny_model(torch.randint(3, 128, (1, 64)), cache=cache)
         assert (cache.kept_per_head()[:, 0, 0] != cache.kept_per_head()[:, 0, 1]).any()
         assert len(calls) == 8  # one eviction per layer at prefill
         for _ in range(4):  # the layer totals grow by 2 per step, within 2 heads x 4 slack
-            out = tiny_model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+            out = tiny_model(out.logits[:, -1:].argmax(-1), cache=cache)
     assert len(calls) == 8

@@ -17,11 +17,11 @@ def greedy_logits(model, ids, cache, steps: int) -> list[torch.Tensor]:
     """Prefill ``ids`` then decode ``steps`` greedy tokens; the logits of every step."""
     logits = []
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, cache=cache, use_cache=True)
         for _ in range(steps):
             logits.append(out.logits[:, -1])
             token = out.logits[:, -1].argmax(-1, keepdim=True)
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, cache=cache, use_cache=True)
         logits.append(out.logits[:, -1])
     return logits
 
@@ -42,7 +42,7 @@ def test_budget_at_or_above_sequence_reproduces_uncompressed_logits(attn, policy
 def test_half_budget_halves_resident_bytes(tiny_model):
     cache = CompressedCache(tiny_model, kvpolicies.get_policy("random"), 0.5)
     with torch.no_grad():
-        tiny_model(torch.randint(3, 128, (1, 100)), past_key_values=cache)
+        tiny_model(torch.randint(3, 128, (1, 100)), cache=cache)
     stats = cache.stats()
     assert stats.kept_entries == stats.full_entries // 2
     assert stats.resident_bytes == pytest.approx(stats.full_bytes / 2, rel=0.01)
@@ -58,7 +58,7 @@ def test_query_window_holds_only_its_window_not_the_prompts_queries(tiny_model):
     policy = kvpolicies.get_policy("snapkv")
     cache = CompressedCache(tiny_model, policy, 0.25)
     with torch.no_grad():
-        tiny_model(torch.randint(3, 128, (1, 200)), past_key_values=cache)
+        tiny_model(torch.randint(3, 128, (1, 200)), cache=cache)
     window = policy.query_window
     for layer in cache.layers:
         buffer = layer.recent_queries
@@ -82,10 +82,10 @@ def test_decode_keeps_every_head_within_its_allocation_plus_slack(tiny_model, sl
     cache = CompressedCache(tiny_model, kvpolicies.get_policy("l2norm", uncompressed_layers=[]), budget)
     ids = torch.randint(3, 128, (1, 40))
     with torch.no_grad():
-        out = tiny_model(ids, past_key_values=cache)
+        out = tiny_model(ids, cache=cache)
         assert (cache.kept_per_head() == 16).all()  # prefill is cut exactly
         for _ in range(20):
-            out = tiny_model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+            out = tiny_model(out.logits[:, -1:].argmax(-1), cache=cache)
             assert int(cache.kept_per_head().max()) <= 16 + slack
     assert cache.get_seq_length() == 60
 
@@ -96,7 +96,7 @@ def test_layers_holding_different_lengths_attend_like_a_plain_cache_with_the_sam
     cache = CompressedCache(tiny_model, policy, 0.5)
     ids = torch.randint(3, 128, (1, 40))
     with torch.no_grad():
-        tiny_model(ids, past_key_values=cache)
+        tiny_model(ids, cache=cache)
     lengths = [layer.lengths[0] if layer.packed else layer.keys.shape[2] for layer in cache.layers]
     assert lengths[0] == lengths[1] == 40 and max(lengths[2:]) < 40
 
@@ -107,8 +107,8 @@ def test_layers_holding_different_lengths_attend_like_a_plain_cache_with_the_sam
     token = torch.tensor([[7]])
     position = torch.tensor([[40]])
     with torch.no_grad():
-        got = tiny_model(token, past_key_values=cache).logits  # position from the cache's logical length
-        want = tiny_model(token, past_key_values=plain, position_ids=position, attention_mask=None).logits
+        got = tiny_model(token, cache=cache).logits  # position from the cache's logical length
+        want = tiny_model(token, cache=plain, position_ids=position, attention_mask=None).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
@@ -138,12 +138,12 @@ def test_ragged_heads_store_only_their_own_entries_and_decode(tiny_model):
     cache = CompressedCache(tiny_model, HeadSkewed(), 0.5)
     ids = torch.randint(3, 128, (1, 40))
     with torch.no_grad():
-        out = tiny_model(ids, past_key_values=cache)
+        out = tiny_model(ids, cache=cache)
         kept = cache.kept_per_head()[:, 0]
         assert kept.tolist() == [[30, 10]] * 8
         assert cache.resident_bytes() == 40 * 8 * cache.shape.entry_bytes  # no padding to equalise heads
         for _ in range(5):
-            out = tiny_model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+            out = tiny_model(out.logits[:, -1:].argmax(-1), cache=cache)
     assert cache.kept_per_head()[:, 0].tolist() == [[35, 15]] * 8
     assert torch.isfinite(out.logits).all()
 
@@ -156,13 +156,13 @@ def test_ragged_decode_matches_explicit_per_head_attention(tiny_model):
     attn = tiny_model.model.layers[3].self_attn
     hook = attn.register_forward_hook(lambda module, args, output: captured.update(out=output[0]), with_kwargs=False)
     with torch.no_grad():
-        tiny_model(ids, past_key_values=cache)
+        tiny_model(ids, cache=cache)
         layer = cache.layers[3]
         old_k, old_v = layer.keys.clone(), layer.values.clone()
         old_lengths = list(layer.lengths)
         pre = {}
         handle = attn.q_proj.register_forward_hook(lambda m, a, o: pre.update(q=o))
-        tiny_model(torch.tensor([[9]]), past_key_values=cache)
+        tiny_model(torch.tensor([[9]]), cache=cache)
         handle.remove()
     hook.remove()
     # Rebuild the reference from the layer's state after the step: old runs + the appended token.
@@ -200,7 +200,7 @@ def test_padding_is_never_kept_and_batch_rows_match_single_runs(tiny_model):
     def run(ids, attention_mask):
         cache = CompressedCache(tiny_model, kvpolicies.get_policy("l2norm", uncompressed_layers=[], window_tokens=2), 0.5)
         out = tiny_model.generate(
-            input_ids=ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=6,
+            input_ids=ids, attention_mask=attention_mask, cache=cache, max_new_tokens=6,
             do_sample=False, pad_token_id=0,
         )
         return cache, out[:, ids.shape[1]:]
@@ -224,8 +224,8 @@ def test_cache_refuses_to_run_without_the_kvpolicies_attention(tiny_model):
     cache = CompressedCache(tiny_model, kvpolicies.get_policy("random"), 0.5)
     tiny_model.set_attn_implementation("sdpa")
     with pytest.raises(RuntimeError, match="kvpolicies attention"), torch.no_grad():
-        tiny_model(torch.randint(3, 128, (1, 10)), past_key_values=cache)
-        tiny_model(torch.randint(3, 128, (1, 1)), past_key_values=cache)
+        tiny_model(torch.randint(3, 128, (1, 10)), cache=cache)
+        tiny_model(torch.randint(3, 128, (1, 1)), cache=cache)
 
 
 def test_kvpolicies_attention_is_transparent_for_other_caches(tiny_model):
@@ -234,7 +234,7 @@ def test_kvpolicies_attention_is_transparent_for_other_caches(tiny_model):
         before = tiny_model(ids).logits
         kvpolicies.prepare_model(tiny_model)
         assert tiny_model.config._attn_implementation == "kvpolicies-sdpa"
-        after = tiny_model(ids, past_key_values=DynamicCache(config=tiny_model.config)).logits
+        after = tiny_model(ids, cache=DynamicCache(config=tiny_model.config)).logits
     assert torch.equal(before, after)
 
 
@@ -244,8 +244,8 @@ def test_sinks_and_window_survive_eviction(tiny_model):
     plain = DynamicCache(config=tiny_model.config)
     ids = torch.randint(3, 128, (1, 60))
     with torch.no_grad():
-        tiny_model(ids, past_key_values=cache)
-        tiny_model(ids, past_key_values=plain)
+        tiny_model(ids, cache=cache)
+        tiny_model(ids, cache=plain)
     for layer, full in zip(cache.layers, plain.layers):
         for head in range(2):
             kept = layer.keys.split(layer.lengths)[head]
@@ -278,7 +278,7 @@ def test_prefill_keeps_exactly_the_allocation_in_every_head(seq_len, fraction, p
         options["uncompressed_layers"] = []
     cache = CompressedCache(model, kvpolicies.get_policy(policy, **options), Budget(value=fraction))
     with torch.no_grad():
-        model(torch.randint(3, 128, (1, seq_len)), past_key_values=cache)
+        model(torch.randint(3, 128, (1, seq_len)), cache=cache)
     allocation = cache.allocation(seq_len)
     assert torch.equal(cache.kept_per_head()[:, 0], allocation.tokens)
     assert cache.resident_bytes() == int(allocation.tokens.sum()) * cache.shape.entry_bytes
@@ -295,7 +295,7 @@ def test_selections_are_identical_under_sdpa_and_eager_attention(policy):
         model = tiny_llama(attn_implementation=attn)
         cache = CompressedCache(model, kvpolicies.get_policy(policy, **({"uncompressed_layers": []} if policy == "l2norm" else {})), 0.25)
         with torch.no_grad():
-            model(ids, past_key_values=cache)
+            model(ids, cache=cache)
         kept[attn] = [(layer.lengths, layer.keys.clone()) for layer in cache.layers]
     for (lengths_s, keys_s), (lengths_e, keys_e) in zip(kept["sdpa"], kept["eager"]):
         assert lengths_s == lengths_e
@@ -306,7 +306,7 @@ def test_chunked_prefill_evicts_between_chunks_so_memory_follows_the_budget(tiny
     ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(5))
     plain = tiny_model.generate(ids, max_new_tokens=6, do_sample=False)
     chunked = tiny_model.generate(ids, max_new_tokens=6, do_sample=False, prefill_chunk_size=32,
-                                  past_key_values=CompressedCache(tiny_model, "full", 1.0))
+                                  cache=CompressedCache(tiny_model, "full", 1.0))
     assert torch.equal(plain, chunked)  # chunking alone changes nothing
 
     peaks = {}
@@ -321,7 +321,7 @@ def test_chunked_prefill_evicts_between_chunks_so_memory_follows_the_budget(tiny
             return result
 
         layer.update = recording_update
-        tiny_model.generate(ids, max_new_tokens=6, do_sample=False, prefill_chunk_size=chunk, past_key_values=cache)
+        tiny_model.generate(ids, max_new_tokens=6, do_sample=False, prefill_chunk_size=chunk, cache=cache)
         peaks[chunk] = max(held)
     assert peaks[None] == 200  # one forward: the layer holds the whole prompt until its attention has read it
     # Chunked: a quarter of what was read before plus one incoming chunk, never the whole prompt.

@@ -16,6 +16,18 @@ def test_list_shows_every_policy_with_its_options(capsys):
         assert name in out
     assert "uncompressed_layers=(0, 1)" in out and "keys" in out
     assert "scorer_options={}" in out and "Undefined" not in out
+    assert max(len(line) for line in out.splitlines()) <= 100  # was a 158-column table
+
+
+def test_help_loads_neither_torch_nor_transformers():
+    """`--help` of every command must be instant: the command modules import heavy libraries only when they run."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from kvpolicies.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
 
 
 def test_list_json_is_machine_readable(capsys):

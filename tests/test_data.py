@@ -51,8 +51,8 @@ def test_every_anchor_maps_to_a_registered_configuration_and_one_cell_per_budget
     for anchor in KVPRESS:
         get_policy(anchor.policy.name, **anchor.policy.options)
         assert set(anchor.scores) <= set(anchor.budgets)
-    grid = [cell for config in sweeps() for cell in cells(config)]
-    keys = [(c.policy.title, c.budget if c.policy.name != "full" else 1.0) for c in grid]
+    grid = list({cell.key(): cell for config in sweeps() for cell in cells(config)}.values())  # the reference once
+    keys = [(c.policy.title, c.budget) for c in grid]
     assert len(keys) == len(set(keys)) == 1 + sum(len(a.budgets) for a in KVPRESS)
     assert all(c.task == TASK for c in grid)
 
@@ -83,4 +83,4 @@ def test_passkey_text_task_runs_through_lm_eval(tiny_pretrained):
     lm = KVPoliciesLM(pretrained=tiny_pretrained, policy="keydiff", budget=0.5)
     results = evaluate(lm, ["kvp_passkey_text"], {"lengths": [300], "depths": [0.5], "per_cell": 2})
     assert "exact_match,first_key" in results["results"]["kvp_passkey_text"]
-    assert results["config"]["kvpolicies"]["kv_memory"]["requests"] == 2
+    assert results["config"]["kvpolicies"]["kv_memory"]["sequences"] == 2

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from lm_eval import simple_evaluate
+from lm_eval.tasks import TaskManager
 
 import kvpolicies
 from kvpolicies import CompressedCache
 from kvpolicies.cli import main
+from kvpolicies.lm_eval import KVPoliciesLM
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +31,7 @@ def chat_ids(tokenizer, text: str) -> dict[str, torch.Tensor]:
 
 def generate(model, inputs, cache=None, tokens: int = 24) -> torch.Tensor:
     with torch.no_grad():
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=tokens, do_sample=False)
+        out = model.generate(**inputs, cache=cache, max_new_tokens=tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:]
 
 
@@ -54,7 +57,7 @@ def test_half_budget_greedy_generation_halves_the_cache(real_model):
     assert prompt_tokens > 800
     cache = CompressedCache(model, kvpolicies.get_policy("l2norm"), kvpolicies.Budget(value=0.5, slack_tokens=0))
     with torch.no_grad():
-        model(**inputs, past_key_values=cache)
+        model(**inputs, cache=cache)
     stats = cache.stats()
     assert stats.full_bytes == prompt_tokens * 46_080
     assert stats.resident_bytes == pytest.approx(stats.full_bytes / 2, rel=0.01)
@@ -136,18 +139,33 @@ ZOO = [info.name for info in kvpolicies.list_policies() if info.policy_class.com
 TASKS = str(Path(__file__).parents[1] / "evals" / "tasks")
 
 
-@pytest.mark.parametrize("name", ZOO)
-def test_every_policy_runs_end_to_end_through_generate_and_the_lm_eval_drop_in(name, capsys, tmp_path, monkeypatch):
-    """The two user-facing entry points, on the embedded model, for every registered policy."""
-    assert main(["generate", "--policy", name, "--budget", "0.5", "--max-new-tokens", "4", LONG_PROMPT]) == 0
-    out = capsys.readouterr().out
-    kept = next(line for line in out.splitlines() if line.startswith("KV entries kept / full"))
-    assert "(50." in kept or "(51." in kept  # half the prompt, plus what the 4 new tokens add within the slack
+def test_every_policy_generates_and_evaluates_through_lm_eval_on_the_embedded_model(real_model):
+    """Every registered policy through both user paths, on the loaded model (no reload per policy): greedy
+    generation with decode-time eviction, and an lm-eval task through the adapter. The command-line entry points of
+    both are run once, above and below."""
+    model, tokenizer = real_model
+    inputs = chat_ids(tokenizer, LONG_PROMPT).to(model.device)
+    for name in ZOO:
+        cache = CompressedCache(model, kvpolicies.get_policy(name), 0.5)
+        assert len(generate(model, inputs, cache, tokens=4)) == 4, name
+        assert 0.5 <= cache.stats().kept_fraction < 0.52, name  # half, plus what 4 tokens add within the slack
 
+        lm = KVPoliciesLM(pretrained=model, tokenizer=tokenizer, policy=name, budget=0.25)
+        results = simple_evaluate(
+            model=lm, tasks=["kvp_passkey"], limit=1, bootstrap_iters=0,
+            task_manager=TaskManager(include_path=TASKS, metadata={"lengths": [512], "depths": [0.5], "per_cell": 1}),
+        )
+        assert results["config"]["kvpolicies"]["policy"] == name
+        assert results["config"]["kvpolicies"]["kv_memory"]["resident_fraction_mean"] < 0.35, name
+
+
+def test_lm_eval_drop_in_runs_on_the_embedded_model_and_names_its_results_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    main(["lm-eval", "--model", "kvpolicies", "--model_args", f"policy={name},budget=0.25",
-          "--tasks", "kvp_passkey", "--include_path", TASKS, "--limit", "1",
-          "--metadata", json.dumps({"lengths": [512], "depths": [0.5], "per_cell": 1}), "--output_path", "out"])
-    results = json.loads(next(Path("out").rglob("results_*.json")).read_text())
-    assert results["config"]["kvpolicies"]["policy"] == name
-    assert results["config"]["kvpolicies"]["kv_memory"]["resident_fraction_mean"] < 0.35
+    assert main(["lm-eval", "--model", "kvpolicies", "--model_args", "policy=headkv,budget=0.25",
+                 "--tasks", "kvp_passkey", "--include_path", TASKS, "--limit", "1",
+                 "--metadata", json.dumps({"lengths": [512], "depths": [0.5], "per_cell": 1}),
+                 "--output_path", "out"]) == 0
+    written = list(Path("out").rglob("results_*.json"))
+    assert [path.parent.name for path in written] == ["smollm2-135m-instruct"]  # not a random folder name
+    results = json.loads(written[0].read_text())
+    assert results["config"]["kvpolicies"]["policy"] == "headkv"

@@ -22,9 +22,9 @@ def test_decode_time_eviction_holds_every_head_to_its_allocation(tiny_model, nam
     cache = CompressedCache(tiny_model, kvpolicies.get_policy(name, **options_for(name)), budget)
     ids = torch.randint(3, 128, (1, 30))
     with torch.no_grad():
-        out = tiny_model(ids, past_key_values=cache)
+        out = tiny_model(ids, cache=cache)
         for step in range(12):
-            out = tiny_model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+            out = tiny_model(out.logits[:, -1:].argmax(-1), cache=cache)
             per_layer = cache.kept_per_head()[:, 0].sum(1)
             allocation = torch.tensor(cache._targets(31 + step)).sum(1)
             assert (per_layer <= allocation + 2 * 2).all()  # each head within its allocation + slack
@@ -46,7 +46,7 @@ def test_left_padded_batch_keeps_the_same_entries_as_each_sequence_alone(tiny_mo
         cache = CompressedCache(tiny_model, kvpolicies.get_policy(name, **options_for(name)), budget)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            tiny_model(ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache)
+            tiny_model(ids, attention_mask=attention_mask, position_ids=positions, cache=cache)
         return cache
 
     batched = prefill(batch, mask)
@@ -99,7 +99,7 @@ def test_equal_budget_across_every_policy_on_the_embedded_model(real_model, with
             continue
         cache = CompressedCache(model, info.policy_class(), budget)
         with torch.no_grad():
-            model(**inputs, past_key_values=cache)
+            model(**inputs, cache=cache)
         stats = cache.stats()
         measured[info.name] = (stats.kept_entries, stats.resident_bytes)
     assert "every-other" in measured and {"l2norm", "h2o", "snapkv", "pyramidkv", "headkv"} <= set(measured)

@@ -36,10 +36,24 @@ def test_generate_until_runs_through_lm_eval_and_reports_memory(tiny_pretrained)
     assert info["policy"] == "l2norm" and info["config"]["uncompressed_layers"] == []
     assert info["budget"]["value"] == 0.5 and len(info["config_hash"]) == 16
     memory = info["kv_memory"]
-    assert memory["requests"] == 2
+    assert memory["sequences"] == 2
     # Half the prompt, plus up to 11 generated tokens in the slack: between 50% and 60% of the full cache.
     assert 0.5 <= memory["resident_fraction_mean"] < 0.6
     assert memory["resident_bytes_peak"] < memory["full_bytes_peak"]
+
+
+def test_memory_is_counted_per_sequence_and_padding_apart_whatever_the_batch_size(tiny_pretrained):
+    """A padded batch used to count as one request whose figures were batch means, padding included (1.5x)."""
+    metadata = {"lengths": [120, 240], "depths": [0.5], "per_cell": 1}
+    memory = {}
+    for batch_size in (1, 2):
+        lm = KVPoliciesLM(pretrained=tiny_pretrained, policy="full", batch_size=batch_size)
+        memory[batch_size] = evaluate(lm, ["kvp_passkey"], metadata)["config"]["kvpolicies"]["kv_memory"]
+    assert memory[1]["sequences"] == memory[2]["sequences"] == 2
+    for figures in memory.values():
+        assert figures["resident_fraction_mean"] == 1.0  # the full cache holds every real entry, nothing else
+    assert memory[1]["padding_bytes_peak"] == 0 and memory[2]["padding_bytes_peak"] > 0
+    assert memory[2]["full_bytes_peak"] == memory[1]["full_bytes_peak"]
 
 
 def test_rolling_perplexity_with_full_cache_equals_lm_eval_hf_model(tiny_pretrained):
@@ -78,7 +92,7 @@ def test_loglikelihood_scores_the_continuation_on_the_compressed_context(tiny_pr
     lm = KVPoliciesLM(pretrained=tiny_pretrained, policy="streaming", budget="2 tokens", sink_tokens=1)
     squeezed = lm.loglikelihood(loglikelihood_requests())
     assert squeezed[0][0] != pytest.approx(full[0][0], abs=1e-4)  # multi-token continuation: affected
-    assert lm.kv_memory()["requests"] == 2
+    assert lm.kv_memory()["sequences"] == 2
 
 
 def test_unknown_model_args_are_rejected_with_the_valid_options(tiny_pretrained):
@@ -98,7 +112,7 @@ def test_drop_in_command_passes_arguments_to_lm_eval_unchanged(tiny_pretrained, 
     assert len(written) == 1
     results = json.loads(written[0].read_text())
     assert results["config"]["kvpolicies"]["policy"] == "random"
-    assert results["config"]["kvpolicies"]["kv_memory"]["requests"] == 1
+    assert results["config"]["kvpolicies"]["kv_memory"]["sequences"] == 1
     assert list(Path("out").rglob("samples_kvp_passkey_*.jsonl"))
 
 

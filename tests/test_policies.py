@@ -125,6 +125,6 @@ def test_random_keeps_each_entry_about_as_often_as_the_budget_says():
 def test_full_policy_never_evicts(tiny_model):
     cache = kvpolicies.CompressedCache(tiny_model, kvpolicies.get_policy("full"), 0.1)
     with torch.no_grad():
-        tiny_model(torch.randint(3, 128, (1, 50)), past_key_values=cache)
+        tiny_model(torch.randint(3, 128, (1, 50)), cache=cache)
     stats = cache.stats()
     assert stats.kept_entries == stats.full_entries and stats.resident_bytes == stats.full_bytes

@@ -9,24 +9,19 @@ from pathlib import Path
 import kvpolicies
 from kvpolicies.reports import decode_behaviour, policies_page
 from kvpolicies.replication import ABLATIONS, replicate, selection_agreement, verdicts
+from kvpolicies.results import ResultRecord, write_record
+from tests.test_results import make_record
 
 
-def record(task: str, policy: str, budget: float, score: float, label: str | None = None, model=None) -> dict:
-    return {
-        "status": "ok", "score": score, "primary_metric": "exact_match,first_key", "samples": 10,
-        "finished_at": "2026-11-24T12:00:00+00:00", "device": "cpu",
-        "versions": {"kvpolicies": "0.1.0", "torch": "2.13.0"},
-        "cell": {"model": model, "task": {"name": task, "metadata": {}, "limit": None},
-                 "policy": {"name": policy, "options": {}, "label": label}, "budget": budget, "seed": 0},
-        "identity": {"model": model or "smollm2-135m-instruct", "policy": {"policy": policy, "config": {}},
-                     "code_version": "0.1.0+abc/def"},
-    }
+def record(task: str, policy: str, budget: float | str, score: float, label: str | None = None,
+           model=None) -> ResultRecord:
+    return make_record(task, policy, budget, score, label=label, model=model)
 
 
-def write(results: Path, records: list[dict]) -> Path:
+def write(results: Path, records: list[ResultRecord]) -> Path:
     results.mkdir(parents=True, exist_ok=True)
     for i, item in enumerate(records):
-        (results / f"{i:04d}.json").write_text(json.dumps(item))
+        write_record(results / f"{i:04d}.json", item)
     return results
 
 
@@ -60,11 +55,10 @@ def test_policy_catalogue_marks_scores_above_random_and_lists_missing_cells(tmp_
 
 
 def test_verdicts_apply_the_stated_tolerances():
-    latest = {
-        ("kvp_ppl", "full", 1.0): {"score": 20.0}, ("kvp_ppl", "l2norm", 0.5): {"score": 20.9},
-        ("kvp_niah", "full", 1.0): {"score": 0.9}, ("kvp_niah", "l2norm", 0.5): {"score": 0.7},
-        ("kvp_passkey", "full", 1.0): {"score": 1.0},
-    }
+    latest = {(task, policy, budget): record(task, policy, budget, score) for task, policy, budget, score in [
+        ("kvp_ppl", "full", 1.0, 20.0), ("kvp_ppl", "l2norm", 0.5, 20.9),
+        ("kvp_niah", "full", 1.0, 0.9), ("kvp_niah", "l2norm", 0.5, 0.7), ("kvp_passkey", "full", 1.0, 1.0),
+    ]}
     found = verdicts(latest, {"negative": 80, "cells": 90, "mean": -0.3})
     assert [v.holds for v in found] == [True, True, False, None]
     assert "20.90 vs 20.00" in found[1].measured
@@ -98,3 +92,29 @@ def test_replication_page_renders_claims_from_saved_results_without_running_cell
     assert "![kvp_niah](figures/kvp_niah.png)" in text and (tmp_path / "docs" / "figures" / "kvp_niah.png").exists()
     assert "same selection (SDPA vs eager)" in text
     assert "Spearman ρ (mean)" in text and "Spearman ρ < 0 in" in text
+
+
+def test_policy_catalogue_counts_cells_swept_at_50_percent_as_half_the_cache(tmp_path):
+    results = write(tmp_path / "results", [record("kvp_passkey", "keydiff", "50%", 0.9),
+                                           record("kvp_passkey", "random", 0.5, 0.4)])
+    rows = {line.split("|")[1].strip(): line for line in policies_page(results).splitlines() if line.startswith("| `")}
+    assert "0.90 ▲" in rows["`keydiff`"]
+
+
+def test_policy_catalogue_reads_benchmark_budgets_as_budgets(tmp_path):
+    bench = tmp_path / "bench.json"
+    measured = lambda budget, policy_s: {"policy": "keydiff", "budget": budget, "prefill_s": 1.0,  # noqa: E731
+                                         "policy_prefill_s": policy_s, "decode_tokens_per_s": 10.0}
+    bench.write_text(json.dumps({"header": "h", "results": [
+        measured("50%", 0.5), measured("64MiB", 0.64), measured("0.25 tokens", 0.0025), measured("25%", 0.25),
+    ]}))
+    rows = {line.split("|")[1].strip(): line for line in policies_page(tmp_path / "none", bench).splitlines()
+            if line.startswith("| `")}
+    assert "25.0%" in rows["`keydiff`"]  # the 25% measurement, not one in bytes or tokens
+
+
+def test_pages_render_when_the_benchmark_file_is_damaged(tmp_path, capsys):
+    bench = tmp_path / "bench.json"
+    bench.write_text('{"header": "h", "resu')
+    assert "benchmark: none" in policies_page(tmp_path / "none", bench)
+    assert f"skipped {bench}" in capsys.readouterr().err

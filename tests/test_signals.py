@@ -62,7 +62,7 @@ def run_recorder(model, needs):
     Recorder.seen = []
     cache = CompressedCache(model, Recorder(), 0.5)
     with torch.no_grad():
-        model(torch.randint(3, 128, (1, 20)), past_key_values=cache)
+        model(torch.randint(3, 128, (1, 20)), cache=cache)
     return Recorder.seen
 
 

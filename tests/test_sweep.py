@@ -13,15 +13,18 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from kvpolicies.budget import Budget
 from kvpolicies.leaderboard import load_rows, overall_table, plot, render, task_tables
-from kvpolicies.sweep import SweepConfig, cells, write_atomic
+from kvpolicies.results import ResultRecord, load_results, write_record
+from kvpolicies.sweep import SweepConfig, cells
+from tests.test_results import make_record
 
 
 def test_grid_runs_the_full_cache_once_per_task():
     config = SweepConfig(policies=["full", "l2norm", "random"], budgets=[0.25, 0.5], tasks=["kvp_passkey", "kvp_ppl"])
     grid = cells(config)
     assert len(grid) == 2 * (1 + 2 * 2)
-    assert [c.budget for c in grid if c.policy.name == "full"] == [1.0, 1.0]
+    assert [str(c.budget) for c in grid if c.policy.name == "full"] == ["1", "1"]
     assert len({c.key() for c in grid}) == len(grid)
 
 
@@ -29,7 +32,7 @@ def test_cell_keys_change_with_anything_that_changes_the_result():
     base = cells(SweepConfig(policies=["l2norm"], budgets=[0.5], tasks=["kvp_passkey"]))[0]
     assert base.key() == cells(SweepConfig(policies=["l2norm"], budgets=["50%"], tasks=["kvp_passkey"]))[0].key()
     variants = [
-        base.model_copy(update={"budget": 0.25}),
+        base.model_copy(update={"budget": Budget.parse(0.25)}),
         base.model_copy(update={"seed": 1}),
         base.model_copy(update={"model": "other/model"}),
         base.model_copy(update={"policy": base.policy.model_copy(update={"options": {"window_tokens": 4}})}),
@@ -56,7 +59,7 @@ def test_code_version_covers_the_core_and_only_the_plugins_a_policy_is_made_of()
 
 def test_default_grid_is_every_policy_at_four_budgets_on_the_offline_tasks():
     config = SweepConfig()
-    assert config.budgets == [0.1, 0.25, 0.5, 0.75]
+    assert config.budgets == [Budget.parse(b) for b in (0.1, 0.25, 0.5, 0.75)]
     assert [t.name for t in config.tasks] == ["kvp_passkey", "kvp_niah", "kvp_ppl"]
     assert {"l2norm", "h2o", "snapkv", "full"} <= {p.name for p in config.resolved_policies()}
 
@@ -121,24 +124,13 @@ def test_a_killed_sweep_resumes_and_ends_with_identical_results(tiny_pretrained,
         assert after[key]["finished_at"] == done_before[key]["finished_at"]
     assert {k: r["metrics"] for k, r in after.items()} == {k: r["metrics"] for k, r in expected.items()}
     ranking = lambda rows: [(t, [(r[1], r[2]) for r in body]) for t, _, body in task_tables(rows)]  # noqa: E731
-    assert ranking(load_rows(interrupted)[0]) == ranking(load_rows(reference)[0])
+    assert ranking(load_rows(load_results(interrupted))[0]) == ranking(load_rows(load_results(reference))[0])
 
 
-def fake_record(task, policy, budget, score, higher=True, resident=100.0, full=200.0, status="ok"):
-    record = {
-        "key": f"{task}-{policy}-{budget}",
-        "status": status,
-        "cell": {"task": {"name": task}, "policy": {"name": policy, "label": None}, "budget": budget},
-        "identity": {"model": "m", "budget": None if policy == "full" else {"unit": "fraction", "value": budget}},
-        "score": score, "primary_metric": "exact_match,x" if higher else "word_perplexity,none",
-        "higher_is_better": higher, "samples": 10,
-        "kv_memory": {"resident_bytes_mean": resident, "full_bytes_mean": full},
-        "speed": {"prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": 20.0},
-        "peak_memory_bytes": 2**30,
-    }
-    if status != "ok":
-        record["error"] = "RuntimeError: boom"
-    return record
+def fake_record(task, policy, budget, score, higher=True, resident=100.0, full=200.0, status="ok") -> ResultRecord:
+    return make_record(task, policy, budget, score, model="m", higher=higher, status=status,
+                       key=f"{task}-{policy}-{budget}",
+                       kv_memory={"resident_bytes_mean": resident, "full_bytes_mean": full})
 
 
 @pytest.fixture
@@ -153,12 +145,12 @@ def saved_results(tmp_path):
         fake_record("acc", "c", 0.5, 0.0, status="error"),
     ]
     for record in records:
-        write_atomic(tmp_path / f"{record['key']}.json", record)
+        write_record(tmp_path / f"{record.key}.json", record)
     return tmp_path
 
 
 def test_leaderboard_ranks_each_task_and_budget_with_the_right_direction(saved_results):
-    rows, failures = load_rows(saved_results)
+    rows, failures = load_rows(load_results(saved_results))
     assert len(rows) == 10 and len(failures) == 1
     tables = {title.split(" — ")[0] + "@" + title.split(" — ")[1]: body for title, _, body in task_tables(rows)}
     assert [r[1] for r in tables["acc@budget 0.25"]] == ["b", "a", "full (no eviction)"]
@@ -167,7 +159,7 @@ def test_leaderboard_ranks_each_task_and_budget_with_the_right_direction(saved_r
 
 
 def test_overall_table_compares_with_the_full_cache_and_integrates_over_budgets(saved_results):
-    _, headers, body = overall_table(load_rows(saved_results)[0])
+    _, headers, body = overall_table(load_rows(load_results(saved_results))[0])
     by_policy = {row[0]: dict(zip(headers, row)) for row in body}
     # a: acc 0.5 and 1.0 of full; ppl 10/20 = 0.5 and 1.0 -> means 0.5 @0.25 and 1.0 @0.5, AUC 0.75
     assert by_policy["a"]["@0.25"] == "0.500" and by_policy["a"]["@0.5"] == "1.000" and by_policy["a"]["AUC"] == "0.750"

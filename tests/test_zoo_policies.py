@@ -29,9 +29,9 @@ def test_tova_keeps_what_the_newest_query_attends_to(tiny_model):
     handle = tiny_model.model.layers[4].self_attn.q_proj.register_forward_hook(lambda m, a, o: captured.update(q=o))
     ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        tiny_model(ids, past_key_values=cache)
+        tiny_model(ids, cache=cache)
         handle.remove()
-        tiny_model(ids, past_key_values=plain)
+        tiny_model(ids, cache=plain)
     from tests.test_cache import captured_query
 
     query = captured_query(tiny_model, cache, captured["q"][:, -1:], 29, 4)[:, 0]  # [heads, head_dim]

@@ -1,4 +1,9 @@
-"""The ``kvpolicies`` command. Results go to stdout; progress and logs go to stderr."""
+"""The ``kvpolicies`` command. Results go to stdout; progress and logs go to stderr.
+
+Bad input of any kind ends as ``kvpolicies: error: <what and how to fix it>`` with exit status 2; a traceback means a
+bug. Command modules import torch and transformers only inside the commands that need them, so ``--help`` is
+instant.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +11,38 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pydantic import ValidationError
-
-from kvpolicies.budget import BudgetError
 from kvpolicies.cli import policies, reports, sweeps
 from kvpolicies.cli.options import parse_options
-from kvpolicies.policy import PolicyConfigError
-from kvpolicies.registry import UnknownPolicyError
+from kvpolicies.errors import KVPoliciesError, describe
 
 __all__ = ["build_parser", "main", "parse_options"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["lm-eval"]:
-        from kvpolicies.lm_eval import main as lm_eval_main
-
-        lm_eval_main(argv[1:])
-        return 0
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        if argv[:1] == ["lm-eval"]:
+            from kvpolicies.cli.lm_eval import run_lm_eval
+
+            return run_lm_eval(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.run(args)
-    except (UnknownPolicyError, PolicyConfigError, BudgetError, ValidationError, FileNotFoundError) as error:
-        print(f"kvpolicies: error: {error}", file=sys.stderr)
-        return 2
+    except KVPoliciesError as error:
+        return fail(str(error))
+    except BrokenPipeError:  # `kvpolicies list | head`: the reader left, which is not an error
+        sys.stderr.close()
+        return 0
+    except Exception as error:
+        from pydantic import ValidationError
+
+        if isinstance(error, ValidationError):
+            return fail(f"{error.title}: {describe(error)}")
+        raise
+
+
+def fail(message: str) -> int:
+    print(f"kvpolicies: error: {message}", file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

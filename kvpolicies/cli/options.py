@@ -1,4 +1,7 @@
-"""Command-line pieces shared by several commands: policy arguments and where a command's text goes."""
+"""Command-line pieces shared by several commands: policy arguments, checked numbers and files, where text goes.
+
+Nothing here imports torch: building the parser (and so ``--help``) must stay instant.
+"""
 
 from __future__ import annotations
 
@@ -8,35 +11,110 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvpolicies.policy import PolicyConfigError, coerce_option
+from kvpolicies.errors import PolicyConfigError, UsageError
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def whole_number(minimum: int):
+    """An argparse type: a whole number ≥ ``minimum`` (0 tokens, 0 chunks or -1 samples are mistakes, not defaults)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"whole number >= {minimum}"  # argparse names the type in its messages
+    return parse
+
+
+positive_int = whole_number(1)
+non_negative_int = whole_number(0)
+
+
+def whole_numbers(minimum: int):
+    """An argparse type: comma-separated whole numbers, each ≥ ``minimum`` (``1024,2048``)."""
+    one = whole_number(minimum)
+
+    def parse(text: str) -> list[int]:
+        items = [item.strip() for item in text.split(",")]
+        if not all(items):
+            raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}")
+        return [one(item) for item in items]
+
+    parse.__name__ = "list of whole numbers"
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (exclusive), got {value:g}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+    parser.add_argument("--model", help="model id, folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    if dtype:
+        parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: bfloat16 on CUDA, float32 on CPU")
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="l2norm", help="policy name (see `kvpolicies list`)")
     parser.add_argument("--budget", default="0.5", help="0.5 | 50%% | '512 tokens' | 64MiB (default: 0.5)")
+    parser.add_argument("--budget-slack", type=non_negative_int, metavar="N",
+                        help="entries a head may grow past its share while generating before eviction runs again "
+                             "(default: 16; 0 evicts at every step)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="policy option (JSON value), repeatable"
     )
-    parser.add_argument("--model", help="model id, folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    add_model_arguments(parser)
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     """``["window_tokens=32", "uncompressed_layers=[]"]`` → ``{"window_tokens": 32, "uncompressed_layers": []}``."""
+    from kvpolicies.policy import coerce_option
+
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise PolicyConfigError(f"--set expects KEY=VALUE, got {pair!r}")
         options[key.strip()] = coerce_option(text)
     return options
 
 
+def read_text_file(path: Path, what: str = "file") -> str:
+    """The UTF-8 text of ``path``, or a UsageError that says why it cannot be read."""
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; give a text file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{what} {path} is not UTF-8 text (byte {error.start}: {error.reason}); convert it, e.g. "
+                         f"with iconv -t utf-8") from None
+    except OSError as error:
+        raise UsageError(f"cannot read {what} {path}: {error.strerror}") from None
+
+
 def write_or_print(text: str, output: Path | None) -> None:
     """Write a command's result to ``output`` (saying so on stderr), or print it to stdout."""
     if output:
-        output.write_text(text)
+        try:
+            output.write_text(text)
+        except OSError as error:
+            raise UsageError(f"cannot write {output}: {error.strerror}") from None
         print(f"wrote {output}", file=sys.stderr)
     else:
         print(text)

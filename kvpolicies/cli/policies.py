@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 from tabulate import tabulate
 
-from kvpolicies.budget import Budget
-from kvpolicies.cli.options import add_policy_arguments, parse_options
-from kvpolicies.policy import Policy, PolicyConfigError
-from kvpolicies.registry import get_policy, list_policies
+from kvpolicies.cli.options import (
+    add_model_arguments,
+    add_policy_arguments,
+    parse_options,
+    positive_int,
+    read_text_file,
+)
+from kvpolicies.errors import UsageError
 
 
 def add_commands(commands) -> None:
@@ -25,29 +31,31 @@ def add_commands(commands) -> None:
     generate.add_argument("prompt", nargs="?", help="the prompt (or use --file)")
     generate.add_argument("--file", type=Path, help="read the prompt from this file")
     add_policy_arguments(generate)
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N", help="default: 64")
     generate.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
-    generate.add_argument("--prefill-chunk", type=int, metavar="N",
+    generate.add_argument("--prefill-chunk", type=positive_int, metavar="N",
                           help="prefill N tokens at a time, evicting after each chunk (memory follows the budget)")
     generate.set_defaults(run=run_generate)
 
     inspect = commands.add_parser("inspect", help="show how a policy spreads a budget over layers and KV heads")
     add_policy_arguments(inspect)
-    inspect.add_argument("--tokens", type=int, default=2000, help="sequence length of the planned allocation")
+    inspect.add_argument("--tokens", type=positive_int, default=2000, metavar="N",
+                         help="sequence length of the planned allocation (default: 2000)")
     inspect.add_argument("--file", type=Path, help="run this prompt and show the entries actually kept per head")
     inspect.set_defaults(run=run_inspect)
 
     scores = commands.add_parser("head-scores", help="measure retrieval scores per KV head (for headkv static)")
-    scores.add_argument("--model", help="model id, folder or .gguf file (default: the embedded model)")
     scores.add_argument("--output", type=Path, required=True, help="JSON file to write")
-    scores.add_argument("--samples", type=int, default=8, help="passkey prompts to probe (default: 8)")
-    scores.add_argument("--tokens", type=int, default=1000, help="approximate prompt length (default: 1000)")
+    scores.add_argument("--samples", type=positive_int, default=8, help="passkey prompts to probe (default: 8)")
+    scores.add_argument("--tokens", type=positive_int, default=1000, help="approximate prompt length (default: 1000)")
     scores.add_argument("--seed", type=int, default=0)
-    scores.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    add_model_arguments(scores, dtype=False)
     scores.set_defaults(run=run_head_scores)
 
 
 def run_list(args: argparse.Namespace) -> int:
+    from kvpolicies.registry import list_policies
+
     policies = list_policies()
     if args.json:
         rows = [
@@ -64,31 +72,34 @@ def run_list(args: argparse.Namespace) -> int:
         ]
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    rows = [
-        [
-            p.name,
-            (", ".join(sorted(p.needs)) or "nothing") + ("\n(attention-free)" if p.attention_free else ""),
-            f"{p.summary}\n{p.paper}",
-            "\n".join(f"{key}={value!r}" for key, value in p.config_fields().items()),
-        ]
-        for p in policies
-    ]
-    print(tabulate(rows, headers=["policy", "reads", "what it keeps / paper", "options (defaults)"],
-                   tablefmt="simple_grid", maxcolwidths=[None, 24, 80, None]))
+    width = min(shutil.get_terminal_size((100, 24)).columns, 100)
+    blocks = []
+    for p in policies:
+        reads = ", ".join(sorted(p.needs)) or "nothing"
+        lines = [f"{p.name}  (reads {reads}{'; attention-free' if p.attention_free else ''})"]
+        for text in (p.summary, p.paper, "options: " + ", ".join(f"{k}={v!r}" for k, v in p.config_fields().items())):
+            lines += textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False)
+        blocks.append("\n".join(lines))
+    print("\n\n".join(blocks))
+    print(f"\n{len(policies)} policies; --set KEY=VALUE passes an option, --json shows each option's description.")
     return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from kvpolicies.budget import Budget
     from kvpolicies.cache import CompressedCache
     from kvpolicies.models import load_model
+    from kvpolicies.registry import get_policy
 
     if (args.prompt is None) == (args.file is None):
-        raise PolicyConfigError("give the prompt either as an argument or with --file, not both or neither")
-    prompt = args.prompt if args.file is None else args.file.read_text()
+        raise UsageError("give the prompt either as an argument or with --file, not both or neither")
+    prompt = args.prompt if args.file is None else read_text_file(args.file, "prompt file")
+    if not prompt.strip():
+        raise UsageError(f"the prompt{'' if args.file is None else f' in {args.file}'} is empty; give some text")
     policy = get_policy(args.policy, **parse_options(args.set))
-    budget = Budget.parse(args.budget)
+    budget = Budget.parse(args.budget, slack_tokens=args.budget_slack)
 
     print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -107,7 +118,7 @@ def run_generate(args: argparse.Namespace) -> int:
     with torch.no_grad():
         output = model.generate(
             **inputs,
-            past_key_values=cache,
+            cache=cache,
             max_new_tokens=args.max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
@@ -120,7 +131,9 @@ def run_generate(args: argparse.Namespace) -> int:
     stats = cache.stats()
     rows = [
         ["policy", f"{policy.name} {json.dumps(policy.config.model_dump(mode='json'))}"],
-        ["budget", str(budget)],
+        ["budget", f"{budget}" + (f" (each head may grow {budget.slack_tokens} entries past it while generating "
+                                   "before eviction runs again: --budget-slack 0 evicts at every step)"
+                                   if budget.slack_tokens else "")],
         ["tokens (prompt + generated)", f"{prompt_tokens} + {len(new_tokens)}"],
         ["KV entries kept / full", f"{stats.kept_entries:,} / {stats.full_entries:,} ({stats.kept_fraction:.1%})"],
         [
@@ -136,11 +149,17 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     import torch
 
+    from kvpolicies.budget import Budget
     from kvpolicies.cache import CompressedCache
     from kvpolicies.models import load_model
+    from kvpolicies.policy import Policy
+    from kvpolicies.registry import get_policy
 
     policy = get_policy(args.policy, **parse_options(args.set))
-    budget = Budget.parse(args.budget)
+    budget = Budget.parse(args.budget, slack_tokens=args.budget_slack)
+    text = None if args.file is None else read_text_file(args.file, "prompt file")
+    if text is not None and not text.strip():
+        raise UsageError(f"the prompt in {args.file} is empty; give some text")
     print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     cache = CompressedCache(model, policy, budget)
@@ -151,9 +170,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         if type(policy).reallocate_heads is not Policy.reallocate_heads:
             heading += " (before this policy moves entries between heads by score: use --file to measure)"
     else:
-        inputs = tokenizer(args.file.read_text(), return_tensors="pt").to(model.device)
+        inputs = tokenizer(text, return_tensors="pt").to(model.device)
         with torch.no_grad():
-            model(**inputs, past_key_values=cache)
+            model(**inputs, cache=cache)
         tokens = cache.kept_per_head()[:, 0]
         seq_len = inputs["input_ids"].shape[1]
         heading = f"entries kept after the prefill of {args.file} ({seq_len} tokens)"
@@ -177,14 +196,14 @@ def allocation_table(tokens, seq_len: int) -> str:
 
 def run_head_scores(args: argparse.Namespace) -> int:
     from kvpolicies.head_scores import retrieval_scores, save_head_scores
-    from kvpolicies.models import load_model
+    from kvpolicies.models import EMBEDDED_MODEL, load_model
 
     print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device)
     print(f"kvpolicies: probing {args.samples} passkey prompts of ~{args.tokens} tokens ...", file=sys.stderr)
     scores = retrieval_scores(model, tokenizer, samples=args.samples, context_tokens=args.tokens, seed=args.seed)
     save_head_scores(
-        args.output, scores, model=args.model or "smollm2-135m-instruct", samples=args.samples,
+        args.output, scores, model=args.model or EMBEDDED_MODEL, samples=args.samples,
         context_tokens=args.tokens, seed=args.seed,
     )
     print(tabulate(

@@ -9,7 +9,8 @@ from pathlib import Path
 from kvpolicies_evals.data import GENERATORS
 from tabulate import tabulate
 
-from kvpolicies.cli.options import write_or_print
+from kvpolicies.cli.options import fraction, positive_int, read_text_file, whole_numbers, write_or_print
+from kvpolicies.errors import UsageError
 
 
 def add_commands(commands) -> None:
@@ -20,10 +21,10 @@ def add_commands(commands) -> None:
     source = norms.add_mutually_exclusive_group()
     source.add_argument("--text", type=Path, help="text file to run (default: the first kvp_niah prompt at 2k tokens)")
     source.add_argument("--task", choices=sorted(GENERATORS), help="first sample of this task")
-    norms.add_argument("--tokens", type=int, default=2048, help="prompt length when taken from a task")
-    norms.add_argument("--window", type=int, default=64, help="last queries whose attention is measured")
-    norms.add_argument("--keep", type=float, default=0.5, help="fraction for the top-k overlap")
-    norms.add_argument("--layers", default="0,1,15,29", help="layers for the scatter plots")
+    norms.add_argument("--tokens", type=positive_int, default=2048, help="prompt length when taken from a task")
+    norms.add_argument("--window", type=positive_int, default=64, help="last queries whose attention is measured")
+    norms.add_argument("--keep", type=fraction, default=0.5, help="fraction for the top-k overlap")
+    norms.add_argument("--layers", type=whole_numbers(0), default=[0, 1, 15, 29], help="layers for the scatter plots")
     norms.add_argument("--out", type=Path, default=Path("results/analysis"), help="folder for the PNG figures")
     norms.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     norms.set_defaults(run=run_analyze_norms)
@@ -33,12 +34,12 @@ def add_commands(commands) -> None:
     bench_model.add_argument("--model", help="model id, folder or .gguf file (default: the embedded model)")
     bench_model.add_argument("--random-model", metavar="SHAPE[:LAYERS]",
                              help="random weights of a real architecture, e.g. llama3-8b:2 (prompt: random ids)")
-    bench.add_argument("--contexts", default="1024,2048,4096,8192", help="comma-separated prompt lengths in tokens")
+    bench.add_argument("--contexts", type=whole_numbers(1), default=[1024, 2048, 4096, 8192], help="comma-separated prompt lengths in tokens")
     bench.add_argument("--policies", help="comma-separated policy names (default: every registered policy)")
     bench.add_argument("--budgets", default="0.5,0.25,0.1", help="comma-separated budgets")
-    bench.add_argument("--decode", type=int, default=32, help="decoded tokens per run (default: 32)")
-    bench.add_argument("--repeats", type=int, default=3, help="interleaved runs per cell, medians reported")
-    bench.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill N tokens at a time, evicting between")
+    bench.add_argument("--decode", type=positive_int, default=32, help="decoded tokens per run (default: 32)")
+    bench.add_argument("--repeats", type=positive_int, default=3, help="interleaved runs per cell, medians reported")
+    bench.add_argument("--prefill-chunk", type=positive_int, metavar="N", help="prefill N tokens at a time, evicting between")
     bench.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     bench.add_argument("--dtype", help="float32, bfloat16, ... (default: bfloat16 on CUDA, float32 on CPU)")
     bench.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
@@ -83,7 +84,7 @@ def add_commands(commands) -> None:
     data = commands.add_parser("eval-data", help="write the offline evaluation sets (passkey, niah, ppl) as JSONL")
     data.add_argument("--out", type=Path, required=True, help="folder for kvp_passkey.jsonl, kvp_niah.jsonl, ...")
     data.add_argument("--seed", type=int, default=0)
-    data.add_argument("--lengths", help="comma-separated token lengths (default: each task's own)")
+    data.add_argument("--lengths", type=whole_numbers(1), help="comma-separated token lengths (default: each task's own)")
     data.set_defaults(run=run_eval_data)
 
 
@@ -94,7 +95,7 @@ def run_analyze_norms(args: argparse.Namespace) -> int:
     print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device, dtype="float32")
     if args.text:
-        text = args.text.read_text()
+        text = read_text_file(args.text, "text file")
     else:
         task = args.task or "kvp_niah"
         options = {"lengths": [args.tokens]} | ({"per_length": 1} if task == "kvp_ppl" else {"per_cell": 1})
@@ -111,7 +112,10 @@ def run_analyze_norms(args: argparse.Namespace) -> int:
     print(f"Spearman rho < 0 in {negative} of {result.spearman.numel()} layer x head cells; "
           f"mean rho {result.spearman.mean():+.3f}; mean overlap {result.overlap.mean():.3f} "
           f"(chance: {args.keep:g})")
-    layers = [int(x) % result.spearman.shape[0] for x in args.layers.split(",")]
+    num_layers = result.spearman.shape[0]
+    if outside := [layer for layer in args.layers if layer >= num_layers]:
+        raise UsageError(f"--layers {outside}: the model has layers 0 to {num_layers - 1}")
+    layers = args.layers
     for path in plot_norm_attention(result, args.out, layers):
         print(f"plot: {path}")
     return 0
@@ -125,13 +129,13 @@ def run_bench(args: argparse.Namespace) -> int:
         print("\n".join(headers) + "\n\n" + tables(results))
         return 0
     if args.profile:
-        print(profiles(args.model, [int(text) for text in args.contexts.split(",")],
+        print(profiles(args.model, args.contexts,
                        [name.strip() for name in args.policies.split(",")] if args.policies else None,
                        [text.strip() for text in args.budgets.split(",")], args.decode, args.prefill_chunk,
                        args.device, args.dtype, args.random_model))
         return 0
     header, results = benchmark(
-        args.model, [int(text) for text in args.contexts.split(",")],
+        args.model, args.contexts,
         [name.strip() for name in args.policies.split(",")] if args.policies else None,
         [text.strip() for text in args.budgets.split(",")], args.decode, args.repeats, args.prefill_chunk,
         args.device, args.dtype, args.random_model, args.json,
@@ -149,7 +153,7 @@ def run_report_policies(args: argparse.Namespace) -> int:
     if not args.no_run:
         from kvpolicies.sweep import run_sweep
 
-        failed = sum(record["status"] != "ok" for record in run_sweep(catalogue_sweep(), args.results))
+        failed = sum(record.status != "ok" for record in run_sweep(catalogue_sweep(), args.results))
         if failed:
             print(f"kvpolicies: {failed} cells failed; the page shows them as missing", file=sys.stderr)
         if not args.bench_json.exists():
@@ -187,7 +191,7 @@ def run_eval_data(args: argparse.Namespace) -> int:
     for task, generate in GENERATORS.items():
         options = {"seed": args.seed}
         if args.lengths:
-            options["lengths"] = [int(n) for n in args.lengths.split(",")]
+            options["lengths"] = args.lengths
         rows = generate(**options)
         path = write_jsonl(args.out / f"{task}.jsonl", rows)
         print(f"{path}: {len(rows)} samples")

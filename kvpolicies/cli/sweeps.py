@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from kvpolicies.cli.options import write_or_print
-from kvpolicies.policy import PolicyConfigError
-from kvpolicies.registry import get_policy
+from kvpolicies.errors import UsageError
+
+GRID_HELP = "see README.md, 'Sweeps and leaderboards'"
 
 
 def add_commands(commands) -> None:
@@ -21,15 +22,17 @@ def add_commands(commands) -> None:
         "--include_path evals/tasks --limit 10   (every argument goes to lm_eval unchanged)",
     )
 
-    sweep = commands.add_parser("sweep", help="run policies x budgets x tasks x models, resumable, then rank them")
-    sweep.add_argument("--config", type=Path, help="YAML or TOML grid (see docs/leaderboard.md)")
+    sweep = commands.add_parser("sweep", help="run policies x budgets x tasks x models, resumable, then rank them",
+                                description=f"Run a grid of cells, resumable, then rank them ({GRID_HELP}). The full "
+                                "cache is always part of the grid, as the reference of every budget.")
+    sweep.add_argument("--config", type=Path, help=f"YAML or TOML grid ({GRID_HELP})")
     sweep.add_argument("--quick", action="store_true", help="small grid: passkey at 2k tokens, 5 policies, 2 budgets")
     sweep.add_argument("--results", type=Path, help="results folder (default: results/quick or results/default)")
     sweep.add_argument("--policies", help="comma-separated policy names (default: every registered policy)")
     sweep.add_argument("--budgets", help="comma-separated budgets (default: 0.1,0.25,0.5,0.75)")
     sweep.add_argument("--tasks", help="comma-separated task names (default: kvp_passkey,kvp_niah,kvp_ppl)")
     sweep.add_argument("--models", help="comma-separated model ids/paths (default: the embedded model)")
-    sweep.add_argument("--limit", type=int, help="samples per task (default: the task's whole data)")
+    sweep.add_argument("--limit", type=int, help="samples per task, at least 1 (default: the task's whole data)")
     sweep.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     sweep.set_defaults(run=run_sweep_command)
 
@@ -43,10 +46,16 @@ def add_commands(commands) -> None:
 
 
 def sweep_config(args: argparse.Namespace):
+    """The grid of ``--config`` / ``--quick`` / the default, with the command line's overrides, fully validated (every
+    policy built once) so that a mistake fails before anything runs."""
+    from kvpolicies.registry import get_policy
     from kvpolicies.sweep import QUICK, SweepConfig, TaskSpec
 
     if args.config and args.quick:
-        raise PolicyConfigError("use either --config or --quick")
+        raise UsageError("use either --config or --quick")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1 sample per task, got {args.limit}; leave it out to run each "
+                         "task's whole data")
     config = SweepConfig.load(args.config) if args.config else (QUICK.model_copy(deep=True) if args.quick else SweepConfig())
     updates: dict[str, Any] = {}
     if args.policies:
@@ -59,8 +68,8 @@ def sweep_config(args: argparse.Namespace):
     if args.models:
         updates["models"] = [name.strip() for name in args.models.split(",")]
     config = SweepConfig.model_validate(config.model_dump() | updates)
-    if args.limit:
-        config.tasks = [task.model_copy(update={"limit": args.limit}) for task in config.tasks]
+    if args.limit is not None:  # validated copies: model_copy(update=...) would skip the check on limit
+        config.tasks = [TaskSpec.model_validate(task.model_dump() | {"limit": args.limit}) for task in config.tasks]
     for spec in config.resolved_policies():
         get_policy(spec.name, **spec.options)  # fail before running anything
     return config
@@ -68,29 +77,34 @@ def sweep_config(args: argparse.Namespace):
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     from kvpolicies.leaderboard import plot, render
+    from kvpolicies.results import load_results
     from kvpolicies.sweep import run_sweep
 
     config = sweep_config(args)
     results = args.results or Path("results") / ("quick" if args.quick else "default")
-    failed = sum(record["status"] != "ok" for record in run_sweep(config, results))
-    print(render(results))
+    failed = sum(record.status != "ok" for record in run_sweep(config, results))
+    records = load_results(results)
+    print(render(results, records=records))
     if not args.no_plots:
-        for path in plot(results, results / "plots"):
+        for path in plot(results, results / "plots", records=records):
             print(f"plot: {path}")
     return 1 if failed else 0
 
 
 def run_leaderboard(args: argparse.Namespace) -> int:
     from kvpolicies.leaderboard import plot, render
+    from kvpolicies.results import ResultsError, load_results
 
     if not args.results.is_dir():
-        raise FileNotFoundError(f"results folder {args.results} does not exist; run `kvpolicies sweep` first")
+        what = "is not a folder" if args.results.exists() else "does not exist"
+        raise ResultsError(f"results folder {args.results} {what}; run `kvpolicies sweep` first")
+    records = load_results(args.results)
     images = []
     if args.plots:
-        for path in plot(args.results, args.plots):
+        for path in plot(args.results, args.plots, records=records):
             print(f"plot: {path}", file=sys.stderr)
             base = args.output.parent if args.output else Path.cwd()
             images.append(os.path.relpath(path, base))
-    text = render(args.results, args.format, with_provenance=args.provenance, images=images)
+    text = render(args.results, args.format, with_provenance=args.provenance, images=images, records=records)
     write_or_print(text, args.output)
     return 0

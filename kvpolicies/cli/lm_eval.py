@@ -1,0 +1,63 @@
+"""`kvpolicies lm-eval`: lm-evaluation-harness's own command line, with the ``kvpolicies`` model registered.
+
+``lm_eval`` discovers no models from plugins, so this command registers ours and hands every argument to lm-eval's
+parser unchanged. It adds what lm-eval cannot know: our help, a results folder named after the embedded model
+when ``pretrained=`` is not given (lm-eval would invent a random name), the device this machine has (lm-eval
+would pick ``cuda:0`` on any machine), and a check of ``--limit``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from kvpolicies.errors import UsageError
+
+HELP = """\
+kvpolicies lm-eval: lm-evaluation-harness with the model `kvpolicies` registered. Every argument goes to lm-eval
+unchanged; lm-eval's own help follows.
+
+  kvpolicies lm-eval --model kvpolicies --model_args policy=l2norm,budget=0.5 \\
+      --tasks kvp_passkey --include_path evals/tasks --limit 10 --output_path results/
+
+Model args of `--model kvpolicies` (comma-separated key=value):
+  pretrained=ID|FOLDER|FILE.gguf   the model (default: the embedded SmolLM2-135M-Instruct)
+  policy=NAME                      eviction policy (default: full); see `kvpolicies list`
+  budget=SPEC                      0.5 | 25% | 512tokens | 64MiB (default: 1.0, keep everything)
+  slack_tokens=N                   decode-time growth per head before eviction runs again (default: 16)
+  stream_chunk=N                   chunk size of loglikelihood_rolling streaming (default: 128)
+  prefill_chunk=N                  prefill generation prompts N tokens at a time, evicting between chunks
+  any policy option                e.g. window_tokens=8, uncompressed_layers=[], scorer=l2norm
+  any of HFLM's args               batch_size, device, dtype, max_length, ...
+An unknown key is an error that lists the valid ones.
+
+---------------------------------------------------------------- lm-eval's help
+"""
+
+
+def run_lm_eval(argv: Sequence[str]) -> int:
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
+    import kvpolicies.lm_eval  # noqa: F401  registers the model `kvpolicies`
+    from kvpolicies.models import EMBEDDED_MODEL, default_device
+
+    argv = list(argv)
+    if not argv or any(arg in ("-h", "--help") for arg in argv):
+        print(HELP, end="")
+        argv = ["run", "--help"] if not argv or argv[0] != "run" else argv
+    sys.argv = ["lm_eval", *argv]
+    setup_logging()
+    cli = HarnessCLI()
+    args = cli.parse_args()
+    if getattr(args, "model", None) == "kvpolicies":
+        args.model_args = dict(args.model_args or {})
+        args.model_args.setdefault("pretrained", EMBEDDED_MODEL)  # names lm-eval's results folder
+        if getattr(args, "device", None) is None:  # lm-eval would default to cuda:0, even on a CPU-only machine
+            args.device = str(default_device())
+    limit = getattr(args, "limit", None)
+    if limit is not None and limit <= 0:
+        raise UsageError(f"--limit {limit:g} would run no sample (lm-eval would run the whole task instead); give a "
+                         "count >= 1, or a fraction in (0, 1)")
+    cli.execute(args)
+    return 0

@@ -1,0 +1,57 @@
+"""Every error kvpolicies raises for bad input, under one base class.
+
+The command line prints any :class:`KVPoliciesError` as ``kvpolicies: error: <message>`` and exits 2, so a message
+must say what was wrong and how to fix it; a traceback is reserved for bugs. This module imports nothing heavy, so
+the command line can catch these errors without loading torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class KVPoliciesError(Exception):
+    """Bad input (an option, a file, a model, a plugin); the message names the problem and the fix."""
+
+
+class UsageError(KVPoliciesError, ValueError):
+    """A command-line argument or input file that cannot be used as given."""
+
+
+class BudgetError(KVPoliciesError, ValueError):
+    """A budget that cannot be read, or cannot be honoured for this model, sequence and policy."""
+
+
+class PolicyConfigError(KVPoliciesError, ValueError):
+    """A policy was given a config it does not accept, or broke the contract of its hooks."""
+
+
+class UnknownPolicyError(KVPoliciesError, KeyError):
+    """No installed plugin registers a policy of that name."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+class PolicyRegistryError(KVPoliciesError, RuntimeError):
+    """The installed plugins contradict each other."""
+
+
+class ModelLoadError(KVPoliciesError, OSError):
+    """A model that cannot be found or loaded, or an architecture kvpolicies cannot compress."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin could not be loaded or was skipped; the rest of the registry works."""
+
+
+class ContextLengthWarning(UserWarning):
+    """A sequence ran past the positions the model was trained for."""
+
+
+def describe(validation_error: Any) -> str:
+    """A pydantic ``ValidationError`` as one line a user can act on: ``field: problem; field: problem``."""
+    return "; ".join(
+        ": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, "))))
+        for e in validation_error.errors()
+    )

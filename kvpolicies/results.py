@@ -1,0 +1,182 @@
+"""The result record of one sweep cell, defined once: what a sweep writes and every page reads.
+
+A results folder is shared between runs, commands and people, so it can hold anything: a ``bench --json`` output, a
+file cut short by a full disk, a hand-edited record. Every reader goes through :func:`load_results`, which keeps the
+files that validate as records and skips the others with a warning naming the file: one bad file never costs a page
+or the work of a sweep. The field names are those sweeps have always written, so old folders still load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError, model_validator
+
+from kvpolicies.budget import Budget
+from kvpolicies.errors import UsageError, describe
+from kvpolicies.sweep import Cell
+
+
+class ResultsError(UsageError):
+    """A results folder that cannot hold results (a file in its place, no permission to write, ...)."""
+
+
+class KVMemory(BaseModel):
+    """Resident KV bytes per sequence at the end of each request, next to the full cache's (from the lm-eval model).
+
+    Files written before the figures were counted per sequence say ``requests`` (batches) instead of ``sequences``.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    sequences: int = 0
+    resident_bytes_peak: float | None = None
+    resident_bytes_mean: float | None = None
+    full_bytes_peak: float | None = None
+    full_bytes_mean: float | None = None
+    resident_fraction_mean: float | None = None
+    padding_bytes_peak: float | None = None
+    """Largest padding a batch stored next to its sequences' entries (reported apart, never as resident bytes)."""
+
+
+class Speed(BaseModel):
+    """Prefill and decode throughput measured inside lm-eval's requests."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    prefill_tokens_per_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    prefill_s: float | None = None
+    decode_s: float | None = None
+
+
+class Identity(BaseModel):
+    """A copy of what the cell's key hashes (``Cell.identity()``), kept for provenance; ``budget`` is None for a
+    policy that does not compress, which is how pages find the reference row without knowing its name."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    model: str
+    policy: dict[str, Any]
+    budget: Budget | None
+    code_version: str
+
+
+RESULT_FIELDS = ("metrics", "primary_metric", "score", "higher_is_better", "kv_memory", "speed")
+"""What an ``ok`` record cannot be without: a record that lacks one is no result, whatever its status says."""
+
+
+class ResultRecord(BaseModel):
+    """One cell's outcome: provenance always, then either its measurements (``ok``) or its error (``error``)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, ser_json_inf_nan="constants")
+
+    key: str
+    cell: Cell
+    identity: Identity
+    versions: dict[str, str] = {}
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
+    load_average_start: float | None = None
+    load_average_end: float | None = None
+    status: Literal["ok", "error"]
+
+    metrics: dict[str, float] | None = None
+    primary_metric: str | None = None
+    score: float | None = None
+    higher_is_better: bool | None = None
+    samples: int = 0
+    kv_memory: KVMemory | None = None
+    speed: Speed | None = None
+    peak_memory_bytes: int | None = None
+    peak_memory_growth_bytes: int | None = None
+    """Peak memory the cell needed above what the process held when it started."""
+    wall_s: float | None = None
+    device: str | None = None
+
+    error: str | None = None
+    traceback: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ResultRecord:
+        if self.status == "ok":
+            missing = [name for name in RESULT_FIELDS if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"an ok record needs {', '.join(missing)}")
+        elif not self.error:
+            raise ValueError("an error record needs its error")
+        return self
+
+    @property
+    def is_reference(self) -> bool:
+        """Whether this is the full cache's row (a policy that keeps everything, so no budget applies)."""
+        return self.identity.budget is None
+
+    @property
+    def load(self) -> float | None:
+        """Highest 1-minute load average seen at the cell's start or end: timings from a busy machine show it."""
+        loads = [x for x in (self.load_average_start, self.load_average_end) if x is not None]
+        return max(loads, default=None)
+
+
+def budget_key(budget: Budget) -> float | str:
+    """How pages match and label budgets: a fraction by its value (``0.5`` and ``"50%"`` are one budget, whatever
+    the slack), any other unit by its text."""
+    return budget.value if budget.unit == "fraction" else str(budget)
+
+
+def read_record(path: Path) -> ResultRecord:
+    """The record in ``path``; ``OSError`` if it cannot be read, ``ValueError`` if it is not a valid record."""
+    return ResultRecord.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def load_results(results_dir: Path) -> list[ResultRecord]:
+    """Every valid record of a results folder, by file name; each other ``*.json`` is skipped with a warning on
+    stderr naming it (``kvpolicies: warning: skipped <path>: <why>``)."""
+    records = []
+    for path in sorted(Path(results_dir).glob("*.json")):
+        try:
+            records.append(read_record(path))
+        except (OSError, ValueError) as error:
+            print(f"kvpolicies: warning: skipped {path}: {_why(error)}", file=sys.stderr)
+    return records
+
+
+def _why(error: Exception) -> str:
+    """One line on why a file is not a record: the first validation problems, or what stopped the reading."""
+    if isinstance(error, ValidationError):
+        problems = describe(error).split("; ")
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        return "not a result record: " + "; ".join(problems[:3]) + more
+    if isinstance(error, json.JSONDecodeError):
+        return f"not valid JSON ({error})"
+    if isinstance(error, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return getattr(error, "strerror", None) or str(error)
+
+
+def write_record(path: Path, record: ResultRecord) -> None:
+    """Write ``record`` atomically: a reader (or a sweep killed mid-write) sees the old file or the whole new one."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(record.model_dump_json(indent=1, fallback=str), encoding="utf-8")
+    os.replace(staging, path)
+
+
+def check_writable(results_dir: Path) -> None:
+    """Create ``results_dir`` and write a scratch file in it, so a folder that cannot hold results fails before the
+    first cell is computed, not after (permission bits alone cannot tell: root ignores them)."""
+    if results_dir.exists() and not results_dir.is_dir():
+        raise ResultsError(f"results folder {results_dir} is a file; give --results a folder")
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=results_dir, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename and Path(error.filename) != results_dir else ""
+        raise ResultsError(f"cannot write results to {results_dir}: {(error.strerror or str(error)).lower()}{where}; "
+                           "give --results a folder you can write to") from None

@@ -1,0 +1,280 @@
+"""Results lose nothing and never crash a page: one record model, damaged files skipped by name, writability checked
+before any compute, one cell per key, budgets parsed once, the reference always run, sweep configs read with clear
+errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvpolicies.cli import main
+from kvpolicies.registry import get_policy
+from kvpolicies.sweep import SweepConfig, _finished, cells
+
+NOW = "2026-11-24T12:00:00+00:00"
+
+
+def make_record(task: str, policy: str, budget, score: float, *, label: str | None = None, model: str | None = None,
+                higher: bool = True, status: str = "ok", key: str | None = None, **fields):
+    """A record built through the model, as every test's fake records are; ``policy == "full"`` is the reference."""
+    from kvpolicies.results import ResultRecord
+    from kvpolicies.sweep import Cell, PolicySpec, TaskSpec
+
+    cell = Cell(model=model, task=TaskSpec(name=task), policy=PolicySpec(name=policy, label=label), budget=budget,
+                seed=0)
+    metric = "exact_match,first_key" if higher else "word_perplexity,none"
+    outcome = {"error": "RuntimeError: boom"} if status != "ok" else {
+        "metrics": {metric: score}, "primary_metric": metric, "score": score, "higher_is_better": higher,
+        "samples": 10, "kv_memory": {"resident_bytes_mean": 100.0, "full_bytes_mean": 200.0},
+        "speed": {"prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": 20.0}, "peak_memory_bytes": 2**30,
+        "device": "cpu",
+    }
+    identity = {"model": model or "smollm2-135m-instruct", "policy": {"policy": policy, "config": {}},
+                "budget": None if policy == "full" else cell.budget, "code_version": "0.1.0+abc/def"}
+    return ResultRecord(key=key or f"{task}-{policy}-{label}-{budget}-{model}", cell=cell, identity=identity,
+                        versions={"kvpolicies": "0.1.0", "torch": "2.13.0"}, started_at=NOW, finished_at=NOW,
+                        status=status, **outcome | fields)
+
+
+def saved_record(cell, score: float = 0.5) -> dict:
+    """A finished cell as sweeps have always written it (plain JSON, no model needed to build it)."""
+    return {
+        "key": cell.key(), "cell": json.loads(cell.model_dump_json()), "identity": cell.identity(),
+        "versions": {"kvpolicies": "0.1.0"}, "started_at": NOW, "finished_at": NOW, "load_average_start": 0.5,
+        "status": "ok", "metrics": {"exact_match,first_key": score}, "primary_metric": "exact_match,first_key",
+        "score": score, "higher_is_better": True, "samples": 2,
+        "kv_memory": {"requests": 2, "resident_bytes_mean": 100.0, "full_bytes_mean": 200.0},
+        "speed": {"prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": 20.0}, "peak_memory_bytes": 2**30,
+        "peak_memory_growth_bytes": 2**20, "wall_s": 1.0, "device": "cpu", "load_average_end": 0.7,
+    }
+
+
+DAMAGED = {
+    "bench.json": json.dumps({"header": "model: x", "results": [{"policy": "full", "budget": "1"}]}),
+    "truncated.json": json.dumps({"key": "abc", "status": "ok", "cell": {"task": {"name": "kvp_passkey"}}})[:40],
+    "null.json": "null",
+    "status-only.json": json.dumps({"status": "ok"}),
+}
+
+
+def write_damaged(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in DAMAGED.items():
+        (folder / name).write_text(text)
+    return [folder / name for name in DAMAGED]
+
+
+GRID = {"policies": ["full", "random"], "budgets": [0.5],
+        "tasks": [{"name": "kvp_passkey", "metadata": {"lengths": [200], "per_cell": 1}}]}
+
+
+def fake_run_cell(calls: list):
+    def run_cell(cell):
+        calls.append(cell)
+        return {"metrics": {"exact_match,first_key": 1.0}, "primary_metric": "exact_match,first_key", "score": 1.0,
+                "higher_is_better": True, "samples": 1, "kv_memory": {"requests": 1}, "speed": {},
+                "peak_memory_bytes": 0, "peak_memory_growth_bytes": 0, "wall_s": 0.0, "device": "cpu"}
+    return run_cell
+
+
+# -- the record model --------------------------------------------------------------------------------------------
+
+
+def test_an_ok_record_must_carry_its_results_and_an_error_record_its_error():
+    from pydantic import ValidationError
+
+    good = make_record("kvp_passkey", "l2norm", 0.5, 0.9)
+    data = good.model_dump()
+    with pytest.raises(ValidationError, match="an ok record needs score"):
+        type(good).model_validate({k: v for k, v in data.items() if k != "score"})
+    with pytest.raises(ValidationError, match="an error record needs its error"):
+        type(good).model_validate(data | {"status": "error"})
+    assert make_record("kvp_passkey", "l2norm", 0.5, 0.0, status="error").error == "RuntimeError: boom"
+
+
+def test_result_files_of_earlier_versions_still_load(tmp_path):
+    from kvpolicies.budget import Budget
+    from kvpolicies.results import load_results
+
+    old = saved_record(cells(SweepConfig(policies=["l2norm"], budgets=[0.5], tasks=["kvp_passkey"]))[0])
+    old["cell"]["budget"] = "50%"  # what sweeps wrote before budgets were parsed at the edge
+    for name in ("load_average_start", "load_average_end", "peak_memory_growth_bytes"):  # added later
+        del old[name]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (record,) = load_results(tmp_path)
+    assert record.cell.budget == Budget.parse(0.5) and record.score == 0.5 and record.load is None
+    assert record.kv_memory.resident_bytes_mean == 100.0 and not record.is_reference
+
+
+def test_a_written_record_reads_back_equal_even_with_an_infinite_score(tmp_path):
+    from kvpolicies.results import read_record, write_record
+
+    record = make_record("kvp_ppl", "l2norm", "64MiB", float("inf"), higher=False)
+    write_record(tmp_path / "r.json", record)
+    assert read_record(tmp_path / "r.json") == record
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no staging file left behind
+
+
+# -- damaged files -----------------------------------------------------------------------------------------------
+
+
+def test_leaderboard_renders_the_valid_records_and_names_every_skipped_file(tmp_path, capsys):
+    skipped = write_damaged(tmp_path)
+    grid = cells(SweepConfig.model_validate(GRID))
+    for cell in grid:
+        (tmp_path / f"{cell.key()}.json").write_text(json.dumps(saved_record(cell, score=0.75)))
+    assert main(["leaderboard", str(tmp_path), "--provenance"]) == 0
+    out, err = capsys.readouterr()
+    assert "random" in out and "full (no eviction)" in out and "0.75" in out
+    for path in skipped:
+        assert f"kvpolicies: warning: skipped {path}: " in err
+    assert err.count("kvpolicies: warning: skipped") == len(skipped)  # once each, though provenance reads them too
+
+
+def test_an_invalid_finished_file_is_not_finished(tmp_path):
+    cell = cells(SweepConfig.model_validate(GRID))[0]
+    path = tmp_path / "cell.json"
+    for text in ("null", json.dumps({"status": "ok"}), '{"status": "ok", "key":', "\xff"):
+        path.write_text(text, encoding="latin-1")
+        assert not _finished(path)
+    path.write_text(json.dumps(saved_record(cell)))
+    assert _finished(path)
+
+
+def test_sweep_recomputes_invalid_finished_files_and_renders_despite_stray_ones(tmp_path, capsys, monkeypatch):
+    import kvpolicies.sweep
+
+    config, results = tmp_path / "grid.json", tmp_path / "results"
+    config.write_text(json.dumps(GRID))
+    grid = cells(SweepConfig.model_validate(GRID))
+    skipped = write_damaged(results)
+    (results / f"{grid[0].key()}.json").write_text("null")
+    (results / f"{grid[1].key()}.json").write_text(json.dumps({"status": "ok"}))
+    calls: list = []
+    monkeypatch.setattr(kvpolicies.sweep, "run_cell", fake_run_cell(calls))
+    assert main(["sweep", "--config", str(config), "--results", str(results), "--no-plots"]) == 0
+    out, err = capsys.readouterr()
+    assert {c.key() for c in calls} == {c.key() for c in grid}  # both invalid files were computed again
+    assert all(_finished(results / f"{c.key()}.json") for c in grid)
+    assert "full (no eviction)" in out
+    assert all(f"skipped {path}: " in err for path in skipped)
+
+
+def test_leaderboard_says_why_a_task_is_missing_from_the_overall_table(tmp_path, capsys):
+    for cell in cells(SweepConfig.model_validate(GRID)):
+        if get_policy(cell.policy.name).compresses:  # a folder from before every sweep ran the reference
+            (tmp_path / f"{cell.key()}.json").write_text(json.dumps(saved_record(cell)))
+    assert main(["leaderboard", str(tmp_path), "--format", "markdown"]) == 0
+    out = capsys.readouterr().out
+    overall = out.split("### ")[1]
+    assert "no reference (full cache) result for task kvp_passkey" in overall and "`kvpolicies sweep`" in overall
+
+
+# -- the results folder ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_unwritable_results_folder_fails_before_any_cell_runs(tmp_path, capsys, monkeypatch, where):
+    import kvpolicies.sweep
+
+    (tmp_path / "file").write_text("not a folder")
+    results = tmp_path / "file" if where == "a file" else tmp_path / "file" / "results"
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps(GRID))
+    calls: list = []
+    monkeypatch.setattr(kvpolicies.sweep, "run_cell", fake_run_cell(calls))
+    assert main(["sweep", "--config", str(config), "--results", str(results), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "kvpolicies: error: " in err and str(results) in err and "--results" in err
+    assert calls == []
+
+
+def test_writability_is_checked_by_writing_not_by_permission_bits(tmp_path, monkeypatch):
+    import tempfile
+
+    from kvpolicies.results import ResultsError, check_writable
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+    with pytest.raises(ResultsError, match="cannot write results to .*permission denied"):
+        check_writable(tmp_path)
+
+
+# -- the grid ----------------------------------------------------------------------------------------------------
+
+
+def test_two_spellings_of_one_budget_are_one_cell():
+    grid = cells(SweepConfig(policies=["l2norm", "full"], budgets=[0.5, "50%"], tasks=["kvp_passkey"]))
+    assert [c.policy.name for c in grid] == ["l2norm", "full"]
+
+
+def test_budgets_are_parsed_once_where_they_enter():
+    from kvpolicies.budget import Budget
+
+    config = SweepConfig(policies=["l2norm"], budgets=["50%", 0.25, "512 tokens", "64MiB",
+                                                        {"value": 0.1, "slack_tokens": 0}], tasks=["kvp_passkey"])
+    assert config.budgets == [Budget.parse(0.5), Budget.parse(0.25), Budget.parse("512 tokens"),
+                              Budget.parse("64MiB"), Budget(value=0.1, slack_tokens=0)]
+    assert all(isinstance(c.budget, Budget) for c in cells(config))
+
+
+def test_every_grid_runs_the_reference_even_when_not_asked_for():
+    grid = cells(SweepConfig(policies=["l2norm"], budgets=[0.25, 0.5], tasks=["kvp_passkey", "kvp_ppl"]))
+    references = [c for c in grid if not get_policy(c.policy.name, **c.policy.options).compresses]
+    assert len(references) == 2 and len(grid) == 6
+
+
+# -- sweep configs and options -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("grid.yaml", b"policies: [l2norm\n", "while parsing"),
+        ("grid.toml", b"budgets = [\n", "invalid value"),
+        ("grid.yaml", b"- l2norm\n", "expected a mapping"),
+        ("grid.yaml", b"budgets: [0.5]\xff\xfe\n", "not UTF-8"),
+        ("folder.yaml", None, "is a directory"),
+        ("missing.yaml", "missing", "no such file"),
+        ("grid.yaml", b"budgets: [7]\n", "invalid sweep config"),
+    ],
+)
+def test_unreadable_sweep_configs_fail_with_the_file_named(tmp_path, capsys, name, content, message):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    elif content != "missing":
+        path.write_bytes(content)
+    assert main(["sweep", "--config", str(path), "--results", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvpolicies: error: ") and str(path) in err and message.lower() in err.lower()
+    assert "Traceback" not in err and not (tmp_path / "results").exists()
+
+
+def test_a_single_item_where_a_list_is_expected_is_a_one_item_list(tmp_path):
+    (tmp_path / "grid.toml").write_text('policies = "l2norm"\nbudgets = "50%"\ntasks = "kvp_niah"\n')
+    config = SweepConfig.load(tmp_path / "grid.toml")
+    assert [p.name for p in config.policies] == ["l2norm"] and [t.name for t in config.tasks] == ["kvp_niah"]
+    assert [str(b) for b in config.budgets] == ["0.5"]
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_sweep_limit_must_be_a_positive_number_of_samples(limit):
+    from kvpolicies.cli import build_parser
+    from kvpolicies.cli.sweeps import sweep_config
+
+    with pytest.raises(ValueError, match="--limit must be at least 1"):
+        sweep_config(build_parser().parse_args(["sweep", "--quick", "--limit", limit]))
+    config = sweep_config(build_parser().parse_args(["sweep", "--quick", "--limit", "3"]))
+    assert [t.limit for t in config.tasks] == [3]
+
+
+def test_sweep_help_points_to_the_grid_format(capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "README.md, 'Sweeps and leaderboards'" in out and "docs/leaderboard.md" not in out
