@@ -33,7 +33,7 @@ DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 @lru_cache(maxsize=1)
 def default_tokenizer():
-    from kvpolicies.models import converted_gguf, embedded_gguf
+    from kvpolicies.integrations.models import converted_gguf, embedded_gguf
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(converted_gguf(embedded_gguf())), local_files_only=True)
@@ -217,7 +217,7 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
 
 def dataset_file(task: str, **parameters) -> Path:
     """The JSONL file of ``task`` for ``parameters``, generated under the user cache on first use."""
-    from kvpolicies.models import cache_dir
+    from kvpolicies.integrations.models import cache_dir
 
     text = json.dumps({"data_version": DATA_VERSION, **parameters}, sort_keys=True, default=list)
     key = hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -21,20 +21,23 @@ from kvpolicies.errors import (
 from kvpolicies.hookspecs import hookimpl
 
 _LAZY = {
-    "prepare_model": "kvpolicies.attention",
-    "Allocation": "kvpolicies.budget",
-    "Budget": "kvpolicies.budget",
-    "CacheShape": "kvpolicies.budget",
-    "distribute": "kvpolicies.budget",
-    "CacheStats": "kvpolicies.cache",
-    "CompressedCache": "kvpolicies.cache",
-    "ScorerWrapper": "kvpolicies.composition",
-    "WrapperConfig": "kvpolicies.composition",
-    "load_model": "kvpolicies.models",
-    "Policy": "kvpolicies.policy",
-    "PolicyConfig": "kvpolicies.policy",
-    "ScoreInputs": "kvpolicies.policy",
-    "Signal": "kvpolicies.policy",
+    "prepare_model": "kvpolicies.engine.attention",
+    "Allocation": "kvpolicies.engine.budget",
+    "Budget": "kvpolicies.engine.budget",
+    "CacheShape": "kvpolicies.engine.budget",
+    "distribute": "kvpolicies.engine.budget",
+    "CacheStats": "kvpolicies.engine.cache",
+    "CompressedCache": "kvpolicies.engine.cache",
+    "ScorerWrapper": "kvpolicies.engine.composition",
+    "WrapperConfig": "kvpolicies.engine.composition",
+    "load_model": "kvpolicies.integrations.models",
+    "Policy": "kvpolicies.engine.policy",
+    "PolicyConfig": "kvpolicies.engine.policy",
+    "Role": "kvpolicies.engine.policy",
+    "LayerView": "kvpolicies.engine.layer_view",
+    "policy_with_role": "kvpolicies.registry",
+    "ScoreInputs": "kvpolicies.engine.policy",
+    "Signal": "kvpolicies.engine.policy",
     "PolicyInfo": "kvpolicies.registry",
     "get_policy": "kvpolicies.registry",
     "list_policies": "kvpolicies.registry",
@@ -42,13 +45,20 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from kvpolicies.attention import prepare_model
-    from kvpolicies.budget import Allocation, Budget, CacheShape, distribute
-    from kvpolicies.cache import CacheStats, CompressedCache
-    from kvpolicies.composition import ScorerWrapper, WrapperConfig
-    from kvpolicies.models import load_model
-    from kvpolicies.policy import Policy, PolicyConfig, ScoreInputs, Signal
-    from kvpolicies.registry import PolicyInfo, get_policy, list_policies, reset_registry
+    from kvpolicies.engine.attention import prepare_model
+    from kvpolicies.engine.budget import Allocation, Budget, CacheShape, distribute
+    from kvpolicies.engine.cache import CacheStats, CompressedCache
+    from kvpolicies.engine.composition import ScorerWrapper, WrapperConfig
+    from kvpolicies.engine.layer_view import LayerView
+    from kvpolicies.engine.policy import Policy, PolicyConfig, Role, ScoreInputs, Signal
+    from kvpolicies.integrations.models import load_model
+    from kvpolicies.registry import (
+        PolicyInfo,
+        get_policy,
+        list_policies,
+        policy_with_role,
+        reset_registry,
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -71,6 +81,7 @@ __all__ = [
     "hookimpl",
     "KVPoliciesError",
     "list_policies",
+    "LayerView",
     "load_model",
     "ModelLoadError",
     "Policy",
@@ -78,8 +89,10 @@ __all__ = [
     "PolicyConfigError",
     "PolicyInfo",
     "PolicyRegistryError",
+    "policy_with_role",
     "prepare_model",
     "reset_registry",
+    "Role",
     "ScoreInputs",
     "ScorerWrapper",
     "Signal",

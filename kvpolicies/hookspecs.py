@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 import pluggy
 
 if TYPE_CHECKING:
-    from kvpolicies.policy import Policy
+    from kvpolicies.engine.policy import Policy
 
 PROJECT = "kvpolicies"
 

@@ -19,8 +19,13 @@ from typing import Any
 import pluggy
 
 from kvpolicies import hookspecs
-from kvpolicies.errors import PluginWarning, PolicyRegistryError, UnknownPolicyError
-from kvpolicies.policy import Policy, Signal
+from kvpolicies.engine.policy import Policy, Role, Signal
+from kvpolicies.errors import (
+    KVPoliciesError,
+    PluginWarning,
+    PolicyRegistryError,
+    UnknownPolicyError,
+)
 
 ENTRY_POINT_GROUP = "kvpolicies"
 PLUGINS_ENV = "KVPOLICIES_PLUGINS"
@@ -41,7 +46,7 @@ class PolicyInfo:
         """Signals read with the default options (a wrapper reads what its default scorer reads)."""
         try:
             return self.policy_class().needs
-        except Exception:  # a policy whose defaults need more input still lists its class-level needs
+        except KVPoliciesError:  # defaults that need more input (a file, an uninstalled scorer): the class's needs
             return self.policy_class.needs
 
     @property
@@ -185,6 +190,11 @@ def reset_registry() -> None:
 def list_policies() -> list[PolicyInfo]:
     """Every registered policy, sorted by name."""
     return list(_registry.policies().values())
+
+
+def policy_with_role(role: Role) -> str | None:
+    """The name of the installed policy playing ``role`` (the reference, the chance baseline), or None."""
+    return next((info.name for info in list_policies() if info.policy_class.role == role), None)
 
 
 def get_policy(name: str, **config: Any) -> Policy:

@@ -7,10 +7,11 @@ import torch
 from pydantic import Field
 
 from kvpolicies import ScoreInputs, hookimpl
-from kvpolicies.composition import ScorerWrapper, WrapperConfig
+from kvpolicies.engine.composition import ScorerWrapper, WrapperConfig
 
 
 class ChunkKVConfig(WrapperConfig):
+    scorer: str = Field("snapkv", description="policy whose score() ranks entries (the paper: SnapKV)")
     chunk_tokens: int = Field(10, ge=1, description="consecutive tokens kept or dropped together (the paper: 10)")
 
 

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from kvpolicies import PolicyConfig, ScoreInputs, Signal, hookimpl
-from kvpolicies.composition import ScorerWrapper, WrapperConfig
+from kvpolicies.engine.composition import ScorerWrapper, WrapperConfig
 
 
 class CriticalKVConfig(WrapperConfig):
@@ -45,14 +45,14 @@ class CriticalKV(ScorerWrapper):
             )
         base = torch.where(finite, base, 0.0)
         normalised = base / base.sum(-1, keepdim=True).clamp(min=1e-12) + self.config.epsilon
-        rescaled = normalised * projected_value_norms(inputs.values, inputs.module)
+        rescaled = normalised * projected_value_norms(inputs.values, inputs.layer.output_projection)
         return torch.where(finite, rescaled, float("inf"))
 
 
-def projected_value_norms(values: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+def projected_value_norms(values: torch.Tensor, output_projection: torch.Tensor) -> torch.Tensor:
     """``‖W_o^(j) v‖`` averaged over the query heads sharing each KV head: ``[batch, kv_heads, seq]``."""
     batch, kv_heads, seq, head_dim = values.shape
-    weight = module.o_proj.weight.float()  # [hidden, heads * head_dim]
+    weight = output_projection.float()  # [hidden, heads * head_dim]
     groups = weight.shape[1] // head_dim // kv_heads
     weight = weight.view(weight.shape[0], kv_heads, groups, head_dim)
     projected = torch.einsum("bhsd,ohgd->bhgso", values.float(), weight)

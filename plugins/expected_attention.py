@@ -31,8 +31,8 @@ class ExpectedAttention(Policy):
     Simplification: kvpress estimates the statistics from every prompt token's query (re-projected from the
     hidden states); here they come from the last ``query_tokens`` queries, kept in a rolling buffer of
     ``query_tokens × heads × head_dim`` values per layer (not counted as KV cache). Raise ``query_tokens`` to
-    approach kvpress's estimate, at that memory cost. Models whose RoPE rotates only part of each head
-    (``partial_rotary_factor`` < 1) are refused.
+    approach kvpress's estimate, at that memory cost. RoPE comes from the core's layer view (scaled rope types,
+    partial rotary, per-layer-type RoPE).
 
     Measured on the embedded model (passkey at 2k tokens, budget 0.5): the covariance term decides the ranking.
     ``s²·kᵀΣk / 2`` grows with the key's norm along the queries' high-variance directions and, inside an
@@ -55,9 +55,9 @@ class ExpectedAttention(Policy):
         batch, kv_heads, seq, head_dim = keys.shape
         queries = inputs.queries.float()  # [batch, heads, window, head_dim], oldest first, the newest last
         groups = queries.shape[1] // kv_heads
-        scale = float(getattr(inputs.module, "scaling", head_dim**-0.5))
-        inv_freq = rotary_frequencies(inputs.module.config, head_dim).to(keys.device)
-        future = mean_future_rotation(queries, inv_freq, self.config.future_tokens)
+        scale = inputs.scaling
+        rotary = inputs.layer.rotary
+        future = mean_future_rotation(queries, rotary.inv_freq.to(keys.device), rotary.dim, self.config.future_tokens)
 
         window = queries.shape[2]
         real = torch.tensor([min(window, seen) for seen in inputs.seen_tokens], device=keys.device)
@@ -78,40 +78,26 @@ class ExpectedAttention(Policy):
         return expected
 
 
-def mean_future_rotation(queries: torch.Tensor, inv_freq: torch.Tensor, future_tokens: int) -> torch.Tensor:
+def mean_future_rotation(
+    queries: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int, future_tokens: int
+) -> torch.Tensor:
     """Each query rotated to the next ``future_tokens`` positions and averaged: ``mean_j R(p_j − t_i) q_i``.
 
     ``queries``: ``[batch, heads, window, head_dim]`` at consecutive positions ending just before ``p_0``, so the
-    offset of query ``i`` to future position ``j`` is ``window − i + j``. RoPE rotates pairs ``(x_k, x_{k+d/2})``
-    (the ``rotate_half`` convention of Llama-family models) by ``offset × inv_freq[k]``.
+    offset of query ``i`` to future position ``j`` is ``window − i + j``. RoPE rotates pairs ``(x_k, x_{k+r/2})`` of
+    the first ``rotary_dim`` (``r``) dimensions by ``offset × inv_freq[k]`` (the ``rotate_half`` convention); the
+    other dimensions, if any (partial rotary), do not move.
     """
     window = queries.shape[2]
     offsets = (window - torch.arange(window, device=queries.device))[:, None] + torch.arange(
         future_tokens, device=queries.device
     )  # [window, future]
-    angles = offsets[..., None].float() * inv_freq  # [window, future, head_dim / 2]
-    cos, sin = angles.cos().mean(1).repeat(1, 2), angles.sin().mean(1).repeat(1, 2)  # [window, head_dim]
-    half = queries.shape[-1] // 2
-    rotated_half = torch.cat([-queries[..., half:], queries[..., :half]], dim=-1)
-    return queries * cos + rotated_half * sin
-
-
-def rotary_frequencies(config, head_dim: int) -> torch.Tensor:
-    """RoPE inverse frequencies ``[head_dim / 2]`` of a transformers config (default or any scaled rope type)."""
-    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
-        raise NotImplementedError(
-            "expected_attention needs RoPE over the whole head; this model rotates only part of it "
-            f"(partial_rotary_factor={config.partial_rotary_factor}): pick another policy"
-        )
-    parameters = getattr(config, "rope_parameters", None) or {}
-    rope_type = parameters.get("rope_type", "default")
-    if rope_type == "default":
-        theta = parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None)
-    return inv_freq.float()
+    angles = offsets[..., None].float() * inv_freq  # [window, future, rotary_dim / 2]
+    cos, sin = angles.cos().mean(1).repeat(1, 2), angles.sin().mean(1).repeat(1, 2)  # [window, rotary_dim]
+    rotated, kept = queries[..., :rotary_dim], queries[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated_half = torch.cat([-rotated[..., half:], rotated[..., :half]], dim=-1)
+    return torch.cat([rotated * cos + rotated_half * sin, kept], dim=-1)
 
 
 @hookimpl

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvpolicies import Policy, PolicyConfig, ScoreInputs, hookimpl
+from kvpolicies import Policy, PolicyConfig, Role, ScoreInputs, hookimpl
 
 
 class FullConfig(PolicyConfig):
@@ -17,6 +17,7 @@ class FullCache(Policy):
     name = "full"
     Config = FullConfig
     compresses = False
+    role = Role.REFERENCE
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         return torch.zeros(inputs.valid.shape, device=inputs.valid.device)

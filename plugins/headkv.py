@@ -12,12 +12,13 @@ import torch
 from pydantic import Field, model_validator
 
 from kvpolicies import Allocation, BudgetError, hookimpl
-from kvpolicies.budget import distribute
-from kvpolicies.composition import ScorerWrapper, WrapperConfig
-from kvpolicies.head_scores import load_head_scores
+from kvpolicies.engine.budget import distribute
+from kvpolicies.engine.composition import ScorerWrapper, WrapperConfig
+from kvpolicies.experiments.head_scores import load_head_scores
 
 
 class HeadKVConfig(WrapperConfig):
+    scorer: str = Field("snapkv", description="policy whose score() ranks entries (the paper: SnapKV)")
     allocation: Literal["adaptive", "static"] = Field(
         "adaptive", description="adaptive: AdaKV, from the scores of each layer; static: HeadKV, from head_scores"
     )

@@ -7,11 +7,12 @@ import torch
 from pydantic import Field
 
 from kvpolicies import Allocation, hookimpl
-from kvpolicies.budget import distribute
-from kvpolicies.composition import ScorerWrapper, WrapperConfig
+from kvpolicies.engine.budget import distribute
+from kvpolicies.engine.composition import ScorerWrapper, WrapperConfig
 
 
 class PyramidKVConfig(WrapperConfig):
+    scorer: str = Field("snapkv", description="policy whose score() ranks entries (the paper: SnapKV)")
     beta: float = Field(20.0, gt=1, description="average layer share / top layer share: higher is steeper")
 
 

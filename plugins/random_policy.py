@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpolicies import Policy, PolicyConfig, ScoreInputs, hookimpl
+from kvpolicies import Policy, PolicyConfig, Role, ScoreInputs, hookimpl
 
 
 class RandomConfig(PolicyConfig):
@@ -20,6 +20,7 @@ class RandomEviction(Policy):
     """
 
     name = "random"
+    role = Role.CHANCE
     Config = RandomConfig
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:

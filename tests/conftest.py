@@ -8,35 +8,17 @@ from hypothesis import settings
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import kvpolicies
-from kvpolicies.models import converted_gguf, embedded_gguf
-
+from kvpolicies.integrations.models import converted_gguf, embedded_gguf
+from tests.helpers import tiny_llama
 
 # Property tests explore the same examples on every run: a CI failure is always reproducible locally.
 settings.register_profile("kvpolicies", derandomize=True, deadline=None)
 settings.load_profile("kvpolicies")
 
 
-def tiny_llama(num_layers: int = 8, attn_implementation: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
-    """A random Llama with GQA (6 query heads over 2 KV heads), small enough to run everywhere in milliseconds."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=96,
-        intermediate_size=192,
-        num_hidden_layers=num_layers,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    config._attn_implementation = attn_implementation
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture
 def tiny_model() -> LlamaForCausalLM:
+    """A fresh :func:`tests.helpers.tiny_llama` (8 layers, sdpa) per test: tests may change its settings."""
     return tiny_llama()
 
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 from scipy import stats
 
-from kvpolicies.analysis import norm_attention, pearson, ranks, spearman, topk_overlap
+from kvpolicies.experiments.analysis import (
+    norm_attention,
+    pearson,
+    ranks,
+    spearman,
+    topk_overlap,
+)
+from tests.helpers import tiny_llama
 
 
 def test_ranks_average_ties():
@@ -38,8 +45,6 @@ def test_topk_overlap_counts_shared_keys():
 
 
 def test_norm_attention_on_a_tiny_model_matches_eager_attention_weights():
-    from tests.conftest import tiny_llama
-
     model = tiny_llama(attn_implementation="eager")
     ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(2))
     result = norm_attention(model, ids, window=8, keep_fraction=0.25)

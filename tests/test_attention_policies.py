@@ -1,4 +1,4 @@
-"""Attention-based and reallocating policies against slow references written here (explicit softmax, loops)."""
+"""Attention-based and reallocating policies against slow references (explicit softmax, loops)."""
 
 from __future__ import annotations
 
@@ -10,34 +10,9 @@ import torch
 from transformers import DynamicCache
 
 import kvpolicies
-from kvpolicies import Budget, CacheShape, CompressedCache, ScoreInputs
-from kvpolicies.selection import age_order
-
-
-def explicit_received(queries, keys, scaling):
-    """Attention each key gets from the queries (the newest len(queries) positions), summed: loops only."""
-    heads, q_len, _ = queries.shape
-    kv_heads, seq, _ = keys.shape
-    groups = heads // kv_heads
-    out = torch.zeros(kv_heads, seq)
-    for h in range(heads):
-        for j in range(q_len):
-            last = seq - q_len + j  # causal: query j sits at position seq - q_len + j
-            logits = [float(queries[h, j] @ keys[h // groups, s]) * scaling for s in range(last + 1)]
-            top = max(logits)
-            weights = [math.exp(x - top) for x in logits]
-            total = sum(weights)
-            for s, w in enumerate(weights):
-                out[h // groups, s] += w / total
-    return out
-
-
-def make_inputs(keys, queries, keep, attention=None, cumulative=None):
-    valid = torch.ones(keys.shape[:3], dtype=torch.bool)
-    return ScoreInputs(
-        layer_idx=0, valid=valid, order=age_order(valid), seen_tokens=[keys.shape[2]], keep=keep,
-        keys=keys, queries=queries, attention=attention, cumulative_attention=cumulative,
-    )
+from kvpolicies import Budget, CacheShape, CompressedCache
+from kvpolicies.engine.selection import age_order
+from tests.helpers import attention_received_by_loops, captured_query, score_inputs
 
 
 def test_snapkv_scores_are_pooled_votes_of_the_last_queries():
@@ -45,12 +20,12 @@ def test_snapkv_scores_are_pooled_votes_of_the_last_queries():
     keys, queries = torch.randn(1, 2, 20, 8), torch.randn(1, 6, 20, 8)
     policy = kvpolicies.get_policy("snapkv", observation_tokens=4, kernel_size=3, pooling="max")
     window = queries[:, :, -4:]
-    from kvpolicies.signals import attention_received
+    from kvpolicies.engine.signals import attention_received
 
     attention = attention_received(window, keys, torch.ones(1, 2, 20, dtype=torch.bool),
                                    age_order(torch.ones(1, 2, 20, dtype=torch.bool)), 8**-0.5)
-    scores = policy.score(make_inputs(keys, window, torch.tensor([[5, 5]]), attention=attention))
-    votes = explicit_received(window[0], keys[0], 8**-0.5)
+    scores = policy.score(score_inputs(keys, keep=torch.tensor([[5, 5]]), queries=window, attention=attention))
+    votes = attention_received_by_loops(window, keys, 8**-0.5)[0]
     for h in range(2):
         for s in range(20):
             neighbours = [votes[h, t].item() for t in range(s - 1, s + 2) if 0 <= t < 20]
@@ -70,11 +45,9 @@ def test_snapkv_in_a_cache_keeps_window_and_top_votes(tiny_model):
         tiny_model(ids, cache=cache)
         handle.remove()
         tiny_model(ids, cache=plain)
-    from tests.test_cache import captured_query
-
     queries = torch.stack([captured_query(tiny_model, cache, captured["q"][:, p : p + 1], p, 2)[:, 0] for p in range(36, 40)], 1)
     keys = plain.layers[2].keys[0]
-    votes = explicit_received(queries, keys, 16**-0.5)
+    votes = attention_received_by_loops(queries[None], keys[None], 16**-0.5)[0]
     kept = cache.layers[2].keys.split(cache.layers[2].lengths)
     for h in range(2):
         best = torch.sort(votes[h, :36], descending=True, stable=True).indices[:8].sort().values
@@ -98,14 +71,12 @@ def test_h2o_accumulates_attention_over_prefill_and_decoding(tiny_model):
             tiny_model(token, cache=cache)
         handle.remove()
         tiny_model(torch.cat([ids, *steps], 1), cache=plain)
-    from tests.test_cache import captured_query
-
     all_queries = torch.cat(
         [captured_query(tiny_model, cache, queries[0][:, p : p + 1], p, 1) for p in range(12)]
         + [captured_query(tiny_model, cache, q, 12 + i, 1) for i, q in enumerate(queries[1:])], dim=1
     )
     keys = plain.layers[1].keys[0]
-    want = explicit_received(all_queries, keys, 16**-0.5)
+    want = attention_received_by_loops(all_queries[None], keys[None], 16**-0.5)[0]
     got = cache.layers[1].cumulative[0, :, :, 0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -114,8 +85,8 @@ def test_h2o_keeps_recent_share_and_heaviest_hitters():
     cumulative = torch.tensor([[[5.0, 0.1, 4.0, 0.2, 0.3, 3.0, 0.1, 0.1, 0.5, 0.4]]])
     keys = torch.zeros(1, 1, 10, 4)
     policy = kvpolicies.get_policy("h2o", recent_fraction=0.5)
-    inputs = make_inputs(keys, None, torch.tensor([[4]]), cumulative=cumulative)
-    from kvpolicies.selection import select
+    inputs = score_inputs(keys, keep=torch.tensor([[4]]), cumulative_attention=cumulative)
+    from kvpolicies.engine.selection import select
 
     kept = select(policy.score(inputs), inputs.valid, inputs.keep)
     assert kept[0, 0].nonzero().flatten().tolist() == [0, 2, 8, 9]  # 2 heavy hitters + 2 most recent

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvpolicies.bench import run_benchmark, tables
-from kvpolicies.models import random_config
+from kvpolicies.experiments.bench import run_benchmark, tables
+from kvpolicies.integrations.models import random_config
 
 
 def test_benchmark_measures_memory_against_the_physical_limit_and_policy_time(tiny_model):
@@ -52,8 +52,8 @@ def test_bench_command_prints_tables_and_saves_what_the_pages_read(tiny_pretrain
 
 
 def test_profile_splits_prefill_and_decode_and_names_the_operators(tiny_model):
-    from kvpolicies.bench import profile
-    from kvpolicies.budget import Budget
+    from kvpolicies.engine.budget import Budget
+    from kvpolicies.experiments.bench import profile
 
     text = profile(tiny_model, torch.randint(3, 100, (1, 64)), "h2o", Budget.parse(0.5), decode_tokens=2, rows=5)
     prefill, decode = text.split("h2o @ 0.5, 64 tokens: 2 decoding steps")

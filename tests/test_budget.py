@@ -36,9 +36,14 @@ def test_fraction_allocation_sums_to_the_budget_with_at_least_one_entry_per_head
 @given(shape=shapes, seq_len=st.integers(1, 5000), per_head=st.floats(0.5, 10000))
 def test_token_budget_is_an_average_per_kv_head_capped_by_the_sequence(shape, seq_len, per_head):
     allocation = Budget(unit="tokens", value=per_head).allocate(seq_len, shape)
+    tokens = allocation.tokens
     expected = min(int(per_head * shape.cells + 1e-9), shape.cells * seq_len)
-    assert allocation.total == max(expected, shape.cells) if seq_len >= 1 else 0
-    assert int(allocation.tokens.max()) <= seq_len
+    assert allocation.total == max(expected, shape.cells)  # at least one entry per head
+    assert int(tokens.sum()) == allocation.total
+    assert int(tokens.min()) >= 1 and int(tokens.max()) <= seq_len
+    assert int(tokens.max()) - int(tokens.min()) <= 1  # uniform: remainders differ by one at most
+    if per_head <= seq_len and per_head >= 1:  # the average is what was asked for, to within one entry in total
+        assert abs(float(tokens.double().mean()) - per_head) * shape.cells < 1 + 1e-6
 
 
 @given(shape=shapes, seq_len=st.integers(1, 5000), megabytes=st.floats(0.01, 100))
@@ -130,7 +135,7 @@ def test_bare_number_above_one_is_rejected_with_the_fix():
     total=st.integers(0, 20000),
 )
 def test_distribute_respects_floor_cap_and_total(weights, cap, floor, total):
-    from kvpolicies.budget import distribute
+    from kvpolicies.engine.budget import distribute
 
     shares = distribute(total, torch.tensor(weights), cap=cap, floor=floor)
     low = min(floor, cap)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 from transformers import DynamicCache
 
 import kvpolicies
 from kvpolicies import Allocation, Budget, CompressedCache, Policy, PolicyConfig, Signal
-from tests.conftest import tiny_llama
+from tests.helpers import captured_query, tiny_llama
 
 
 def greedy_logits(model, ids, cache, steps: int) -> list[torch.Tensor]:
@@ -70,7 +70,7 @@ def test_query_window_holds_only_its_window_not_the_prompts_queries(tiny_model):
 
 
 def test_a_view_counts_the_storage_it_keeps_alive():
-    from kvpolicies.cache import held_bytes
+    from kvpolicies.engine.storage import held_bytes
 
     large = torch.zeros(1000)
     assert held_bytes(large[:10]) == 4000 and held_bytes(large, large[:10], None) == 4000
@@ -180,16 +180,6 @@ def test_ragged_decode_matches_explicit_per_head_attention(tiny_model):
     torch.testing.assert_close(captured["out"][0, -1], want[0], atol=1e-5, rtol=0)
 
 
-def captured_query(model, cache, q_proj_out, position: int, layer_idx: int) -> torch.Tensor:
-    """Apply RoPE to the captured ``q_proj`` output: ``[heads, 1, head_dim]``."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    q = q_proj_out.view(1, 1, 6, 16).transpose(1, 2)
-    cos, sin = model.model.rotary_emb(q, torch.tensor([[position]]))
-    q, _ = apply_rotary_pos_emb(q, q, cos, sin)
-    return q[0]
-
-
 def test_padding_is_never_kept_and_batch_rows_match_single_runs(tiny_model):
     generator = torch.Generator().manual_seed(3)
     long_ids = torch.randint(3, 128, (1, 40), generator=generator)
@@ -260,7 +250,13 @@ def test_sinks_and_window_survive_eviction(tiny_model):
 
 
 POLICIES = ["l2norm", "random", "streaming"]
-_SMALL_MODEL = tiny_llama(num_layers=3)
+
+
+@pytest.fixture(scope="module")
+def three_layer_model():
+    """One model for every example of the property test below, built when the test runs, not at import.
+    Module-scoped because hypothesis runs all examples inside one test call and refuses function-scoped fixtures."""
+    return tiny_llama(num_layers=3)
 
 
 @settings(max_examples=30, deadline=None)
@@ -271,8 +267,9 @@ _SMALL_MODEL = tiny_llama(num_layers=3)
     sinks=st.integers(0, 4),
     window=st.integers(0, 8),
 )
-def test_prefill_keeps_exactly_the_allocation_in_every_head(seq_len, fraction, policy, sinks, window):
-    model = _SMALL_MODEL
+def test_prefill_keeps_exactly_the_allocation_in_every_head(three_layer_model, seq_len, fraction, policy, sinks,
+                                                            window):
+    model = three_layer_model
     options = {"sink_tokens": sinks, "window_tokens": window}
     if policy == "l2norm":
         options["uncompressed_layers"] = []
@@ -283,7 +280,6 @@ def test_prefill_keeps_exactly_the_allocation_in_every_head(seq_len, fraction, p
     assert torch.equal(cache.kept_per_head()[:, 0], allocation.tokens)
     assert cache.resident_bytes() == int(allocation.tokens.sum()) * cache.shape.entry_bytes
     assert cache.get_seq_length() == seq_len
-
 
 
 @pytest.mark.parametrize("policy", ["l2norm", "snapkv", "h2o"])

@@ -5,14 +5,19 @@ from __future__ import annotations
 import re
 
 import pytest
-from kvpolicies_evals.data import FILLER, PASSKEY_QUESTION, count_tokens, default_tokenizer, text_passkey_samples
+from kvpolicies_evals.data import (
+    FILLER,
+    PASSKEY_QUESTION,
+    count_tokens,
+    default_tokenizer,
+    text_passkey_samples,
+)
 
-from kvpolicies.anchors import KVPRESS, TASK, rows, sweeps, within_noise
 from kvpolicies.cli import main
+from kvpolicies.experiments.grid import cells
 from kvpolicies.registry import get_policy
-from kvpolicies.sweep import cells
-from tests.test_lm_eval import evaluate
-from tests.test_reports import record, write
+from kvpolicies.reports.anchors import KVPRESS, TASK, rows, sweeps, within_noise
+from tests.helpers import evaluate, make_record, write_records
 
 
 def test_text_passkey_hides_the_twice_stated_key_in_prose_at_the_requested_depth():
@@ -35,7 +40,7 @@ def test_text_passkey_hides_the_twice_stated_key_in_prose_at_the_requested_depth
 @pytest.mark.slow
 def test_text_passkey_is_solved_by_the_embedded_model_with_its_full_cache():
     """The task must be answerable before a policy's score on it means anything."""
-    from kvpolicies.lm_eval import KVPoliciesLM
+    from kvpolicies.integrations.lm_eval import KVPoliciesLM
 
     metadata = {"lengths": [1024], "depths": [0.25, 0.5, 0.75], "per_cell": 1}
     results = evaluate(KVPoliciesLM(policy="full"), ["kvp_passkey_text"], metadata, log_samples=True)
@@ -58,8 +63,9 @@ def test_every_anchor_maps_to_a_registered_configuration_and_one_cell_per_budget
 
 
 def test_anchor_rows_mark_gaps_beyond_noise_and_show_missing_cells():
-    latest = {(TASK.name, "lagkv", 0.5): record(TASK.name, "lagkv", 0.5, 0.917),
-              (TASK.name, "l2norm, all layers", 0.5): record(TASK.name, "l2norm", 0.5, 0.875, "l2norm, all layers")}
+    latest = {(TASK.name, "lagkv", 0.5): make_record(TASK.name, "lagkv", 0.5, 0.917),
+              (TASK.name, "l2norm, all layers", 0.5): make_record(TASK.name, "l2norm", 0.5, 0.875,
+                                                                  label="l2norm, all layers")}
     table = {(row[0], row[1]): row for row in rows(latest)}
     assert table[("LagKV", "lagkv")][2] == "0.917 / 0.958"
     assert table[("LagKV", "lagkv")][3] == "— / 0.667"
@@ -68,8 +74,8 @@ def test_anchor_rows_mark_gaps_beyond_noise_and_show_missing_cells():
 
 
 def test_report_anchors_renders_saved_cells_without_running(tmp_path, capsys):
-    results = write(tmp_path / "results", [record(TASK.name, "full", 1.0, 0.917),
-                                           record(TASK.name, "keydiff", 0.25, 0.625)])
+    results = write_records(tmp_path / "results", [make_record(TASK.name, "full", 1.0, 0.917),
+                                           make_record(TASK.name, "keydiff", 0.25, 0.625)])
     assert main(["report", "anchors", "--no-run", "--results", str(results)]) == 0
     text = capsys.readouterr().out
     assert "Full cache: ours 0.917, kvpress 0.958." in text
@@ -78,7 +84,7 @@ def test_report_anchors_renders_saved_cells_without_running(tmp_path, capsys):
 
 
 def test_passkey_text_task_runs_through_lm_eval(tiny_pretrained):
-    from kvpolicies.lm_eval import KVPoliciesLM
+    from kvpolicies.integrations.lm_eval import KVPoliciesLM
 
     lm = KVPoliciesLM(pretrained=tiny_pretrained, policy="keydiff", budget=0.5)
     results = evaluate(lm, ["kvp_passkey_text"], {"lengths": [300], "depths": [0.5], "per_cell": 2})

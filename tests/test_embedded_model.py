@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from lm_eval import simple_evaluate
-from lm_eval.tasks import TaskManager
 
 import kvpolicies
 from kvpolicies import CompressedCache
 from kvpolicies.cli import main
-from kvpolicies.lm_eval import KVPoliciesLM
+from kvpolicies.integrations.lm_eval import KVPoliciesLM
+from tests.helpers import TASKS, evaluate
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +81,7 @@ def test_cached_conversion_is_identical_to_loading_the_gguf(real_model):
     """The converted-weights cache (a save_pretrained workaround) must not change a single logit."""
     from transformers import AutoModelForCausalLM
 
-    from kvpolicies.models import embedded_gguf
+    from kvpolicies.integrations.models import embedded_gguf
 
     model, tokenizer = real_model
     gguf = embedded_gguf()
@@ -95,7 +94,11 @@ def test_cached_conversion_is_identical_to_loading_the_gguf(real_model):
 
 
 def test_head_scores_find_sparse_retrieval_heads_and_drive_headkv(real_model, tmp_path):
-    from kvpolicies.head_scores import load_head_scores, retrieval_scores, save_head_scores
+    from kvpolicies.experiments.head_scores import (
+        load_head_scores,
+        retrieval_scores,
+        save_head_scores,
+    )
 
     model, tokenizer = real_model
     scores = retrieval_scores(model, tokenizer, samples=2, context_tokens=600, seed=1)
@@ -136,8 +139,6 @@ def test_analyze_norms_reports_the_correlation_per_layer_and_head(capsys, tmp_pa
 
 ZOO = [info.name for info in kvpolicies.list_policies() if info.policy_class.compresses]
 
-TASKS = str(Path(__file__).parents[1] / "evals" / "tasks")
-
 
 def test_every_policy_generates_and_evaluates_through_lm_eval_on_the_embedded_model(real_model):
     """Every registered policy through both user paths, on the loaded model (no reload per policy): greedy
@@ -151,10 +152,7 @@ def test_every_policy_generates_and_evaluates_through_lm_eval_on_the_embedded_mo
         assert 0.5 <= cache.stats().kept_fraction < 0.52, name  # half, plus what 4 tokens add within the slack
 
         lm = KVPoliciesLM(pretrained=model, tokenizer=tokenizer, policy=name, budget=0.25)
-        results = simple_evaluate(
-            model=lm, tasks=["kvp_passkey"], limit=1, bootstrap_iters=0,
-            task_manager=TaskManager(include_path=TASKS, metadata={"lengths": [512], "depths": [0.5], "per_cell": 1}),
-        )
+        results = evaluate(lm, ["kvp_passkey"], {"lengths": [512], "depths": [0.5], "per_cell": 1}, limit=1)
         assert results["config"]["kvpolicies"]["policy"] == name
         assert results["config"]["kvpolicies"]["kv_memory"]["resident_fraction_mean"] < 0.35, name
 

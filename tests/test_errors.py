@@ -6,8 +6,6 @@ before any model is loaded, or on a tiny random one.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,9 +13,8 @@ import kvpolicies
 from kvpolicies import Budget, BudgetError, CompressedCache, PolicyConfigError
 from kvpolicies.cli import main
 from kvpolicies.errors import ContextLengthWarning, ModelLoadError, UsageError
-from kvpolicies.models import resolve_device, resolve_dtype, resolve_source
-
-TASKS = str(Path(__file__).parents[1] / "evals" / "tasks")
+from kvpolicies.integrations.models import resolve_device, resolve_dtype, resolve_source
+from tests.helpers import TASKS
 
 
 def error_of(capsys, argv: list[str]) -> str:

@@ -6,26 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
-from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from lm_eval.tasks import TaskManager
 
 from kvpolicies import PolicyConfigError
 from kvpolicies.cli import main
-from kvpolicies.lm_eval import KVPoliciesLM
-from kvpolicies.models import converted_gguf, embedded_gguf
+from kvpolicies.integrations.lm_eval import KVPoliciesLM
+from kvpolicies.integrations.models import converted_gguf, embedded_gguf
+from tests.helpers import TASKS, evaluate
 
-TASKS = str(Path(__file__).parents[1] / "evals" / "tasks")
 PASSKEY = {"lengths": [200], "depths": [0.5], "per_cell": 2}
 PPL = {"lengths": [300], "per_length": 1}
-
-
-def evaluate(model, tasks: list[str], metadata: dict, **kwargs):
-    return simple_evaluate(
-        model=model, tasks=tasks, task_manager=TaskManager(include_path=TASKS, metadata=metadata),
-        bootstrap_iters=0, **kwargs,
-    )
 
 
 def test_generate_until_runs_through_lm_eval_and_reports_memory(tiny_pretrained):
@@ -129,14 +120,14 @@ def test_full_cache_passkey_scores_equal_lm_eval_hf_on_the_embedded_model():
 
 
 def test_accelerate_launch_runs_the_adapter(tiny_pretrained, tmp_path):
-    """lm-eval's own data-parallel route: `accelerate launch -m kvpolicies.lm_eval` (one process on CPU)."""
+    """lm-eval's own data-parallel route: `accelerate launch -m kvpolicies lm-eval` (one process on CPU)."""
     import subprocess
     import sys
 
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [
         str(accelerate), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "-m", "kvpolicies.lm_eval", "--model", "kvpolicies",
+        "--dynamo_backend", "no", "-m", "kvpolicies", "lm-eval", "--model", "kvpolicies",
         "--model_args", f"pretrained={tiny_pretrained},policy=snapkv,budget=0.5",
         "--tasks", "kvp_passkey", "--include_path", TASKS, "--limit", "2",
         "--metadata", json.dumps(PASSKEY), "--output_path", str(tmp_path / "out"),

@@ -11,7 +11,12 @@ import pytest
 import torch
 
 import kvpolicies
-from kvpolicies import CompressedCache, PolicyConfigError, PolicyRegistryError, UnknownPolicyError
+from kvpolicies import (
+    CompressedCache,
+    PolicyConfigError,
+    PolicyRegistryError,
+    UnknownPolicyError,
+)
 from kvpolicies.registry import PluginWarning
 
 BUILT_INS = {"full", "l2norm", "random", "streaming"}

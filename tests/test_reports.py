@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 
 import kvpolicies
-from kvpolicies.reports import decode_behaviour, policies_page
-from kvpolicies.replication import ABLATIONS, replicate, selection_agreement, verdicts
-from kvpolicies.results import ResultRecord, write_record
-from tests.test_results import make_record
-
-
-def record(task: str, policy: str, budget: float | str, score: float, label: str | None = None,
-           model=None) -> ResultRecord:
-    return make_record(task, policy, budget, score, label=label, model=model)
-
-
-def write(results: Path, records: list[ResultRecord]) -> Path:
-    results.mkdir(parents=True, exist_ok=True)
-    for i, item in enumerate(records):
-        write_record(results / f"{i:04d}.json", item)
-    return results
+from kvpolicies.reports.catalogue import decode_behaviour, policies_page
+from kvpolicies.reports.replication import (
+    ABLATIONS,
+    replicate,
+    selection_agreement,
+    verdicts,
+)
+from tests.helpers import make_record, write_records
 
 
 def test_decode_behaviour_follows_what_each_policy_reads():
@@ -34,11 +24,11 @@ def test_decode_behaviour_follows_what_each_policy_reads():
 
 
 def test_policy_catalogue_marks_scores_above_random_and_lists_missing_cells(tmp_path):
-    results = write(tmp_path / "results", [
-        record("kvp_passkey", "full", 1.0, 1.0),
-        record("kvp_passkey", "random", 0.5, 0.4),
-        record("kvp_passkey", "keydiff", 0.5, 0.9),
-        record("kvp_passkey", "l2norm", 0.5, 0.4),
+    results = write_records(tmp_path / "results", [
+        make_record("kvp_passkey", "full", 1.0, 1.0),
+        make_record("kvp_passkey", "random", 0.5, 0.4),
+        make_record("kvp_passkey", "keydiff", 0.5, 0.9),
+        make_record("kvp_passkey", "l2norm", 0.5, 0.4),
     ])
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"header": "test bench", "results": [
@@ -55,7 +45,7 @@ def test_policy_catalogue_marks_scores_above_random_and_lists_missing_cells(tmp_
 
 
 def test_verdicts_apply_the_stated_tolerances():
-    latest = {(task, policy, budget): record(task, policy, budget, score) for task, policy, budget, score in [
+    latest = {(task, policy, budget): make_record(task, policy, budget, score) for task, policy, budget, score in [
         ("kvp_ppl", "full", 1.0, 20.0), ("kvp_ppl", "l2norm", 0.5, 20.9),
         ("kvp_niah", "full", 1.0, 0.9), ("kvp_niah", "l2norm", 0.5, 0.7), ("kvp_passkey", "full", 1.0, 1.0),
     ]}
@@ -74,12 +64,12 @@ def test_selections_agree_between_sdpa_and_eager_on_a_saved_model(tiny_pretraine
 
 def test_replication_page_renders_claims_from_saved_results_without_running_cells(tiny_pretrained, tmp_path):
     model = tiny_pretrained
-    results = write(tmp_path / "results", [
-        record("kvp_niah", "full", 1.0, 0.9, model=model),
-        record("kvp_niah", "l2norm", 0.5, 0.0, model=model),
-        record("kvp_niah", "l2norm", 0.5, 0.1, label=ABLATIONS[0].title, model=model),
-        record("kvp_niah", "random", 0.5, 0.3, model=model),
-        record("kvp_niah", "random", 0.5, 0.8, model="another/model"),  # another model's results are ignored
+    results = write_records(tmp_path / "results", [
+        make_record("kvp_niah", "full", 1.0, 0.9, model=model),
+        make_record("kvp_niah", "l2norm", 0.5, 0.0, model=model),
+        make_record("kvp_niah", "l2norm", 0.5, 0.1, label=ABLATIONS[0].title, model=model),
+        make_record("kvp_niah", "random", 0.5, 0.3, model=model),
+        make_record("kvp_niah", "random", 0.5, 0.8, model="another/model"),  # another model's results are ignored
     ])
     output = tmp_path / "docs" / "replication.md"
     text = replicate(results, tmp_path / "docs" / "figures", output, model=model, run=False, device="cpu",
@@ -95,8 +85,8 @@ def test_replication_page_renders_claims_from_saved_results_without_running_cell
 
 
 def test_policy_catalogue_counts_cells_swept_at_50_percent_as_half_the_cache(tmp_path):
-    results = write(tmp_path / "results", [record("kvp_passkey", "keydiff", "50%", 0.9),
-                                           record("kvp_passkey", "random", 0.5, 0.4)])
+    results = write_records(tmp_path / "results", [make_record("kvp_passkey", "keydiff", "50%", 0.9),
+                                           make_record("kvp_passkey", "random", 0.5, 0.4)])
     rows = {line.split("|")[1].strip(): line for line in policies_page(results).splitlines() if line.startswith("| `")}
     assert "0.90 ▲" in rows["`keydiff`"]
 

@@ -10,32 +10,10 @@ from pathlib import Path
 import pytest
 
 from kvpolicies.cli import main
+from kvpolicies.experiments.grid import SweepConfig, cells
+from kvpolicies.experiments.sweep import _finished
 from kvpolicies.registry import get_policy
-from kvpolicies.sweep import SweepConfig, _finished, cells
-
-NOW = "2026-11-24T12:00:00+00:00"
-
-
-def make_record(task: str, policy: str, budget, score: float, *, label: str | None = None, model: str | None = None,
-                higher: bool = True, status: str = "ok", key: str | None = None, **fields):
-    """A record built through the model, as every test's fake records are; ``policy == "full"`` is the reference."""
-    from kvpolicies.results import ResultRecord
-    from kvpolicies.sweep import Cell, PolicySpec, TaskSpec
-
-    cell = Cell(model=model, task=TaskSpec(name=task), policy=PolicySpec(name=policy, label=label), budget=budget,
-                seed=0)
-    metric = "exact_match,first_key" if higher else "word_perplexity,none"
-    outcome = {"error": "RuntimeError: boom"} if status != "ok" else {
-        "metrics": {metric: score}, "primary_metric": metric, "score": score, "higher_is_better": higher,
-        "samples": 10, "kv_memory": {"resident_bytes_mean": 100.0, "full_bytes_mean": 200.0},
-        "speed": {"prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": 20.0}, "peak_memory_bytes": 2**30,
-        "device": "cpu",
-    }
-    identity = {"model": model or "smollm2-135m-instruct", "policy": {"policy": policy, "config": {}},
-                "budget": None if policy == "full" else cell.budget, "code_version": "0.1.0+abc/def"}
-    return ResultRecord(key=key or f"{task}-{policy}-{label}-{budget}-{model}", cell=cell, identity=identity,
-                        versions={"kvpolicies": "0.1.0", "torch": "2.13.0"}, started_at=NOW, finished_at=NOW,
-                        status=status, **outcome | fields)
+from tests.helpers import NOW, make_record
 
 
 def saved_record(cell, score: float = 0.5) -> dict:
@@ -95,8 +73,8 @@ def test_an_ok_record_must_carry_its_results_and_an_error_record_its_error():
 
 
 def test_result_files_of_earlier_versions_still_load(tmp_path):
-    from kvpolicies.budget import Budget
-    from kvpolicies.results import load_results
+    from kvpolicies.engine.budget import Budget
+    from kvpolicies.experiments.results import load_results
 
     old = saved_record(cells(SweepConfig(policies=["l2norm"], budgets=[0.5], tasks=["kvp_passkey"]))[0])
     old["cell"]["budget"] = "50%"  # what sweeps wrote before budgets were parsed at the edge
@@ -109,7 +87,7 @@ def test_result_files_of_earlier_versions_still_load(tmp_path):
 
 
 def test_a_written_record_reads_back_equal_even_with_an_infinite_score(tmp_path):
-    from kvpolicies.results import read_record, write_record
+    from kvpolicies.experiments.results import read_record, write_record
 
     record = make_record("kvp_ppl", "l2norm", "64MiB", float("inf"), higher=False)
     write_record(tmp_path / "r.json", record)
@@ -144,7 +122,7 @@ def test_an_invalid_finished_file_is_not_finished(tmp_path):
 
 
 def test_sweep_recomputes_invalid_finished_files_and_renders_despite_stray_ones(tmp_path, capsys, monkeypatch):
-    import kvpolicies.sweep
+    import kvpolicies.experiments.sweep
 
     config, results = tmp_path / "grid.json", tmp_path / "results"
     config.write_text(json.dumps(GRID))
@@ -153,7 +131,7 @@ def test_sweep_recomputes_invalid_finished_files_and_renders_despite_stray_ones(
     (results / f"{grid[0].key()}.json").write_text("null")
     (results / f"{grid[1].key()}.json").write_text(json.dumps({"status": "ok"}))
     calls: list = []
-    monkeypatch.setattr(kvpolicies.sweep, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.sweep, "run_cell", fake_run_cell(calls))
     assert main(["sweep", "--config", str(config), "--results", str(results), "--no-plots"]) == 0
     out, err = capsys.readouterr()
     assert {c.key() for c in calls} == {c.key() for c in grid}  # both invalid files were computed again
@@ -177,14 +155,14 @@ def test_leaderboard_says_why_a_task_is_missing_from_the_overall_table(tmp_path,
 
 @pytest.mark.parametrize("where", ["a file", "under a file"])
 def test_an_unwritable_results_folder_fails_before_any_cell_runs(tmp_path, capsys, monkeypatch, where):
-    import kvpolicies.sweep
+    import kvpolicies.experiments.sweep
 
     (tmp_path / "file").write_text("not a folder")
     results = tmp_path / "file" if where == "a file" else tmp_path / "file" / "results"
     config = tmp_path / "grid.json"
     config.write_text(json.dumps(GRID))
     calls: list = []
-    monkeypatch.setattr(kvpolicies.sweep, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.sweep, "run_cell", fake_run_cell(calls))
     assert main(["sweep", "--config", str(config), "--results", str(results), "--no-plots"]) == 2
     err = capsys.readouterr().err
     assert "kvpolicies: error: " in err and str(results) in err and "--results" in err
@@ -194,7 +172,7 @@ def test_an_unwritable_results_folder_fails_before_any_cell_runs(tmp_path, capsy
 def test_writability_is_checked_by_writing_not_by_permission_bits(tmp_path, monkeypatch):
     import tempfile
 
-    from kvpolicies.results import ResultsError, check_writable
+    from kvpolicies.experiments.results import ResultsError, check_writable
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path))
@@ -213,7 +191,7 @@ def test_two_spellings_of_one_budget_are_one_cell():
 
 
 def test_budgets_are_parsed_once_where_they_enter():
-    from kvpolicies.budget import Budget
+    from kvpolicies.engine.budget import Budget
 
     config = SweepConfig(policies=["l2norm"], budgets=["50%", 0.25, "512 tokens", "64MiB",
                                                         {"value": 0.1, "slack_tokens": 0}], tasks=["kvp_passkey"])

@@ -6,30 +6,9 @@ import torch
 
 import kvpolicies
 from kvpolicies import CompressedCache, Policy, PolicyConfig, Signal
-from kvpolicies.selection import age_order
-from kvpolicies.signals import attention_received
-
-
-def reference_attention_received(query, keys, valid, scaling):
-    """Explicit loops: query j of a head sees the valid entries whose age rank is <= count - q_len + j."""
-    batch, kv_heads, seq, _ = keys.shape
-    heads, q_len = query.shape[1], query.shape[2]
-    groups = heads // kv_heads
-    out = torch.zeros(batch, kv_heads, seq)
-    for b in range(batch):
-        for h in range(heads):
-            kv = h // groups
-            positions = [s for s in range(seq) if valid[b, kv, s]]
-            for j in range(q_len):
-                visible = positions[: len(positions) - q_len + j + 1]
-                if not visible:
-                    continue
-                logits = torch.stack([(query[b, h, j] @ keys[b, kv, s]) * scaling for s in visible])
-                weights = torch.exp(logits - logits.max())
-                weights = weights / weights.sum()
-                for s, w in zip(visible, weights):
-                    out[b, kv, s] += w
-    return out
+from kvpolicies.engine.selection import age_order
+from kvpolicies.engine.signals import attention_received
+from tests.helpers import attention_received_by_loops
 
 
 def test_attention_received_matches_explicit_softmax_with_padding_and_gqa():
@@ -39,7 +18,7 @@ def test_attention_received_matches_explicit_softmax_with_padding_and_gqa():
     valid = torch.ones(2, 2, 9, dtype=torch.bool)
     valid[1, :, :3] = False  # left padding in the second sequence
     got = attention_received(query, keys, valid, age_order(valid), scaling=8**-0.5, chunk=2)
-    want = reference_attention_received(query, keys, valid, 8**-0.5)
+    want = attention_received_by_loops(query, keys, 8**-0.5, valid)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # Each (query, query head) distributes one unit of attention: 5 queries x 3 heads per KV head.
     torch.testing.assert_close(got.sum(-1), torch.full((2, 2), 15.0))

@@ -13,11 +13,17 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from kvpolicies.budget import Budget
-from kvpolicies.leaderboard import load_rows, overall_table, plot, render, task_tables
-from kvpolicies.results import ResultRecord, load_results, write_record
-from kvpolicies.sweep import SweepConfig, cells
-from tests.test_results import make_record
+from kvpolicies.engine.budget import Budget
+from kvpolicies.experiments.grid import SweepConfig, cells
+from kvpolicies.experiments.results import ResultRecord, load_results, write_record
+from kvpolicies.reports.leaderboard import (
+    load_rows,
+    overall_table,
+    plot,
+    render,
+    task_tables,
+)
+from tests.helpers import make_record
 
 
 def test_grid_runs_the_full_cache_once_per_task():
@@ -43,18 +49,32 @@ def test_cell_keys_change_with_anything_that_changes_the_result():
 
 def test_code_version_covers_the_core_and_only_the_plugins_a_policy_is_made_of():
     from kvpolicies import get_policy
-    from kvpolicies.sweep import _policy_sources, code_version
+    from kvpolicies.experiments.code_version import code_version, core_files, policy_files
 
-    def files(name: str, **options) -> set[str]:
-        return {path.name for path in _policy_sources(get_policy(name, **options))}
+    def plugins(name: str, **options) -> set[str]:
+        return {path.name for path in policy_files(get_policy(name, **options)) - core_files()
+                if path.parent.name == "plugins"}
 
-    assert files("l2norm") == {"l2norm.py"}
-    assert files("chunkkv", scorer="tova") == {"chunkkv.py", "tova.py"}
-    assert files("criticalkv", scorer="headkv", scorer_options={"scorer": "keydiff"}) == {
+    assert plugins("l2norm") == {"l2norm.py"}
+    assert plugins("chunkkv", scorer="tova") == {"chunkkv.py", "tova.py"}
+    assert plugins("criticalkv", scorer="headkv", scorer_options={"scorer": "keydiff"}) == {
         "criticalkv.py", "headkv.py", "keydiff.py"
     }
     l2, tova = code_version(get_policy("l2norm")), code_version(get_policy("tova"))
     assert l2 != tova and l2.split("/")[0] == tova.split("/")[0] == code_version()
+
+
+def test_the_core_version_follows_the_runners_imports_not_a_list_of_file_names():
+    """What a cell can execute counts; pages and the command line do not (editing them keeps finished cells)."""
+    from kvpolicies.experiments.code_version import core_files, task_files
+
+    core = {f"{path.parent.name}/{path.name}" for path in core_files()}
+    assert {"engine/cache.py", "engine/storage.py", "engine/attention.py", "integrations/lm_eval.py",
+            "experiments/sweep.py", "experiments/memory.py", "kvpolicies/registry.py"} <= core
+    assert not {name for name in core if name.split("/")[0] in ("reports", "cli")}
+    assert "experiments/bench.py" not in core and "experiments/analysis.py" not in core
+    passkey = {path.name for path in task_files("kvp_passkey")}
+    assert {"kvp_passkey.yaml", "utils.py", "data.py"} <= passkey and "kvp_ppl.yaml" not in passkey
 
 
 def test_default_grid_is_every_policy_at_four_budgets_on_the_offline_tasks():

@@ -10,16 +10,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 import kvpolicies
-from kvpolicies import CompressedCache, ScoreInputs
-from kvpolicies.selection import age_order
-
-
-def inputs_for(keys, values=None, valid=None, attention=None):
-    valid = torch.ones(keys.shape[:3], dtype=torch.bool) if valid is None else valid
-    return ScoreInputs(
-        layer_idx=0, valid=valid, order=age_order(valid), seen_tokens=[int(valid[0, 0].sum())],
-        keep=valid.sum(-1), keys=keys, values=values, attention=attention,
-    )
+from kvpolicies import CompressedCache
+from kvpolicies.engine.layer_view import LayerView
+from tests.helpers import captured_query, score_inputs
 
 
 def test_tova_keeps_what_the_newest_query_attends_to(tiny_model):
@@ -32,8 +25,6 @@ def test_tova_keeps_what_the_newest_query_attends_to(tiny_model):
         tiny_model(ids, cache=cache)
         handle.remove()
         tiny_model(ids, cache=plain)
-    from tests.test_cache import captured_query
-
     query = captured_query(tiny_model, cache, captured["q"][:, -1:], 29, 4)[:, 0]  # [heads, head_dim]
     keys = plain.layers[4].keys[0]
     for h in range(2):
@@ -45,7 +36,7 @@ def test_tova_keeps_what_the_newest_query_attends_to(tiny_model):
 
 def test_keydiff_keeps_the_keys_least_like_the_mean_direction():
     keys = torch.tensor([[[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [1.0, 0.05], [-1.0, 0.2]]]])
-    scores = kvpolicies.get_policy("keydiff").score(inputs_for(keys))
+    scores = kvpolicies.get_policy("keydiff").score(score_inputs(keys))
     normalised = F.normalize(keys[0, 0], dim=-1)
     mean = F.normalize(normalised.mean(0), dim=-1)
     expected = torch.tensor([-(float(k @ mean)) for k in normalised])
@@ -57,7 +48,7 @@ def test_keydiff_keeps_the_keys_least_like_the_mean_direction():
 def test_keydiff_ignores_padding_in_the_mean():
     keys = torch.tensor([[[[5.0, 5.0], [1.0, 0.0], [0.0, 1.0]]]])
     valid = torch.tensor([[[False, True, True]]])
-    scores = kvpolicies.get_policy("keydiff").score(inputs_for(keys, valid=valid))
+    scores = kvpolicies.get_policy("keydiff").score(score_inputs(keys, valid=valid))
     assert scores[0, 0, 1].item() == pytest.approx(scores[0, 0, 2].item())  # symmetric once padding is out
 
 
@@ -65,9 +56,9 @@ def test_chunkkv_sums_scores_per_chunk_so_chunks_are_kept_whole():
     keys = torch.zeros(1, 1, 9, 2)
     keys[0, 0, :, 0] = torch.tensor([5.0, 5.0, 5.0, 1.0, 9.0, 1.0, 0.5, 0.5, 0.5])  # l2norm scores = -norm
     policy = kvpolicies.get_policy("chunkkv", scorer="l2norm", chunk_tokens=3)
-    scores = policy.score(inputs_for(keys))
+    scores = policy.score(score_inputs(keys))
     assert scores[0, 0].tolist() == [-15.0] * 3 + [-11.0] * 3 + [-1.5] * 3
-    from kvpolicies.selection import select
+    from kvpolicies.engine.selection import select
 
     kept = select(scores, torch.ones(1, 1, 9, dtype=torch.bool), torch.tensor([[6]]))
     assert kept[0, 0].nonzero().flatten().tolist() == [3, 4, 5, 6, 7, 8]
@@ -105,7 +96,7 @@ def test_lagkv_matches_explicit_partition_loops():
     keys = torch.randn(1, 2, 23, 4, generator=generator)
     values = torch.randn(1, 2, 23, 4, generator=generator)
     policy = kvpolicies.get_policy("lagkv", sink_tokens=2, lag_tokens=5)
-    scores = policy.score(inputs_for(keys, values))
+    scores = policy.score(score_inputs(keys, values))
     for h in range(2):
         expected = lagkv_reference(keys[0, h], values[0, h], sinks=2, lag=5)
         finite = torch.isfinite(expected)
@@ -117,11 +108,11 @@ def test_lagkv_is_invariant_to_left_padding():
     generator = torch.Generator().manual_seed(1)
     keys, values = torch.randn(1, 1, 20, 4, generator=generator), torch.randn(1, 1, 20, 4, generator=generator)
     policy = kvpolicies.get_policy("lagkv", sink_tokens=1, lag_tokens=4)
-    plain = policy.score(inputs_for(keys, values))
+    plain = policy.score(score_inputs(keys, values))
     padded_keys = torch.cat([torch.zeros(1, 1, 3, 4), keys], dim=2)
     padded_values = torch.cat([torch.zeros(1, 1, 3, 4), values], dim=2)
     valid = torch.cat([torch.zeros(1, 1, 3, dtype=torch.bool), torch.ones(1, 1, 20, dtype=torch.bool)], dim=2)
-    padded = policy.score(inputs_for(padded_keys, padded_values, valid=valid))
+    padded = policy.score(score_inputs(padded_keys, padded_values, valid=valid))
     torch.testing.assert_close(padded[..., 3:], plain)
 
 
@@ -132,8 +123,8 @@ def test_criticalkv_rescales_scores_by_the_projected_value_norm():
     module.o_proj = torch.nn.Linear(6 * 4, 10, bias=False)  # 6 query heads over 2 KV heads, hidden 10
     attention = torch.rand(1, 2, 6)
     policy = kvpolicies.get_policy("criticalkv", epsilon=0.0)
-    inputs = inputs_for(torch.zeros(1, 2, 6, 4), values, attention=attention)
-    inputs.module = module
+    inputs = score_inputs(torch.zeros(1, 2, 6, 4), values, attention=attention)
+    inputs.layer = LayerView(module)
     scores = policy.score(inputs)
     weight = module.o_proj.weight
     for h in range(2):
@@ -146,7 +137,7 @@ def test_criticalkv_rescales_scores_by_the_projected_value_norm():
 
 def test_criticalkv_refuses_negative_inner_scores():
     policy = kvpolicies.get_policy("criticalkv", scorer="l2norm")
-    inputs = inputs_for(torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
+    inputs = score_inputs(torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
     with pytest.raises(ValueError, match="non-negative"):
         policy.score(inputs)
 
@@ -154,8 +145,8 @@ def test_criticalkv_refuses_negative_inner_scores():
 def test_tova_layer_pooling_shares_one_kept_set_across_heads():
     attention = torch.tensor([[[0.6, 0.1, 0.3, 0.0], [0.0, 0.5, 0.1, 0.4]]])
     keys = torch.zeros(1, 2, 4, 2)
-    per_head = kvpolicies.get_policy("tova").score(inputs_for(keys, attention=attention))
-    shared = kvpolicies.get_policy("tova", pooling="layer").score(inputs_for(keys, attention=attention))
+    per_head = kvpolicies.get_policy("tova").score(score_inputs(keys, attention=attention))
+    shared = kvpolicies.get_policy("tova", pooling="layer").score(score_inputs(keys, attention=attention))
     assert torch.equal(per_head, attention)
     torch.testing.assert_close(shared, torch.tensor([[[0.3, 0.3, 0.2, 0.2]] * 2]))
 
@@ -168,7 +159,7 @@ def expected_attention_setup(rope_parameters=None):
 
     config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                          rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 100.0})
-    return config, LlamaRotaryEmbedding(config), SimpleNamespace(config=config, scaling=8**-0.5)
+    return config, LlamaRotaryEmbedding(config), LayerView(SimpleNamespace(config=config, head_dim=8))
 
 
 def rope(rotary, states, positions):
@@ -187,8 +178,8 @@ def test_expected_attention_matches_gaussian_expectation_over_explicitly_rotated
     queries = rope(rotary, pre_rope, list(range(10, 16)))[None]
     keys, values = torch.randn(1, 2, 20, 8, generator=generator), torch.randn(1, 2, 20, 8, generator=generator)
     policy = kvpolicies.get_policy("expected_attention", query_tokens=6, future_tokens=5)
-    inputs = inputs_for(keys, values)
-    inputs.queries, inputs.module, inputs.seen_tokens = queries, module, [16]
+    inputs = score_inputs(keys, values)
+    inputs.queries, inputs.layer, inputs.seen_tokens, inputs.scaling = queries, module, [16], 8**-0.5
     scores = policy.score(inputs)
 
     scale = 8**-0.5
@@ -216,17 +207,19 @@ def test_expected_attention_ignores_buffered_queries_older_than_the_sequence():
     policy = kvpolicies.get_policy("expected_attention", query_tokens=6)
     scores = []
     for padding in (torch.zeros(1, 4, 3, 8), torch.randn(1, 4, 3, 8, generator=generator)):
-        inputs = inputs_for(keys, values)
-        inputs.queries, inputs.module, inputs.seen_tokens = torch.cat([padding, queries[:, :, 3:]], 2), module, [3]
+        inputs = score_inputs(keys, values)
+        inputs.queries, inputs.layer, inputs.seen_tokens = torch.cat([padding, queries[:, :, 3:]], 2), module, [3]
+        inputs.scaling = 8**-0.5
         scores.append(policy.score(inputs))
     torch.testing.assert_close(scores[0], scores[1])
 
 
-def test_expected_attention_reads_scaled_rope_frequencies_from_the_config():
-    from kvpolicies_plugins.expected_attention import rotary_frequencies
+def test_expected_attention_leaves_the_unrotated_part_of_a_partial_rotary_head_alone():
+    from kvpolicies_plugins.expected_attention import mean_future_rotation
 
-    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    for parameters in (None, llama3):
-        config, rotary, _ = expected_attention_setup(parameters)
-        torch.testing.assert_close(rotary_frequencies(config, 8), rotary.inv_freq.float())
+    queries = torch.randn(1, 2, 5, 8)
+    _, _, view = expected_attention_setup()
+    inv_freq = view.rotary.inv_freq[:2]  # a 4-dimensional rotary part
+    partial = mean_future_rotation(queries, inv_freq, 4, future_tokens=3)
+    assert torch.equal(partial[..., 4:], queries[..., 4:])
+    torch.testing.assert_close(partial[..., :4], mean_future_rotation(queries[..., :4], inv_freq, 4, 3))

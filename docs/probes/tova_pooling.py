@@ -12,8 +12,8 @@ from kvpolicies_evals.data import text_passkey_samples
 
 import kvpolicies
 from kvpolicies import CompressedCache
-from kvpolicies.anchors import TASK
-from kvpolicies.replication import kept_masks
+from kvpolicies.reports.anchors import TASK
+from kvpolicies.reports.replication import kept_masks
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
             kept = torch.stack([mask[0] for mask in kept_masks(model, ids, policy, 0.5)])  # layer, head, seq
             per_digit += torch.tensor([float(kept[:, :, t].float().mean()) for t in tokens[1]])
             whole += float((kept[:, :, tokens[0]].all(-1) | kept[:, :, tokens[1]].all(-1)).float().mean())
-            output = model.generate(ids, past_key_values=CompressedCache(model, policy, 0.5), max_new_tokens=8,
+            output = model.generate(ids, cache=CompressedCache(model, policy, 0.5), max_new_tokens=8,
                                     do_sample=False)
             answer = "".join(c for c in tokenizer.decode(output[0, ids.shape[1]:]).split(".")[0] if c.isdigit())
             exact += answer == key

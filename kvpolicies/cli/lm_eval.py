@@ -22,7 +22,7 @@ unchanged; lm-eval's own help follows.
 
 Model args of `--model kvpolicies` (comma-separated key=value):
   pretrained=ID|FOLDER|FILE.gguf   the model (default: the embedded SmolLM2-135M-Instruct)
-  policy=NAME                      eviction policy (default: full); see `kvpolicies list`
+  policy=NAME                      eviction policy (default: the full cache); see `kvpolicies list`
   budget=SPEC                      0.5 | 25% | 512tokens | 64MiB (default: 1.0, keep everything)
   slack_tokens=N                   decode-time growth per head before eviction runs again (default: 16)
   stream_chunk=N                   chunk size of loglikelihood_rolling streaming (default: 128)
@@ -39,8 +39,8 @@ def run_lm_eval(argv: Sequence[str]) -> int:
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 
-    import kvpolicies.lm_eval  # noqa: F401  registers the model `kvpolicies`
-    from kvpolicies.models import EMBEDDED_MODEL, default_device
+    import kvpolicies.integrations.lm_eval  # noqa: F401  registers the model `kvpolicies`
+    from kvpolicies.integrations.models import EMBEDDED_MODEL, default_device
 
     argv = list(argv)
     if not argv or any(arg in ("-h", "--help") for arg in argv):

@@ -82,7 +82,7 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     """``["window_tokens=32", "uncompressed_layers=[]"]`` → ``{"window_tokens": 32, "uncompressed_layers": []}``."""
-    from kvpolicies.policy import coerce_option
+    from kvpolicies.engine.policy import coerce_option
 
     options: dict[str, Any] = {}
     for pair in pairs:

@@ -88,9 +88,9 @@ def run_list(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from kvpolicies.budget import Budget
-    from kvpolicies.cache import CompressedCache
-    from kvpolicies.models import load_model
+    from kvpolicies.engine.budget import Budget
+    from kvpolicies.engine.cache import CompressedCache
+    from kvpolicies.integrations.models import load_model
     from kvpolicies.registry import get_policy
 
     if (args.prompt is None) == (args.file is None):
@@ -149,10 +149,10 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     import torch
 
-    from kvpolicies.budget import Budget
-    from kvpolicies.cache import CompressedCache
-    from kvpolicies.models import load_model
-    from kvpolicies.policy import Policy
+    from kvpolicies.engine.budget import Budget
+    from kvpolicies.engine.cache import CompressedCache
+    from kvpolicies.engine.policy import Policy
+    from kvpolicies.integrations.models import load_model
     from kvpolicies.registry import get_policy
 
     policy = get_policy(args.policy, **parse_options(args.set))
@@ -195,8 +195,8 @@ def allocation_table(tokens, seq_len: int) -> str:
 
 
 def run_head_scores(args: argparse.Namespace) -> int:
-    from kvpolicies.head_scores import retrieval_scores, save_head_scores
-    from kvpolicies.models import EMBEDDED_MODEL, load_model
+    from kvpolicies.experiments.head_scores import retrieval_scores, save_head_scores
+    from kvpolicies.integrations.models import EMBEDDED_MODEL, load_model
 
     print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device)

@@ -9,7 +9,13 @@ from pathlib import Path
 from kvpolicies_evals.data import GENERATORS
 from tabulate import tabulate
 
-from kvpolicies.cli.options import fraction, positive_int, read_text_file, whole_numbers, write_or_print
+from kvpolicies.cli.options import (
+    fraction,
+    positive_int,
+    read_text_file,
+    whole_numbers,
+    write_or_print,
+)
 from kvpolicies.errors import UsageError
 
 
@@ -89,8 +95,12 @@ def add_commands(commands) -> None:
 
 
 def run_analyze_norms(args: argparse.Namespace) -> int:
-    from kvpolicies.analysis import norm_attention, plot_norm_attention, summary_rows
-    from kvpolicies.models import load_model
+    from kvpolicies.experiments.analysis import (
+        norm_attention,
+        plot_norm_attention,
+        summary_rows,
+    )
+    from kvpolicies.integrations.models import load_model
 
     print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device, dtype="float32")
@@ -122,7 +132,7 @@ def run_analyze_norms(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from kvpolicies.bench import benchmark, load, profiles, tables
+    from kvpolicies.experiments.bench import benchmark, load, profiles, tables
 
     if args.from_json:
         headers, results = load(args.from_json)
@@ -148,16 +158,16 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_report_policies(args: argparse.Namespace) -> int:
-    from kvpolicies.reports import catalogue_sweep, policies_page
+    from kvpolicies.reports.catalogue import catalogue_sweep, policies_page
 
     if not args.no_run:
-        from kvpolicies.sweep import run_sweep
+        from kvpolicies.experiments.sweep import run_sweep
 
         failed = sum(record.status != "ok" for record in run_sweep(catalogue_sweep(), args.results))
         if failed:
             print(f"kvpolicies: {failed} cells failed; the page shows them as missing", file=sys.stderr)
         if not args.bench_json.exists():
-            from kvpolicies.bench import benchmark
+            from kvpolicies.experiments.bench import benchmark
 
             benchmark(json_path=args.bench_json, progress=lambda message: print(f"kvpolicies bench: {message}",
                                                                                   file=sys.stderr))
@@ -167,7 +177,7 @@ def run_report_policies(args: argparse.Namespace) -> int:
 
 
 def run_report_paper(args: argparse.Namespace) -> int:
-    from kvpolicies.replication import replicate
+    from kvpolicies.reports.replication import replicate
 
     text = replicate(args.results, args.plots, args.output, model=args.model, run=not args.no_run,
                      bench_json=args.bench_json, device=args.device,
@@ -177,7 +187,7 @@ def run_report_paper(args: argparse.Namespace) -> int:
 
 
 def run_report_anchors(args: argparse.Namespace) -> int:
-    from kvpolicies.anchors import compare
+    from kvpolicies.reports.anchors import compare
 
     text = compare(args.results, model=args.model, run=not args.no_run,
                    progress=lambda message: print(f"kvpolicies: {message}", file=sys.stderr))

@@ -48,8 +48,8 @@ def add_commands(commands) -> None:
 def sweep_config(args: argparse.Namespace):
     """The grid of ``--config`` / ``--quick`` / the default, with the command line's overrides, fully validated (every
     policy built once) so that a mistake fails before anything runs."""
+    from kvpolicies.experiments.grid import QUICK, SweepConfig, TaskSpec
     from kvpolicies.registry import get_policy
-    from kvpolicies.sweep import QUICK, SweepConfig, TaskSpec
 
     if args.config and args.quick:
         raise UsageError("use either --config or --quick")
@@ -76,9 +76,9 @@ def sweep_config(args: argparse.Namespace):
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
-    from kvpolicies.leaderboard import plot, render
-    from kvpolicies.results import load_results
-    from kvpolicies.sweep import run_sweep
+    from kvpolicies.experiments.results import load_results
+    from kvpolicies.experiments.sweep import run_sweep
+    from kvpolicies.reports.leaderboard import plot, render
 
     config = sweep_config(args)
     results = args.results or Path("results") / ("quick" if args.quick else "default")
@@ -92,8 +92,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 
 def run_leaderboard(args: argparse.Namespace) -> int:
-    from kvpolicies.leaderboard import plot, render
-    from kvpolicies.results import ResultsError, load_results
+    from kvpolicies.experiments.results import ResultsError, load_results
+    from kvpolicies.reports.leaderboard import plot, render
 
     if not args.results.is_dir():
         what = "is not a folder" if args.results.exists() else "does not exist"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpolicies.probe import queries_and_keys
+from kvpolicies.experiments.probe import queries_and_keys
 
 
 def ranks(values: torch.Tensor) -> torch.Tensor:

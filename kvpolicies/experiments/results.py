@@ -15,11 +15,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    model_validator,
+)
 
-from kvpolicies.budget import Budget
+from kvpolicies.engine.budget import Budget
 from kvpolicies.errors import UsageError, describe
-from kvpolicies.sweep import Cell
+from kvpolicies.experiments.grid import Cell
 
 
 class ResultsError(UsageError):

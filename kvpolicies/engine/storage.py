@@ -1,4 +1,4 @@
-"""A transformers ``Cache`` that physically holds only the entries a policy keeps.
+"""How one decoder layer stores its KV entries: dense until the first eviction, packed runs after it.
 
 Layout. A layer starts *dense* like transformers' ``DynamicLayer`` (``[batch, kv_heads, seq, head_dim]``). The
 first eviction turns it *packed*: keys and values become ``[entries, head_dim]`` tensors holding, one run after
@@ -7,27 +7,46 @@ Runs may differ in length (per-head budgets, sequences of different lengths), an
 memory really is freed. When all runs have one length the packed tensor *is* the dense layout (a free view).
 
 Two lengths. ``get_seq_length()`` is the logical number of tokens seen (RoPE positions continue from it), while a
-packed layer holds fewer entries; masks of packed layers are built by :mod:`kvpolicies.attention`, which is why the
-model must run the kvpolicies attention (``CompressedCache`` switches it on).
+packed layer holds fewer entries; masks of packed layers are built by :mod:`kvpolicies.engine.attention`.
 
-Eviction runs right after a layer's attention has read the full keys, so prefill peaks at one uncompressed layer.
+The hand-off to the attention. transformers calls ``layer.update(keys, values)`` and then the attention function
+with the tensors it returned, but never tells the attention which cache layer they came from. The attention needs
+the layer twice: to read packed runs (their lengths are not in the tensors) and, once it has read the keys, to
+let the layer evict. So ``update()`` leaves ``(layer, keys)`` in a thread-local slot and the kvpolicies attention
+claims it with :func:`claim_layer`, matching the keys tensor by identity: any other cache (a plain
+``DynamicCache``, another model in the same thread) never matches, and concurrent generations in threads never see
+each other's slot. This module imports neither the cache nor the attention, so the three form no import cycle.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin
 
-from kvpolicies.budget import Allocation, Budget, CacheShape
-from kvpolicies.errors import ContextLengthWarning, ModelLoadError, PolicyConfigError
-from kvpolicies.policy import Policy, ScoreInputs, Signal
-from kvpolicies.selection import age_order, select
-from kvpolicies.signals import attention_received
+from kvpolicies.engine.policy import Policy, Signal
+from kvpolicies.engine.selection import age_order
+from kvpolicies.engine.signals import attention_received
+
+
+class LayerOwner(Protocol):
+    """What a layer needs from the cache that owns it (a ``CompressedCache``): the policy, and the eviction to call
+    once the attention has read the layer. Named here so that storage does not import the cache."""
+
+    policy: Policy
+    max_positions: int | float
+    timing: bool
+    policy_seconds: float
+
+    def clock(self) -> float: ...
+
+    def evict(self, layer: CompressedLayer, query: torch.Tensor, scaling: float,
+              module: torch.nn.Module | None = None) -> None: ...
+
+    def warn_past_positions(self, length: int) -> None: ...
 
 _pending = threading.local()
 
@@ -48,26 +67,6 @@ def held_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(storages.values())
 
 
-@dataclass(frozen=True)
-class CacheStats:
-    """What the cache holds, counted from its tensors.
-
-    ``resident_bytes`` is what the key and value tensors occupy; it exceeds ``kept_entries × entry bytes`` only by
-    ``padding_bytes``, the padded positions a layer still stores densely (a left-padded batch before its first
-    eviction, or the full cache, which never evicts).
-    """
-
-    kept_entries: int
-    full_entries: int
-    resident_bytes: int
-    full_bytes: int
-    padding_bytes: int = 0
-
-    @property
-    def kept_fraction(self) -> float:
-        return self.kept_entries / self.full_entries if self.full_entries else 1.0
-
-
 class CompressedLayer(CacheLayerMixin):
     """One decoder layer's entries, dense until the first eviction and packed after it.
 
@@ -80,7 +79,7 @@ class CompressedLayer(CacheLayerMixin):
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, cache: CompressedCache, layer_idx: int) -> None:
+    def __init__(self, cache: LayerOwner, layer_idx: int) -> None:
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
@@ -190,12 +189,25 @@ class CompressedLayer(CacheLayerMixin):
             return received.flatten() if self.packed else received
         groups = query.shape[1] // self.num_heads
         pieces = []
-        for run, keys in enumerate(self.keys.split(self.lengths)):
-            b, h = divmod(run, self.num_heads)
+        for b, h, keys, _ in self.runs():
             valid = torch.ones(1, 1, keys.shape[0], dtype=torch.bool, device=self.device)
             run_query = query[b : b + 1, h * groups : (h + 1) * groups]
             pieces.append(attention_received(run_query, keys[None, None], valid, age_order(valid), scaling).flatten())
         return torch.cat(pieces)
+
+    def runs(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """``(sequence, kv_head, keys, values)`` of every run of a packed layer, ``[entries, head_dim]`` views in age
+        order, in storage order (sequence-major)."""
+        for run, (keys, values) in enumerate(zip(self.keys.split(self.lengths), self.values.split(self.lengths))):
+            yield *divmod(run, self.num_heads), keys, values
+
+    def uniform_view(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values as ``[batch, kv_heads, length, head_dim]`` views when every run of a packed layer has one
+        length (free: the packed tensor is that layout), else None."""
+        if not (self.packed and self.uniform):
+            return None
+        shape = (self.batch_size, self.num_heads, self.lengths[0], self.head_dim)
+        return self.keys.view(shape), self.values.view(shape)
 
     def counts(self) -> list[list[int]]:
         """Real entries held per sequence and KV head (a dense layer holds every real token seen)."""
@@ -279,184 +291,3 @@ class CompressedLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a CompressedCache cannot be cropped (assisted decoding is not supported)")
-
-
-class CompressedCache(Cache):
-    """A KV cache that evicts entries with ``policy`` under ``budget``.
-
-    >>> cache = CompressedCache(model, get_policy("l2norm"), Budget.parse(0.5))
-    >>> model.generate(**inputs, cache=cache)
-    >>> cache.stats()
-
-    Construction switches the model to the kvpolicies attention (which runs the model's own attention for layers
-    that still hold every token), see :func:`kvpolicies.attention.prepare_model`.
-    """
-
-    def __init__(self, model, policy: Policy | str, budget: Budget | float | str) -> None:
-        from kvpolicies.attention import prepare_model
-        from kvpolicies.registry import get_policy
-
-        text_config = model.config.get_text_config(decoder=True)
-        layer_types = getattr(text_config, "layer_types", None) or []
-        unsupported = sorted({t for t in layer_types if t != "full_attention"})
-        if unsupported:
-            raise ModelLoadError(
-                f"{type(model).__name__}: CompressedCache supports full-attention layers only; this model also has "
-                f"{unsupported} layers"
-            )
-        self.max_positions: int | float = getattr(text_config, "max_position_embeddings", None) or float("inf")
-        prepare_model(model)
-        self.policy = get_policy(policy) if isinstance(policy, str) else policy
-        self.budget = Budget.parse(budget)
-        self.shape = CacheShape.from_config(model.config, model.dtype)
-        self._allocations: dict[int, list[list[int]]] = {}
-        self.timing = False
-        """When True, ``policy_seconds`` accumulates the time spent in the policy (signals, scoring, eviction)."""
-        self.policy_seconds = 0.0
-        super().__init__(layers=[CompressedLayer(self, i) for i in range(self.shape.num_layers)])
-
-    def warn_past_positions(self, length: int) -> None:
-        """Warn once: beyond its trained positions a model's output is unreliable, compressed or not."""
-        if not getattr(self, "_warned_positions", False):
-            self._warned_positions = True
-            warnings.warn(
-                f"the sequence has reached {length} tokens, more than the {self.max_positions} positions the model "
-                "was trained for; its outputs past that point are unreliable with or without compression. Use "
-                "shorter prompts or a model with a longer context.",
-                ContextLengthWarning,
-                stacklevel=2,
-            )
-
-    def allocation(self, seq_len: int) -> Allocation:
-        """The policy's allocation for a sequence of ``seq_len`` real tokens, checked against the budget."""
-        allocation = self.policy.allocate(self.budget.allocate(seq_len, self.shape))
-        allocation.check(self.policy.name)
-        return allocation
-
-    def _targets(self, seq_len: int) -> list[list[int]]:
-        """Per layer, per KV head allocation as Python ints: the decode-time check must not touch the device."""
-        if seq_len not in self._allocations:
-            if len(self._allocations) >= 256:  # lengths only grow while decoding: old ones are not asked again
-                self._allocations.clear()
-            self._allocations[seq_len] = self.allocation(seq_len).tokens.tolist()
-        return self._allocations[seq_len]
-
-    def evict(
-        self, layer: CompressedLayer, query: torch.Tensor, scaling: float, module: torch.nn.Module | None = None
-    ) -> None:
-        """Cut ``layer`` back to its allocation if a sequence outgrew it (by more than the slack when decoding)."""
-        if not self.policy.compresses:
-            return
-        slack = 0 if query.shape[-2] > 1 else self.budget.slack_tokens
-        targets = [self._targets(max(n, 1))[layer.layer_idx] for n in layer.seen]
-        counts = layer.counts()
-        # Judged per sequence on the layer total: heads may legitimately sit above their uniform share after a
-        # policy moved entries between them, and must not trigger an eviction at every step for it.
-        over = [sum(row_c) > sum(row_t) + slack * len(row_c) for row_c, row_t in zip(counts, targets)]
-        padded = not layer.packed and min(layer.seen) < layer.logical_length
-        if not (any(over) or padded):
-            return
-        dense, valid = layer.dense_view()
-        # Rows over budget get their allocation (select() clamps a head to what it holds), others keep everything.
-        keep_n = torch.tensor([row_t if row_over else row_c for row_c, row_t, row_over in zip(counts, targets, over)])
-        if any(over):
-            inputs = self._score_inputs(layer, dense, valid, keep_n, query, scaling)
-            inputs.module = module
-            scores = self._checked(self.policy.score(inputs), valid)
-            keep_n = self._reallocate_heads(scores, valid, keep_n, over)
-        else:
-            scores = torch.zeros(valid.shape, device=valid.device)
-        keep = select(scores, valid, keep_n, *self.policy.protected)
-        layer.store(dense, keep)
-
-    def _checked(self, scores: object, valid: torch.Tensor) -> torch.Tensor:
-        """``scores`` if they keep ``score()``'s contract; a policy that breaks it is named, never silently ranked."""
-        expected = f"a [batch, kv_heads, seq] = {list(valid.shape)} tensor of scores (higher = keep)"
-        if not isinstance(scores, torch.Tensor):
-            raise PolicyConfigError(f"policy {self.policy.name!r}: score() returned {type(scores).__name__}; "
-                                    f"it must return {expected}")
-        if scores.shape != valid.shape:
-            raise PolicyConfigError(f"policy {self.policy.name!r}: score() returned shape {list(scores.shape)}; "
-                                    f"it must return {expected}")
-        if scores.is_complex() or scores.dtype == torch.bool:
-            raise PolicyConfigError(f"policy {self.policy.name!r}: score() returned {scores.dtype} scores; "
-                                    "return real numbers")
-        if scores.is_floating_point() and (torch.isnan(scores) & valid).any():  # padding may hold anything
-            raise PolicyConfigError(f"policy {self.policy.name!r}: score() returned NaN for real entries; scores "
-                                    "must be numbers (±inf allowed); NaN at padded positions is ignored")
-        return scores
-
-    def _reallocate_heads(self, scores, valid, keep_n, over) -> torch.Tensor:
-        moved = self.policy.reallocate_heads(scores, valid, keep_n).to(keep_n.device, torch.long)
-        if moved.shape != keep_n.shape or (moved.sum(-1) > keep_n.sum(-1)).any():
-            raise PolicyConfigError(
-                f"policy {self.policy.name!r}: reallocate_heads() must return [batch, kv_heads] with at most the "
-                f"allocated entries per sequence ({keep_n.sum(-1).tolist()}), got {moved.sum(-1).tolist()}"
-            )
-        if (moved < 1).any():
-            raise PolicyConfigError(f"policy {self.policy.name!r}: reallocate_heads() left a head with no entry")
-        return torch.where(torch.tensor(over)[:, None], moved, keep_n)
-
-    def _score_inputs(self, layer, dense, valid, keep, query, scaling) -> ScoreInputs:
-        needs = self.policy.needs
-        order = age_order(valid)
-        inputs = ScoreInputs(
-            layer_idx=layer.layer_idx, valid=valid, order=order, seen_tokens=list(layer.seen), keep=keep
-        )
-        if Signal.KEYS in needs:
-            inputs.keys = dense["keys"]
-        if Signal.VALUES in needs:
-            inputs.values = dense["values"]
-        queries = layer.recent_queries if layer.recent_queries is not None else query
-        if Signal.QUERIES in needs:
-            inputs.queries = queries
-        if Signal.ATTENTION in needs:
-            inputs.attention = attention_received(queries, dense["keys"], valid, order, scaling)
-        if Signal.CUMULATIVE_ATTENTION in needs:
-            inputs.cumulative_attention = dense["cumulative"][..., 0]
-        return inputs
-
-    def kept_per_head(self) -> torch.Tensor:
-        """``[num_layers, batch, kv_heads]`` entries held per head."""
-        return torch.stack([layer.kept_counts() for layer in self.layers])
-
-    def resident_bytes(self) -> int:
-        """Bytes of the key and value tensors this cache holds right now (padding included if stored)."""
-        return sum(layer.resident_bytes() for layer in self.layers)
-
-    def auxiliary_bytes(self) -> int:
-        """Bytes a policy holds besides the cache entries (query buffers, attention tracks, padding masks)."""
-        return sum(layer.auxiliary_bytes() for layer in self.layers)
-
-    def clock(self) -> float:
-        """A timestamp that includes the device's queued work (CUDA runs asynchronously)."""
-        if self.layers[0].is_initialized and self.layers[0].device.type == "cuda":
-            torch.cuda.synchronize(self.layers[0].device)
-        return time.perf_counter()
-
-    def stats(self) -> CacheStats:
-        """The whole batch: every sequence's entries, plus the padding stored with them."""
-        per_sequence = self.sequence_stats()
-        kept = sum(stats.kept_entries for stats in per_sequence)
-        resident = self.resident_bytes()
-        return CacheStats(
-            kept_entries=kept,
-            full_entries=sum(stats.full_entries for stats in per_sequence),
-            resident_bytes=resident,
-            full_bytes=sum(stats.full_bytes for stats in per_sequence),
-            padding_bytes=max(resident - kept * self.shape.entry_bytes, 0),
-        )
-
-    def sequence_stats(self) -> list[CacheStats]:
-        """One entry per sequence of the batch: its own real entries, so figures do not depend on the batch size or
-        on the padding its neighbours forced on it."""
-        if not self.layers[0].is_initialized:
-            return []
-        kept = self.kept_per_head().sum(dim=(0, 2)).tolist()
-        stats = []
-        for seen, entries in zip(self.layers[0].seen, kept):
-            full = seen * self.shape.cells
-            stats.append(CacheStats(kept_entries=int(entries), full_entries=full,
-                                    resident_bytes=int(entries) * self.shape.entry_bytes,
-                                    full_bytes=full * self.shape.entry_bytes))
-        return stats

@@ -5,7 +5,7 @@ row. The overall table puts tasks on one scale by comparing each policy with the
 ``score / full`` for accuracies, ``full / score`` for perplexities (1.0 = as good as keeping everything); it shows
 the mean of that ratio over tasks at each budget and the area under the ratio-vs-budget curve (trapezoids over the
 swept budgets, divided by their span). Files of the results folder that are not valid records are skipped with a
-warning (see :mod:`kvpolicies.results`), so a stray or damaged file never costs the page.
+warning (see :mod:`kvpolicies.experiments.results`), so a stray or damaged file never costs the page.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from kvpolicies.results import ResultRecord, budget_key, load_results
+from kvpolicies.experiments.results import ResultRecord, budget_key, load_results
 
 COLUMNS = (
     "Columns: *KV MiB* is the mean resident KV cache per sequence, counted from the cache's tensors, and *of full* "

@@ -1,7 +1,8 @@
 """lm-evaluation-harness adapter: the model ``kvpolicies`` (an HFLM whose KV cache is compressed) and a drop-in CLI.
 
-``lm_eval`` has no plugin discovery for models, so ``kvpolicies lm-eval ARGS`` (or ``python -m kvpolicies.lm_eval
-ARGS``) registers the model and hands ARGS unchanged to lm-eval's own command line.
+``lm_eval`` has no plugin discovery for models, so ``kvpolicies lm-eval ARGS`` (or ``python -m kvpolicies lm-eval
+ARGS``, see :mod:`kvpolicies.cli.lm_eval`) imports this module, which registers the model, and hands ARGS unchanged to
+lm-eval's own command line.
 
 What is compressed, per request type:
 
@@ -21,9 +22,7 @@ from __future__ import annotations
 
 import inspect
 import statistics
-import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,13 +32,13 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from kvpolicies.attention import prepare_model
-from kvpolicies.budget import Budget
-from kvpolicies.cache import CacheStats, CompressedCache
+from kvpolicies.engine.attention import prepare_model
+from kvpolicies.engine.budget import Budget
+from kvpolicies.engine.cache import CacheStats, CompressedCache
+from kvpolicies.engine.policy import Role, coerce_option
 from kvpolicies.errors import ModelLoadError, PolicyConfigError, UsageError
-from kvpolicies.models import resolve_device, resolve_dtype, resolve_source
-from kvpolicies.policy import coerce_option
-from kvpolicies.registry import get_policy
+from kvpolicies.integrations.models import resolve_device, resolve_dtype, resolve_source
+from kvpolicies.registry import get_policy, policy_with_role
 
 _HFLM_ARGUMENTS = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
 
@@ -51,7 +50,7 @@ class KVPoliciesLM(HFLM):
     def __init__(
         self,
         pretrained: str | torch.nn.Module | None = None,
-        policy: str = "full",
+        policy: str | None = None,
         budget: Budget | float | str = 1.0,
         slack_tokens: int | str | None = None,
         stream_chunk: int | str = 128,
@@ -61,6 +60,7 @@ class KVPoliciesLM(HFLM):
         **kwargs: Any,
     ) -> None:
         options = {key: coerce_option(kwargs.pop(key)) for key in list(kwargs) if key not in _HFLM_ARGUMENTS}
+        policy = policy or policy_with_role(Role.REFERENCE)  # no policy: keep everything, like lm-eval's own model
         try:
             self.kv_policy = get_policy(policy, **options)
         except PolicyConfigError as error:
@@ -267,17 +267,3 @@ def _count(name: str, value: Any, minimum: int = 1) -> int:
     if number < minimum:
         raise UsageError(f"model arg {name}={number} must be a whole number >= {minimum}")
     return number
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m kvpolicies.lm_eval ARGS``: the same as ``kvpolicies lm-eval ARGS``."""
-    from kvpolicies.cli import main as cli_main
-
-    return cli_main(["lm-eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    # Run as a script, this module is `__main__` and has already registered its model; make the command line's
-    # `import kvpolicies.lm_eval` find it instead of registering the same name twice.
-    sys.modules.setdefault("kvpolicies.lm_eval", sys.modules["__main__"])
-    sys.exit(main())

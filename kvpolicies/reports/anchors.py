@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
-from kvpolicies.sweep import PolicySpec, SweepConfig, TaskSpec
+from kvpolicies.engine.policy import Role
+from kvpolicies.experiments.grid import PolicySpec, SweepConfig, TaskSpec
+from kvpolicies.registry import policy_with_role
 
 if TYPE_CHECKING:
-    from kvpolicies.reports import Latest
-    from kvpolicies.results import ResultRecord
+    from kvpolicies.experiments.results import ResultRecord
+    from kvpolicies.reports.catalogue import Latest
 
 BUDGETS = (0.5, 0.25, 0.1)
 CASES = 24
@@ -73,7 +75,8 @@ KVPRESS = (
 
 def sweeps(model: str | None = None) -> list[SweepConfig]:
     """The full cache, then one grid per budget, largest first: an interrupted run has the most telling cells."""
-    configs = [SweepConfig(models=[model], policies=["full"], budgets=[0.5], tasks=[TASK])]
+    reference = policy_with_role(Role.REFERENCE)
+    configs = [SweepConfig(models=[model], policies=[reference], budgets=[0.5], tasks=[TASK])] if reference else []
     for budget in BUDGETS:
         policies = [anchor.policy for anchor in KVPRESS if budget in anchor.budgets]
         configs.append(SweepConfig(models=[model], policies=policies, budgets=[budget], tasks=[TASK]))
@@ -111,9 +114,9 @@ def rows(latest: Latest) -> list[list[str]]:
 
 
 def page(latest: Latest, records: list[ResultRecord], model: str | None, today: date | None = None) -> str:
-    from kvpolicies.leaderboard import provenance
+    from kvpolicies.reports.leaderboard import provenance
 
-    full = latest.get((TASK.name, "full", 1.0))
+    full = latest.get((TASK.name, policy_with_role(Role.REFERENCE), 1.0))
     full_text = "not run" if full is None else f"{full.score:.3f}"
     lines = [
         "# kvpress reference measurements next to ours",
@@ -153,10 +156,10 @@ def page(latest: Latest, records: list[ResultRecord], model: str | None, today: 
 def compare(results_dir: Path, model: str | None = None, run: bool = True,
             progress: Callable[[str], None] = print) -> str:
     """Run the missing cells and return the page."""
-    from kvpolicies.reports import chosen_records, run_missing
+    from kvpolicies.reports.catalogue import chosen_records, run_missing
 
     if run:
         run_missing(sweeps(model), results_dir, progress)
-    titles = {anchor.policy.title for anchor in KVPRESS} | {"full"}
+    titles = {anchor.policy.title for anchor in KVPRESS} | {policy_with_role(Role.REFERENCE)}
     latest, used = chosen_records(results_dir, model, titles, TASK.name)
     return page(latest, used, model)

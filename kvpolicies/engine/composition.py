@@ -12,11 +12,18 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from kvpolicies.policy import Policy, PolicyConfig, PolicyConfigError, ScoreInputs
+from kvpolicies.engine.policy import (
+    Policy,
+    PolicyConfig,
+    PolicyConfigError,
+    ScoreInputs,
+)
 
 
 class WrapperConfig(PolicyConfig):
-    scorer: str = Field("snapkv", description="policy whose score() ranks entries (any registered policy)")
+    """Options of every wrapper. ``scorer`` has no default here: each wrapper names the scorer its paper used."""
+
+    scorer: str = Field(description="policy whose score() ranks entries (any registered policy)")
     scorer_options: dict[str, Any] = Field(default_factory=dict, description="options of the scorer")
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvpolicies.cache import CompressedLayer, claim_layer
+from kvpolicies.engine.storage import CompressedLayer, claim_layer
 
 PREFIX = "kvpolicies-"
 
@@ -127,18 +127,13 @@ def packed_attention(
         full = torch.cat([old, visible], dim=-1)
         return full.tile(*([1] * (full.ndim - 2)), groups, 1)  # rows are (group, query)
 
-    if layer.uniform:
-        length = layer.lengths[0]
-        keys = layer.keys.view(batch, kv_heads, length, head_dim)
-        values = layer.values.view(batch, kv_heads, length, head_dim)
-        mask = mask_for(length, None if new_visible is None else new_visible[:, None])
+    if (uniform := layer.uniform_view()) is not None:
+        keys, values = uniform
+        mask = mask_for(keys.shape[2], None if new_visible is None else new_visible[:, None])
         out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling)
     else:
         out = torch.empty_like(rows)
-        runs_k = layer.keys.split(layer.lengths)
-        runs_v = layer.values.split(layer.lengths)
-        for run, (k, v) in enumerate(zip(runs_k, runs_v)):
-            b, h = divmod(run, kv_heads)
+        for b, h, k, v in layer.runs():
             mask = mask_for(k.shape[0], None if new_visible is None else new_visible[b])
             # 4-D inputs: with 3-D ones SDPA on CPU falls back to its math path (bmm + softmax), 1.5x slower.
             out[b, h] = F.scaled_dot_product_attention(

@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from kvpolicies.budget import Budget, BudgetError
-from kvpolicies.cache import CompressedCache
+from kvpolicies.engine.budget import Budget, BudgetError
+from kvpolicies.engine.cache import CompressedCache
+from kvpolicies.errors import UsageError
 
 
 @dataclass
@@ -79,7 +80,7 @@ def prompt_ids(tokenizer, tokens: int, device: torch.device, vocab_size: int = 3
 def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens: int,
             prefill_chunk: int | None = None) -> Measurement:
     """One prefill of ``ids`` and ``decode_tokens`` greedy steps on a fresh cache."""
-    from kvpolicies.memory import PeakMemory
+    from kvpolicies.experiments.memory import PeakMemory
 
     cache = CompressedCache(model, policy, budget)
     cache.timing = True
@@ -159,10 +160,8 @@ def run_benchmark(model, tokenizer, contexts: list[int], policies: list[str], bu
     skipped: dict[int, dict[int, str]] = {}
     for tokens in contexts:
         ids = prompt_ids(tokenizer, tokens, model.device, model.config.vocab_size)
-        grid = [("full", Budget.parse(1.0))] + [
-            (name, Budget.parse(budget)) for name in policies if name != "full" for budget in budgets
-        ]
-        measure(model, ids, "full", Budget.parse(1.0), 2, prefill_chunk)  # warm-up: allocator, kernels, caches
+        grid = reference_first(policies, budgets)
+        measure(model, ids, *grid[0], 2, prefill_chunk)  # warm-up: allocator, kernels, caches
         runs: dict[int, list[Measurement]] = {i: [] for i in range(len(grid))}
         for repeat in range(repeats):
             for i, (name, budget) in enumerate(grid):
@@ -186,13 +185,14 @@ def tables(results: list[Measurement], tablefmt: str = "github") -> str:
     """One table per context length, rows in the order measured, times relative to the full cache."""
     from tabulate import tabulate
 
+    reference = _reference()
     out = []
     for tokens in sorted({r.context_tokens for r in results}):
         rows = [r for r in results if r.context_tokens == tokens]
-        full = next(r for r in rows if r.policy == "full")
+        full = next(r for r in rows if r.policy == reference)
         body = [
             [
-                r.policy, "-" if r.policy == "full" else r.budget,
+                r.policy, "-" if r.policy == reference else r.budget,
                 f"{r.resident_bytes / 2**20:.1f}", f"{r.resident_bytes / r.physical_bytes:.3f}" if r.physical_bytes else "",
                 f"{r.auxiliary_bytes / 2**20:.2f}", f"{r.peak_bytes / 2**20:.0f}",
                 f"{r.prefill_s:.2f}", f"{r.prefill_s / full.prefill_s:.2f}x", f"{r.ttft_s:.2f}",
@@ -220,7 +220,8 @@ def scaling(results: list[Measurement], tablefmt: str = "github") -> str:
     from tabulate import tabulate
 
     contexts = sorted({r.context_tokens for r in results})
-    full = {r.context_tokens: r for r in results if r.policy == "full"}
+    reference = _reference()
+    full = {r.context_tokens: r for r in results if r.policy == reference}
     cells = {(r.policy, r.budget, r.context_tokens): r for r in results}
     keys = list(dict.fromkeys((r.policy, r.budget) for r in results))
     parts = []
@@ -230,7 +231,7 @@ def scaling(results: list[Measurement], tablefmt: str = "github") -> str:
         ("prefill time vs the full cache", lambda r: f"{r.prefill_s / full[r.context_tokens].prefill_s:.2f}x"),
         ("peak memory growth, MiB", lambda r: f"{r.peak_bytes / 2**20:.0f}"),
     ):
-        body = [[policy, "-" if policy == "full" else budget,
+        body = [[policy, "-" if policy == reference else budget,
                  *(value(cells[policy, budget, tokens]) if (policy, budget, tokens) in cells and tokens in full
                    else "" for tokens in contexts)]
                 for policy, budget in keys]
@@ -294,13 +295,33 @@ def profiles(model_name: str | None = None, contexts: Sequence[int] = (2048,), p
     out = []
     for tokens in contexts:
         ids = prompt_ids(tokenizer, tokens, model.device, model.config.vocab_size)
-        grid = [("full", Budget.parse(1.0))] + [(n, b) for n in policies if n != "full" for b in budgets]
+        grid = reference_first(policies, budgets)
         for name, budget in grid:
             try:
                 out.append(profile(model, ids, name, budget, decode_tokens, prefill_chunk, rows))
             except BudgetError as error:
                 out.append(f"{name} @ {budget}, {tokens} tokens: skipped: {error}")
     return "\n\n".join(out)
+
+
+def _reference() -> str:
+    """The name of the installed reference policy (the full cache): every row is timed against it."""
+    from kvpolicies.engine.policy import Role
+    from kvpolicies.registry import policy_with_role
+
+    name = policy_with_role(Role.REFERENCE)
+    if name is None:
+        raise UsageError("no installed policy keeps the whole cache (Role.REFERENCE), so there is nothing to time "
+                         "the others against; install kvpolicies' built-in plugins or allow `full` in "
+                         "KVPOLICIES_PLUGINS")
+    return name
+
+
+def reference_first(policies: Sequence[str], budgets: Sequence[Budget | str | float]) -> list[tuple[str, Budget]]:
+    """The benchmark grid: the reference once (budgets do not apply to it), then every policy × budget."""
+    reference = _reference()
+    return [(reference, Budget.parse(1.0))] + [(name, Budget.parse(budget)) for name in policies if name != reference
+                                               for budget in budgets]
 
 
 def _checked(policies: Sequence[str] | None, budgets: Sequence[str | float]) -> tuple[list[str], list[Budget]]:
@@ -315,9 +336,9 @@ def _checked(policies: Sequence[str] | None, budgets: Sequence[str | float]) -> 
 def _load(model_name: str | None, device: str | None, dtype: str | None, random_model: str | None):
     """``(model, tokenizer)``; random-weight models have no tokenizer (their prompts are random ids)."""
     if random_model:
-        from kvpolicies.models import random_model as build
+        from kvpolicies.integrations.models import random_model as build
 
         return build(random_model, device=device, dtype=dtype), None
-    from kvpolicies.models import load_model
+    from kvpolicies.integrations.models import load_model
 
     return load_model(model_name, device=device, dtype=dtype)

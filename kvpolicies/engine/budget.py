@@ -235,6 +235,7 @@ class Allocation:
         remaining = self.total - len(full) * num_heads * self.seq_len
         if remaining < len(rest) * num_heads:
             needed = (len(full) * self.seq_len + len(rest)) / (num_layers * self.seq_len)
+            needed = math.ceil(needed * 1000) / 1000  # rounded up: the budget suggested must be enough
             raise BudgetError(
                 f"the budget keeps {self.total} entries, but leaving layers {full} uncompressed already takes "
                 f"{len(full) * num_heads * self.seq_len} of them for a {self.seq_len}-token sequence; raise the "
@@ -246,9 +247,18 @@ class Allocation:
             tokens[rest] = spread(remaining, len(rest) * num_heads, self.seq_len).view(len(rest), num_heads)
         return Allocation(tokens=tokens, seq_len=self.seq_len, total=self.total)
 
-    def check(self, policy_name: str) -> None:
-        """Raise if a policy's allocation breaks the equal-budget contract."""
-        tokens = self.tokens
+    def check(self, returned: object, policy_name: str) -> Allocation:
+        """``returned`` (what a policy's ``allocate()`` made of this allocation) if it keeps the equal-budget
+        contract: the same layer × head shape, every head between 1 and the sequence length, no more entries in all
+        than this allocation's total. Checked against this allocation, never against the returned one's own
+        ``total``, which a policy could have raised."""
+        if not isinstance(returned, Allocation):
+            raise PolicyConfigError(f"policy {policy_name!r}: allocate() returned {type(returned).__name__}; it must "
+                                    "return an Allocation (e.g. allocation.with_full_layers(...))")
+        tokens = returned.tokens
+        if tuple(tokens.shape) != tuple(self.tokens.shape):
+            raise PolicyConfigError(f"policy {policy_name!r}: allocate() returned {list(tokens.shape)} tokens; the "
+                                    f"model has [layers, kv_heads] = {list(self.tokens.shape)}")
         if tokens.min().item() < 1 or tokens.max().item() > self.seq_len:
             raise BudgetError(
                 f"policy {policy_name!r} allocated between {tokens.min().item()} and {tokens.max().item()} tokens "
@@ -259,3 +269,4 @@ class Allocation:
                 f"policy {policy_name!r} allocated {tokens.sum().item()} entries, more than the budget's "
                 f"{self.total}; reallocation must move entries, not add them"
             )
+        return returned

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from kvpolicies.probe import queries_and_keys
+from kvpolicies.experiments.probe import queries_and_keys
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """The policy interface: a config, the signals it reads, and a score per cached entry.
 
 A policy only says *what it would rather keep*. The framework turns scores into a kept set under the budget
-(:mod:`kvpolicies.selection`), stores it (:mod:`kvpolicies.cache`) and accounts for it, so every policy is
+(:mod:`kvpolicies.engine.selection`), stores it (:mod:`kvpolicies.engine.cache`) and accounts for it, so every policy is
 compared on identical mechanics.
 """
 
@@ -17,7 +17,8 @@ from typing import Any, ClassVar, get_args
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kvpolicies.budget import Allocation
+from kvpolicies.engine.budget import Allocation
+from kvpolicies.engine.layer_view import LayerView
 from kvpolicies.errors import PolicyConfigError, describe
 
 
@@ -40,6 +41,15 @@ class Signal(StrEnum):
     """Attention each cached entry has received from every query since it entered the cache (the prompt's, then
     every generated token's), summed like ``ATTENTION``, ``[batch, kv_heads, seq]``. Costs one extra q·Kᵀ per layer
     and forward pass, since it must be accumulated at every step, not only when evicting."""
+
+
+class Role(StrEnum):
+    """The part a policy plays in a comparison, so that pages and benchmarks name roles, never policies."""
+
+    REFERENCE = "reference"
+    """Keeps everything (``compresses`` is False): every budget's score is read against it."""
+    CHANCE = "chance"
+    """Keeps a uniform sample: a policy that does not beat it has learnt nothing about what matters."""
 
 
 class PolicyConfig(BaseModel):
@@ -89,8 +99,12 @@ class ScoreInputs:
     queries: torch.Tensor | None = None
     attention: torch.Tensor | None = None
     cumulative_attention: torch.Tensor | None = None
-    module: torch.nn.Module | None = None
-    """The layer's attention module, for policies that read its weights (e.g. ``o_proj``); always provided."""
+    scaling: float = 1.0
+    """The attention's logit scale (``head_dim ** -0.5`` unless the model says otherwise), as the model applies it."""
+    layer: LayerView | None = None
+    """Facts about the layer's attention for policies that need more than tensors: ``layer.output_projection``
+    (``W_o``), ``layer.rotary`` (RoPE frequencies). Read through this view, never from the model's attributes, so
+    a policy is right on every architecture the view understands. Always provided by the cache."""
 
 
 def _numeric(annotation: Any) -> bool:
@@ -129,6 +143,8 @@ class Policy:
     """Signals ``score()`` reads. A class attribute; a policy that wraps another sets it per instance."""
     compresses: ClassVar[bool] = True
     """False only for the reference full cache: the cache then never evicts, whatever the budget."""
+    role: ClassVar[Role | None] = None
+    """The baseline this policy stands for in comparisons, if any (see :class:`Role`)."""
 
     def __init__(self, config: PolicyConfig | None = None, **options: Any) -> None:
         if config is not None and options:

@@ -16,13 +16,13 @@ from typing import Any
 
 from tabulate import tabulate
 
-from kvpolicies.budget import Budget
-from kvpolicies.policy import Policy, Signal
-from kvpolicies.registry import PolicyInfo, get_policy, list_policies
-from kvpolicies.results import ResultRecord, budget_key, load_results
+from kvpolicies.engine.budget import Budget
+from kvpolicies.engine.policy import Policy, Role, Signal
+from kvpolicies.experiments.results import ResultRecord, budget_key, load_results
+from kvpolicies.registry import PolicyInfo, get_policy, list_policies, policy_with_role
 
 Latest = dict[tuple[str, str, float | str], ResultRecord]
-"""Finished records by (task, policy title, budget as :func:`~kvpolicies.results.budget_key`)."""
+"""Finished records by (task, policy title, budget as :func:`~kvpolicies.experiments.results.budget_key`)."""
 
 CATALOGUE_TASKS = ("kvp_passkey", "kvp_niah")
 CATALOGUE_BUDGETS = (0.5, 0.25)
@@ -64,7 +64,7 @@ def latest_records(records: Sequence[ResultRecord]) -> Latest:
 
 def run_missing(configs: list, results_dir: Path, progress: Callable[[str], None] = print) -> None:
     """Run every cell of ``configs`` not yet finished in ``results_dir``; a failed cell is reported, not raised."""
-    from kvpolicies.sweep import run_sweep
+    from kvpolicies.experiments.sweep import run_sweep
 
     for config in configs:
         for record in run_sweep(config, results_dir):
@@ -76,7 +76,7 @@ def chosen_records(results_dir: Path, model: str | None, titles: set[str],
                    task: str | None = None) -> tuple[Latest, list[ResultRecord]]:
     """A page's cells: the newest finished record per (task, policy title, budget) of ``model`` for the given
     policy titles (and task), and the list of those records for the provenance."""
-    from kvpolicies.sweep import EMBEDDED_MODEL
+    from kvpolicies.integrations.models import EMBEDDED_MODEL
 
     records = [r for r in load_results(results_dir) if r.identity.model == (model or EMBEDDED_MODEL)
                ] if results_dir.is_dir() else []
@@ -121,27 +121,29 @@ def _distance_from_quarter(spec: Any) -> float | None:
 def catalogue_sweep():
     """The cells the catalogue shows: every policy at 0.5 and 0.25 on the default passkey and needle tasks (the same
     cells as the default sweep's, so a results folder shared with it is reused)."""
-    from kvpolicies.sweep import SweepConfig, default_tasks
+    from kvpolicies.experiments.grid import SweepConfig, default_tasks
 
     tasks = [task for task in default_tasks() if task.name in CATALOGUE_TASKS]
     return SweepConfig(budgets=list(CATALOGUE_BUDGETS), tasks=tasks)
 
 
 def policies_page(results_dir: Path, bench_json: Path | None = None, today: date | None = None) -> str:
-    """Markdown of every registered policy: paper, signals, cost, decode behaviour, scores next to random."""
-    from kvpolicies.leaderboard import provenance
+    """Markdown of every registered policy: paper, signals, cost, decode behaviour, scores next to chance."""
+    from kvpolicies.reports.leaderboard import provenance
 
     records = load_results(results_dir) if results_dir.is_dir() else []
     latest = latest_records(records)
     header, bench = benchmark_by_policy(bench_json)
-    full_bench = bench.get("full")
+    reference, chance = policy_with_role(Role.REFERENCE), policy_with_role(Role.CHANCE)
+    baselines = [name for name in (reference, chance) if name]
+    full_bench = bench.get(reference)
 
-    def score(task: str, policy: str, budget: float) -> float | None:
-        record = latest.get((task, policy, 1.0 if policy == "full" else budget))
+    def score(task: str, policy: str | None, budget: float) -> float | None:
+        record = latest.get((task, policy, 1.0 if policy == reference else budget))
         return None if record is None else record.score
 
     infos: list[PolicyInfo] = list_policies()
-    order = ["full", "random"] + sorted(i.name for i in infos if i.name not in ("full", "random"))
+    order = baselines + sorted(i.name for i in infos if i.name not in baselines)
     by_name = {info.name: info for info in infos}
     rows = []
     for name in order:
@@ -152,8 +154,9 @@ def policies_page(results_dir: Path, bench_json: Path | None = None, today: date
         for task in CATALOGUE_TASKS:
             for budget in CATALOGUE_BUDGETS:
                 value = score(task, name, budget)
-                chance = score(task, "random", budget)
-                mark = " ▲" if value is not None and chance is not None and name not in ("random", "full") and value > chance else ""
+                floor = score(task, chance, budget)
+                beats = value is not None and floor is not None and name not in baselines and value > floor
+                mark = " ▲" if beats else ""
                 cells.append("" if value is None else f"{value:.2f}{mark}")
         measured = bench.get(name)
         cost = decode = ""
@@ -191,7 +194,8 @@ def policies_page(results_dir: Path, bench_json: Path | None = None, today: date
         "- **passkey / niah @budget**: exact-match accuracy on the offline tasks at ~2k tokens (`kvp_passkey`: passkey "
         "in repeated filler; `kvp_niah`: a magic number in natural documentation text), fraction of the cache kept. "
         f"Samples per cell: {', '.join(f'{t} {sorted(n)}' for t, n in sorted(samples.items())) or 'none yet'}. "
-        "▲ marks a score above `random` at the same task and budget; with 10 samples one case is 0.1, so "
+        f"▲ marks a score above `{chance}` (the chance baseline) at the same task and budget; with 10 samples one "
+        "case is 0.1, so "
         "differences of 0.1–0.2 are within noise.",
         "",
         tabulate(rows, headers=headers, tablefmt="github"),
@@ -203,7 +207,7 @@ def policies_page(results_dir: Path, bench_json: Path | None = None, today: date
         *([f"benchmark: {header}"] if header else ["benchmark: none (run `kvpolicies bench --json FILE`)"]),
         "```",
     ]
-    missing = [(t, n, b) for n in order if n in by_name and n != "full" for t in CATALOGUE_TASKS
+    missing = [(t, n, b) for n in order if n in by_name and n != reference for t in CATALOGUE_TASKS
                for b in CATALOGUE_BUDGETS if score(t, n, b) is None]
     if missing:
         lines += ["", f"Missing cells ({len(missing)}): " + ", ".join(f"{n} {t} @{b}" for t, n, b in missing)]

@@ -20,15 +20,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tabulate import tabulate
 
-from kvpolicies.sweep import PolicySpec, SweepConfig, default_tasks
+from kvpolicies.engine.policy import Role
+from kvpolicies.experiments.grid import PolicySpec, SweepConfig, default_tasks
+from kvpolicies.registry import policy_with_role
 
 if TYPE_CHECKING:
-    from kvpolicies.reports import Latest
-    from kvpolicies.results import ResultRecord
+    from kvpolicies.experiments.results import ResultRecord
+    from kvpolicies.reports.catalogue import Latest
 
 BUDGETS = (0.5, 0.25, 0.1)
 """Fractions kept: 50%, 75% and 90% compression."""
-BASELINES = ("full", "l2norm", "random", "streaming", "h2o", "snapkv")
+COMPARED = ("l2norm", "streaming", "h2o", "snapkv")
+"""The paper's policy and the published ones it is set against, next to the reference and chance baselines."""
 ABLATIONS = (
     PolicySpec(name="l2norm", options={"keep_highest": True}, label="l2norm, keep highest norms"),
     PolicySpec(name="l2norm", options={"uncompressed_layers": []}, label="l2norm, no skipped layers"),
@@ -43,12 +46,18 @@ PERPLEXITY_TOLERANCE = 0.05
 COMMAND = "kvpolicies report paper --output docs/paper-replication.md"
 
 
+def baselines() -> list[str]:
+    """The reference (full cache), the L2 policy, the chance baseline and the other published policies, by name."""
+    reference, chance = policy_with_role(Role.REFERENCE), policy_with_role(Role.CHANCE)
+    return [name for name in (reference, COMPARED[0], chance, *COMPARED[1:]) if name]
+
+
 def sweeps(model: str | None = None) -> list[SweepConfig]:
     """The baselines on every default task at 50/75/90% compression, then the L2 ablations (cells shared with
     the default sweep when the results folder is)."""
     tasks = default_tasks()
     return [
-        SweepConfig(models=[model], policies=list(BASELINES), budgets=list(BUDGETS), tasks=tasks),
+        SweepConfig(models=[model], policies=baselines(), budgets=list(BUDGETS), tasks=tasks),
         SweepConfig(models=[model], policies=list(ABLATIONS), budgets=list(ABLATION_BUDGETS),
                     tasks=[t for t in tasks if t.name in ABLATION_TASKS]),
     ]
@@ -57,8 +66,8 @@ def sweeps(model: str | None = None) -> list[SweepConfig]:
 @torch.no_grad()
 def kept_masks(model, ids: torch.Tensor, policy: str, budget: float) -> list[torch.Tensor]:
     """The ``[batch, kv_heads, seq]`` keep masks of every eviction during one prefill, in layer order."""
-    import kvpolicies.cache as cache_module
-    from kvpolicies.cache import CompressedCache
+    import kvpolicies.engine.cache as cache_module
+    from kvpolicies.engine.cache import CompressedCache
 
     masks: list[torch.Tensor] = []
     original = cache_module.select
@@ -79,8 +88,8 @@ def kept_masks(model, ids: torch.Tensor, policy: str, budget: float) -> list[tor
 def selection_agreement(model_name: str | None, ids: torch.Tensor, policies: list[str], budget: float = 0.5,
                         device: str | None = None) -> dict[str, float | str]:
     """Per policy, the share of entries kept under SDPA that eager attention keeps too (1.0 = identical)."""
-    from kvpolicies.budget import BudgetError
-    from kvpolicies.models import load_model
+    from kvpolicies.engine.budget import BudgetError
+    from kvpolicies.integrations.models import load_model
 
     masks: dict[str, dict[str, list[torch.Tensor]]] = {"sdpa": {}, "eager": {}}
     agreement: dict[str, float | str] = {}
@@ -114,8 +123,10 @@ class Verdict:
 
 def verdicts(latest: Latest, correlation: dict[str, Any] | None) -> list[Verdict]:
     """The paper's claims against the measurements, with the tolerances stated in this module."""
-    def get(task: str, policy: str, budget: float) -> float | None:
-        record = latest.get((task, policy, 1.0 if policy == "full" else budget))
+    reference = policy_with_role(Role.REFERENCE)
+
+    def get(task: str, policy: str | None, budget: float) -> float | None:
+        record = latest.get((task, policy, 1.0 if policy == reference else budget))
         return None if record is None else record.score
 
     found = []
@@ -131,7 +142,7 @@ def verdicts(latest: Latest, correlation: dict[str, Any] | None) -> list[Verdict
     for task, budget, label in (("kvp_ppl", 0.5, "language modelling at 50% compression"),
                                 ("kvp_niah", 0.5, "needle in a haystack at 50% compression"),
                                 ("kvp_passkey", 0.1, "passkey retrieval at 90% compression")):
-        ours, full = get(task, "l2norm", budget), get(task, "full", 1.0)
+        ours, full = get(task, "l2norm", budget), get(task, reference, 1.0)
         if ours is None or full is None:
             found.append(Verdict(f"no loss: {label}", "", None))
         elif task == "kvp_ppl":
@@ -145,13 +156,14 @@ def verdicts(latest: Latest, correlation: dict[str, Any] | None) -> list[Verdict
 
 def score_table(latest: Latest, task: str, policies: list[str], budgets: tuple[float, ...]) -> str:
     headers = ["policy", *(f"keep {b:.0%} ({1 - b:.0%} compression)" for b in budgets)]
+    reference = policy_with_role(Role.REFERENCE)
     rows = []
     for policy in policies:
         cells = []
         for budget in budgets:
-            record = latest.get((task, policy, 1.0 if policy == "full" else budget))
+            record = latest.get((task, policy, 1.0 if policy == reference else budget))
             cells.append("" if record is None else f"{record.score:.3f}")
-        rows.append([f"{policy} (reference)" if policy == "full" else policy, *cells])
+        rows.append([f"{policy} (reference)" if policy == reference else policy, *cells])
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -165,6 +177,7 @@ def plot_scores(latest: Latest, out_dir: Path, policies: list[str]) -> list[Path
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    reference = policy_with_role(Role.REFERENCE)
     paths = []
     for task in sorted({key[0] for key in latest}):
         fig, axis = plt.subplots(figsize=(6, 4))
@@ -172,7 +185,7 @@ def plot_scores(latest: Latest, out_dir: Path, policies: list[str]) -> list[Path
         for policy in policies:
             points = sorted((budget, record.score) for (t, p, budget), record in latest.items()
                             if t == task and p == policy and isinstance(budget, float))
-            if policy == "full" and points:
+            if policy == reference and points:
                 axis.axhline(points[0][1], color="black", linestyle="--", label="full cache")
             elif points:
                 axis.plot(*zip(*points), marker="o", label=policy)
@@ -193,9 +206,10 @@ def page(latest: Latest, records: list[ResultRecord], correlation: dict[str, Any
          agreement: dict[str, float | str] | None, bench: dict[str, dict[str, Any]], images: dict[str, str],
          model: str | None, today: date | None = None) -> str:
     """The markdown page; every number comes from the arguments."""
-    from kvpolicies.leaderboard import provenance
+    from kvpolicies.reports.leaderboard import provenance
 
     ablation_labels = [spec.title for spec in ABLATIONS]
+    reference, chance = policy_with_role(Role.REFERENCE), policy_with_role(Role.CHANCE)
     lines = [
         "# Replicating the L2-norm paper on this model",
         "",
@@ -231,7 +245,7 @@ def page(latest: Latest, records: list[ResultRecord], correlation: dict[str, Any
                            "the budget binds while they are read (decode-time eviction)",
                 "kvp_niah": "exact match: a magic number hidden in natural documentation text",
                 "kvp_passkey": "exact match: a passkey hidden in repeated filler sentences"}[task]
-        lines += [f"### {task}: {what}", "", score_table(latest, task, list(BASELINES), BUDGETS), ""]
+        lines += [f"### {task}: {what}", "", score_table(latest, task, baselines(), BUDGETS), ""]
         if task in images:
             lines += [f"![{task}]({images[task]})", ""]
     lines += [
@@ -241,7 +255,7 @@ def page(latest: Latest, records: list[ResultRecord], correlation: dict[str, Any
         "",
     ]
     for task in ABLATION_TASKS:
-        lines += [f"### {task}", "", score_table(latest, task, ["full", "l2norm", *ablation_labels, "random"],
+        lines += [f"### {task}", "", score_table(latest, task, [reference, "l2norm", *ablation_labels, chance],
                                                   ABLATION_BUDGETS), ""]
     lines += ["## 3. Attention-implementation compatibility and cost", ""]
     if agreement:
@@ -257,10 +271,10 @@ def page(latest: Latest, records: list[ResultRecord], correlation: dict[str, Any
             "",
         ]
     if bench:
-        full = bench.get("full")
+        full = bench.get(reference)
         rows = [[name, m["budget"], f"{m['policy_prefill_s'] / m['prefill_s']:.1%}", f"{m['prefill_s']:.2f}",
                  f"{m['decode_tokens_per_s'] / full['decode_tokens_per_s']:.2f}×" if full else ""]
-                for name, m in bench.items() if name in BASELINES]
+                for name, m in bench.items() if name in baselines()]
         lines += [
             "Time spent in each policy (signals, scoring, selection, packing) as a share of prefill, and decode "
             "speed relative to the full cache (`kvpolicies bench`):",
@@ -279,8 +293,8 @@ def correlation_summary(model_name: str | None, tokens: int = 2048, window: int 
     """Per-layer norm/attention correlation on the first kvp_niah prompt, and its figures."""
     from kvpolicies_evals.data import niah_samples
 
-    from kvpolicies.analysis import norm_attention, plot_norm_attention
-    from kvpolicies.models import load_model
+    from kvpolicies.experiments.analysis import norm_attention, plot_norm_attention
+    from kvpolicies.integrations.models import load_model
 
     model, tokenizer = load_model(model_name, device=device, dtype="float32")
     text = niah_samples(lengths=[tokens], per_cell=1, tokenizer=tokenizer)[0]["prompt"]
@@ -307,7 +321,11 @@ def replicate(results_dir: Path, plots_dir: Path, output: Path | None, model: st
               progress: Callable[[str], None] = print) -> str:
     """Run what is missing (sweeps, correlation, compatibility, benchmark) and return the page."""
 
-    from kvpolicies.reports import benchmark_by_policy, chosen_records, run_missing
+    from kvpolicies.reports.catalogue import (
+        benchmark_by_policy,
+        chosen_records,
+        run_missing,
+    )
 
     if run:
         run_missing(sweeps(model), results_dir, progress)
@@ -316,13 +334,13 @@ def replicate(results_dir: Path, plots_dir: Path, output: Path | None, model: st
     progress("comparing selections under SDPA and eager attention")
     agreement = selection_agreement(model, correlation.pop("ids"), ["l2norm", "snapkv", "h2o"], device=device)
     if run and bench_json is not None and not bench_json.exists():
-        from kvpolicies.bench import benchmark
+        from kvpolicies.experiments.bench import benchmark
 
         progress("benchmarking every policy at 2048 tokens, budget 0.25")
         benchmark(model, device=device, json_path=bench_json)
-    latest, used = chosen_records(results_dir, model, set(BASELINES) | {spec.title for spec in ABLATIONS})
+    latest, used = chosen_records(results_dir, model, set(baselines()) | {spec.title for spec in ABLATIONS})
     base = output.parent if output else Path.cwd()
-    task_images = {path.stem: path for path in plot_scores(latest, plots_dir, list(BASELINES))}
+    task_images = {path.stem: path for path in plot_scores(latest, plots_dir, baselines())}
     relative = {name: os.path.relpath(path, base) for name, path in (images | task_images).items()}
     _, bench = benchmark_by_policy(bench_json)
     return page(latest, used, correlation, agreement, bench, relative, model)

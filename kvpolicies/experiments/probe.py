@@ -13,7 +13,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvpolicies.attention import PREFIX, inner_function
+from kvpolicies.engine.attention import PREFIX, inner_function
 
 RECORDER = "kvpolicies-probe"
 

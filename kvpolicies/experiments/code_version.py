@@ -1,0 +1,118 @@
+"""The code version of a sweep cell: hashes of exactly the source files that can compute its result.
+
+A cell is reused only while the code that computed it is unchanged. Which files count is read from the code itself,
+not from a hand-kept list: every module that the cell runner can import (at module level or inside a function),
+followed through the import statements of each file it reaches. Pages (``kvpolicies.reports``), the command line
+and the benchmarks are never imported by the runner, so editing them keeps every finished cell; a new module that
+the runner starts to import is counted the moment it is imported.
+
+The version has three parts, so that one change invalidates only what it can affect:
+``VERSION+CORE/POLICY/TASK`` with CORE the runner's modules, POLICY the plugin modules that define the policy (and
+its wrapped scorer) with whatever they import beyond the core, TASK the task's folder and what its code imports.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib.util
+import inspect
+from collections.abc import Iterable
+from pathlib import Path
+
+from kvpolicies.engine.policy import Policy
+
+RUNNER = "kvpolicies.experiments.sweep"
+"""The module that computes a cell (lm-eval through the kvpolicies model, memory and speed)."""
+OURS = ("kvpolicies", "kvpolicies_plugins", "kvpolicies_evals")
+"""Packages whose sources are hashed; third-party libraries are covered by the versions recorded with each cell."""
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Names of our modules that ``path`` imports anywhere (functions included), ``from a import b`` as ``a.b`` too."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_bytes())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in found if name.split(".")[0] in OURS}
+
+
+def module_file(name: str) -> Path | None:
+    """The source file of module ``name`` (a package's ``__init__.py``), or None if ``name`` is not a module."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
+
+
+def reached(start: Iterable[Path]) -> set[Path]:
+    """Every source file that ``start`` imports, transitively, with the ``__init__.py`` of each package on the way."""
+    seen: set[Path] = set()
+    todo = list(start)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in imported_modules(path):
+            parts = name.split(".")
+            for depth in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ first
+                if (file := module_file(".".join(parts[:depth]))) is not None:
+                    todo.append(file)
+    return seen
+
+
+def digest(paths: Iterable[Path]) -> str:
+    hashed = hashlib.sha256()
+    for path in sorted(paths):
+        hashed.update(f"{path.parent.name}/{path.name}".encode())
+        hashed.update(path.read_bytes())
+    return hashed.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def core_files() -> frozenset[Path]:
+    return frozenset(reached([module_file(RUNNER)]))
+
+
+def policy_files(policy: Policy) -> set[Path]:
+    """The modules that define ``policy``'s classes (and its wrapped scorer's), and what they import."""
+    sources = set()
+    for cls in type(policy).__mro__:
+        try:
+            source = Path(inspect.getsourcefile(cls) or "")
+        except TypeError:  # builtins such as object
+            continue
+        if source.is_file():
+            sources.add(source)
+    inner = getattr(policy, "scorer", None)
+    if isinstance(inner, Policy):
+        sources |= policy_files(inner)
+    return reached(sources)
+
+
+def task_files(task: str) -> set[Path]:
+    """The task's own folder (its YAML and code) and the modules its code imports (the data generators)."""
+    import kvpolicies_evals
+
+    folder = Path(kvpolicies_evals.__file__).parent / "tasks" / task
+    own = {path for path in folder.glob("*") if path.suffix in (".py", ".yaml")} if folder.is_dir() else set()
+    return own | reached(path for path in own if path.suffix == ".py")
+
+
+def code_version(policy: Policy | None = None, task: str | None = None) -> str:
+    """``VERSION+CORE[/POLICY[/TASK]]``: the hashes described in the module docstring."""
+    from importlib.metadata import version
+
+    core = core_files()
+    parts = [f"{version('kvpolicies')}+{digest(core)[:10]}"]
+    if policy is not None:
+        parts.append(digest(policy_files(policy) - core)[:8])
+    if task is not None:
+        parts.append(digest(task_files(task) - core)[:8])
+    return "/".join(parts)

@@ -1,0 +1,187 @@
+"""The grid of a sweep: which models, tasks, policies and budgets, read and validated once, and its cells.
+
+A cell (model × task × policy × budget) is named by a hash of everything that determines its result, code version
+included, so a results folder never mixes a stale cell with a fresh one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kvpolicies.engine.budget import Budget
+from kvpolicies.engine.policy import Role
+from kvpolicies.errors import UsageError, describe
+from kvpolicies.experiments.code_version import code_version
+from kvpolicies.integrations.models import EMBEDDED_MODEL
+from kvpolicies.registry import get_policy, list_policies, policy_with_role
+
+
+class PolicySpec(BaseModel):
+    """One policy of the grid: a registered name, its options, and the label shown in leaderboards."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+
+class TaskSpec(BaseModel):
+    """One lm-eval task: its name, the data parameters passed as metadata, and how many samples to run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    limit: int | None = Field(None, ge=1)
+
+
+def default_tasks() -> list[TaskSpec]:
+    return [
+        TaskSpec(name="kvp_passkey", metadata={"lengths": [2048], "per_cell": 2}),
+        TaskSpec(name="kvp_niah", metadata={"lengths": [2048], "per_cell": 2}),
+        TaskSpec(name="kvp_ppl", metadata={"lengths": [2048], "per_length": 2}),
+    ]
+
+
+def _budget(value: Any) -> Budget:
+    """Budgets are parsed once, where they enter (``0.5``, ``"50%"``, ``"512 tokens"``, ``"64MiB"``, a dict)."""
+    return Budget.parse(value)
+
+
+def _as_list(value: Any) -> Any:
+    """A single item where a list is expected is a one-item list (``policies = "l2norm"`` is not six letters)."""
+    return [value] if isinstance(value, (str, int, float, dict)) else value
+
+
+def reference_policy() -> PolicySpec | None:
+    """The registered policy that keeps everything (:attr:`Role.REFERENCE`): what every budget is read against."""
+    name = policy_with_role(Role.REFERENCE)
+    return None if name is None else PolicySpec(name=name)
+
+
+class SweepConfig(BaseModel):
+    """The grid. Policies and tasks accept plain names, and a single item where a list is expected; the reference
+    (the full cache) is always part of it and runs once per model and task, as the reference of every budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str | None] = Field(default_factory=lambda: [None], description="None = the embedded model")
+    policies: list[PolicySpec] = Field(default_factory=list, description="empty = every registered policy")
+    budgets: list[Budget] = Field(default_factory=lambda: [Budget.parse(b) for b in (0.1, 0.25, 0.5, 0.75)])
+    tasks: list[TaskSpec] = Field(default_factory=default_tasks)
+    seed: int = 0
+    batch_size: int = Field(1, ge=1)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, value):
+        return _as_list(value)
+
+    @field_validator("policies", "tasks", mode="before")
+    @classmethod
+    def _names_to_specs(cls, value):
+        return [{"name": item} if isinstance(item, str) else item for item in _as_list(value)]
+
+    @field_validator("budgets", mode="before")
+    @classmethod
+    def _parse_budgets(cls, value):
+        return [_budget(item) for item in _as_list(value)]
+
+    @classmethod
+    def load(cls, path: Path) -> SweepConfig:
+        """Read a YAML or TOML sweep file; any problem is a :class:`UsageError` naming the file."""
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        except UnicodeDecodeError:
+            raise UsageError(f"cannot read sweep config {path}: not UTF-8 text") from None
+        except OSError as error:
+            raise UsageError(f"cannot read sweep config {path}: {(error.strerror or str(error)).lower()}") from None
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+            raise UsageError(f"cannot read sweep config {path}: {' '.join(str(error).split())}") from None
+        if not isinstance(data, dict | None):
+            raise UsageError(f"cannot read sweep config {path}: expected a mapping of models, policies, budgets and "
+                             f"tasks, found a {type(data).__name__}")
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as error:
+            raise UsageError(f"invalid sweep config {path}: {describe(error)}") from None
+
+    def resolved_policies(self) -> list[PolicySpec]:
+        """The configured policies (default: every registered one), plus the reference if they lack it: without
+        it no budget's score can be compared with keeping everything."""
+        specs = self.policies or [PolicySpec(name=info.name) for info in list_policies()]
+        if all(get_policy(spec.name, **spec.options).compresses for spec in specs):
+            reference = reference_policy()
+            specs = specs + [reference] if reference else specs
+        return specs
+
+
+QUICK = SweepConfig(
+    policies=["l2norm", "random", "streaming", "snapkv", "full"],
+    budgets=[0.25, 0.5],
+    tasks=[TaskSpec(name="kvp_passkey", metadata={"lengths": [2048], "per_cell": 2})],
+)
+
+
+class Cell(BaseModel):
+    """One model × task × policy × budget point of a grid."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str | None
+    task: TaskSpec
+    policy: PolicySpec
+    budget: Budget
+    seed: int
+    batch_size: int = 1
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _parse_budget(cls, value):
+        return _budget(value)  # result files of earlier versions hold 0.5 or "50%"
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that determines the cell's result; its hash is the key (the budget only for a policy that
+        compresses, so the full cache is one cell whatever the budgets)."""
+        policy = get_policy(self.policy.name, **self.policy.options)
+        return {
+            "model": self.model or EMBEDDED_MODEL,
+            "task": self.task.model_dump(),
+            "policy": policy.identity(),
+            "budget": self.budget.model_dump() if policy.compresses else None,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "code_version": code_version(policy, self.task.name),
+        }
+
+    def key(self) -> str:
+        text = json.dumps(self.identity(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def cells(config: SweepConfig) -> list[Cell]:
+    """The grid in a stable order, one cell per key (``0.5`` and ``50%`` are one cell); the full cache runs once
+    per model and task, whatever the budgets."""
+    grid: dict[str, Cell] = {}
+    for model in config.models:
+        for task in config.tasks:
+            for spec in config.resolved_policies():
+                compresses = get_policy(spec.name, **spec.options).compresses
+                for budget in config.budgets if compresses else [Budget.parse(1.0)]:
+                    cell = Cell(model=model, task=task, policy=spec, budget=budget, seed=config.seed,
+                                batch_size=config.batch_size)
+                    grid.setdefault(cell.key(), cell)
+    return list(grid.values())

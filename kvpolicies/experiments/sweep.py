@@ -1,0 +1,152 @@
+"""Sweeps: every model × task × policy × budget cell through lm-eval, one result file per cell, resumable.
+
+A cell's file name is a hash of what determines its result (model, task and its data parameters, policy and its
+full config, budget, seed, code version), written atomically (temp file + rename), so a sweep killed at any moment
+loses no finished cell and a re-run computes only what is missing. A failing cell is recorded with its error and
+the sweep goes on; failed cells are retried on the next run, and so is any file that is not a valid record. The
+results folder is checked for writing before the first cell is computed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvpolicies.experiments.grid import Cell, SweepConfig, cells
+from kvpolicies.experiments.memory import PeakMemory
+
+if TYPE_CHECKING:
+    from kvpolicies.experiments.results import ResultRecord
+
+
+def tasks_dir() -> Path:
+    import kvpolicies_evals
+
+    return Path(kvpolicies_evals.__file__).parent / "tasks"
+
+
+@functools.lru_cache(maxsize=16)
+def _task_manager(metadata_json: str):
+    """Indexing lm-eval's task folders takes seconds: one manager per distinct task metadata per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(tasks_dir()), metadata=json.loads(metadata_json))
+
+
+def run_cell(cell: Cell) -> dict[str, Any]:
+    """Evaluate one cell with lm-eval and return the measured fields of its record (metrics, memory, speed)."""
+    import lm_eval
+
+    from kvpolicies.integrations.lm_eval import KVPoliciesLM
+
+    started = time.perf_counter()
+    lm = KVPoliciesLM(
+        pretrained=cell.model, policy=cell.policy.name, budget=cell.budget, batch_size=cell.batch_size,
+        **cell.policy.options,
+    )
+    with PeakMemory(lm.device) as peak:
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=[cell.task.name], limit=cell.task.limit, bootstrap_iters=0,
+            task_manager=_task_manager(json.dumps(cell.task.metadata, sort_keys=True)),
+            random_seed=cell.seed, numpy_random_seed=cell.seed, torch_random_seed=cell.seed,
+            fewshot_random_seed=cell.seed,
+        )
+    task_results = results["results"][cell.task.name]
+    metrics = {
+        name: float(value) for name, value in task_results.items()
+        if isinstance(value, (int, float)) and "stderr" not in name and name != "sample_len"
+    }
+    primary = next(iter(metrics))
+    higher_is_better = results["higher_is_better"][cell.task.name].get(primary.split(",")[0], True)
+    info = results["config"]["kvpolicies"]
+    return {
+        "metrics": metrics,
+        "primary_metric": primary,
+        "score": metrics[primary],
+        "higher_is_better": bool(higher_is_better),
+        "samples": int(task_results.get("sample_len", 0)),
+        "kv_memory": info["kv_memory"],
+        "speed": info["speed"],
+        "peak_memory_bytes": peak.peak_bytes,
+        "peak_memory_growth_bytes": peak.growth_bytes,
+        "wall_s": time.perf_counter() - started,
+        "device": str(lm.device) + (f" ({torch.cuda.get_device_name(lm.device)})" if lm.device.type == "cuda" else ""),
+    }
+
+
+def result_path(results_dir: Path, cell: Cell) -> Path:
+    return results_dir / f"{cell.key()}.json"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("kvpolicies", "torch", "transformers", "lm_eval")} | {
+        "python": platform.python_version()
+    }
+
+
+def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True) -> Iterator[ResultRecord]:
+    """Run every missing cell, yielding each record as it is written. Finished cells are skipped; a results folder
+    that cannot be written raises :class:`~kvpolicies.experiments.results.ResultsError` before any cell runs."""
+    from tqdm import tqdm
+
+    from kvpolicies.experiments.results import (
+        ResultRecord,
+        check_writable,
+        write_record,
+    )
+
+    check_writable(results_dir)
+    grid = cells(config)
+    todo = [cell for cell in grid if not _finished(result_path(results_dir, cell))]
+    print(f"kvpolicies: {len(grid)} cells, {len(grid) - len(todo)} already done, {len(todo)} to run "
+          f"-> {results_dir}", file=sys.stderr)
+    bar = tqdm(total=len(grid), initial=len(grid) - len(todo), disable=not progress, unit="cell", file=sys.stderr)
+    for cell in todo:
+        bar.set_description(f"{cell.task.name} {cell.policy.title} @ {cell.budget}")
+        provenance = {"key": cell.key(), "cell": cell, "identity": cell.identity(), "versions": versions(),
+                      "started_at": datetime.now(timezone.utc), "load_average_start": _load_average()}
+        try:
+            measured = run_cell(cell)
+            record = ResultRecord(**provenance, status="ok", **measured, finished_at=datetime.now(timezone.utc),
+                                  load_average_end=_load_average())
+        except Exception as error:  # one broken cell must not stop the sweep
+            record = ResultRecord(**provenance, status="error", error=f"{type(error).__name__}: {error}",
+                                  traceback=traceback.format_exc(), finished_at=datetime.now(timezone.utc),
+                                  load_average_end=_load_average())
+            print(f"kvpolicies: cell failed ({cell.task.name}, {cell.policy.title}, {cell.budget}): "
+                  f"{record.error}", file=sys.stderr)
+        write_record(result_path(results_dir, cell), record)
+        bar.update(1)
+        yield record
+    bar.close()
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average, so a reader can tell timings taken on a busy machine (None where unsupported)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _finished(path: Path) -> bool:
+    """Whether ``path`` holds a valid ``ok`` record; anything else (missing, damaged, failed) is computed again."""
+    from kvpolicies.experiments.results import read_record
+
+    try:
+        return read_record(path).status == "ok"
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,2 @@
+"""The outside world the engine plugs into: loading models (transformers, GGUF, the embedded model) and
+lm-evaluation-harness."""
