@@ -29,7 +29,8 @@ OURS = ("kvpolicies", "kvpolicies_plugins", "kvpolicies_evals")
 """Packages whose sources are hashed; third-party libraries are covered by the versions recorded with each cell."""
 
 
-def imported_modules(path: Path) -> set[str]:
+@functools.lru_cache(maxsize=None)  # sources do not change while a sweep runs; keys are computed many times
+def imported_modules(path: Path) -> frozenset[str]:
     """Names of our modules that ``path`` imports anywhere (functions included), ``from a import b`` as ``a.b`` too."""
     found = set()
     for node in ast.walk(ast.parse(path.read_bytes())):
@@ -38,9 +39,10 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found |= {f"{node.module}.{alias.name}" for alias in node.names}
-    return {name for name in found if name.split(".")[0] in OURS}
+    return frozenset(name for name in found if name.split(".")[0] in OURS)
 
 
+@functools.lru_cache(maxsize=None)
 def module_file(name: str) -> Path | None:
     """The source file of module ``name`` (a package's ``__init__.py``), or None if ``name`` is not a module."""
     try:
@@ -71,8 +73,13 @@ def digest(paths: Iterable[Path]) -> str:
     hashed = hashlib.sha256()
     for path in sorted(paths):
         hashed.update(f"{path.parent.name}/{path.name}".encode())
-        hashed.update(path.read_bytes())
+        hashed.update(_file_digest(path))
     return hashed.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: Path) -> bytes:
+    return hashlib.sha256(path.read_bytes()).digest()
 
 
 @functools.lru_cache(maxsize=1)

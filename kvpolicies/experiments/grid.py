@@ -55,11 +55,6 @@ def default_tasks() -> list[TaskSpec]:
     ]
 
 
-def _budget(value: Any) -> Budget:
-    """Budgets are parsed once, where they enter (``0.5``, ``"50%"``, ``"512 tokens"``, ``"64MiB"``, a dict)."""
-    return Budget.parse(value)
-
-
 def _as_list(value: Any) -> Any:
     """A single item where a list is expected is a one-item list (``policies = "l2norm"`` is not six letters)."""
     return [value] if isinstance(value, (str, int, float, dict)) else value
@@ -97,7 +92,7 @@ class SweepConfig(BaseModel):
     @field_validator("budgets", mode="before")
     @classmethod
     def _parse_budgets(cls, value):
-        return [_budget(item) for item in _as_list(value)]
+        return [Budget.parse(item) for item in _as_list(value)]  # parsed once, where budgets enter
 
     @classmethod
     def load(cls, path: Path) -> SweepConfig:
@@ -151,7 +146,7 @@ class Cell(BaseModel):
     @field_validator("budget", mode="before")
     @classmethod
     def _parse_budget(cls, value):
-        return _budget(value)  # result files of earlier versions hold 0.5 or "50%"
+        return Budget.parse(value)  # result files of earlier versions hold 0.5 or "50%"
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the cell's result; its hash is the key (the budget only for a policy that
