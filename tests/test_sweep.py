@@ -23,7 +23,7 @@ from kvpolicies.reports.leaderboard import (
     render,
     task_tables,
 )
-from tests.helpers import make_record
+from tests.helpers import make_record, write_records
 
 
 def test_grid_runs_the_full_cache_once_per_task():
@@ -226,3 +226,25 @@ def test_leaderboard_command_writes_markdown_with_provenance_and_plots(saved_res
     assert text.startswith("# Leaderboard") and "- budgets: 0.25, 0.5" in text
     assert "![score_vs_budget](plots/score_vs_budget.png)" in text
     assert (tmp_path / "docs" / "plots" / "score_vs_budget.png").exists()
+
+
+def test_plots_keep_equal_lines_apart_and_speed_and_memory_from_zero(tmp_path, monkeypatch):
+    """Two policies with equal results must not hide each other, and a 13 vs 14 tok/s difference must not fill
+    the whole axis (it was drawn as a 65% speed-up)."""
+    import matplotlib.figure
+
+    records = [make_record("acc", "full", 1.0, 0.8)]
+    for policy in ("a", "b"):
+        records += [make_record("acc", policy, budget, 0.5, speed={"decode_tokens_per_s": 13.0 + budget})
+                    for budget in (0.25, 0.5)]
+    figures = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda figure, path, **kwargs: figures.update({Path(path).stem: figure}))
+    plot(write_records(tmp_path / "results", records), tmp_path / "plots")
+    lines = {line.get_label(): line for line in figures["score_vs_budget"].axes[0].get_lines()}
+    a, b = lines["a"], lines["b"]
+    assert list(a.get_ydata()) == list(b.get_ydata())  # equal results ...
+    assert list(a.get_xdata()) != list(b.get_xdata()) and a.get_linestyle() != b.get_linestyle()  # ... both visible
+    assert max(abs(x - budget) for x, budget in zip(a.get_xdata(), (0.25, 0.5))) < 0.25 / 3
+    for name in ("decode_speed_vs_budget", "kv_memory_vs_budget"):
+        assert figures[name].axes[0].get_ylim()[0] == 0
