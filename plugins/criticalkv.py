@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from kvpolicies import PolicyConfig, ScoreInputs, Signal, hookimpl
+from kvpolicies import PolicyConfig, PolicyConfigError, ScoreInputs, Signal, hookimpl
 from kvpolicies.engine.composition import ScorerWrapper, WrapperConfig
 
 
@@ -39,7 +39,7 @@ class CriticalKV(ScorerWrapper):
         base = self.scorer.score(inputs).float().masked_fill(~inputs.valid, 0.0)
         finite = torch.isfinite(base)
         if (base[finite & inputs.valid] < 0).any():
-            raise ValueError(
+            raise PolicyConfigError(
                 f"criticalkv rescales non-negative, attention-like scores; scorer {self.config.scorer!r} returns "
                 "negative ones (use tova, snapkv, h2o, ...)"
             )

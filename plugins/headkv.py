@@ -4,9 +4,10 @@ Compression Method with Integrated Retrieval and Reasoning", arXiv 2410.19258)."
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -31,6 +32,8 @@ class HeadKVConfig(WrapperConfig):
     def _static_needs_scores(self) -> HeadKVConfig:
         if self.allocation == "static" and self.head_scores is None:
             raise ValueError("allocation='static' needs head_scores=FILE; make one with `kvpolicies head-scores`")
+        if self.head_scores is not None:
+            load_head_scores(self.head_scores)  # a missing or broken file fails here, before any model runs
         return self
 
 
@@ -49,6 +52,13 @@ class HeadKV(ScorerWrapper):
 
     name = "headkv"
     Config = HeadKVConfig
+
+    def identity(self) -> dict[str, Any]:
+        """With the head-scores file's content hash: new scores at the same path make new cells, not stale ones."""
+        identity = super().identity()
+        if self.config.head_scores is not None:
+            identity["head_scores_sha256"] = hashlib.sha256(Path(self.config.head_scores).read_bytes()).hexdigest()
+        return identity
 
     def allocate(self, allocation: Allocation) -> Allocation:
         allocation = self.scorer.allocate(allocation)

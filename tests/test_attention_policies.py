@@ -161,6 +161,25 @@ def test_static_allocation_without_scores_file_is_a_clear_error():
         kvpolicies.get_policy("headkv", allocation="static")
 
 
+def test_a_missing_or_broken_head_scores_file_fails_when_the_policy_is_made(tmp_path):
+    """Not at the first eviction: a sweep would record one failed cell per cell."""
+    with pytest.raises(kvpolicies.PolicyConfigError, match="does not exist; create it with `kvpolicies head-scores`"):
+        kvpolicies.get_policy("headkv", allocation="static", head_scores=str(tmp_path / "missing.json"))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(kvpolicies.PolicyConfigError, match="is not a `kvpolicies head-scores` file"):
+        kvpolicies.get_policy("headkv", allocation="static", head_scores=str(broken))
+
+
+def test_new_head_scores_at_the_same_path_make_a_new_cell(tmp_path):
+    path = tmp_path / "scores.json"
+    identities = []
+    for top in (1.0, 2.0):
+        path.write_text(json.dumps({"scores": [[top, 0.1]] * 8}))
+        identities.append(kvpolicies.get_policy("headkv", allocation="static", head_scores=str(path)).config_hash())
+    assert identities[0] != identities[1]
+
+
 def test_wrappers_validate_their_scorer():
     with pytest.raises(kvpolicies.UnknownPolicyError, match="Did you mean 'snapkv'"):
         kvpolicies.get_policy("pyramidkv", scorer="snapk")

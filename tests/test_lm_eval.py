@@ -95,7 +95,7 @@ def test_drop_in_command_passes_arguments_to_lm_eval_unchanged(tiny_pretrained, 
     monkeypatch.chdir(tmp_path)  # relative paths resolve like lm_eval's own
     main([
         "lm-eval", "--model", "kvpolicies",
-        "--model_args", f"pretrained={tiny_pretrained},policy=random,budget=0.5",
+        "--model_args", f"pretrained={tiny_pretrained},policy=random,budget=0.5,device=cpu,batch_size=1",
         "--tasks", "kvp_passkey", "--include_path", TASKS, "--limit", "1",
         "--metadata", json.dumps(PASSKEY), "--output_path", "out", "--log_samples",
     ])

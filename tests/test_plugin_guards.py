@@ -339,3 +339,28 @@ def test_a_well_formed_test_plugin_registers(fresh_registry):
     """The control for the two tests above: the same plugin without the faulty registration is listed."""
     register_test_plugin(Sketch)
     assert kvpolicies.get_policy("sketch", bias=2.0).config.bias == 2.0
+
+
+# -- hooks that edit what they are handed in place cannot move the bar they are checked against ------------------
+
+
+def test_allocate_that_raises_the_total_of_the_allocation_it_was_handed_is_refused(tiny_model):
+    def inflate(allocation):
+        allocation.total = 10**6
+        allocation.tokens.fill_(allocation.seq_len)
+        return allocation
+
+    with pytest.raises(BudgetError, match="policy 'allocating' allocated .* more than the budget's"):
+        prefill(tiny_model, allocating(inflate))
+
+
+def test_reallocate_heads_that_raises_the_allocation_in_place_is_refused(tiny_model):
+    class Inflating(Sketch):
+        name = "inflating"
+
+        def reallocate_heads(self, scores, valid, keep):
+            keep.add_(50)
+            return keep
+
+    with pytest.raises(PolicyConfigError, match="'inflating': reallocate_heads\\(\\) must return"):
+        prefill(tiny_model, Inflating())

@@ -13,6 +13,7 @@ from kvpolicies.cli import main
 from kvpolicies.experiments.grid import SweepConfig, cells
 from kvpolicies.experiments.sweep import _finished
 from kvpolicies.registry import get_policy
+from kvpolicies.reports.leaderboard import load_rows
 from tests.helpers import NOW, make_record
 
 
@@ -219,6 +220,7 @@ def test_every_grid_runs_the_reference_even_when_not_asked_for():
         ("folder.yaml", None, "is a directory"),
         ("missing.yaml", "missing", "no such file"),
         ("grid.yaml", b"budgets: [7]\n", "invalid sweep config"),
+        ("grid.yaml", b"budgets:\npolicies: [l2norm]\n", "budgets: is empty; list at least one item"),
     ],
 )
 def test_unreadable_sweep_configs_fail_with_the_file_named(tmp_path, capsys, name, content, message):
@@ -256,3 +258,26 @@ def test_sweep_help_points_to_the_grid_format(capsys):
         main(["sweep", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "README.md, 'Sweeps and leaderboards'" in out and "docs/leaderboard.md" not in out
+
+
+def test_pages_show_each_point_once_as_last_measured(tmp_path):
+    """Cells of an earlier code version stay in the folder under other keys; the leaderboard must not rank both."""
+    from datetime import datetime
+
+    def at(record, hour: int):
+        return record.model_copy(update={"finished_at": datetime.fromisoformat(f"2026-11-25T{hour:02d}:00:00+00:00")})
+
+    old = at(make_record("acc", "a", 0.5, 0.2, key="old"), 12)
+    new = at(make_record("acc", "a", 0.5, 0.9, key="new"), 13)
+    failed_later = at(make_record("acc", "a", 0.5, 0.0, key="failed", status="error"), 14)
+    rows, failures = load_rows([old, failed_later, new, make_record("acc", "full", 1.0, 1.0)])
+    assert [(row.policy, row.score) for row in rows if row.budget is not None] == [("a", 0.9)] and failures == []
+
+
+def test_code_version_labels_files_by_package_not_by_checkout_folder():
+    """An editable checkout (plugins/l2norm.py) and a wheel (kvpolicies_plugins/l2norm.py) hash the same sources."""
+    import kvpolicies
+    from kvpolicies.experiments.code_version import _label, policy_files
+
+    labels = {_label(path) for path in policy_files(kvpolicies.get_policy("l2norm"))}
+    assert "kvpolicies_plugins/l2norm.py" in labels and "kvpolicies/engine/policy.py" in labels

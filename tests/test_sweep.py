@@ -49,7 +49,11 @@ def test_cell_keys_change_with_anything_that_changes_the_result():
 
 def test_code_version_covers_the_core_and_only_the_plugins_a_policy_is_made_of():
     from kvpolicies import get_policy
-    from kvpolicies.experiments.code_version import code_version, core_files, policy_files
+    from kvpolicies.experiments.code_version import (
+        code_version,
+        core_files,
+        policy_files,
+    )
 
     def plugins(name: str, **options) -> set[str]:
         return {path.name for path in policy_files(get_policy(name, **options)) - core_files()

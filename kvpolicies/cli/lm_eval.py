@@ -28,7 +28,8 @@ Model args of `--model kvpolicies` (comma-separated key=value):
   stream_chunk=N                   chunk size of loglikelihood_rolling streaming (default: 128)
   prefill_chunk=N                  prefill generation prompts N tokens at a time, evicting between chunks
   any policy option                e.g. window_tokens=8, uncompressed_layers=[], scorer=l2norm
-  any of HFLM's args               batch_size, device, dtype, max_length, ...
+  any of HFLM's args               dtype, max_length, ... (device= and batch_size= act as --device and
+                                   --batch_size)
 An unknown key is an error that lists the valid ones.
 
 ---------------------------------------------------------------- lm-eval's help
@@ -53,6 +54,9 @@ def run_lm_eval(argv: Sequence[str]) -> int:
     if getattr(args, "model", None) == "kvpolicies":
         args.model_args = dict(args.model_args or {})
         args.model_args.setdefault("pretrained", EMBEDDED_MODEL)  # names lm-eval's results folder
+        for key in ("device", "batch_size", "max_batch_size"):  # lm-eval passes these itself: one place only
+            if key in args.model_args:
+                setattr(args, key, args.model_args.pop(key))
         if getattr(args, "device", None) is None:  # lm-eval would default to cuda:0, even on a CPU-only machine
             args.device = str(default_device())
     limit = getattr(args, "limit", None)

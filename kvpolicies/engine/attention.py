@@ -18,6 +18,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvpolicies.engine.storage import CompressedLayer, claim_layer
+from kvpolicies.errors import ModelLoadError
 
 PREFIX = "kvpolicies-"
 
@@ -33,7 +34,7 @@ def prepare_model(model) -> None:
     name = register_attention(current)
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:
-        raise RuntimeError(
+        raise ModelLoadError(
             f"{type(model).__name__} cannot switch its attention implementation, so KV entries cannot be evicted; "
             "kvpolicies supports models written with transformers' AttentionInterface (Llama, Qwen2, Mistral, ...)"
         )
@@ -44,7 +45,7 @@ def register_attention(inner: str) -> str:
     name = PREFIX + inner
     if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
         if inner not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-            raise ValueError(
+            raise ModelLoadError(
                 f"attention implementation {inner!r} is not supported by kvpolicies; "
                 f"use one of {sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)}"
             )

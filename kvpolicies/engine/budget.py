@@ -256,6 +256,9 @@ class Allocation:
             raise PolicyConfigError(f"policy {policy_name!r}: allocate() returned {type(returned).__name__}; it must "
                                     "return an Allocation (e.g. allocation.with_full_layers(...))")
         tokens = returned.tokens
+        if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.dtype == torch.bool:
+            raise PolicyConfigError(f"policy {policy_name!r}: allocate() returned tokens that are not a tensor of "
+                                    "whole numbers of entries")
         if tuple(tokens.shape) != tuple(self.tokens.shape):
             raise PolicyConfigError(f"policy {policy_name!r}: allocate() returned {list(tokens.shape)} tokens; the "
                                     f"model has [layers, kv_heads] = {list(self.tokens.shape)}")

@@ -58,7 +58,9 @@ class CompressedCache(Cache):
     """
 
     def __init__(self, model, policy: Policy | str, budget: Budget | float | str) -> None:
-        from kvpolicies.registry import get_policy  # the registry imports the plugins, which import the engine
+        from kvpolicies.registry import (
+            get_policy,  # the registry imports the plugins, which import the engine
+        )
 
         text_config = model.config.get_text_config(decoder=True)
         layer_types = getattr(text_config, "layer_types", None) or []
@@ -96,7 +98,8 @@ class CompressedCache(Cache):
     def allocation(self, seq_len: int) -> Allocation:
         """The policy's allocation for a sequence of ``seq_len`` real tokens, checked against the budget."""
         uniform = self.budget.allocate(seq_len, self.shape)
-        return uniform.check(self.policy.allocate(uniform), self.policy.name)
+        handed = Allocation(tokens=uniform.tokens.clone(), seq_len=uniform.seq_len, total=uniform.total)
+        return uniform.check(self.policy.allocate(handed), self.policy.name)  # a copy: edits cannot move the bar
 
     def _targets(self, seq_len: int) -> list[list[int]]:
         """Per layer, per KV head allocation as Python ints: the decode-time check must not touch the device."""
@@ -125,7 +128,7 @@ class CompressedCache(Cache):
         # Rows over budget get their allocation (select() clamps a head to what it holds), others keep everything.
         keep_n = torch.tensor([row_t if row_over else row_c for row_c, row_t, row_over in zip(counts, targets, over)])
         if any(over):
-            inputs = self._score_inputs(layer, dense, valid, keep_n, query, scaling)
+            inputs = self._score_inputs(layer, dense, valid, keep_n.clone(), query, scaling)
             inputs.layer = self._layer_view(layer.layer_idx, module)
             scores = self._checked(self.policy.score(inputs), valid)
             keep_n = self._reallocate_heads(scores, valid, keep_n, over)
@@ -152,7 +155,7 @@ class CompressedCache(Cache):
         return scores
 
     def _reallocate_heads(self, scores, valid, keep_n, over) -> torch.Tensor:
-        moved = self.policy.reallocate_heads(scores, valid, keep_n)
+        moved = self.policy.reallocate_heads(scores, valid, keep_n.clone())  # checked against keep_n, untouched
         if not isinstance(moved, torch.Tensor) or moved.is_floating_point() or moved.dtype == torch.bool:
             raise PolicyConfigError(
                 f"policy {self.policy.name!r}: reallocate_heads() returned "

@@ -22,7 +22,8 @@ OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "dense", "c_proj")
 @dataclass(frozen=True)
 class Rotary:
     """The rotary position embedding of a layer: ``inv_freq[k]`` rotates dimension pairs ``(k, k + dim/2)`` of the
-    first ``dim`` dimensions of each head (the ``rotate_half`` convention); the rest of the head is not rotated."""
+    first ``dim`` dimensions of each head (the ``rotate_half`` convention of the Llama family; models that rotate
+    interleaved pairs are not told apart yet); the rest of the head is not rotated."""
 
     inv_freq: torch.Tensor
     """``[dim / 2]`` float32 angular frequencies, scaling (llama3, yarn, ...) included."""
@@ -70,6 +71,9 @@ class LayerView:
             parameters = dict(parameters[layer_type])  # RoPE per layer type (Gemma 3)
         else:
             layer_type = None
+        if any(isinstance(value, dict) for value in parameters.values()):
+            raise ModelLoadError(f"{self.name}: rope parameters nested under {sorted(parameters)}, which are not this "
+                                 "model's layer types; kvpolicies cannot tell which RoPE this layer uses")
         factor = parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
         dim = int(head_dim * factor)
         rope_type = parameters.get("rope_type", "default")
@@ -80,4 +84,4 @@ class LayerView:
             inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None, layer_type=layer_type)
         else:
             raise ModelLoadError(f"{self.name}: unknown rope type {rope_type!r}")
-        return Rotary(inv_freq=inv_freq.float(), dim=dim)
+        return Rotary(inv_freq=inv_freq.float(), dim=2 * inv_freq.numel())  # what the frequencies rotate

@@ -189,7 +189,8 @@ class CompressedLayer(CacheLayerMixin):
             return received.flatten() if self.packed else received
         groups = query.shape[1] // self.num_heads
         pieces = []
-        for b, h, keys, _ in self.runs():
+        for run, keys in enumerate(self.keys.split(self.lengths)):  # keys only: this runs per token for H2O
+            b, h = divmod(run, self.num_heads)
             valid = torch.ones(1, 1, keys.shape[0], dtype=torch.bool, device=self.device)
             run_query = query[b : b + 1, h * groups : (h + 1) * groups]
             pieces.append(attention_received(run_query, keys[None, None], valid, age_order(valid), scaling).flatten())

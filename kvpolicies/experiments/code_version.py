@@ -36,9 +36,13 @@ def imported_modules(path: Path) -> frozenset[str]:
     for node in ast.walk(ast.parse(path.read_bytes())):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or node.level):
+            base = node.module or ""
+            if node.level:  # relative: resolved against the file's own package
+                package = _module_name(path).rpartition(".")[0] if path.name != "__init__.py" else _module_name(path)
+                base = importlib.util.resolve_name("." * node.level + base, package) if package else base
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}
     return frozenset(name for name in found if name.split(".")[0] in OURS)
 
 
@@ -64,17 +68,44 @@ def reached(start: Iterable[Path]) -> set[Path]:
         for name in imported_modules(path):
             parts = name.split(".")
             for depth in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ first
-                if (file := module_file(".".join(parts[:depth]))) is not None:
-                    todo.append(file)
+                file = module_file(".".join(parts[:depth]))
+                if file is None:
+                    break
+                todo.append(file)
+                if file.name != "__init__.py":  # a module: what follows is a name in it (``from a import b``)
+                    break
     return seen
 
 
 def digest(paths: Iterable[Path]) -> str:
+    """One hash of ``paths``, each labelled by its place in its package (``kvpolicies_plugins/l2norm.py``), so that
+    an editable checkout and an installed wheel of the same sources give the same version."""
     hashed = hashlib.sha256()
-    for path in sorted(paths):
-        hashed.update(f"{path.parent.name}/{path.name}".encode())
+    for label, path in sorted((_label(path), path) for path in paths):
+        hashed.update(label.encode())
         hashed.update(_file_digest(path))
     return hashed.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _roots() -> tuple[tuple[str, Path], ...]:
+    found = []
+    for package in OURS:
+        spec = importlib.util.find_spec(package)
+        found += [(package, Path(location)) for location in (spec.submodule_search_locations or [])] if spec else []
+    return tuple(found)
+
+
+def _module_name(path: Path) -> str:
+    label = _label(path).removesuffix(".py").removesuffix("/__init__")
+    return label.replace("/", ".") if "/" in label else ""
+
+
+def _label(path: Path) -> str:
+    for package, root in _roots():
+        if root in path.parents:
+            return f"{package}/{path.relative_to(root).as_posix()}"
+    return path.name
 
 
 @functools.lru_cache(maxsize=None)

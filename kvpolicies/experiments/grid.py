@@ -55,9 +55,11 @@ def default_tasks() -> list[TaskSpec]:
     ]
 
 
-def _as_list(value: Any) -> Any:
+def _as_list(value: Any) -> list:
     """A single item where a list is expected is a one-item list (``policies = "l2norm"`` is not six letters)."""
-    return [value] if isinstance(value, (str, int, float, dict)) else value
+    if value is None:
+        raise ValueError("is empty; list at least one item, or leave the key out for the default")
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def reference_policy() -> PolicySpec | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from kvpolicies.errors import PolicyConfigError
 from kvpolicies.experiments.probe import queries_and_keys
 
 
@@ -61,9 +62,9 @@ def load_head_scores(path: Path | str, smoothing: float = 0.01) -> torch.Tensor:
         payload = json.loads(Path(path).read_text())
         scores = torch.tensor(payload["scores"], dtype=torch.float64)
     except FileNotFoundError:
-        raise FileNotFoundError(f"head scores file {path} does not exist; create it with `kvpolicies head-scores`") from None
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a `kvpolicies head-scores` file: {error}") from None
+        raise PolicyConfigError(f"head scores file {path} does not exist; create it with `kvpolicies head-scores`") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PolicyConfigError(f"{path} is not a `kvpolicies head-scores` file: {error}") from None
     if scores.ndim != 2:
-        raise ValueError(f"{path}: scores must be a [layers][kv_heads] table")
+        raise PolicyConfigError(f"{path}: scores must be a [layers][kv_heads] table")
     return scores.clamp(min=0) + smoothing

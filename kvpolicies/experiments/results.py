@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -134,6 +135,21 @@ def budget_key(budget: Budget) -> float | str:
     """How pages match and label budgets: a fraction by its value (``0.5`` and ``"50%"`` are one budget, whatever
     the slack), any other unit by its text."""
     return budget.value if budget.unit == "fraction" else str(budget)
+
+
+def newest(records: Sequence[ResultRecord]) -> list[ResultRecord]:
+    """One record per (model, task, policy label, budget): the newest finished one, else the newest failure.
+
+    A results folder keeps the cells of earlier code versions (their keys differ); a page shows each point once, as
+    last measured.
+    """
+    chosen: dict[tuple, ResultRecord] = {}
+    for record in records:
+        point = (record.identity.model, record.cell.task.name, record.cell.policy.title, budget_key(record.cell.budget))
+        held = chosen.get(point)
+        if held is None or (record.status == "ok", record.finished_at) > (held.status == "ok", held.finished_at):
+            chosen[point] = record
+    return list(chosen.values())
 
 
 def read_record(path: Path) -> ResultRecord:

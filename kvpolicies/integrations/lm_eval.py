@@ -61,6 +61,8 @@ class KVPoliciesLM(HFLM):
     ) -> None:
         options = {key: coerce_option(kwargs.pop(key)) for key in list(kwargs) if key not in _HFLM_ARGUMENTS}
         policy = policy or policy_with_role(Role.REFERENCE)  # no policy: keep everything, like lm-eval's own model
+        if policy is None:
+            raise UsageError("no policy= given and no installed policy keeps the whole cache; name a policy")
         try:
             self.kv_policy = get_policy(policy, **options)
         except PolicyConfigError as error:

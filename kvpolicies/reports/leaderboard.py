@@ -22,7 +22,12 @@ from typing import Any
 
 from tabulate import tabulate
 
-from kvpolicies.experiments.results import ResultRecord, budget_key, load_results
+from kvpolicies.experiments.results import (
+    ResultRecord,
+    budget_key,
+    load_results,
+    newest,
+)
 
 COLUMNS = (
     "Columns: *KV MiB* is the mean resident KV cache per sequence, counted from the cache's tensors, and *of full* "
@@ -56,9 +61,10 @@ class Row:
 
 
 def load_rows(records: Sequence[ResultRecord]) -> tuple[list[Row], list[ResultRecord]]:
-    """Finished cells as rows, and the failed cells' records (to report, not to rank)."""
+    """Finished cells as rows, and the failed cells' records (to report, not to rank); each point once, as last
+    measured (:func:`~kvpolicies.experiments.results.newest`)."""
     rows, failures = [], []
-    for record in records:
+    for record in newest(records):
         if record.status != "ok":
             failures.append(record)
             continue
