@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kvpolicies.cli import policies, reports, sweeps
+from kvpolicies.cli import lm_eval, policies, reports, sweeps
 from kvpolicies.cli.options import parse_options
 from kvpolicies.errors import KVPoliciesError, describe
 
@@ -22,9 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["lm-eval"]:
-            from kvpolicies.cli.lm_eval import run_lm_eval
-
-            return run_lm_eval(argv[1:])
+            return lm_eval.run_lm_eval(argv[1:])
         args = build_parser().parse_args(argv)
         return args.run(args)
     except KVPoliciesError as error:
@@ -53,6 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    for module in (policies, sweeps, reports):
+    for module in (policies, sweeps, lm_eval, reports):
         module.add_commands(commands)
     return parser

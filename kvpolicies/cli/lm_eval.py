@@ -36,6 +36,16 @@ An unknown key is an error that lists the valid ones.
 """
 
 
+def add_commands(commands) -> None:
+    """Listed for `kvpolicies --help`; the command itself never reaches argparse (see :func:`run_lm_eval`)."""
+    commands.add_parser(
+        "lm-eval",
+        help="run lm-evaluation-harness with the `kvpolicies` model registered (arguments as for lm_eval)",
+        description="kvpolicies lm-eval --model kvpolicies --model_args policy=l2norm,budget=0.5 --tasks kvp_passkey "
+        "--include_path evals/tasks --limit 10   (every argument goes to lm_eval unchanged)",
+    )
+
+
 def run_lm_eval(argv: Sequence[str]) -> int:
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging

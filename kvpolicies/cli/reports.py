@@ -104,6 +104,9 @@ def run_analyze_norms(args: argparse.Namespace) -> int:
 
     print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device, dtype="float32")
+    num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    if outside := [layer for layer in args.layers if layer >= num_layers]:  # before the measurement, not after
+        raise UsageError(f"--layers {outside}: the model has layers 0 to {num_layers - 1}")
     if args.text:
         text = read_text_file(args.text, "text file")
     else:
@@ -122,9 +125,6 @@ def run_analyze_norms(args: argparse.Namespace) -> int:
     print(f"Spearman rho < 0 in {negative} of {result.spearman.numel()} layer x head cells; "
           f"mean rho {result.spearman.mean():+.3f}; mean overlap {result.overlap.mean():.3f} "
           f"(chance: {args.keep:g})")
-    num_layers = result.spearman.shape[0]
-    if outside := [layer for layer in args.layers if layer >= num_layers]:
-        raise UsageError(f"--layers {outside}: the model has layers 0 to {num_layers - 1}")
     layers = args.layers
     for path in plot_norm_attention(result, args.out, layers):
         print(f"plot: {path}")

@@ -15,13 +15,6 @@ GRID_HELP = "see README.md, 'Sweeps and leaderboards'"
 
 
 def add_commands(commands) -> None:
-    commands.add_parser(
-        "lm-eval",
-        help="run lm-evaluation-harness with the `kvpolicies` model registered (arguments as for lm_eval)",
-        description="kvpolicies lm-eval --model kvpolicies --model_args policy=l2norm,budget=0.5 --tasks kvp_passkey "
-        "--include_path evals/tasks --limit 10   (every argument goes to lm_eval unchanged)",
-    )
-
     sweep = commands.add_parser("sweep", help="run policies x budgets x tasks x models, resumable, then rank them",
                                 description=f"Run a grid of cells, resumable, then rank them ({GRID_HELP}). The full "
                                 "cache is always part of the grid, as the reference of every budget.")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpolicies.errors import UsageError
+
 from kvpolicies.experiments.probe import queries_and_keys
 
 
@@ -69,7 +71,8 @@ def norm_attention(model, ids: torch.Tensor, window: int = 64, keep_fraction: fl
     """Measure the norm/attention relation on ``ids`` (``[1, seq]``, seq > window)."""
     seq = ids.shape[1]
     if seq <= window:
-        raise ValueError(f"the text has {seq} tokens; it needs more than the query window ({window})")
+        raise UsageError(f"the text has {seq} tokens; it needs more than the query window ({window}): give a longer "
+                         "text or a smaller --window")
     queries, cache = queries_and_keys(model, ids, rows=window)
     visible = seq - window  # keys that every one of the last `window` queries can see
     results = {"spearman": [], "pearson": [], "overlap": []}
