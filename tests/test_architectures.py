@@ -1,9 +1,10 @@
 """The architecture matrix, first slice: tiny random-weight models of each family, built from transformers' own
 classes, through every registered policy.
 
-For each supported architecture and policy: a budget that keeps everything gives the model's own logits, a quarter
-budget holds every head to its allocation with resident bytes equal to the physical limit, and greedy generation with
-decode-time eviction runs. Architectures kvpolicies cannot compress are refused with an error naming what is missing.
+For each supported architecture and policy: a budget that keeps everything gives the model's own logits (also in
+bf16 and fp16), a quarter budget holds every head to its allocation with resident bytes equal to the physical limit,
+greedy generation with decode-time eviction runs, and a left-padded batch keeps for each prompt exactly the entries
+it keeps alone. Architectures kvpolicies cannot compress are refused with an error naming what is missing.
 """
 
 from __future__ import annotations
@@ -100,3 +101,49 @@ def test_models_with_sliding_window_layers_are_refused_with_what_is_missing(arch
     model = build(UNSUPPORTED[architecture], attn_implementation="eager")
     with pytest.raises(ModelLoadError, match="supports full-attention layers only.*sliding_attention"):
         CompressedCache(model, kvpolicies.get_policy("l2norm"), 0.5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["l2norm", "snapkv", "headkv"])
+def test_half_precision_keeps_the_models_own_logits_at_full_budget(model, name, dtype):
+    """bf16 and fp16 on CPU: the uncompressed path calls the model's own attention, so nothing may change."""
+    half = model.to(dtype)
+    try:
+        ids = prompt()
+        plain = half(ids).logits
+        ours = half(ids, cache=CompressedCache(half, kvpolicies.get_policy(name), 1.0)).logits
+        assert torch.equal(ours, plain)
+        cache = CompressedCache(half, kvpolicies.get_policy(name, **({"uncompressed_layers": []} if name == "l2norm"
+                                                                      else {})), 0.25)
+        assert torch.isfinite(half(prompt(64), cache=cache).logits).all()
+    finally:
+        model.to(torch.float32)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", POLICIES)
+def test_a_left_padded_batch_keeps_for_each_prompt_what_it_keeps_alone(model, name):
+    generator = torch.Generator().manual_seed(11)
+    first = torch.randint(3, COMMON["vocab_size"], (1, 36), generator=generator)
+    second = torch.randint(3, COMMON["vocab_size"], (1, 25), generator=generator)
+    batch = torch.cat([first, torch.cat([torch.zeros(1, 11, dtype=torch.long), second], 1)])
+    mask = torch.cat([torch.ones(1, 36), torch.cat([torch.zeros(1, 11), torch.ones(1, 25)], 1)]).long()
+    options = {"uncompressed_layers": []} if name == "l2norm" else {}
+
+    def prefill(ids, attention_mask):
+        cache = CompressedCache(model, kvpolicies.get_policy(name, **options), Budget(value=0.4, slack_tokens=0))
+        model(ids, attention_mask=attention_mask, position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+              cache=cache)
+        return cache
+
+    batched = prefill(batch, mask)
+    for row, ids in enumerate((first, second)):
+        alone = prefill(ids, torch.ones_like(ids))
+        assert torch.equal(batched.kept_per_head()[:, row], alone.kept_per_head()[:, 0])
+        if not batched.policy.compresses:
+            continue  # the reference keeps the batch dense, padding included (reported apart as padding bytes)
+        for layer_b, layer_a in zip(batched.layers, alone.layers):
+            runs = list(layer_b.runs())[row * layer_a.num_heads : (row + 1) * layer_a.num_heads]
+            for (_, _, keys_b, _), (_, _, keys_a, _) in zip(runs, layer_a.runs()):
+                torch.testing.assert_close(keys_b, keys_a, atol=1e-4, rtol=1e-4)
