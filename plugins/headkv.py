@@ -13,7 +13,6 @@ import torch
 from pydantic import Field, model_validator
 
 from kvpolicies import Allocation, BudgetError, hookimpl
-from kvpolicies.engine.budget import distribute
 from kvpolicies.engine.composition import ScorerWrapper, WrapperConfig
 from kvpolicies.experiments.head_scores import load_head_scores
 
@@ -70,10 +69,9 @@ class HeadKV(ScorerWrapper):
                 f"{self.config.head_scores} holds scores for {tuple(scores.shape)} (layers, KV heads), but this model "
                 f"has {tuple(allocation.tokens.shape)}; compute them for this model with `kvpolicies head-scores`"
             )
-        uniform = allocation.total / allocation.tokens.numel()
+        uniform = allocation.free_total / max(len(allocation.free_layers) * allocation.tokens.shape[1], 1)
         floor = max(1, math.floor(self.config.floor_fraction * uniform))
-        tokens = distribute(allocation.total, scores, cap=allocation.seq_len, floor=floor)
-        return Allocation(tokens=tokens.view_as(allocation.tokens), seq_len=allocation.seq_len, total=allocation.total)
+        return allocation.redistribute(scores, floor=floor)
 
     def reallocate_heads(self, scores: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         if self.config.allocation != "adaptive":

@@ -7,7 +7,6 @@ import torch
 from pydantic import Field
 
 from kvpolicies import Allocation, hookimpl
-from kvpolicies.engine.budget import distribute
 from kvpolicies.engine.composition import ScorerWrapper, WrapperConfig
 
 
@@ -30,14 +29,14 @@ class PyramidKV(ScorerWrapper):
     Config = PyramidKVConfig
 
     def allocate(self, allocation: Allocation) -> Allocation:
-        layers, heads = allocation.tokens.shape
-        average = allocation.total / layers
-        top = average / self.config.beta
-        bottom = 2 * average - top
-        per_layer = torch.linspace(bottom, top, layers) if layers > 1 else torch.tensor([average])
-        weights = per_layer[:, None].expand(layers, heads)
-        tokens = distribute(allocation.total, weights, cap=allocation.seq_len).view(layers, heads)
-        return Allocation(tokens=tokens, seq_len=allocation.seq_len, total=allocation.total)
+        # Shares relative to the average layer: from 2 - 1/beta at the bottom to 1/beta at the top, over the layers
+        # a policy may move entries between (a model's sliding-window layers keep their window).
+        free = allocation.free_layers
+        top = 1 / self.config.beta
+        per_layer = torch.linspace(2 - top, top, len(free)) if len(free) > 1 else torch.ones(len(free))
+        weights = torch.zeros(allocation.tokens.shape, dtype=torch.double)
+        weights[free] = per_layer[:, None].double()
+        return allocation.redistribute(weights)
 
 
 @hookimpl

@@ -144,3 +144,60 @@ def test_distribute_respects_floor_cap_and_total(weights, cap, floor, total):
     # More weight never means fewer entries (floors and caps being equal).
     order = sorted(range(len(weights)), key=lambda i: weights[i])
     assert all(shares[a] <= shares[b] + 1 for a, b in zip(order, order[1:]))
+
+
+# -- sliding-window layers -----------------------------------------------------------------------------------------
+
+GEMMA_LIKE = CacheShape(num_layers=6, num_kv_heads=2, head_dim=16, dtype_bytes=2,
+                        windows=(512, 512, None, 512, 512, None))
+
+
+@given(seq_len=st.integers(1, 20000), fraction=st.floats(0.001, 1.0))
+def test_sliding_layers_hold_their_window_and_full_layers_share_the_rest_or_the_budget_is_refused(seq_len, fraction):
+    """The full cache is the model's own (windows of W - 1); windows are charged, never cut; the rest is shared."""
+    windowed = 4 * 2 * min(seq_len, 511)
+    assert GEMMA_LIKE.full_entries(seq_len) == windowed + 2 * 2 * seq_len
+    try:
+        allocation = Budget(value=fraction).allocate(seq_len, GEMMA_LIKE)
+    except BudgetError as error:
+        minimum = float(str(error).rsplit("at least ", 1)[1].split()[0])
+        assert fraction < minimum
+        assert Budget(value=minimum).allocate(seq_len, GEMMA_LIKE).total >= windowed + 4  # the suggestion fits
+        return
+    tokens = allocation.tokens
+    assert allocation.fixed == (0, 1, 3, 4)
+    assert (tokens[list(allocation.fixed)] == min(seq_len, 511)).all()
+    assert int(tokens.sum()) == allocation.total <= GEMMA_LIKE.full_entries(seq_len)
+    assert int(tokens[[2, 5]].min()) >= 1 and int(tokens[[2, 5]].max()) <= seq_len
+
+
+def test_policies_move_entries_between_full_layers_only():
+    import kvpolicies
+
+    uniform = Budget(value=0.7).allocate(4000, GEMMA_LIKE)
+    for name, options in [("pyramidkv", {}), ("l2norm", {"uncompressed_layers": [0, 2]})]:
+        moved = uniform.check(kvpolicies.get_policy(name, **options).allocate(uniform), name)
+        assert torch.equal(moved.tokens[list(uniform.fixed)], uniform.tokens[list(uniform.fixed)])
+        assert int(moved.tokens.sum()) == uniform.total
+    pyramid = kvpolicies.get_policy("pyramidkv").allocate(uniform).tokens
+    assert pyramid[2].sum() > pyramid[5].sum()  # the pyramid runs over the full layers
+    l2 = kvpolicies.get_policy("l2norm", uncompressed_layers=[0, 2]).allocate(uniform).tokens
+    assert (l2[2] == 4000).all()  # layer 0 is windowed: "uncompressed" already
+
+
+def test_a_policy_that_cuts_a_window_is_named():
+    from kvpolicies import Allocation, PolicyConfigError
+
+    uniform = Budget(value=0.3).allocate(4000, GEMMA_LIKE)
+    tokens = uniform.tokens.clone()
+    tokens[0] -= 100
+    tokens[2] += 100
+    with pytest.raises(PolicyConfigError, match=r"'greedy' changed the allocation of sliding-window layers \[0\]"):
+        uniform.check(Allocation(tokens=tokens, seq_len=4000, total=uniform.total), "greedy")
+
+
+def test_every_layer_windowed_refuses_any_cut_with_the_fix():
+    mistral = CacheShape(num_layers=4, num_kv_heads=2, head_dim=16, dtype_bytes=2, windows=(4096,) * 4)
+    assert Budget(value=1.0).allocate(2000, mistral).total == 4 * 2 * 2000
+    with pytest.raises(BudgetError, match="every layer is windowed.*sliding_window=None"):
+        Budget(value=0.5).allocate(2000, mistral)

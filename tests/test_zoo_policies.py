@@ -152,14 +152,12 @@ def test_tova_layer_pooling_shares_one_kept_set_across_heads():
 
 
 def expected_attention_setup(rope_parameters=None):
-    from types import SimpleNamespace
-
     from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
     config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                          rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 100.0})
-    return config, LlamaRotaryEmbedding(config), LayerView(SimpleNamespace(config=config, head_dim=8))
+    return config, LlamaRotaryEmbedding(config), LayerView(LlamaAttention(config, layer_idx=0))
 
 
 def rope(rotary, states, positions):

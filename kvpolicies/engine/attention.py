@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from kvpolicies.engine.signals import LogitScale
 from kvpolicies.engine.storage import CompressedLayer, claim_layer
 from kvpolicies.errors import ModelLoadError
 
@@ -71,15 +73,15 @@ def kvpolicies_attention(inner: Callable, module, query, key, value, attention_m
     if layer is None:
         return inner(module, query, key, value, attention_mask, **kwargs)
     q_len = query.shape[2]
-    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    scale = LogitScale(kwargs.get("scaling") or query.shape[-1] ** -0.5, kwargs.get("softcap"))
     new_visible = new_token_mask(attention_mask, query.shape[0], q_len, query.device)
     if layer.packed:
         dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
-        output = packed_attention(query, layer, new_visible, scaling, dropout), None
+        output = packed_attention(query, layer, new_visible, scale, dropout), None
     else:
         output = inner(module, query, key, value, attention_mask, **kwargs)
     new_valid = None if new_visible is None else new_visible.diagonal(dim1=1, dim2=2)
-    layer.after_attention(query, new_valid, scaling, module)
+    layer.after_attention(query, new_valid, scale, module)
     return output
 
 
@@ -104,13 +106,16 @@ def new_token_mask(attention_mask, batch: int, q_len: int, device) -> torch.Tens
 
 
 def packed_attention(
-    query: torch.Tensor, layer: CompressedLayer, new_visible: torch.Tensor | None, scaling: float, dropout: float
+    query: torch.Tensor, layer: CompressedLayer, new_visible: torch.Tensor | None, scale: LogitScale, dropout: float
 ) -> torch.Tensor:
     """SDPA of ``query`` over the layer's packed runs; returns ``[batch, q_len, heads, head_dim]``.
 
     The query heads sharing a KV head are folded into the query rows, so GQA needs no copy of the keys. A run sees
     all its old entries and, among its newest ``q_len`` entries, what ``new_visible`` allows (causal by default).
+    A soft-capped layer (Gemma 2) cannot use SDPA, which has no soft-cap: it runs the eager computation instead.
     """
+    attend = partial(softcapped_attention, softcap=scale.softcap) if scale.softcap else F.scaled_dot_product_attention
+    scaling = scale.scaling
     batch, heads, q_len, head_dim = query.shape
     kv_heads = layer.num_heads
     groups = heads // kv_heads
@@ -131,14 +136,27 @@ def packed_attention(
     if (uniform := layer.uniform_view()) is not None:
         keys, values = uniform
         mask = mask_for(keys.shape[2], None if new_visible is None else new_visible[:, None])
-        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        out = attend(rows, keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling)
     else:
         out = torch.empty_like(rows)
         for b, h, k, v in layer.runs():
             mask = mask_for(k.shape[0], None if new_visible is None else new_visible[b])
             # 4-D inputs: with 3-D ones SDPA on CPU falls back to its math path (bmm + softmax), 1.5x slower.
-            out[b, h] = F.scaled_dot_product_attention(
+            out[b, h] = attend(
                 rows[b, h][None, None], k[None, None], v[None, None], attn_mask=mask, dropout_p=dropout,
                 scale=scaling,
             )[0, 0]
     return out.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
+
+
+def softcapped_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float,
+    scale: float, softcap: float,
+) -> torch.Tensor:
+    """``scaled_dot_product_attention`` with the logits soft-capped, computed as the models' eager attention does:
+    in the inputs' dtype, softmax in float32."""
+    logits = LogitScale(scale, softcap).apply_(query @ key.transpose(-1, -2))
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, float("-inf"))
+    weights = logits.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    return F.dropout(weights, p=dropout_p, training=dropout_p > 0) @ value

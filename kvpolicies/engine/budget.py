@@ -3,6 +3,13 @@
 Equal memory means equal *entries*: an entry is one token's key and value in one KV head of one layer, so its size
 is ``2 × head_dim × dtype bytes`` whatever the policy. GQA models are counted per KV head, never per query head.
 Layers a policy leaves uncompressed count against the same total.
+
+Sliding-window layers (Gemma 2/3, Mistral with ``sliding_window``) are neither uncompressed nor free. The model
+itself only ever attends to their last ``W`` tokens, so its own cache holds ``W - 1`` entries per head there: that
+is the "full cache" a fraction is taken of, and those entries are charged to the budget like any other. Nothing
+inside a window is ever evicted (the model needs all of it for its next token), so a sliding layer always holds its
+window and the full-attention layers share what remains; a budget too small for the windows is refused with the
+smallest one that fits.
 """
 
 from __future__ import annotations
@@ -46,6 +53,9 @@ class CacheShape:
     num_kv_heads: int
     head_dim: int
     dtype_bytes: int
+    windows: tuple[int | None, ...] = ()
+    """Per layer, the window ``W`` of a layer the model itself slides (None: full attention); empty when every layer
+    is full attention."""
 
     @property
     def cells(self) -> int:
@@ -57,12 +67,30 @@ class CacheShape:
         """Bytes of one entry: a key and a value of one token in one KV head."""
         return 2 * self.head_dim * self.dtype_bytes
 
+    @property
+    def sliding_layers(self) -> tuple[int, ...]:
+        """Layers the model windows itself; their allocation is their window, set by the model, not by a policy."""
+        return tuple(layer for layer, window in enumerate(self.windows) if window is not None)
+
+    def held(self, layer: int, seq_len: int) -> int:
+        """Entries per KV head the model's own cache holds in ``layer`` after ``seq_len`` tokens: all of them, or
+        the last ``W - 1`` of a sliding-window layer (what transformers' ``DynamicSlidingWindowLayer`` keeps)."""
+        window = self.windows[layer] if self.windows else None
+        return seq_len if window is None else min(seq_len, window - 1)
+
+    def full_entries(self, seq_len: int) -> int:
+        """Entries of one sequence in the model's own uncompressed cache: what a fraction budget is a fraction of."""
+        if not self.sliding_layers:
+            return self.cells * seq_len
+        return self.num_kv_heads * sum(self.held(layer, seq_len) for layer in range(self.num_layers))
+
     @classmethod
-    def from_config(cls, config, dtype: torch.dtype) -> CacheShape:
+    def from_config(cls, config, dtype: torch.dtype, windows: tuple[int | None, ...] = ()) -> CacheShape:
         config = config.get_text_config(decoder=True)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return cls(config.num_hidden_layers, kv_heads, head_dim, torch.empty((), dtype=dtype).element_size())
+        windows = windows if any(window is not None for window in windows) else ()
+        return cls(config.num_hidden_layers, kv_heads, head_dim, torch.empty((), dtype=dtype).element_size(), windows)
 
 
 class Budget(BaseModel):
@@ -142,8 +170,9 @@ class Budget(BaseModel):
             raise BudgetError(f"invalid budget {spec!r}: {problems}") from None
 
     def total_entries(self, seq_len: int, shape: CacheShape) -> int:
-        """Entries the whole cache of one sequence may hold: at least one per head, at most the full cache."""
-        full = shape.cells * seq_len
+        """Entries the whole cache of one sequence may hold: at least one per head, at most the full cache (the
+        model's own cache, sliding windows included)."""
+        full = shape.full_entries(seq_len)
         if self.unit == "fraction":
             wanted = math.floor(self.value * full + 1e-9)
         elif self.unit == "tokens":
@@ -153,10 +182,32 @@ class Budget(BaseModel):
         return max(min(wanted, full), min(shape.cells, full))
 
     def allocate(self, seq_len: int, shape: CacheShape) -> Allocation:
-        """The uniform allocation: every (layer, KV head) gets the same share, remainders to the first cells."""
+        """The uniform allocation: sliding-window layers hold their window, and every (layer, KV head) of the
+        full-attention layers gets the same share of the rest, remainders to the first cells."""
         total = self.total_entries(seq_len, shape)
-        tokens = spread(total, shape.cells, seq_len).view(shape.num_layers, shape.num_kv_heads)
-        return Allocation(tokens=tokens, seq_len=seq_len, total=total)
+        if not shape.sliding_layers:
+            tokens = spread(total, shape.cells, seq_len).view(shape.num_layers, shape.num_kv_heads)
+            return Allocation(tokens=tokens, seq_len=seq_len, total=total)
+        fixed = shape.sliding_layers
+        tokens = torch.zeros(shape.num_layers, shape.num_kv_heads, dtype=torch.long)
+        for layer in fixed:
+            tokens[layer] = shape.held(layer, seq_len)
+        windowed = int(tokens.sum())
+        free = [layer for layer in range(shape.num_layers) if layer not in fixed]
+        if total < windowed + len(free) * shape.num_kv_heads:
+            needed = (windowed + len(free) * shape.num_kv_heads) / shape.full_entries(seq_len)
+            needed = math.ceil(needed * 1000) / 1000  # rounded up: the budget suggested must be enough
+            where = (f"and one entry per head of its {len(free)} full-attention layers" if free else
+                     "(every layer is windowed: a smaller cache would evict inside the window the model attends to; "
+                     "load the model with sliding_window=None to compress it as full attention)")
+            raise BudgetError(
+                f"budget {self} keeps {total} entries of a {seq_len}-token sequence, but the model's "
+                f"{len(fixed)} sliding-window layers hold {windowed} (the last W - 1 tokens each, all of which the "
+                f"model attends to) {where}; raise the budget to at least {min(needed, 1.0):.3f} for this length"
+            )
+        if free:
+            tokens[free] = spread(total - windowed, len(free) * shape.num_kv_heads, seq_len).view(len(free), -1)
+        return Allocation(tokens=tokens, seq_len=seq_len, total=total, fixed=fixed)
 
     def __str__(self) -> str:
         if self.unit == "fraction":
@@ -212,15 +263,45 @@ def distribute(
 
 @dataclass
 class Allocation:
-    """Tokens kept per (layer, KV head) for one sequence of ``seq_len`` real tokens; ``tokens.sum() == total``."""
+    """Tokens kept per (layer, KV head) for one sequence of ``seq_len`` real tokens; ``tokens.sum() == total``.
+
+    A policy may move entries between the ``free_layers`` (and their heads); the ``fixed`` layers are the model's
+    sliding-window layers, which hold their window whatever the policy says.
+    """
 
     tokens: torch.Tensor
     """``[num_layers, num_kv_heads]`` long."""
     seq_len: int
     total: int
+    fixed: tuple[int, ...] = ()
+    """Layers whose allocation the model sets (sliding windows): ``check`` refuses a policy that changes them."""
+
+    @property
+    def free_layers(self) -> list[int]:
+        """Layers a policy may give more or fewer entries: every full-attention layer."""
+        return [layer for layer in range(self.tokens.shape[0]) if layer not in self.fixed]
+
+    @property
+    def free_total(self) -> int:
+        """Entries the free layers share: the total less what the sliding windows hold."""
+        return self.total - int(self.tokens[list(self.fixed)].sum()) if self.fixed else self.total
+
+    def redistribute(self, weights: torch.Tensor, floor: int | torch.Tensor = 1) -> Allocation:
+        """Share the free layers' entries in proportion to ``weights`` (``[layers, kv_heads]``; fixed layers'
+        weights are ignored), each head within ``[floor, seq_len]``; sliding-window layers keep their window."""
+        free = self.free_layers
+        tokens = self.tokens.clone()
+        if free:
+            shares = distribute(self.free_total, weights.reshape(self.tokens.shape)[free], cap=self.seq_len,
+                                floor=floor)
+            tokens[free] = shares.view(len(free), -1)
+        return Allocation(tokens=tokens, seq_len=self.seq_len, total=self.total, fixed=self.fixed)
 
     def with_full_layers(self, layers: Iterable[int]) -> Allocation:
-        """Leave ``layers`` uncompressed and share what is left of the total among the other layers."""
+        """Leave ``layers`` uncompressed and share what is left of the total among the other layers.
+
+        A sliding-window layer named here already holds all the model attends to (its window), so it is left as is.
+        """
         num_layers, num_heads = self.tokens.shape
         outside = [layer for layer in layers if not -num_layers <= layer < num_layers]
         if outside:
@@ -228,24 +309,28 @@ class Allocation:
                 f"layers {outside} do not exist in a model of {num_layers} layers; name layers 0 to "
                 f"{num_layers - 1} (or -1 for the last, -2 for the one before, ...)"
             )
-        full = sorted({layer % num_layers for layer in layers})
+        full = sorted({layer % num_layers for layer in layers} - set(self.fixed))
         if not full:
             return self
-        rest = [layer for layer in range(num_layers) if layer not in full]
-        remaining = self.total - len(full) * num_heads * self.seq_len
+        rest = [layer for layer in self.free_layers if layer not in full]
+        remaining = self.free_total - len(full) * num_heads * self.seq_len
         if remaining < len(rest) * num_heads:
-            needed = (len(full) * self.seq_len + len(rest)) / (num_layers * self.seq_len)
+            windowed = self.total - self.free_total
+            full_cache = windowed + len(self.free_layers) * num_heads * self.seq_len
+            needed = (windowed + (len(full) * self.seq_len + len(rest)) * num_heads) / full_cache
             needed = math.ceil(needed * 1000) / 1000  # rounded up: the budget suggested must be enough
             raise BudgetError(
                 f"the budget keeps {self.total} entries, but leaving layers {full} uncompressed already takes "
-                f"{len(full) * num_heads * self.seq_len} of them for a {self.seq_len}-token sequence; raise the "
-                f"budget to at least {needed:.3f} of the cache or leave fewer layers uncompressed"
+                f"{len(full) * num_heads * self.seq_len} of them for a {self.seq_len}-token sequence"
+                + (f" (and the sliding-window layers hold {windowed})" if windowed else "")
+                + f"; raise the budget to at least {min(needed, 1.0):.3f} of the cache or leave fewer layers "
+                "uncompressed"
             )
         tokens = self.tokens.clone()
         tokens[full] = self.seq_len
         if rest:
             tokens[rest] = spread(remaining, len(rest) * num_heads, self.seq_len).view(len(rest), num_heads)
-        return Allocation(tokens=tokens, seq_len=self.seq_len, total=self.total)
+        return Allocation(tokens=tokens, seq_len=self.seq_len, total=self.total, fixed=self.fixed)
 
     def check(self, returned: object, policy_name: str) -> Allocation:
         """``returned`` (what a policy's ``allocate()`` made of this allocation) if it keeps the equal-budget
@@ -272,4 +357,13 @@ class Allocation:
                 f"policy {policy_name!r} allocated {tokens.sum().item()} entries, more than the budget's "
                 f"{self.total}; reallocation must move entries, not add them"
             )
+        moved = [layer for layer in self.fixed if not torch.equal(tokens[layer], self.tokens[layer])]
+        if moved:
+            raise PolicyConfigError(
+                f"policy {policy_name!r} changed the allocation of sliding-window layers {moved}, which hold exactly "
+                "the window the model attends to; move entries between allocation.free_layers only (e.g. with "
+                "allocation.redistribute(weights))"
+            )
+        if tuple(returned.fixed) != tuple(self.fixed):
+            returned = Allocation(tokens=tokens, seq_len=returned.seq_len, total=returned.total, fixed=self.fixed)
         return returned

@@ -19,11 +19,12 @@ from transformers.cache_utils import Cache
 from kvpolicies.engine.attention import prepare_model
 from kvpolicies.engine.budget import Allocation, Budget, CacheShape
 from kvpolicies.engine.layer_view import LayerView
+from kvpolicies.engine.layout import layer_windows
 from kvpolicies.engine.policy import Policy, ScoreInputs, Signal
 from kvpolicies.engine.selection import age_order, select
-from kvpolicies.engine.signals import attention_received
+from kvpolicies.engine.signals import LogitScale, attention_received
 from kvpolicies.engine.storage import CompressedLayer
-from kvpolicies.errors import ContextLengthWarning, ModelLoadError, PolicyConfigError
+from kvpolicies.errors import ContextLengthWarning, PolicyConfigError
 
 
 @dataclass(frozen=True)
@@ -63,25 +64,19 @@ class CompressedCache(Cache):
         )
 
         text_config = model.config.get_text_config(decoder=True)
-        layer_types = getattr(text_config, "layer_types", None) or []
-        unsupported = sorted({t for t in layer_types if t != "full_attention"})
-        if unsupported:
-            raise ModelLoadError(
-                f"{type(model).__name__}: CompressedCache supports full-attention layers only; this model also has "
-                f"{unsupported} layers"
-            )
+        windows = layer_windows(model)  # refuses layer kinds that hold no per-token keys and values
         self.max_positions: int | float = getattr(text_config, "max_position_embeddings", None) or float("inf")
         prepare_model(model)
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.budget = Budget.parse(budget)
-        self.shape = CacheShape.from_config(model.config, model.dtype)
+        self.shape = CacheShape.from_config(model.config, model.dtype, windows)
         self._allocations: dict[int, list[list[int]]] = {}
         self._layer_views: dict[int, LayerView] = {}
         self.timing = False
         """When True, ``policy_seconds`` accumulates the time spent in the policy (signals, scoring, eviction)."""
         self.policy_seconds = 0.0
         self._warned_positions = False
-        super().__init__(layers=[CompressedLayer(self, i) for i in range(self.shape.num_layers)])
+        super().__init__(layers=[CompressedLayer(self, i, window) for i, window in enumerate(windows)])
 
     def warn_past_positions(self, length: int) -> None:
         """Warn once: beyond its trained positions a model's output is unreliable, compressed or not."""
@@ -98,7 +93,8 @@ class CompressedCache(Cache):
     def allocation(self, seq_len: int) -> Allocation:
         """The policy's allocation for a sequence of ``seq_len`` real tokens, checked against the budget."""
         uniform = self.budget.allocate(seq_len, self.shape)
-        handed = Allocation(tokens=uniform.tokens.clone(), seq_len=uniform.seq_len, total=uniform.total)
+        handed = Allocation(tokens=uniform.tokens.clone(), seq_len=uniform.seq_len, total=uniform.total,
+                            fixed=uniform.fixed)
         return uniform.check(self.policy.allocate(handed), self.policy.name)  # a copy: edits cannot move the bar
 
     def _targets(self, seq_len: int) -> list[list[int]]:
@@ -110,10 +106,14 @@ class CompressedCache(Cache):
         return self._allocations[seq_len]
 
     def evict(
-        self, layer: CompressedLayer, query: torch.Tensor, scaling: float, module: torch.nn.Module | None = None
+        self, layer: CompressedLayer, query: torch.Tensor, scale: LogitScale, module: torch.nn.Module | None = None
     ) -> None:
         """Cut ``layer`` back to its allocation if a sequence outgrew it (by more than the slack when decoding)."""
         if not self.policy.compresses:
+            return
+        if layer.window is not None:  # holds its window, set by the model; the budget must still afford it
+            for n in set(layer.seen):
+                self._targets(max(n, 1))
             return
         slack = 0 if query.shape[-2] > 1 else self.budget.slack_tokens
         targets = [self._targets(max(n, 1))[layer.layer_idx] for n in layer.seen]
@@ -128,7 +128,7 @@ class CompressedCache(Cache):
         # Rows over budget get their allocation (select() clamps a head to what it holds), others keep everything.
         keep_n = torch.tensor([row_t if row_over else row_c for row_c, row_t, row_over in zip(counts, targets, over)])
         if any(over):
-            inputs = self._score_inputs(layer, dense, valid, keep_n.clone(), query, scaling)
+            inputs = self._score_inputs(layer, dense, valid, keep_n.clone(), query, scale)
             inputs.layer = self._layer_view(layer.layer_idx, module)
             scores = self._checked(self.policy.score(inputs), valid)
             keep_n = self._reallocate_heads(scores, valid, keep_n, over)
@@ -181,12 +181,12 @@ class CompressedCache(Cache):
             view = self._layer_views[layer_idx] = LayerView(module)
         return view
 
-    def _score_inputs(self, layer, dense, valid, keep, query, scaling) -> ScoreInputs:
+    def _score_inputs(self, layer, dense, valid, keep, query, scale: LogitScale) -> ScoreInputs:
         needs = self.policy.needs
         order = age_order(valid)
         inputs = ScoreInputs(
             layer_idx=layer.layer_idx, valid=valid, order=order, seen_tokens=list(layer.seen), keep=keep,
-            scaling=scaling,
+            scaling=scale.scaling, softcap=scale.softcap,
         )
         if Signal.KEYS in needs:
             inputs.keys = dense["keys"]
@@ -196,7 +196,7 @@ class CompressedCache(Cache):
         if Signal.QUERIES in needs:
             inputs.queries = queries
         if Signal.ATTENTION in needs:
-            inputs.attention = attention_received(queries, dense["keys"], valid, order, scaling)
+            inputs.attention = attention_received(queries, dense["keys"], valid, order, scale)
         if Signal.CUMULATIVE_ATTENTION in needs:
             inputs.cumulative_attention = dense["cumulative"][..., 0]
         return inputs
@@ -240,7 +240,7 @@ class CompressedCache(Cache):
         kept = self.kept_per_head().sum(dim=(0, 2)).tolist()
         stats = []
         for seen, entries in zip(self.layers[0].seen, kept):
-            full = seen * self.shape.cells
+            full = self.shape.full_entries(seen)  # the model's own cache: sliding layers hold their window
             stats.append(CacheStats(kept_entries=int(entries), full_entries=full,
                                     resident_bytes=int(entries) * self.shape.entry_bytes,
                                     full_bytes=full * self.shape.entry_bytes))

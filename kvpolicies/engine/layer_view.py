@@ -8,6 +8,7 @@ understand is an error that names the model, never a guess.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -22,8 +23,9 @@ OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "dense", "c_proj")
 @dataclass(frozen=True)
 class Rotary:
     """The rotary position embedding of a layer: ``inv_freq[k]`` rotates dimension pairs ``(k, k + dim/2)`` of the
-    first ``dim`` dimensions of each head (the ``rotate_half`` convention of the Llama family; models that rotate
-    interleaved pairs are not told apart yet); the rest of the head is not rotated."""
+    first ``dim`` dimensions of each head (the ``rotate_half`` convention of the Llama family; a model that rotates
+    interleaved pairs ``(2k, 2k + 1)``, like Cohere or GLM, is refused by :attr:`LayerView.rotary`); the rest of the
+    head is not rotated."""
 
     inv_freq: torch.Tensor
     """``[dim / 2]`` float32 angular frequencies, scaling (llama3, yarn, ...) included."""
@@ -58,6 +60,7 @@ class LayerView:
         parameters (local and global layers with different RoPE)."""
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+        self._check_rotate_half()
         config = getattr(self.module, "config", None)
         if config is None:
             raise ModelLoadError(f"{self.name} carries no config, so its RoPE cannot be read")
@@ -85,3 +88,17 @@ class LayerView:
         else:
             raise ModelLoadError(f"{self.name}: unknown rope type {rope_type!r}")
         return Rotary(inv_freq=inv_freq.float(), dim=2 * inv_freq.numel())  # what the frequencies rotate
+
+    def _check_rotate_half(self) -> None:
+        """Refuse a model whose RoPE pairs dimensions differently from ``rotate_half``: read from the ``rotate_half``
+        its own modeling code applies, tried on a probe vector (names alone do not tell: Cohere's ``rotate_half``
+        rotates interleaved pairs)."""
+        code = sys.modules.get(type(self.module).__module__)
+        rotate_half = getattr(code, "rotate_half", None)
+        if rotate_half is None or hasattr(code, "apply_rotary_pos_emb_interleave"):
+            raise ModelLoadError(f"{self.name}: cannot tell how this model applies RoPE (its modeling code has no "
+                                 "rotate_half, or de-interleaves first); a policy that reads RoPE cannot run on it")
+        if not torch.equal(rotate_half(torch.arange(4.0)), torch.tensor([-2.0, -3.0, 0.0, 1.0])):
+            raise ModelLoadError(f"{self.name} rotates interleaved dimension pairs (0, 1), (2, 3), ...; kvpolicies "
+                                 "reads RoPE in the rotate-half convention of the Llama family, so a policy that "
+                                 "reads RoPE (expected_attention) cannot run on this model")

@@ -101,6 +101,9 @@ class ScoreInputs:
     cumulative_attention: torch.Tensor | None = None
     scaling: float = 1.0
     """The attention's logit scale (``head_dim ** -0.5`` unless the model says otherwise), as the model applies it."""
+    softcap: float | None = None
+    """The attention's logit soft-cap (Gemma 2: ``softcap · tanh(logit / softcap)`` after scaling), None if none.
+    The ``attention`` and ``cumulative_attention`` signals already include it."""
     layer: LayerView | None = None
     """Facts about the layer's attention for policies that need more than tensors: ``layer.output_projection``
     (``W_o``), ``layer.rotary`` (RoPE frequencies). Read through this view, never from the model's attributes, so

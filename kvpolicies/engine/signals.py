@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class LogitScale:
+    """How a layer turns ``q·k`` into attention logits, as the model does it: times ``scaling`` (``head_dim ** -0.5``
+    unless the model says otherwise, e.g. Gemma's ``query_pre_attn_scalar``), then, when ``softcap`` is set
+    (Gemma 2), squashed into ``±softcap`` by ``softcap · tanh(logit / softcap)``."""
+
+    scaling: float
+    softcap: float | None = None
+
+    def apply_(self, dots: torch.Tensor) -> torch.Tensor:
+        """Turn ``dots`` into logits in place, and return them."""
+        dots.mul_(self.scaling)
+        if self.softcap:
+            dots.div_(self.softcap).tanh_().mul_(self.softcap)
+        return dots
 
 
 def attention_received(
@@ -10,7 +29,7 @@ def attention_received(
     keys: torch.Tensor,
     valid: torch.Tensor,
     order: torch.Tensor,
-    scaling: float,
+    scaling: float | LogitScale,
     chunk: int = 256,
 ) -> torch.Tensor:
     """Attention each cached entry receives from ``query``, summed over its query heads and the queries.
@@ -19,12 +38,14 @@ def attention_received(
         query: ``[batch, heads, q_len, head_dim]``; the queries belong to the newest ``q_len`` entries.
         keys: ``[batch, kv_heads, seq, head_dim]``.
         valid / order: ``[batch, kv_heads, seq]`` padding mask and age rank (see ``selection.age_order``).
+        scaling: the layer's logit scale, or a :class:`LogitScale` with its soft-cap.
 
     Returns:
         ``[batch, kv_heads, seq]`` float32. Query ``j`` sees the entries whose age rank is at most
         ``count - q_len + j`` (causality in age order, so dense and packed layouts agree). Queries run in chunks of
         ``chunk`` so memory stays O(chunk × seq) instead of O(q_len × seq).
     """
+    logit_scale = scaling if isinstance(scaling, LogitScale) else LogitScale(scaling)
     batch, kv_heads, seq, head_dim = keys.shape
     heads, q_len = query.shape[1], query.shape[2]
     grouped = query.view(batch, kv_heads, heads // kv_heads, q_len, head_dim)
@@ -37,7 +58,7 @@ def attention_received(
         logits = torch.einsum("bhgqd,bhsd->bhgqs", grouped[:, :, :, start:stop].float(), keys32[:, :, :seen])
         limit = first_new + torch.arange(start, stop, device=keys.device)  # [batch, kv_heads, chunk]
         visible = valid[:, :, None, :seen] & (order[:, :, None, :seen] <= limit[..., None])
-        probs = logits.mul_(scaling).masked_fill_(~visible[:, :, None], float("-inf")).softmax(dim=-1)
+        probs = logit_scale.apply_(logits).masked_fill_(~visible[:, :, None], float("-inf")).softmax(dim=-1)
         received[..., :seen] += probs.nan_to_num_(0.0).sum(dim=(2, 3))
     return received
 

@@ -9,6 +9,11 @@ memory really is freed. When all runs have one length the packed tensor *is* the
 Two lengths. ``get_seq_length()`` is the logical number of tokens seen (RoPE positions continue from it), while a
 packed layer holds fewer entries; masks of packed layers are built by :mod:`kvpolicies.engine.attention`.
 
+Sliding-window layers. A layer the model windows to ``W`` tokens stays dense and, after each forward, keeps its last
+``W - 1`` positions, as transformers' ``DynamicSlidingWindowLayer`` does; it reports the same mask sizes, so the
+model builds its own sliding mask and runs its own attention there. The policy never scores it: the window is
+exactly what the model attends to next.
+
 The hand-off to the attention. transformers calls ``layer.update(keys, values)`` and then the attention function
 with the tensors it returned, but never tells the attention which cache layer they came from. The attention needs
 the layer twice: to read packed runs (their lengths are not in the tensors) and, once it has read the keys, to
@@ -29,7 +34,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from kvpolicies.engine.policy import Policy, Signal
 from kvpolicies.engine.selection import age_order
-from kvpolicies.engine.signals import attention_received
+from kvpolicies.engine.signals import LogitScale, attention_received
 
 
 class LayerOwner(Protocol):
@@ -43,7 +48,7 @@ class LayerOwner(Protocol):
 
     def clock(self) -> float: ...
 
-    def evict(self, layer: CompressedLayer, query: torch.Tensor, scaling: float,
+    def evict(self, layer: CompressedLayer, query: torch.Tensor, scale: LogitScale,
               module: torch.nn.Module | None = None) -> None: ...
 
     def warn_past_positions(self, length: int) -> None: ...
@@ -74,15 +79,17 @@ class CompressedLayer(CacheLayerMixin):
     accumulated, for policies that read it) and a rolling buffer of the most recent queries.
     """
 
-    is_sliding = False
     is_compileable = False
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, cache: LayerOwner, layer_idx: int) -> None:
+    def __init__(self, cache: LayerOwner, layer_idx: int, window: int | None = None) -> None:
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
+        self.window = window
+        """The model's sliding window for this layer (None: full attention, compressed by the policy)."""
+        self.is_sliding = window is not None  # read by transformers to build this layer's mask
         self.reset()
 
     def reset(self) -> None:
@@ -103,7 +110,7 @@ class CompressedLayer(CacheLayerMixin):
         self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
         self.keys = key_states[:, :, :0]
         self.values = value_states[:, :, :0]
-        if Signal.CUMULATIVE_ATTENTION in self.cache.policy.needs:
+        if Signal.CUMULATIVE_ATTENTION in self.cache.policy.needs and self.window is None:
             self.cumulative = key_states.new_zeros(self.batch_size, self.num_heads, 0, 1, dtype=torch.float32)
         self.valid = torch.zeros(self.batch_size, 0, dtype=torch.bool, device=self.device)
         self.seen = [0] * self.batch_size
@@ -148,7 +155,8 @@ class CompressedLayer(CacheLayerMixin):
         return torch.cat([piece for pair in zip(runs, fresh) for piece in pair])
 
     def after_attention(
-        self, query: torch.Tensor, new_valid: torch.Tensor | None, scaling: float, module: torch.nn.Module | None = None
+        self, query: torch.Tensor, new_valid: torch.Tensor | None, scale: LogitScale,
+        module: torch.nn.Module | None = None,
     ) -> None:
         """Record which new tokens are real and what they attended to, then let the cache evict.
 
@@ -165,6 +173,12 @@ class CompressedLayer(CacheLayerMixin):
             if new_valid is None:
                 new_valid = torch.ones(self.batch_size, q_len, dtype=torch.bool, device=self.device)
             self.valid = torch.cat([self.valid, new_valid], dim=1)
+        if self.window is not None:
+            self._slide()
+            self.cache.evict(self, query, scale, module)  # evicts nothing: checks the budget affords the window
+            if started is not None:
+                self.cache.policy_seconds += self.cache.clock() - started
+            return
         window = self.cache.policy.query_window
         if window:
             # One copy of at most `window` rows per step. Never keep a slice of `query`: a view would keep the whole
@@ -176,16 +190,25 @@ class CompressedLayer(CacheLayerMixin):
             else:
                 self.recent_queries = torch.cat([self.recent_queries[:, :, -room:], new], dim=2)
         if self.cumulative is not None:
-            self.cumulative += self._attention_received(query, scaling)[..., None]
-        self.cache.evict(self, query, scaling, module)
+            self.cumulative += self._attention_received(query, scale)[..., None]
+        self.cache.evict(self, query, scale, module)
         if started is not None:
             self.cache.policy_seconds += self.cache.clock() - started
 
-    def _attention_received(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    def _slide(self) -> None:
+        """Keep the last ``W - 1`` positions: all the model's next query can see. A copy, so the dropped entries'
+        memory is freed (a view would keep the whole prompt alive)."""
+        keep = self.window - 1
+        if self.keys.shape[2] > keep:
+            self.keys = self.keys[:, :, -keep:].clone()
+            self.values = self.values[:, :, -keep:].clone()
+            self.valid = self.valid[:, -keep:].clone()
+
+    def _attention_received(self, query: torch.Tensor, scale: LogitScale) -> torch.Tensor:
         """Attention ``query`` gives each stored entry, in storage layout (``[b, h, s]`` dense, ``[N]`` packed)."""
         if not self.packed or self.uniform:
             keys, _, valid = self.dense_view(tracks=False)
-            received = attention_received(query, keys, valid, age_order(valid), scaling)
+            received = attention_received(query, keys, valid, age_order(valid), scale)
             return received.flatten() if self.packed else received
         groups = query.shape[1] // self.num_heads
         pieces = []
@@ -193,7 +216,7 @@ class CompressedLayer(CacheLayerMixin):
             b, h = divmod(run, self.num_heads)
             valid = torch.ones(1, 1, keys.shape[0], dtype=torch.bool, device=self.device)
             run_query = query[b : b + 1, h * groups : (h + 1) * groups]
-            pieces.append(attention_received(run_query, keys[None, None], valid, age_order(valid), scaling).flatten())
+            pieces.append(attention_received(run_query, keys[None, None], valid, age_order(valid), scale).flatten())
         return torch.cat(pieces)
 
     def runs(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
@@ -214,6 +237,8 @@ class CompressedLayer(CacheLayerMixin):
         """Real entries held per sequence and KV head (a dense layer holds every real token seen)."""
         if self.packed:
             return [self.lengths[b * self.num_heads : (b + 1) * self.num_heads] for b in range(self.batch_size)]
+        if self.window is not None:  # the window's real entries: the padding of a left-padded batch is older
+            return [[min(n, self.window - 1)] * self.num_heads for n in self.seen]
         return [[n] * self.num_heads for n in self.seen]
 
     def kept_counts(self) -> torch.Tensor:
@@ -281,11 +306,14 @@ class CompressedLayer(CacheLayerMixin):
         return self.logical_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.window is not None and self.logical_length >= self.window:
+            # The stored last W - 1 positions and the new ones, starting where the stored ones start.
+            return self.window - 1 + query_length, self.logical_length - self.window + 1
         # Logical sizes: dense layers hold every token; packed layers build their own masks.
         return self.logical_length + query_length, 0
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.window is None else self.window
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("beam search is not supported with a CompressedCache; use greedy or sampling")
