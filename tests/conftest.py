@@ -11,6 +11,8 @@ import kvpolicies
 from kvpolicies.integrations.models import converted_gguf, embedded_gguf
 from tests.helpers import tiny_llama
 
+pytest_plugins = ["tests.models_table"]  # --models-table: docs/models.md from the architecture matrix
+
 # Property tests explore the same examples on every run: a CI failure is always reproducible locally.
 settings.register_profile("kvpolicies", derandomize=True, deadline=None)
 settings.load_profile("kvpolicies")

@@ -22,88 +22,19 @@ from transformers.cache_utils import DynamicCache
 import kvpolicies
 from kvpolicies import Budget, BudgetError, CompressedCache, ModelLoadError, PolicyConfig, Signal
 from kvpolicies.engine.policy import Policy
+from tests.architectures import (
+    ALL_WINDOWED,
+    ARCHITECTURES,
+    COMMON,
+    REFUSED,
+    UNSUPPORTED,
+    WHOLE,
+    WINDOW,
+    build,
+    prompt,
+)
 
-COMMON = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-          "max_position_embeddings": 256, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-WINDOW = 8
-"""Sliding window of the windowed configs: shorter than every prompt here, so windows really slide."""
-
-ARCHITECTURES: dict[str, tuple[str, dict, str]] = {
-    # name: (config class, options beyond COMMON, attention implementation)
-    "llama-gqa": ("LlamaConfig", {"num_attention_heads": 4, "num_key_value_heads": 2}, "sdpa"),
-    "llama-mha": ("LlamaConfig", {"num_attention_heads": 4, "num_key_value_heads": 4}, "sdpa"),
-    "llama-mqa": ("LlamaConfig", {"num_attention_heads": 4, "num_key_value_heads": 1}, "sdpa"),
-    "llama-head-dim-24": ("LlamaConfig", {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24},
-                          "sdpa"),
-    "mistral": ("MistralConfig", {"num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": None},
-                "sdpa"),
-    "mistral-sliding-window": ("MistralConfig", {"num_attention_heads": 4, "num_key_value_heads": 2,
-                                                 "sliding_window": WINDOW}, "sdpa"),
-    "qwen2": ("Qwen2Config", {"num_attention_heads": 4, "num_key_value_heads": 2}, "sdpa"),
-    "qwen3-qk-norm": ("Qwen3Config", {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}, "sdpa"),
-    "gemma2": ("Gemma2Config", {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-                                "sliding_window": WINDOW, "attn_logit_softcapping": 1.0, "initializer_range": 0.2},
-               "eager"),
-    "gemma3": ("Gemma3TextConfig", {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-                                    "sliding_window": WINDOW,
-                                    "layer_types": ["sliding_attention", "full_attention"]}, "sdpa"),
-    "olmo2": ("Olmo2Config", {"num_attention_heads": 4, "num_key_value_heads": 2}, "sdpa"),
-    "phi3-partial-rotary": ("Phi3Config", {"num_attention_heads": 4, "num_key_value_heads": 2,
-                                           "partial_rotary_factor": 0.5}, "sdpa"),
-    "cohere-interleaved-rope": ("CohereConfig", {"num_attention_heads": 4, "num_key_value_heads": 2}, "sdpa"),
-    "qwen3-moe": ("Qwen3MoeConfig", {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-                                     "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
-                  "sdpa"),
-}
-"""Gemma 2's weights are drawn larger and its soft-cap lowered to 1, so that attention logits (up to ~3) really are
-capped: at the default scale (logits ~0.03) and cap (50) tanh would be the identity and a missing cap would pass."""
-
-ALL_WINDOWED = {"mistral-sliding-window"}
-"""Every layer windowed: nothing outside the window exists to evict, so budgets below the model's own cache are
-refused (tested), while a budget that keeps the window runs exactly like the model."""
-
-REFUSED = {("cohere-interleaved-rope", "expected_attention"): "rotates interleaved dimension pairs"}
-"""(architecture, policy) pairs refused with a ModelLoadError at the first eviction, and what the error says."""
-
-UNSUPPORTED: dict[str, tuple[str, dict, str]] = {
-    # name: (config class, options, what the error names)
-    "mamba (state space)": ("MambaConfig", {"vocab_size": 96, "hidden_size": 64, "state_size": 8,
-                                            "num_hidden_layers": 2, "pad_token_id": 0, "bos_token_id": 1,
-                                            "eos_token_id": 2, "expand": 2, "conv_kernel": 4}, "no attention heads"),
-    "jamba (attention + mamba)": ("JambaConfig", COMMON | {
-        "num_attention_heads": 4, "num_key_value_heads": 2, "attn_layer_period": 2, "attn_layer_offset": 1,
-        "expert_layer_period": 2, "expert_layer_offset": 1, "num_experts": 2, "num_experts_per_tok": 1,
-        "use_mamba_kernels": False, "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_expand": 2}, "linear_attention"),
-    "qwen3-next (linear attention)": ("Qwen3NextConfig", COMMON | {
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "linear_conv_kernel_dim": 4,
-        "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2,
-        "linear_num_value_heads": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
-        "num_experts_per_tok": 2, "num_experts": 4, "layer_types": ["linear_attention", "full_attention"]},
-        "linear_attention"),
-    "lfm2 (convolution)": ("Lfm2Config", COMMON | {"num_attention_heads": 4, "num_key_value_heads": 2,
-                                                   "layer_types": ["conv", "full_attention"],
-                                                   "block_multiple_of": 16}, "conv"),
-    "falcon-h1 (hybrid layers)": ("FalconH1Config", COMMON | {
-        "num_attention_heads": 4, "num_key_value_heads": 2, "mamba_d_ssm": 64, "mamba_n_heads": 4,
-        "mamba_d_head": "auto", "mamba_n_groups": 1, "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2,
-        "mamba_chunk_size": 8}, "hybrid"),
-    "llama4 (chunked attention)": ("Llama4TextConfig", COMMON | {
-        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64, "intermediate_size_mlp": 128,
-        "head_dim": 16, "num_local_experts": 2, "num_experts_per_tok": 1, "no_rope_layer_interval": 2,
-        "attention_chunk_size": 4}, "chunked_attention"),
-}
 POLICIES = [info.name for info in kvpolicies.list_policies()]
-WHOLE = {"l2norm": {"uncompressed_layers": []}}
-"""Options that let a 2-layer model compress (l2norm's default keeps layers 0 and 1 whole)."""
-
-
-def build(spec: tuple[str, dict, str], dtype: torch.dtype = torch.float32, attn: str | None = None):
-    config_name, options, implementation = spec
-    config = getattr(transformers, config_name)(**(COMMON | options))
-    config._attn_implementation = attn or implementation
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
-
 
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
 def architecture(request) -> str:
@@ -113,10 +44,6 @@ def architecture(request) -> str:
 @pytest.fixture(scope="module")
 def model(architecture):
     return build(ARCHITECTURES[architecture])
-
-
-def prompt(length: int = 40, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, COMMON["vocab_size"], (1, length), generator=torch.Generator().manual_seed(seed))
 
 
 def policy(name: str) -> Policy:
@@ -214,27 +141,18 @@ def test_greedy_generation_with_decode_time_eviction_runs(architecture, model, n
 
 
 @pytest.mark.parametrize("architecture", sorted(UNSUPPORTED))
-def test_architectures_without_per_token_keys_and_values_are_refused_with_what_is_missing(architecture):
+def test_architectures_without_per_token_keys_and_values_are_refused_with_what_is_missing(architecture,
+                                                                                          record_property):
     config_name, options, missing = UNSUPPORTED[architecture]
     config = getattr(transformers, config_name)(**options)
     torch.manual_seed(0)
     unsupported = transformers.AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(ModelLoadError, match=missing) as error:
         CompressedCache(unsupported, kvpolicies.get_policy("snapkv"), 0.5)
+    record_property("refusal", str(error.value))
     assert type(unsupported).__name__ in str(error.value)
     assert not type(unsupported).__name__.startswith("kvpolicies")
     assert not unsupported.config._attn_implementation.startswith("kvpolicies-")  # refused before any change
-
-
-def test_multi_head_latent_attention_is_refused_before_any_result():
-    config = transformers.DeepseekV3Config(**COMMON | {
-        "num_attention_heads": 4, "num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": None,
-        "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "moe_intermediate_size": 32,
-        "n_routed_experts": 2, "num_experts_per_tok": 1, "first_k_dense_replace": 2, "n_group": 1,
-        "topk_group": 1})
-    mla = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with pytest.raises(ModelLoadError, match="multi-head latent attention"):
-        CompressedCache(mla, kvpolicies.get_policy("snapkv"), 0.5)
 
 
 @torch.no_grad()
@@ -338,9 +256,14 @@ def test_attention_signals_equal_the_models_own_eager_attention_weights(architec
 def test_kept_entries_replayed_through_transformers_own_cache_give_the_same_next_token(architecture, model, name):
     """After a compressed prefill each layer's kept entries, put into transformers' ``DynamicCache``, give the same
     next-token logits: the packed attention (soft-cap included) is the model's attention over what was kept."""
-    if architecture in ALL_WINDOWED:
-        pytest.skip("every layer is windowed: nothing is packed (the full-budget decoding test covers the windows)")
     ids = prompt()
+    if architecture in ALL_WINDOWED:  # nothing outside the windows: nothing is packed, and no cut is allowed
+        with pytest.raises(BudgetError, match="every layer is windowed"):
+            model(ids, cache=CompressedCache(model, policy(name), Budget(value=0.9, slack_tokens=0)))
+        cache = CompressedCache(model, policy(name), 1.0)
+        model(ids, cache=cache)
+        assert not any(layer.packed for layer in cache.layers)
+        return
     cache = CompressedCache(model, policy(name), 1.0)
     # A budget near 0.4 whose heads all get one length: a dense DynamicCache cannot hold ragged heads.
     fraction = next(f / 100 for f in range(40, 60)
@@ -396,8 +319,12 @@ class Tied(Policy):
 
 @torch.no_grad()
 def test_ties_in_bf16_break_towards_the_older_entry(architecture, model):
-    if architecture in ALL_WINDOWED:
-        pytest.skip("every layer is windowed: nothing is scored")
+    if architecture in ALL_WINDOWED:  # windows are never scored, so there are no ties to break
+        tied = Tied()
+        with pytest.raises(BudgetError, match="every layer is windowed"):
+            model(prompt(48), cache=CompressedCache(model, tied, Budget(value=0.3, slack_tokens=0)))
+        assert not tied.scores
+        return
     half = model.to(torch.bfloat16)
     try:
         ids = prompt(48)
