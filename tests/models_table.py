@@ -30,9 +30,12 @@ CHECKS = {
     "test_kept_entries_replayed_through_transformers_own_cache_give_the_same_next_token": "replay = DynamicCache",
     "test_resident_bytes_never_exceed_the_models_own_cache": "bytes <= model's cache",
     "test_ties_in_bf16_break_towards_the_older_entry": "bf16 ties: older kept",
+    "test_the_layer_view_reads_each_layers_own_output_projection_and_rope": "W_o and RoPE = model's",
     "test_half_precision_keeps_the_models_own_logits_at_full_budget_and_stays_finite_compressed": "half precision",
 }
 UNSUPPORTED_CHECK = "test_architectures_without_per_token_keys_and_values_are_refused_with_what_is_missing"
+NO_INTERFACE_CHECK = "test_a_model_written_without_the_attention_interface_is_refused_before_any_result"
+NO_INTERFACE = "attention not written with AttentionInterface"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -55,11 +58,11 @@ class Collector:
         if report.when == "teardown" and report.passed:
             return
         params = getattr(getattr(item, "callspec", None), "params", {})
-        architecture = params.get("architecture")
+        architecture = NO_INTERFACE if name == NO_INTERFACE_CHECK else params.get("architecture")
         if architecture is None:
             return
         result = "skipped" if report.skipped else ("passed" if report.passed else "failed")
-        if name == UNSUPPORTED_CHECK:
+        if name in (UNSUPPORTED_CHECK, NO_INTERFACE_CHECK):
             text = dict(report.user_properties).get("refusal", "")
             self.refusals[architecture] = (result, text)
         elif name in CHECKS:
@@ -174,6 +177,8 @@ def render(collector: Collector) -> str:
         "model's own cache (sliding layers: W − 1 entries), which is also what the budget is a fraction of.",
         "- *bf16 ties: older kept*: in bfloat16, with scores full of ties, the kept set is the highest scores with "
         "ties going to the older entry, the same on every run.",
+        "- *W_o and RoPE = model's*: the output projection and RoPE frequencies policies read (`LayerView`) are "
+        "the model's own for every layer (per layer type, partial rotary); interleaved RoPE is refused.",
         "- *half precision (bf16/fp16)*: bit-identical logits at budget 1.0; finite logits at 0.3 through prefill "
         "and 3 decoding steps.",
         "",
@@ -212,10 +217,11 @@ def render(collector: Collector) -> str:
     lines += ["", "## Refused architectures", "",
               "Refused when the `CompressedCache` is built, before the model is changed or any result is produced.",
               "", "| architecture | transformers class | test | error |", "|---|---|---|---|"]
-    for name in sorted(UNSUPPORTED):
+    classes = {name: spec[0].removesuffix("Config") for name, spec in UNSUPPORTED.items()}
+    classes[NO_INTERFACE] = "a Llama subclass transformers cannot switch to another attention"
+    for name in [*sorted(UNSUPPORTED), NO_INTERFACE]:
         result, text = collector.refusals.get(name, ("not run", ""))
-        lines.append(f"| {name} | {UNSUPPORTED[name][0].removesuffix('Config')} | {result} | "
-                     f"{text.replace('|', '/')} |")
+        lines.append(f"| {name} | {classes[name]} | {result} | {text.replace('|', '/')} |")
     missing = sorted(set(ARCHITECTURES) - set(ran))
     if missing or failed:
         lines += ["", f"**Incomplete run**: {failed} failed; not run: {', '.join(missing) or 'none'}."]

@@ -14,13 +14,15 @@ kvpolicies cannot compress are refused, before any result, with an error naming 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
 from transformers.cache_utils import DynamicCache
 
 import kvpolicies
-from kvpolicies import Budget, BudgetError, CompressedCache, ModelLoadError, PolicyConfig, Signal
+from kvpolicies import Budget, BudgetError, CompressedCache, LayerView, ModelLoadError, PolicyConfig, Signal
 from kvpolicies.engine.policy import Policy
 from tests.architectures import (
     ALL_WINDOWED,
@@ -161,23 +163,20 @@ def test_architectures_without_per_token_keys_and_values_are_refused_with_what_i
 def test_half_precision_keeps_the_models_own_logits_at_full_budget_and_stays_finite_compressed(
         architecture, model, name, dtype):
     """bf16 and fp16 on CPU: the uncompressed path calls the model's own attention, so nothing may change."""
-    half = model.to(dtype)
-    try:
-        ids = prompt()
-        plain = half(ids).logits
-        ours = half(ids, cache=CompressedCache(half, kvpolicies.get_policy(name), 1.0)).logits
-        assert torch.equal(ours, plain)
-        if architecture in ALL_WINDOWED or refused(architecture, name):
-            return  # nothing to compress, or refused (tested)
-        cache = CompressedCache(half, policy(name), Budget(value=0.3, slack_tokens=0))
-        out = half(prompt(64), cache=cache)
+    half = copy.deepcopy(model).to(dtype)  # a copy: a round trip through bf16 would round the fp32 model's buffers
+    ids = prompt()
+    plain = half(ids).logits
+    ours = half(ids, cache=CompressedCache(half, kvpolicies.get_policy(name), 1.0)).logits
+    assert torch.equal(ours, plain)
+    if architecture in ALL_WINDOWED or refused(architecture, name):
+        return  # nothing to compress, or refused (tested)
+    cache = CompressedCache(half, policy(name), Budget(value=0.3, slack_tokens=0))
+    out = half(prompt(64), cache=cache)
+    assert torch.isfinite(out.logits).all()
+    for _ in range(3):
+        out = half(out.logits[:, -1:].argmax(-1), cache=cache)
         assert torch.isfinite(out.logits).all()
-        for _ in range(3):
-            out = half(out.logits[:, -1:].argmax(-1), cache=cache)
-            assert torch.isfinite(out.logits).all()
-        assert all(layer.keys.dtype == dtype for layer in cache.layers)
-    finally:
-        model.to(torch.float32)
+    assert all(layer.keys.dtype == dtype for layer in cache.layers)
 
 
 @torch.no_grad()
@@ -325,27 +324,61 @@ def test_ties_in_bf16_break_towards_the_older_entry(architecture, model):
             model(prompt(48), cache=CompressedCache(model, tied, Budget(value=0.3, slack_tokens=0)))
         assert not tied.scores
         return
-    half = model.to(torch.bfloat16)
-    try:
-        ids = prompt(48)
-        runs = []
-        for _ in range(2):
-            tied = Tied()
-            cache = CompressedCache(half, tied, Budget(value=0.3, slack_tokens=0))
-            half(ids, cache=cache)
-            runs.append((tied, cache))
-        (tied, cache), (_, again) = runs
-        for index, scores in tied.scores.items():
-            layer = cache.layers[index]
-            dense = DynamicCache(config=half.config)
-            half(ids, cache=dense)
-            for head, kept_keys in enumerate(held(layer, 0)):
-                row = scores[0, head]
-                assert len(row.unique()) < len(row)  # there are ties to break
-                # Highest score first; among equal scores, the older (lower position) first.
-                order = sorted(range(len(row)), key=lambda position: (-row[position].item(), position))
-                chosen = sorted(order[: len(kept_keys)])
-                torch.testing.assert_close(kept_keys, dense.layers[index].keys[0, head, chosen], atol=0, rtol=0)
-                assert torch.equal(kept_keys, held(again.layers[index], 0)[head])
-    finally:
-        model.to(torch.float32)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    ids = prompt(48)
+    runs = []
+    for _ in range(2):
+        tied = Tied()
+        cache = CompressedCache(half, tied, Budget(value=0.3, slack_tokens=0))
+        half(ids, cache=cache)
+        runs.append((tied, cache))
+    (tied, cache), (_, again) = runs
+    for index, scores in tied.scores.items():
+        layer = cache.layers[index]
+        dense = DynamicCache(config=half.config)
+        half(ids, cache=dense)
+        for head, kept_keys in enumerate(held(layer, 0)):
+            row = scores[0, head]
+            assert len(row.unique()) < len(row)  # there are ties to break
+            # Highest score first; among equal scores, the older (lower position) first.
+            order = sorted(range(len(row)), key=lambda position: (-row[position].item(), position))
+            chosen = sorted(order[: len(kept_keys)])
+            torch.testing.assert_close(kept_keys, dense.layers[index].keys[0, head, chosen], atol=0, rtol=0)
+            assert torch.equal(kept_keys, held(again.layers[index], 0)[head])
+
+
+def test_the_layer_view_reads_each_layers_own_output_projection_and_rope(architecture, model):
+    """The model facts policies read (criticalkv: W_o; expected_attention: RoPE) come from one reader, right for
+    every architecture: per layer type (Gemma 3), partial (Phi-3), or refused (interleaved pairs)."""
+    config = model.config.get_text_config(decoder=True)
+    rotary = model.model.rotary_emb
+    for index, block in enumerate(model.model.layers):
+        attention = block.self_attn
+        view = LayerView(attention)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        assert view.output_projection is attention.o_proj.weight
+        assert tuple(view.output_projection.shape) == (config.hidden_size, config.num_attention_heads * head_dim)
+        if (architecture, "expected_attention") in REFUSED:
+            with pytest.raises(ModelLoadError, match=REFUSED[(architecture, "expected_attention")]):
+                view.rotary
+            continue
+        kind = (getattr(config, "layer_types", None) or [None] * (index + 1))[index]
+        own = getattr(rotary, f"{kind}_inv_freq", None) if kind else None
+        own = rotary.inv_freq if own is None else own
+        torch.testing.assert_close(view.rotary.inv_freq, own.float())
+        assert view.rotary.dim == 2 * own.numel() <= head_dim
+
+
+def test_a_model_written_without_the_attention_interface_is_refused_before_any_result(record_property):
+    """Eviction runs inside the attention function, so a model whose attention cannot be swapped cannot be served."""
+
+    class HandWrittenAttention(transformers.LlamaForCausalLM):
+        # What transformers concludes for a modeling file whose attention never calls ALL_ATTENTION_FUNCTIONS.
+        _can_set_attn_implementation_cached_value = False
+
+    config = transformers.LlamaConfig(**COMMON | {"num_attention_heads": 4, "num_key_value_heads": 2})
+    config._attn_implementation = "eager"
+    model = HandWrittenAttention(config).eval()
+    with pytest.raises(ModelLoadError, match="HandWrittenAttention cannot switch its attention implementation") as error:
+        CompressedCache(model, kvpolicies.get_policy("snapkv"), 0.5)
+    record_property("refusal", str(error.value))

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tabulate import tabulate
 
@@ -20,6 +21,9 @@ from kvpolicies.cli.options import (
     read_text_file,
 )
 from kvpolicies.errors import UsageError
+
+if TYPE_CHECKING:
+    from kvpolicies.engine.budget import CacheShape
 
 
 def add_commands(commands) -> None:
@@ -177,9 +181,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         seq_len = inputs["input_ids"].shape[1]
         heading = f"entries kept after the prefill of {args.file} ({seq_len} tokens)"
     print(f"{policy.name} at budget {budget}: {heading}")
-    print(allocation_table(tokens, seq_len))
+    print(allocation_table(tokens, seq_len, cache.shape))
     total = int(tokens.sum())
-    full = seq_len * tokens.numel()
+    full = cache.shape.full_entries(seq_len)  # the model's own cache: sliding layers hold their window
     print(
         f"total: {total:,} of {full:,} entries ({total / full:.1%}), "
         f"{total * cache.shape.entry_bytes:,} bytes of {full * cache.shape.entry_bytes:,}"
@@ -187,10 +191,12 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def allocation_table(tokens, seq_len: int) -> str:
-    """A layer × KV-head table of entries, with each layer's share of the full cache."""
+def allocation_table(tokens, seq_len: int, shape: CacheShape) -> str:
+    """A layer × KV-head table of entries, with each layer's share of the model's own cache for that layer (a
+    sliding-window layer, marked, holds its window)."""
     heads = tokens.shape[1]
-    rows = [[layer, *row.tolist(), f"{row.sum().item() / (heads * seq_len):.1%}"] for layer, row in enumerate(tokens)]
+    rows = [[f"{layer} (window {shape.windows[layer]})" if layer in shape.sliding_layers else layer, *row.tolist(),
+             f"{row.sum().item() / (heads * shape.held(layer, seq_len)):.1%}"] for layer, row in enumerate(tokens)]
     return tabulate(rows, headers=["layer", *(f"head {h}" for h in range(heads)), "of full"], tablefmt="simple")
 
 
