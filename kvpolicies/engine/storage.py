@@ -162,7 +162,7 @@ class CompressedLayer(CacheLayerMixin):
 
         ``new_valid``: ``[batch, q_len]`` bool, or None when all are real (no device sync on the decode path).
         """
-        started = self.cache.clock() if self.cache.timing else None
+        started = self.cache.clock() if self.cache.timing and self.window is None else None
         self.awaiting_attention = False
         q_len = query.shape[-2]
         if new_valid is None:
@@ -173,11 +173,9 @@ class CompressedLayer(CacheLayerMixin):
             if new_valid is None:
                 new_valid = torch.ones(self.batch_size, q_len, dtype=torch.bool, device=self.device)
             self.valid = torch.cat([self.valid, new_valid], dim=1)
-        if self.window is not None:
+        if self.window is not None:  # the model's own mechanism, not the policy's: not timed as policy work
             self._slide()
             self.cache.evict(self, query, scale, module)  # evicts nothing: checks the budget affords the window
-            if started is not None:
-                self.cache.policy_seconds += self.cache.clock() - started
             return
         window = self.cache.policy.query_window
         if window:
