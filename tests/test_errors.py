@@ -90,6 +90,7 @@ def test_prompt_file_that_is_a_folder_or_not_utf8_or_missing(capsys, tmp_path):
         (["generate", "--prefill-chunk", "0", "hi"], "expected a whole number >= 1, got 0"),
         (["generate", "--prefill-chunk", "-5", "hi"], "expected a whole number >= 1, got -5"),
         (["generate", "--dtype", "foo", "hi"], "invalid choice: 'foo'"),
+        (["generate", "--protocol", "agnostic", "hi"], "invalid choice: 'agnostic'"),
         (["inspect", "--tokens", "0"], "expected a whole number >= 1, got 0"),
         (["head-scores", "--output", "x.json", "--samples", "0"], "expected a whole number >= 1, got 0"),
         (["generate", "--budget-slack", "-1", "hi"], "expected a whole number >= 0, got -1"),
@@ -102,6 +103,18 @@ def test_prompt_file_that_is_a_folder_or_not_utf8_or_missing(capsys, tmp_path):
 )
 def test_numbers_and_choices_are_checked_by_the_parser(capsys, argv, message):
     assert message in argparse_error_of(capsys, argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--protocol", "query_agnostic", "hi"],
+         "query_agnostic compresses the prompt before its question is seen: give the question with --question"),
+        (["generate", "--question", " ", "hi"], "--question is empty"),
+    ],
+)
+def test_a_protocol_without_its_question_is_refused_before_the_model_loads(capsys, argv, message):
+    assert message in error_of(capsys, argv)
 
 
 def test_model_paths_that_are_not_models_say_what_they_are(tmp_path):

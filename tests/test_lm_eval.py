@@ -150,3 +150,39 @@ def test_prefill_chunk_model_arg_prefills_in_chunks_with_identical_full_cache_an
     (plain, plain_width), (chunked, chunked_width) = runs
     assert plain_width > 150 and chunked_width == 64  # the ~200-token prompts went in 64 tokens at a time
     assert chunked == plain
+
+
+def test_both_protocols_run_through_lm_eval_and_report_the_context_apart(tiny_pretrained):
+    runs = {}
+    for protocol in ("query_aware", "query_agnostic"):
+        lm = KVPoliciesLM(pretrained=tiny_pretrained, policy="snapkv", budget=0.5, protocol=protocol)
+        runs[protocol] = evaluate(lm, ["kvp_passkey"], PASSKEY, log_samples=True)
+    for protocol, results in runs.items():
+        info = results["config"]["kvpolicies"]
+        assert info["protocol"] == protocol
+        memory = info["kv_memory"]
+        # The question and the generated tokens are kept on top of the context's half.
+        assert memory["context_bytes_peak"] < memory["resident_bytes_peak"] < memory["full_bytes_peak"]
+        assert 0.4 < memory["context_bytes_mean"] / memory["full_bytes_mean"] < 0.5  # half the context, of all
+
+
+@pytest.mark.slow
+def test_snapkv_answers_differently_when_it_compresses_before_the_question_on_the_embedded_model():
+    """The needle is named by the question: SnapKV's votes come from the question's queries only when it sees it."""
+    metadata = {"lengths": [2048], "depths": [0.5], "per_cell": 4}
+    answers = {}
+    for protocol in ("query_aware", "query_agnostic"):
+        lm = KVPoliciesLM(policy="snapkv", budget=0.1, protocol=protocol)
+        results = evaluate(lm, ["kvp_niah"], metadata, log_samples=True)
+        answers[protocol] = [s["resps"] for s in results["samples"]["kvp_niah"]]
+    assert answers["query_aware"] != answers["query_agnostic"]
+
+
+def test_query_agnostic_needs_a_task_that_names_its_question(tiny_pretrained):
+    from kvpolicies.errors import UsageError
+
+    lm = KVPoliciesLM(pretrained=tiny_pretrained, policy="snapkv", budget=0.5, protocol="query_agnostic")
+    with pytest.raises(UsageError, match="query_agnostic needs to know where the question starts"):
+        evaluate(lm, ["kvp_ppl"], PPL)
+    with pytest.raises(UsageError, match="unknown protocol"):
+        KVPoliciesLM(pretrained=tiny_pretrained, policy="snapkv", protocol="aware")

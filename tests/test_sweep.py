@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from kvpolicies.engine.budget import Budget
 from kvpolicies.experiments.grid import SweepConfig, cells
 from kvpolicies.experiments.results import ResultRecord, load_results, write_record
+from kvpolicies.integrations.protocol import Protocol
 from kvpolicies.reports.leaderboard import (
     load_rows,
     overall_table,
@@ -43,8 +44,19 @@ def test_cell_keys_change_with_anything_that_changes_the_result():
         base.model_copy(update={"model": "other/model"}),
         base.model_copy(update={"policy": base.policy.model_copy(update={"options": {"window_tokens": 4}})}),
         base.model_copy(update={"task": base.task.model_copy(update={"limit": 3})}),
+        base.model_copy(update={"protocol": Protocol.QUERY_AGNOSTIC}),
     ]
-    assert len({base.key(), *(v.key() for v in variants)}) == 6
+    assert len({base.key(), *(v.key() for v in variants)}) == 7
+
+
+def test_both_protocols_make_two_cells_per_compressing_point_and_are_named_apart():
+    config = SweepConfig(policies=["full", "snapkv"], budgets=[0.5], tasks=["kvp_passkey"],
+                         protocols=["query_aware", "query_agnostic"])
+    grid = cells(config)
+    assert sorted(cell.title for cell in grid) == ["full", "snapkv", "snapkv (query-agnostic)"]
+    assert {cell.protocol.value for cell in grid if cell.policy.name == "snapkv"} == {"query_aware", "query_agnostic"}
+    with pytest.raises(ValidationError, match="unknown protocol 'agnostic'; use query_aware or query_agnostic"):
+        SweepConfig(protocols=["agnostic"])
 
 
 def test_code_version_covers_the_core_and_only_the_plugins_a_policy_is_made_of():

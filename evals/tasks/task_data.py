@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datasets
 
-from kvpolicies_evals.data import dataset_file
+from kvpolicies_evals.data import PASSKEY_QUESTION, dataset_file
 
 PARAMETERS = {
     "kvp_passkey": ("lengths", "depths", "per_cell", "seed"),
@@ -14,8 +14,20 @@ PARAMETERS = {
 }
 
 
+QUESTION_MARKERS = {
+    "kvp_passkey": PASSKEY_QUESTION.split("?")[0],
+    "kvp_passkey_text": PASSKEY_QUESTION.split("?")[0],
+    "kvp_niah": "\n\nWhat is the special magic number for",
+}
+"""Where each generation task's question starts (its last occurrence in the prompt): the split between context and
+question that ``protocol=query_agnostic`` needs. Carried on every doc as ``kvp_question_marker``."""
+
+
 def load(task: str, options: dict) -> dict[str, datasets.Dataset]:
     # lm-eval merges model args and task metadata into ``options``: only our parameters are read.
     parameters = {key: options[key] for key in PARAMETERS[task] if key in options}
     path = dataset_file(task, **parameters)
-    return {"test": datasets.Dataset.from_json(str(path))}
+    dataset = datasets.Dataset.from_json(str(path))
+    if task in QUESTION_MARKERS:
+        dataset = dataset.add_column("kvp_question_marker", [QUESTION_MARKERS[task]] * len(dataset))
+    return {"test": dataset}

@@ -37,6 +37,12 @@ def add_commands(commands) -> None:
     add_policy_arguments(generate)
     generate.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N", help="default: 64")
     generate.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    generate.add_argument("--question", metavar="TEXT",
+                          help="a question appended after the prompt (on a new line); it is kept whole, outside the "
+                               "budget, and the budget is a fraction of the prompt before it")
+    generate.add_argument("--protocol", choices=["query_aware", "query_agnostic"], default="query_aware",
+                          help="compress the prompt with the question in view (query_aware, default) or before it "
+                               "is seen (query_agnostic, needs --question)")
     generate.add_argument("--prefill-chunk", type=positive_int, metavar="N",
                           help="prefill N tokens at a time, evicting after each chunk (memory follows the budget)")
     generate.set_defaults(run=run_generate)
@@ -95,6 +101,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from kvpolicies.engine.budget import Budget
     from kvpolicies.engine.cache import CompressedCache
     from kvpolicies.integrations.models import load_model
+    from kvpolicies.integrations.protocol import Protocol, question_start, split_cache
     from kvpolicies.registry import get_policy
 
     if (args.prompt is None) == (args.file is None):
@@ -102,6 +109,14 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.file is None else read_text_file(args.file, "prompt file")
     if not prompt.strip():
         raise UsageError(f"the prompt{'' if args.file is None else f' in {args.file}'} is empty; give some text")
+    protocol = Protocol.parse(args.protocol)
+    if args.question is not None and not args.question.strip():
+        raise UsageError("--question is empty; give the question's text or leave --question out")
+    if protocol is Protocol.QUERY_AGNOSTIC and args.question is None:
+        raise UsageError("--protocol query_agnostic compresses the prompt before its question is seen: give the "
+                         "question with --question")
+    marker = None if args.question is None else "\n" + args.question
+    prompt = prompt if marker is None else prompt + marker
     policy = get_policy(args.policy, **parse_options(args.set))
     budget = Budget.parse(args.budget, slack_tokens=args.budget_slack)
 
@@ -119,6 +134,13 @@ def run_generate(args: argparse.Namespace) -> int:
     cache = CompressedCache(model, policy, budget)
     print(f"kvpolicies: generating with {policy!r} at budget {budget} ...", file=sys.stderr)
     started = time.perf_counter()
+    if marker is not None:
+        ids = inputs["input_ids"]
+        start = question_start(lambda part: tokenizer.decode(part), ids[0].tolist(), marker)
+        if start is None:
+            raise UsageError("the question cannot be found in the tokenized prompt (the chat template changed it); "
+                             "try --raw")
+        split_cache(model, cache, ids, [start], protocol)
     with torch.no_grad():
         output = model.generate(
             **inputs,
@@ -140,6 +162,9 @@ def run_generate(args: argparse.Namespace) -> int:
                                    if budget.slack_tokens else "")],
         ["tokens (prompt + generated)", f"{prompt_tokens} + {len(new_tokens)}"],
         ["KV entries kept / full", f"{stats.kept_entries:,} / {stats.full_entries:,} ({stats.kept_fraction:.1%})"],
+        *([["protocol", f"{protocol.value}: the question and the generated tokens ({stats.appended_entries:,} "
+                        f"entries) are kept whole; the prompt before it keeps "
+                        f"{stats.kept_entries - stats.appended_entries:,}"]] if marker is not None else []),
         [
             "resident KV bytes / full",
             f"{stats.resident_bytes:,} / {stats.full_bytes:,} ({stats.resident_bytes / max(stats.full_bytes, 1):.1%})",

@@ -25,6 +25,8 @@ def add_commands(commands) -> None:
     sweep.add_argument("--budgets", help="comma-separated budgets (default: 0.1,0.25,0.5,0.75)")
     sweep.add_argument("--tasks", help="comma-separated task names (default: kvp_passkey,kvp_niah,kvp_ppl)")
     sweep.add_argument("--models", help="comma-separated model ids/paths (default: the embedded model)")
+    sweep.add_argument("--protocols", help="comma-separated: query_aware (default), query_agnostic or both; the "
+                                          "tasks must name their question for query_agnostic")
     sweep.add_argument("--limit", type=int, help="samples per task, at least 1 (default: the task's whole data)")
     sweep.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     sweep.set_defaults(run=run_sweep_command)
@@ -60,6 +62,8 @@ def sweep_config(args: argparse.Namespace):
         updates["tasks"] = [known.get(name.strip(), TaskSpec(name=name.strip())) for name in args.tasks.split(",")]
     if args.models:
         updates["models"] = [name.strip() for name in args.models.split(",")]
+    if args.protocols:
+        updates["protocols"] = [name.strip() for name in args.protocols.split(",")]
     config = SweepConfig.model_validate(config.model_dump() | updates)
     if args.limit is not None:  # validated copies: model_copy(update=...) would skip the check on limit
         config.tasks = [TaskSpec.model_validate(task.model_dump() | {"limit": args.limit}) for task in config.tasks]

@@ -41,6 +41,9 @@ class CacheStats:
     resident_bytes: int
     full_bytes: int
     padding_bytes: int = 0
+    appended_entries: int = 0
+    """Of ``kept_entries``, those after the context (see ``CompressedCache.context_lengths``): kept whole and not
+    charged to the budget. The context's own entries are ``kept_entries - appended_entries``."""
 
     @property
     def kept_fraction(self) -> float:
@@ -76,6 +79,11 @@ class CompressedCache(Cache):
         """When True, ``policy_seconds`` accumulates the time spent in the policy (signals, scoring, eviction)."""
         self.policy_seconds = 0.0
         self._warned_positions = False
+        self.context_lengths: list[int] | None = None
+        """Real tokens of each sequence that are its *context*; the entries after it (a question appended to a
+        compressed context, generated tokens) are kept whole and are not charged to the budget, as in kvpress's
+        protocol. None: every token is context (the whole prompt is compressed, and decoding evicts too). See
+        :mod:`kvpolicies.integrations.protocol`."""
         super().__init__(layers=[CompressedLayer(self, i, window) for i, window in enumerate(windows)])
 
     def warn_past_positions(self, length: int) -> None:
@@ -115,9 +123,10 @@ class CompressedCache(Cache):
             for n in set(layer.seen):
                 self._targets(max(n, 1))
             return
-        slack = 0 if query.shape[-2] > 1 else self.budget.slack_tokens
-        targets = [self._targets(max(n, 1))[layer.layer_idx] for n in layer.seen]
-        counts = layer.counts()
+        appended = self.appended(layer.seen)
+        slack = 0 if query.shape[-2] > 1 or any(appended) else self.budget.slack_tokens
+        targets = [self._targets(max(n - a, 1))[layer.layer_idx] for n, a in zip(layer.seen, appended)]
+        counts = [[c - a for c in row] for row, a in zip(layer.counts(), appended)]  # the context's entries
         # Judged per sequence on the layer total: heads may legitimately sit above their uniform share after a
         # policy moved entries between them, and must not trigger an eviction at every step for it.
         over = [sum(row_c) > sum(row_t) + slack * len(row_c) for row_c, row_t in zip(counts, targets)]
@@ -125,17 +134,29 @@ class CompressedCache(Cache):
         if not (any(over) or padded):
             return
         dense, valid = layer.dense_view()
+        newest = None
+        if any(appended):  # entries after the context: kept whole, never scored, outside the budget
+            order = age_order(valid)
+            after = torch.tensor(appended, device=valid.device)[:, None, None]
+            newest = valid & (order >= valid.sum(-1, keepdim=True) - after)
+        context = valid if newest is None else valid & ~newest
         # Rows over budget get their allocation (select() clamps a head to what it holds), others keep everything.
         keep_n = torch.tensor([row_t if row_over else row_c for row_c, row_t, row_over in zip(counts, targets, over)])
         if any(over):
-            inputs = self._score_inputs(layer, dense, valid, keep_n.clone(), query, scale)
+            inputs = self._score_inputs(layer, dense, valid, context, keep_n.clone(), query, scale)
             inputs.layer = self._layer_view(layer.layer_idx, module)
-            scores = self._checked(self.policy.score(inputs), valid)
-            keep_n = self._reallocate_heads(scores, valid, keep_n, over)
+            scores = self._checked(self.policy.score(inputs), context)
+            keep_n = self._reallocate_heads(scores, context, keep_n, over)
         else:
             scores = torch.zeros(valid.shape, device=valid.device)
-        keep = select(scores, valid, keep_n, *self.policy.protected)
-        layer.store(dense, keep)
+        keep = select(scores, context, keep_n, *self.policy.protected)
+        layer.store(dense, keep if newest is None else keep | newest)
+
+    def appended(self, seen: list[int]) -> list[int]:
+        """Per sequence, the real tokens after its context (0 for all when no context is set)."""
+        if self.context_lengths is None:
+            return [0] * len(seen)
+        return [max(n - c, 0) for n, c in zip(seen, self.context_lengths)]
 
     def _checked(self, scores: object, valid: torch.Tensor) -> torch.Tensor:
         """``scores`` if they keep ``score()``'s contract; a policy that breaks it is named, never silently ranked."""
@@ -181,12 +202,14 @@ class CompressedCache(Cache):
             view = self._layer_views[layer_idx] = LayerView(module)
         return view
 
-    def _score_inputs(self, layer, dense, valid, keep, query, scale: LogitScale) -> ScoreInputs:
+    def _score_inputs(self, layer, dense, valid, context, keep, query, scale: LogitScale) -> ScoreInputs:
+        """What the policy sees: the ``context`` entries as valid (entries after the context are not its to judge),
+        and signals computed over everything the layer holds, as the model attended to it."""
         needs = self.policy.needs
         order = age_order(valid)
         inputs = ScoreInputs(
-            layer_idx=layer.layer_idx, valid=valid, order=order, seen_tokens=list(layer.seen), keep=keep,
-            scaling=scale.scaling, softcap=scale.softcap,
+            layer_idx=layer.layer_idx, valid=context, order=order if context is valid else age_order(context),
+            seen_tokens=list(layer.seen), keep=keep, scaling=scale.scaling, softcap=scale.softcap,
         )
         if Signal.KEYS in needs:
             inputs.keys = dense["keys"]
@@ -196,9 +219,9 @@ class CompressedCache(Cache):
         if Signal.QUERIES in needs:
             inputs.queries = queries
         if Signal.ATTENTION in needs:
-            inputs.attention = attention_received(queries, dense["keys"], valid, order, scale)
+            inputs.attention = attention_received(queries, dense["keys"], valid, order, scale) * context
         if Signal.CUMULATIVE_ATTENTION in needs:
-            inputs.cumulative_attention = dense["cumulative"][..., 0]
+            inputs.cumulative_attention = dense["cumulative"][..., 0] * context
         return inputs
 
     def kept_per_head(self) -> torch.Tensor:
@@ -230,6 +253,7 @@ class CompressedCache(Cache):
             resident_bytes=resident,
             full_bytes=sum(stats.full_bytes for stats in per_sequence),
             padding_bytes=max(resident - kept * self.shape.entry_bytes, 0),
+            appended_entries=sum(stats.appended_entries for stats in per_sequence),
         )
 
     def sequence_stats(self) -> list[CacheStats]:
@@ -239,9 +263,11 @@ class CompressedCache(Cache):
             return []
         kept = self.kept_per_head().sum(dim=(0, 2)).tolist()
         stats = []
-        for seen, entries in zip(self.layers[0].seen, kept):
+        seen_tokens = self.layers[0].seen
+        for seen, entries, after in zip(seen_tokens, kept, self.appended(seen_tokens)):
             full = self.shape.full_entries(seen)  # the model's own cache: sliding layers hold their window
+            appended = self.shape.full_entries(after) if after else 0  # every layer holds them (windows: the last)
             stats.append(CacheStats(kept_entries=int(entries), full_entries=full,
                                     resident_bytes=int(entries) * self.shape.entry_bytes,
-                                    full_bytes=full * self.shape.entry_bytes))
+                                    full_bytes=full * self.shape.entry_bytes, appended_entries=appended))
         return stats

@@ -20,6 +20,7 @@ from kvpolicies.engine.policy import Role
 from kvpolicies.errors import UsageError, describe
 from kvpolicies.experiments.code_version import code_version
 from kvpolicies.integrations.models import EMBEDDED_MODEL
+from kvpolicies.integrations.protocol import Protocol
 from kvpolicies.registry import get_policy, list_policies, policy_with_role
 
 
@@ -80,11 +81,18 @@ class SweepConfig(BaseModel):
     tasks: list[TaskSpec] = Field(default_factory=default_tasks)
     seed: int = 0
     batch_size: int = Field(1, ge=1)
+    protocols: list[Protocol] = Field(default_factory=lambda: [Protocol.QUERY_AWARE],
+                                      description="query_aware and/or query_agnostic (kvpolicies.integrations.protocol)")
 
     @field_validator("models", mode="before")
     @classmethod
     def _models(cls, value):
         return _as_list(value)
+
+    @field_validator("protocols", mode="before")
+    @classmethod
+    def _protocols(cls, value):
+        return [Protocol.parse(item) for item in _as_list(value)]
 
     @field_validator("policies", "tasks", mode="before")
     @classmethod
@@ -144,6 +152,13 @@ class Cell(BaseModel):
     budget: Budget
     seed: int
     batch_size: int = 1
+    protocol: Protocol = Protocol.QUERY_AWARE
+
+    @property
+    def title(self) -> str:
+        """The policy's name on pages, marked when its context was compressed before the question was seen."""
+        agnostic = self.protocol is Protocol.QUERY_AGNOSTIC
+        return f"{self.policy.title} (query-agnostic)" if agnostic else self.policy.title
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -161,6 +176,7 @@ class Cell(BaseModel):
             "budget": self.budget.model_dump() if policy.compresses else None,
             "seed": self.seed,
             "batch_size": self.batch_size,
+            "protocol": self.protocol.value,
             "code_version": code_version(policy, self.task.name),
         }
 
@@ -178,7 +194,9 @@ def cells(config: SweepConfig) -> list[Cell]:
             for spec in config.resolved_policies():
                 compresses = get_policy(spec.name, **spec.options).compresses
                 for budget in config.budgets if compresses else [Budget.parse(1.0)]:
-                    cell = Cell(model=model, task=task, policy=spec, budget=budget, seed=config.seed,
-                                batch_size=config.batch_size)
-                    grid.setdefault(cell.key(), cell)
+                    # The full cache compresses nothing: one cell, whatever the protocols.
+                    for protocol in config.protocols if compresses else [Protocol.QUERY_AWARE]:
+                        cell = Cell(model=model, task=task, policy=spec, budget=budget, seed=config.seed,
+                                    batch_size=config.batch_size, protocol=protocol)
+                        grid.setdefault(cell.key(), cell)
     return list(grid.values())

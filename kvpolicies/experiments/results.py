@@ -145,7 +145,7 @@ def newest(records: Sequence[ResultRecord]) -> list[ResultRecord]:
     """
     chosen: dict[tuple, ResultRecord] = {}
     for record in records:
-        point = (record.identity.model, record.cell.task.name, record.cell.policy.title, budget_key(record.cell.budget))
+        point = (record.identity.model, record.cell.task.name, record.cell.title, budget_key(record.cell.budget))
         held = chosen.get(point)
         if held is None or (record.status == "ok", record.finished_at) > (held.status == "ok", held.finished_at):
             chosen[point] = record

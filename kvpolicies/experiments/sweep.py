@@ -53,12 +53,15 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     started = time.perf_counter()
     lm = KVPoliciesLM(
         pretrained=cell.model, policy=cell.policy.name, budget=cell.budget, batch_size=cell.batch_size,
+        protocol=cell.protocol.value,
         **cell.policy.options,
     )
     with PeakMemory(lm.device) as peak:
         results = lm_eval.simple_evaluate(
             model=lm, tasks=[cell.task.name], limit=cell.task.limit, bootstrap_iters=0,
-            task_manager=_task_manager(json.dumps(cell.task.metadata, sort_keys=True)),
+            # Tasks that size their samples in tokens (RULER) need the model's tokenizer: lm-eval's own command
+            # passes the model args as metadata, a TaskManager of ours must say it.
+            task_manager=_task_manager(json.dumps({"pretrained": cell.model, **cell.task.metadata}, sort_keys=True)),
             random_seed=cell.seed, numpy_random_seed=cell.seed, torch_random_seed=cell.seed,
             fewshot_random_seed=cell.seed,
         )
@@ -115,7 +118,7 @@ def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True) -> 
           f"-> {results_dir}", file=sys.stderr)
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), disable=not progress, unit="cell", file=sys.stderr)
     for cell in todo:
-        bar.set_description(f"{cell.task.name} {cell.policy.title} @ {cell.budget}")
+        bar.set_description(f"{cell.task.name} {cell.title} @ {cell.budget}")
         provenance = {"key": cell.key(), "cell": cell, "identity": cell.identity(), "versions": versions(),
                       "started_at": datetime.now(timezone.utc), "load_average_start": _load_average()}
         try:
@@ -126,7 +129,7 @@ def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True) -> 
             record = ResultRecord(**provenance, status="error", error=f"{type(error).__name__}: {error}",
                                   traceback=traceback.format_exc(), finished_at=datetime.now(timezone.utc),
                                   load_average_end=_load_average())
-            print(f"kvpolicies: cell failed ({cell.task.name}, {cell.policy.title}, {cell.budget}): "
+            print(f"kvpolicies: cell failed ({cell.task.name}, {cell.title}, {cell.budget}): "
                   f"{record.error}", file=sys.stderr)
         write_record(result_path(results_dir, cell), record)
         bar.update(1)

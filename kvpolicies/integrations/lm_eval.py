@@ -16,10 +16,14 @@ What is compressed, per request type:
 - ``loglikelihood_rolling``: each document streams through one cache in chunks of ``stream_chunk`` tokens; after
   every chunk the cache is cut back to the budget, so the budget binds while the document is read (the paper's
   language-modelling setting). Tokens in a chunk see the compressed past plus their own chunk.
+
+``protocol=query_aware`` (default) or ``query_agnostic`` chooses when a generation prompt is compressed relative to
+its question (:mod:`kvpolicies.integrations.protocol`); the task names where its question starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import statistics
 import time
@@ -38,6 +42,7 @@ from kvpolicies.engine.cache import CacheStats, CompressedCache
 from kvpolicies.engine.policy import Role, coerce_option
 from kvpolicies.errors import ModelLoadError, PolicyConfigError, UsageError
 from kvpolicies.integrations.models import resolve_device, resolve_dtype, resolve_source
+from kvpolicies.integrations.protocol import QUESTION_MARKER, Protocol, missing_split, question_start, split_cache
 from kvpolicies.registry import get_policy, policy_with_role
 
 _HFLM_ARGUMENTS = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
@@ -55,6 +60,7 @@ class KVPoliciesLM(HFLM):
         slack_tokens: int | str | None = None,
         stream_chunk: int | str = 128,
         prefill_chunk: int | str | None = None,
+        protocol: str | None = None,
         device: str | None = None,
         dtype: str | None = None,
         **kwargs: Any,
@@ -74,6 +80,11 @@ class KVPoliciesLM(HFLM):
         self.kv_budget = Budget.parse(budget, slack_tokens=slack)  # the budget's own slack (16) unless given
         self.stream_chunk = _count("stream_chunk", stream_chunk)
         self.prefill_chunk = None if prefill_chunk in (None, "", "None") else _count("prefill_chunk", prefill_chunk)
+        self.protocol = Protocol.parse(protocol)
+        if self.protocol is Protocol.QUERY_AGNOSTIC:
+            # Each context is compressed alone before its question: one request at a time.
+            kwargs["batch_size"] = 1
+            kwargs.pop("max_batch_size", None)
         if isinstance(pretrained, torch.nn.Module):  # a model already loaded (pass its tokenizer= too)
             super().__init__(pretrained=pretrained, **kwargs)
         else:
@@ -96,17 +107,51 @@ class KVPoliciesLM(HFLM):
         self.kv_padding_bytes = max(self.kv_padding_bytes, cache.stats().padding_bytes)
 
     # -- generate_until ------------------------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        # A task names where its question starts on its docs; it travels with the request's generation kwargs
+        # (requests are batched by those, so a batch shares one marker) and never reaches another model.
+        marked = []
+        for request in requests:
+            marker = request.doc.get(QUESTION_MARKER) if isinstance(request.doc, dict) else None
+            if marker:  # a copy: lm-eval's own request (and its logged arguments) stays as the task made it
+                context, gen_kwargs = request.args
+                request = dataclasses.replace(request, arguments=(context, {**gen_kwargs, QUESTION_MARKER: marker}))
+            marked.append(request)
+        return super().generate_until(marked, disable_tqdm=disable_tqdm)
+
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        marker = generation_kwargs.pop(QUESTION_MARKER, None)
         cache = self.new_cache()
         clock = StepClock(self.device)
         if self.prefill_chunk:
             generation_kwargs["prefill_chunk_size"] = self.prefill_chunk
+        prefilled = 0
+        if marker is None and self.protocol is Protocol.QUERY_AGNOSTIC:
+            raise missing_split()
+        if marker is not None:
+            mask = generation_kwargs.get("attention_mask")
+            starts = [self._question_start(row if mask is None else row[mask[i].bool()], marker)
+                      for i, row in enumerate(context)]
+            started = time.perf_counter()
+            prefilled = split_cache(self.model, cache, context, starts, self.protocol)  # batch size 1 if agnostic
+            if prefilled:
+                self.timings.add_prefill(prefilled, _synchronized(self.device, started))
         output = super()._model_generate(
             context, max_length, stop, cache=cache, streamer=clock, **generation_kwargs
         )
         self._measure(cache)
-        self.timings.add_generation(context.numel(), context.shape[0], clock)
+        self.timings.add_generation(context.numel() - prefilled, context.shape[0], clock)
         return output
+
+    def _question_start(self, ids: torch.Tensor, marker: str) -> int:
+        """Real tokens before the question: the context the budget is a fraction of."""
+        start = question_start(lambda part: self.tokenizer.decode(part), ids.tolist(), marker)
+        if start is None:
+            raise UsageError(f"the task names its question by {marker!r}, which this prompt does not contain; the "
+                             "split between context and question is unknown (fix the task's kvp_question_marker)")
+        if start == 0:
+            raise UsageError(f"the question marker {marker!r} starts the prompt: there is no context to compress")
+        return start
 
     # -- loglikelihood -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -124,6 +169,8 @@ class KVPoliciesLM(HFLM):
         return F.log_softmax(torch.cat(pieces, dim=1)[0].float(), dim=-1)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if self.protocol is Protocol.QUERY_AGNOSTIC:
+            raise missing_split(" (log-likelihood requests have no question)")
         results = []
         for request_str, context, continuation in tqdm(
             requests, disable=disable_tqdm or self.rank != 0, desc="kvpolicies loglikelihood"
@@ -143,6 +190,8 @@ class KVPoliciesLM(HFLM):
     # -- loglikelihood_rolling -----------------------------------------------------------------------------------
     @torch.no_grad()
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        if self.protocol is Protocol.QUERY_AGNOSTIC:
+            raise missing_split(" (perplexity requests have no question)")
         results = []
         for (text,) in tqdm(
             [request.args for request in requests], disable=disable_tqdm or self.rank != 0, desc="kvpolicies rolling"
@@ -186,6 +235,9 @@ class KVPoliciesLM(HFLM):
             return {"sequences": 0}
         resident = [stats.resident_bytes for stats in self.kv_measurements]
         full = [stats.full_bytes for stats in self.kv_measurements]
+        # The context's own bytes: what the budget is a fraction of when a question was appended after it.
+        context = [s.resident_bytes * (s.kept_entries - s.appended_entries) // max(s.kept_entries, 1)
+                   for s in self.kv_measurements]
         return {
             "sequences": len(self.kv_measurements),
             "resident_bytes_peak": max(resident),
@@ -194,6 +246,8 @@ class KVPoliciesLM(HFLM):
             "full_bytes_mean": statistics.fmean(full),
             "resident_fraction_mean": statistics.fmean(r / f for r, f in zip(resident, full) if f) if any(full) else 1.0,
             "padding_bytes_peak": self.kv_padding_bytes,
+            "context_bytes_peak": max(context),
+            "context_bytes_mean": statistics.fmean(context),
         }
 
     def get_model_info(self) -> dict:
@@ -203,6 +257,7 @@ class KVPoliciesLM(HFLM):
             "config_hash": self.kv_policy.config_hash(),
             "budget": self.kv_budget.model_dump(),
             "stream_chunk": self.stream_chunk,
+            "protocol": self.protocol.value,
             "kv_memory": self.kv_memory(),
             "speed": self.timings.summary(),
         }

@@ -56,7 +56,7 @@ def latest_records(records: Sequence[ResultRecord]) -> Latest:
     for record in records:
         if record.status != "ok":
             continue
-        key = (record.cell.task.name, record.cell.policy.title, budget_key(record.cell.budget))
+        key = (record.cell.task.name, record.cell.title, budget_key(record.cell.budget))
         if key not in best or record.finished_at > best[key].finished_at:
             best[key] = record
     return best

@@ -71,7 +71,7 @@ def load_rows(records: Sequence[ResultRecord]) -> tuple[list[Row], list[ResultRe
         peak = record.peak_memory_growth_bytes
         rows.append(Row(
             task=record.cell.task.name,
-            policy=record.cell.policy.title,
+            policy=record.cell.title,
             budget=None if record.identity.budget is None else budget_key(record.identity.budget),
             score=record.score,
             metric=record.primary_metric,
