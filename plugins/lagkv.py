@@ -36,8 +36,8 @@ class LagKV(Policy):
         lag, sinks = self.config.lag_tokens, self.config.sink_tokens
         # Entries re-laid in age order after the sinks: slot (order - sinks) of a [.., chunks * lag] grid.
         chunks = max(1, math.ceil(max(seq - sinks, 1) / lag))
-        if chunks == 1:  # no partition has a successor to be judged against: all are the newest (kept)
-            return torch.full((batch, heads, seq), float("inf"), device=valid.device)
+        if chunks == 1:  # no partition has a successor to judge it by: every entry scores +inf, as the grid below
+            return torch.full((batch, heads, seq), float("inf"), device=valid.device)  # would give (ties: older kept)
         slot = torch.where(valid & (order >= sinks), order - sinks, chunks * lag)  # out-of-grid -> dump slot
         grid_valid = torch.zeros(batch, heads, chunks * lag + 1, dtype=torch.bool, device=valid.device)
         grid_valid.scatter_(-1, slot, valid & (order >= sinks))

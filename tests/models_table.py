@@ -34,8 +34,13 @@ CHECKS = {
     "test_half_precision_keeps_the_models_own_logits_at_full_budget_and_stays_finite_compressed": "half precision",
 }
 UNSUPPORTED_CHECK = "test_architectures_without_per_token_keys_and_values_are_refused_with_what_is_missing"
-NO_INTERFACE_CHECK = "test_a_model_written_without_the_attention_interface_is_refused_before_any_result"
-NO_INTERFACE = "attention not written with AttentionInterface"
+REFUSAL_TESTS = {
+    "test_a_model_written_without_the_attention_interface_is_refused_before_any_result":
+        ("attention not written with AttentionInterface", "a Llama subclass transformers cannot switch to another "
+                                                           "attention"),
+    "test_learned_attention_sinks_are_refused_before_any_result": ("gpt-oss (learned attention sinks)", "GptOss"),
+}
+"""Refusal tests that are not parametrized by architecture: test name -> (row name, transformers class)."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -58,11 +63,11 @@ class Collector:
         if report.when == "teardown" and report.passed:
             return
         params = getattr(getattr(item, "callspec", None), "params", {})
-        architecture = NO_INTERFACE if name == NO_INTERFACE_CHECK else params.get("architecture")
+        architecture = REFUSAL_TESTS[name][0] if name in REFUSAL_TESTS else params.get("architecture")
         if architecture is None:
             return
         result = "skipped" if report.skipped else ("passed" if report.passed else "failed")
-        if name in (UNSUPPORTED_CHECK, NO_INTERFACE_CHECK):
+        if name == UNSUPPORTED_CHECK or name in REFUSAL_TESTS:
             text = dict(report.user_properties).get("refusal", "")
             self.refusals[architecture] = (result, text)
         elif name in CHECKS:
@@ -215,11 +220,12 @@ def render(collector: Collector) -> str:
     for name in ran:
         lines.append(f"| {name} | " + " | ".join(_cell(collector.outcomes.get((name, c), [])) for c in checks) + " |")
     lines += ["", "## Refused architectures", "",
-              "Refused when the `CompressedCache` is built, before the model is changed or any result is produced.",
+              "Refused when the `CompressedCache` is built (learned sinks: at the first attention), before any result "
+              "is produced.",
               "", "| architecture | transformers class | test | error |", "|---|---|---|---|"]
     classes = {name: spec[0].removesuffix("Config") for name, spec in UNSUPPORTED.items()}
-    classes[NO_INTERFACE] = "a Llama subclass transformers cannot switch to another attention"
-    for name in [*sorted(UNSUPPORTED), NO_INTERFACE]:
+    classes |= dict(REFUSAL_TESTS.values())
+    for name in [*sorted(UNSUPPORTED), *(row for row, _ in REFUSAL_TESTS.values())]:
         result, text = collector.refusals.get(name, ("not run", ""))
         lines.append(f"| {name} | {classes[name]} | {result} | {text.replace('|', '/')} |")
     missing = sorted(set(ARCHITECTURES) - set(ran))

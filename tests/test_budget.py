@@ -201,3 +201,10 @@ def test_every_layer_windowed_refuses_any_cut_with_the_fix():
     assert Budget(value=1.0).allocate(2000, mistral).total == 4 * 2 * 2000
     with pytest.raises(BudgetError, match="every layer is windowed.*sliding_window=None"):
         Budget(value=0.5).allocate(2000, mistral)
+
+
+def test_a_too_small_budget_is_answered_in_its_own_unit():
+    with pytest.raises(BudgetError, match=r"at least 341 tokens per KV head for this length"):
+        Budget.parse("100 tokens").allocate(4000, GEMMA_LIKE)  # (4 x 511 + 2) x 2 heads / 12 cells, rounded up = 341
+    with pytest.raises(BudgetError, match=r"at least 0\.\d+ of the cache for this length"):
+        Budget(value=0.05).allocate(600, GEMMA_LIKE)

@@ -133,6 +133,8 @@ def test_every_ruler_task_builds_offline_through_lm_evals_task_manager(tokenizer
         samples = task.test_docs()
         assert len(samples) == 500
         assert max(samples["length"]) <= 4096 + 50  # fwe counts its 50 answer tokens in, as upstream
+        for doc in samples.select(range(5)):  # the question marker finds the question, after the context
+            assert len(doc["input"]) * 0.5 < doc["input"].rfind(doc["kvp_question_marker"])
 
 
 def _leaves(tree):

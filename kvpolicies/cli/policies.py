@@ -21,6 +21,7 @@ from kvpolicies.cli.options import (
     read_text_file,
 )
 from kvpolicies.errors import UsageError
+from kvpolicies.integrations.protocol import Protocol
 
 if TYPE_CHECKING:
     from kvpolicies.engine.budget import CacheShape
@@ -40,7 +41,7 @@ def add_commands(commands) -> None:
     generate.add_argument("--question", metavar="TEXT",
                           help="a question appended after the prompt (on a new line); it is kept whole, outside the "
                                "budget, and the budget is a fraction of the prompt before it")
-    generate.add_argument("--protocol", choices=["query_aware", "query_agnostic"], default="query_aware",
+    generate.add_argument("--protocol", choices=[protocol.value for protocol in Protocol], default="query_aware",
                           help="compress the prompt with the question in view (query_aware, default) or before it "
                                "is seen (query_agnostic, needs --question)")
     generate.add_argument("--prefill-chunk", type=positive_int, metavar="N",
@@ -101,7 +102,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from kvpolicies.engine.budget import Budget
     from kvpolicies.engine.cache import CompressedCache
     from kvpolicies.integrations.models import load_model
-    from kvpolicies.integrations.protocol import Protocol, question_start, split_cache
+    from kvpolicies.integrations.protocol import question_start, split_cache
     from kvpolicies.registry import get_policy
 
     if (args.prompt is None) == (args.file is None):
@@ -140,7 +141,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if start is None:
             raise UsageError("the question cannot be found in the tokenized prompt (the chat template changed it); "
                              "try --raw")
-        split_cache(model, cache, ids, [start], protocol)
+        split_cache(model, cache, ids, [start], protocol, args.prefill_chunk)
     with torch.no_grad():
         output = model.generate(
             **inputs,

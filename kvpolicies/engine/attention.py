@@ -72,6 +72,10 @@ def kvpolicies_attention(inner: Callable, module, query, key, value, attention_m
     layer = claim_layer(key)
     if layer is None:
         return inner(module, query, key, value, attention_mask, **kwargs)
+    if kwargs.get("s_aux") is not None:  # GPT-OSS: a learned sink logit per head joins every softmax
+        raise ModelLoadError(f"{type(module).__name__} adds learned attention sinks (s_aux) to its softmax, which "
+                             "kvpolicies' attention over compressed layers does not compute; this model is not "
+                             "supported")
     q_len = query.shape[2]
     scale = LogitScale(kwargs.get("scaling") or query.shape[-1] ** -0.5, kwargs.get("softcap"))
     new_visible = new_token_mask(attention_mask, query.shape[0], q_len, query.device)

@@ -195,15 +195,18 @@ class Budget(BaseModel):
         windowed = int(tokens.sum())
         free = [layer for layer in range(shape.num_layers) if layer not in fixed]
         if total < windowed + len(free) * shape.num_kv_heads:
-            needed = (windowed + len(free) * shape.num_kv_heads) / shape.full_entries(seq_len)
-            needed = math.ceil(needed * 1000) / 1000  # rounded up: the budget suggested must be enough
+            entries = windowed + len(free) * shape.num_kv_heads
+            needed = math.ceil(entries / shape.full_entries(seq_len) * 1000) / 1000  # rounded up: must be enough
+            in_units = (f"{min(needed, 1.0):.3f} of the cache" if self.unit == "fraction" else
+                        f"{math.ceil(entries / shape.cells)} tokens per KV head" if self.unit == "tokens" else
+                        f"{entries * shape.entry_bytes}B")
             where = (f"and one entry per head of its {len(free)} full-attention layers" if free else
                      "(every layer is windowed: a smaller cache would evict inside the window the model attends to; "
                      "load the model with sliding_window=None to compress it as full attention)")
             raise BudgetError(
                 f"budget {self} keeps {total} entries of a {seq_len}-token sequence, but the model's "
                 f"{len(fixed)} sliding-window layers hold {windowed} (the last W - 1 tokens each, all of which the "
-                f"model attends to) {where}; raise the budget to at least {min(needed, 1.0):.3f} for this length"
+                f"model attends to) {where}; raise the budget to at least {in_units} for this length"
             )
         if free:
             tokens[free] = spread(total - windowed, len(free) * shape.num_kv_heads, seq_len).view(len(free), -1)

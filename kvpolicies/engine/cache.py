@@ -24,7 +24,7 @@ from kvpolicies.engine.policy import Policy, ScoreInputs, Signal
 from kvpolicies.engine.selection import age_order, select
 from kvpolicies.engine.signals import LogitScale, attention_received
 from kvpolicies.engine.storage import CompressedLayer
-from kvpolicies.errors import ContextLengthWarning, PolicyConfigError
+from kvpolicies.errors import ContextLengthWarning, PolicyConfigError, UsageError
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,10 @@ class CompressedCache(Cache):
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.budget = Budget.parse(budget)
         self.shape = CacheShape.from_config(model.config, model.dtype, windows)
+        if self.budget.unit != "fraction" and self.shape.sliding_layers and self.policy.compresses:
+            # A fixed number of entries against windows that fill up as the sequence grows: check the full windows
+            # now, not halfway through a generation.
+            self.budget.allocate(max(w for w in windows if w), self.shape)
         self._allocations: dict[int, list[list[int]]] = {}
         self._layer_views: dict[int, LayerView] = {}
         self.timing = False
@@ -120,8 +124,8 @@ class CompressedCache(Cache):
         if not self.policy.compresses:
             return
         if layer.window is not None:  # holds its window, set by the model; the budget must still afford it
-            for n in set(layer.seen):
-                self._targets(max(n, 1))
+            for n, a in zip(layer.seen, self.appended(layer.seen)):
+                self._targets(max(n - a, 1))
             return
         appended = self.appended(layer.seen)
         slack = 0 if query.shape[-2] > 1 or any(appended) else self.budget.slack_tokens
@@ -156,7 +160,14 @@ class CompressedCache(Cache):
         """Per sequence, the real tokens after its context (0 for all when no context is set)."""
         if self.context_lengths is None:
             return [0] * len(seen)
+        if len(self.context_lengths) != len(seen):
+            raise UsageError(f"context_lengths gives {len(self.context_lengths)} lengths for a batch of {len(seen)} "
+                             "sequences; give one per sequence")
         return [max(n - c, 0) for n, c in zip(seen, self.context_lengths)]
+
+    def reset(self) -> None:
+        super().reset()
+        self.context_lengths = None  # the next prompt's split is its own
 
     def _checked(self, scores: object, valid: torch.Tensor) -> torch.Tensor:
         """``scores`` if they keep ``score()``'s contract; a policy that breaks it is named, never silently ranked."""

@@ -133,7 +133,7 @@ class KVPoliciesLM(HFLM):
             starts = [self._question_start(row if mask is None else row[mask[i].bool()], marker)
                       for i, row in enumerate(context)]
             started = time.perf_counter()
-            prefilled = split_cache(self.model, cache, context, starts, self.protocol)  # batch size 1 if agnostic
+            prefilled = split_cache(self.model, cache, context, starts, self.protocol, self.prefill_chunk)
             if prefilled:
                 self.timings.add_prefill(prefilled, _synchronized(self.device, started))
         output = super()._model_generate(

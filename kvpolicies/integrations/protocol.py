@@ -74,12 +74,13 @@ def missing_split(task_hint: str = "") -> UsageError:
     )
 
 
-def split_cache(model, cache, ids, starts: list[int], protocol: Protocol) -> int:
+def split_cache(model, cache, ids, starts: list[int], protocol: Protocol, chunk: int | None = None) -> int:
     """Set up ``cache`` for a prompt ``ids`` (``[batch, seq]``) whose questions start at ``starts`` (real tokens
     before each question); return how many leading tokens were prefilled here (the rest is for ``generate``).
 
     query_agnostic prefills the context alone (one sequence: contexts of a batch end at different places), which
-    compresses it; both protocols then keep everything after the context whole and outside the budget.
+    compresses it, ``chunk`` tokens at a time when given (so memory follows the budget, as in generation); both
+    protocols then keep everything after the context whole and outside the budget.
     """
     import torch
 
@@ -88,7 +89,9 @@ def split_cache(model, cache, ids, starts: list[int], protocol: Protocol) -> int
         if ids.shape[0] != 1:
             raise UsageError("query_agnostic compresses each context alone: run one sequence at a time")
         prefilled = starts[0]
+        step = chunk or prefilled
         with torch.no_grad():
-            model(ids[:, :prefilled], cache=cache)
+            for start in range(0, prefilled, step):  # no logits wanted: keep one position, not the vocabulary's
+                model(ids[:, start : min(start + step, prefilled)], cache=cache, logits_to_keep=1)
     cache.context_lengths = list(starts)
     return prefilled
