@@ -264,3 +264,18 @@ def test_plots_keep_equal_lines_apart_and_speed_and_memory_from_zero(tmp_path, m
     assert max(abs(x - budget) for x, budget in zip(a.get_xdata(), (0.25, 0.5))) < 0.25 / 3
     for name in ("decode_speed_vs_budget", "kv_memory_vs_budget"):
         assert figures[name].axes[0].get_ylim()[0] == 0
+
+
+def test_cells_of_one_model_share_its_loaded_weights(tiny_pretrained, tmp_path, monkeypatch):
+    import shutil
+
+    from kvpolicies.experiments import sweep
+
+    monkeypatch.setattr(sweep, "_loaded", {})
+    grid = cells(SweepConfig(models=[tiny_pretrained], policies=["snapkv"], budgets=[0.25, 0.5], tasks=["kvp_passkey"]))
+    first, second = (sweep.cell_model(cell) for cell in grid[:2])
+    assert second.model is first.model and second.tokenizer is first.tokenizer
+    assert str(first.kv_budget) == "0.25" and str(second.kv_budget) == "0.5"
+    copy = str(shutil.copytree(tiny_pretrained, tmp_path / "copy"))
+    other = sweep.cell_model(grid[0].model_copy(update={"model": copy}))
+    assert other.model is not first.model and list(sweep._loaded) == [copy]  # one model in memory at a time

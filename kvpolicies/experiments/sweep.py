@@ -44,18 +44,33 @@ def _task_manager(metadata_json: str):
     return TaskManager(include_path=str(tasks_dir()), metadata=json.loads(metadata_json))
 
 
+_loaded: dict[str | None, tuple[Any, Any]] = {}
+"""The model (and tokenizer) of the last cell, by model name: the next cell of the same model reuses it."""
+
+
+def cell_model(cell: Cell):
+    """The lm-eval model of ``cell``. Weights are loaded once per model, not once per cell (an 8B model takes
+    minutes to load on a GPU node); a grid runs model by model, so only the current model is kept in memory. The
+    first load is lm-eval's own, so results are those of a fresh process (a resumed sweep checks this)."""
+    from kvpolicies.integrations.lm_eval import KVPoliciesLM
+
+    options = dict(policy=cell.policy.name, budget=cell.budget, batch_size=cell.batch_size,
+                   protocol=cell.protocol.value, **cell.policy.options)
+    if cell.model in _loaded:
+        model, tokenizer = _loaded[cell.model]
+        return KVPoliciesLM(pretrained=model, tokenizer=tokenizer, **options)
+    _loaded.clear()
+    lm = KVPoliciesLM(pretrained=cell.model, **options)
+    _loaded[cell.model] = (lm.model, lm.tokenizer)
+    return lm
+
+
 def run_cell(cell: Cell) -> dict[str, Any]:
     """Evaluate one cell with lm-eval and return the measured fields of its record (metrics, memory, speed)."""
     import lm_eval
 
-    from kvpolicies.integrations.lm_eval import KVPoliciesLM
-
-    started = time.perf_counter()
-    lm = KVPoliciesLM(
-        pretrained=cell.model, policy=cell.policy.name, budget=cell.budget, batch_size=cell.batch_size,
-        protocol=cell.protocol.value,
-        **cell.policy.options,
-    )
+    lm = cell_model(cell)
+    started = time.perf_counter()  # the evaluation, not the one cell that happened to load the weights
     with PeakMemory(lm.device) as peak:
         results = lm_eval.simple_evaluate(
             model=lm, tasks=[cell.task.name], limit=cell.task.limit, bootstrap_iters=0,
