@@ -407,3 +407,35 @@ def test_a_fixed_budget_that_full_windows_would_outgrow_is_refused_when_the_cach
     CompressedCache(model, kvpolicies.get_policy("snapkv"), "8 tokens")  # windows of 7 plus one: fits
     with pytest.raises(BudgetError, match="tokens per KV head"):
         CompressedCache(model, kvpolicies.get_policy("snapkv"), "3 tokens")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("architecture", ["gemma2", "gemma3", "mistral-sliding-window"])
+def test_padding_inside_a_window_is_never_counted_and_decoding_keeps_each_row_as_alone(architecture):
+    """A prompt shorter than the window, left-padded next to a long one: its window holds padding for a while."""
+    model = build(ARCHITECTURES[architecture])
+    generator = torch.Generator().manual_seed(3)
+    long = torch.randint(3, COMMON["vocab_size"], (1, 30), generator=generator)
+    short = torch.randint(3, COMMON["vocab_size"], (1, 4), generator=generator)  # 4 < W - 1 = 7
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 26, dtype=torch.long), short], 1)])
+    mask = torch.cat([torch.ones(1, 30), torch.cat([torch.zeros(1, 26), torch.ones(1, 4)], 1)]).long()
+    steps = torch.randint(3, COMMON["vocab_size"], (2, 3), generator=generator)
+
+    def run(ids, attention_mask, tokens):
+        fraction = 1.0 if architecture in ALL_WINDOWED else 0.8  # 0.6 cannot hold a 4-token window plus one
+        cache = CompressedCache(model, kvpolicies.get_policy("snapkv"), Budget(value=fraction, slack_tokens=0))
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        model(ids, attention_mask=attention_mask, position_ids=positions, cache=cache)
+        kept = [cache.kept_per_head()]
+        for step in range(tokens.shape[1]):
+            attention_mask = torch.cat([attention_mask, torch.ones(ids.shape[0], 1, dtype=torch.long)], 1)
+            model(tokens[:, step : step + 1], attention_mask=attention_mask,
+                  position_ids=positions[:, -1:] + step + 1, cache=cache)
+            kept.append(cache.kept_per_head())
+        return kept, cache
+
+    together, cache = run(batch, mask, steps)
+    alone, _ = run(short, torch.ones_like(short), steps[1:])
+    for both, single in zip(together, alone):
+        assert torch.equal(both[:, 1], single[:, 0])  # the padding in the short row's window is never counted
+    assert cache.sequence_stats()[1].kept_entries == int(alone[-1][:, 0].sum())
