@@ -92,6 +92,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def features(name: str) -> str:
     """The attention details this architecture exercises, read from its config and its attention module."""
+    from kvpolicies import LayerView, ModelLoadError
     from kvpolicies.engine.layout import layer_windows
     from tests.architectures import ARCHITECTURES, build
 
@@ -124,10 +125,11 @@ def features(name: str) -> str:
         rope, dict) else 1.0
     if factor and factor < 1:
         found.append(f"partial rotary {factor:g}")
-    code = __import__(type(attention).__module__, fromlist=["rotate_half"])
-    rotate_half = getattr(code, "rotate_half", None)
-    if rotate_half is not None and not torch.equal(rotate_half(torch.arange(4.0)), torch.tensor([-2.0, -3, 0, 1])):
-        found.append("interleaved RoPE")
+    try:
+        LayerView(attention).rotary  # the reader policies use: it refuses interleaved pairs
+    except ModelLoadError as error:
+        if "interleaved" in str(error):
+            found.append("interleaved RoPE")
     if any(getattr(config, key, None) for key in ("num_experts", "num_local_experts")):
         found.append("MoE")
     found.append(f"{config._attn_implementation.removeprefix('kvpolicies-')} attention")
@@ -145,8 +147,9 @@ def _cell(results: list[str]) -> str:
 def render(collector: Collector) -> str:
     from tests.architectures import ALL_WINDOWED, ARCHITECTURES, REFUSED, UNSUPPORTED
 
-    checks = sorted({check for _, check in collector.outcomes}, key=lambda c: list(CHECKS.values()).index(
-        c.split(" (")[0]) if c.split(" (")[0] in CHECKS.values() else 99)
+    order = list(CHECKS.values())
+    checks = sorted({check for _, check in collector.outcomes},  # by CHECKS, then dtype: the same on every run
+                    key=lambda c: (order.index(c.split(" (")[0]) if c.split(" (")[0] in order else 99, c))
     ran = sorted({architecture for architecture, _ in collector.outcomes})
     failed = sum(r.count("failed") for r in collector.outcomes.values())
     passed = sum(r.count("passed") for r in collector.outcomes.values())

@@ -230,9 +230,13 @@ class CompressedCache(Cache):
         if Signal.QUERIES in needs:
             inputs.queries = queries
         if Signal.ATTENTION in needs:
-            inputs.attention = attention_received(queries, dense["keys"], valid, order, scale) * context
+            inputs.attention = attention_received(queries, dense["keys"], valid, order, scale)
         if Signal.CUMULATIVE_ATTENTION in needs:
-            inputs.cumulative_attention = dense["cumulative"][..., 0] * context
+            inputs.cumulative_attention = dense["cumulative"][..., 0]
+        if context is not valid:  # what the entries after the context received is not the policy's to weigh
+            for name in ("attention", "cumulative_attention"):
+                if getattr(inputs, name) is not None:
+                    setattr(inputs, name, getattr(inputs, name) * context)
         return inputs
 
     def kept_per_head(self) -> torch.Tensor:
