@@ -25,13 +25,18 @@ The tasks are ``kvp_ruler_<name>`` (group ``kvp_ruler``) in ``evals/tasks/kvp_ru
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import json
 import os
+import pickle
+import random
 import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from kvpolicies.errors import KVPoliciesError
 
@@ -175,7 +180,36 @@ def tokenizer_name(options: dict) -> str:
 
 
 def generate(task: str, options: dict) -> dict:
-    """lm-eval's dataset function of RULER task ``task`` (a key of :data:`TASKS`), offline."""
+    """lm-eval's dataset function of RULER task ``task`` (a key of :data:`TASKS`), offline.
+
+    Samples are generated once per process for the same options and the same state of the global random generators
+    (which lm-eval's generators draw from, and its evaluator seeds): a sweep builds each task for every cell, and
+    lm-eval draws 500 samples (seconds of tokenizing) whatever the limit. A repeat returns the first build's samples
+    and leaves the generators as that build left them, so what runs next cannot tell the difference. Options that
+    are not plain JSON (a tokenizer object) are built every time."""
+    try:
+        key = (task, json.dumps(options, sort_keys=True), _random_state())
+    except TypeError:
+        return _build(task, options)
+    if key not in _GENERATED:
+        _GENERATED[key] = (_build(task, options), (random.getstate(), np.random.get_state()))
+        while len(_GENERATED) > 16:  # a sweep uses one or a few task builds at a time
+            del _GENERATED[next(iter(_GENERATED))]
+    splits, (python_state, numpy_state) = _GENERATED[key]
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    return dict(splits)  # lm-eval may replace a split in the dict it is given, never inside a split
+
+
+_GENERATED: dict[tuple[str, str, str], tuple[dict, tuple]] = {}
+
+
+def _random_state() -> str:
+    """A digest of the global random generators' state: equal digests, equal draws."""
+    return hashlib.sha256(pickle.dumps((random.getstate(), np.random.get_state()))).hexdigest()
+
+
+def _build(task: str, options: dict) -> dict:
     install()
     module_name, function = TASKS[task]
     module = importlib.import_module(f"lm_eval.tasks.ruler.{module_name}")

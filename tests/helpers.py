@@ -110,14 +110,15 @@ def attention_received_by_loops(queries: torch.Tensor, keys: torch.Tensor, scali
 
 
 def make_record(task: str, policy: str, budget, score: float, *, label: str | None = None, model: str | None = None,
-                higher: bool = True, status: str = "ok", key: str | None = None, **fields):
+                higher: bool = True, status: str = "ok", key: str | None = None, protocol: str = "query_aware",
+                **fields):
     """A ``ResultRecord`` built through the record model, as every test's fake records are; ``policy == "full"`` is
     the reference. ``fields`` override any record field (``kv_memory=...``)."""
     from kvpolicies.experiments.grid import Cell, PolicySpec, TaskSpec
     from kvpolicies.experiments.results import ResultRecord
 
     cell = Cell(model=model, task=TaskSpec(name=task), policy=PolicySpec(name=policy, label=label), budget=budget,
-                seed=0)
+                seed=0, protocol=protocol)
     metric = "exact_match,first_key" if higher else "word_perplexity,none"
     outcome = {"error": "RuntimeError: boom"} if status != "ok" else {
         "metrics": {metric: score}, "primary_metric": metric, "score": score, "higher_is_better": higher,
@@ -127,7 +128,7 @@ def make_record(task: str, policy: str, budget, score: float, *, label: str | No
     }
     identity = {"model": model or "smollm2-135m-instruct", "policy": {"policy": policy, "config": {}},
                 "budget": None if policy == "full" else cell.budget, "code_version": "0.1.0+abc/def"}
-    return ResultRecord(key=key or f"{task}-{policy}-{label}-{budget}-{model}", cell=cell, identity=identity,
+    return ResultRecord(key=key or f"{task}-{policy}-{label}-{budget}-{model}-{protocol}", cell=cell, identity=identity,
                         versions={"kvpolicies": "0.1.0", "torch": "2.13.0"}, started_at=NOW, finished_at=NOW,
                         status=status, **outcome | fields)
 

@@ -116,8 +116,23 @@ def test_cwe_samples_do_not_depend_on_what_ran_before_in_the_process(tokenizer, 
 
     options = {"max_seq_lengths": [4096], "pretrained": tokenizer}
     first = docs(seeded(ruler.generate, "cwe", options))
+    ruler._GENERATED.clear()  # build again, not the copy kept for a repeat
     again = docs(seeded(ruler.generate, "cwe", options))
     assert first == again
+
+
+def test_a_repeated_build_is_the_first_builds_samples_and_leaves_the_generators_as_it_did(tokenizer, offline):
+    from kvpolicies_evals import ruler
+
+    options = {"max_seq_lengths": [4096], "pretrained": tokenizer}
+    ruler._GENERATED.clear()
+    first = seeded(ruler.generate, "niah_single_1", options)
+    after_first = (random.random(), np.random.rand())
+    again = seeded(ruler.generate, "niah_single_1", options)
+    assert again["test"] is first["test"] and (random.random(), np.random.rand()) == after_first
+    random.seed(1)  # other generator states: a fresh build, since lm-eval's draws would differ
+    other = ruler.generate("niah_single_1", options)
+    assert other["test"] is not first["test"] and docs(other) != docs(first)
 
 
 def test_every_ruler_task_builds_offline_through_lm_evals_task_manager(tokenizer, offline):

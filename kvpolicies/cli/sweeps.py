@@ -20,10 +20,14 @@ def add_commands(commands) -> None:
                                 "cache is always part of the grid, as the reference of every budget.")
     sweep.add_argument("--config", type=Path, help=f"YAML or TOML grid ({GRID_HELP})")
     sweep.add_argument("--quick", action="store_true", help="small grid: passkey at 2k tokens, 5 policies, 2 budgets")
-    sweep.add_argument("--results", type=Path, help="results folder (default: results/quick or results/default)")
+    sweep.add_argument("--preset", help=f"a grid shipped with kvpolicies ({', '.join(presets())}; "
+                                        "README.md, 'RULER leaderboard')")
+    sweep.add_argument("--results", type=Path,
+                       help="results folder (default: results/quick, results/PRESET or results/default)")
     sweep.add_argument("--policies", help="comma-separated policy names (default: every registered policy)")
     sweep.add_argument("--budgets", help="comma-separated budgets (default: 0.1,0.25,0.5,0.75)")
-    sweep.add_argument("--tasks", help="comma-separated task names (default: kvp_passkey,kvp_niah,kvp_ppl)")
+    sweep.add_argument("--tasks", help="comma-separated task names (default: kvp_passkey,kvp_niah,kvp_ppl); they "
+                                      "replace the grid's tasks, its full-cache-only tasks included")
     sweep.add_argument("--models", help="comma-separated model ids/paths (default: the embedded model)")
     sweep.add_argument("--protocols", help="comma-separated: query_aware (default), query_agnostic or both; the "
                                           "tasks must name their question for query_agnostic")
@@ -37,7 +41,18 @@ def add_commands(commands) -> None:
     board.add_argument("--output", type=Path, help="write the tables here instead of stdout")
     board.add_argument("--plots", type=Path, help="write PNG figures into this folder")
     board.add_argument("--provenance", action="store_true", help="start with dates, versions, devices and the grid")
+    board.add_argument("--suite", action="store_true",
+                       help="one benchmark suite in kvpress's shape (RULER): the mean over tasks per policy, keep "
+                            "ratio and protocol, per-task columns, the full cache per task")
     board.set_defaults(run=run_leaderboard)
+
+
+def presets() -> dict[str, Path]:
+    """The grids shipped in ``kvpolicies_evals/presets``, by name."""
+    from importlib import resources
+
+    folder = resources.files("kvpolicies_evals") / "presets"
+    return {Path(item.name).stem: Path(str(item)) for item in folder.iterdir() if item.name.endswith(".yaml")}
 
 
 def sweep_config(args: argparse.Namespace):
@@ -46,20 +61,28 @@ def sweep_config(args: argparse.Namespace):
     from kvpolicies.experiments.grid import QUICK, SweepConfig, TaskSpec
     from kvpolicies.registry import get_policy
 
-    if args.config and args.quick:
-        raise UsageError("use either --config or --quick")
+    chosen = [option for option, given in (("--config", args.config), ("--quick", args.quick),
+                                           ("--preset", args.preset)) if given]
+    if len(chosen) > 1:
+        raise UsageError(f"use one of {' and '.join(chosen)}: each names a whole grid")
+    if args.preset and args.preset not in presets():
+        raise UsageError(f"no preset named {args.preset!r}; choose one of: {', '.join(presets())}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1 sample per task, got {args.limit}; leave it out to run each "
                          "task's whole data")
-    config = SweepConfig.load(args.config) if args.config else (QUICK.model_copy(deep=True) if args.quick else SweepConfig())
+    if args.config or args.preset:
+        config = SweepConfig.load(args.config or presets()[args.preset])
+    else:
+        config = QUICK.model_copy(deep=True) if args.quick else SweepConfig()
     updates: dict[str, Any] = {}
     if args.policies:
         updates["policies"] = [name.strip() for name in args.policies.split(",")]
     if args.budgets:
         updates["budgets"] = [text.strip() for text in args.budgets.split(",")]
     if args.tasks:
-        known = {task.name: task for task in config.tasks}
+        known = {task.name: task for task in config.reference_tasks + config.tasks}
         updates["tasks"] = [known.get(name.strip(), TaskSpec(name=name.strip())) for name in args.tasks.split(",")]
+        updates["reference_tasks"] = []
     if args.models:
         updates["models"] = [name.strip() for name in args.models.split(",")]
     if args.protocols:
@@ -67,6 +90,8 @@ def sweep_config(args: argparse.Namespace):
     config = SweepConfig.model_validate(config.model_dump() | updates)
     if args.limit is not None:  # validated copies: model_copy(update=...) would skip the check on limit
         config.tasks = [TaskSpec.model_validate(task.model_dump() | {"limit": args.limit}) for task in config.tasks]
+        config.reference_tasks = [TaskSpec.model_validate(task.model_dump() | {"limit": args.limit})
+                                  for task in config.reference_tasks]
     for spec in config.resolved_policies():
         get_policy(spec.name, **spec.options)  # fail before running anything
     return config
@@ -78,7 +103,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     from kvpolicies.reports.leaderboard import plot, render
 
     config = sweep_config(args)
-    results = args.results or Path("results") / ("quick" if args.quick else "default")
+    results = args.results or Path("results") / ("quick" if args.quick else args.preset or "default")
     failed = sum(record.status != "ok" for record in run_sweep(config, results))
     records = load_results(results)
     print(render(results, records=records))
@@ -91,6 +116,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 def run_leaderboard(args: argparse.Namespace) -> int:
     from kvpolicies.experiments.results import ResultsError, load_results
     from kvpolicies.reports.leaderboard import plot, render
+    from kvpolicies.reports.suite import plot_suite, render_suite
 
     if not args.results.is_dir():
         what = "is not a folder" if args.results.exists() else "does not exist"
@@ -98,10 +124,14 @@ def run_leaderboard(args: argparse.Namespace) -> int:
     records = load_results(args.results)
     images = []
     if args.plots:
-        for path in plot(args.results, args.plots, records=records):
+        paths = plot_suite(records, args.plots) if args.suite else plot(args.results, args.plots, records=records)
+        for path in paths:
             print(f"plot: {path}", file=sys.stderr)
             base = args.output.parent if args.output else Path.cwd()
             images.append(os.path.relpath(path, base))
-    text = render(args.results, args.format, with_provenance=args.provenance, images=images, records=records)
+    if args.suite:
+        text = render_suite(args.results, records, args.format, with_provenance=args.provenance, images=images)
+    else:
+        text = render(args.results, args.format, with_provenance=args.provenance, images=images, records=records)
     write_or_print(text, args.output)
     return 0

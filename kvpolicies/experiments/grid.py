@@ -32,10 +32,18 @@ class PolicySpec(BaseModel):
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
+    protocols: list[Protocol] | None = None
+    """The protocols this policy runs under, instead of the grid's: kvpress runs the query-aware protocol only for
+    the policies that read the question through attention, and so can a grid."""
 
     @property
     def title(self) -> str:
         return self.label or self.name
+
+    @field_validator("protocols", mode="before")
+    @classmethod
+    def _protocols(cls, value):
+        return None if value is None else [Protocol.parse(item) for item in _as_list(value)]
 
 
 class TaskSpec(BaseModel):
@@ -79,6 +87,9 @@ class SweepConfig(BaseModel):
     policies: list[PolicySpec] = Field(default_factory=list, description="empty = every registered policy")
     budgets: list[Budget] = Field(default_factory=lambda: [Budget.parse(b) for b in (0.1, 0.25, 0.5, 0.75)])
     tasks: list[TaskSpec] = Field(default_factory=default_tasks)
+    reference_tasks: list[TaskSpec] = Field(
+        default_factory=list, description="tasks the full cache alone runs on: what the model can do on tasks "
+        "where no policy is run (a small model that scores nothing on a task leaves nothing to compress)")
     seed: int = 0
     batch_size: int = Field(1, ge=1)
     protocols: list[Protocol] = Field(default_factory=lambda: [Protocol.QUERY_AWARE],
@@ -94,7 +105,7 @@ class SweepConfig(BaseModel):
     def _protocols(cls, value):
         return [Protocol.parse(item) for item in _as_list(value)]
 
-    @field_validator("policies", "tasks", mode="before")
+    @field_validator("policies", "tasks", "reference_tasks", mode="before")
     @classmethod
     def _names_to_specs(cls, value):
         return [{"name": item} if isinstance(item, str) else item for item in _as_list(value)]
@@ -187,15 +198,22 @@ class Cell(BaseModel):
 
 def cells(config: SweepConfig) -> list[Cell]:
     """The grid in a stable order, one cell per key (``0.5`` and ``50%`` are one cell); the full cache runs once
-    per model and task, whatever the budgets."""
+    per model and task, whatever the budgets, and alone on the reference tasks."""
     grid: dict[str, Cell] = {}
+    reference = [spec for spec in config.resolved_policies() if not get_policy(spec.name, **spec.options).compresses]
     for model in config.models:
+        for task in config.reference_tasks:
+            for spec in reference:
+                cell = Cell(model=model, task=task, policy=spec, budget=1.0, seed=config.seed,
+                            batch_size=config.batch_size)
+                grid.setdefault(cell.key(), cell)
         for task in config.tasks:
             for spec in config.resolved_policies():
                 compresses = get_policy(spec.name, **spec.options).compresses
                 for budget in config.budgets if compresses else [Budget.parse(1.0)]:
                     # The full cache compresses nothing: one cell, whatever the protocols.
-                    for protocol in config.protocols if compresses else [Protocol.QUERY_AWARE]:
+                    protocols = spec.protocols or config.protocols
+                    for protocol in protocols if compresses else [Protocol.QUERY_AWARE]:
                         cell = Cell(model=model, task=task, policy=spec, budget=budget, seed=config.seed,
                                     batch_size=config.batch_size, protocol=protocol)
                         grid.setdefault(cell.key(), cell)

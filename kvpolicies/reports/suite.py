@@ -1,0 +1,297 @@
+"""A benchmark suite's leaderboard in kvpress's shape: one average over the suite's tasks per policy and keep ratio.
+
+kvpress publishes RULER as the mean of the 13 task scores (x100) per press and compression ratio, query-agnostic,
+with a separate query-aware run for the presses that read the question. This page puts a results folder in that
+shape so that numbers can be read side by side, protocol for protocol: the full cache's own score per task first
+(a small model scores nothing on some tasks, and a task the full cache fails carries no signal about eviction),
+then per protocol the average over the tasks the policies ran on, the per-task scores behind it, and what the
+question being in view changes for each policy that ran under both protocols.
+
+Every task of the folder counts, so a folder should hold one suite (the RULER preset's). Scores are lm-eval's
+primary metric of each task, shown x100 as kvpress does; keep ratios are budget fractions (kvpress's compression
+ratio is 1 - keep).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from kvpolicies.experiments.results import ResultRecord, newest
+from kvpolicies.integrations.protocol import Protocol
+from kvpolicies.reports.leaderboard import FORMATS, provenance
+
+SCALE = 100.0
+"""kvpress reports RULER scores in percent."""
+
+Table = tuple[str, list[str], list[list[Any]]]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One finished cell: a policy at a keep ratio under a protocol on one task (keep None: the full cache)."""
+
+    model: str
+    task: str
+    policy: str
+    protocol: Protocol
+    keep: float | None
+    score: float
+    samples: int
+
+
+def points(records: Sequence[ResultRecord]) -> list[Point]:
+    """The finished cells of ``records`` (each as last measured); budgets that are not fractions are left out, since
+    a ratio is what kvpress's columns are."""
+    found = []
+    for record in newest(records):
+        if record.status != "ok":
+            continue
+        budget = record.identity.budget
+        if budget is not None and budget.unit != "fraction":
+            continue
+        found.append(Point(
+            model=record.identity.model, task=record.cell.task.name, policy=record.cell.policy.title,
+            protocol=record.cell.protocol, keep=None if budget is None else budget.value,
+            score=record.score * SCALE, samples=record.samples,
+        ))
+    return found
+
+
+def short(task: str) -> str:
+    """Column names: ``kvp_ruler_niah_single_1`` reads ``niah_single_1``."""
+    return task.removeprefix("kvp_ruler_").removeprefix("kvp_")
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
+def _keep_header(keep: float) -> str:
+    return f"keep {keep:g} (ratio {1 - keep:g})"
+
+
+class Suite:
+    """The points of one model, arranged the way the page reads them."""
+
+    def __init__(self, model: str, found: list[Point]):
+        self.model = model
+        self.full = {p.task: p for p in found if p.keep is None}
+        self.compressed = [p for p in found if p.keep is not None]
+        self.tasks = sorted({p.task for p in self.compressed})
+        """The tasks the policies ran on: every average is over these."""
+        self.keeps = sorted({p.keep for p in self.compressed}, reverse=True)
+        self.protocols = [protocol for protocol in (Protocol.QUERY_AGNOSTIC, Protocol.QUERY_AWARE)
+                          if any(p.protocol is protocol for p in self.compressed)]
+        self.score = {(p.policy, p.protocol, p.keep, p.task): p for p in self.compressed}
+
+    def policies(self, protocol: Protocol) -> list[str]:
+        """The policies run under ``protocol``, best mean over keep ratios first."""
+        names = {p.policy for p in self.compressed if p.protocol is protocol}
+
+        def mean_over_keeps(name: str) -> float:
+            values = [self.average(name, protocol, keep)[0] for keep in self.keeps]
+            return statistics.fmean(v for v in values if v is not None) if any(v is not None for v in values) else 0
+
+        return sorted(names, key=lambda name: (-mean_over_keeps(name), name))
+
+    def average(self, policy: str, protocol: Protocol, keep: float) -> tuple[float | None, int]:
+        """The mean score over the suite's tasks and how many tasks it covers (fewer than all: a cell is missing)."""
+        values = [self.score[(policy, protocol, keep, task)].score for task in self.tasks
+                  if (policy, protocol, keep, task) in self.score]
+        return (statistics.fmean(values) if values else None), len(values)
+
+    def full_average(self) -> float | None:
+        values = [self.full[task].score for task in self.tasks if task in self.full]
+        return statistics.fmean(values) if len(values) == len(self.tasks) and values else None
+
+    def cell(self, value: float | None, covered: int) -> str:
+        if value is None:
+            return ""
+        return _number(value) + ("" if covered == len(self.tasks) else f" ({covered}/{len(self.tasks)} tasks)")
+
+
+def full_cache_table(suite: Suite) -> Table:
+    tasks = sorted(set(suite.full) | set(suite.tasks))
+    body = [[short(task), _number(suite.full[task].score) if task in suite.full else "", 
+             suite.full[task].samples if task in suite.full else "",
+             "yes" if task in suite.tasks else "no (full cache only)"] for task in tasks]
+    every = [suite.full[task].score for task in tasks if task in suite.full]
+    if every:
+        body.append([f"mean of {len(every)} tasks", _number(statistics.fmean(every)), "", ""])
+    return (f"full cache per task — score x100 — {suite.model}", ["task", "full cache", "n", "policies run"], body)
+
+
+def average_table(suite: Suite, protocol: Protocol) -> Table:
+    headers = ["policy", *(_keep_header(keep) for keep in suite.keeps)]
+    body = [[name, *(suite.cell(*suite.average(name, protocol, keep)) for keep in suite.keeps)]
+            for name in suite.policies(protocol)]
+    body.append(["full cache (no eviction)", *[_number(suite.full_average())] * len(suite.keeps)])
+    title = (f"{protocol.value} — mean score x100 over {len(suite.tasks)} tasks "
+             f"({', '.join(short(t) for t in suite.tasks)}) — {suite.model}")
+    return title, headers, body
+
+
+def task_table(suite: Suite, protocol: Protocol) -> Table:
+    headers = ["policy", "keep", "mean", *(short(task) for task in suite.tasks)]
+    body = []
+    for name in suite.policies(protocol):
+        for keep in suite.keeps:
+            row = [suite.score.get((name, protocol, keep, task)) for task in suite.tasks]
+            if any(row):
+                body.append([name, f"{keep:g}", suite.cell(*suite.average(name, protocol, keep)),
+                             *(_number(p.score) if p else "" for p in row)])
+    body.append(["full cache", "1", _number(suite.full_average()),
+                 *(_number(suite.full[task].score) if task in suite.full else "" for task in suite.tasks)])
+    return f"{protocol.value} — per task, score x100 — {suite.model}", headers, body
+
+
+def protocol_gap_table(suite: Suite) -> Table | None:
+    """For each policy run under both protocols: query-aware minus query-agnostic mean, per keep ratio."""
+    if len(suite.protocols) < 2:
+        return None
+    aware, agnostic = Protocol.QUERY_AWARE, Protocol.QUERY_AGNOSTIC
+    both = sorted(set(suite.policies(aware)) & set(suite.policies(agnostic)))
+    body = []
+    for name in both:
+        gaps = []
+        for keep in suite.keeps:
+            (a, n_a), (b, n_b) = suite.average(name, aware, keep), suite.average(name, agnostic, keep)
+            gaps.append(None if a is None or b is None or n_a != n_b else a - b)
+        present = [g for g in gaps if g is not None]
+        body.append([name, *(("" if g is None else f"{g:+.1f}") for g in gaps),
+                     f"{statistics.fmean(present):+.1f}" if present else ""])
+    body.sort(key=lambda row: -float(row[-1]) if row[-1] else 0)
+    headers = ["policy", *(_keep_header(keep) for keep in suite.keeps), "mean"]
+    return (f"query-aware minus query-agnostic — mean score x100 — {suite.model}", headers, body)
+
+
+def suites(records: Sequence[ResultRecord]) -> list[Suite]:
+    by_model: dict[str, list[Point]] = defaultdict(list)
+    for point in points(records):
+        by_model[point.model].append(point)
+    return [Suite(model, found) for model, found in sorted(by_model.items())]
+
+
+def tables(suite: Suite) -> list[Table]:
+    found = [full_cache_table(suite)]
+    for protocol in suite.protocols:
+        found += [average_table(suite, protocol)]
+    gap = protocol_gap_table(suite)
+    found += [gap] if gap else []
+    found += [task_table(suite, protocol) for protocol in suite.protocols]
+    return found
+
+
+HEADER = (
+    "Scores are lm-eval's primary metric of each task x100, as kvpress reports RULER. *keep* is the fraction of the "
+    "cache kept (kvpress's compression ratio is 1 - keep). *query_agnostic*: the context is compressed before the "
+    "question is seen, then the question is prefilled on the compressed cache (kvpress's protocol); *query_aware*: "
+    "the question is in view while the context is compressed (the question's own entries are kept whole under both "
+    "protocols). Averages are over the tasks the policies ran on; a cell that covers fewer says so. *n* is the "
+    "number of samples per task: one sample moves a task's score by 100/n."
+)
+
+
+def render_suite(results_dir: Path, records: Sequence[ResultRecord], fmt: str = "terminal",
+                 with_provenance: bool = False, images: list[str] | None = None) -> str:
+    """The suite page of ``records`` (read from ``results_dir``) in ``fmt``."""
+    found = suites(records)
+    if not found:
+        return f"no finished results in {results_dir}"
+    parts = []
+    if with_provenance:
+        lines = provenance(records)
+        if fmt == "markdown":
+            parts.append(
+                f"# RULER leaderboard\n\nGenerated from the result files in `{results_dir}` by `kvpolicies "
+                "leaderboard --suite` (`--format markdown --provenance`). Scores are what they are: no task, prompt "
+                "or seed was tuned."
+            )
+            parts.append("\n".join(f"- {line}" for line in lines))
+        else:
+            parts.append("\n".join(lines))
+    parts.append(HEADER)
+    if images and fmt == "markdown":
+        parts.append("\n".join(f"![{Path(i).stem}]({i})" for i in images))
+    for suite in found:
+        for title, headers, body in tables(suite):
+            if fmt == "csv":
+                parts.append(tabulate([[title], headers, *body], tablefmt="plain"))
+                continue
+            heading = f"<h3>{title}</h3>" if fmt == "html" else (f"### {title}" if fmt == "markdown" else title)
+            parts.append(f"{heading}\n\n{tabulate(body, headers=headers, tablefmt=FORMATS[fmt], disable_numparse=True)}")
+    failures = [r for r in newest(records) if r.status != "ok"]
+    if failures:
+        lines = [f"- {f.cell.task.name} / {f.cell.title} @ {f.cell.budget}: {f.error}" for f in failures]
+        parts.append("failed cells (re-run the sweep to retry):\n" + "\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot_suite(records: Sequence[ResultRecord], out_dir: Path) -> list[Path]:
+    """PNG figures: the mean over tasks vs keep ratio, one panel per protocol; and per task, one figure per
+    protocol."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install -e '.[plots]'") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def style(axis) -> None:
+        axis.set_prop_cycle(color=plt.cm.tab20.colors, marker=["o", "s", "^", "D", "v"] * 4,
+                            linestyle=["-", "--", ":", "-."] * 5)
+        axis.set_xlabel("keep ratio (fraction of the KV cache kept)")
+        axis.set_ylim(-2, 102)
+        axis.grid(alpha=0.3)
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    for suite in suites(records):
+        if not suite.protocols:
+            continue
+        prefix = "" if len(suites(records)) == 1 else f"{suite.model}_"
+        fig, axes = plt.subplots(1, len(suite.protocols), figsize=(6 * len(suite.protocols) + 2, 4.5), squeeze=False)
+        for axis, protocol in zip(axes[0], suite.protocols):
+            style(axis)
+            for name in suite.policies(protocol):
+                line = [(keep, suite.average(name, protocol, keep)[0]) for keep in suite.keeps]
+                line = [(k, v) for k, v in line if v is not None]
+                if line:
+                    axis.plot(*zip(*line), label=name, alpha=0.85)
+            if suite.full_average() is not None:
+                axis.axhline(suite.full_average(), color="black", linestyle="--", linewidth=1, label="full cache")
+            axis.set_title(f"{protocol.value}: mean over {len(suite.tasks)} tasks")
+            axis.set_ylabel("score x100")
+            axis.legend(fontsize=7, loc="lower right")
+        save(fig, f"{prefix}mean_vs_keep")
+        for protocol in suite.protocols:
+            fig, axes = plt.subplots(1, len(suite.tasks), figsize=(4 * len(suite.tasks) + 2, 4), squeeze=False)
+            for axis, task in zip(axes[0], suite.tasks):
+                style(axis)
+                for name in suite.policies(protocol):
+                    line = [(keep, suite.score[(name, protocol, keep, task)].score) for keep in suite.keeps
+                            if (name, protocol, keep, task) in suite.score]
+                    if line:
+                        axis.plot(*zip(*line), label=name, alpha=0.85)
+                if task in suite.full:
+                    axis.axhline(suite.full[task].score, color="black", linestyle="--", linewidth=1,
+                                 label="full cache")
+                axis.set_title(f"{short(task)} ({protocol.value})")
+            axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+            save(fig, f"{prefix}tasks_{protocol.value}")
+    return written
