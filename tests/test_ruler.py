@@ -130,6 +130,8 @@ def test_a_repeated_build_is_the_first_builds_samples_and_leaves_the_generators_
     after_first = (random.random(), np.random.rand())
     again = seeded(ruler.generate, "niah_single_1", options)
     assert again["test"] is first["test"] and (random.random(), np.random.rand()) == after_first
+    ruler._GENERATED.clear()
+    assert docs(seeded(ruler.generate, "niah_single_1", options)) == docs(first)  # what a fresh build gives
     random.seed(1)  # other generator states: a fresh build, since lm-eval's draws would differ
     other = ruler.generate("niah_single_1", options)
     assert other["test"] is not first["test"] and docs(other) != docs(first)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+
 import pytest
 
 from kvpolicies.cli import build_parser, main
@@ -33,6 +36,10 @@ def test_a_policy_can_name_its_own_protocols_and_reference_tasks_run_the_full_ca
     assert {c.task.name for c in grid if c.policy.name != "full"} == {"kvp_passkey"}
     with pytest.raises(ValueError, match="unknown protocol"):
         SweepConfig(policies=[{"name": "snapkv", "protocols": ["both"]}])
+    with pytest.raises(ValueError, match="at least 1 item"):  # not a silent fall-back to the grid's protocols
+        SweepConfig(policies=[{"name": "snapkv", "protocols": []}])
+    with pytest.raises(ValueError, match="reference task kvp_niah differs from the grid's task of that name"):
+        SweepConfig(tasks=[{"name": "kvp_niah", "limit": 2}], reference_tasks=["kvp_niah"])
 
 
 def test_the_ruler_preset_is_kvpress_grid_at_4k_with_the_full_cache_on_all_13_tasks():
@@ -50,8 +57,16 @@ def test_the_ruler_preset_is_kvpress_grid_at_4k_with_the_full_cache_on_all_13_ta
 
 
 def test_preset_overrides_apply_to_the_full_cache_tasks_too():
-    config = sweep_config(build_parser().parse_args(["sweep", "--preset", "ruler", "--limit", "2"]))
+    def preset(*args: str) -> SweepConfig:
+        return sweep_config(build_parser().parse_args(["sweep", "--preset", "ruler", *args]))
+
+    config = preset("--limit", "2")
     assert {t.limit for t in config.tasks + config.reference_tasks} == {2}
+    narrowed = preset("--policies", "snapkv,streaming")  # the preset's own protocols of snapkv stay
+    assert {c.protocol for c in cells(narrowed) if c.policy.name == "snapkv"} == set(Protocol)
+    assert {c.protocol for c in cells(narrowed) if c.policy.name == "streaming"} == {Protocol.QUERY_AGNOSTIC}
+    aware = preset("--protocols", "query_aware")  # for every policy, the per-policy choices included
+    assert {c.protocol for c in cells(aware)} == {Protocol.QUERY_AWARE}
     narrowed = sweep_config(build_parser().parse_args(["sweep", "--preset", "ruler", "--tasks", "kvp_ruler_vt"]))
     assert [t.name for t in narrowed.tasks] == ["kvp_ruler_vt"] and narrowed.reference_tasks == []
     assert narrowed.tasks[0].metadata == {"max_seq_lengths": [4096]}  # the preset's data parameters are kept
@@ -95,7 +110,8 @@ def test_suite_page_averages_over_the_policies_tasks_per_protocol_and_keep(suite
     headers, body = found["query_agnostic"]
     assert headers == ["policy", "keep 0.5 (ratio 0.5)", "keep 0.25 (ratio 0.75)"]
     rows = {row[0]: row[1:] for row in body}
-    assert list(rows) == ["keydiff", "snapkv", "streaming", "full cache (no eviction)"]  # best mean first
+    # best mean first; keydiff misses cells, so it cannot rank on the one task it has
+    assert list(rows) == ["snapkv", "streaming", "keydiff", "full cache (no eviction)"]
     assert rows["snapkv"] == ["37.5", "12.5"] and rows["streaming"] == ["18.8", "6.2"]
     assert rows["keydiff"] == ["75.0 (1/2 tasks)", ""]  # a missing cell is never averaged as if complete
     assert rows["full cache (no eviction)"] == ["75.0", "75.0"]  # over the policies' tasks, not task c
@@ -111,10 +127,13 @@ def test_suite_page_per_task_columns_and_formats(suite_results, tmp_path):
     assert text.startswith("# RULER leaderboard") and "![mean_vs_keep](p/mean_vs_keep.png)" in text
     [suite] = suites(records)
     [agnostic] = [body for title, _, body in tables(suite) if title.startswith("query_agnostic — per task")]
-    assert agnostic[0] == ["keydiff", "0.5", "75.0 (1/2 tasks)", "75.0", ""]
-    assert ["snapkv", "0.5", "37.5", "50.0", "25.0"] in agnostic and agnostic[-1][:3] == ["full cache", "1", "75.0"]
-    for fmt in ("terminal", "csv", "html"):
+    assert agnostic[0] == ["snapkv", "0.5", "37.5", "50.0", "25.0"]
+    assert ["keydiff", "0.5", "75.0 (1/2 tasks)", "75.0", ""] in agnostic
+    assert agnostic[-1][:3] == ["full cache", "1", "75.0"]
+    for fmt in ("terminal", "html"):
         assert "keep 0.25 (ratio 0.75)" in render_suite(suite_results, records, fmt)
+    rows = list(csv.reader(io.StringIO(render_suite(suite_results, records, "csv"))))
+    assert ["keydiff", "75.0 (1/2 tasks)", ""] in rows and ["snapkv", "37.5", "12.5"] in rows
     names = sorted(path.name for path in plot_suite(records, tmp_path / "plots"))
     assert names == ["mean_vs_keep.png", "tasks_query_agnostic.png", "tasks_query_aware.png"]
 
@@ -136,3 +155,28 @@ def test_budgets_that_are_not_fractions_are_left_off_the_suite_page(tmp_path):
     assert "no finished results" not in render_suite(results, load_results(results))
     [suite] = suites(load_results(results))
     assert suite.compressed == [] and list(suite.full) == ["kvp_ruler_a"]
+
+
+def test_gaps_compare_the_same_tasks_and_mixed_sample_counts_are_shown(tmp_path):
+    records = [_record(t, "full", None, 1.0, "query_aware") for t in ("kvp_ruler_a", "kvp_ruler_b")] + [
+        _record("kvp_ruler_a", "snapkv", 0.5, 1.0, "query_aware"), _record("kvp_ruler_b", "snapkv", 0.5, 0.0),
+        _record("kvp_ruler_a", "l2norm", 0.5, 0.5, "query_aware", samples=2),
+        _record("kvp_ruler_a", "l2norm", 0.5, 0.25, samples=8),
+    ]
+    [suite] = suites(load_results(write_records(tmp_path / "r", records)))
+    titles = {title.split(" — ")[0]: (title, body) for title, _, body in tables(suite) if "per task," not in title}
+    gaps = {row[0]: row[1:] for row in titles["query-aware minus query-agnostic"][1]}
+    assert gaps == {"l2norm": ["+25.0", "+25.0"], "snapkv": ["", ""]}  # snapkv's two runs cover different tasks
+    assert "n = 4-8 per task" in titles["query_agnostic"][0]  # snapkv's 4 samples, l2norm's 8
+    assert "n = 2-4 per task" in titles["query_aware"][0]
+
+
+def test_failed_cells_are_listed_even_when_nothing_finished_and_models_plot_apart(tmp_path):
+    failed = write_records(tmp_path / "f", [make_record("kvp_ruler_a", "snapkv", 0.5, 0.0, status="error")])
+    text = render_suite(failed, load_results(failed))
+    assert "no finished results" in text and "kvp_ruler_a / snapkv @ 0.5: RuntimeError: boom" in text
+    records = [make_record("kvp_ruler_a", policy, keep, 0.5, model=model, protocol="query_agnostic")
+               for model in ("org/model-a", "org/model-b") for policy, keep in (("full", 1.0), ("snapkv", 0.5))]
+    names = sorted(path.name for path in plot_suite(load_results(write_records(tmp_path / "m", records)), tmp_path / "p"))
+    assert names == ["org_model-a_mean_vs_keep.png", "org_model-a_tasks_query_agnostic.png",
+                     "org_model-b_mean_vs_keep.png", "org_model-b_tasks_query_agnostic.png"]

@@ -29,8 +29,9 @@ def add_commands(commands) -> None:
     sweep.add_argument("--tasks", help="comma-separated task names (default: kvp_passkey,kvp_niah,kvp_ppl); they "
                                       "replace the grid's tasks, its full-cache-only tasks included")
     sweep.add_argument("--models", help="comma-separated model ids/paths (default: the embedded model)")
-    sweep.add_argument("--protocols", help="comma-separated: query_aware (default), query_agnostic or both; the "
-                                          "tasks must name their question for query_agnostic")
+    sweep.add_argument("--protocols", help="comma-separated: query_aware (default), query_agnostic or both, for "
+                                          "every policy (a grid's per-policy protocols included); the tasks must "
+                                          "name their question for query_agnostic")
     sweep.add_argument("--limit", type=int, help="samples per task, at least 1 (default: the task's whole data)")
     sweep.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     sweep.set_defaults(run=run_sweep_command)
@@ -58,7 +59,7 @@ def presets() -> dict[str, Path]:
 def sweep_config(args: argparse.Namespace):
     """The grid of ``--config`` / ``--quick`` / the default, with the command line's overrides, fully validated (every
     policy built once) so that a mistake fails before anything runs."""
-    from kvpolicies.experiments.grid import QUICK, SweepConfig, TaskSpec
+    from kvpolicies.experiments.grid import QUICK, PolicySpec, SweepConfig, TaskSpec
     from kvpolicies.registry import get_policy
 
     chosen = [option for option, given in (("--config", args.config), ("--quick", args.quick),
@@ -75,8 +76,9 @@ def sweep_config(args: argparse.Namespace):
     else:
         config = QUICK.model_copy(deep=True) if args.quick else SweepConfig()
     updates: dict[str, Any] = {}
-    if args.policies:
-        updates["policies"] = [name.strip() for name in args.policies.split(",")]
+    if args.policies:  # a policy the grid names keeps its options and protocols
+        known_policies = {spec.name: spec for spec in config.policies}
+        updates["policies"] = [known_policies.get(name.strip(), name.strip()) for name in args.policies.split(",")]
     if args.budgets:
         updates["budgets"] = [text.strip() for text in args.budgets.split(",")]
     if args.tasks:
@@ -85,8 +87,10 @@ def sweep_config(args: argparse.Namespace):
         updates["reference_tasks"] = []
     if args.models:
         updates["models"] = [name.strip() for name in args.models.split(",")]
-    if args.protocols:
+    if args.protocols:  # every policy's, the grid's own choices per policy included
         updates["protocols"] = [name.strip() for name in args.protocols.split(",")]
+        updates["policies"] = [spec.model_copy(update={"protocols": None}) if isinstance(spec, PolicySpec) else spec
+                               for spec in updates.get("policies", config.policies)]
     config = SweepConfig.model_validate(config.model_dump() | updates)
     if args.limit is not None:  # validated copies: model_copy(update=...) would skip the check on limit
         config.tasks = [TaskSpec.model_validate(task.model_dump() | {"limit": args.limit}) for task in config.tasks]

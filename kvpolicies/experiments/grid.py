@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvpolicies.engine.budget import Budget
 from kvpolicies.engine.policy import Role
@@ -32,9 +32,10 @@ class PolicySpec(BaseModel):
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
-    protocols: list[Protocol] | None = None
+    protocols: list[Protocol] | None = Field(None, min_length=1)
     """The protocols this policy runs under, instead of the grid's: kvpress runs the query-aware protocol only for
-    the policies that read the question through attention, and so can a grid."""
+    the presses that read the question, and so can a grid. A policy that keeps everything has one cell whatever
+    the protocols."""
 
     @property
     def title(self) -> str:
@@ -42,7 +43,7 @@ class PolicySpec(BaseModel):
 
     @field_validator("protocols", mode="before")
     @classmethod
-    def _protocols(cls, value):
+    def _protocols(cls, value: Any) -> list[Protocol] | None:
         return None if value is None else [Protocol.parse(item) for item in _as_list(value)]
 
 
@@ -114,6 +115,17 @@ class SweepConfig(BaseModel):
     @classmethod
     def _parse_budgets(cls, value):
         return [Budget.parse(item) for item in _as_list(value)]  # parsed once, where budgets enter
+
+    @model_validator(mode="after")
+    def _one_spec_per_task(self) -> SweepConfig:
+        """A reference task named like a grid task must be that task: two specs of one name would be two full-cache
+        cells, and pages (which know tasks by name) would show whichever finished last."""
+        grid = {task.name: task for task in self.tasks}
+        for task in self.reference_tasks:
+            if task.name in grid and task != grid[task.name]:
+                raise ValueError(f"reference task {task.name} differs from the grid's task of that name (limit or "
+                                 "metadata); give it once, or give both the same limit and metadata")
+        return self
 
     @classmethod
     def load(cls, path: Path) -> SweepConfig:

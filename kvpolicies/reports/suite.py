@@ -14,6 +14,9 @@ ratio is 1 - keep).
 
 from __future__ import annotations
 
+import csv
+import io
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -92,22 +95,29 @@ class Suite:
         self.score = {(p.policy, p.protocol, p.keep, p.task): p for p in self.compressed}
 
     def policies(self, protocol: Protocol) -> list[str]:
-        """The policies run under ``protocol``, best mean over keep ratios first."""
+        """The policies run under ``protocol``: those with every keep ratio complete first, by their mean over keep
+        ratios (a policy missing cells must not rank on the tasks it happens to have)."""
         names = {p.policy for p in self.compressed if p.protocol is protocol}
 
-        def mean_over_keeps(name: str) -> float:
-            values = [self.average(name, protocol, keep)[0] for keep in self.keeps]
-            return statistics.fmean(v for v in values if v is not None) if any(v is not None for v in values) else 0
+        def rank(name: str) -> tuple[int, float, str]:
+            complete = [value for keep in self.keeps
+                        for value, covered in [self.average(name, protocol, keep)] if covered == len(self.tasks)]
+            return -len(complete), -(statistics.fmean(complete) if complete else 0.0), name
 
-        return sorted(names, key=lambda name: (-mean_over_keeps(name), name))
+        return sorted(names, key=rank)
+
+    def covered(self, policy: str, protocol: Protocol, keep: float) -> list[Point]:
+        """The finished cells behind one average, in task order."""
+        return [self.score[(policy, protocol, keep, task)] for task in self.tasks
+                if (policy, protocol, keep, task) in self.score]
 
     def average(self, policy: str, protocol: Protocol, keep: float) -> tuple[float | None, int]:
         """The mean score over the suite's tasks and how many tasks it covers (fewer than all: a cell is missing)."""
-        values = [self.score[(policy, protocol, keep, task)].score for task in self.tasks
-                  if (policy, protocol, keep, task) in self.score]
+        values = [p.score for p in self.covered(policy, protocol, keep)]
         return (statistics.fmean(values) if values else None), len(values)
 
     def full_average(self) -> float | None:
+        """The full cache's mean over the policies' tasks, if it ran on all of them."""
         values = [self.full[task].score for task in self.tasks if task in self.full]
         return statistics.fmean(values) if len(values) == len(self.tasks) and values else None
 
@@ -116,29 +126,38 @@ class Suite:
             return ""
         return _number(value) + ("" if covered == len(self.tasks) else f" ({covered}/{len(self.tasks)} tasks)")
 
+    def samples(self, protocol: Protocol) -> str:
+        """Samples per task behind a protocol's cells: one number, or a range where cells of different limits
+        share a folder (a short run, then a longer one, before it finished)."""
+        found = sorted({p.samples for p in self.compressed if p.protocol is protocol})
+        return "" if not found else str(found[0]) if len(found) == 1 else f"{found[0]}-{found[-1]}"
+
 
 def full_cache_table(suite: Suite) -> Table:
+    """What the model does with everything kept, on every task of the folder: where eviction has anything to lose."""
     tasks = sorted(set(suite.full) | set(suite.tasks))
-    body = [[short(task), _number(suite.full[task].score) if task in suite.full else "", 
+    body = [[short(task), _number(suite.full[task].score) if task in suite.full else "",
              suite.full[task].samples if task in suite.full else "",
              "yes" if task in suite.tasks else "no (full cache only)"] for task in tasks]
     every = [suite.full[task].score for task in tasks if task in suite.full]
     if every:
         body.append([f"mean of {len(every)} tasks", _number(statistics.fmean(every)), "", ""])
-    return (f"full cache per task — score x100 — {suite.model}", ["task", "full cache", "n", "policies run"], body)
+    return f"full cache per task — score x100 — {suite.model}", ["task", "full cache", "n", "policies run"], body
 
 
 def average_table(suite: Suite, protocol: Protocol) -> Table:
+    """kvpress's headline: the mean over tasks per policy and keep ratio, the full cache's beside it."""
     headers = ["policy", *(_keep_header(keep) for keep in suite.keeps)]
     body = [[name, *(suite.cell(*suite.average(name, protocol, keep)) for keep in suite.keeps)]
             for name in suite.policies(protocol)]
     body.append(["full cache (no eviction)", *[_number(suite.full_average())] * len(suite.keeps)])
     title = (f"{protocol.value} — mean score x100 over {len(suite.tasks)} tasks "
-             f"({', '.join(short(t) for t in suite.tasks)}) — {suite.model}")
+             f"({', '.join(short(t) for t in suite.tasks)}), n = {suite.samples(protocol)} per task — {suite.model}")
     return title, headers, body
 
 
 def task_table(suite: Suite, protocol: Protocol) -> Table:
+    """The per-task scores behind each mean: which tasks a policy loses, not only how much."""
     headers = ["policy", "keep", "mean", *(short(task) for task in suite.tasks)]
     body = []
     for name in suite.policies(protocol):
@@ -153,26 +172,31 @@ def task_table(suite: Suite, protocol: Protocol) -> Table:
 
 
 def protocol_gap_table(suite: Suite) -> Table | None:
-    """For each policy run under both protocols: query-aware minus query-agnostic mean, per keep ratio."""
+    """For each policy run under both protocols: query-aware minus query-agnostic mean, per keep ratio, on the same
+    tasks (a pair whose cells cover different tasks is left blank)."""
     if len(suite.protocols) < 2:
         return None
     aware, agnostic = Protocol.QUERY_AWARE, Protocol.QUERY_AGNOSTIC
     both = sorted(set(suite.policies(aware)) & set(suite.policies(agnostic)))
-    body = []
+    ranked = []
     for name in both:
         gaps = []
         for keep in suite.keeps:
-            (a, n_a), (b, n_b) = suite.average(name, aware, keep), suite.average(name, agnostic, keep)
-            gaps.append(None if a is None or b is None or n_a != n_b else a - b)
+            with_question, without = suite.covered(name, aware, keep), suite.covered(name, agnostic, keep)
+            same_tasks = [p.task for p in with_question] == [p.task for p in without] and with_question
+            gaps.append(statistics.fmean(p.score for p in with_question) - statistics.fmean(p.score for p in without)
+                        if same_tasks else None)
         present = [g for g in gaps if g is not None]
-        body.append([name, *(("" if g is None else f"{g:+.1f}") for g in gaps),
-                     f"{statistics.fmean(present):+.1f}" if present else ""])
-    body.sort(key=lambda row: -float(row[-1]) if row[-1] else 0)
+        mean = statistics.fmean(present) if present else None
+        ranked.append((mean is None, -(mean or 0.0), [name, *("" if g is None else f"{g:+.1f}" for g in gaps),
+                                                       "" if mean is None else f"{mean:+.1f}"]))
     headers = ["policy", *(_keep_header(keep) for keep in suite.keeps), "mean"]
-    return (f"query-aware minus query-agnostic — mean score x100 — {suite.model}", headers, body)
+    return (f"query-aware minus query-agnostic — mean score x100 — {suite.model}", headers,
+            [row for *_, row in sorted(ranked, key=lambda item: item[:2])])
 
 
 def suites(records: Sequence[ResultRecord]) -> list[Suite]:
+    """One suite per model of ``records``."""
     by_model: dict[str, list[Point]] = defaultdict(list)
     for point in points(records):
         by_model[point.model].append(point)
@@ -180,9 +204,9 @@ def suites(records: Sequence[ResultRecord]) -> list[Suite]:
 
 
 def tables(suite: Suite) -> list[Table]:
+    """The page's tables in reading order: the full cache, the means, the protocol gap, the per-task scores."""
     found = [full_cache_table(suite)]
-    for protocol in suite.protocols:
-        found += [average_table(suite, protocol)]
+    found += [average_table(suite, protocol) for protocol in suite.protocols]
     gap = protocol_gap_table(suite)
     found += [gap] if gap else []
     found += [task_table(suite, protocol) for protocol in suite.protocols]
@@ -201,33 +225,37 @@ HEADER = (
 
 def render_suite(results_dir: Path, records: Sequence[ResultRecord], fmt: str = "terminal",
                  with_provenance: bool = False, images: list[str] | None = None) -> str:
-    """The suite page of ``records`` (read from ``results_dir``) in ``fmt``."""
+    """The suite page of ``records`` (read from ``results_dir``) in ``fmt``; CSV holds the tables only."""
     found = suites(records)
-    if not found:
-        return f"no finished results in {results_dir}"
-    parts = []
-    if with_provenance:
+    failures = [r for r in newest(records) if r.status != "ok"]
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        for suite in found:
+            for title, headers, body in tables(suite):
+                writer.writerows([[title], headers, *body, []])
+        return buffer.getvalue()
+    parts = [] if found else [f"no finished results in {results_dir}"]
+    if found and with_provenance:
         lines = provenance(records)
         if fmt == "markdown":
             parts.append(
                 f"# RULER leaderboard\n\nGenerated from the result files in `{results_dir}` by `kvpolicies "
-                "leaderboard --suite` (`--format markdown --provenance`). Scores are what they are: no task, prompt "
-                "or seed was tuned."
+                "leaderboard --suite` (`--format markdown --provenance`); README.md, 'RULER leaderboard', gives the "
+                "sweep that wrote them. Scores are what they are: no task, prompt or seed was tuned."
             )
             parts.append("\n".join(f"- {line}" for line in lines))
         else:
             parts.append("\n".join(lines))
-    parts.append(HEADER)
+    if found:
+        parts.append(HEADER)
     if images and fmt == "markdown":
         parts.append("\n".join(f"![{Path(i).stem}]({i})" for i in images))
     for suite in found:
         for title, headers, body in tables(suite):
-            if fmt == "csv":
-                parts.append(tabulate([[title], headers, *body], tablefmt="plain"))
-                continue
             heading = f"<h3>{title}</h3>" if fmt == "html" else (f"### {title}" if fmt == "markdown" else title)
-            parts.append(f"{heading}\n\n{tabulate(body, headers=headers, tablefmt=FORMATS[fmt], disable_numparse=True)}")
-    failures = [r for r in newest(records) if r.status != "ok"]
+            table = tabulate(body, headers=headers, tablefmt=FORMATS[fmt], disable_numparse=True)
+            parts.append(f"{heading}\n\n{table}")
     if failures:
         lines = [f"- {f.cell.task.name} / {f.cell.title} @ {f.cell.budget}: {f.error}" for f in failures]
         parts.append("failed cells (re-run the sweep to retry):\n" + "\n".join(lines))
@@ -261,10 +289,11 @@ def plot_suite(records: Sequence[ResultRecord], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    for suite in suites(records):
+    found = suites(records)
+    for suite in found:
         if not suite.protocols:
             continue
-        prefix = "" if len(suites(records)) == 1 else f"{suite.model}_"
+        prefix = "" if len(found) == 1 else re.sub(r"[^\w.-]", "_", suite.model) + "_"  # hub ids hold a slash
         fig, axes = plt.subplots(1, len(suite.protocols), figsize=(6 * len(suite.protocols) + 2, 4.5), squeeze=False)
         for axis, protocol in zip(axes[0], suite.protocols):
             style(axis)
