@@ -276,11 +276,23 @@ def plot_suite(records: Sequence[ResultRecord], out_dir: Path) -> list[Path]:
     written = []
 
     def style(axis) -> None:
-        axis.set_prop_cycle(color=plt.cm.tab20.colors, marker=["o", "s", "^", "D", "v"] * 4,
-                            linestyle=["-", "--", ":", "-."] * 5)
         axis.set_xlabel("keep ratio (fraction of the KV cache kept)")
         axis.set_ylim(-2, 102)
         axis.grid(alpha=0.3)
+
+    def draw(axis, suite: Suite, name: str, points: list[tuple[float, float]]) -> None:
+        """One policy's line, in its colour and marker on every panel; equal scores would draw one line over
+        another, so each policy is shifted by a sliver of the smallest keep gap (at most a third of it)."""
+        names = sorted({p.policy for p in suite.compressed})
+        index = names.index(name)
+        gap = min((b - a for a, b in zip(suite.keeps[::-1], suite.keeps[::-1][1:])), default=0.1)
+        dodge = (index - (len(names) - 1) / 2) * gap / (3 * len(names))
+        axis.plot([keep + dodge for keep, _ in points], [value for _, value in points], label=name, alpha=0.85,
+                  color=plt.cm.tab20.colors[index % 20], marker="osD^v<>ph*"[index % 10],
+                  linestyle=["-", "--", ":", "-."][index % 4])
+
+    def legend(axis) -> None:
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
 
     def save(fig, name: str) -> None:
         fig.tight_layout()
@@ -294,19 +306,19 @@ def plot_suite(records: Sequence[ResultRecord], out_dir: Path) -> list[Path]:
         if not suite.protocols:
             continue
         prefix = "" if len(found) == 1 else re.sub(r"[^\w.-]", "_", suite.model) + "_"  # hub ids hold a slash
-        fig, axes = plt.subplots(1, len(suite.protocols), figsize=(6 * len(suite.protocols) + 2, 4.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(suite.protocols), figsize=(7 * len(suite.protocols) + 2, 4.5), squeeze=False)
         for axis, protocol in zip(axes[0], suite.protocols):
             style(axis)
             for name in suite.policies(protocol):
                 line = [(keep, suite.average(name, protocol, keep)[0]) for keep in suite.keeps]
                 line = [(k, v) for k, v in line if v is not None]
                 if line:
-                    axis.plot(*zip(*line), label=name, alpha=0.85)
+                    draw(axis, suite, name, line)
             if suite.full_average() is not None:
                 axis.axhline(suite.full_average(), color="black", linestyle="--", linewidth=1, label="full cache")
             axis.set_title(f"{protocol.value}: mean over {len(suite.tasks)} tasks")
             axis.set_ylabel("score x100")
-            axis.legend(fontsize=7, loc="lower right")
+            legend(axis)
         save(fig, f"{prefix}mean_vs_keep")
         for protocol in suite.protocols:
             fig, axes = plt.subplots(1, len(suite.tasks), figsize=(4 * len(suite.tasks) + 2, 4), squeeze=False)
@@ -316,11 +328,11 @@ def plot_suite(records: Sequence[ResultRecord], out_dir: Path) -> list[Path]:
                     line = [(keep, suite.score[(name, protocol, keep, task)].score) for keep in suite.keeps
                             if (name, protocol, keep, task) in suite.score]
                     if line:
-                        axis.plot(*zip(*line), label=name, alpha=0.85)
+                        draw(axis, suite, name, line)
                 if task in suite.full:
                     axis.axhline(suite.full[task].score, color="black", linestyle="--", linewidth=1,
                                  label="full cache")
                 axis.set_title(f"{short(task)} ({protocol.value})")
-            axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+            legend(axes[0][-1])
             save(fig, f"{prefix}tasks_{protocol.value}")
     return written
