@@ -197,6 +197,21 @@ def provenance(records: Sequence[ResultRecord]) -> list[str]:
     return lines
 
 
+def provenance_parts(records: Sequence[ResultRecord], fmt: str, intro: str) -> list[str]:
+    """The provenance lines as a page starts with them: in markdown after ``intro`` (the page's title and what made
+    it), as a bullet list."""
+    lines = provenance(records)
+    if fmt == "markdown":
+        return [intro, "\n".join(f"- {line}" for line in lines)]
+    return ["\n".join(lines)]
+
+
+def section(title: str, headers: list[str], body: list[list[Any]], fmt: str, numbers: bool = True) -> str:
+    """One titled table in ``fmt`` (not CSV); ``numbers=False`` prints cells verbatim (``+25.0``, ``75.0 (1/2)``)."""
+    heading = f"<h3>{title}</h3>" if fmt == "html" else (f"### {title}" if fmt == "markdown" else title)
+    return f"{heading}\n\n{tabulate(body, headers=headers, tablefmt=FORMATS[fmt], disable_numparse=not numbers)}"
+
+
 def render(
     results_dir: Path, fmt: str = "terminal", with_provenance: bool = False, images: list[str] | None = None,
     records: Sequence[ResultRecord] | None = None,
@@ -222,20 +237,14 @@ def render(
         return buffer.getvalue()
     parts = []
     if with_provenance:
-        lines = provenance(records)
-        if fmt == "markdown":
-            parts.append(
-                f"# Leaderboard\n\nGenerated from the result files in `{results_dir}` by `kvpolicies leaderboard` "
-                "(`--format markdown --provenance`); the sweep that wrote them is resumable, so re-running it "
-                "computes only missing cells. Scores are what they are: no task, prompt or seed was tuned."
-            )
-            parts.append("\n".join(f"- {line}" for line in lines))
-        else:
-            parts.append("\n".join(lines))
+        parts += provenance_parts(records, fmt, (
+            f"# Leaderboard\n\nGenerated from the result files in `{results_dir}` by `kvpolicies leaderboard` "
+            "(`--format markdown --provenance`); the sweep that wrote them is resumable, so re-running it "
+            "computes only missing cells. Scores are what they are: no task, prompt or seed was tuned."
+        ))
         parts.append(COLUMNS)
     for index, (title, headers, body) in enumerate(tables):
-        heading = f"<h3>{title}</h3>" if fmt == "html" else (f"### {title}" if fmt == "markdown" else title)
-        parts.append(f"{heading}\n\n{tabulate(body, headers=headers, tablefmt=FORMATS[fmt])}")
+        parts.append(section(title, headers, body, fmt))
         if index == 0 and notes:
             parts.append("\n".join(f"<p>{note}</p>" if fmt == "html" else note for note in notes))
     if images and fmt == "markdown":

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tabulate import tabulate
 
 from kvpolicies.experiments.results import ResultRecord, newest
 from kvpolicies.integrations.protocol import Protocol
-from kvpolicies.reports.leaderboard import FORMATS, provenance
+from kvpolicies.reports.leaderboard import provenance_parts, section
 
 SCALE = 100.0
 """kvpress reports RULER scores in percent."""
@@ -237,25 +236,17 @@ def render_suite(results_dir: Path, records: Sequence[ResultRecord], fmt: str = 
         return buffer.getvalue()
     parts = [] if found else [f"no finished results in {results_dir}"]
     if found and with_provenance:
-        lines = provenance(records)
-        if fmt == "markdown":
-            parts.append(
-                f"# RULER leaderboard\n\nGenerated from the result files in `{results_dir}` by `kvpolicies "
-                "leaderboard --suite` (`--format markdown --provenance`); README.md, 'RULER leaderboard', gives the "
-                "sweep that wrote them. Scores are what they are: no task, prompt or seed was tuned."
-            )
-            parts.append("\n".join(f"- {line}" for line in lines))
-        else:
-            parts.append("\n".join(lines))
+        parts += provenance_parts(records, fmt, (
+            f"# RULER leaderboard\n\nGenerated from the result files in `{results_dir}` by `kvpolicies "
+            "leaderboard --suite` (`--format markdown --provenance`); README.md, 'RULER leaderboard', gives the "
+            "sweep that wrote them. Scores are what they are: no task, prompt or seed was tuned."
+        ))
     if found:
         parts.append(HEADER)
     if images and fmt == "markdown":
         parts.append("\n".join(f"![{Path(i).stem}]({i})" for i in images))
     for suite in found:
-        for title, headers, body in tables(suite):
-            heading = f"<h3>{title}</h3>" if fmt == "html" else (f"### {title}" if fmt == "markdown" else title)
-            table = tabulate(body, headers=headers, tablefmt=FORMATS[fmt], disable_numparse=True)
-            parts.append(f"{heading}\n\n{table}")
+        parts += [section(title, headers, body, fmt, numbers=False) for title, headers, body in tables(suite)]
     if failures:
         lines = [f"- {f.cell.task.name} / {f.cell.title} @ {f.cell.budget}: {f.error}" for f in failures]
         parts.append("failed cells (re-run the sweep to retry):\n" + "\n".join(lines))
