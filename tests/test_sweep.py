@@ -279,3 +279,58 @@ def test_cells_of_one_model_share_its_loaded_weights(tiny_pretrained, tmp_path, 
     copy = str(shutil.copytree(tiny_pretrained, tmp_path / "copy"))
     other = sweep.cell_model(grid[0].model_copy(update={"model": copy}))
     assert other.model is not first.model and list(sweep._loaded) == [copy]  # one model in memory at a time
+
+
+def test_ray_options_without_the_ray_executor_are_refused(capsys):
+    from kvpolicies.cli import main
+
+    assert main(["sweep", "--quick", "--address", "auto", "--gpus-per-cell", "1"]) == 2
+    assert ("--address, --gpus-per-cell apply only to the Ray executor; add --executor ray"
+            in capsys.readouterr().err)
+
+
+def test_a_sweep_file_names_where_its_cells_run_and_flags_override_it(tmp_path):
+    import argparse
+
+    from kvpolicies.cli.sweeps import sweep_config
+
+    path = tmp_path / "grid.yaml"
+    path.write_text("policies: [full]\nexecution: {executor: ray, address: auto, gpus_per_cell: 1}\n")
+    assert SweepConfig.load(path).execution.model_dump(exclude_none=True) == {
+        "executor": "ray", "address": "auto", "gpus_per_cell": 1}
+    path.write_text("policies: [full]\nexecution: ray\n")
+    assert SweepConfig.load(path).execution.executor == "ray"
+    args = argparse.Namespace(config=path, quick=False, preset=None, policies=None, budgets=None, tasks=None,
+                              models=None, protocols=None, limit=None, executor=None, address="10.0.0.1:6379",
+                              cpus_per_cell=4.0, gpus_per_cell=None, max_retries=None)
+    execution = sweep_config(args).execution
+    assert (execution.executor, execution.address, execution.cpus, execution.gpus, execution.retries) == (
+        "ray", "10.0.0.1:6379", 4.0, 0.0, 2)
+
+
+def test_the_ray_executor_without_ray_names_the_extra_to_install(monkeypatch):
+    from kvpolicies.cli.sweeps import executor
+    from kvpolicies.errors import UsageError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails, as where the extra is not installed
+    monkeypatch.delitem(sys.modules, "kvpolicies.experiments.ray_executor", raising=False)
+    with pytest.raises(UsageError, match=r"needs Ray .*pip install 'kvpolicies\[ray\]'"):
+        executor(SweepConfig(execution="ray"))
+    assert executor(SweepConfig()) is None  # the local executor needs nothing
+
+
+def test_a_record_computed_by_other_code_is_written_as_a_failure_saying_so(tmp_path):
+    from kvpolicies.experiments.sweep import run_sweep
+
+    class OtherCode:  # a worker whose kvpolicies computes another key for the cell
+        def run(self, todo, show):
+            for cell in todo:
+                yield cell, make_record("kvp_passkey", cell.policy.name, cell.budget, 1.0, key="0" * 20,
+                                        worker={"host": "node-7", "pid": 1})
+
+    config = SweepConfig(policies=["full"], tasks=["kvp_passkey"])
+    (record,) = run_sweep(config, tmp_path, progress=False, executor=OtherCode())
+    (cell,) = cells(config)
+    assert record.status == "error" and record.key == cell.key()
+    assert f"the worker on node-7 computed key {'0' * 20} for this cell, this machine {cell.key()}" in record.error
+    assert load_results(tmp_path)[0].status == "error"  # written, and retried by the next run

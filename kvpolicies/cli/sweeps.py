@@ -34,6 +34,18 @@ def add_commands(commands) -> None:
                                           "name their question for query_agnostic")
     sweep.add_argument("--limit", type=int, help="samples per task, at least 1 (default: the task's whole data)")
     sweep.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    cluster = sweep.add_argument_group("where cells run (README.md, 'Sweeps on a Ray cluster')")
+    cluster.add_argument("--executor", choices=["local", "ray"],
+                         help="local: one cell after another in this process (default); ray: each cell on a Ray "
+                              "worker (pip install 'kvpolicies[ray]')")
+    cluster.add_argument("--address", help="Ray cluster to join: auto (the one `ray start` made here), HOST:PORT or "
+                                           "ray://HOST:10001 (default: start Ray on this machine for the sweep)")
+    cluster.add_argument("--cpus-per-cell", type=float, metavar="N",
+                         help="CPUs each Ray worker reserves, and its torch threads (default 1)")
+    cluster.add_argument("--gpus-per-cell", type=float, metavar="N",
+                         help="GPUs each Ray worker reserves (default 0; 0.5 puts two workers on a GPU)")
+    cluster.add_argument("--max-retries", type=int, metavar="N",
+                         help="runs of a cell whose Ray worker died before it is recorded as failed (default 2)")
     sweep.set_defaults(run=run_sweep_command)
 
     board = commands.add_parser("leaderboard", help="render saved sweep results as tables and plots (no model)")
@@ -91,6 +103,10 @@ def sweep_config(args: argparse.Namespace):
         updates["protocols"] = [name.strip() for name in args.protocols.split(",")]
         updates["policies"] = [spec.model_copy(update={"protocols": None}) if isinstance(spec, PolicySpec) else spec
                                for spec in updates.get("policies", config.policies)]
+    given = {name: getattr(args, name) for name in ("executor", "address", "cpus_per_cell", "gpus_per_cell",
+                                                    "max_retries") if getattr(args, name) is not None}
+    if given:  # flags override the file's execution section one by one
+        updates["execution"] = config.execution.model_dump(exclude_none=True) | given
     config = SweepConfig.model_validate(config.model_dump() | updates)
     if args.limit is not None:  # validated copies: model_copy(update=...) would skip the check on limit
         config.tasks = [TaskSpec.model_validate(task.model_dump() | {"limit": args.limit}) for task in config.tasks]
@@ -108,13 +124,25 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     config = sweep_config(args)
     results = args.results or Path("results") / ("quick" if args.quick else args.preset or "default")
-    failed = sum(record.status != "ok" for record in run_sweep(config, results))
+    failed = sum(record.status != "ok" for record in run_sweep(config, results, executor=executor(config)))
     records = load_results(results)
     print(render(results, records=records))
     if not args.no_plots:
         for path in plot(results, results / "plots", records=records):
             print(f"plot: {path}")
     return 1 if failed else 0
+
+
+def executor(config):
+    """The executor the grid asks for: None (the local one) or Ray's, which needs the ``ray`` extra."""
+    if config.execution.executor == "local":
+        return None
+    try:
+        from kvpolicies.experiments.ray_executor import RayExecutor
+    except ImportError as error:
+        raise UsageError(f"the Ray executor needs Ray ({error}); install it with pip install 'kvpolicies[ray]' (or "
+                         "pip install -e '.[ray]' in a checkout)") from None
+    return RayExecutor(config.execution)
 
 
 def run_leaderboard(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from kvpolicies.engine.budget import Budget
 from kvpolicies.engine.policy import Role
 from kvpolicies.errors import UsageError, describe
 from kvpolicies.experiments.code_version import code_version
+from kvpolicies.experiments.execution import Execution
 from kvpolicies.integrations.models import EMBEDDED_MODEL
 from kvpolicies.integrations.protocol import Protocol
 from kvpolicies.registry import get_policy, list_policies, policy_with_role
@@ -95,6 +96,8 @@ class SweepConfig(BaseModel):
     batch_size: int = Field(1, ge=1)
     protocols: list[Protocol] = Field(default_factory=lambda: [Protocol.QUERY_AWARE],
                                       description="query_aware and/or query_agnostic (kvpolicies.integrations.protocol)")
+    execution: Execution = Field(default_factory=Execution, description="where cells run (local or Ray); never "
+                                 "part of a cell's key")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -110,6 +113,11 @@ class SweepConfig(BaseModel):
     @classmethod
     def _names_to_specs(cls, value):
         return [{"name": item} if isinstance(item, str) else item for item in _as_list(value)]
+
+    @field_validator("execution", mode="before")
+    @classmethod
+    def _executor_name(cls, value):
+        return {"executor": value} if isinstance(value, str) else value  # `execution: ray` is the Ray defaults
 
     @field_validator("budgets", mode="before")
     @classmethod

@@ -74,6 +74,18 @@ class Identity(BaseModel):
     code_version: str
 
 
+class Worker(BaseModel):
+    """Where a cell was computed: the machine and process, and on a Ray cluster the node and the GPUs Ray gave it.
+    Files written before sweeps could run on a cluster have none."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    host: str
+    pid: int
+    node_id: str | None = None
+    gpu_ids: list[str] = []
+
+
 RESULT_FIELDS = ("metrics", "primary_metric", "score", "higher_is_better", "kv_memory", "speed")
 """What an ``ok`` record cannot be without: a record that lacks one is no result, whatever its status says."""
 
@@ -105,6 +117,7 @@ class ResultRecord(BaseModel):
     """Peak memory the cell needed above what the process held when it started."""
     wall_s: float | None = None
     device: str | None = None
+    worker: Worker | None = None
 
     error: str | None = None
     traceback: str | None = None

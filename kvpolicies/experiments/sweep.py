@@ -5,6 +5,10 @@ full config, budget, seed, code version), written atomically (temp file + rename
 loses no finished cell and a re-run computes only what is missing. A failing cell is recorded with its error and
 the sweep goes on; failed cells are retried on the next run, and so is any file that is not a valid record. The
 results folder is checked for writing before the first cell is computed.
+
+Cells run one after another in this process, or on the workers of a Ray cluster
+(:mod:`kvpolicies.experiments.ray_executor`); either way this process writes every file, so the results folder need
+not be shared between nodes, and a local run and a cluster run fill one folder interchangeably.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import functools
 import json
 import os
 import platform
+import socket
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -115,16 +120,52 @@ def versions() -> dict[str, str]:
     }
 
 
-def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True) -> Iterator[ResultRecord]:
-    """Run every missing cell, yielding each record as it is written. Finished cells are skipped; a results folder
-    that cannot be written raises :class:`~kvpolicies.experiments.results.ResultsError` before any cell runs."""
+def evaluate(cell: Cell) -> ResultRecord:
+    """The record of ``cell``, computed here: ``ok`` with its measurements, or ``error`` with what it raised (one
+    broken cell must not stop a sweep). The key is computed here too, from this machine's code, so a driver can tell
+    a worker that runs other code than its own."""
+    from kvpolicies.experiments.results import ResultRecord
+
+    provenance = {"key": cell.key(), "cell": cell, "identity": cell.identity(), "versions": versions(),
+                  "started_at": datetime.now(timezone.utc), "load_average_start": _load_average(),
+                  "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
+    try:
+        measured = run_cell(cell)
+        return ResultRecord(**provenance, status="ok", **measured, finished_at=datetime.now(timezone.utc),
+                            load_average_end=_load_average())
+    except Exception as error:
+        return ResultRecord(**provenance, status="error", error=f"{type(error).__name__}: {error}",
+                            traceback=traceback.format_exc(), finished_at=datetime.now(timezone.utc),
+                            load_average_end=_load_average())
+
+
+class Executor(Protocol):
+    """Runs cells somewhere and hands back their records as they finish, in any order; the sweep writes them.
+
+    ``show`` takes one line on what is running now, for the progress bar. An executor never writes result files:
+    the sweep does, one at a time, so the folder needs to be reachable from the driver only.
+    """
+
+    def run(self, todo: list[Cell], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]: ...
+
+
+class LocalExecutor:
+    """One cell after another in this process: the default, and all a single machine needs."""
+
+    def run(self, todo: list[Cell], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]:
+        for cell in todo:
+            show(f"{cell.task.name} {cell.title} @ {cell.budget}")
+            yield cell, evaluate(cell)
+
+
+def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True,
+              executor: Executor | None = None) -> Iterator[ResultRecord]:
+    """Run every missing cell (on ``executor``, default :class:`LocalExecutor`), yielding each record as it is
+    written. Finished cells are skipped; a results folder that cannot be written raises
+    :class:`~kvpolicies.experiments.results.ResultsError` before any cell runs."""
     from tqdm import tqdm
 
-    from kvpolicies.experiments.results import (
-        ResultRecord,
-        check_writable,
-        write_record,
-    )
+    from kvpolicies.experiments.results import check_writable, write_record
 
     check_writable(results_dir)
     grid = cells(config)
@@ -132,24 +173,30 @@ def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True) -> 
     print(f"kvpolicies: {len(grid)} cells, {len(grid) - len(todo)} already done, {len(todo)} to run "
           f"-> {results_dir}", file=sys.stderr)
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), disable=not progress, unit="cell", file=sys.stderr)
-    for cell in todo:
-        bar.set_description(f"{cell.task.name} {cell.title} @ {cell.budget}")
-        provenance = {"key": cell.key(), "cell": cell, "identity": cell.identity(), "versions": versions(),
-                      "started_at": datetime.now(timezone.utc), "load_average_start": _load_average()}
-        try:
-            measured = run_cell(cell)
-            record = ResultRecord(**provenance, status="ok", **measured, finished_at=datetime.now(timezone.utc),
-                                  load_average_end=_load_average())
-        except Exception as error:  # one broken cell must not stop the sweep
-            record = ResultRecord(**provenance, status="error", error=f"{type(error).__name__}: {error}",
-                                  traceback=traceback.format_exc(), finished_at=datetime.now(timezone.utc),
-                                  load_average_end=_load_average())
-            print(f"kvpolicies: cell failed ({cell.task.name}, {cell.title}, {cell.budget}): "
-                  f"{record.error}", file=sys.stderr)
+    failed = 0
+    for cell, record in (executor or LocalExecutor()).run(todo, bar.set_description):
+        if record.key != cell.key():
+            record = _other_code(cell, record)
         write_record(result_path(results_dir, cell), record)
+        if record.status != "ok":
+            failed += 1
+            bar.set_postfix(failed=failed)
+            print(f"kvpolicies: cell failed ({cell.task.name}, {cell.title}, {cell.budget}): {record.error}",
+                  file=sys.stderr)
         bar.update(1)
         yield record
     bar.close()
+
+
+def _other_code(cell: Cell, record: ResultRecord) -> ResultRecord:
+    """A record computed by a worker whose code gives the cell another key: not this cell's result (its file would
+    be taken for a result of this code), so it is written as a failure saying why."""
+    where = f" on {record.worker.host}" if record.worker else ""
+    return record.model_copy(update={
+        "key": cell.key(), "status": "error", "traceback": None,
+        "error": f"the worker{where} computed key {record.key} for this cell, this machine {cell.key()}: its "
+                 "kvpolicies, plugins or tasks differ from this machine's; install the same version on every node",
+    })
 
 
 def _load_average() -> float | None:

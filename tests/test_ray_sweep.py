@@ -1,0 +1,245 @@
+"""Sweeps on a real Ray cluster (``--executor ray``): the same files as the local executor, workers killed by signal,
+a killed driver, several nodes with fake GPUs, a node joining late.
+
+Every cluster here is a real local Ray (no mocks) running tiny random-weight models with one thread per process
+(``OMP_NUM_THREADS=1``), so the results can be compared number for number with a local run of the same threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from kvpolicies.errors import UsageError
+from kvpolicies.experiments.execution import Execution
+from kvpolicies.experiments.grid import SweepConfig, cells
+from kvpolicies.experiments.results import read_record
+from kvpolicies.experiments.sweep import run_sweep
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
+
+PASSKEY = {"name": "kvp_passkey", "metadata": {"lengths": [200], "depths": [0.5], "per_cell": 2}}
+
+
+def grid(model: str, policies=("full", "random", "streaming", "snapkv"), budgets=(0.25, 0.5)) -> dict:
+    return {"models": [model], "policies": list(policies), "budgets": list(budgets), "tasks": [PASSKEY]}
+
+
+def env() -> dict[str, str]:
+    """One torch thread everywhere (local and Ray runs then compute the same numbers), no usage reporting, and no
+    cluster address inherited from a test that joined one."""
+    return {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"} | {
+        "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def sweep(config: Path, results: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "kvpolicies.cli", "sweep", "--config", str(config), "--results", str(results),
+               "--no-plots", *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env())
+
+
+@contextlib.contextmanager
+def started_sweep(config: Path, results: Path, *extra: str) -> Iterator[subprocess.Popen]:
+    """A sweep running in the background, killed when the test leaves it running (a failed assertion)."""
+    command = [sys.executable, "-m", "kvpolicies.cli", "sweep", "--config", str(config), "--results", str(results),
+               "--no-plots", *extra]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        yield driver
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.communicate()
+
+
+def records(results: Path) -> dict[str, dict]:
+    return {path.stem: json.loads(path.read_text()) for path in results.glob("*.json")}
+
+
+def outcome(found: dict[str, dict]) -> dict[str, tuple]:
+    """What must not depend on where a cell ran: its status, score and every metric."""
+    return {key: (r["status"], r["score"], r["metrics"]) for key, r in found.items()}
+
+
+def write_grid(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_reference(tiny_pretrained, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    """The grid run by the local executor: what every Ray run must reproduce."""
+    folder = tmp_path_factory.mktemp("ray-sweeps")
+    config = write_grid(folder / "grid.yaml", grid(tiny_pretrained))
+    done = sweep(config, folder / "local")
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = records(folder / "local")
+    assert len(found) == 7 and all(r["status"] == "ok" for r in found.values())
+    return config, found
+
+
+def evaluating_worker(timeout: float = 600) -> psutil.Process:
+    """A Ray worker process in the middle of a cell (Ray titles it ``ray::SweepWorker.evaluate`` meanwhile)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for process in psutil.process_iter(["cmdline"]):
+            if (process.info["cmdline"] or [""])[0].startswith("ray::SweepWorker.evaluate"):
+                return process
+        time.sleep(0.05)
+    raise AssertionError("no Ray worker started a cell")
+
+
+def test_a_cluster_that_cannot_be_joined_is_refused_with_the_fix(tiny_pretrained, tmp_path, monkeypatch):
+    from kvpolicies.experiments.ray_executor import RayExecutor
+
+    if any(process.info["name"] == "gcs_server" for process in psutil.process_iter(["name"])):
+        pytest.skip("a Ray cluster runs on this machine: --address auto would join it")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = SweepConfig.model_validate(grid(tiny_pretrained, policies=("full",)))
+    executor = RayExecutor(Execution(executor="ray", address="auto"))
+    with pytest.raises(UsageError, match=r"cannot join the Ray cluster at auto: Could not find any running Ray "
+                                         r"instance.*; start one with `ray start --head`"):
+        list(run_sweep(config, tmp_path / "none", progress=False, executor=executor))
+
+
+def test_ray_fills_the_same_files_as_the_local_executor_and_shares_a_folder_with_it(local_reference, tmp_path):
+    config, expected = local_reference
+    shared = tmp_path / "shared"
+    first = sweep(config, shared, "--policies", "full,random")  # a local run fills part of the folder
+    assert first.returncode == 0, first.stderr[-2000:]
+
+    done = sweep(config, shared, "--executor", "ray")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "7 cells, 3 already done, 4 to run" in done.stderr
+    found = records(shared)
+    assert set(found) == set(expected)  # same keys, same file names
+    assert outcome(found) == outcome(expected)
+    by_ray = [r for r in found.values() if r["cell"]["policy"]["name"] in ("streaming", "snapkv")]
+    assert len(by_ray) == 4 and all(r["worker"]["node_id"] for r in by_ray)  # computed on Ray workers
+    assert len({r["worker"]["pid"] for r in by_ray}) <= 2  # 2 CPUs: two workers, each kept for several cells
+
+
+def test_a_worker_killed_mid_cell_loses_only_that_cell_which_is_retried(local_reference, tmp_path):
+    config, expected = local_reference
+    with started_sweep(config, tmp_path / "retried", "--executor", "ray") as driver:
+        evaluating_worker().send_signal(signal.SIGKILL)
+        _, stderr = driver.communicate(timeout=900)
+    assert driver.returncode == 0, stderr[-2000:]
+    assert "worker lost during cell" in stderr and "running it again (1/2)" in stderr
+    assert outcome(records(tmp_path / "retried")) == outcome(expected)
+
+
+def test_a_cell_whose_worker_dies_past_the_retries_is_recorded_and_rerun_next_time(local_reference, tmp_path):
+    config, expected = local_reference
+    results = tmp_path / "lost"
+    with started_sweep(config, results, "--executor", "ray", "--max-retries", "0") as driver:
+        evaluating_worker().send_signal(signal.SIGKILL)
+        _, stderr = driver.communicate(timeout=900)
+    assert driver.returncode == 1  # a failed cell, as locally
+    failed = {key: r for key, r in records(results).items() if r["status"] == "error"}
+    assert len(failed) == 1 and "worker lost 1 times" in next(iter(failed.values()))["error"]
+    assert len(records(results)) == 7
+
+    rerun = sweep(config, results, "--executor", "ray")
+    assert rerun.returncode == 0 and "6 already done, 1 to run" in rerun.stderr
+    assert outcome(records(results)) == outcome(expected)
+
+
+def test_a_killed_driver_loses_no_finished_cell_and_the_rerun_resumes(local_reference, tmp_path):
+    config, expected = local_reference
+    results = tmp_path / "resumed"
+    with started_sweep(config, results, "--executor", "ray") as driver:
+        deadline = time.time() + 600
+        while len(list(results.glob("*.json"))) < 2 and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.05)
+        driver.kill()  # SIGKILL: no clean-up of any kind
+        driver.communicate()
+    before = records(results)
+    assert 2 <= len(before) < 7 and all(read_record(path) for path in results.glob("*.json"))
+
+    rerun = sweep(config, results, "--executor", "ray")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{len(before)} already done" in rerun.stderr
+    after = records(results)
+    assert outcome(after) == outcome(expected)
+    assert all(after[key]["finished_at"] == before[key]["finished_at"] for key in before)  # not recomputed
+
+
+@pytest.fixture
+def cluster():
+    """A Ray cluster of several simulated nodes on this machine (Ray's own test cluster): a head without GPUs, and
+    nodes added by the test with fake GPU resources."""
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    head = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    yield head
+    ray.shutdown()
+    head.shutdown()
+
+
+def test_cells_spread_over_gpu_nodes_one_gpu_each_and_a_late_node_gets_work(tiny_pretrained, cluster, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    first_node = cluster.add_node(num_cpus=2, num_gpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    config = SweepConfig.model_validate(grid(tiny_pretrained, policies=("full", "random", "streaming", "snapkv"),
+                                             budgets=(0.1, 0.25, 0.5, 0.75)))
+    from kvpolicies.experiments.ray_executor import RayExecutor
+
+    executor = RayExecutor(Execution(executor="ray", gpus_per_cell=1, cpus_per_cell=0.5))
+    late_node = None
+    done = []
+    for record in run_sweep(config, tmp_path / "cluster", progress=False, executor=executor):
+        done.append(record)
+        if late_node is None:  # the sweep is under way: a second node joins
+            late_node = cluster.add_node(num_cpus=2, num_gpus=2)
+
+    assert len(done) == len(cells(config)) == 13 and all(r.status == "ok" for r in done)
+    nodes = {r.worker.node_id for r in done}
+    assert nodes == {first_node.node_id, late_node.node_id}  # the late node ran cells; the GPU-less head none
+    assert all(len(r.worker.gpu_ids) == 1 for r in done)  # --gpus-per-cell 1
+    for node in nodes:  # at most 2 cells at once on a node with 2 GPUs, each on its own GPU
+        ran = [r for r in done if r.worker.node_id == node]
+        assert {gpu for r in ran for gpu in r.worker.gpu_ids} <= {"0", "1"}
+        for moment in (r.started_at for r in ran):
+            running = [r for r in ran if r.started_at <= moment < r.finished_at]
+            assert len(running) <= 2 and len({r.worker.gpu_ids[0] for r in running}) == len(running)
+
+
+def test_a_cluster_that_fits_no_cell_is_refused_with_the_fix(tiny_pretrained, cluster, tmp_path):
+    cluster.add_node(num_cpus=2, num_gpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    from kvpolicies.experiments.ray_executor import RayExecutor
+
+    config = SweepConfig.model_validate(grid(tiny_pretrained, policies=("full",)))
+    executor = RayExecutor(Execution(executor="ray", gpus_per_cell=2))
+    with pytest.raises(UsageError, match=r"no node of the Ray cluster fits one cell at 1 CPU\(s\) and 2 GPU\(s\) "
+                                         r"\(the cluster has 3 CPUs and 1 GPUs\); lower --cpus-per-cell"):
+        list(run_sweep(config, tmp_path / "none", progress=False, executor=executor))
+    assert not list((tmp_path / "none").glob("*.json"))
+
+
+@pytest.mark.slow  # the real embedded model, 9 cells twice: about 2 minutes
+def test_the_quick_grid_through_ray_gives_the_local_executors_files(tmp_path):
+    local = subprocess.run([sys.executable, "-m", "kvpolicies.cli", "sweep", "--quick", "--limit", "1", "--no-plots",
+                            "--results", str(tmp_path / "local")], capture_output=True, text=True, env=env())
+    assert local.returncode == 0, local.stderr[-2000:]
+    on_ray = subprocess.run([sys.executable, "-m", "kvpolicies.cli", "sweep", "--quick", "--limit", "1", "--no-plots",
+                             "--results", str(tmp_path / "ray"), "--executor", "ray"],
+                            capture_output=True, text=True, env=env())
+    assert on_ray.returncode == 0, on_ray.stderr[-2000:]
+    expected, found = records(tmp_path / "local"), records(tmp_path / "ray")
+    assert len(expected) == 9 and set(found) == set(expected)
+    assert outcome(found) == outcome(expected)
+
