@@ -3,6 +3,8 @@ a killed driver, several nodes with fake GPUs, a node joining late.
 
 Every cluster here is a real local Ray (no mocks) running tiny random-weight models with one thread per process
 (``OMP_NUM_THREADS=1``), so the results can be compared number for number with a local run of the same threads.
+The fault tests join a cluster of 2 CPUs that this test process starts (Ray's own test cluster), so they run 2
+workers whatever the machine, and the worker they kill is one of theirs.
 """
 
 from __future__ import annotations
@@ -88,13 +90,30 @@ def local_reference(tiny_pretrained, tmp_path_factory) -> tuple[Path, dict[str, 
     return config, found
 
 
-def evaluating_worker(timeout: float = 600) -> psutil.Process:
-    """A Ray worker process in the middle of a cell (Ray titles it ``ray::SweepWorker.evaluate`` meanwhile)."""
+@pytest.fixture(scope="module")
+def two_cpus() -> Iterator[str]:
+    """The address of a one-node Ray cluster of 2 CPUs, started by this process (its workers are our children)."""
+    from ray.cluster_utils import Cluster
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+        yield cluster.address
+        cluster.shutdown()
+
+
+def kill_a_worker_mid_cell(timeout: float = 600) -> None:
+    """SIGKILL one of this test's Ray workers while it computes a cell (Ray titles it ``ray::SweepWorker.evaluate``
+    meanwhile); workers of any other Ray on the machine are not ours to touch."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for process in psutil.process_iter(["cmdline"]):
-            if (process.info["cmdline"] or [""])[0].startswith("ray::SweepWorker.evaluate"):
-                return process
+        for process in psutil.Process().children(recursive=True):
+            try:
+                if process.cmdline()[:1] and process.cmdline()[0].startswith("ray::SweepWorker.evaluate"):
+                    process.send_signal(signal.SIGKILL)
+                    return
+            except psutil.Error:  # gone between the listing and the look
+                continue
         time.sleep(0.05)
     raise AssertionError("no Ray worker started a cell")
 
@@ -102,8 +121,12 @@ def evaluating_worker(timeout: float = 600) -> psutil.Process:
 def test_a_cluster_that_cannot_be_joined_is_refused_with_the_fix(tiny_pretrained, tmp_path, monkeypatch):
     from kvpolicies.experiments.ray_executor import RayExecutor
 
+    from ray._common.utils import get_ray_address_file
+
     if any(process.info["name"] == "gcs_server" for process in psutil.process_iter(["name"])):
         pytest.skip("a Ray cluster runs on this machine: --address auto would join it")
+    if os.path.exists(get_ray_address_file(None)):
+        pytest.skip("a Ray cluster left its address here: --address auto would wait for it")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     config = SweepConfig.model_validate(grid(tiny_pretrained, policies=("full",)))
     executor = RayExecutor(Execution(executor="ray", address="auto"))
@@ -126,39 +149,39 @@ def test_ray_fills_the_same_files_as_the_local_executor_and_shares_a_folder_with
     assert outcome(found) == outcome(expected)
     by_ray = [r for r in found.values() if r["cell"]["policy"]["name"] in ("streaming", "snapkv")]
     assert len(by_ray) == 4 and all(r["worker"]["node_id"] for r in by_ray)  # computed on Ray workers
-    assert len({r["worker"]["pid"] for r in by_ray}) <= 2  # 2 CPUs: two workers, each kept for several cells
 
 
-def test_a_worker_killed_mid_cell_loses_only_that_cell_which_is_retried(local_reference, tmp_path):
+def test_a_worker_killed_mid_cell_loses_only_that_cell_which_is_retried(local_reference, two_cpus, tmp_path):
     config, expected = local_reference
-    with started_sweep(config, tmp_path / "retried", "--executor", "ray") as driver:
-        evaluating_worker().send_signal(signal.SIGKILL)
+    with started_sweep(config, tmp_path / "retried", "--executor", "ray", "--address", two_cpus) as driver:
+        kill_a_worker_mid_cell()
         _, stderr = driver.communicate(timeout=900)
     assert driver.returncode == 0, stderr[-2000:]
     assert "worker lost during cell" in stderr and "running it again (1/2)" in stderr
     assert outcome(records(tmp_path / "retried")) == outcome(expected)
 
 
-def test_a_cell_whose_worker_dies_past_the_retries_is_recorded_and_rerun_next_time(local_reference, tmp_path):
+def test_a_cell_whose_worker_dies_past_the_retries_is_recorded_and_rerun_next_time(local_reference, two_cpus,
+                                                                                  tmp_path):
     config, expected = local_reference
     results = tmp_path / "lost"
-    with started_sweep(config, results, "--executor", "ray", "--max-retries", "0") as driver:
-        evaluating_worker().send_signal(signal.SIGKILL)
+    with started_sweep(config, results, "--executor", "ray", "--address", two_cpus, "--max-retries", "0") as driver:
+        kill_a_worker_mid_cell()
         _, stderr = driver.communicate(timeout=900)
     assert driver.returncode == 1  # a failed cell, as locally
     failed = {key: r for key, r in records(results).items() if r["status"] == "error"}
     assert len(failed) == 1 and "worker lost 1 times" in next(iter(failed.values()))["error"]
     assert len(records(results)) == 7
 
-    rerun = sweep(config, results, "--executor", "ray")
+    rerun = sweep(config, results, "--executor", "ray", "--address", two_cpus)
     assert rerun.returncode == 0 and "6 already done, 1 to run" in rerun.stderr
     assert outcome(records(results)) == outcome(expected)
 
 
-def test_a_killed_driver_loses_no_finished_cell_and_the_rerun_resumes(local_reference, tmp_path):
+def test_a_killed_driver_loses_no_finished_cell_and_the_rerun_resumes(local_reference, two_cpus, tmp_path):
     config, expected = local_reference
     results = tmp_path / "resumed"
-    with started_sweep(config, results, "--executor", "ray") as driver:
+    with started_sweep(config, results, "--executor", "ray", "--address", two_cpus) as driver:
         deadline = time.time() + 600
         while len(list(results.glob("*.json"))) < 2 and time.time() < deadline and driver.poll() is None:
             time.sleep(0.05)
@@ -167,21 +190,23 @@ def test_a_killed_driver_loses_no_finished_cell_and_the_rerun_resumes(local_refe
     before = records(results)
     assert 2 <= len(before) < 7 and all(read_record(path) for path in results.glob("*.json"))
 
-    rerun = sweep(config, results, "--executor", "ray")
+    rerun = sweep(config, results, "--executor", "ray", "--address", two_cpus)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"{len(before)} already done" in rerun.stderr
     after = records(results)
     assert outcome(after) == outcome(expected)
     assert all(after[key]["finished_at"] == before[key]["finished_at"] for key in before)  # not recomputed
+    rerun_workers = {after[key]["worker"]["pid"] for key in set(after) - set(before)}
+    assert len(rerun_workers) <= 2 < len(after) - len(before)  # 2 CPUs, 2 workers, each kept for several cells
 
 
 @pytest.fixture
-def cluster():
+def cluster(monkeypatch):
     """A Ray cluster of several simulated nodes on this machine (Ray's own test cluster): a head without GPUs, and
     nodes added by the test with fake GPU resources."""
     from ray.cluster_utils import Cluster
 
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     head = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
     yield head
     ray.shutdown()

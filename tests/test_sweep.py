@@ -334,3 +334,34 @@ def test_a_record_computed_by_other_code_is_written_as_a_failure_saying_so(tmp_p
     assert record.status == "error" and record.key == cell.key()
     assert f"the worker on node-7 computed key {'0' * 20} for this cell, this machine {cell.key()}" in record.error
     assert load_results(tmp_path)[0].status == "error"  # written, and retried by the next run
+
+
+@pytest.mark.parametrize(("execution", "message"), [
+    ({"executor": "ray", "gpus_per_cell": 1.5}, "above 1 must be a whole number of GPUs"),
+    ({"executor": "ray", "cpus_per_cell": 0.00001}, "steps of 0.0001"),
+    ({"executor": "ray", "cpus_per_cell": 0}, "greater than 0"),
+    ({"executor": "local", "max_retries": 3}, "--max-retries applies only to the Ray executor"),
+])
+def test_execution_settings_ray_cannot_honour_are_refused(execution, message):
+    with pytest.raises(ValidationError, match=message):
+        SweepConfig(execution=execution)
+
+
+def test_executor_local_on_the_command_line_drops_a_files_ray_settings(tmp_path):
+    import argparse
+
+    from kvpolicies.cli.sweeps import sweep_config
+
+    path = tmp_path / "grid.yaml"
+    path.write_text("policies: [full]\nexecution: {executor: ray, address: auto, gpus_per_cell: 1}\n")
+    args = argparse.Namespace(config=path, quick=False, preset=None, policies=None, budgets=None, tasks=None,
+                              models=None, protocols=None, limit=None, executor="local", address=None,
+                              cpus_per_cell=None, gpus_per_cell=None, max_retries=None)
+    assert sweep_config(args).execution.model_dump(exclude_none=True) == {"executor": "local"}
+
+
+def test_where_cells_run_never_reaches_their_code_version():
+    from kvpolicies.experiments.code_version import core_files
+
+    names = {path.name for path in core_files()}
+    assert "sweep.py" in names and "ray_executor.py" not in names  # the command line picks the executor

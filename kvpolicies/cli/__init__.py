@@ -27,6 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except KVPoliciesError as error:
         return fail(str(error))
+    except KeyboardInterrupt:  # Ctrl-C is how a user stops a command, not a bug
+        print("kvpolicies: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `kvpolicies list | head`: the reader left, which is not an error
         sys.stderr.close()
         return 0

@@ -38,8 +38,8 @@ def add_commands(commands) -> None:
     cluster.add_argument("--executor", choices=["local", "ray"],
                          help="local: one cell after another in this process (default); ray: each cell on a Ray "
                               "worker (pip install 'kvpolicies[ray]')")
-    cluster.add_argument("--address", help="Ray cluster to join: auto (the one `ray start` made here), HOST:PORT or "
-                                           "ray://HOST:10001 (default: start Ray on this machine for the sweep)")
+    cluster.add_argument("--address", help="Ray cluster to join: auto (the one `ray start` made here) or HOST:PORT "
+                                           "(default: start Ray on this machine for the sweep)")
     cluster.add_argument("--cpus-per-cell", type=float, metavar="N",
                          help="CPUs each Ray worker reserves, and its torch threads (default 1)")
     cluster.add_argument("--gpus-per-cell", type=float, metavar="N",
@@ -105,8 +105,9 @@ def sweep_config(args: argparse.Namespace):
                                for spec in updates.get("policies", config.policies)]
     given = {name: getattr(args, name) for name in ("executor", "address", "cpus_per_cell", "gpus_per_cell",
                                                     "max_retries") if getattr(args, name) is not None}
-    if given:  # flags override the file's execution section one by one
-        updates["execution"] = config.execution.model_dump(exclude_none=True) | given
+    if given:  # flags override the file's execution section one by one; --executor local drops its Ray settings
+        from_file = {} if given.get("executor") == "local" else config.execution.model_dump(exclude_none=True)
+        updates["execution"] = from_file | given
     config = SweepConfig.model_validate(config.model_dump() | updates)
     if args.limit is not None:  # validated copies: model_copy(update=...) would skip the check on limit
         config.tasks = [TaskSpec.model_validate(task.model_dump() | {"limit": args.limit}) for task in config.tasks]
@@ -124,7 +125,12 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     config = sweep_config(args)
     results = args.results or Path("results") / ("quick" if args.quick else args.preset or "default")
-    failed = sum(record.status != "ok" for record in run_sweep(config, results, executor=executor(config)))
+    try:
+        failed = sum(record.status != "ok" for record in run_sweep(config, results, executor=executor(config)))
+    except KeyboardInterrupt:
+        print(f"kvpolicies: interrupted; every finished cell is saved in {results}: run the same command to resume",
+              file=sys.stderr)
+        return 130
     records = load_results(results)
     print(render(results, records=records))
     if not args.no_plots:

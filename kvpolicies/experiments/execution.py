@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Execution(BaseModel):
@@ -21,8 +21,8 @@ class Execution(BaseModel):
     executor: Literal["local", "ray"] = "local"
     """``local``: one cell after another in this process (needs no Ray). ``ray``: each cell on a Ray worker."""
     address: str | None = None
-    """The Ray cluster to join: ``auto`` (the one ``ray start`` made on this node), ``HOST:PORT``, or
-    ``ray://HOST:10001``; none starts a Ray instance on this machine for the sweep's duration."""
+    """The Ray cluster to join: ``auto`` (the one ``ray start`` made on this node) or ``HOST:PORT``; none starts a
+    Ray instance on this machine for the sweep's duration."""
     cpus_per_cell: float | None = Field(None, gt=0)
     """CPUs a worker reserves (default 1), and the threads torch uses in it."""
     gpus_per_cell: float | None = Field(None, ge=0)
@@ -31,8 +31,19 @@ class Execution(BaseModel):
     """How often a cell whose worker died (killed, out of memory, node lost) is run again before it is recorded as
     failed (default 2). A cell that raises is not retried: it is recorded with its error, as locally."""
 
+    @field_validator("cpus_per_cell", "gpus_per_cell")
+    @classmethod
+    def _ray_can_reserve(cls, value: float | None) -> float | None:
+        """Ray reserves resources in steps of 1/10000, and more than one GPU only in whole GPUs."""
+        if value is not None and abs(value * 10_000 - round(value * 10_000)) > 1e-6:
+            raise ValueError(f"Ray reserves resources in steps of 0.0001; got {value}")
+        return value
+
     @model_validator(mode="after")
     def _ray_options_need_ray(self) -> Execution:
+        if self.gpus_per_cell is not None and self.gpus_per_cell > 1 and not float(self.gpus_per_cell).is_integer():
+            raise ValueError(f"--gpus-per-cell above 1 must be a whole number of GPUs (Ray shares a GPU only below "
+                             f"one); got {self.gpus_per_cell}")
         if self.executor == "local":
             given = [name for name in ("address", "cpus_per_cell", "gpus_per_cell", "max_retries")
                      if getattr(self, name) is not None]

@@ -8,7 +8,9 @@ worker that dies (killed, out of memory, its node lost) loses only the cell it h
 up to ``max_retries`` times before it is recorded as failed; a cell that raises is recorded at once, as locally.
 
 The number of workers follows the cluster: each node holds as many as its CPUs and GPUs fit at the requested
-resources per cell, counted again every few seconds, so a node that joins late gets workers and cells.
+resources per cell, counted again every few seconds, so a node that joins late gets workers and cells. A worker is
+given a cell only once it has started, so a worker Ray cannot place (its resources held by another job) holds no
+cell back, and one that cannot start (kvpolicies missing on its node) costs no cell a retry.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from kvpolicies.registry import PLUGINS_ENV
 
 TICK_S = 2.0
 """How long the driver waits for a cell before it looks for new nodes and refreshes the progress line."""
+START_FAILURES = 5
+"""Workers that fail to start, in a row, before the sweep stops: none of the cluster's nodes can run a cell."""
 
 
 class SweepWorker:
@@ -43,7 +47,15 @@ class SweepWorker:
     def __init__(self, threads: int) -> None:
         import torch
 
+        if not ray.get_runtime_context().get_accelerator_ids()["GPU"]:
+            # Ray leaves CUDA_VISIBLE_DEVICES alone for a worker that reserved no GPU: without this, every CPU
+            # worker of a GPU node would load its model onto cuda:0 (torch reads the variable at its first CUDA call).
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         torch.set_num_threads(threads)  # the CPUs Ray reserved for this worker, not every core of the node
+
+    def node(self) -> str:
+        """The node this worker runs on; answering at all says it has started."""
+        return ray.get_runtime_context().get_node_id()
 
     def evaluate(self, cell_json: str) -> str:
         from kvpolicies.experiments.sweep import evaluate
@@ -56,14 +68,13 @@ class SweepWorker:
 
 
 _RemoteWorker = ray.remote(SweepWorker)
-
-
 NOTHING_LOADED = "<no model loaded>"
 
 
 @dataclass
 class _Slot:
     actor: Any
+    started: bool = False
     model: str | None = NOTHING_LOADED
     """The model the worker loaded last (its next cells are of that model when there are any); None is the embedded
     model."""
@@ -74,10 +85,12 @@ class _Slot:
 class _State:
     queue: deque[Cell]
     slots: list[_Slot] = field(default_factory=list)
+    starting: dict[Any, _Slot] = field(default_factory=dict)
     running: dict[Any, _Slot] = field(default_factory=dict)
     tries: dict[str, int] = field(default_factory=dict)
     first_started: dict[str, datetime] = field(default_factory=dict)
     lost_workers: int = 0
+    start_failures: int = 0
     most_workers: int = 0
 
 
@@ -97,23 +110,37 @@ class RayExecutor:
             self._grow(state, first=True)
             while state.queue or state.running:
                 self._dispatch(state)
-                if not state.running:  # every node that fitted a cell has left: wait for one to (re)join
-                    show(shown := f"waiting for a node that fits a cell ({len(state.queue)} queued)")
-                    time.sleep(TICK_S)
-                    self._grow(state)
-                    continue
-                lost = f", {state.lost_workers} lost" if state.lost_workers else ""
-                if (line := f"{len(state.running)} running on {len(state.slots)} workers{lost}") != shown:
+                waiting = list(state.running) + list(state.starting)
+                if (line := self._status(state)) != shown:
                     show(shown := line)
-                done, _ = ray.wait(list(state.running), num_returns=1, timeout=TICK_S)
-                for ref in done:
-                    yield from self._collect(state, ref)
+                if not waiting:  # every node that fitted a cell has left: wait for one to (re)join
+                    time.sleep(TICK_S)
+                else:
+                    done, _ = ray.wait(waiting, num_returns=1, timeout=TICK_S)
+                    for ref in done:
+                        if ref in state.starting:
+                            self._started(state, ref)
+                        else:
+                            yield from self._collect(state, ref)
                 self._grow(state)
         finally:
             for slot in state.slots:
-                ray.kill(slot.actor)
+                try:
+                    ray.kill(slot.actor)
+                except Exception:  # the cluster is gone already: nothing left to stop
+                    pass
             if started_here:
                 ray.shutdown()
+
+    @staticmethod
+    def _status(state: _State) -> str:
+        if not state.slots:
+            return f"waiting for a node that fits a cell ({len(state.queue)} queued)"
+        starting = sum(not slot.started for slot in state.slots)
+        parts = [f"{len(state.running)} running on {len(state.slots) - starting} workers"]
+        parts += [f"{starting} starting"] if starting else []
+        parts += [f"{state.lost_workers} lost"] if state.lost_workers else []
+        return ", ".join(parts)
 
     # -- the cluster -------------------------------------------------------------------------------------------
 
@@ -124,18 +151,23 @@ class RayExecutor:
         options: dict[str, Any] = {"log_to_driver": False, "logging_level": "WARNING"}
         if PLUGINS_ENV in os.environ:  # the workers must know the same policies as the driver
             options["runtime_env"] = {"env_vars": {PLUGINS_ENV: os.environ[PLUGINS_ENV]}}
-        if self.execution.address is None:
+        address = self.execution.address
+        if address is None:  # "local": a new instance, never a cluster that RAY_ADDRESS or `ray start` left around
             options["include_dashboard"] = False
         try:
-            ray.init(address=self.execution.address, **options)
+            ray.init(address=address or "local", **options)
         except Exception as error:  # Ray's errors for an address it cannot reach vary with the address and version
-            raise UsageError(f"cannot join the Ray cluster at {self.execution.address}: {error}; start one with "
-                             "`ray start --head`, or leave --address out to start one on this machine") from None
+            reason = " ".join(str(error).split()) or type(error).__name__
+            if address is None:
+                raise UsageError(f"cannot start Ray on this machine: {reason}; see Ray's logs under /tmp/ray, or "
+                                 "start a cluster with `ray start --head` and pass --address auto") from None
+            raise UsageError(f"cannot join the Ray cluster at {address}: {reason}; start one with `ray start "
+                             "--head`, or leave --address out to start one on this machine") from None
         resources = ray.cluster_resources()
         print(f"kvpolicies: Ray cluster with {len(_alive_nodes())} node(s), {resources.get('CPU', 0):g} CPUs, "
               f"{resources.get('GPU', 0):g} GPUs; {self.execution.cpus:g} CPU(s) and {self.execution.gpus:g} GPU(s) "
               "per cell", file=sys.stderr)
-        return self.execution.address is None
+        return address is None
 
     def _capacity(self) -> int:
         """How many workers the live nodes hold at the requested resources per cell (each node apart: two half
@@ -149,30 +181,61 @@ class RayExecutor:
         return total
 
     def _grow(self, state: _State, first: bool = False) -> None:
-        """Start workers while the cluster holds more than are running and cells wait for one."""
-        wanted = min(self._capacity(), len(state.queue) + len(state.running))
-        if first and wanted == 0:
+        """Start workers while the cluster holds more than there are and cells wait for one; stop workers that have
+        not started when the cluster no longer holds them (their node left)."""
+        capacity = self._capacity()
+        if first and capacity == 0:
             resources = ray.cluster_resources()
             raise UsageError(
                 f"no node of the Ray cluster fits one cell at {self.execution.cpus:g} CPU(s) and "
                 f"{self.execution.gpus:g} GPU(s) (the cluster has {resources.get('CPU', 0):g} CPUs and "
                 f"{resources.get('GPU', 0):g} GPUs); lower --cpus-per-cell / --gpus-per-cell or add a node")
+        for slot in [slot for slot in state.slots if not slot.started][:max(0, len(state.slots) - capacity)]:
+            self._drop(state, slot)
+        wanted = min(capacity, len(state.queue) + len(state.running))
         while len(state.slots) < wanted:
             actor = _RemoteWorker.options(
                 num_cpus=self.execution.cpus, num_gpus=self.execution.gpus, scheduling_strategy="SPREAD",
             ).remote(max(1, int(self.execution.cpus)))
-            state.slots.append(_Slot(actor=actor))
+            slot = _Slot(actor=actor)
+            state.slots.append(slot)
+            state.starting[actor.node.remote()] = slot
         if len(state.slots) > state.most_workers:  # not a lost worker's replacement
             if state.most_workers:
                 print(f"kvpolicies: the cluster grew: {len(state.slots)} workers", file=sys.stderr)
             state.most_workers = len(state.slots)
 
+    def _started(self, state: _State, ref: Any) -> None:
+        slot = state.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except RayError as error:  # it never ran a cell: no cell is charged, but a cluster where none starts stops
+            self._drop(state, slot)
+            state.start_failures += 1
+            print(f"kvpolicies: a Ray worker failed to start: {_summary(error)}", file=sys.stderr)
+            if state.start_failures >= START_FAILURES:
+                raise UsageError(f"{START_FAILURES} Ray workers in a row failed to start, the last with: "
+                                 f"{_summary(error)}; install the same kvpolicies on every node") from None
+            return
+        slot.started = True
+        state.start_failures = 0
+
+    def _drop(self, state: _State, slot: _Slot) -> None:
+        state.slots.remove(slot)
+        for refs in (state.starting, state.running):
+            for ref in [ref for ref, held in refs.items() if held is slot]:
+                del refs[ref]
+        try:
+            ray.kill(slot.actor)
+        except Exception:  # already gone
+            pass
+
     # -- cells -------------------------------------------------------------------------------------------------
 
     def _dispatch(self, state: _State) -> None:
-        """Give each idle worker a cell, of the model it holds when one is left."""
+        """Give each idle started worker a cell, of the model it holds when one is left."""
         for slot in state.slots:
-            if slot.busy is not None or not state.queue:
+            if not slot.started or slot.busy is not None or not state.queue:
                 continue
             cell = next((c for c in state.queue if c.model == slot.model), state.queue[0])
             state.queue.remove(cell)
@@ -183,24 +246,29 @@ class RayExecutor:
     def _collect(self, state: _State, ref: Any) -> Iterator[tuple[Cell, ResultRecord]]:
         slot = state.running.pop(ref)
         cell, slot.busy = slot.busy, None
+        started_at = state.first_started[cell.key()]
         try:
-            yield cell, ResultRecord.model_validate_json(ray.get(ref))
+            text = ray.get(ref)
         except RayTaskError as error:  # the worker is alive but the call failed around evaluate(): record it
-            yield cell, _failed(cell, f"{type(error.cause).__name__}: {error.cause}", state.first_started[cell.key()])
+            yield cell, _failed(cell, f"{type(error.cause).__name__}: {error.cause}", started_at)
+            return
         except RayError as error:  # the worker died: replace it, and run its cell again (bounded)
-            state.slots.remove(slot)
-            ray.kill(slot.actor)
+            self._drop(state, slot)
             state.lost_workers += 1
             tries = state.tries[cell.key()] = state.tries.get(cell.key(), 0) + 1
             reason = _summary(error)
-            where = f"({cell.task.name}, {cell.title}, {cell.budget})"
             if tries <= self.execution.retries:
-                print(f"kvpolicies: worker lost during cell {where}, running it again "
-                      f"({tries}/{self.execution.retries}): {reason}", file=sys.stderr)
+                print(f"kvpolicies: worker lost during cell ({cell.task.name}, {cell.title}, {cell.budget}), "
+                      f"running it again ({tries}/{self.execution.retries}): {reason}", file=sys.stderr)
                 state.queue.appendleft(cell)
             else:
-                yield cell, _failed(cell, f"worker lost {tries} times ({type(error).__name__}): {reason}",
-                                    state.first_started[cell.key()])
+                yield cell, _failed(cell, f"worker lost {tries} times ({type(error).__name__}): {reason}", started_at)
+            return
+        try:
+            yield cell, ResultRecord.model_validate_json(text)
+        except ValueError as error:  # a worker whose kvpolicies writes other records
+            yield cell, _failed(cell, f"the worker's record does not validate here ({' '.join(str(error).split())}"
+                                      "); install the same kvpolicies on every node", started_at)
 
 
 def _alive_nodes() -> list[dict[str, Any]]:
@@ -222,4 +290,3 @@ def _failed(cell: Cell, error: str, started_at: datetime) -> ResultRecord:
 
     return ResultRecord(key=cell.key(), cell=cell, identity=cell.identity(), versions=versions(),
                         started_at=started_at, finished_at=datetime.now(timezone.utc), status="error", error=error)
-

@@ -174,18 +174,18 @@ def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True,
           f"-> {results_dir}", file=sys.stderr)
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), disable=not progress, unit="cell", file=sys.stderr)
     failed = 0
-    for cell, record in (executor or LocalExecutor()).run(todo, bar.set_description):
-        if record.key != cell.key():
-            record = _other_code(cell, record)
-        write_record(result_path(results_dir, cell), record)
-        if record.status != "ok":
-            failed += 1
-            bar.set_postfix(failed=failed)
-            print(f"kvpolicies: cell failed ({cell.task.name}, {cell.title}, {cell.budget}): {record.error}",
-                  file=sys.stderr)
-        bar.update(1)
-        yield record
-    bar.close()
+    with bar:  # closed before an error or an interruption is reported
+        for cell, record in (executor or LocalExecutor()).run(todo, bar.set_description):
+            if record.key != cell.key():
+                record = _other_code(cell, record)
+            write_record(result_path(results_dir, cell), record)
+            if record.status != "ok":
+                failed += 1
+                bar.set_postfix(failed=failed)
+                print(f"kvpolicies: cell failed ({cell.task.name}, {cell.title}, {cell.budget}): {record.error}",
+                      file=sys.stderr)
+            bar.update(1)
+            yield record
 
 
 def _other_code(cell: Cell, record: ResultRecord) -> ResultRecord:
