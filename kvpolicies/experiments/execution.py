@@ -34,7 +34,7 @@ class Execution(BaseModel):
     @field_validator("cpus_per_cell", "gpus_per_cell")
     @classmethod
     def _ray_can_reserve(cls, value: float | None) -> float | None:
-        """Ray reserves resources in steps of 1/10000, and more than one GPU only in whole GPUs."""
+        """Ray reserves resources in steps of 1/10000 and rejects a finer request with a traceback."""
         if value is not None and abs(value * 10_000 - round(value * 10_000)) > 1e-6:
             raise ValueError(f"Ray reserves resources in steps of 0.0001; got {value}")
         return value
