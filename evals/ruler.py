@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from kvpolicies.errors import KVPoliciesError
+from kvpolicies_evals.metadata import loader_parameters
 
 QUESTION_MARKERS = {
     "niah_utils": "\nWhat ",  # "What are all the special magic ..." (or "What is the ..." for one needle)
@@ -186,7 +187,9 @@ def generate(task: str, options: dict) -> dict:
     (which lm-eval's generators draw from, and its evaluator seeds): a sweep builds each task for every cell, and
     lm-eval draws 500 samples (seconds of tokenizing) whatever the limit. A repeat returns the first build's samples
     and leaves the generators as that build left them, so what runs next cannot tell the difference. Options that
-    are not plain JSON (a tokenizer object) are built every time."""
+    are not plain JSON (a tokenizer object) are built every time. The metadata is checked first
+    (:func:`kvpolicies_evals.metadata.loader_parameters`): lm-eval's generators fail late, or loop, on bad lengths."""
+    loader_parameters(f"kvp_ruler_{task}", options)
     try:
         key = (task, json.dumps(options, sort_keys=True), _random_state())
     except TypeError:

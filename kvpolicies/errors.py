@@ -41,6 +41,15 @@ class ModelLoadError(KVPoliciesError, OSError):
     """A model that cannot be found or loaded, or an architecture kvpolicies cannot compress."""
 
 
+class PluginError(KVPoliciesError):
+    """A policy plugin's own code raised inside a hook the engine called (``score``, ``allocate``, ...).
+
+    The message names the policy, the hook, the plugin and its package, and the original exception, which is
+    chained as ``__cause__`` so that ``kvpolicies --debug`` can show its traceback: the bug is in the plugin, and
+    its authors need both.
+    """
+
+
 class PluginWarning(UserWarning):
     """A plugin could not be loaded or was skipped; the rest of the registry works."""
 
@@ -49,9 +58,11 @@ class ContextLengthWarning(UserWarning):
     """A sequence ran past the positions the model was trained for."""
 
 
-def describe(validation_error: Any) -> str:
-    """A pydantic ``ValidationError`` as one line a user can act on: ``field: problem; field: problem``."""
+def describe(validation_error: Any, with_input: bool = False) -> str:
+    """A pydantic ``ValidationError`` as one line a user can act on: ``field: problem; field: problem``, each
+    problem followed by the offending value with ``with_input`` (``lengths.0: ... (got -100)``)."""
     return "; ".join(
         ": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, "))))
+        + (f" (got {e['input']!r})" if with_input and e["type"] != "missing" else "")
         for e in validation_error.errors()
     )

@@ -22,6 +22,7 @@ from kvpolicies import hookspecs
 from kvpolicies.engine.policy import Policy, Role, Signal
 from kvpolicies.errors import (
     KVPoliciesError,
+    PluginError,
     PluginWarning,
     PolicyRegistryError,
     UnknownPolicyError,
@@ -36,6 +37,9 @@ class PolicyInfo:
     name: str
     policy_class: type[Policy]
     plugin: str
+    package: str = ""
+    """The distribution that installed the plugin (``pip show`` finds it), or the module of a plugin registered in
+    code: whom to tell when the policy's code fails."""
 
     @property
     def summary(self) -> str:
@@ -73,6 +77,8 @@ class Registry:
         self.manager.add_hookspecs(hookspecs)
         self._policies: dict[str, PolicyInfo] | None = None
         self._clashes: dict[str, str] = {}
+        self._packages: dict[str, str] = {}
+        """Plugin name -> the distribution (or module) it comes from."""
 
     def load_entry_points(self) -> None:
         wanted = os.environ.get(PLUGINS_ENV)
@@ -93,6 +99,7 @@ class Registry:
             try:
                 plugin = entry_point.load()
                 self.manager.register(plugin, name=entry_point.name)
+                self._packages[entry_point.name] = entry_point.dist.name if entry_point.dist else entry_point.module
             except Exception as error:  # a broken plugin must not take the registry down
                 warnings.warn(
                     f"kvpolicies plugin {entry_point.name!r} ({entry_point.value}) failed to load and was skipped: "
@@ -104,6 +111,7 @@ class Registry:
     def register_plugin(self, plugin: object, name: str) -> None:
         """Register a plugin object directly (notebooks, tests); same rules as an entry point."""
         self.manager.register(plugin, name=name)
+        self._packages[name] = getattr(plugin, "__name__", None) or type(plugin).__module__  # a module, or an object
         self._policies = None
 
     def unregister_plugin(self, name: str) -> None:
@@ -151,7 +159,7 @@ class Registry:
         for name, owners in claims.items():
             if len(owners) == 1:
                 (policy_class, plugin_name), = owners.items()
-                policies[name] = PolicyInfo(name, policy_class, plugin_name)
+                policies[name] = PolicyInfo(name, policy_class, plugin_name, self._packages.get(plugin_name, ""))
                 continue
             who = " and ".join(f"{plugin!r} ({cls.__module__})" for cls, plugin in owners.items())
             self._clashes[name] = (
@@ -200,4 +208,27 @@ def policy_with_role(role: Role) -> str | None:
 def get_policy(name: str, **config: Any) -> Policy:
     """An instance of policy ``name`` configured with ``config`` (validated by the policy's pydantic config)."""
     info = _registry.get(name)
-    return info.policy_class(**config)
+    try:
+        return info.policy_class(**config)
+    except Exception as error:
+        raise plugin_error(info.policy_class, "__init__", error)
+
+
+def plugin_error(policy_class: type[Policy], hook: str, error: Exception) -> Exception:
+    """What to raise for ``error``, raised in ``hook`` of a policy of ``policy_class``: a :class:`PluginError`
+    naming the policy, its plugin and package and the original exception (chained as its cause), or ``error``
+    itself when it is one of ours already (a clear message from code the plugin called: a contract check, a budget).
+
+    Callers ``raise plugin_error(...)`` inside their ``except``: nothing is paid unless a hook raised.
+    """
+    if isinstance(error, KVPoliciesError):
+        return error
+    info = next((info for info in _registry.policies().values() if info.policy_class is policy_class), None)
+    origin = (f"plugin {info.plugin!r} of package {info.package or '?'}" if info else
+              f"class {policy_class.__qualname__} of module {policy_class.__module__}, not a registered plugin")
+    message = " ".join(str(error).split()) or "(no message)"
+    wrapped = PluginError(f"policy {policy_class.name!r} ({origin}) raised {type(error).__name__} in {hook}(): "
+                          f"{message}; the fault is in the plugin's code: report it to its authors with the "
+                          "traceback (printed by `kvpolicies --debug`, saved in a sweep cell's result file)")
+    wrapped.__cause__ = error
+    return wrapped

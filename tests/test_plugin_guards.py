@@ -26,7 +26,7 @@ from kvpolicies import (
     PolicyConfigError,
     ScorerWrapper,
 )
-from kvpolicies.errors import KVPoliciesError
+from kvpolicies.errors import KVPoliciesError, PluginError
 from kvpolicies.registry import PluginWarning
 
 PROMPT_TOKENS = 20  # at budget 0.5 on the tiny model: 10 entries per head, 160 in all (8 layers x 2 KV heads)
@@ -267,8 +267,10 @@ def test_a_policy_without_score_is_named_when_the_cache_needs_its_scores(tiny_mo
     class Unfinished(Policy):
         name = "unfinished"
 
-    with pytest.raises(NotImplementedError, match="policy 'unfinished' does not implement score()"):
+    with pytest.raises(PluginError, match=r"raised NotImplementedError in score\(\): policy 'unfinished' does not "
+                                          r"implement score\(\)") as error:
         prefill(tiny_model, Unfinished())
+    assert isinstance(error.value.__cause__, NotImplementedError)
 
 
 # -- wrappers ---------------------------------------------------------------------------------------------------

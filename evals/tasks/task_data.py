@@ -5,14 +5,7 @@ from __future__ import annotations
 import datasets
 
 from kvpolicies_evals.data import PASSKEY_QUESTION, dataset_file
-
-PARAMETERS = {
-    "kvp_passkey": ("lengths", "depths", "per_cell", "seed"),
-    "kvp_passkey_text": ("lengths", "depths", "per_cell", "seed"),
-    "kvp_niah": ("lengths", "depths", "per_cell", "seed"),
-    "kvp_ppl": ("lengths", "per_length", "seed"),
-}
-
+from kvpolicies_evals.metadata import loader_parameters
 
 QUESTION_MARKERS = {
     "kvp_passkey": PASSKEY_QUESTION.split("?")[0],
@@ -24,8 +17,8 @@ question that ``protocol=query_agnostic`` needs. Carried on every doc as ``kvp_q
 
 
 def load(task: str, options: dict) -> dict[str, datasets.Dataset]:
-    # lm-eval merges model args and task metadata into ``options``: only our parameters are read.
-    parameters = {key: options[key] for key in PARAMETERS[task] if key in options}
+    # lm-eval merges model args and task metadata into ``options``: only our parameters are read, and checked.
+    parameters = loader_parameters(task, options)
     path = dataset_file(task, **parameters)
     dataset = datasets.Dataset.from_json(str(path))
     if task in QUESTION_MARKERS:

@@ -36,15 +36,30 @@ positive_int = whole_number(1)
 non_negative_int = whole_number(0)
 
 
+def comma_separated(what: str):
+    """An argparse type: comma-separated items, none of them empty. ``--budgets "$B"`` with ``B`` unset, or
+    ``l2norm,,h2o``, is a mistake: read as "no value", it would run a default the user did not ask for."""
+
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",")]
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got an empty value; give at least "
+                                             "one, or leave the option out for its default")
+        if not all(items):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r} with an empty item; "
+                                             "remove the extra comma")
+        return items
+
+    parse.__name__ = f"list of {what}"  # argparse names the type in its messages
+    return parse
+
+
 def whole_numbers(minimum: int):
     """An argparse type: comma-separated whole numbers, each ≥ ``minimum`` (``1024,2048``)."""
-    one = whole_number(minimum)
+    one, items = whole_number(minimum), comma_separated("whole numbers")
 
     def parse(text: str) -> list[int]:
-        items = [item.strip() for item in text.split(",")]
-        if not all(items):
-            raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}")
-        return [one(item) for item in items]
+        return [one(item) for item in items(text)]
 
     parse.__name__ = "list of whole numbers"
     return parse

@@ -10,6 +10,7 @@ from kvpolicies_evals.data import GENERATORS
 from tabulate import tabulate
 
 from kvpolicies.cli.options import (
+    comma_separated,
     fraction,
     positive_int,
     read_text_file,
@@ -41,8 +42,10 @@ def add_commands(commands) -> None:
     bench_model.add_argument("--random-model", metavar="SHAPE[:LAYERS]",
                              help="random weights of a real architecture, e.g. llama3-8b:2 (prompt: random ids)")
     bench.add_argument("--contexts", type=whole_numbers(1), default=[1024, 2048, 4096, 8192], help="comma-separated prompt lengths in tokens")
-    bench.add_argument("--policies", help="comma-separated policy names (default: every registered policy)")
-    bench.add_argument("--budgets", default="0.5,0.25,0.1", help="comma-separated budgets")
+    bench.add_argument("--policies", type=comma_separated("policy names"),
+                       help="comma-separated policy names (default: every registered policy)")
+    bench.add_argument("--budgets", type=comma_separated("budgets"), default=["0.5", "0.25", "0.1"],
+                       help="comma-separated budgets (default: 0.5,0.25,0.1)")
     bench.add_argument("--decode", type=positive_int, default=32, help="decoded tokens per run (default: 32)")
     bench.add_argument("--repeats", type=positive_int, default=3, help="interleaved runs per cell, medians reported")
     bench.add_argument("--prefill-chunk", type=positive_int, metavar="N", help="prefill N tokens at a time, evicting between")
@@ -139,15 +142,11 @@ def run_bench(args: argparse.Namespace) -> int:
         print("\n".join(headers) + "\n\n" + tables(results))
         return 0
     if args.profile:
-        print(profiles(args.model, args.contexts,
-                       [name.strip() for name in args.policies.split(",")] if args.policies else None,
-                       [text.strip() for text in args.budgets.split(",")], args.decode, args.prefill_chunk,
+        print(profiles(args.model, args.contexts, args.policies, args.budgets, args.decode, args.prefill_chunk,
                        args.device, args.dtype, args.random_model))
         return 0
     header, results = benchmark(
-        args.model, args.contexts,
-        [name.strip() for name in args.policies.split(",")] if args.policies else None,
-        [text.strip() for text in args.budgets.split(",")], args.decode, args.repeats, args.prefill_chunk,
+        args.model, args.contexts, args.policies, args.budgets, args.decode, args.repeats, args.prefill_chunk,
         args.device, args.dtype, args.random_model, args.json,
         progress=lambda message: print(f"kvpolicies bench: {message}", file=sys.stderr),
     )

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvpolicies.cli.options import write_or_print
+from kvpolicies.cli.options import comma_separated, write_or_print
 from kvpolicies.errors import UsageError
 
 GRID_HELP = "see README.md, 'Sweeps and leaderboards'"
@@ -24,14 +24,19 @@ def add_commands(commands) -> None:
                                         "README.md, 'RULER leaderboard')")
     sweep.add_argument("--results", type=Path,
                        help="results folder (default: results/quick, results/PRESET or results/default)")
-    sweep.add_argument("--policies", help="comma-separated policy names (default: every registered policy)")
-    sweep.add_argument("--budgets", help="comma-separated budgets (default: 0.1,0.25,0.5,0.75)")
-    sweep.add_argument("--tasks", help="comma-separated task names (default: kvp_passkey,kvp_niah,kvp_ppl); they "
-                                      "replace the grid's tasks, its full-cache-only tasks included")
-    sweep.add_argument("--models", help="comma-separated model ids/paths (default: the embedded model)")
-    sweep.add_argument("--protocols", help="comma-separated: query_aware (default), query_agnostic or both, for "
-                                          "every policy (a grid's per-policy protocols included); the tasks must "
-                                          "name their question for query_agnostic")
+    sweep.add_argument("--policies", type=comma_separated("policy names"),
+                       help="comma-separated policy names (default: every registered policy)")
+    sweep.add_argument("--budgets", type=comma_separated("budgets"),
+                       help="comma-separated budgets (default: 0.1,0.25,0.5,0.75)")
+    sweep.add_argument("--tasks", type=comma_separated("task names"),
+                       help="comma-separated task names (default: kvp_passkey,kvp_niah,kvp_ppl); they replace the "
+                            "grid's tasks, its full-cache-only tasks included")
+    sweep.add_argument("--models", type=comma_separated("models"),
+                       help="comma-separated model ids/paths (default: the embedded model)")
+    sweep.add_argument("--protocols", type=comma_separated("protocols"),
+                       help="comma-separated: query_aware (default), query_agnostic or both, for every policy (a "
+                            "grid's per-policy protocols included); the tasks must name their question for "
+                            "query_agnostic")
     sweep.add_argument("--limit", type=int, help="samples per task, at least 1 (default: the task's whole data)")
     sweep.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     cluster = sweep.add_argument_group("where cells run (README.md, 'Sweeps on a Ray cluster')")
@@ -74,33 +79,34 @@ def sweep_config(args: argparse.Namespace):
     from kvpolicies.experiments.grid import QUICK, PolicySpec, SweepConfig, TaskSpec
     from kvpolicies.registry import get_policy
 
-    chosen = [option for option, given in (("--config", args.config), ("--quick", args.quick),
-                                           ("--preset", args.preset)) if given]
+    chosen = [option for option, given in (("--config", args.config is not None), ("--quick", args.quick),
+                                           ("--preset", args.preset is not None)) if given]
     if len(chosen) > 1:
         raise UsageError(f"use one of {' and '.join(chosen)}: each names a whole grid")
-    if args.preset and args.preset not in presets():
+    if args.preset is not None and args.preset not in presets():  # --preset '' is no preset, not the default grid
         raise UsageError(f"no preset named {args.preset!r}; choose one of: {', '.join(presets())}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1 sample per task, got {args.limit}; leave it out to run each "
                          "task's whole data")
-    if args.config or args.preset:
-        config = SweepConfig.load(args.config or presets()[args.preset])
+    if args.config is not None or args.preset is not None:
+        config = SweepConfig.load(args.config if args.config is not None else presets()[args.preset])
     else:
         config = QUICK.model_copy(deep=True) if args.quick else SweepConfig()
     updates: dict[str, Any] = {}
-    if args.policies:  # a policy the grid names keeps its options and protocols
+    # The list flags arrive as lists of non-empty items (options.comma_separated): an empty one is refused there.
+    if args.policies is not None:  # a policy the grid names keeps its options and protocols
         known_policies = {spec.name: spec for spec in config.policies}
-        updates["policies"] = [known_policies.get(name.strip(), name.strip()) for name in args.policies.split(",")]
-    if args.budgets:
-        updates["budgets"] = [text.strip() for text in args.budgets.split(",")]
-    if args.tasks:
+        updates["policies"] = [known_policies.get(name, name) for name in args.policies]
+    if args.budgets is not None:
+        updates["budgets"] = args.budgets
+    if args.tasks is not None:
         known = {task.name: task for task in config.reference_tasks + config.tasks}
-        updates["tasks"] = [known.get(name.strip(), TaskSpec(name=name.strip())) for name in args.tasks.split(",")]
+        updates["tasks"] = [known.get(name, TaskSpec(name=name)) for name in args.tasks]
         updates["reference_tasks"] = []
-    if args.models:
-        updates["models"] = [name.strip() for name in args.models.split(",")]
-    if args.protocols:  # every policy's, the grid's own choices per policy included
-        updates["protocols"] = [name.strip() for name in args.protocols.split(",")]
+    if args.models is not None:
+        updates["models"] = args.models
+    if args.protocols is not None:  # every policy's, the grid's own choices per policy included
+        updates["protocols"] = args.protocols
         updates["policies"] = [spec.model_copy(update={"protocols": None}) if isinstance(spec, PolicySpec) else spec
                                for spec in updates.get("policies", config.policies)]
     given = {name: getattr(args, name) for name in ("executor", "address", "cpus_per_cell", "gpus_per_cell",
@@ -115,7 +121,27 @@ def sweep_config(args: argparse.Namespace):
                                   for task in config.reference_tasks]
     for spec in config.resolved_policies():
         get_policy(spec.name, **spec.options)  # fail before running anything
+    check_tasks(config)
     return config
+
+
+def check_tasks(config) -> None:
+    """Every task of the grid exists (kvpolicies' or lm-eval's), its metadata is what the task reads, and its lengths
+    fit every model of the grid: all found before a model loads, not after the first cell's.
+
+    Here rather than in the grid's validation, which the cell runner imports: a cell's code version covers what the
+    runner imports, and the data generators must not become part of every cell's version through this check.
+    """
+    from kvpolicies_evals.metadata import check_fits, validate
+    from kvpolicies_evals.tasks import check_task_name
+
+    tasks = {task.name: task for task in config.tasks + config.reference_tasks}
+    for name, task in tasks.items():
+        check_task_name(name)
+        validate(name, task.metadata)
+    for model in config.models:  # only a model's config is read, never its weights
+        for name, task in tasks.items():
+            check_fits(name, task.metadata, model)
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:

@@ -107,7 +107,11 @@ class CompressedCache(Cache):
         uniform = self.budget.allocate(seq_len, self.shape)
         handed = Allocation(tokens=uniform.tokens.clone(), seq_len=uniform.seq_len, total=uniform.total,
                             fixed=uniform.fixed)
-        return uniform.check(self.policy.allocate(handed), self.policy.name)  # a copy: edits cannot move the bar
+        try:
+            allocated = self.policy.allocate(handed)
+        except Exception as error:
+            raise self._plugin_error("allocate", error)
+        return uniform.check(allocated, self.policy.name)  # handed a copy: edits cannot move the bar
 
     def _targets(self, seq_len: int) -> list[list[int]]:
         """Per layer, per KV head allocation as Python ints: the decode-time check must not touch the device."""
@@ -149,7 +153,11 @@ class CompressedCache(Cache):
         if any(over):
             inputs = self._score_inputs(layer, dense, valid, context, keep_n.clone(), query, scale)
             inputs.layer = self._layer_view(layer.layer_idx, module)
-            scores = self._checked(self.policy.score(inputs), context)
+            try:
+                scores = self.policy.score(inputs)
+            except Exception as error:
+                raise self._plugin_error("score", error)
+            scores = self._checked(scores, context)
             keep_n = self._reallocate_heads(scores, context, keep_n, over)
         else:
             scores = torch.zeros(valid.shape, device=valid.device)
@@ -169,6 +177,13 @@ class CompressedCache(Cache):
         super().reset()
         self.context_lengths = None  # the next prompt's split is its own
 
+    def _plugin_error(self, hook: str, error: Exception) -> Exception:
+        """What to raise for ``error`` from the policy's ``hook``: a PluginError naming the plugin (see
+        :func:`kvpolicies.registry.plugin_error`). The hooks are called in a bare try/except: nothing per token."""
+        from kvpolicies.registry import plugin_error  # the registry imports the plugins, which import the engine
+
+        return plugin_error(type(self.policy), hook, error)
+
     def _checked(self, scores: object, valid: torch.Tensor) -> torch.Tensor:
         """``scores`` if they keep ``score()``'s contract; a policy that breaks it is named, never silently ranked."""
         expected = f"a [batch, kv_heads, seq] = {list(valid.shape)} tensor of scores (higher = keep)"
@@ -187,7 +202,10 @@ class CompressedCache(Cache):
         return scores
 
     def _reallocate_heads(self, scores, valid, keep_n, over) -> torch.Tensor:
-        moved = self.policy.reallocate_heads(scores, valid, keep_n.clone())  # checked against keep_n, untouched
+        try:
+            moved = self.policy.reallocate_heads(scores, valid, keep_n.clone())  # checked against keep_n, untouched
+        except Exception as error:
+            raise self._plugin_error("reallocate_heads", error)
         if not isinstance(moved, torch.Tensor) or moved.is_floating_point() or moved.dtype == torch.bool:
             raise PolicyConfigError(
                 f"policy {self.policy.name!r}: reallocate_heads() returned "

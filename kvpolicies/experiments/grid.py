@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from kvpolicies.engine.budget import Budget
 from kvpolicies.engine.policy import Role
@@ -55,7 +55,13 @@ class TaskSpec(BaseModel):
 
     name: str
     metadata: dict[str, Any] = Field(default_factory=dict)
-    limit: int | None = Field(None, ge=1)
+    limit: StrictInt | None = Field(None, ge=1)
+
+
+def _shown(spec: PolicySpec) -> str:
+    """A policy spec as a grid file would write it: ``{name: snapkv, label: fast}``."""
+    fields = spec.model_dump(exclude_defaults=True, include={"name", "options", "label"})
+    return "{" + ", ".join(f"{key}: {value}" for key, value in fields.items()) + "}"
 
 
 def default_tasks() -> list[TaskSpec]:
@@ -92,8 +98,9 @@ class SweepConfig(BaseModel):
     reference_tasks: list[TaskSpec] = Field(
         default_factory=list, description="tasks the full cache alone runs on: what the model can do on tasks "
         "where no policy is run (a small model that scores nothing on a task leaves nothing to compress)")
-    seed: int = 0
-    batch_size: int = Field(1, ge=1)
+    seed: StrictInt = 0
+    batch_size: StrictInt = Field(1, ge=1)
+    """Strict whole numbers, as ``limit``: ``seed: true`` is a mistake, not seed 1."""
     protocols: list[Protocol] = Field(default_factory=lambda: [Protocol.QUERY_AWARE],
                                       description="query_aware and/or query_agnostic (kvpolicies.integrations.protocol)")
     execution: Execution = Field(default_factory=Execution, description="where cells run (local or Ray); never "
@@ -133,6 +140,33 @@ class SweepConfig(BaseModel):
             if task.name in grid and task != grid[task.name]:
                 raise ValueError(f"reference task {task.name} differs from the grid's task of that name (limit or "
                                  "metadata); give it once, or give both the same limit and metadata")
+        return self
+
+    @model_validator(mode="after")
+    def _one_title_per_policy(self) -> SweepConfig:
+        """Two different policies (name and options) under one title (label or name) are one line to a reader:
+        pages keep them apart only under generated names. The reference, added to every grid that lacks it, holds
+        its name (looked up only when a label could take it: the registry loads every plugin)."""
+        reference = reference_policy() if any(spec.label for spec in self.policies) else None
+        holders: dict[str, PolicySpec] = {reference.title: reference} if reference else {}
+        for spec in self.policies:
+            held = holders.setdefault(spec.title, spec)
+            if (held.name, held.options) != (spec.name, spec.options):
+                raise ValueError(f"policies {_shown(held)} and {_shown(spec)} would both show as {spec.title!r} on "
+                                 "the pages; give each a distinct label")
+        return self
+
+    @model_validator(mode="after")
+    def _one_budget_per_value(self) -> SweepConfig:
+        """Two budgets that differ only in ``slack_tokens`` read as one budget on the pages (which name the slack in
+        the policy's row only to keep such cells apart): a grid compares slacks one sweep per slack."""
+        seen: dict[tuple[str, float], Budget] = {}
+        for budget in self.budgets:
+            first = seen.setdefault((budget.unit, budget.value), budget)
+            if first.slack_tokens != budget.slack_tokens:
+                raise ValueError(f"budgets {first} (slack_tokens {first.slack_tokens}) and {budget} (slack_tokens "
+                                 f"{budget.slack_tokens}) differ only in slack_tokens, and read as one budget on the pages; "
+                                 "keep one of them (a sweep per slack compares them)")
         return self
 
     @classmethod
