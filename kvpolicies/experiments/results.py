@@ -4,22 +4,29 @@ A results folder is shared between runs, commands and people, so it can hold any
 file cut short by a full disk, a hand-edited record. Every reader goes through :func:`load_results`, which keeps the
 files that validate as records and skips the others with a warning naming the file: one bad file never costs a page
 or the work of a sweep. The field names are those sweeps have always written, so old folders still load.
+
+A record holds only what a strict JSON reader accepts and a page can rank: every number finite, counts, bytes and
+times never negative. Scores may be negative (a Matthews correlation is), never NaN or infinite: a metric with no
+finite value is no result, and its cell is recorded as a failure saying so.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
+import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
+    Field,
     ValidationError,
     model_validator,
 )
@@ -30,36 +37,53 @@ from kvpolicies.experiments.grid import Cell
 
 
 class ResultsError(UsageError):
-    """A results folder that cannot hold results (a file in its place, no permission to write, ...)."""
+    """A results folder that cannot hold results (a file in its place, no permission to write, a full disk, ...)."""
 
 
-class KVMemory(BaseModel):
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+"""A number a page can rank and strict JSON can hold."""
+Amount = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+"""Bytes, rates, seconds: finite and never negative."""
+Count = Annotated[int, Field(ge=0)]
+
+
+class _Measured(BaseModel):
+    """Figures a record carries, declared or not (``extra="allow"`` keeps what newer lm-eval models add): all of them
+    finite and never negative."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    @model_validator(mode="after")
+    def _extras_are_amounts(self) -> _Measured:
+        for name, value in (self.model_extra or {}).items():
+            if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} is {value}; a measured amount is a finite number, never negative")
+        return self
+
+
+class KVMemory(_Measured):
     """Resident KV bytes per sequence at the end of each request, next to the full cache's (from the lm-eval model).
 
     Files written before the figures were counted per sequence say ``requests`` (batches) instead of ``sequences``.
     """
 
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    sequences: int = 0
-    resident_bytes_peak: float | None = None
-    resident_bytes_mean: float | None = None
-    full_bytes_peak: float | None = None
-    full_bytes_mean: float | None = None
-    resident_fraction_mean: float | None = None
-    padding_bytes_peak: float | None = None
+    sequences: Count = 0
+    resident_bytes_peak: Amount | None = None
+    resident_bytes_mean: Amount | None = None
+    full_bytes_peak: Amount | None = None
+    full_bytes_mean: Amount | None = None
+    resident_fraction_mean: Amount | None = None
+    padding_bytes_peak: Amount | None = None
     """Largest padding a batch stored next to its sequences' entries (reported apart, never as resident bytes)."""
 
 
-class Speed(BaseModel):
+class Speed(_Measured):
     """Prefill and decode throughput measured inside lm-eval's requests."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    prefill_tokens_per_s: float | None = None
-    decode_tokens_per_s: float | None = None
-    prefill_s: float | None = None
-    decode_s: float | None = None
+    prefill_tokens_per_s: Amount | None = None
+    decode_tokens_per_s: Amount | None = None
+    prefill_s: Amount | None = None
+    decode_s: Amount | None = None
 
 
 class Identity(BaseModel):
@@ -93,7 +117,7 @@ RESULT_FIELDS = ("metrics", "primary_metric", "score", "higher_is_better", "kv_m
 class ResultRecord(BaseModel):
     """One cell's outcome: provenance always, then either its measurements (``ok``) or its error (``error``)."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True, ser_json_inf_nan="constants")
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     key: str
     cell: Cell
@@ -101,21 +125,21 @@ class ResultRecord(BaseModel):
     versions: dict[str, str] = {}
     started_at: AwareDatetime
     finished_at: AwareDatetime
-    load_average_start: float | None = None
-    load_average_end: float | None = None
+    load_average_start: Amount | None = None
+    load_average_end: Amount | None = None
     status: Literal["ok", "error"]
 
-    metrics: dict[str, float] | None = None
+    metrics: dict[str, Finite] | None = None
     primary_metric: str | None = None
-    score: float | None = None
+    score: Finite | None = None
     higher_is_better: bool | None = None
-    samples: int = 0
+    samples: Count = 0
     kv_memory: KVMemory | None = None
     speed: Speed | None = None
-    peak_memory_bytes: int | None = None
-    peak_memory_growth_bytes: int | None = None
+    peak_memory_bytes: Count | None = None
+    peak_memory_growth_bytes: Count | None = None
     """Peak memory the cell needed above what the process held when it started."""
-    wall_s: float | None = None
+    wall_s: Amount | None = None
     device: str | None = None
     worker: Worker | None = None
 
@@ -145,24 +169,9 @@ class ResultRecord(BaseModel):
 
 
 def budget_key(budget: Budget) -> float | str:
-    """How pages match and label budgets: a fraction by its value (``0.5`` and ``"50%"`` are one budget, whatever
-    the slack), any other unit by its text."""
+    """How pages place and label budgets: a fraction by its value (``0.5`` and ``"50%"`` are one budget), any other
+    unit by its text; a slack that tells two budgets apart is said in the policy's name (kvpolicies.reports.points)."""
     return budget.value if budget.unit == "fraction" else str(budget)
-
-
-def newest(records: Sequence[ResultRecord]) -> list[ResultRecord]:
-    """One record per (model, task, policy label, budget): the newest finished one, else the newest failure.
-
-    A results folder keeps the cells of earlier code versions (their keys differ); a page shows each point once, as
-    last measured.
-    """
-    chosen: dict[tuple, ResultRecord] = {}
-    for record in records:
-        point = (record.identity.model, record.cell.task.name, record.cell.title, budget_key(record.cell.budget))
-        held = chosen.get(point)
-        if held is None or (record.status == "ok", record.finished_at) > (held.status == "ok", held.finished_at):
-            chosen[point] = record
-    return list(chosen.values())
 
 
 def read_record(path: Path) -> ResultRecord:
@@ -196,10 +205,45 @@ def _why(error: Exception) -> str:
 
 
 def write_record(path: Path, record: ResultRecord) -> None:
-    """Write ``record`` atomically: a reader (or a sweep killed mid-write) sees the old file or the whole new one."""
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(record.model_dump_json(indent=1, fallback=str), encoding="utf-8")
-    os.replace(staging, path)
+    """Write ``record`` atomically: a reader (or a sweep killed mid-write) sees the old file or the whole new one.
+
+    The staging file is unique to this call (two sweeps writing one cell never share it) and removed when the write
+    fails; a write that fails (a full disk, a folder gone read-only) is a :class:`ResultsError` naming the folder,
+    and, for a full disk, the space the record needs.
+    """
+    text = record.model_dump_json(indent=1, fallback=str)
+    write_atomically(path, text.encode("utf-8"), what="results")
+
+
+def write_atomically(path: Path, data: bytes, what: str) -> None:
+    """``data`` into ``path`` through a staging file of its own in the same folder, then one rename; ``what`` names
+    the folder's role in the error (``results``)."""
+    staging = None
+    try:
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        staging = Path(name)
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(staging, path)
+    except OSError as error:
+        if staging is not None:
+            staging.unlink(missing_ok=True)
+        raise ResultsError(cannot_write(path, len(data), error, what)) from error
+
+
+def cannot_write(path: Path, size: int, error: OSError, what: str) -> str:
+    """Why ``path`` could not be written and what to do: on a full disk, how much room there is and is needed."""
+    folder = path.parent
+    reason = (error.strerror or str(error)).lower()
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = None
+        room = "" if free is None else f", {free:,} bytes free"
+        return (f"cannot write {what} to {folder}: {reason} ({path.name} needs {size:,} bytes{room}); free some "
+                f"space there, or give --results another folder, and run the same command again")
+    return f"cannot write {what} to {folder}: {reason} ({path.name}); give --results a folder you can write to"
 
 
 def check_writable(results_dir: Path) -> None:

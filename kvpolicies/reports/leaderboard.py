@@ -6,11 +6,16 @@ row. The overall table puts tasks on one scale by comparing each policy with the
 the mean of that ratio over tasks at each budget and the area under the ratio-vs-budget curve (trapezoids over the
 swept budgets, divided by their span). Files of the results folder that are not valid records are skipped with a
 warning (see :mod:`kvpolicies.experiments.results`), so a stray or damaged file never costs the page.
+
+Each point (a cell but for its code version) is a row of its own, named apart from any other shown under the same
+label, budget value or task name (:mod:`kvpolicies.reports.points`); each model gets its own figures. Names come
+from result files, which anyone sharing the folder can write: HTML pages escape them, markdown tables their ``|``.
 """
 
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import statistics
@@ -22,12 +27,9 @@ from typing import Any
 
 from tabulate import tabulate
 
-from kvpolicies.experiments.results import (
-    ResultRecord,
-    budget_key,
-    load_results,
-    newest,
-)
+from kvpolicies.experiments.results import ResultRecord, budget_key, load_results
+from kvpolicies.reports.figures import plots_folder, pyplot, save
+from kvpolicies.reports.points import Shown, shown
 
 COLUMNS = (
     "Columns: *KV MiB* is the mean resident KV cache per sequence, counted from the cache's tensors, and *of full* "
@@ -60,18 +62,19 @@ class Row:
     """Highest 1-minute load average seen at the cell's start or end: timings from a busy machine show it."""
 
 
-def load_rows(records: Sequence[ResultRecord]) -> tuple[list[Row], list[ResultRecord]]:
-    """Finished cells as rows, and the failed cells' records (to report, not to rank); each point once, as last
-    measured (:func:`~kvpolicies.experiments.results.newest`)."""
+def load_rows(records: Sequence[ResultRecord]) -> tuple[list[Row], list[Shown]]:
+    """Finished cells as rows, and the failed cells (to report, not to rank); each point once, as last measured,
+    and named apart from the others (:func:`~kvpolicies.reports.points.shown`)."""
     rows, failures = [], []
-    for record in newest(records):
+    for point in shown(records):
+        record = point.record
         if record.status != "ok":
-            failures.append(record)
+            failures.append(point)
             continue
         peak = record.peak_memory_growth_bytes
         rows.append(Row(
-            task=record.cell.task.name,
-            policy=record.cell.title,
+            task=point.task,
+            policy=point.title,
             budget=None if record.identity.budget is None else budget_key(record.identity.budget),
             score=record.score,
             metric=record.primary_metric,
@@ -203,13 +206,38 @@ def provenance_parts(records: Sequence[ResultRecord], fmt: str, intro: str) -> l
     lines = provenance(records)
     if fmt == "markdown":
         return [intro, "\n".join(f"- {line}" for line in lines)]
-    return ["\n".join(lines)]
+    return [escaped("\n".join(lines), fmt)]
+
+
+def escaped(text: str, fmt: str) -> str:
+    """``text`` as a page in ``fmt`` shows it: escaped in HTML, where names, notes and errors read from a shared
+    results folder must not become markup (or script) of the page."""
+    return html.escape(text, quote=False) if fmt == "html" else text
+
+
+def _markdown_cell(value: Any) -> Any:
+    """A table cell of GitHub markdown, where a ``|`` would end the cell (tabulate leaves it as it is)."""
+    return value.replace("|", "\\|") if isinstance(value, str) else value
 
 
 def section(title: str, headers: list[str], body: list[list[Any]], fmt: str, numbers: bool = True) -> str:
-    """One titled table in ``fmt`` (not CSV); ``numbers=False`` prints cells verbatim (``+25.0``, ``75.0 (1/2)``)."""
-    heading = f"<h3>{title}</h3>" if fmt == "html" else (f"### {title}" if fmt == "markdown" else title)
+    """One titled table in ``fmt`` (not CSV); ``numbers=False`` prints cells verbatim (``+25.0``, ``75.0 (1/2)``).
+    Names in it come from result files: escaped where ``fmt`` needs it (tabulate's HTML escapes the cells)."""
+    if fmt == "html":
+        heading = f"<h3>{escaped(title, fmt)}</h3>"
+    elif fmt == "markdown":
+        heading = f"### {title}"
+        headers = [_markdown_cell(header) for header in headers]
+        body = [[_markdown_cell(value) for value in row] for row in body]
+    else:
+        heading = title
     return f"{heading}\n\n{tabulate(body, headers=headers, tablefmt=FORMATS[fmt], disable_numparse=not numbers)}"
+
+
+def failed_cells(failures: Sequence[Shown], fmt: str) -> str:
+    """The failed cells, named as the tables name their points, with their errors."""
+    lines = [f"- {f.task} / {f.title} @ {f.record.cell.budget}: {f.record.error}" for f in failures]
+    return escaped("failed cells (re-run the sweep to retry):\n" + "\n".join(lines), fmt)
 
 
 def render(
@@ -221,7 +249,7 @@ def render(
     records = load_results(results_dir) if records is None else records
     rows, failures = load_rows(records)
     if not rows:
-        return f"no finished results in {results_dir}"
+        return escaped(f"no finished results in {results_dir}", fmt)
     tables = [overall_table(rows), *task_tables(rows)]
     notes = missing_references(rows)
     if fmt == "csv":
@@ -246,36 +274,30 @@ def render(
     for index, (title, headers, body) in enumerate(tables):
         parts.append(section(title, headers, body, fmt))
         if index == 0 and notes:
-            parts.append("\n".join(f"<p>{note}</p>" if fmt == "html" else note for note in notes))
+            parts.append("\n".join(f"<p>{escaped(note, fmt)}</p>" if fmt == "html" else note for note in notes))
     if images and fmt == "markdown":
         parts.insert(2 if with_provenance else 0, "\n".join(f"![{Path(i).stem}]({i})" for i in images))
     if failures:
-        lines = [f"- {f.cell.task.name} / {f.cell.policy.name} @ {f.cell.budget}: {f.error}" for f in failures]
-        parts.append("failed cells (re-run the sweep to retry):\n" + "\n".join(lines))
+        parts.append(failed_cells(failures, fmt))
     return "\n\n".join(parts) + "\n"
 
 
 def plot(results_dir: Path, out_dir: Path, records: Sequence[ResultRecord] | None = None) -> list[Path]:
-    """PNG figures: score vs budget per task, resident KV memory vs budget, decode speed vs budget (``records``: as
-    for :func:`render`)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("plots need matplotlib: pip install -e '.[plots]'") from None
+    """PNG figures: score vs budget per task, resident KV memory vs budget, decode speed vs budget, one set per model
+    (``records``: as for :func:`render`)."""
+    plt = pyplot()
     rows, _ = load_rows(load_results(results_dir) if records is None else records)
     rows = [r for r in rows if r.budget is None or isinstance(r.budget, float)]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    models = sorted({r.model for r in rows})
+    plots_folder(out_dir)
+    written: list[Path] = []
 
-    def figure(name: str, ylabel: str, value, tasks: list[str], from_zero: bool = False) -> None:
+    def figure(name: str, ylabel: str, value, mine: list[Row], tasks: list[str], from_zero: bool = False) -> None:
         fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks) + 1.8, 4), squeeze=False)
         for axis, task in zip(axes[0], tasks):
             axis.set_prop_cycle(color=plt.cm.tab20.colors, marker=["o", "s", "^", "D", "v"] * 4,
                                 linestyle=["-", "--", ":", "-."] * 5)
-            members = [r for r in rows if r.task == task]
+            members = [r for r in mine if r.task == task]
             policies = sorted({r.policy for r in members if r.budget is not None})
             budgets = sorted({r.budget for r in members if r.budget is not None})
             # Equal results would draw one line over another: shift each policy by a sliver of the smallest budget
@@ -297,19 +319,15 @@ def plot(results_dir: Path, out_dir: Path, records: Sequence[ResultRecord] | Non
             if from_zero:  # a bar of 12 vs 13 tok/s must not look like a doubling
                 axis.set_ylim(bottom=0)
         axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, out_dir, name, mine[0].model, models))
 
-    tasks = sorted({r.task for r in rows})
-    if not tasks:
-        return written
-    figure("score_vs_budget", "score", lambda r: r.score, tasks)
-    figure("kv_memory_vs_budget", "resident KV MiB per sequence",
-           lambda r: None if r.resident_bytes is None else r.resident_bytes / 2**20, tasks, from_zero=True)
-    figure("decode_speed_vs_budget", "decode tokens/s (one run per cell: differences under ~15% are noise)",
-           lambda r: r.decode_tps, [t for t in tasks if any(r.decode_tps for r in rows if r.task == t)] or tasks,
-           from_zero=True)
+    for model in models:  # one set per model: a line joining two models' scores would compare nothing
+        mine = [r for r in rows if r.model == model]
+        tasks = sorted({r.task for r in mine})
+        figure("score_vs_budget", "score", lambda r: r.score, mine, tasks)
+        figure("kv_memory_vs_budget", "resident KV MiB per sequence",
+               lambda r: None if r.resident_bytes is None else r.resident_bytes / 2**20, mine, tasks, from_zero=True)
+        figure("decode_speed_vs_budget", "decode tokens/s (one run per cell: differences under ~15% are noise)",
+               lambda r: r.decode_tps, mine, [t for t in tasks if any(r.decode_tps for r in mine if r.task == t)]
+               or tasks, from_zero=True)
     return written

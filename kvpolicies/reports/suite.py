@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -24,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-from kvpolicies.experiments.results import ResultRecord, newest
+from kvpolicies.experiments.results import ResultRecord
 from kvpolicies.integrations.protocol import Protocol
-from kvpolicies.reports.leaderboard import provenance_parts, section
+from kvpolicies.reports.figures import plots_folder, pyplot, save
+from kvpolicies.reports.leaderboard import escaped, failed_cells, provenance_parts, section
+from kvpolicies.reports.points import shown
 
 SCALE = 100.0
 """kvpress reports RULER scores in percent."""
@@ -49,17 +49,19 @@ class Point:
 
 
 def points(records: Sequence[ResultRecord]) -> list[Point]:
-    """The finished cells of ``records`` (each as last measured); budgets that are not fractions are left out, since
-    a ratio is what kvpress's columns are."""
+    """The finished cells of ``records``, each as last measured and named apart from the others
+    (:func:`~kvpolicies.reports.points.shown`); budgets that are not fractions are left out, since a ratio is what
+    kvpress's columns are."""
     found = []
-    for record in newest(records):
+    for point in shown(records):
+        record = point.record
         if record.status != "ok":
             continue
         budget = record.identity.budget
         if budget is not None and budget.unit != "fraction":
             continue
         found.append(Point(
-            model=record.identity.model, task=record.cell.task.name, policy=record.cell.policy.title,
+            model=record.identity.model, task=point.task, policy=point.policy,
             protocol=record.cell.protocol, keep=None if budget is None else budget.value,
             score=record.score * SCALE, samples=record.samples,
         ))
@@ -226,7 +228,7 @@ def render_suite(results_dir: Path, records: Sequence[ResultRecord], fmt: str = 
                  with_provenance: bool = False, images: list[str] | None = None) -> str:
     """The suite page of ``records`` (read from ``results_dir``) in ``fmt``; CSV holds the tables only."""
     found = suites(records)
-    failures = [r for r in newest(records) if r.status != "ok"]
+    failures = [point for point in shown(records) if point.record.status != "ok"]
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
@@ -234,7 +236,7 @@ def render_suite(results_dir: Path, records: Sequence[ResultRecord], fmt: str = 
             for title, headers, body in tables(suite):
                 writer.writerows([[title], headers, *body, []])
         return buffer.getvalue()
-    parts = [] if found else [f"no finished results in {results_dir}"]
+    parts = [] if found else [escaped(f"no finished results in {results_dir}", fmt)]
     if found and with_provenance:
         parts += provenance_parts(records, fmt, (
             f"# RULER leaderboard\n\nGenerated from the result files in `{results_dir}` by `kvpolicies "
@@ -248,22 +250,15 @@ def render_suite(results_dir: Path, records: Sequence[ResultRecord], fmt: str = 
     for suite in found:
         parts += [section(title, headers, body, fmt, numbers=False) for title, headers, body in tables(suite)]
     if failures:
-        lines = [f"- {f.cell.task.name} / {f.cell.title} @ {f.cell.budget}: {f.error}" for f in failures]
-        parts.append("failed cells (re-run the sweep to retry):\n" + "\n".join(lines))
+        parts.append(failed_cells(failures, fmt))
     return "\n\n".join(parts) + "\n"
 
 
 def plot_suite(records: Sequence[ResultRecord], out_dir: Path) -> list[Path]:
     """PNG figures: the mean over tasks vs keep ratio, one panel per protocol; and per task, one figure per
-    protocol."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("plots need matplotlib: pip install -e '.[plots]'") from None
-    out_dir.mkdir(parents=True, exist_ok=True)
+    protocol; one set per model."""
+    plt = pyplot()
+    plots_folder(out_dir)
     written = []
 
     def style(axis) -> None:
@@ -285,18 +280,11 @@ def plot_suite(records: Sequence[ResultRecord], out_dir: Path) -> list[Path]:
     def legend(axis) -> None:
         axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
 
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-
     found = suites(records)
+    models = [suite.model for suite in found]
     for suite in found:
         if not suite.protocols:
             continue
-        prefix = "" if len(found) == 1 else re.sub(r"[^\w.-]", "_", suite.model) + "_"  # hub ids hold a slash
         fig, axes = plt.subplots(1, len(suite.protocols), figsize=(7 * len(suite.protocols) + 2, 4.5), squeeze=False)
         for axis, protocol in zip(axes[0], suite.protocols):
             style(axis)
@@ -310,7 +298,7 @@ def plot_suite(records: Sequence[ResultRecord], out_dir: Path) -> list[Path]:
             axis.set_title(f"{protocol.value}: mean over {len(suite.tasks)} tasks")
             axis.set_ylabel("score x100")
             legend(axis)
-        save(fig, f"{prefix}mean_vs_keep")
+        written.append(save(fig, out_dir, "mean_vs_keep", suite.model, models))
         for protocol in suite.protocols:
             fig, axes = plt.subplots(1, len(suite.tasks), figsize=(4 * len(suite.tasks) + 2, 4), squeeze=False)
             for axis, task in zip(axes[0], suite.tasks):
@@ -325,5 +313,5 @@ def plot_suite(records: Sequence[ResultRecord], out_dir: Path) -> list[Path]:
                                  label="full cache")
                 axis.set_title(f"{short(task)} ({protocol.value})")
             legend(axes[0][-1])
-            save(fig, f"{prefix}tasks_{protocol.value}")
+            written.append(save(fig, out_dir, f"tasks_{protocol.value}", suite.model, models))
     return written
