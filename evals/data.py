@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import tempfile
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -206,12 +208,19 @@ DATA_VERSION = 2
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
+    """Write ``rows`` through a staging file of this call's own, then one rename: a half-written file is never read
+    as data, and two processes building the same task's data at once (two sweeps) never write into one file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(path.suffix + ".tmp")
-    with staging.open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    staging.replace(path)  # atomic: a half-written file is never read as data
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    staging = Path(name)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            for row in rows:
+                file.write(json.dumps(row) + "\n")
+        staging.replace(path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
     return path
 
 

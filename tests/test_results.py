@@ -11,7 +11,7 @@ import pytest
 
 from kvpolicies.cli import main
 from kvpolicies.experiments.grid import SweepConfig, cells
-from kvpolicies.experiments.sweep import _finished
+from kvpolicies.experiments.store import ResultsStore
 from kvpolicies.registry import get_policy
 from kvpolicies.reports.leaderboard import load_rows
 from tests.helpers import NOW, make_record
@@ -87,13 +87,34 @@ def test_result_files_of_earlier_versions_still_load(tmp_path):
     assert record.kv_memory.resident_bytes_mean == 100.0 and not record.is_reference
 
 
-def test_a_written_record_reads_back_equal_even_with_an_infinite_score(tmp_path):
+def test_a_written_record_reads_back_equal_as_standard_json_and_leaves_no_staging_file(tmp_path):
     from kvpolicies.experiments.results import read_record, write_record
 
-    record = make_record("kvp_ppl", "l2norm", "64MiB", float("inf"), higher=False)
+    record = make_record("kvp_ppl", "l2norm", "64MiB", 12.5, higher=False)
     write_record(tmp_path / "r.json", record)
     assert read_record(tmp_path / "r.json") == record
+    json.loads((tmp_path / "r.json").read_text(), parse_constant=pytest.fail)  # no bare NaN or Infinity
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no staging file left behind
+
+
+@pytest.mark.parametrize("field, value", [
+    ("score", float("nan")), ("score", float("inf")), ("metrics", {"word_perplexity": float("inf")}),
+    ("samples", -1), ("wall_s", -0.5), ("peak_memory_bytes", -1), ("load_average_end", float("nan")),
+    ("kv_memory", {"sequences": 2, "resident_bytes_mean": -100.0}), ("kv_memory", {"context_bytes_mean": float("nan")}),
+    ("speed", {"decode_tokens_per_s": float("inf")}), ("speed", {"ttft_s": -1.0}),
+])
+def test_records_hold_only_finite_numbers_and_never_negative_amounts(field, value):
+    from pydantic import ValidationError
+
+    data = make_record("kvp_ppl", "l2norm", 0.5, 12.5, higher=False).model_dump()
+    with pytest.raises(ValidationError, match=field.split("_")[0]):
+        type(make_record("kvp_ppl", "l2norm", 0.5, 1.0)).model_validate(data | {field: value})
+
+
+def test_a_negative_score_is_a_score():
+    """Some lm-eval metrics (a Matthews correlation) are negative by nature."""
+    record = make_record("kvp_passkey", "l2norm", 0.5, -0.25)
+    assert type(record).model_validate(record.model_dump()).score == -0.25
 
 
 # -- damaged files -----------------------------------------------------------------------------------------------
@@ -112,9 +133,16 @@ def test_leaderboard_renders_the_valid_records_and_names_every_skipped_file(tmp_
     assert err.count("kvpolicies: warning: skipped") == len(skipped)  # once each, though provenance reads them too
 
 
+def _finished(path: Path) -> bool:
+    """Whether the store takes ``path`` (named for its cell) as that cell's finished result."""
+    store = ResultsStore(path.parent)
+    return any(store.finished(cell) is not None for cell in cells(SweepConfig.model_validate(GRID))
+               if store.path(cell) == path)
+
+
 def test_an_invalid_finished_file_is_not_finished(tmp_path):
     cell = cells(SweepConfig.model_validate(GRID))[0]
-    path = tmp_path / "cell.json"
+    path = tmp_path / f"{cell.key()}.json"
     for text in ("null", json.dumps({"status": "ok"}), '{"status": "ok", "key":', "\xff"):
         path.write_text(text, encoding="latin-1")
         assert not _finished(path)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -38,6 +39,9 @@ TICK_S = 2.0
 """How long the driver waits for a cell before it looks for new nodes and refreshes the progress line."""
 START_FAILURES = 5
 """Workers that fail to start, in a row, before the sweep stops: none of the cluster's nodes can run a cell."""
+PROBE_S = 5.0
+"""How long a HOST:PORT address may take to accept a connection before the cluster counts as unreachable: Ray itself
+retries for minutes on an address where nothing listens."""
 
 
 class SweepWorker:
@@ -100,11 +104,12 @@ class RayExecutor:
     def __init__(self, execution: Execution) -> None:
         self.execution = execution
 
-    def run(self, todo: list[Cell], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]:
-        if not todo:
+    def run(self, todo: Iterable[Cell], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]:
+        queue = deque(todo)  # taken, so claimed, at the start: the driver hands cells out from its own queue
+        if not queue:
             return
         started_here = self._connect()
-        state = _State(queue=deque(todo))
+        state = _State(queue=queue)
         shown = ""
         try:
             self._grow(state, first=True)
@@ -154,6 +159,8 @@ class RayExecutor:
         address = self.execution.address
         if address is None:  # "local": a new instance, never a cluster that RAY_ADDRESS or `ray start` left around
             options["include_dashboard"] = False
+        else:
+            probe(address)
         try:
             ray.init(address=address or "local", **options)
         except Exception as error:  # Ray's errors for an address it cannot reach vary with the address and version
@@ -269,6 +276,21 @@ class RayExecutor:
         except ValueError as error:  # a worker whose kvpolicies writes other records
             yield cell, _failed(cell, f"the worker's record does not validate here ({' '.join(str(error).split())}"
                                       "); install the same kvpolicies on every node", started_at)
+
+
+def probe(address: str, timeout_s: float = PROBE_S) -> None:
+    """A UsageError unless something accepts a TCP connection at ``address`` (``HOST:PORT`` or ``ray://HOST:PORT``)
+    within ``timeout_s``; other forms (``auto``) are left to Ray, which answers them at once."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not (sep and host and port.isdigit()):
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        reason = "timed out" if isinstance(error, TimeoutError) else (error.strerror or str(error)).lower()
+        raise UsageError(f"cannot join the Ray cluster at {address}: nothing accepted a connection there within "
+                         f"{timeout_s:g} s ({reason}); start one with `ray start --head --port {port}` on {host}, "
+                         "or leave --address out to start one on this machine") from None
 
 
 def _alive_nodes() -> list[dict[str, Any]]:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import platform
 import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -33,6 +34,7 @@ from kvpolicies.experiments.memory import PeakMemory
 
 if TYPE_CHECKING:
     from kvpolicies.experiments.results import ResultRecord
+    from kvpolicies.experiments.store import ResultsStore
 
 
 def tasks_dir() -> Path:
@@ -90,6 +92,10 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         name: float(value) for name, value in task_results.items()
         if isinstance(value, (int, float)) and "stderr" not in name and name != "sample_len"
     }
+    broken = [f"{name} = {value}" for name, value in metrics.items() if not math.isfinite(value)]
+    if broken:  # no rank, no mean and no strict JSON for it: the cell has no result
+        raise ValueError(f"lm-eval reported {', '.join(broken)} for {cell.task.name}: no finite score to rank; the "
+                         "policy or the task broke the model's output (see the samples with lm-eval --log_samples)")
     primary = next(iter(metrics))
     higher_is_better = results["higher_is_better"][cell.task.name].get(primary.split(",")[0], True)
     info = results["config"]["kvpolicies"]
@@ -106,10 +112,6 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         "wall_s": time.perf_counter() - started,
         "device": str(lm.device) + (f" ({torch.cuda.get_device_name(lm.device)})" if lm.device.type == "cuda" else ""),
     }
-
-
-def result_path(results_dir: Path, cell: Cell) -> Path:
-    return results_dir / f"{cell.key()}.json"
 
 
 def versions() -> dict[str, str]:
@@ -142,17 +144,19 @@ def evaluate(cell: Cell) -> ResultRecord:
 class Executor(Protocol):
     """Runs cells somewhere and hands back their records as they finish, in any order; the sweep writes them.
 
+    ``todo`` claims each cell as it is taken (:class:`~kvpolicies.experiments.store.ResultsStore`), so an executor
+    takes a cell when it is about to run it, or all at its start; cells another sweep holds are never handed out.
     ``show`` takes one line on what is running now, for the progress bar. An executor never writes result files:
     the sweep does, one at a time, so the folder needs to be reachable from the driver only.
     """
 
-    def run(self, todo: list[Cell], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]: ...
+    def run(self, todo: Iterable[Cell], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]: ...
 
 
 class LocalExecutor:
     """One cell after another in this process: the default, and all a single machine needs."""
 
-    def run(self, todo: list[Cell], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]:
+    def run(self, todo: Iterable[Cell], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]:
         for cell in todo:
             show(f"{cell.task.name} {cell.title} @ {cell.budget}")
             yield cell, evaluate(cell)
@@ -161,31 +165,92 @@ class LocalExecutor:
 def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True,
               executor: Executor | None = None) -> Iterator[ResultRecord]:
     """Run every missing cell (on ``executor``, default :class:`LocalExecutor`), yielding each record as it is
-    written. Finished cells are skipped; a results folder that cannot be written raises
-    :class:`~kvpolicies.experiments.results.ResultsError` before any cell runs."""
+    written. Finished cells are skipped, and so are cells another sweep on the same folder is computing (it writes
+    them). A results folder that cannot be written raises
+    :class:`~kvpolicies.experiments.results.ResultsError` before any cell runs.
+
+    A record that cannot be written (a full disk) is kept and written as soon as the folder takes a file again;
+    once a second record cannot be written either, the sweep stops with a ResultsError naming the folder and the
+    space needed, since every further cell would be computed for nothing.
+    """
     from tqdm import tqdm
 
-    from kvpolicies.experiments.results import check_writable, write_record
+    from kvpolicies.experiments.results import ResultsError, check_writable
+    from kvpolicies.experiments.store import ResultsStore
 
     check_writable(results_dir)
     grid = cells(config)
-    todo = [cell for cell in grid if not _finished(result_path(results_dir, cell))]
-    print(f"kvpolicies: {len(grid)} cells, {len(grid) - len(todo)} already done, {len(todo)} to run "
-          f"-> {results_dir}", file=sys.stderr)
-    bar = tqdm(total=len(grid), initial=len(grid) - len(todo), disable=not progress, unit="cell", file=sys.stderr)
-    failed = 0
-    with bar:  # closed before an error or an interruption is reported
-        for cell, record in (executor or LocalExecutor()).run(todo, bar.set_description):
-            if record.key != cell.key():
-                record = _other_code(cell, record)
-            write_record(result_path(results_dir, cell), record)
-            if record.status != "ok":
-                failed += 1
-                bar.set_postfix(failed=failed)
-                print(f"kvpolicies: cell failed ({cell.task.name}, {cell.title}, {cell.budget}): {record.error}",
-                      file=sys.stderr)
-            bar.update(1)
-            yield record
+    with ResultsStore(results_dir) as store:
+        todo = [cell for cell in grid if not _current(store, cell)]
+        print(f"kvpolicies: {len(grid)} cells, {len(grid) - len(todo)} already done, {len(todo)} to run "
+              f"-> {results_dir}", file=sys.stderr)
+        bar = tqdm(total=len(grid), initial=len(grid) - len(todo), disable=not progress, unit="cell", file=sys.stderr)
+        elsewhere: list[Cell] = []
+        unsaved: list[tuple[Cell, ResultRecord]] = []
+        failed = 0
+
+        def claimed() -> Iterator[Cell]:
+            for cell in todo:
+                if not store.claim(cell):
+                    elsewhere.append(cell)
+                elif store.finished(cell) is not None:  # another sweep finished it since this one started
+                    store.release(cell.key())
+                else:
+                    yield cell
+                    continue
+                bar.update(1)
+
+        with bar:  # closed before an error or an interruption is reported
+            for cell, record in (executor or LocalExecutor()).run(claimed(), bar.set_description):
+                if record.key != cell.key():
+                    record = _other_code(cell, record)
+                unsaved.append((cell, record))
+                written, error = _write_all(store, unsaved)
+                if error is not None and len(unsaved) > 1:
+                    raise ResultsError(f"{error}; {len(unsaved)} computed cells are not saved") from None
+                for saved_cell, saved in written:
+                    if saved.status != "ok":
+                        failed += 1
+                        bar.set_postfix(failed=failed)
+                        print(f"kvpolicies: cell failed ({saved_cell.task.name}, {saved_cell.title}, "
+                              f"{saved_cell.budget}): {saved.error}", file=sys.stderr)
+                    bar.update(1)
+                    yield saved
+        if unsaved:
+            _, error = _write_all(store, unsaved)
+            if error is not None:
+                raise ResultsError(f"{error}; {len(unsaved)} computed cell(s) are not saved") from None
+        if elsewhere:
+            print(f"kvpolicies: {len(elsewhere)} cells were being computed by another sweep on {results_dir} and are "
+                  "left to it; run this command again once it has ended to fill any it did not", file=sys.stderr)
+
+
+def _current(store: ResultsStore, cell: Cell) -> bool:
+    """Whether ``cell`` is finished in ``store``; a finished record is brought up to the grid's current label (the
+    label is no part of a cell's key, so renaming it in the grid must not recompute the cell, but pages must show
+    the new name)."""
+    record = store.finished(cell)
+    if record is None:
+        return False
+    if record.cell.model_dump(mode="json") != cell.model_dump(mode="json") and store.claim(cell):
+        store.write(cell, record.model_copy(update={"cell": cell}))
+    return True
+
+
+def _write_all(store: ResultsStore, unsaved: list[tuple[Cell, ResultRecord]]) -> tuple[list[tuple[Cell, ResultRecord]], str | None]:
+    """Write the records of ``unsaved`` in order, removing each written one; returns what was written (as the files
+    now hold it) and why the first that failed could not be written."""
+    from kvpolicies.experiments.results import ResultsError
+
+    written = []
+    while unsaved:
+        cell, record = unsaved[0]
+        try:
+            written.append((cell, store.write(cell, record)))
+        except ResultsError as error:
+            return written, str(error)
+        unsaved.pop(0)
+    return written, None
 
 
 def _other_code(cell: Cell, record: ResultRecord) -> ResultRecord:
@@ -205,13 +270,3 @@ def _load_average() -> float | None:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
-
-
-def _finished(path: Path) -> bool:
-    """Whether ``path`` holds a valid ``ok`` record; anything else (missing, damaged, failed) is computed again."""
-    from kvpolicies.experiments.results import read_record
-
-    try:
-        return read_record(path).status == "ok"
-    except (OSError, ValueError):
-        return False
