@@ -236,3 +236,18 @@ def test_task_data_staging_files_are_unique_to_each_writer(tmp_path):
     write_jsonl(path, [{"a": 1}, {"a": 2}])
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"a": 1}, {"a": 2}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["task.jsonl", "task.jsonl.tmp"]
+
+
+def test_a_folder_without_file_locks_still_runs_with_a_warning(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    calls: list = []
+    monkeypatch.setattr(kvpolicies.experiments.sweep, "run_cell", fake_run_cell(calls))
+    records = list(run_sweep(SweepConfig.model_validate(GRID), tmp_path, progress=False))
+    assert len(records) == len(calls) == len(cells(SweepConfig.model_validate(GRID)))
+    assert capsys.readouterr().err.count("does not support file locks") == 1
+    assert not list(tmp_path.glob(".*"))

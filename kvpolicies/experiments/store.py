@@ -14,12 +14,17 @@ finished the cell since. And why a failure never replaces a finished result: a s
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import sys
 from pathlib import Path
 
 from kvpolicies.experiments.grid import Cell
 from kvpolicies.experiments.results import ResultRecord, read_record, write_record
+
+UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+"""What ``flock`` raises on a file system that has no locks (some network mounts)."""
 
 
 class ResultsStore:
@@ -32,6 +37,7 @@ class ResultsStore:
         self.folder = Path(folder)
         self._held: dict[str, int] = {}
         """Claims held by this process: cell key -> the open claim file's descriptor."""
+        self._warned = False
 
     def __enter__(self) -> ResultsStore:
         return self
@@ -67,6 +73,11 @@ class ResultsStore:
             except BlockingIOError:
                 os.close(handle)
                 return False
+            except OSError as error:
+                if error.errno not in UNSUPPORTED:
+                    os.close(handle)
+                    raise
+                self._warn_unlocked()  # a file system without locks: sweep on, as before claims existed
             except BaseException:
                 os.close(handle)
                 raise
@@ -81,6 +92,12 @@ class ResultsStore:
                 self._held[key] = handle
                 return True
             os.close(handle)
+
+    def _warn_unlocked(self) -> None:
+        if not self._warned:
+            self._warned = True
+            print(f"kvpolicies: warning: {self.folder} does not support file locks (flock): two sweeps on it may "
+                  "compute the same cell twice (a failure still never replaces a finished result)", file=sys.stderr)
 
     def release(self, key: str) -> None:
         """Give up the claim on ``key`` (removing its file first, so that no one locks a file about to go)."""
