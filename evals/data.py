@@ -214,6 +214,9 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     staging = Path(name)
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(handle, 0o666 & ~mask)  # readable as the fixed-name files were, not mkstemp's 0600
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             for row in rows:
                 file.write(json.dumps(row) + "\n")

@@ -251,3 +251,11 @@ def test_a_folder_without_file_locks_still_runs_with_a_warning(tmp_path, monkeyp
     assert len(records) == len(calls) == len(cells(SweepConfig.model_validate(GRID)))
     assert capsys.readouterr().err.count("does not support file locks") == 1
     assert not list(tmp_path.glob(".*"))
+
+
+def test_result_files_are_as_readable_as_any_file_the_user_writes(tmp_path):
+    record = kvpolicies.experiments.results.ResultRecord.model_validate(saved_record(cells(SweepConfig.model_validate(GRID))[0]))
+    write_record(tmp_path / "r.json", record)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~mask

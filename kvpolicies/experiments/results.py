@@ -222,6 +222,7 @@ def write_atomically(path: Path, data: bytes, what: str) -> None:
     try:
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         staging = Path(name)
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600 would hide a shared folder's results from its people
         with os.fdopen(handle, "wb") as file:
             file.write(data)
         os.replace(staging, path)
@@ -229,6 +230,12 @@ def write_atomically(path: Path, data: bytes, what: str) -> None:
         if staging is not None:
             staging.unlink(missing_ok=True)
         raise ResultsError(cannot_write(path, len(data), error, what)) from error
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def cannot_write(path: Path, size: int, error: OSError, what: str) -> str:

@@ -87,8 +87,11 @@ class ResultsStore:
             except FileNotFoundError:
                 same = False
             if same:
-                os.ftruncate(handle, 0)
-                os.write(handle, f"{os.getpid()}\n".encode())  # who holds it, for a person looking at the folder
+                try:  # who holds it, for a person looking at the folder; a full disk must not stop the claim
+                    os.ftruncate(handle, 0)
+                    os.write(handle, f"{os.getpid()}\n".encode())
+                except OSError:
+                    pass
                 self._held[key] = handle
                 return True
             os.close(handle)
