@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +29,9 @@ CITIES = ["Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Windhoek"
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+DEFAULT_PER_CELL = 2
+PPL_LENGTHS = (2048, 4096)
+PPL_PER_LENGTH = 3
 
 
 @lru_cache(maxsize=1)
@@ -88,7 +89,7 @@ def _grid(task: str, lengths: Sequence[int], depths: Sequence[float], per_cell: 
 def passkey_samples(
     lengths: Sequence[int] = DEFAULT_LENGTHS,
     depths: Sequence[float] = DEFAULT_DEPTHS,
-    per_cell: int = 2,
+    per_cell: int = DEFAULT_PER_CELL,
     seed: int = 0,
     tokenizer=None,
 ) -> list[dict]:
@@ -114,7 +115,7 @@ def haystack_text() -> str:
 def niah_samples(
     lengths: Sequence[int] = DEFAULT_LENGTHS,
     depths: Sequence[float] = DEFAULT_DEPTHS,
-    per_cell: int = 2,
+    per_cell: int = DEFAULT_PER_CELL,
     seed: int = 0,
     tokenizer=None,
 ) -> list[dict]:
@@ -137,7 +138,7 @@ def niah_samples(
 def text_passkey_samples(
     lengths: Sequence[int] = DEFAULT_LENGTHS,
     depths: Sequence[float] = DEFAULT_DEPTHS,
-    per_cell: int = 2,
+    per_cell: int = DEFAULT_PER_CELL,
     seed: int = 0,
     tokenizer=None,
 ) -> list[dict]:
@@ -182,7 +183,8 @@ def _hide_in_prose(tokenizer, haystack: str, rng: random.Random, length: int, de
     return _fit(tokenizer, length, make, 100, length * 8)
 
 
-def ppl_documents(lengths: Sequence[int] = (2048, 4096), per_length: int = 3, seed: int = 0, tokenizer=None) -> list[dict]:
+def ppl_documents(lengths: Sequence[int] = PPL_LENGTHS, per_length: int = PPL_PER_LENGTH, seed: int = 0,
+                  tokenizer=None) -> list[dict]:
     """Long documents of natural text (Python documentation) of about ``lengths`` tokens for rolling perplexity."""
     tokenizer = tokenizer or default_tokenizer()
     haystack = haystack_text()
@@ -210,20 +212,12 @@ DATA_VERSION = 2
 def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
     """Write ``rows`` through a staging file of this call's own, then one rename: a half-written file is never read
     as data, and two processes building the same task's data at once (two sweeps) never write into one file."""
+    from kvpolicies.files import staged
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    staging = Path(name)
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.fchmod(handle, 0o666 & ~mask)  # readable as the fixed-name files were, not mkstemp's 0600
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            for row in rows:
-                file.write(json.dumps(row) + "\n")
-        staging.replace(path)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
+    with staged(path, "w", encoding="utf-8") as file:
+        for row in rows:
+            file.write(json.dumps(row) + "\n")
     return path
 
 

@@ -16,12 +16,12 @@ tokens), so ``vt`` and the ``kvp_ruler`` group need 1024.
 
 from __future__ import annotations
 
-import functools
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from kvpolicies.errors import UsageError, describe
+from kvpolicies_evals import data
 from kvpolicies_evals.tasks import generated_tokens
 
 
@@ -35,6 +35,14 @@ class TaskMetadata(BaseModel):
     """The field that holds token lengths, checked against the model's positions."""
     LENGTHS_INCLUDE_GENERATION: ClassVar[bool] = False
     """True when a length is the whole sample, generated tokens included (RULER's ``max_seq_lengths``)."""
+    DEFAULT_LENGTHS: ClassVar[tuple[int, ...]] = ()
+    """The lengths the task's generator makes when the metadata gives none, shortest first; () when unknown."""
+
+    @classmethod
+    def samples_per_length(cls, metadata: dict[str, Any]) -> int | None:
+        """How many samples the generator writes for each length before the next (so that a ``limit`` tells which
+        lengths run); None when unknown."""
+        return None
 
     @classmethod
     def accepts(cls) -> str:
@@ -53,6 +61,12 @@ class Retrieval(TaskMetadata):
     per_cell: StrictInt = Field(None, ge=1, description="samples per length and depth, a whole number >= 1")
     seed: StrictInt = Field(None, description="a whole number")
 
+    DEFAULT_LENGTHS: ClassVar[tuple[int, ...]] = data.DEFAULT_LENGTHS
+
+    @classmethod
+    def samples_per_length(cls, metadata: dict[str, Any]) -> int | None:
+        return len(metadata.get("depths") or data.DEFAULT_DEPTHS) * metadata.get("per_cell", data.DEFAULT_PER_CELL)
+
 
 class Perplexity(TaskMetadata):
     """``kvp_ppl``: documents of each length."""
@@ -61,6 +75,12 @@ class Perplexity(TaskMetadata):
         None, min_length=1, description="a list of document lengths in tokens, each >= 64")
     per_length: StrictInt = Field(None, ge=1, description="documents per length, a whole number >= 1")
     seed: StrictInt = Field(None, description="a whole number")
+
+    DEFAULT_LENGTHS: ClassVar[tuple[int, ...]] = data.PPL_LENGTHS
+
+    @classmethod
+    def samples_per_length(cls, metadata: dict[str, Any]) -> int | None:
+        return metadata.get("per_length", data.PPL_PER_LENGTH)
 
 
 class Ruler(TaskMetadata):
@@ -107,29 +127,40 @@ def validate(task: str, metadata: dict[str, Any]) -> None:
                          f"{model.accepts()}") from None
 
 
-def check_fits(task: str, metadata: dict[str, Any], model: str | None) -> None:
+def check_fits(task: str, metadata: dict[str, Any], model: str | None, limit: int | None = None,
+               defaults: bool = True) -> None:
     """Check that the (validated) lengths ``metadata`` gives fit ``model``: each length, plus the tokens the task
     generates when the length does not count them, within the positions the model was trained for.
 
-    Only lengths given are checked: a task's default lengths run shortest first, so a ``limit`` keeps them within
-    any model. Skipped when the model's positions cannot be read offline (:func:`model_positions`).
+    Without lengths in ``metadata``, the task's default lengths are checked (with ``defaults``), as far as the first
+    ``limit`` samples reach: the defaults run shortest first, so a small ``limit`` keeps a long default out (the
+    embedded model's 8192 positions hold every default length but passkey's 8192 and its answer). Skipped when the
+    model's positions cannot be read offline (:func:`model_positions`).
     """
     kind = schema(task)
-    if kind is None or kind.LENGTHS not in metadata:
+    if kind is None:
         return
-    positions = model_positions(model)
+    given = kind.LENGTHS in metadata
+    lengths = list(metadata[kind.LENGTHS]) if given else list(kind.DEFAULT_LENGTHS) if defaults else []
+    if not given and limit is not None and (per_length := kind.samples_per_length(metadata)):
+        lengths = lengths[:-(-limit // per_length)]
+    positions = model_positions(model) if lengths else None
     if positions is None:
         return
     generated = 0 if kind.LENGTHS_INCLUDE_GENERATION else generated_tokens(task)
-    too_long = [length for length in metadata[kind.LENGTHS] if length + generated > positions]
+    too_long = [length for length in lengths if length + generated > positions]
     if too_long:
         from kvpolicies.integrations.models import EMBEDDED_MODEL
 
         needs = f" plus the {generated} tokens it generates" if generated else ""
-        raise UsageError(f"task {task}: {kind.LENGTHS} {', '.join(map(str, too_long))} do not fit model "
-                         f"{model or EMBEDDED_MODEL}, trained for {positions} positions (each sample takes its "
-                         f"length{needs}); use {kind.LENGTHS} of at most {positions - generated}, or a model with a "
-                         "longer context")
+        which = (f"{kind.LENGTHS} {', '.join(map(str, too_long))} do" if given else
+                 f"its default {kind.LENGTHS} ({', '.join(map(str, kind.DEFAULT_LENGTHS))}) include "
+                 f"{', '.join(map(str, too_long))}, which {'does' if len(too_long) == 1 else 'do'}")
+        fix = "" if given else (f"; or a limit of at most {kind.samples_per_length(metadata) * (len(lengths) - len(too_long))}"
+                                " samples, which the shorter lengths fill")
+        raise UsageError(f"task {task}: {which} not fit model {model or EMBEDDED_MODEL}, trained for {positions} "
+                         f"positions (each sample takes its length{needs}); use {kind.LENGTHS} of at most "
+                         f"{positions - generated}{fix}, or a model with a longer context")
 
 
 def loader_parameters(task: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -144,11 +175,15 @@ def loader_parameters(task: str, options: dict[str, Any]) -> dict[str, Any]:
     own = {key: options[key] for key in model.model_fields if key in options} if model else {}
     validate(task, own)
     if "pretrained" in options and isinstance(options["pretrained"], str | None):  # not a model object
-        check_fits(task, own, options["pretrained"])
+        check_fits(task, own, options["pretrained"], defaults=False)  # lm-eval's --limit is not among the options
     return own
 
 
-@functools.cache
+_positions: dict[str | None, int] = {}
+"""Positions read so far. Only those found are kept: a hub model's config may reach the local cache later in the same
+process (its first load fetches it), and then it is read."""
+
+
 def model_positions(model: str | None) -> int | None:
     """The positions ``model`` was trained for (its config's ``max_position_embeddings``), read without loading
     weights; None when its config cannot be read offline (a hub id not in the local cache) or is not a plain config
@@ -159,6 +194,8 @@ def model_positions(model: str | None) -> int | None:
     """
     from kvpolicies.integrations.models import EMBEDDED_MODEL, resolve_source
 
+    if model in _positions:
+        return _positions[model]
     if model is not None and model != EMBEDDED_MODEL and model.endswith(".gguf"):
         return None
     source, _ = resolve_source(model)
@@ -169,4 +206,7 @@ def model_positions(model: str | None) -> int | None:
     except (OSError, ValueError, KeyError):
         return None
     positions = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
-    return positions if isinstance(positions, int) else None
+    if not isinstance(positions, int):
+        return None
+    _positions[model] = positions
+    return positions

@@ -214,6 +214,13 @@ def get_policy(name: str, **config: Any) -> Policy:
         raise plugin_error(info.policy_class, "__init__", error)
 
 
+def _out_of_memory(error: Exception) -> bool:
+    """torch's out-of-memory error (a RuntimeError subclass, ``torch.OutOfMemoryError``), without importing torch."""
+    torch = sys.modules.get("torch")
+    kind = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return kind is not None and isinstance(error, kind)
+
+
 def plugin_error(policy_class: type[Policy], hook: str, error: Exception) -> Exception:
     """What to raise for ``error``, raised in ``hook`` of a policy of ``policy_class``: a :class:`PluginError`
     naming the policy, its plugin and package and the original exception (chained as its cause), or ``error``
@@ -221,8 +228,8 @@ def plugin_error(policy_class: type[Policy], hook: str, error: Exception) -> Exc
 
     Callers ``raise plugin_error(...)`` inside their ``except``: nothing is paid unless a hook raised.
     """
-    if isinstance(error, KVPoliciesError):
-        return error
+    if isinstance(error, (KVPoliciesError, MemoryError)) or _out_of_memory(error):
+        return error  # ours, or the machine's: no plugin's fault, and a caller may catch it by type to retry smaller
     info = next((info for info in _registry.policies().values() if info.policy_class is policy_class), None)
     origin = (f"plugin {info.plugin!r} of package {info.package or '?'}" if info else
               f"class {policy_class.__qualname__} of module {policy_class.__module__}, not a registered plugin")

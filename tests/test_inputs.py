@@ -63,6 +63,23 @@ def test_an_empty_preset_is_refused_not_read_as_the_default_grid():
     with pytest.raises(UsageError, match="no preset named ''"):
         sweep_config(parsed("--preset", ""))
 
+@pytest.mark.parametrize("command", [["sweep", "--results"], ["leaderboard", "results", "--plots"], ["leaderboard"],
+                                     ["sweep", "--executor", "ray", "--address"], ["report", "policies", "--results"]])
+def test_an_empty_path_or_address_is_refused_not_read_as_the_current_folder(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*command, ""])
+    assert exit_info.value.code == 2
+    assert "got an empty value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("execution", "field"), [({"max_retries": True}, "max_retries"),
+                                                  ({"cpus_per_cell": True}, "cpus_per_cell"),
+                                                  ({"address": " "}, "address")])
+def test_a_grid_files_ray_settings_take_no_booleans_or_empty_addresses(execution, field):
+    with pytest.raises(ValidationError, match=field):
+        SweepConfig(execution={"executor": "ray", **execution})
+
+
 
 # -- 2. task metadata: types, ranges, unknown keys, and lengths against the model ---------------------------------
 
@@ -141,6 +158,37 @@ def test_a_model_whose_config_is_not_here_skips_only_the_length_check(tmp_path, 
         sweep_config(parsed("--config", bad))
 
 
+@pytest.mark.parametrize(("limit", "refused"), [(None, True), (31, True), (30, False), (1, False)])
+def test_default_lengths_are_checked_as_far_as_the_limit_reaches(tmp_path, limit, refused):
+    # passkey's defaults are 1024..8192, 10 samples each (5 depths x 2); 8192 and its answer overflow 8192 positions
+    path = grid_file(tmp_path, policies=["full"], tasks=[{"name": "kvp_passkey", "limit": limit}])
+    if not refused:
+        assert sweep_config(parsed("--config", path)).tasks[0].limit == limit
+        return
+    with pytest.raises(UsageError, match=r"its default lengths \(1024, 2048, 4096, 8192\) include 8192, which does "
+                                         r"not fit .*at most 8180; or a limit of at most 30 samples"):
+        sweep_config(parsed("--config", path))
+
+
+def test_a_model_config_that_reaches_the_cache_later_is_read_then(monkeypatch):
+    import transformers
+    from transformers import LlamaConfig
+
+    from kvpolicies_evals.metadata import model_positions
+
+    cached: list = []
+
+    def from_pretrained(source, **options):  # the local hub cache, which a model's first load fills
+        if not cached:
+            raise OSError("not in the local cache")
+        return cached[0]
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    assert model_positions("kvpolicies-test/arrives-later") is None
+    cached.append(LlamaConfig(max_position_embeddings=1024))
+    assert model_positions("kvpolicies-test/arrives-later") == 1024
+
+
 def test_the_loaders_check_their_own_keys_and_ignore_what_lm_eval_merges_in():
     from kvpolicies_evals import ruler
     from kvpolicies_evals.metadata import loader_parameters
@@ -170,9 +218,9 @@ def test_lm_eval_metadata_errors_end_as_a_kvpolicies_error(capsys):
 
 
 def test_an_unknown_task_is_refused_with_close_names_before_a_model_loads(monkeypatch):
-    from kvpolicies.experiments import sweep
+    from kvpolicies.experiments import runner
 
-    monkeypatch.setattr(sweep, "cell_model", lambda cell: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(runner, "cell_model", lambda cell: pytest.fail("a model was loaded"))
     with pytest.raises(UsageError) as error:
         sweep_config(parsed("--quick", "--tasks", "kvp_passkey,kvp_paskey"))
     assert "unknown task 'kvp_paskey'; did you mean 'kvp_passkey'" in str(error.value)
@@ -229,7 +277,7 @@ def test_an_address_where_nothing_listens_is_refused_before_ray_init(monkeypatch
 def test_a_sweep_on_an_unreachable_cluster_ends_within_seconds(tmp_path, dead_address):
     pytest.importorskip("ray")
     argv = [sys.executable, "-m", "kvpolicies.cli", "sweep", "--executor", "ray", "--address", dead_address,
-            "--policies", "full", "--tasks", "kvp_passkey", "--results", str(tmp_path / "results"), "--no-plots"]
+            "--policies", "full", "--tasks", "kvp_passkey", "--limit", "1", "--results", str(tmp_path / "results"), "--no-plots"]
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=180, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert done.returncode == 2, done.stderr[-2000:]
@@ -348,6 +396,19 @@ def test_an_unregistered_policy_is_named_by_its_class_and_our_own_errors_pass_un
     assert error.value is ours
 
 
+@pytest.mark.parametrize("error", [MemoryError("host"), torch.OutOfMemoryError("CUDA out of memory")])
+def test_running_out_of_memory_in_a_hook_is_the_machines_error_not_the_plugins(tiny_model, error):
+    class Hungry(Flaky):
+        name, broken = "hungry", None
+
+        def score(self, inputs):  # a big score tensor: the machine's limit, which a caller may catch to retry
+            raise error
+
+    with pytest.raises(type(error)) as raised:
+        prefill(tiny_model, Hungry())
+    assert raised.value is error
+
+
 def test_the_package_of_an_installed_plugin_is_its_distribution():
     assert {info.package for info in kvpolicies.list_policies() if info.name in ("l2norm", "full")} == {"kvpolicies"}
 
@@ -379,7 +440,7 @@ def test_kvpolicies_debug_shows_the_traceback_for_lm_eval_too(capsys, monkeypatc
 
 def test_a_sweep_cell_records_which_plugin_failed(flaky_plugin, tiny_pretrained):
     from kvpolicies.experiments.grid import cells
-    from kvpolicies.experiments.sweep import evaluate
+    from kvpolicies.experiments.runner import evaluate
 
     config = SweepConfig(models=[tiny_pretrained], policies=["flaky-score"], budgets=[0.5], tasks=[
         {"name": "kvp_passkey", "metadata": {"lengths": [200], "depths": [0.5], "per_cell": 1}, "limit": 1}])

@@ -6,7 +6,9 @@ figures is a clean error."""
 from __future__ import annotations
 
 import errno
+import os
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from kvpolicies.cli import main
 from kvpolicies.engine.budget import Budget
 from kvpolicies.experiments.grid import TaskSpec
 from kvpolicies.experiments.results import ResultsError, load_results
+from kvpolicies.reports.catalogue import latest_records, policies_page
 from kvpolicies.reports.leaderboard import load_rows, overall_table, plot, render, task_tables
 from kvpolicies.reports.suite import plot_suite, render_suite, suites, tables
 from tests.helpers import make_record, write_records
@@ -22,14 +25,17 @@ from tests.helpers import make_record, write_records
 
 def cell(task: str = "kvp_passkey", policy: str = "snapkv", budget=0.5, score: float = 0.5, *,
          options: dict | None = None, limit: int | None = None, metadata: dict | None = None, seed: int = 0,
-         **fields):
-    """A record as :func:`make_record` builds it, with the policy's options, the task's spec and the seed too."""
+         code: str = "0.1.0+abc/def", finished_at: datetime | None = None, **fields):
+    """A record as :func:`make_record` builds it, with the policy's options, the task's spec, the seed, the code
+    version and when it finished too."""
     made = make_record(task, policy, budget, score, **fields)
     spec = made.cell.policy.model_copy(update={"options": options or {}})
     task_spec = TaskSpec(name=task, metadata=metadata or {}, limit=limit)
-    identity = made.identity.model_copy(update={"policy": {"policy": policy, "config": options or {}}})
+    identity = made.identity.model_copy(update={"policy": {"policy": policy, "config": options or {}},
+                                                "code_version": code})
     made_cell = made.cell.model_copy(update={"policy": spec, "task": task_spec, "seed": seed})
-    return made.model_copy(update={"cell": made_cell, "identity": identity})
+    when = {"finished_at": finished_at} if finished_at else {}
+    return made.model_copy(update={"cell": made_cell, "identity": identity, **when})
 
 
 def full(task: str = "kvp_passkey", score: float = 1.0, **fields):
@@ -110,6 +116,62 @@ def test_the_suite_page_keeps_policies_under_one_label_apart_under_both_protocol
     assert {row[0]: row[1] for row in found["query_agnostic"]} == {
         "mine (snapkv)": "50.0", "mine (l2norm)": "25.0", "full cache (no eviction)": "100.0"}
     assert sorted(row[0] for row in found["query-aware minus query-agnostic"]) == ["mine (l2norm)", "mine (snapkv)"]
+
+
+def at(day: int) -> datetime:
+    """A ``finished_at`` on November ``day``: a later day is a later measurement."""
+    return datetime(2026, 11, day, 12, tzinfo=timezone.utc)
+
+
+# -- a plugin that gained an option is still one policy ------------------------------------------------------------
+
+
+def test_a_policy_that_gained_an_option_is_one_row_across_code_versions_the_newest():
+    rows, _ = load_rows([full(), cell(options={"window_tokens": 8}, code="v1", score=0.5, finished_at=at(24)),
+                         cell(options={"window_tokens": 8, "pool": "max"}, code="v2", score=0.7, finished_at=at(25))])
+    assert scores(rows) == {("kvp_passkey", "full", None): 1.0, ("kvp_passkey", "snapkv", 0.5): 0.7}
+
+
+def test_options_of_one_code_version_or_that_disagree_across_versions_stay_rows_of_their_own():
+    rows, _ = load_rows([
+        cell(options={"window_tokens": 8}, code="v1", score=0.1, finished_at=at(22)),  # joins the newest it fits
+        cell(options={"window_tokens": 16}, code="v1", score=0.2, finished_at=at(23)),  # disagrees with all of v2
+        cell(options={"window_tokens": 8, "pool": "max"}, code="v2", score=0.3, finished_at=at(24)),
+        cell(options={"window_tokens": 8, "pool": "mean"}, code="v2", score=0.4, finished_at=at(25)),
+    ])
+    assert scores(rows) == {("kvp_passkey", "snapkv (pool=mean)", 0.5): 0.4,
+                            ("kvp_passkey", "snapkv (pool=max)", 0.5): 0.3,
+                            ("kvp_passkey", "snapkv (window_tokens=16)", 0.5): 0.2}
+
+
+# -- the catalogue's cells are points too ----------------------------------------------------------------------
+
+
+def test_catalogue_records_are_one_per_point_named_apart_as_the_leaderboard_names_them():
+    records = [cell(policy="keydiff", score=0.9, finished_at=at(22)),
+               cell(policy="keydiff", budget=Budget.parse(0.5, slack_tokens=0), score=0.1, finished_at=at(23)),
+               cell(policy="keydiff", limit=2, score=0.2, finished_at=at(24)),
+               cell(policy="snapkv", label="mine", score=0.3), cell(policy="l2norm", label="mine", score=0.4),
+               cell(policy="tova", options={"x": 1}, code="v1", score=0.5, finished_at=at(25)),
+               cell(policy="tova", options={"x": 1, "y": 2}, code="v2", score=0.6, finished_at=at(26)),
+               cell(policy="tova", budget=0.25, status="error", finished_at=at(27))]
+    latest = latest_records(records)
+    assert {key: record.score for key, record in latest.items()} == {
+        ("kvp_passkey", "keydiff", 0.5): 0.9, ("kvp_passkey", "keydiff (slack 0)", 0.5): 0.1,
+        ("kvp_passkey (limit 2)", "keydiff", 0.5): 0.2,
+        ("kvp_passkey", "mine (snapkv)", 0.5): 0.3, ("kvp_passkey", "mine (l2norm)", 0.5): 0.4,
+        ("kvp_passkey", "tova", 0.5): 0.6}  # one policy across code versions; failures left out
+    with pytest.raises(ValueError, match="one model's records"):
+        latest_records([cell(), cell(model="org/other")])
+
+
+def test_the_catalogue_shows_its_own_cell_not_a_newer_variant_or_another_models(tmp_path):
+    results = write_records(tmp_path / "r", [
+        cell(policy="random", score=0.4), cell(policy="keydiff", score=0.9, finished_at=at(22)),
+        cell(policy="keydiff", budget=Budget.parse(0.5, slack_tokens=0), score=0.1, finished_at=at(23)),
+        cell(policy="keydiff", model="org/other", score=0.2, finished_at=at(24))])
+    rows = {line.split("|")[1].strip(): line for line in policies_page(results).splitlines() if line.startswith("| `")}
+    assert "0.90 ▲" in rows["`keydiff`"] and "0.10" not in rows["`keydiff`"] and "0.20" not in rows["`keydiff`"]
 
 
 # -- one plot set per model --------------------------------------------------------------------------------------
@@ -207,3 +269,66 @@ def test_plots_that_cannot_be_written_are_a_clean_error(tmp_path, capsys, monkey
     assert err.startswith(f"kvpolicies: error: cannot write plots to {tmp_path / 'plots'}: {why} (")
     with pytest.raises(ResultsError, match="leave the plots out"):
         plot_suite(load_results(results), tmp_path / "plots") if suite else plot(results, tmp_path / "plots")
+
+
+# -- a figure appears whole under its name, or not at all ----------------------------------------------------------
+
+
+def two_models() -> list:
+    return [record for model in ("org/model-a", "org/model-b")
+            for record in (full(model=model), cell(budget=0.25, model=model), cell(budget=0.5, model=model))]
+
+
+def test_a_figure_that_fails_halfway_leaves_the_old_figure_and_nothing_else(tmp_path, monkeypatch, figure_class):
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    names = [f"org_model-{m}_{name}.png" for m in "ab"
+             for name in ("score_vs_budget", "kv_memory_vs_budget", "decode_speed_vs_budget")]
+    for name in names:
+        (plots / name).write_bytes(b"old figure")
+
+    def half(figure, path, **kwargs):
+        Path(path).write_bytes(b"half a")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(figure_class, "savefig", half)
+    with pytest.raises(ResultsError, match="no space left on device") as raised:
+        plot(Path("unused"), plots, records=two_models())
+    assert sorted(os.listdir(plots)) == sorted(names)  # no staging file left behind
+    assert all((plots / name).read_bytes() == b"old figure" for name in names)
+    [named] = re.findall(r"\((\S+)\)", str(raised.value))
+    assert Path(named).parent == plots and Path(named).name in names  # the figure, not its staging file
+
+
+def test_two_writers_of_one_figure_never_write_into_one_file(tmp_path, monkeypatch, figure_class):
+    from kvpolicies.reports.figures import save
+
+    target = tmp_path / "score.png"
+    drawn = []
+
+    def draw(figure, path, **kwargs):
+        """Writer A writes half its figure, writer B draws the same one meanwhile, then A finishes."""
+        drawn.append(Path(path))
+        with open(path, "wb") as file:
+            file.write(b"A" if len(drawn) == 1 else b"BB")
+            file.flush()
+            if len(drawn) == 1:
+                save(figure_class(), tmp_path, "score", "m", ["m"])
+                assert target.read_bytes() == b"BB"  # B's whole figure, not A's half
+                file.write(b"A")
+
+    monkeypatch.setattr(figure_class, "savefig", draw)
+    assert save(figure_class(), tmp_path, "score", "m", ["m"]) == target
+    assert target.read_bytes() == b"AA" and sorted(os.listdir(tmp_path)) == ["score.png"]
+    assert len(set(drawn)) == 2 and target not in drawn
+
+
+def test_a_figure_has_the_permissions_of_any_file_the_user_writes(tmp_path, figure_class):
+    previous = os.umask(0o027)
+    try:
+        written = plot(Path("unused"), tmp_path / "plots", records=two_models())
+    finally:
+        os.umask(previous)
+    assert sorted(os.listdir(tmp_path / "plots")) == sorted(path.name for path in written)
+    for path in written:
+        assert path.stat().st_mode & 0o777 == 0o640 and path.read_bytes().startswith(b"\x89PNG")

@@ -268,3 +268,26 @@ def test_the_quick_grid_through_ray_gives_the_local_executors_files(tmp_path):
     assert len(expected) == 9 and set(found) == set(expected)
     assert outcome(found) == outcome(expected)
 
+
+
+def test_the_driver_claims_cells_as_workers_take_them_not_all_at_the_start():
+    """Each taken cell holds a claim (an open file): a grid of thousands must not hold thousands, nor keep a second
+    sweep on the folder from sharing the work. No cluster needed: the driver's dispatch with two stand-in workers."""
+    from types import SimpleNamespace
+
+    from kvpolicies.experiments.ray_executor import RayExecutor, _Slot, _State
+
+    grid_cells = cells(SweepConfig.model_validate(grid("m", policies=("random",), budgets=[i / 20 for i in range(1, 20)])))
+    taken: list = []
+
+    def todo():
+        for cell in grid_cells:
+            taken.append(cell)  # taking a cell is claiming it (run_sweep's generator)
+            yield cell
+
+    worker = SimpleNamespace(evaluate=SimpleNamespace(remote=lambda text: object()))
+    state = _State(todo=todo())
+    state.slots = [_Slot(actor=worker, started=True), _Slot(actor=worker, started=True)]
+    RayExecutor(Execution(executor="ray"))._dispatch(state)
+    assert len(state.running) == 2  # each worker got a cell
+    assert len(taken) <= 4 < len(grid_cells)  # and at most a worker's worth more is held ahead

@@ -151,7 +151,7 @@ def test_an_invalid_finished_file_is_not_finished(tmp_path):
 
 
 def test_sweep_recomputes_invalid_finished_files_and_renders_despite_stray_ones(tmp_path, capsys, monkeypatch):
-    import kvpolicies.experiments.sweep
+    import kvpolicies.experiments.runner
 
     config, results = tmp_path / "grid.json", tmp_path / "results"
     config.write_text(json.dumps(GRID))
@@ -160,7 +160,7 @@ def test_sweep_recomputes_invalid_finished_files_and_renders_despite_stray_ones(
     (results / f"{grid[0].key()}.json").write_text("null")
     (results / f"{grid[1].key()}.json").write_text(json.dumps({"status": "ok"}))
     calls: list = []
-    monkeypatch.setattr(kvpolicies.experiments.sweep, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
     assert main(["sweep", "--config", str(config), "--results", str(results), "--no-plots"]) == 0
     out, err = capsys.readouterr()
     assert {c.key() for c in calls} == {c.key() for c in grid}  # both invalid files were computed again
@@ -184,14 +184,14 @@ def test_leaderboard_says_why_a_task_is_missing_from_the_overall_table(tmp_path,
 
 @pytest.mark.parametrize("where", ["a file", "under a file"])
 def test_an_unwritable_results_folder_fails_before_any_cell_runs(tmp_path, capsys, monkeypatch, where):
-    import kvpolicies.experiments.sweep
+    import kvpolicies.experiments.runner
 
     (tmp_path / "file").write_text("not a folder")
     results = tmp_path / "file" if where == "a file" else tmp_path / "file" / "results"
     config = tmp_path / "grid.json"
     config.write_text(json.dumps(GRID))
     calls: list = []
-    monkeypatch.setattr(kvpolicies.experiments.sweep, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
     assert main(["sweep", "--config", str(config), "--results", str(results), "--no-plots"]) == 2
     err = capsys.readouterr().err
     assert "kvpolicies: error: " in err and str(results) in err and "--results" in err

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import kvpolicies.experiments.results
-import kvpolicies.experiments.sweep
+import kvpolicies.experiments.runner
+import kvpolicies.experiments.store
 from kvpolicies.cli import main
 from kvpolicies.experiments.grid import SweepConfig, cells
 from kvpolicies.experiments.results import ResultsError, load_results, read_record, write_record
@@ -31,6 +32,7 @@ STAND_IN = """
 import json, os, sys, time
 from pathlib import Path
 
+import kvpolicies.experiments.runner as runner
 import kvpolicies.experiments.sweep as sweep
 from kvpolicies.experiments.grid import SweepConfig
 
@@ -46,8 +48,9 @@ def run_cell(cell):
             "higher_is_better": True, "samples": 1, "kv_memory": {"sequences": 1}, "speed": {},
             "peak_memory_bytes": 0, "peak_memory_growth_bytes": 0, "wall_s": float(seconds), "device": "cpu"}
 
-sweep.run_cell = run_cell
+runner.run_cell = run_cell
 config = SweepConfig.model_validate(json.loads(grid))
+sweep.cells(config)  # keys hashed (and cached) before the start, so both sweeps reach their first claim together
 Path(f"{go}.{os.getpid()}.ready").touch()
 while not Path(go).exists():
     time.sleep(0.02)
@@ -65,15 +68,20 @@ def two_sweeps(tmp_path: Path, first: tuple[float, str], second: tuple[float, st
                                    str(go), json.dumps(GRID)], env=env, cwd=Path(__file__).parent.parent,
                                   stderr=subprocess.PIPE, text=True)
                  for seconds, outcome in (first, second)]
-    deadline = time.monotonic() + 120
-    while len(list(tmp_path.glob("go.*.ready"))) < 2:
-        assert time.monotonic() < deadline and all(p.poll() is None for p in processes), "a sweep did not start"
-        time.sleep(0.05)
-    go.touch()
-    for process in processes:
-        _, err = process.communicate(timeout=120)
-        assert process.returncode == 0, err
-        assert "Traceback" not in err
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("go.*.ready"))) < 2:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in processes), "a sweep did not start"
+            time.sleep(0.05)
+        go.touch()
+        for process in processes:
+            _, err = process.communicate(timeout=120)
+            assert process.returncode == 0, err
+            assert "Traceback" not in err
+    finally:  # a failed assertion must not leave sweeps running past the test
+        for process in processes:
+            process.kill()
+            process.wait()
     return folder, log.read_text().splitlines()
 
 
@@ -124,7 +132,7 @@ def test_a_claimed_cell_is_left_to_its_holder_and_one_finished_meanwhile_is_not_
                          kvpolicies.experiments.results.ResultRecord.model_validate(saved_record(finished_meanwhile)))
         return compute(cell)
 
-    monkeypatch.setattr(kvpolicies.experiments.sweep, "run_cell", run_cell)
+    monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", run_cell)
     other = ResultsStore(tmp_path)  # another open file description: a flock held elsewhere
     assert other.claim(held)
     with ResultsStore(tmp_path) as store:
@@ -146,11 +154,13 @@ def test_a_killed_sweep_leaves_no_cell_claimed(tmp_path):
         f"cell = cells(SweepConfig.model_validate(json.loads({json.dumps(json.dumps(GRID))})))[0]\n"
         f"assert ResultsStore(Path({str(tmp_path)!r})).claim(cell)\nprint('held', flush=True)\ntime.sleep(60)\n")],
         stdout=subprocess.PIPE, text=True, env=os.environ | {"KVPOLICIES_PLUGINS": "full,random"})
-    assert holder.stdout.readline().strip() == "held"
-    with ResultsStore(tmp_path) as store:
-        assert not store.claim(cell)
-    holder.send_signal(signal.SIGKILL)
-    holder.wait(timeout=30)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with ResultsStore(tmp_path) as store:
+            assert not store.claim(cell)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
     with ResultsStore(tmp_path) as store:
         assert store.claim(cell)
 
@@ -160,7 +170,7 @@ def test_resume_reruns_a_cell_whose_file_holds_another_cells_record(tmp_path, mo
     misplaced, owner = grid[0], grid[1]
     (tmp_path / f"{misplaced.key()}.json").write_text(json.dumps(saved_record(owner)))  # copied over by hand
     calls: list = []
-    monkeypatch.setattr(kvpolicies.experiments.sweep, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
     list(run_sweep(SweepConfig.model_validate(GRID), tmp_path, progress=False))
     assert misplaced.key() in {c.key() for c in calls}
     assert read_record(tmp_path / f"{misplaced.key()}.json").key == misplaced.key()
@@ -168,7 +178,7 @@ def test_resume_reruns_a_cell_whose_file_holds_another_cells_record(tmp_path, mo
 
 def test_renaming_a_label_reaches_the_page_without_recomputing(tmp_path, monkeypatch, capsys):
     calls: list = []
-    monkeypatch.setattr(kvpolicies.experiments.sweep, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
     grid = GRID | {"policies": ["full", {"name": "random", "label": "coin"}]}
     list(run_sweep(SweepConfig.model_validate(grid), tmp_path, progress=False))
     computed = len(calls)
@@ -206,7 +216,7 @@ def test_a_full_disk_is_a_clean_error_naming_the_folder_and_leaves_no_staging_fi
 
 def test_a_sweep_keeps_a_record_it_could_not_write_and_writes_it_once_there_is_room(tmp_path, monkeypatch):
     calls: list = []
-    monkeypatch.setattr(kvpolicies.experiments.sweep, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
     full_disk(monkeypatch, 1)  # the first write fails, then room is made
     records = list(run_sweep(SweepConfig.model_validate(GRID), tmp_path, progress=False))
     assert len(records) == len(calls) == len(cells(SweepConfig.model_validate(GRID)))
@@ -217,7 +227,7 @@ def test_a_sweep_on_a_disk_that_stays_full_stops_with_a_clean_error(tmp_path, mo
     config = tmp_path / "grid.json"
     config.write_text(json.dumps(GRID))
     calls: list = []
-    monkeypatch.setattr(kvpolicies.experiments.sweep, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
     full_disk(monkeypatch, 10**6)
     results = tmp_path / "results"
     assert main(["sweep", "--config", str(config), "--results", str(results), "--no-plots"]) == 2
@@ -246,7 +256,7 @@ def test_a_folder_without_file_locks_still_runs_with_a_warning(tmp_path, monkeyp
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     calls: list = []
-    monkeypatch.setattr(kvpolicies.experiments.sweep, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
     records = list(run_sweep(SweepConfig.model_validate(GRID), tmp_path, progress=False))
     assert len(records) == len(calls) == len(cells(SweepConfig.model_validate(GRID)))
     assert capsys.readouterr().err.count("does not support file locks") == 1
@@ -259,3 +269,98 @@ def test_result_files_are_as_readable_as_any_file_the_user_writes(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def failing_renames(monkeypatch, which: set[int]) -> None:
+    """The renames into a results folder numbered in ``which`` (1 the first) fail as on a full disk."""
+    count = [0]
+    real = os.replace
+
+    def replace(source, target):
+        count[0] += 1
+        if count[0] in which:
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return real(source, target)
+
+    monkeypatch.setattr(kvpolicies.experiments.results.os, "replace", replace)
+
+
+def test_a_last_record_saved_only_at_the_end_is_reported_like_every_other(tmp_path, monkeypatch, capsys):
+    calls: list = []
+    monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
+    grid = cells(SweepConfig.model_validate(GRID))
+    failing_renames(monkeypatch, {len(grid)})  # the last cell's write fails; the retry at the end succeeds
+    records = list(run_sweep(SweepConfig.model_validate(GRID), tmp_path, progress=False))
+    assert len(records) == len(calls) == len(grid) == len(load_results(tmp_path))
+    err = capsys.readouterr().err
+    assert "kvpolicies: warning: cannot write results to" in err  # said when it happened, not only at the end
+    assert "kept and written as soon as the folder takes a file again" in err
+
+
+def test_a_folder_too_full_for_one_record_stops_before_any_cell_is_computed(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps(GRID))
+    calls: list = []
+    monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
+
+    def full(handle):  # an empty file fits on a full disk; its data does not
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kvpolicies.experiments.results.os, "fsync", full)
+    results = tmp_path / "results"
+    assert main(["sweep", "--config", str(config), "--results", str(results), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert f"kvpolicies: error: cannot write results to {results}: no space left on device" in err
+    assert "Traceback" not in err and calls == [] and list(results.iterdir()) == []
+
+
+def claim_files_fail(monkeypatch, error: int, times: int) -> None:
+    left = [times]
+    real = os.open
+
+    def open_(path, flags, mode=0o777, **kwargs):
+        if str(path).endswith(".claim") and left[0] > 0:
+            left[0] -= 1
+            raise OSError(error, os.strerror(error), str(path))
+        return real(path, flags, mode, **kwargs)
+
+    monkeypatch.setattr(kvpolicies.experiments.store.os, "open", open_)
+
+
+def test_a_claim_that_cannot_be_created_is_a_clean_error(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps(GRID))
+    calls: list = []
+    monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
+    claim_files_fail(monkeypatch, errno.ENOSPC, 10**6)
+    results = tmp_path / "results"
+    assert main(["sweep", "--config", str(config), "--results", str(results), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert f"kvpolicies: error: cannot write results to {results}: no space left on device" in err
+    assert "Traceback" not in err and calls == []
+
+
+def test_a_stale_network_file_handle_on_a_claim_is_tried_again(tmp_path, monkeypatch):
+    claim_files_fail(monkeypatch, errno.ESTALE, 2)
+    cell = cells(SweepConfig.model_validate(GRID))[0]
+    with ResultsStore(tmp_path) as store:
+        assert store.claim(cell)
+
+
+def test_only_a_new_label_rewrites_a_finished_record_and_a_failed_rewrite_is_a_warning(tmp_path, monkeypatch, capsys):
+    calls: list = []
+    monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
+    list(run_sweep(SweepConfig.model_validate(GRID), tmp_path, progress=False))
+    before = {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("*.json")}
+    from kvpolicies.integrations.models import EMBEDDED_MODEL
+
+    same = GRID | {"models": [EMBEDDED_MODEL]}  # the embedded model by its id: the same cells, the same labels
+    list(run_sweep(SweepConfig.model_validate(same), tmp_path, progress=False))
+    assert {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("*.json")} == before
+    failing_renames(monkeypatch, set(range(1, 100)))  # a full disk: the cells are finished, only labels change
+    renamed = GRID | {"policies": ["full", {"name": "random", "label": "dice"}]}
+    assert list(run_sweep(SweepConfig.model_validate(renamed), tmp_path, progress=False)) == []
+    err = capsys.readouterr().err
+    assert "kvpolicies: warning: the label of 'dice' stays 'random' on the pages: cannot write results" in err
+    assert len(calls) == len(cells(SweepConfig.model_validate(GRID)))  # nothing computed again
+    assert not list(tmp_path.glob(".*.claim"))

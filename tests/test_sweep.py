@@ -86,9 +86,10 @@ def test_the_core_version_follows_the_runners_imports_not_a_list_of_file_names()
 
     core = {f"{path.parent.name}/{path.name}" for path in core_files()}
     assert {"engine/cache.py", "engine/storage.py", "engine/attention.py", "integrations/lm_eval.py",
-            "experiments/sweep.py", "experiments/memory.py", "kvpolicies/registry.py"} <= core
+            "experiments/runner.py", "experiments/memory.py", "kvpolicies/registry.py"} <= core
     assert not {name for name in core if name.split("/")[0] in ("reports", "cli")}
     assert "experiments/bench.py" not in core and "experiments/analysis.py" not in core
+    assert "experiments/sweep.py" not in core and "experiments/store.py" not in core  # the driver, not the runner
     passkey = {path.name for path in task_files("kvp_passkey")}
     assert {"kvp_passkey.yaml", "utils.py", "data.py"} <= passkey and "kvp_ppl.yaml" not in passkey
 
@@ -269,16 +270,16 @@ def test_plots_keep_equal_lines_apart_and_speed_and_memory_from_zero(tmp_path, m
 def test_cells_of_one_model_share_its_loaded_weights(tiny_pretrained, tmp_path, monkeypatch):
     import shutil
 
-    from kvpolicies.experiments import sweep
+    from kvpolicies.experiments import runner
 
-    monkeypatch.setattr(sweep, "_loaded", {})
+    monkeypatch.setattr(runner, "_loaded", {})
     grid = cells(SweepConfig(models=[tiny_pretrained], policies=["snapkv"], budgets=[0.25, 0.5], tasks=["kvp_passkey"]))
-    first, second = (sweep.cell_model(cell) for cell in grid[:2])
+    first, second = (runner.cell_model(cell) for cell in grid[:2])
     assert second.model is first.model and second.tokenizer is first.tokenizer
     assert str(first.kv_budget) == "0.25" and str(second.kv_budget) == "0.5"
     copy = str(shutil.copytree(tiny_pretrained, tmp_path / "copy"))
-    other = sweep.cell_model(grid[0].model_copy(update={"model": copy}))
-    assert other.model is not first.model and list(sweep._loaded) == [copy]  # one model in memory at a time
+    other = runner.cell_model(grid[0].model_copy(update={"model": copy}))
+    assert other.model is not first.model and list(runner._loaded) == [copy]  # one model in memory at a time
 
 
 def test_ray_options_without_the_ray_executor_are_refused(capsys):
@@ -328,7 +329,7 @@ def test_a_record_computed_by_other_code_is_written_as_a_failure_saying_so(tmp_p
                 yield cell, make_record("kvp_passkey", cell.policy.name, cell.budget, 1.0, key="0" * 20,
                                         worker={"host": "node-7", "pid": 1})
 
-    config = SweepConfig(policies=["full"], tasks=["kvp_passkey"])
+    config = SweepConfig(policies=["full"], tasks=[{"name": "kvp_passkey", "limit": 1}])
     (record,) = run_sweep(config, tmp_path, progress=False, executor=OtherCode())
     (cell,) = cells(config)
     assert record.status == "error" and record.key == cell.key()
@@ -364,4 +365,4 @@ def test_where_cells_run_never_reaches_their_code_version():
     from kvpolicies.experiments.code_version import core_files
 
     names = {path.name for path in core_files()}
-    assert "sweep.py" in names and "ray_executor.py" not in names  # the command line picks the executor
+    assert "runner.py" in names and "ray_executor.py" not in names  # the command line picks the executor

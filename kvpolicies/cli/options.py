@@ -36,6 +36,31 @@ positive_int = whole_number(1)
 non_negative_int = whole_number(0)
 
 
+def path(text: str) -> Path:
+    """An argparse type: a file or folder, never an empty value (``--results "$DIR"`` with ``DIR`` unset would
+    otherwise be the current folder, and fill it with result files)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty value; give a file or folder, or leave the "
+                                         "option out for its default")
+    return Path(text)
+
+
+path.__name__ = "path"
+
+
+def text(what: str):
+    """An argparse type: a non-empty value (an empty ``--address`` is an unset variable, not a choice)."""
+
+    def parse(value: str) -> str:
+        if not value.strip():
+            raise argparse.ArgumentTypeError(f"expected {what}, got an empty value; give one, or leave the option out "
+                                             "for its default")
+        return value.strip()
+
+    parse.__name__ = what
+    return parse
+
+
 def comma_separated(what: str):
     """An argparse type: comma-separated items, none of them empty. ``--budgets "$B"`` with ``B`` unset, or
     ``l2norm,,h2o``, is a mistake: read as "no value", it would run a default the user did not ask for."""

@@ -17,6 +17,7 @@ from kvpolicies.cli.options import (
     add_model_arguments,
     add_policy_arguments,
     parse_options,
+    path,
     positive_int,
     read_text_file,
 )
@@ -34,7 +35,7 @@ def add_commands(commands) -> None:
 
     generate = commands.add_parser("generate", help="generate text with a compressed KV cache")
     generate.add_argument("prompt", nargs="?", help="the prompt (or use --file)")
-    generate.add_argument("--file", type=Path, help="read the prompt from this file")
+    generate.add_argument("--file", type=path, help="read the prompt from this file")
     add_policy_arguments(generate)
     generate.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N", help="default: 64")
     generate.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
@@ -52,11 +53,11 @@ def add_commands(commands) -> None:
     add_policy_arguments(inspect)
     inspect.add_argument("--tokens", type=positive_int, default=2000, metavar="N",
                          help="sequence length of the planned allocation (default: 2000)")
-    inspect.add_argument("--file", type=Path, help="run this prompt and show the entries actually kept per head")
+    inspect.add_argument("--file", type=path, help="run this prompt and show the entries actually kept per head")
     inspect.set_defaults(run=run_inspect)
 
     scores = commands.add_parser("head-scores", help="measure retrieval scores per KV head (for headkv static)")
-    scores.add_argument("--output", type=Path, required=True, help="JSON file to write")
+    scores.add_argument("--output", type=path, required=True, help="JSON file to write")
     scores.add_argument("--samples", type=positive_int, default=8, help="passkey prompts to probe (default: 8)")
     scores.add_argument("--tokens", type=positive_int, default=1000, help="approximate prompt length (default: 1000)")
     scores.add_argument("--seed", type=int, default=0)

@@ -12,6 +12,7 @@ from tabulate import tabulate
 from kvpolicies.cli.options import (
     comma_separated,
     fraction,
+    path,
     positive_int,
     read_text_file,
     whole_numbers,
@@ -26,13 +27,13 @@ def add_commands(commands) -> None:
     norms = analyses.add_parser("norms", help="correlation of key L2 norms with the attention keys receive")
     norms.add_argument("--model", help="model id, folder or .gguf file (default: the embedded model)")
     source = norms.add_mutually_exclusive_group()
-    source.add_argument("--text", type=Path, help="text file to run (default: the first kvp_niah prompt at 2k tokens)")
+    source.add_argument("--text", type=path, help="text file to run (default: the first kvp_niah prompt at 2k tokens)")
     source.add_argument("--task", choices=sorted(GENERATORS), help="first sample of this task")
     norms.add_argument("--tokens", type=positive_int, default=2048, help="prompt length when taken from a task")
     norms.add_argument("--window", type=positive_int, default=64, help="last queries whose attention is measured")
     norms.add_argument("--keep", type=fraction, default=0.5, help="fraction for the top-k overlap")
     norms.add_argument("--layers", type=whole_numbers(0), default=[0, 1, 15, 29], help="layers for the scatter plots")
-    norms.add_argument("--out", type=Path, default=Path("results/analysis"), help="folder for the PNG figures")
+    norms.add_argument("--out", type=path, default=Path("results/analysis"), help="folder for the PNG figures")
     norms.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     norms.set_defaults(run=run_analyze_norms)
 
@@ -51,10 +52,10 @@ def add_commands(commands) -> None:
     bench.add_argument("--prefill-chunk", type=positive_int, metavar="N", help="prefill N tokens at a time, evicting between")
     bench.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     bench.add_argument("--dtype", help="float32, bfloat16, ... (default: bfloat16 on CUDA, float32 on CPU)")
-    bench.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
+    bench.add_argument("--json", type=path, help="also write every measurement to this JSON file")
     bench.add_argument("--profile", action="store_true",
                        help="instead of the tables: where each run's time goes (torch profiler, top operators)")
-    bench.add_argument("--from-json", type=Path, nargs="+", metavar="JSON",
+    bench.add_argument("--from-json", type=path, nargs="+", metavar="JSON",
                        help="measure nothing: print the tables of saved --json files (e.g. one run per context)")
     bench.set_defaults(run=run_bench)
 
@@ -62,36 +63,36 @@ def add_commands(commands) -> None:
                                  "sweeps and benchmarks")
     pages = report.add_subparsers(required=True, metavar="PAGE")
     catalogue = pages.add_parser("policies", help="docs/policies.md: every policy's paper, cost and scores vs random")
-    catalogue.add_argument("--results", type=Path, default=Path("results/default"),
+    catalogue.add_argument("--results", type=path, default=Path("results/default"),
                            help="sweep results folder, shared with the default sweep (default: results/default)")
-    catalogue.add_argument("--bench-json", type=Path, default=Path("results/bench-2k.json"),
+    catalogue.add_argument("--bench-json", type=path, default=Path("results/bench-2k.json"),
                            help="benchmark measurements; measured at 2048 tokens if the file is missing")
     catalogue.add_argument("--no-run", action="store_true", help="render from what is saved; run nothing")
-    catalogue.add_argument("--output", type=Path, help="write the page here instead of stdout")
+    catalogue.add_argument("--output", type=path, help="write the page here instead of stdout")
     catalogue.set_defaults(run=run_report_policies)
     paper = pages.add_parser("paper", help="docs/paper-replication.md: the L2-norm paper's claims measured here")
     paper.add_argument("--model", help="model id, folder or .gguf file (default: the embedded model)")
-    paper.add_argument("--results", type=Path, default=Path("results/default"),
+    paper.add_argument("--results", type=path, default=Path("results/default"),
                        help="sweep results folder, shared with the default sweep (default: results/default)")
-    paper.add_argument("--plots", type=Path, default=Path("docs/paper-replication"), help="folder for the figures")
-    paper.add_argument("--bench-json", type=Path, default=Path("results/bench-2k.json"),
+    paper.add_argument("--plots", type=path, default=Path("docs/paper-replication"), help="folder for the figures")
+    paper.add_argument("--bench-json", type=path, default=Path("results/bench-2k.json"),
                        help="benchmark measurements; measured at 2048 tokens if the file is missing")
     paper.add_argument("--no-run", action="store_true", help="run no sweep cell or benchmark; render what is saved")
     paper.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    paper.add_argument("--output", type=Path, help="write the page here instead of stdout")
+    paper.add_argument("--output", type=path, help="write the page here instead of stdout")
     paper.set_defaults(run=run_report_paper)
 
     anchors = pages.add_parser("anchors", help="docs/kvpress-anchors.md: our policies next to kvpress's reference "
                                "measurements on a natural-text passkey")
     anchors.add_argument("--model", help="model id, folder or .gguf file (default: the embedded model)")
-    anchors.add_argument("--results", type=Path, default=Path("results/anchors"),
+    anchors.add_argument("--results", type=path, default=Path("results/anchors"),
                          help="sweep results folder (default: results/anchors)")
     anchors.add_argument("--no-run", action="store_true", help="render from what is saved; run nothing")
-    anchors.add_argument("--output", type=Path, help="write the page here instead of stdout")
+    anchors.add_argument("--output", type=path, help="write the page here instead of stdout")
     anchors.set_defaults(run=run_report_anchors)
 
     data = commands.add_parser("eval-data", help="write the offline evaluation sets (passkey, niah, ppl) as JSONL")
-    data.add_argument("--out", type=Path, required=True, help="folder for kvp_passkey.jsonl, kvp_niah.jsonl, ...")
+    data.add_argument("--out", type=path, required=True, help="folder for kvp_passkey.jsonl, kvp_niah.jsonl, ...")
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--lengths", type=whole_numbers(1), help="comma-separated token lengths (default: each task's own)")
     data.set_defaults(run=run_eval_data)

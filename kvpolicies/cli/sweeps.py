@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvpolicies.cli.options import comma_separated, write_or_print
+from kvpolicies.cli.options import comma_separated, path, text, write_or_print
 from kvpolicies.errors import UsageError
 
 GRID_HELP = "see README.md, 'Sweeps and leaderboards'"
@@ -18,11 +18,11 @@ def add_commands(commands) -> None:
     sweep = commands.add_parser("sweep", help="run policies x budgets x tasks x models, resumable, then rank them",
                                 description=f"Run a grid of cells, resumable, then rank them ({GRID_HELP}). The full "
                                 "cache is always part of the grid, as the reference of every budget.")
-    sweep.add_argument("--config", type=Path, help=f"YAML or TOML grid ({GRID_HELP})")
+    sweep.add_argument("--config", type=path, help=f"YAML or TOML grid ({GRID_HELP})")
     sweep.add_argument("--quick", action="store_true", help="small grid: passkey at 2k tokens, 5 policies, 2 budgets")
     sweep.add_argument("--preset", help=f"a grid shipped with kvpolicies ({', '.join(presets())}; "
                                         "README.md, 'RULER leaderboard')")
-    sweep.add_argument("--results", type=Path,
+    sweep.add_argument("--results", type=path,
                        help="results folder (default: results/quick, results/PRESET or results/default)")
     sweep.add_argument("--policies", type=comma_separated("policy names"),
                        help="comma-separated policy names (default: every registered policy)")
@@ -43,7 +43,7 @@ def add_commands(commands) -> None:
     cluster.add_argument("--executor", choices=["local", "ray"],
                          help="local: one cell after another in this process (default); ray: each cell on a Ray "
                               "worker (pip install 'kvpolicies[ray]')")
-    cluster.add_argument("--address", help="Ray cluster to join: auto (the one `ray start` made here) or HOST:PORT "
+    cluster.add_argument("--address", type=text("a cluster address"), help="Ray cluster to join: auto (the one `ray start` made here) or HOST:PORT "
                                            "(default: start Ray on this machine for the sweep)")
     cluster.add_argument("--cpus-per-cell", type=float, metavar="N",
                          help="CPUs each Ray worker reserves, and its torch threads (default 1)")
@@ -54,10 +54,10 @@ def add_commands(commands) -> None:
     sweep.set_defaults(run=run_sweep_command)
 
     board = commands.add_parser("leaderboard", help="render saved sweep results as tables and plots (no model)")
-    board.add_argument("results", type=Path, help="results folder of a sweep")
+    board.add_argument("results", type=path, help="results folder of a sweep")
     board.add_argument("--format", choices=["terminal", "markdown", "csv", "html"], default="terminal")
-    board.add_argument("--output", type=Path, help="write the tables here instead of stdout")
-    board.add_argument("--plots", type=Path, help="write PNG figures into this folder")
+    board.add_argument("--output", type=path, help="write the tables here instead of stdout")
+    board.add_argument("--plots", type=path, help="write PNG figures into this folder")
     board.add_argument("--provenance", action="store_true", help="start with dates, versions, devices and the grid")
     board.add_argument("--suite", action="store_true",
                        help="one benchmark suite in kvpress's shape (RULER): the mean over tasks per policy, keep "
@@ -121,27 +121,10 @@ def sweep_config(args: argparse.Namespace):
                                   for task in config.reference_tasks]
     for spec in config.resolved_policies():
         get_policy(spec.name, **spec.options)  # fail before running anything
+    from kvpolicies.experiments.sweep import check_tasks
+
     check_tasks(config)
     return config
-
-
-def check_tasks(config) -> None:
-    """Every task of the grid exists (kvpolicies' or lm-eval's), its metadata is what the task reads, and its lengths
-    fit every model of the grid: all found before a model loads, not after the first cell's.
-
-    Here rather than in the grid's validation, which the cell runner imports: a cell's code version covers what the
-    runner imports, and the data generators must not become part of every cell's version through this check.
-    """
-    from kvpolicies_evals.metadata import check_fits, validate
-    from kvpolicies_evals.tasks import check_task_name
-
-    tasks = {task.name: task for task in config.tasks + config.reference_tasks}
-    for name, task in tasks.items():
-        check_task_name(name)
-        validate(name, task.metadata)
-    for model in config.models:  # only a model's config is read, never its weights
-        for name, task in tasks.items():
-            check_fits(name, task.metadata, model)
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from kvpolicies.engine.policy import Policy
 
-RUNNER = "kvpolicies.experiments.sweep"
+RUNNER = "kvpolicies.experiments.runner"
 """The module that computes a cell (lm-eval through the kvpolicies model, memory and speed)."""
 OURS = ("kvpolicies", "kvpolicies_plugins", "kvpolicies_evals")
 """Packages whose sources are hashed; third-party libraries are covered by the versions recorded with each cell."""

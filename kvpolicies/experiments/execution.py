@@ -7,9 +7,9 @@ interchangeably.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator, model_validator
 
 
 class Execution(BaseModel):
@@ -20,16 +20,24 @@ class Execution(BaseModel):
 
     executor: Literal["local", "ray"] = "local"
     """``local``: one cell after another in this process (needs no Ray). ``ray``: each cell on a Ray worker."""
-    address: str | None = None
+    address: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] | None = None
     """The Ray cluster to join: ``auto`` (the one ``ray start`` made on this node) or ``HOST:PORT``; none starts a
     Ray instance on this machine for the sweep's duration."""
     cpus_per_cell: float | None = Field(None, gt=0)
     """CPUs a worker reserves (default 1), and the threads torch uses in it."""
     gpus_per_cell: float | None = Field(None, ge=0)
     """GPUs a worker reserves (default 0); fractions share a GPU between workers."""
-    max_retries: int | None = Field(None, ge=0)
+    max_retries: StrictInt | None = Field(None, ge=0)
     """How often a cell whose worker died (killed, out of memory, node lost) is run again before it is recorded as
     failed (default 2). A cell that raises is not retried: it is recorded with its error, as locally."""
+
+    @field_validator("cpus_per_cell", "gpus_per_cell", mode="before")
+    @classmethod
+    def _a_number(cls, value: object) -> object:
+        """``true`` in a grid file is a mistake, not 1 CPU (a float field would read it so)."""
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
 
     @field_validator("cpus_per_cell", "gpus_per_cell")
     @classmethod

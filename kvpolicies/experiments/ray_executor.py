@@ -45,7 +45,7 @@ retries for minutes on an address where nothing listens."""
 
 
 class SweepWorker:
-    """One Ray worker: computes cells with :func:`kvpolicies.experiments.sweep.evaluate`, keeping the last model
+    """One Ray worker: computes cells with :func:`kvpolicies.experiments.runner.evaluate`, keeping the last model
     loaded between them."""
 
     def __init__(self, threads: int) -> None:
@@ -62,7 +62,7 @@ class SweepWorker:
         return ray.get_runtime_context().get_node_id()
 
     def evaluate(self, cell_json: str) -> str:
-        from kvpolicies.experiments.sweep import evaluate
+        from kvpolicies.experiments.runner import evaluate
 
         record = evaluate(Cell.model_validate_json(cell_json))
         context = ray.get_runtime_context()
@@ -87,7 +87,12 @@ class _Slot:
 
 @dataclass
 class _State:
-    queue: deque[Cell]
+    todo: Iterator[Cell]
+    """The cells not taken yet: taking one claims it, so the driver takes them only as workers need them."""
+    queue: deque[Cell] = field(default_factory=deque)
+    """Taken cells waiting for a worker: a few taken ahead (so a worker can be given its model's next cell) and the
+    cells of lost workers, run again."""
+    taken_all: bool = False
     slots: list[_Slot] = field(default_factory=list)
     starting: dict[Any, _Slot] = field(default_factory=dict)
     running: dict[Any, _Slot] = field(default_factory=dict)
@@ -105,15 +110,15 @@ class RayExecutor:
         self.execution = execution
 
     def run(self, todo: Iterable[Cell], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]:
-        queue = deque(todo)  # taken, so claimed, at the start: the driver hands cells out from its own queue
-        if not queue:
+        state = _State(todo=iter(todo))
+        self._take(state, 1)
+        if not state.queue:  # nothing to run: no cluster to start
             return
         started_here = self._connect()
-        state = _State(queue=queue)
         shown = ""
         try:
             self._grow(state, first=True)
-            while state.queue or state.running:
+            while state.queue or state.running or not state.taken_all:
                 self._dispatch(state)
                 waiting = list(state.running) + list(state.starting)
                 if (line := self._status(state)) != shown:
@@ -199,7 +204,7 @@ class RayExecutor:
                 f"{resources.get('GPU', 0):g} GPUs); lower --cpus-per-cell / --gpus-per-cell or add a node")
         for slot in [slot for slot in state.slots if not slot.started][:max(0, len(state.slots) - capacity)]:
             self._drop(state, slot)
-        wanted = min(capacity, len(state.queue) + len(state.running))
+        wanted = min(capacity, len(state.queue) + len(state.running) + (0 if state.taken_all else capacity))
         while len(state.slots) < wanted:
             actor = _RemoteWorker.options(
                 num_cpus=self.execution.cpus, num_gpus=self.execution.gpus, scheduling_strategy="SPREAD",
@@ -239,11 +244,26 @@ class RayExecutor:
 
     # -- cells -------------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _take(state: _State, wanted: int) -> None:
+        """Take cells until ``wanted`` wait in the queue, or none is left. Why not all at the start: each taken cell
+        holds a claim (an open file), so a grid of thousands of cells would hold thousands of files, and keep
+        another sweep on the same folder from sharing the work."""
+        while len(state.queue) < wanted and not state.taken_all:
+            cell = next(state.todo, None)
+            if cell is None:
+                state.taken_all = True
+            else:
+                state.queue.append(cell)
+
     def _dispatch(self, state: _State) -> None:
-        """Give each idle started worker a cell, of the model it holds when one is left."""
-        for slot in state.slots:
-            if not slot.started or slot.busy is not None or not state.queue:
-                continue
+        """Give each idle started worker a cell, of the model it holds when one is queued."""
+        idle = [slot for slot in state.slots if slot.started and slot.busy is None]
+        if idle:  # a few ahead, so that a worker most often gets the next cell of the model it holds
+            self._take(state, len(idle) + len(state.slots))
+        for slot in idle:
+            if not state.queue:
+                break
             cell = next((c for c in state.queue if c.model == slot.model), state.queue[0])
             state.queue.remove(cell)
             state.first_started.setdefault(cell.key(), datetime.now(timezone.utc))
@@ -308,7 +328,7 @@ def _summary(error: Exception) -> str:
 
 def _failed(cell: Cell, error: str, started_at: datetime) -> ResultRecord:
     """The record of a cell that no worker finished (its worker died every time it was tried)."""
-    from kvpolicies.experiments.sweep import versions
+    from kvpolicies.experiments.runner import versions
 
     return ResultRecord(key=cell.key(), cell=cell, identity=cell.identity(), versions=versions(),
                         started_at=started_at, finished_at=datetime.now(timezone.utc), status="error", error=error)

@@ -34,6 +34,7 @@ from pydantic import (
 from kvpolicies.engine.budget import Budget
 from kvpolicies.errors import UsageError, describe
 from kvpolicies.experiments.grid import Cell
+from kvpolicies.files import staged
 
 
 class ResultsError(UsageError):
@@ -216,26 +217,13 @@ def write_record(path: Path, record: ResultRecord) -> None:
 
 
 def write_atomically(path: Path, data: bytes, what: str) -> None:
-    """``data`` into ``path`` through a staging file of its own in the same folder, then one rename; ``what`` names
+    """``data`` into ``path`` through a staging file of its own (:func:`kvpolicies.files.staged`); ``what`` names
     the folder's role in the error (``results``)."""
-    staging = None
     try:
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        staging = Path(name)
-        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600 would hide a shared folder's results from its people
-        with os.fdopen(handle, "wb") as file:
+        with staged(path) as file:
             file.write(data)
-        os.replace(staging, path)
     except OSError as error:
-        if staging is not None:
-            staging.unlink(missing_ok=True)
         raise ResultsError(cannot_write(path, len(data), error, what)) from error
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def cannot_write(path: Path, size: int, error: OSError, what: str) -> str:
@@ -253,16 +241,26 @@ def cannot_write(path: Path, size: int, error: OSError, what: str) -> str:
     return f"cannot write {what} to {folder}: {reason} ({path.name}); give --results a folder you can write to"
 
 
+PROBE_BYTES = 64 * 1024
+"""What the write check writes (and removes): more than a record takes, so a disk too full for one fails at once."""
+
+
 def check_writable(results_dir: Path) -> None:
-    """Create ``results_dir`` and write a scratch file in it, so a folder that cannot hold results fails before the
-    first cell is computed, not after (permission bits alone cannot tell: root ignores them)."""
+    """Create ``results_dir`` and write (then remove) a scratch file as large as a record in it, so a folder that
+    cannot hold results, read-only or full, fails before the first cell is computed, not after (permission bits
+    alone cannot tell: root ignores them; and an empty file fits on a full disk)."""
     if results_dir.exists() and not results_dir.is_dir():
         raise ResultsError(f"results folder {results_dir} is a file; give --results a folder")
     try:
         results_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=results_dir, prefix=".write-check-"):
-            pass
     except OSError as error:
         where = f" ({error.filename})" if error.filename and Path(error.filename) != results_dir else ""
         raise ResultsError(f"cannot write results to {results_dir}: {(error.strerror or str(error)).lower()}{where}; "
                            "give --results a folder you can write to") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=results_dir, prefix=".write-check-") as file:
+            file.write(bytes(PROBE_BYTES))
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as error:
+        raise ResultsError(cannot_write(results_dir / "a result", PROBE_BYTES, error, "results")) from None

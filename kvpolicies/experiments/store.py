@@ -21,10 +21,12 @@ import sys
 from pathlib import Path
 
 from kvpolicies.experiments.grid import Cell
-from kvpolicies.experiments.results import ResultRecord, read_record, write_record
+from kvpolicies.experiments.results import ResultRecord, ResultsError, cannot_write, read_record, write_record
 
 UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 """What ``flock`` raises on a file system that has no locks (some network mounts)."""
+ATTEMPTS = 20
+"""Tries to claim a cell whose claim file keeps changing under us before it counts as held elsewhere."""
 
 
 class ResultsStore:
@@ -61,13 +63,23 @@ class ResultsStore:
 
     def claim(self, cell: Cell) -> bool:
         """Claim ``cell`` for this process; False if another process holds it. Claiming a cell this process holds
-        already is a no-op (a cell retried on another Ray worker keeps its claim)."""
+        already is a no-op (a cell retried on another Ray worker keeps its claim). A claim file that cannot be
+        created (a full disk, a folder gone read-only) raises :class:`ResultsError`.
+
+        Why the attempts are bounded: each retry means the file changed under us (its holder released it, or a
+        network file system answered with a stale handle); a cell still contested after :data:`ATTEMPTS` tries is
+        left to the other sweep, as a held one is."""
         key = cell.key()
         if key in self._held:
             return True
         path = self.folder / f".{key}.claim"
-        while True:
-            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        for _ in range(ATTEMPTS):
+            try:
+                handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as error:
+                if error.errno == errno.ESTALE:
+                    continue
+                raise ResultsError(cannot_write(path, 0, error, "results")) from None
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -76,17 +88,14 @@ class ResultsStore:
             except OSError as error:
                 if error.errno not in UNSUPPORTED:
                     os.close(handle)
-                    raise
+                    if error.errno == errno.ESTALE:
+                        continue
+                    raise ResultsError(cannot_write(path, 0, error, "results")) from None
                 self._warn_unlocked()  # a file system without locks: sweep on, as before claims existed
             except BaseException:
                 os.close(handle)
                 raise
-            # The holder before us removes the file as it releases: a lock on a removed file claims nothing.
-            try:
-                same = os.stat(path).st_ino == os.fstat(handle).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
+            if self._same_file(path, handle):
                 try:  # who holds it, for a person looking at the folder; a full disk must not stop the claim
                     os.ftruncate(handle, 0)
                     os.write(handle, f"{os.getpid()}\n".encode())
@@ -95,12 +104,23 @@ class ResultsStore:
                 self._held[key] = handle
                 return True
             os.close(handle)
+        return False
+
+    @staticmethod
+    def _same_file(path: Path, handle: int) -> bool:
+        """Whether ``handle`` is still the file at ``path``: the holder before us removes the file as it releases,
+        and a lock on a removed file claims nothing."""
+        try:
+            return os.stat(path).st_ino == os.fstat(handle).st_ino
+        except OSError:  # removed meanwhile, or a stale handle on a network file system: try again
+            return False
 
     def _warn_unlocked(self) -> None:
         if not self._warned:
             self._warned = True
             print(f"kvpolicies: warning: {self.folder} does not support file locks (flock): two sweeps on it may "
-                  "compute the same cell twice (a failure still never replaces a finished result)", file=sys.stderr)
+                  "compute the same cell twice (a failure is still not written over a result finished before it)",
+                  file=sys.stderr)
 
     def release(self, key: str) -> None:
         """Give up the claim on ``key`` (removing its file first, so that no one locks a file about to go)."""
@@ -109,6 +129,8 @@ class ResultsStore:
             return
         try:
             (self.folder / f".{key}.claim").unlink(missing_ok=True)
+        except OSError:  # a folder gone read-only: a claim file left behind is unlocked, so it holds nothing
+            pass
         finally:
             os.close(handle)
 

@@ -20,9 +20,11 @@ from kvpolicies.engine.budget import Budget
 from kvpolicies.engine.policy import Policy, Role, Signal
 from kvpolicies.experiments.results import ResultRecord, budget_key, load_results
 from kvpolicies.registry import PolicyInfo, get_policy, list_policies, policy_with_role
+from kvpolicies.reports.points import shown
 
 Latest = dict[tuple[str, str, float | str], ResultRecord]
-"""Finished records by (task, policy title, budget as :func:`~kvpolicies.experiments.results.budget_key`)."""
+"""Finished records by (task, policy title, budget as :func:`~kvpolicies.experiments.results.budget_key`), task and
+title named apart where two points share them (:func:`latest_records`)."""
 
 CATALOGUE_TASKS = ("kvp_passkey", "kvp_niah")
 CATALOGUE_BUDGETS = (0.5, 0.25)
@@ -50,16 +52,20 @@ def decode_behaviour(policy: Policy) -> str:
 
 
 def latest_records(records: Sequence[ResultRecord]) -> Latest:
-    """Finished records by (task, policy title, budget); if a cell was run twice, the newest wins. Budgets match as
-    values, so a cell swept at ``"50%"`` is the one at 0.5."""
-    best: Latest = {}
-    for record in records:
-        if record.status != "ok":
-            continue
-        key = (record.cell.task.name, record.cell.title, budget_key(record.cell.budget))
-        if key not in best or record.finished_at > best[key].finished_at:
-            best[key] = record
-    return best
+    """Finished records of one model by (task, policy title, budget), each point once, as last measured, and named
+    apart as the leaderboard names it (:func:`~kvpolicies.reports.points.shown`).
+
+    Why points and not titles: two policies given one label, two budgets differing only in slack, or two runs of a
+    task on other data are different results, and the newest of them must not stand in for the others; a variant
+    that collides is looked up by its longer name (``snapkv (slack 0)``), so the plain name is never the wrong
+    cell. Budgets match as values, so a cell swept at ``"50%"`` is the one at 0.5. A model is no part of a name
+    (pages show models apart), so the records must be one model's.
+    """
+    models = sorted({record.identity.model for record in records})
+    if len(models) > 1:
+        raise ValueError(f"latest_records takes one model's records, got {', '.join(models)}")
+    finished = [record for record in records if record.status == "ok"]
+    return {(point.task, point.title, budget_key(point.record.cell.budget)): point.record for point in shown(finished)}
 
 
 def run_missing(configs: list, results_dir: Path, progress: Callable[[str], None] = print) -> None:
@@ -74,7 +80,7 @@ def run_missing(configs: list, results_dir: Path, progress: Callable[[str], None
 
 def chosen_records(results_dir: Path, model: str | None, titles: set[str],
                    task: str | None = None) -> tuple[Latest, list[ResultRecord]]:
-    """A page's cells: the newest finished record per (task, policy title, budget) of ``model`` for the given
+    """A page's cells: the newest finished record per point of ``model`` (:func:`latest_records`) for the given
     policy titles (and task), and the list of those records for the provenance."""
     from kvpolicies.integrations.models import EMBEDDED_MODEL
 
@@ -127,20 +133,35 @@ def catalogue_sweep():
     return SweepConfig(budgets=list(CATALOGUE_BUDGETS), tasks=tasks)
 
 
+def _catalogue_model() -> str:
+    """The model the catalogue's cells run on: a shared results folder may hold other models' cells too, which
+    are other results, not newer measurements of these."""
+    from kvpolicies.integrations.models import EMBEDDED_MODEL
+
+    [model] = catalogue_sweep().models
+    return model or EMBEDDED_MODEL
+
+
 def policies_page(results_dir: Path, bench_json: Path | None = None, today: date | None = None) -> str:
     """Markdown of every registered policy: paper, signals, cost, decode behaviour, scores next to chance."""
     from kvpolicies.reports.leaderboard import provenance
 
-    records = load_results(results_dir) if results_dir.is_dir() else []
+    model = _catalogue_model()
+    records = [r for r in load_results(results_dir) if r.identity.model == model] if results_dir.is_dir() else []
     latest = latest_records(records)
     header, bench = benchmark_by_policy(bench_json)
     reference, chance = policy_with_role(Role.REFERENCE), policy_with_role(Role.CHANCE)
     baselines = [name for name in (reference, chance) if name]
     full_bench = bench.get(reference)
 
+    on_page: dict[int, ResultRecord] = {}  # the records the table shows, for the provenance
+
     def score(task: str, policy: str | None, budget: float) -> float | None:
         record = latest.get((task, policy, 1.0 if policy == reference else budget))
-        return None if record is None else record.score
+        if record is None:
+            return None
+        on_page[id(record)] = record
+        return record.score
 
     infos: list[PolicyInfo] = list_policies()
     order = baselines + sorted(i.name for i in infos if i.name not in baselines)
@@ -171,8 +192,7 @@ def policies_page(results_dir: Path, bench_json: Path | None = None, today: date
     headers = ["policy", "paper", "reads", "attention-free", "policy time / prefill", "decode speed vs full",
                "during decoding", *(f"{t.removeprefix('kvp_')} @{b}" for t in CATALOGUE_TASKS for b in CATALOGUE_BUDGETS)]
 
-    used = [r for r in records if r.status == "ok" and r.cell.task.name in CATALOGUE_TASKS
-            and (r.is_reference or budget_key(r.cell.budget) in CATALOGUE_BUDGETS)]
+    used = list(on_page.values())
     samples = defaultdict(set)
     for record in used:
         samples[record.cell.task.name].add(record.samples)

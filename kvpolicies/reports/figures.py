@@ -6,7 +6,10 @@ A folder that cannot take the figures (a file in its place, no permission, a ful
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -55,15 +58,42 @@ def save(fig: Any, out_dir: Path, name: str, model: str, models: Collection[str]
         if len(models) > 1:
             fig.suptitle(model)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        _write(fig, path)
     except OSError as error:
-        raise _unwritable(out_dir, error) from None
+        raise _unwritable(out_dir, error, path) from None
     finally:
         plt.close(fig)
     return path
 
 
-def _unwritable(out_dir: Path, error: OSError) -> ResultsError:
+def _write(fig: Any, path: Path) -> None:
+    """Draw ``fig`` into ``path`` through a staging file, then one rename.
+
+    Why: two sweeps or leaderboards may draw the same plots folder at once, and a page or a browser may read it
+    meanwhile; each must see the old figure or the whole new one, and a drawing that fails (a full disk) must leave
+    the old one, and nothing else, behind. The staging file lies in a hidden folder of its own in ``out_dir`` (one
+    file system, so the rename is atomic; one folder per write, so two writers never share a file) and has the
+    figure's own name, so matplotlib reads the format from it. It is created here, by ``open``, so it has the
+    permissions of any file the user writes (``0o666`` less the umask), not :func:`tempfile.mkstemp`'s ``0o600``
+    that would hide a shared folder's plots from its other users. It is created before drawing, so that a
+    ``savefig`` that writes nothing (tests replace it to look at the figures) still leaves a file to rename.
+    """
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        drawn = staging / path.name
+        drawn.touch()
+        fig.savefig(drawn, dpi=110)
+        with drawn.open("r+b") as file:
+            os.fsync(file.fileno())  # a full disk that delays allocation fails here, not after the rename
+        os.replace(drawn, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unwritable(out_dir: Path, error: OSError, figure: Path | None = None) -> ResultsError:
+    """The error for a folder that cannot take the figures; it names the ``figure`` being written where the error
+    names a file, not the staging file, which is gone by then."""
     why = (error.strerror or str(error)).lower()
-    where = f" ({error.filename})" if error.filename and Path(error.filename) != out_dir else ""
+    named = error.filename and Path(error.filename) != out_dir
+    where = f" ({figure or error.filename})" if named else ""
     return ResultsError(f"cannot write plots to {out_dir}: {why}{where}; {FIX}")

@@ -2,10 +2,11 @@
 
 A point is a cell without its code version: the model, the task (name, metadata, limit), the policy (name and full
 config), the budget (slack included), the seed, the batch size and the protocol. A results folder keeps the cells of
-earlier code versions under other keys, so a page shows each point once, as last measured (:func:`newest`). Points
-that differ in anything else are different results, even where two grids gave two policies one label or two runs of
-a task one name: a page keeps them apart, and :func:`shown` names them apart with the fewest words that do it (none
-where nothing collides, so the page of a single grid reads as it always did).
+earlier code versions under other keys, so a page shows each point once, as last measured (:func:`newest`); an
+option that only one code version has (a plugin gained it) does not tell two versions' records apart
+(:func:`same_point`). Points that differ in anything else are different results, even where two grids gave two
+policies one label or two runs of a task one name: a page keeps them apart, and :func:`shown` names them apart with
+the fewest words that do it (none where nothing collides, so the page of a single grid reads as it always did).
 
 Budgets stay numbers (a plot's x, an area's width), so what tells two budgets of one value apart, their slack, is
 said in the policy's name: ``snapkv`` and ``snapkv (slack 0)`` are two lines. Seed and batch size go with the task,
@@ -38,25 +39,62 @@ def _text(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def point(record: ResultRecord) -> str:
-    """Everything the record's cell key hashes but the code version, as one comparable text."""
+def _base(record: ResultRecord) -> str:
+    """Everything the record's cell key hashes but the code version and the policy's options, as one comparable
+    text: records that differ in it are two points; records that share it are one point or several, by their
+    options (:func:`same_point`)."""
     budget = record.identity.budget
+    policy = {key: value for key, value in record.identity.policy.items() if key != "config"}
     return _text({
         "model": record.identity.model, "task": record.cell.task.model_dump(mode="json"),
-        "policy": record.identity.policy, "budget": None if budget is None else budget.model_dump(mode="json"),
+        "policy": policy, "budget": None if budget is None else budget.model_dump(mode="json"),
         "seed": record.cell.seed, "batch_size": record.cell.batch_size, "protocol": record.cell.protocol.value,
     })
 
 
+def _options(record: ResultRecord) -> dict[str, Any]:
+    """The policy's full config as the cell ran it (its options, defaults included)."""
+    config = record.identity.policy.get("config")
+    return config if isinstance(config, dict) else {}
+
+
+def same_point(record: ResultRecord, other: ResultRecord) -> bool:
+    """Whether two records of one :func:`_base` measured one point.
+
+    Under one code version, only if their options are the same: two configs of one plugin are two policies. Across
+    code versions, if their options agree wherever both have one: a plugin that gained an option (with a default)
+    in a later version records it, and its earlier records lack it, yet the user sweeps the same policy; were the
+    option to count, every new option would split a page's row in two.
+    """
+    ours, theirs = _options(record), _options(other)
+    if record.identity.code_version == other.identity.code_version:
+        return _text(ours) == _text(theirs)
+    return all(_text(ours[key]) == _text(theirs[key]) for key in ours.keys() & theirs.keys())
+
+
 def newest(records: Sequence[ResultRecord]) -> list[ResultRecord]:
-    """One record per point: the newest finished one, else the newest failure."""
-    chosen: dict[str, ResultRecord] = {}
-    for record in records:
-        key = point(record)
-        held = chosen.get(key)
-        if held is None or (record.status == "ok", record.finished_at) > (held.status == "ok", held.finished_at):
-            chosen[key] = record
-    return list(chosen.values())
+    """One record per point: the newest finished one, else the newest failure; in the order the points first occur.
+
+    Records are grouped by everything but their options (:func:`_base`), then, best first, each joins the first
+    point all of whose records it measured too (:func:`same_point`), else starts one: checking every record, not
+    only the newest, keeps two configs of one code version apart even where an older record fits both (it goes
+    with the point measured last).
+    """
+    groups: dict[str, list[tuple[int, ResultRecord]]] = defaultdict(list)
+    for index, record in enumerate(records):
+        groups[_base(record)].append((index, record))
+    found: list[tuple[int, ResultRecord]] = []
+    for members in groups.values():
+        best_first = sorted(members, key=lambda item: (item[1].status == "ok", item[1].finished_at), reverse=True)
+        points: list[list[tuple[int, ResultRecord]]] = []
+        for index, record in best_first:
+            joined = next((held for held in points if all(same_point(record, r) for _, r in held)), None)
+            if joined is None:
+                points.append([(index, record)])
+            else:
+                joined.append((index, record))
+        found += [(min(index for index, _ in held), held[0][1]) for held in points]
+    return [record for _, record in sorted(found, key=lambda item: item[0])]
 
 
 @dataclass(frozen=True)

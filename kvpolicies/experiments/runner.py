@@ -1,0 +1,140 @@
+"""The cell runner: one sweep cell through lm-eval on the kvpolicies model, into its record.
+
+Why a module of its own: a cell's code version hashes exactly what this module can import (transitively, see
+:mod:`kvpolicies.experiments.code_version`), so it holds what computes a result and nothing that only drives a
+sweep (claims, progress, checks of a grid's inputs): editing those keeps every finished cell.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import platform
+import socket
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvpolicies.experiments.grid import Cell
+from kvpolicies.experiments.memory import PeakMemory
+
+if TYPE_CHECKING:
+    from kvpolicies.experiments.results import ResultRecord
+
+
+def tasks_dir() -> Path:
+    import kvpolicies_evals
+
+    return Path(kvpolicies_evals.__file__).parent / "tasks"
+
+
+@functools.lru_cache(maxsize=16)
+def _task_manager(metadata_json: str):
+    """Indexing lm-eval's task folders takes seconds: one manager per distinct task metadata per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(tasks_dir()), metadata=json.loads(metadata_json))
+
+
+_loaded: dict[str | None, tuple[Any, Any]] = {}
+"""The model (and tokenizer) of the last cell, by model name: the next cell of the same model reuses it."""
+
+
+def cell_model(cell: Cell):
+    """The lm-eval model of ``cell``. Weights are loaded once per model, not once per cell (an 8B model takes
+    minutes to load on a GPU node); a grid runs model by model, so only the current model is kept in memory. The
+    first load is lm-eval's own, so results are those of a fresh process (a resumed sweep checks this)."""
+    from kvpolicies.integrations.lm_eval import KVPoliciesLM
+
+    options = dict(policy=cell.policy.name, budget=cell.budget, batch_size=cell.batch_size,
+                   protocol=cell.protocol.value, **cell.policy.options)
+    if cell.model in _loaded:
+        model, tokenizer = _loaded[cell.model]
+        return KVPoliciesLM(pretrained=model, tokenizer=tokenizer, **options)
+    _loaded.clear()
+    lm = KVPoliciesLM(pretrained=cell.model, **options)
+    _loaded[cell.model] = (lm.model, lm.tokenizer)
+    return lm
+
+
+def run_cell(cell: Cell) -> dict[str, Any]:
+    """Evaluate one cell with lm-eval and return the measured fields of its record (metrics, memory, speed)."""
+    import lm_eval
+
+    lm = cell_model(cell)
+    started = time.perf_counter()  # the evaluation, not the one cell that happened to load the weights
+    with PeakMemory(lm.device) as peak:
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=[cell.task.name], limit=cell.task.limit, bootstrap_iters=0,
+            # Tasks that size their samples in tokens (RULER) need the model's tokenizer: lm-eval's own command
+            # passes the model args as metadata, a TaskManager of ours must say it.
+            task_manager=_task_manager(json.dumps({"pretrained": cell.model, **cell.task.metadata}, sort_keys=True)),
+            random_seed=cell.seed, numpy_random_seed=cell.seed, torch_random_seed=cell.seed,
+            fewshot_random_seed=cell.seed,
+        )
+    task_results = results["results"][cell.task.name]
+    metrics = {
+        name: float(value) for name, value in task_results.items()
+        if isinstance(value, (int, float)) and "stderr" not in name and name != "sample_len"
+    }
+    broken = [f"{name} = {value}" for name, value in metrics.items() if not math.isfinite(value)]
+    if broken:  # no rank, no mean and no strict JSON for it: the cell has no result
+        raise ValueError(f"lm-eval reported {', '.join(broken)} for {cell.task.name}: no finite score to rank; the "
+                         "policy or the task broke the model's output (see the samples with lm-eval --log_samples)")
+    primary = next(iter(metrics))
+    higher_is_better = results["higher_is_better"][cell.task.name].get(primary.split(",")[0], True)
+    info = results["config"]["kvpolicies"]
+    return {
+        "metrics": metrics,
+        "primary_metric": primary,
+        "score": metrics[primary],
+        "higher_is_better": bool(higher_is_better),
+        "samples": int(task_results.get("sample_len", 0)),
+        "kv_memory": info["kv_memory"],
+        "speed": info["speed"],
+        "peak_memory_bytes": peak.peak_bytes,
+        "peak_memory_growth_bytes": peak.growth_bytes,
+        "wall_s": time.perf_counter() - started,
+        "device": str(lm.device) + (f" ({torch.cuda.get_device_name(lm.device)})" if lm.device.type == "cuda" else ""),
+    }
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("kvpolicies", "torch", "transformers", "lm_eval")} | {
+        "python": platform.python_version()
+    }
+
+
+def evaluate(cell: Cell) -> ResultRecord:
+    """The record of ``cell``, computed here: ``ok`` with its measurements, or ``error`` with what it raised (one
+    broken cell must not stop a sweep). The key is computed here too, from this machine's code, so a driver can tell
+    a worker that runs other code than its own."""
+    from kvpolicies.experiments.results import ResultRecord
+
+    provenance = {"key": cell.key(), "cell": cell, "identity": cell.identity(), "versions": versions(),
+                  "started_at": datetime.now(timezone.utc), "load_average_start": _load_average(),
+                  "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
+    try:
+        measured = run_cell(cell)
+        return ResultRecord(**provenance, status="ok", **measured, finished_at=datetime.now(timezone.utc),
+                            load_average_end=_load_average())
+    except Exception as error:
+        return ResultRecord(**provenance, status="error", error=f"{type(error).__name__}: {error}",
+                            traceback=traceback.format_exc(), finished_at=datetime.now(timezone.utc),
+                            load_average_end=_load_average())
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average, so a reader can tell timings taken on a busy machine (None where unsupported)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
