@@ -230,12 +230,18 @@ def plugin_error(policy_class: type[Policy], hook: str, error: Exception) -> Exc
     """
     if isinstance(error, (KVPoliciesError, MemoryError)) or _out_of_memory(error):
         return error  # ours, or the machine's: no plugin's fault, and a caller may catch it by type to retry smaller
+    message = " ".join(str(error).split()) or "(no message)"
+    wrapped = plugin_fault(policy_class, f"raised {type(error).__name__} in {hook}(): {message}")
+    wrapped.__cause__ = error
+    return wrapped
+
+
+def plugin_fault(policy_class: type[Policy], what: str) -> PluginError:
+    """A :class:`PluginError` saying that the policy of ``policy_class`` did ``what`` (it broke a contract of the
+    engine), naming its plugin and package, so the report reaches the plugin's authors, not the user's input."""
     info = next((info for info in _registry.policies().values() if info.policy_class is policy_class), None)
     origin = (f"plugin {info.plugin!r} of package {info.package or '?'}" if info else
               f"class {policy_class.__qualname__} of module {policy_class.__module__}, not a registered plugin")
-    message = " ".join(str(error).split()) or "(no message)"
-    wrapped = PluginError(f"policy {policy_class.name!r} ({origin}) raised {type(error).__name__} in {hook}(): "
-                          f"{message}; the fault is in the plugin's code: report it to its authors with the "
-                          "traceback (printed by `kvpolicies --debug`, saved in a sweep cell's result file)")
-    wrapped.__cause__ = error
-    return wrapped
+    return PluginError(f"policy {policy_class.name!r} ({origin}) {what}; the fault is in the plugin's code: report it "
+                       "to its authors with the traceback (printed by `kvpolicies --debug`, saved in a sweep cell's "
+                       "result file)")

@@ -50,13 +50,26 @@ class CriticalKV(ScorerWrapper):
 
 
 def projected_value_norms(values: torch.Tensor, output_projection: torch.Tensor) -> torch.Tensor:
-    """``‖W_o^(j) v‖`` averaged over the query heads sharing each KV head: ``[batch, kv_heads, seq]``."""
+    """``‖W_o^(j) v‖`` averaged over the query heads sharing each KV head: ``[batch, kv_heads, seq]`` float32.
+
+    Computed in the Gram form ``‖W v‖² = vᵀ (WᵀW) v``: per query head a ``[head_dim, head_dim]`` matrix, so memory
+    is a few copies of ``values`` in float32, never the ``[batch, kv_heads, groups, seq, hidden]`` projections
+    (17 GB per layer at 32k tokens on a Llama-3-8B shape). ``values``: ``[batch, kv_heads, seq, head_dim]``;
+    ``output_projection``: ``[hidden, heads * head_dim]``.
+    """
     batch, kv_heads, seq, head_dim = values.shape
-    weight = output_projection.float()  # [hidden, heads * head_dim]
-    groups = weight.shape[1] // head_dim // kv_heads
-    weight = weight.view(weight.shape[0], kv_heads, groups, head_dim)
-    projected = torch.einsum("bhsd,ohgd->bhgso", values.float(), weight)
-    return projected.norm(dim=-1).mean(dim=2)
+    hidden = output_projection.shape[0]
+    groups = output_projection.shape[1] // head_dim // kv_heads
+    weight = output_projection.view(hidden, kv_heads, groups, head_dim)
+    gram = torch.stack([  # W_jᵀ W_j per query head: [kv_heads, groups, head_dim, head_dim]
+        torch.einsum("ogd,oge->gde", columns, columns) for columns in (weight[:, h].float() for h in range(kv_heads))
+    ])  # one KV head's columns in float32 at a time, not a float32 copy of W_o
+    values = values.float()
+    norms = torch.zeros(batch, kv_heads, seq, dtype=torch.float32, device=values.device)
+    for g in range(groups):  # one query head of each group at a time: [b, h, s, d] temporaries only
+        squared = (torch.einsum("bhsd,hde->bhse", values, gram[:, g]) * values).sum(-1)
+        norms += squared.clamp_(min=0).sqrt_()
+    return norms / groups
 
 
 @hookimpl

@@ -56,7 +56,7 @@ class ExpectedAttention(Policy):
         queries = inputs.queries.float()  # [batch, heads, window, head_dim], oldest first, the newest last
         groups = queries.shape[1] // kv_heads
         scale = inputs.scaling
-        rotary = inputs.layer.rotary
+        rotary = inputs.layer.rotary_at(max(inputs.seen_tokens))  # longrope, dynamic NTK: by the length
         future = mean_future_rotation(queries, rotary.inv_freq.to(keys.device), rotary.dim, self.config.future_tokens)
 
         window = queries.shape[2]

@@ -24,13 +24,16 @@ class RandomEviction(Policy):
     Config = RandomConfig
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        """Draws on the device of the entries, from a generator of that device: nothing waits for or goes through
+        the host. A device draws other numbers than the CPU for one seed, so runs agree within a device type."""
         batch, heads, seq = inputs.valid.shape
-        scores = torch.empty(batch, heads, seq)
-        for row, seen in enumerate(inputs.seen_tokens):
-            generator = torch.Generator().manual_seed(hash((self.config.seed, inputs.layer_idx, seen)) % 2**62)
-            draws = torch.rand(heads, max(seen, 1), generator=generator)
-            scores[row] = draws.gather(1, inputs.order[row].clamp(min=0).cpu())
-        return scores.to(inputs.valid.device)
+        device = inputs.valid.device
+        scores = torch.empty(batch, heads, seq, device=device)
+        for row, seen in enumerate(inputs.seen_tokens):  # `seen` is a host int: seeding reads nothing back
+            generator = torch.Generator(device).manual_seed(hash((self.config.seed, inputs.layer_idx, seen)) % 2**62)
+            draws = torch.rand(heads, max(seen, 1), generator=generator, device=device)
+            scores[row] = draws.gather(1, inputs.order[row].clamp(min=0))
+        return scores
 
 
 @hookimpl

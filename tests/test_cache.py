@@ -322,3 +322,29 @@ def test_chunked_prefill_evicts_between_chunks_so_memory_follows_the_budget(tiny
     assert peaks[None] == 200  # one forward: the layer holds the whole prompt until its attention has read it
     # Chunked: a quarter of what was read before plus one incoming chunk, never the whole prompt.
     assert peaks[32] <= 168 // 4 + 32
+
+
+def test_chunked_prefill_of_a_left_padded_batch_stores_no_padding(tiny_model):
+    """Padding that outlasts the first chunk: once the layers are packed (after chunk 1), the next chunk's padding
+    must not become entries, attended from the chunk after and counted as kept."""
+    generator = torch.Generator().manual_seed(3)
+    long, short = torch.randint(3, 128, (1, 120), generator=generator), torch.randint(3, 128, (1, 40), generator=generator)
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 80, dtype=torch.long), short], 1)])
+    mask = torch.cat([torch.ones(1, 120), torch.cat([torch.zeros(1, 80), torch.ones(1, 40)], 1)]).long()
+
+    def logits_and_cache(ids, attention_mask):
+        cache = CompressedCache(tiny_model, "snapkv", 1.0)  # keeps everything: only the padding may go
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            for start in range(0, ids.shape[1], 32):  # chunks of 32: the short prompt's padding fills chunks 1 and 2
+                stop = start + 32
+                out = tiny_model(ids[:, start:stop], attention_mask=attention_mask[:, :stop],
+                                 position_ids=positions[:, start:stop], cache=cache)
+        return out.logits[:, -1], cache
+
+    batched, cache = logits_and_cache(batch, mask)
+    assert all(layer.packed for layer in cache.layers)  # the padding of chunk 1 was dropped
+    assert cache.kept_per_head()[:, 1].unique().tolist() == [40]  # the short prompt holds its 40 tokens, no padding
+    assert [stats.kept_entries for stats in cache.sequence_stats()] == [120 * 8 * 2, 40 * 8 * 2]
+    alone, _ = logits_and_cache(short, torch.ones_like(short))
+    torch.testing.assert_close(batched[1], alone[0], atol=1e-4, rtol=1e-4)

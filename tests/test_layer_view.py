@@ -7,10 +7,11 @@ import torch
 from transformers import CohereConfig, Gemma3TextConfig, LlamaConfig, Phi3Config
 from transformers.models.cohere.modeling_cohere import CohereAttention
 from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention, Gemma3RotaryEmbedding
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
-from transformers.models.phi3.modeling_phi3 import Phi3Attention, Phi3RotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaModel, LlamaRotaryEmbedding
+from transformers.models.phi3.modeling_phi3 import Phi3Attention, Phi3Model, Phi3RotaryEmbedding
 
 from kvpolicies import LayerView, ModelLoadError
+from kvpolicies.engine.layer_view import Rotary
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
@@ -22,6 +23,7 @@ def test_rotary_frequencies_equal_the_models_own_for_default_and_scaled_rope(rop
     rotary = LayerView(LlamaAttention(config, layer_idx=0)).rotary
     assert rotary.dim == 8
     torch.testing.assert_close(rotary.inv_freq, LlamaRotaryEmbedding(config).inv_freq.float())
+    assert LayerView(LlamaAttention(config, layer_idx=0)).rotary_at(100_000).inv_freq.equal(rotary.inv_freq)
 
 
 def test_partial_rotary_covers_only_the_rotated_dimensions():
@@ -43,6 +45,54 @@ def test_each_layer_type_gets_its_own_rope():
         torch.testing.assert_close(rotary.inv_freq, getattr(model_rope, f"{kind}_inv_freq").float())
     local, global_ = (LayerView(Gemma3Attention(config, layer_idx=i)).rotary.inv_freq for i in (0, 1))
     assert not torch.allclose(local, global_)
+
+
+TINY = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1,
+        "intermediate_size": 32, "vocab_size": 16, "pad_token_id": 0}
+
+
+def assert_rotation_is_the_models(view: LayerView, model: torch.nn.Module, seq_len: int) -> Rotary:
+    """The view's RoPE for a forward over positions ``0 .. seq_len - 1`` rotates as the model's own ``rotary_emb``
+    called with those positions. The model's cos/sin also carry its attention scaling (longrope's ``attention_factor``),
+    which multiplies queries and keys alike and is already inside cached post-RoPE queries, so it is divided out."""
+    positions = torch.arange(seq_len)[None]
+    cos, sin = model.rotary_emb(torch.zeros(1), positions)
+    rotary = view.rotary_at(seq_len)
+    angles = positions[..., None].float() * rotary.inv_freq
+    angles = torch.cat([angles, angles], dim=-1)  # rotate_half: pair (k, k + dim/2) turns by the same angle
+    scaling = model.rotary_emb.attention_scaling
+    torch.testing.assert_close(angles.cos(), cos[..., : rotary.dim] / scaling)
+    torch.testing.assert_close(angles.sin(), sin[..., : rotary.dim] / scaling)
+    return rotary
+
+
+def test_longrope_switches_to_the_long_factors_past_the_original_length_as_the_model_does():
+    """Phi-3.5: short factors up to ``original_max_position_embeddings``, long factors for the whole forward past it."""
+    rope = {"type": "longrope", "factor": 4.0, "short_factor": [1.0, 1.5, 2.0, 3.0],
+            "long_factor": [4.0, 8.0, 16.0, 32.0]}
+    config = Phi3Config(**TINY, max_position_embeddings=256, original_max_position_embeddings=64, rope_scaling=rope)
+    model = Phi3Model(config).eval()
+    view = LayerView(model.layers[0].self_attn)
+    short = [assert_rotation_is_the_models(view, model, n).inv_freq for n in (10, 64)]
+    long = [assert_rotation_is_the_models(view, model, n).inv_freq for n in (65, 200)]
+    assert short[0].equal(short[1]) and long[0].equal(long[1])
+    assert not torch.allclose(short[0], long[0])  # the two regimes really differ
+    torch.testing.assert_close(view.rotary.inv_freq, short[0])  # what the model builds at load time
+    assert_rotation_is_the_models(view, model, 30)  # back below the original length: short again
+
+
+def test_dynamic_ntk_frequencies_follow_the_sequence_length_as_the_model_does():
+    """Dynamic NTK raises the RoPE base with every token past ``max_position_embeddings`` and returns to the plain
+    frequencies below it; lengths grow as in generation, which is when the model's frequencies are a function of the
+    current length alone."""
+    config = LlamaConfig(**TINY, head_dim=8, max_position_embeddings=64,
+                         rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0})
+    model = LlamaModel(config).eval()
+    view = LayerView(model.layers[0].self_attn)
+    frequencies = [assert_rotation_is_the_models(view, model, n).inv_freq for n in (16, 64, 65, 100, 101, 300)]
+    assert frequencies[0].equal(frequencies[1])
+    assert len({tuple(f.tolist()) for f in frequencies[1:]}) == 5  # a new base for every length past 64
+    assert_rotation_is_the_models(view, model, 20)  # a new, short prompt: the plain frequencies again
 
 
 def test_interleaved_rope_is_refused_naming_the_model():

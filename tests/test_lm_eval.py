@@ -9,7 +9,8 @@ import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from kvpolicies import PolicyConfigError
+import kvpolicies
+from kvpolicies import Policy, PolicyConfig, PolicyConfigError
 from kvpolicies.cli import main
 from kvpolicies.integrations.lm_eval import KVPoliciesLM
 from kvpolicies.integrations.models import converted_gguf, embedded_gguf
@@ -186,3 +187,57 @@ def test_query_agnostic_needs_a_task_that_names_its_question(tiny_pretrained):
         evaluate(lm, ["kvp_ppl"], PPL)
     with pytest.raises(UsageError, match="unknown protocol"):
         KVPoliciesLM(pretrained=tiny_pretrained, policy="snapkv", protocol="aware")
+
+
+class Revisioned(Policy):
+    """A test policy whose options are named like model args of HFLM (revision) and of the adapter (dtype)."""
+
+    name = "revisioned"
+
+    class Config(PolicyConfig):
+        revision: str = "first"
+        dtype: str = "keys"
+
+    def score(self, inputs):
+        return inputs.order.float()
+
+
+def register_revisioned() -> None:
+    class Plugin:
+        @kvpolicies.hookimpl
+        def register_policies(self, register):
+            register(Revisioned)
+
+    kvpolicies.registry.registry().register_plugin(Plugin(), name="revisioned-plugin")
+
+
+def test_a_policy_option_named_like_a_model_arg_is_an_error_not_a_guess(tiny_pretrained, fresh_registry):
+    """`revision=` used to go to HFLM alone, silently leaving the policy's option at its default."""
+    register_revisioned()
+    with pytest.raises(PolicyConfigError, match=r"revision='second' is ambiguous: it is HFLM's argument 'revision' "
+                                                r"and also an option of policy 'revisioned'; write policy.revision="):
+        KVPoliciesLM(pretrained=tiny_pretrained, policy="revisioned", revision="second")
+    with pytest.raises(PolicyConfigError, match="dtype='float32' is ambiguous.*write policy.dtype=VALUE"):
+        KVPoliciesLM(pretrained=tiny_pretrained, policy="revisioned", dtype="float32")
+    with pytest.raises(PolicyConfigError, match="'seed' is given twice, as seed= and policy.seed="):
+        KVPoliciesLM(pretrained=tiny_pretrained, policy="random", seed=1, **{"policy.seed": 2})
+
+
+def test_policy_prefix_sets_the_policy_option_and_leaves_the_plain_name_to_hflm(tiny_pretrained, fresh_registry,
+                                                                                monkeypatch):
+    register_revisioned()
+    given = {}
+    original = HFLM.__init__
+
+    def spy(self, **kwargs):
+        given.update(kwargs)
+        original(self, **kwargs)
+
+    monkeypatch.setattr(HFLM, "__init__", spy)
+    lm = KVPoliciesLM(pretrained=tiny_pretrained, policy="revisioned",
+                      **{"policy.revision": "second", "policy.dtype": "values", "revision": "main"})
+    assert lm.kv_policy.config.revision == "second" and lm.kv_policy.config.dtype == "values"
+    assert given["revision"] == "main" and given["dtype"] == "float32"  # HFLM's own, untouched
+    assert not any(key.startswith("policy.") for key in given)
+    plain = KVPoliciesLM(pretrained=tiny_pretrained, policy="random", seed=5, batch_size=1)
+    assert plain.kv_policy.config.seed == 5  # options no one else takes need no prefix

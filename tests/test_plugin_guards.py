@@ -26,6 +26,7 @@ from kvpolicies import (
     PolicyConfigError,
     ScorerWrapper,
 )
+from kvpolicies.engine.policy import Signal
 from kvpolicies.errors import KVPoliciesError, PluginError
 from kvpolicies.registry import PluginWarning
 
@@ -186,6 +187,36 @@ def test_reallocate_heads_that_empties_a_head_is_refused_with_the_policy_named(t
     with pytest.raises(PolicyConfigError, match=re.escape("policy 'reallocating': reallocate_heads() left a head "
                                                           "with no entry")):
         prefill(tiny_model, reallocating(lambda keep: keep * torch.tensor([[0, 1]])))
+
+
+def test_reallocate_heads_that_gives_a_head_more_than_it_holds_is_refused_not_silently_unspent(tiny_model):
+    class Overfilling(Sketch):
+        name = "overfilling"
+
+        def reallocate_heads(self, scores, valid, keep):
+            held = valid.sum(-1)
+            if bool((held == held[:, :1]).all()):  # the prefill: every head holds the prompt; move 5 to head 0
+                return keep + torch.tensor([[5, -5]])
+            return torch.stack([torch.ones_like(keep[:, 0]), keep.sum(-1) - 1], -1)  # all to head 1, which holds 6
+
+    cache = prefill(tiny_model, Overfilling())
+    assert cache.kept_per_head()[0, 0].tolist() == [15, 5]
+    with pytest.raises(PolicyConfigError, match=r"policy 'overfilling': reallocate_heads\(\) gave KV head 1 of "
+                                                r"sequence 0 \d+ entries, but it holds 6"):
+        with torch.no_grad():
+            tiny_model(torch.tensor([[7]]), cache=cache)
+
+
+def test_scores_on_another_device_than_the_cache_are_a_contract_error_naming_the_policy(tiny_model):
+    class Elsewhere(Sketch):
+        name = "elsewhere"
+
+        def score(self, inputs):  # scores on another device than the cache's (a CPU copy, on a GPU cache)
+            return torch.empty(inputs.valid.shape, device="meta")
+
+    with pytest.raises(PolicyConfigError, match=r"policy 'elsewhere': score\(\) returned scores on meta, the cache "
+                                                r"is on cpu"):
+        prefill(tiny_model, Elsewhere())
 
 
 def test_reallocate_heads_of_the_wrong_shape_is_refused_with_the_policy_named(tiny_model):
@@ -366,3 +397,17 @@ def test_reallocate_heads_that_raises_the_allocation_in_place_is_refused(tiny_mo
 
     with pytest.raises(PolicyConfigError, match="'inflating': reallocate_heads\\(\\) must return"):
         prefill(tiny_model, Inflating())
+
+
+def test_a_policy_that_edits_its_inputs_in_place_is_refused_before_the_model_reads_them(tiny_model):
+    class Scribbler(Sketch):
+        name = "scribbler"
+        needs = frozenset({Signal.KEYS})
+
+        def score(self, inputs):
+            inputs.keys.zero_()  # would reach the next attention: on a dense layer the keys are the cache's storage
+            return inputs.order.float()
+
+    with pytest.raises(PluginError, match=r"policy 'scribbler' \(class .*Scribbler of module tests.test_plugin_guards, "
+                                          r"not a registered plugin\) edited inputs.keys in place in score\(\)"):
+        prefill(tiny_model, Scribbler())

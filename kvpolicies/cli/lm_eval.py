@@ -28,6 +28,8 @@ Model args of `--model kvpolicies` (comma-separated key=value):
   stream_chunk=N                   chunk size of loglikelihood_rolling streaming (default: 128)
   prefill_chunk=N                  prefill generation prompts N tokens at a time, evicting between chunks
   any policy option                e.g. window_tokens=8, uncompressed_layers=[], scorer=l2norm
+  policy.NAME=VALUE                the policy's option NAME, needed where HFLM or kvpolicies takes NAME too
+                                   (a plain NAME= that both take is an error saying so)
   any of HFLM's args               dtype, max_length, ... (device= and batch_size= act as --device and
                                    --batch_size)
 An unknown key is an error that lists the valid ones.

@@ -55,6 +55,9 @@ def add_commands(commands) -> None:
     bench.add_argument("--json", type=path, help="also write every measurement to this JSON file")
     bench.add_argument("--profile", action="store_true",
                        help="instead of the tables: where each run's time goes (torch profiler, top operators)")
+    bench.add_argument("--step-costs", action="store_true",
+                       help="instead of the tables: kernel launches and host-device syncs per decoding step, counted "
+                            "(not timed) at batch 1, 4 and 16, as a GPU would pay them, at the first context")
     bench.add_argument("--from-json", type=path, nargs="+", metavar="JSON",
                        help="measure nothing: print the tables of saved --json files (e.g. one run per context)")
     bench.set_defaults(run=run_bench)
@@ -141,6 +144,14 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.from_json:
         headers, results = load(args.from_json)
         print("\n".join(headers) + "\n\n" + tables(results))
+        return 0
+    if args.step_costs:
+        from kvpolicies.experiments.bench import _checked, _load
+        from kvpolicies.experiments.step_costs import step_costs
+
+        policies, budgets = _checked(args.policies, args.budgets)
+        model, tokenizer = _load(args.model, args.device, args.dtype, args.random_model)
+        print(step_costs(model, tokenizer, args.contexts[0], policies, budgets))
         return 0
     if args.profile:
         print(profiles(args.model, args.contexts, args.policies, args.budgets, args.decode, args.prefill_chunk,

@@ -78,7 +78,9 @@ def kvpolicies_attention(inner: Callable, module, query, key, value, attention_m
                              "supported")
     q_len = query.shape[2]
     scale = LogitScale(kwargs.get("scaling") or query.shape[-1] ** -0.5, kwargs.get("softcap"))
-    new_visible = new_token_mask(attention_mask, query.shape[0], q_len, query.device)
+    # One new token is real and sees itself (generation extends the mask with ones): reading the mask would cost a
+    # host-device sync per layer per decoding step for nothing.
+    new_visible = None if q_len == 1 else new_token_mask(attention_mask, query.shape[0], q_len, query.device)
     if layer.packed:
         dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
         output = packed_attention(query, layer, new_visible, scale, dropout), None

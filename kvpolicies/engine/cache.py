@@ -149,16 +149,21 @@ class CompressedCache(Cache):
             newest = valid & (order >= valid.sum(-1, keepdim=True) - after)
         context = valid if newest is None else valid & ~newest
         # Rows over budget get their allocation (select() clamps a head to what it holds), others keep everything.
-        keep_n = torch.tensor([row_t if row_over else row_c for row_c, row_t, row_over in zip(counts, targets, over)])
+        # One upload for both: the entries to keep per head and, in the last column, whether the row is over.
+        table = torch.tensor([[*(row_t if row_over else row_c), row_over]
+                              for row_c, row_t, row_over in zip(counts, targets, over)], device=valid.device)
+        keep_n, over_rows = table[:, :-1], table[:, -1:].bool()  # on the device, as every field a policy sees
         if any(over):
             inputs = self._score_inputs(layer, dense, valid, context, keep_n.clone(), query, scale)
             inputs.layer = self._layer_view(layer.layer_idx, module)
+            versions = {name: t._version for name, t in vars(inputs).items() if isinstance(t, torch.Tensor)}
             try:
                 scores = self.policy.score(inputs)
             except Exception as error:
                 raise self._plugin_error("score", error)
+            self._unchanged(inputs, versions)
             scores = self._checked(scores, context)
-            keep_n = self._reallocate_heads(scores, context, keep_n, over)
+            keep_n = self._reallocate_heads(scores, context, keep_n, over, over_rows)
         else:
             scores = torch.zeros(valid.shape, device=valid.device)
         keep = select(scores, context, keep_n, *self.policy.protected)
@@ -184,12 +189,28 @@ class CompressedCache(Cache):
 
         return plugin_error(type(self.policy), hook, error)
 
+    def _unchanged(self, inputs: ScoreInputs, versions: dict[str, int]) -> None:
+        """Refuse a ``score()`` that edited its inputs in place: ``keys`` and ``values`` may be the layer's storage,
+        and the change would reach the model's next attention. Read from torch's version counters (bumped by every
+        in-place op): no copy, no device sync."""
+        edited = [name for name, version in versions.items() if getattr(inputs, name)._version != version]
+        if edited:
+            from kvpolicies.registry import plugin_fault
+
+            raise plugin_fault(type(self.policy), f"edited inputs.{', inputs.'.join(edited)} in place in score(); the "
+                               "inputs are read-only (keys and values may be the cache's own storage): compute on a "
+                               "copy (t.clone()) or with out-of-place ops")
+
     def _checked(self, scores: object, valid: torch.Tensor) -> torch.Tensor:
         """``scores`` if they keep ``score()``'s contract; a policy that breaks it is named, never silently ranked."""
         expected = f"a [batch, kv_heads, seq] = {list(valid.shape)} tensor of scores (higher = keep)"
         if not isinstance(scores, torch.Tensor):
             raise PolicyConfigError(f"policy {self.policy.name!r}: score() returned {type(scores).__name__}; "
                                     f"it must return {expected}")
+        if scores.device != valid.device:
+            raise PolicyConfigError(f"policy {self.policy.name!r}: score() returned scores on {scores.device}, the "
+                                    f"cache is on {valid.device}; build them from the inputs' tensors (or move them "
+                                    "with .to(inputs.valid.device))")
         if scores.shape != valid.shape:
             raise PolicyConfigError(f"policy {self.policy.name!r}: score() returned shape {list(scores.shape)}; "
                                     f"it must return {expected}")
@@ -201,7 +222,9 @@ class CompressedCache(Cache):
                                     "must be numbers (±inf allowed); NaN at padded positions is ignored")
         return scores
 
-    def _reallocate_heads(self, scores, valid, keep_n, over) -> torch.Tensor:
+    def _reallocate_heads(self, scores, valid, keep_n, over: list[bool], over_rows: torch.Tensor) -> torch.Tensor:
+        if type(self.policy).reallocate_heads is Policy.reallocate_heads:  # moves nothing: nothing to check
+            return keep_n
         try:
             moved = self.policy.reallocate_heads(scores, valid, keep_n.clone())  # checked against keep_n, untouched
         except Exception as error:
@@ -213,14 +236,30 @@ class CompressedCache(Cache):
                 "[batch, kv_heads] tensor of whole numbers of entries"
             )
         moved = moved.to(keep_n.device, torch.long)
-        if moved.shape != keep_n.shape or (moved.sum(-1) > keep_n.sum(-1)).any():
+        if moved.shape != keep_n.shape:
+            raise PolicyConfigError(f"policy {self.policy.name!r}: reallocate_heads() must return [batch, kv_heads] = "
+                                    f"{list(keep_n.shape)}, got {list(moved.shape)}")
+        held = valid.sum(-1).to(moved.device)
+        # Every check in one host read. A head raised past what it holds would be clamped by select(), and the
+        # budget would go unspent, unsaid.
+        beyond = (moved > held) & (moved > keep_n)
+        grown, emptied, overfilled = torch.stack(
+            [(moved.sum(-1) > keep_n.sum(-1)).any(), (moved < 1).any(), beyond.any()]).tolist()
+        if grown:
             raise PolicyConfigError(
                 f"policy {self.policy.name!r}: reallocate_heads() must return [batch, kv_heads] with at most the "
                 f"allocated entries per sequence ({keep_n.sum(-1).tolist()}), got {moved.sum(-1).tolist()}"
             )
-        if (moved < 1).any():
+        if emptied:
             raise PolicyConfigError(f"policy {self.policy.name!r}: reallocate_heads() left a head with no entry")
-        return torch.where(torch.tensor(over)[:, None], moved, keep_n)
+        if overfilled:
+            b, h = beyond.nonzero()[0].tolist()
+            raise PolicyConfigError(
+                f"policy {self.policy.name!r}: reallocate_heads() gave KV head {h} of sequence {b} {int(moved[b, h])} "
+                f"entries, but it holds {int(held[b, h])}; give no head more than it holds (valid.sum(-1)) and move "
+                "the rest to heads that have more"
+            )
+        return moved if all(over) else torch.where(over_rows, moved, keep_n)
 
     def _layer_view(self, layer_idx: int, module: torch.nn.Module | None) -> LayerView | None:
         """One view per layer, so what it reads from the model (RoPE, projections) is read once."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 
@@ -32,11 +33,40 @@ class Rotary:
     dim: int
 
 
+@dataclass(frozen=True)
+class _RopeSource:
+    """What a layer's RoPE frequencies are computed from: transformers' init function for ``rope_type`` (plain RoPE
+    with ``theta`` over ``dim`` dimensions for ``"default"``), and the length past which the model switches
+    frequencies (None: never)."""
+
+    name: str
+    config: Any
+    rope_type: str
+    layer_type: str | None
+    dim: int
+    theta: float
+    switch_after: int | None
+
+    def frequencies(self, seq_len: int | torch.Tensor | None) -> Rotary:
+        """The frequencies transformers' init function gives for ``seq_len`` (None: at load time)."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if self.rope_type == "default":
+            inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float) / self.dim))
+        elif self.rope_type in ROPE_INIT_FUNCTIONS:
+            inv_freq, _ = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, None, seq_len=seq_len,
+                                                              layer_type=self.layer_type)
+        else:
+            raise ModelLoadError(f"{self.name}: unknown rope type {self.rope_type!r}")
+        return Rotary(inv_freq=inv_freq.float(), dim=2 * inv_freq.numel())  # what the frequencies rotate
+
+
 class LayerView:
     """Facts about one attention layer: its output projection and its RoPE (read once, on first use)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
+        self._long_rotary: Rotary | None = None
 
     @property
     def name(self) -> str:
@@ -56,10 +86,35 @@ class LayerView:
 
     @cached_property
     def rotary(self) -> Rotary:
-        """This layer's RoPE, from the model config: default or scaled rope types, partial rotary, and per-layer-type
-        parameters (local and global layers with different RoPE)."""
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        """This layer's RoPE as the model builds it at load time: default or scaled rope types, partial rotary, and
+        per-layer-type parameters (local and global layers with different RoPE). It is the RoPE of every forward
+        up to the model's original length; past it, longrope and dynamic NTK switch frequencies, so a policy that
+        knows the length asks :meth:`rotary_at`."""
+        return self._rope.frequencies(None)
 
+    def rotary_at(self, seq_len: int) -> Rotary:
+        """The RoPE the model applies in a forward whose positions reach ``seq_len - 1`` (the longest sequence of the
+        batch: the model picks one set of frequencies for the whole forward, from its largest position).
+
+        Mirrors transformers' ``dynamic_rope_update``: longrope uses its long factors once ``seq_len`` exceeds
+        ``original_max_position_embeddings`` (short ones up to it); dynamic NTK recomputes its base for ``seq_len``
+        past ``max_position_embeddings`` and uses the plain frequencies below; other rope types ignore the length.
+        One difference, by design: after a longer forward, the model's dynamic NTK module keeps that forward's
+        frequencies for shorter ones still past the original length (state of the module, not of this sequence);
+        here the answer depends on ``seq_len`` alone, which is what the model does while a sequence grows.
+        """
+        rope = self._rope
+        if rope.switch_after is None or seq_len <= rope.switch_after:
+            return self.rotary
+        if rope.rope_type == "longrope":  # one set for every length past the original, built as the model does
+            if self._long_rotary is None:
+                self._long_rotary = rope.frequencies(rope.switch_after + 1)
+            return self._long_rotary
+        return rope.frequencies(torch.tensor(seq_len))  # a tensor, as the model passes it: the same float32 rounding
+
+    @cached_property
+    def _rope(self) -> _RopeSource:
+        """Where this layer's RoPE comes from, read once from the module and its config."""
         self._check_rotate_half()
         config = getattr(self.module, "config", None)
         if config is None:
@@ -78,16 +133,15 @@ class LayerView:
             raise ModelLoadError(f"{self.name}: rope parameters nested under {sorted(parameters)}, which are not this "
                                  "model's layer types; kvpolicies cannot tell which RoPE this layer uses")
         factor = parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
-        dim = int(head_dim * factor)
         rope_type = parameters.get("rope_type", "default")
-        if rope_type == "default":
-            theta = parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-            inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-        elif rope_type in ROPE_INIT_FUNCTIONS:
-            inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None, layer_type=layer_type)
-        else:
-            raise ModelLoadError(f"{self.name}: unknown rope type {rope_type!r}")
-        return Rotary(inv_freq=inv_freq.float(), dim=2 * inv_freq.numel())  # what the frequencies rotate
+        switch_after = None  # the length past which transformers' dynamic_rope_update changes the frequencies
+        if rope_type == "longrope":
+            switch_after = int(parameters["original_max_position_embeddings"])
+        elif "dynamic" in rope_type:
+            switch_after = int(config.max_position_embeddings)
+        return _RopeSource(
+            name=self.name, config=config, rope_type=rope_type, layer_type=layer_type, dim=int(head_dim * factor),
+            theta=parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)), switch_after=switch_after)
 
     def _check_rotate_half(self) -> None:
         """Refuse a model whose RoPE pairs dimensions differently from ``rotate_half``: read from the ``rotate_half``

@@ -82,7 +82,9 @@ class ScoreInputs:
     """What ``Policy.score`` receives for one layer. Padded entries (``valid`` False) get no say in selection.
 
     Tensors are a dense ``[batch, kv_heads, seq, ...]`` view of the layer's entries; signals the policy did not
-    declare in ``needs`` are ``None``.
+    declare in ``needs`` are ``None``. They are read-only: ``keys`` and ``values`` may be the cache's own storage,
+    so a policy that edits one in place would change what the model attends to; the cache refuses it (a
+    ``PluginError``) rather than hand out copies on every eviction.
     """
 
     layer_idx: int
@@ -106,8 +108,10 @@ class ScoreInputs:
     The ``attention`` and ``cumulative_attention`` signals already include it."""
     layer: LayerView | None = None
     """Facts about the layer's attention for policies that need more than tensors: ``layer.output_projection``
-    (``W_o``), ``layer.rotary`` (RoPE frequencies). Read through this view, never from the model's attributes, so
-    a policy is right on every architecture the view understands. Always provided by the cache."""
+    (``W_o``), ``layer.rotary_at(seq_len)`` (the RoPE frequencies the model uses at that length). Read through this
+    view, never from the model's attributes, so a policy is right on every architecture the view understands.
+    Provided whenever the cache runs inside a model's forward (the attention hands it the module); None where a
+    layer is evicted without one."""
 
 
 def _numeric(annotation: Any) -> bool:

@@ -51,11 +51,10 @@ def attention_received(
     grouped = query.view(batch, kv_heads, heads // kv_heads, q_len, head_dim)
     first_new = valid.sum(-1, keepdim=True) - q_len  # [batch, kv_heads, 1]
     received = torch.zeros(batch, kv_heads, seq, dtype=torch.float32, device=keys.device)
-    keys32 = keys.float()
     for start in range(0, q_len, chunk):
         stop = min(start + chunk, q_len)
-        seen = _visible_prefix(valid, order, first_new + stop - 1) if q_len > chunk else seq
-        logits = torch.einsum("bhgqd,bhsd->bhgqs", grouped[:, :, :, start:stop].float(), keys32[:, :, :seen])
+        seen = _visible_prefix(seq, q_len, stop)
+        logits = _dots(grouped[:, :, :, start:stop].float(), keys[:, :, :seen])
         limit = first_new + torch.arange(start, stop, device=keys.device)  # [batch, kv_heads, chunk]
         visible = valid[:, :, None, :seen] & (order[:, :, None, :seen] <= limit[..., None])
         probs = logit_scale.apply_(logits).masked_fill_(~visible[:, :, None], float("-inf")).softmax(dim=-1)
@@ -63,12 +62,36 @@ def attention_received(
     return received
 
 
-def _visible_prefix(valid: torch.Tensor, order: torch.Tensor, last_limit: torch.Tensor) -> int:
-    """How many leading storage positions a query chunk can see, in any sequence or head.
+KEY_BLOCK = 4096
+"""Keys upcast to float32 at a time when they are stored in a narrower dtype (bf16, fp16)."""
+
+
+def _dots(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``q·k`` in float32: ``[batch, kv_heads, groups, q, seq]`` from float32 ``query`` ``[b, h, g, q, d]`` and
+    ``keys`` ``[b, h, seq, d]`` of any float dtype.
+
+    Narrower keys are upcast ``KEY_BLOCK`` at a time, never all at once: a float32 copy of a layer's keys would
+    double their memory at every scoring. The products are the same float32 dot products either way.
+    """
+    if keys.dtype == torch.float32:
+        return torch.einsum("bhgqd,bhsd->bhgqs", query, keys)
+    batch, kv_heads, groups, q_len, _ = query.shape
+    dots = torch.empty(batch, kv_heads, groups, q_len, keys.shape[2], dtype=torch.float32, device=keys.device)
+    for start in range(0, keys.shape[2], KEY_BLOCK):
+        block = keys[:, :, start : start + KEY_BLOCK].float()
+        dots[..., start : start + block.shape[2]] = torch.einsum("bhgqd,bhsd->bhgqs", query, block)
+    return dots
+
+
+def _visible_prefix(seq: int, q_len: int, stop: int) -> int:
+    """How many leading storage positions the queries before ``stop`` can see, in any sequence or head: known on the
+    host, with no look at the device.
 
     Causality hides every entry younger than the chunk's last query: at prefill, the keys of later chunks. Cutting
     them before q·Kᵀ halves the work of a long prompt (a triangle instead of a square); entries past the cut are
-    invisible to every query of the chunk, so the result is unchanged.
+    invisible to every query of the chunk, so the result is unchanged. Why the cut holds: entries are stored in age
+    order, so an entry with ``n`` real entries newer than it sits at least ``n`` places before the end; query
+    ``j < stop`` sees the entries of age rank up to ``count - q_len + j``, each with at least ``q_len - stop``
+    newer ones, all of them before position ``seq - q_len + stop``.
     """
-    positions = (valid & (order <= last_limit)).flatten(0, 1).any(0).nonzero()
-    return int(positions[-1]) + 1 if len(positions) else 0
+    return max(0, min(seq, seq - q_len + stop))

@@ -100,6 +100,7 @@ class CompressedLayer(CacheLayerMixin):
         self.logical_length = 0
         self.packed = False
         self.lengths: list[int] = []
+        self.run_lengths: torch.Tensor | None = None  # packed only: ``lengths`` on the device, so no upload per use
         self.uniform = True
         self.valid: torch.Tensor | None = None  # dense only: [batch, seq] bool, False on padding
         self.seen: list[int] = []  # real tokens seen per sequence
@@ -135,6 +136,7 @@ class CompressedLayer(CacheLayerMixin):
             self.cumulative = self._append(self.cumulative, self.cumulative.new_zeros(batch, heads, q_len, 1))
         if self.packed:
             self.lengths = [n + q_len for n in self.lengths]
+            self.run_lengths = self.run_lengths + q_len
         self.logical_length += q_len
         if self.logical_length > self.cache.max_positions and self.layer_idx == 0:
             self.cache.warn_past_positions(self.logical_length)
@@ -173,6 +175,8 @@ class CompressedLayer(CacheLayerMixin):
             if new_valid is None:
                 new_valid = torch.ones(self.batch_size, q_len, dtype=torch.bool, device=self.device)
             self.valid = torch.cat([self.valid, new_valid], dim=1)
+        elif new_valid is not None:
+            self._drop_new_padding(new_valid)
         if self.window is not None:  # the model's own mechanism, not the policy's: not timed as policy work
             self._slide()
             self.cache.evict(self, query, scale, module)  # evicts nothing: checks the budget affords the window
@@ -192,6 +196,28 @@ class CompressedLayer(CacheLayerMixin):
         self.cache.evict(self, query, scale, module)
         if started is not None:
             self.cache.policy_seconds += self.cache.clock() - started
+
+    def _drop_new_padding(self, new_valid: torch.Tensor) -> None:
+        """Remove the padding among the ``q_len`` entries just appended to every run of a packed layer.
+
+        Why: a packed layer tracks no validity (its runs hold real entries only), so padding it appended would be
+        attended by every later query and counted as kept. It arrives where a left-padded batch is prefilled in
+        chunks and a prompt's padding outlasts the first chunk. ``new_valid``: ``[batch, q_len]`` bool; the host
+        reads it once per forward that passes a mask (a prefill), never while decoding.
+        """
+        pad_counts = (~new_valid).sum(1)
+        pads = pad_counts.tolist()
+        if not any(pads):
+            return
+        q_len = new_valid.shape[1]
+        ends = self.run_lengths.cumsum(0)
+        new = ends[:, None] - q_len + torch.arange(q_len, device=self.device)  # [runs, q_len] storage indices
+        keep = torch.ones(sum(self.lengths), dtype=torch.bool, device=self.device)
+        keep.scatter_(0, new.flatten(), new_valid.repeat_interleave(self.num_heads, dim=0).flatten())
+        self.lengths = [n - pads[run // self.num_heads] for run, n in enumerate(self.lengths)]
+        self.run_lengths = self.run_lengths - pad_counts.repeat_interleave(self.num_heads)
+        self.uniform = len(set(self.lengths)) == 1
+        self._select(self.tracks(), keep, sum(self.lengths))
 
     def _slide(self) -> None:
         """Keep the last ``W - 1`` positions: all the model's next query can see. A copy, so the dropped entries'
@@ -268,27 +294,44 @@ class CompressedLayer(CacheLayerMixin):
             valid = torch.ones(*shape, length, dtype=torch.bool, device=self.device)
             dense = {name: t.view(*shape, length, t.shape[-1]) for name, t in stored.items()}
         else:
-            lengths = torch.tensor(self.lengths, device=self.device)
             longest = max(self.lengths)
-            flat_valid = torch.arange(longest, device=self.device) < lengths[:, None]
+            flat_valid = torch.arange(longest, device=self.device) < self.run_lengths[:, None]
+            slots = self._padded_slots(longest)
             dense = {}
             for name, t in stored.items():
-                padded = t.new_zeros(len(self.lengths), longest, t.shape[-1])
-                padded[flat_valid] = t
+                padded = t.new_zeros(len(self.lengths) * longest, t.shape[-1])
+                padded.index_copy_(0, slots, t)  # integer indices: no host read of the layout, unlike a bool mask
                 dense[name] = padded.view(*shape, longest, t.shape[-1])
             valid = flat_valid.view(*shape, longest)
         if tracks:
             return dense, valid
         return dense["keys"], dense["values"], valid
 
+    def _padded_slots(self, longest: int) -> torch.Tensor:
+        """Where each stored entry goes in a ``[runs * longest]`` padded layout: run ``r``'s ``j``-th entry at
+        ``r * longest + j``, computed on the device from the run lengths."""
+        total = sum(self.lengths)
+        runs = torch.arange(len(self.lengths), device=self.device)
+        run_of = runs.repeat_interleave(self.run_lengths, output_size=total)  # output_size: no host read
+        starts = self.run_lengths.cumsum(0) - self.run_lengths
+        return run_of * longest + torch.arange(total, device=self.device) - starts[run_of]
+
     def store(self, dense: dict[str, torch.Tensor], keep: torch.Tensor) -> None:
-        """Keep only the entries where ``keep`` (``[batch, kv_heads, seq]``) is True, packed in age order."""
-        self.keys, self.values = dense["keys"][keep], dense["values"][keep]
-        if self.cumulative is not None:
-            self.cumulative = dense["cumulative"][keep]
-        self.lengths = keep.sum(-1).flatten().tolist()
+        """Keep only the entries where ``keep`` (``[batch, kv_heads, seq]``) is True, packed in age order.
+
+        One host read per call, the kept count of every run (the layout's Python ints); the selection itself uses
+        indices of a size known from it, so it reads nothing more back (a boolean mask index would)."""
+        self.run_lengths = keep.sum(-1).flatten()
+        self.lengths = self.run_lengths.tolist()
         self.uniform = len(set(self.lengths)) == 1
         self.packed, self.valid = True, None
+        self._select(dense, keep.flatten(), sum(self.lengths))
+
+    def _select(self, tracks: dict[str, torch.Tensor], keep: torch.Tensor, total: int) -> None:
+        """Set every track to its rows where the flat ``keep`` is True, ``total`` of them, in order."""
+        rows = keep.nonzero_static(size=total)[:, 0]
+        for name, t in tracks.items():
+            setattr(self, name, t.reshape(-1, t.shape[-1]).index_select(0, rows))
 
     def resident_bytes(self) -> int:
         """Bytes of the keys and values held (a policy's per-entry attention track is reported apart)."""

@@ -43,14 +43,19 @@ from kvpolicies.engine.policy import Role, coerce_option
 from kvpolicies.errors import ModelLoadError, PolicyConfigError, UsageError
 from kvpolicies.integrations.models import resolve_device, resolve_dtype, resolve_source
 from kvpolicies.integrations.protocol import QUESTION_MARKER, Protocol, missing_split, question_start, split_cache
-from kvpolicies.registry import get_policy, policy_with_role
+from kvpolicies.registry import get_policy, policy_with_role, registry
 
 _HFLM_ARGUMENTS = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+POLICY_PREFIX = "policy."
+"""``policy.NAME=VALUE`` sets the policy's option NAME whatever else is called NAME."""
 
 
 @register_model("kvpolicies")
 class KVPoliciesLM(HFLM):
-    """An HFLM whose every request runs on a ``CompressedCache``; model args beyond HFLM's are policy options."""
+    """An HFLM whose every request runs on a ``CompressedCache``; model args beyond HFLM's are policy options.
+
+    ``policy.NAME=VALUE`` names a policy option explicitly; it is required when HFLM (or this adapter) takes NAME too.
+    """
 
     def __init__(
         self,
@@ -65,15 +70,19 @@ class KVPoliciesLM(HFLM):
         dtype: str | None = None,
         **kwargs: Any,
     ) -> None:
-        options = {key: coerce_option(kwargs.pop(key)) for key in list(kwargs) if key not in _HFLM_ARGUMENTS}
         policy = policy or policy_with_role(Role.REFERENCE)  # no policy: keep everything, like lm-eval's own model
         if policy is None:
             raise UsageError("no policy= given and no installed policy keeps the whole cache; name a policy")
+        adapter_args = dict(pretrained=pretrained, budget=budget, slack_tokens=slack_tokens, stream_chunk=stream_chunk,
+                            prefill_chunk=prefill_chunk, protocol=protocol, device=device, dtype=dtype)
+        options = _policy_options(policy, kwargs, adapter_args)  # takes the policy's own args out of kwargs
         try:
+            # One instance per model, built from its own args; policies keep no state, so its caches share it.
             self.kv_policy = get_policy(policy, **options)
         except PolicyConfigError as error:
             raise PolicyConfigError(
-                f"{error}. Model args that are neither HFLM's nor the policy's are rejected; HFLM's are: "
+                f"{error}. Model args that are neither HFLM's nor the policy's are rejected (policy.NAME= names a "
+                f"policy option explicitly); HFLM's are: "
                 f"{', '.join(sorted(_HFLM_ARGUMENTS))}"
             ) from None
         slack = None if slack_tokens is None else _count("slack_tokens", slack_tokens, minimum=0)
@@ -156,17 +165,21 @@ class KVPoliciesLM(HFLM):
     # -- loglikelihood -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _continuation_logprobs(self, tokens: list[int], continuation: int) -> torch.Tensor:
-        """Log-probs ``[continuation, vocab]`` of the last ``continuation`` tokens, context compressed first."""
+        """Log-probs ``[continuation, vocab]`` of the last ``continuation`` tokens, context compressed first.
+
+        Only the rows scored are computed (the context's last one, then the continuation's) and only they are
+        turned into float32: never ``[context, vocab]`` logits, which at 32k tokens and a 128k vocabulary are 8 GB.
+        """
         cache = self.new_cache()
         ids = torch.tensor([tokens[:-1]], device=self.device)
         split = ids.shape[1] - continuation + 1  # the context, whose last position predicts the first token
         started = time.perf_counter()
-        pieces = [self.model(ids[:, :split], cache=cache).logits[:, -1:]]
+        pieces = [self.model(ids[:, :split], cache=cache, logits_to_keep=1).logits]
         self.timings.add_prefill(split, _synchronized(self.device, started))
         if split < ids.shape[1]:
             pieces.append(self.model(ids[:, split:], cache=cache).logits)
         self._measure(cache)
-        return F.log_softmax(torch.cat(pieces, dim=1)[0].float(), dim=-1)
+        return torch.cat([F.log_softmax(piece[0].float(), dim=-1) for piece in pieces])
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if self.protocol is Protocol.QUERY_AGNOSTIC:
@@ -210,19 +223,30 @@ class KVPoliciesLM(HFLM):
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
         return results
 
+    @torch.no_grad()
     def _streamed_logprob(self, context: list[int], continuation: list[int]) -> float:
-        """Sum of log-probs of ``continuation``, streamed in chunks with the cache cut to budget after each."""
+        """Sum of log-probs of ``continuation``, streamed in chunks with the cache cut to budget after each.
+
+        Each chunk computes the logits of the rows scored in it only (none of the context's), and they are reduced
+        to the targets' log-probs before the next chunk: logits memory is one chunk's, not the document's.
+        """
         cache = self.new_cache()
         ids = torch.tensor([(context + continuation)[:-1]], device=self.device)
-        logits = []
+        targets = torch.tensor(continuation, device=self.device)
+        first_scored = ids.shape[1] - len(continuation)  # the position predicting the continuation's first token
+        picked = []
         started = time.perf_counter()
         for start in range(0, ids.shape[1], self.stream_chunk):
-            logits.append(self.model(ids[:, start : start + self.stream_chunk], cache=cache).logits)
+            stop = min(start + self.stream_chunk, ids.shape[1])
+            scored = stop - max(start, first_scored)  # the chunk's last rows; 0 keeps all in transformers, so 1
+            logits = self.model(ids[:, start:stop], cache=cache, logits_to_keep=max(scored, 1)).logits
+            if scored > 0:
+                rows = targets[stop - scored - first_scored : stop - first_scored, None]
+                picked.append(F.log_softmax(logits[0].float(), dim=-1).gather(1, rows))
+            del logits  # before the next chunk's
         self.timings.add_prefill(ids.shape[1], _synchronized(self.device, started))
         self._measure(cache)
-        logprobs = F.log_softmax(torch.cat(logits, dim=1)[0, -len(continuation) :].float(), dim=-1)
-        target = torch.tensor(continuation, device=logprobs.device)
-        return float(logprobs.gather(1, target[:, None]).sum())
+        return float(torch.cat(picked).sum())
 
     # -- results -------------------------------------------------------------------------------------------------
     def kv_memory(self) -> dict[str, Any]:
@@ -262,6 +286,38 @@ class KVPoliciesLM(HFLM):
             "speed": self.timings.summary(),
         }
         return info
+
+
+_ADAPTER_DEFAULTS = {
+    name: parameter.default for name, parameter in inspect.signature(KVPoliciesLM.__init__).parameters.items()
+    if name not in ("self", "policy", "kwargs")
+}
+
+
+def _policy_options(policy: str, kwargs: dict[str, Any], adapter_args: dict[str, Any]) -> dict[str, Any]:
+    """Take the policy's options out of the model args ``kwargs`` (what stays there is HFLM's) and return them.
+
+    ``policy.NAME=`` is always the policy's. A plain name is HFLM's when HFLM takes it, else the policy's (unknown
+    names are then rejected by the policy, with its valid options). A plain name that HFLM or this adapter takes
+    *and* the policy has as an option is an error, not a guess: it would silently configure only one of them.
+    """
+    fields = set(registry().get(policy).policy_class.Config.model_fields)
+    explicit = {key.removeprefix(POLICY_PREFIX): kwargs.pop(key) for key in list(kwargs)
+                if key.startswith(POLICY_PREFIX)}
+    given = {**kwargs, **{name: value for name, value in adapter_args.items() if value != _ADAPTER_DEFAULTS[name]}}
+    for name in sorted((fields & set(given)) - set(explicit)):
+        if name in _HFLM_ARGUMENTS or name in _ADAPTER_DEFAULTS:
+            owner = "HFLM's" if name in kwargs else "kvpolicies' model"
+            raise PolicyConfigError(
+                f"model arg {name}={given[name]!r} is ambiguous: it is {owner} argument {name!r} and also an option of "
+                f"policy {policy!r}; write {POLICY_PREFIX}{name}=VALUE for the policy's option (a plain {name}= then "
+                f"goes to {'HFLM' if name in kwargs else 'the model'} alone)"
+            )
+    plain = {key: kwargs.pop(key) for key in list(kwargs) if key not in _HFLM_ARGUMENTS}
+    for name in sorted(set(plain) & set(explicit)):
+        raise PolicyConfigError(f"policy option {name!r} is given twice, as {name}= and {POLICY_PREFIX}{name}=; "
+                                "give it once")
+    return {key: coerce_option(value) for key, value in {**plain, **explicit}.items()}
 
 
 def _synchronized(device, started: float) -> float:

@@ -1,0 +1,91 @@
+"""What a GPU would pay, counted on the CPU: host-device syncs per decoding step and per eviction.
+
+The counter follows the tensors a GPU run would hold on the device (the model's weights, its inputs and what is
+computed from them); these tests pin the invariants of the hot path: no sync while decoding between evictions, and a
+number per eviction that does not grow with the batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvpolicies
+from kvpolicies import Budget, CompressedCache
+from kvpolicies.engine.device_work import DeviceWork
+from tests.helpers import tiny_llama
+
+
+def test_host_reads_of_device_tensors_are_syncs_and_host_tensors_are_not():
+    device, host = torch.ones(4), torch.ones(4)
+    with DeviceWork().on_device(device) as work:
+        host.sum().item(), host.tolist(), host[host > 0]
+        assert work.syncs == 0
+        total = device.sum()
+        total.item()
+        device.tolist()
+        device[device > 0]
+        device.nonzero()
+        torch.tensor([1, 2], device=device.device)
+    assert work.syncs == 5, work.by_op
+    assert {"_local_scalar_dense", "tolist", "index", "nonzero", "tensor(device=...)"} == set(work.by_op)
+    assert work.launches >= 4  # sum, gt, index, nonzero (and the tensor's copy)
+
+
+def decode_work(policy: str, batch: int, padding: int, slack: int, layers: int = 8, steps: int = 3,
+                evictions: list | None = None) -> list[int]:
+    """Syncs of each of ``steps`` decoding steps after a 64-token prefill (the first row never padded); the layers
+    cut while decoding are appended to ``evictions``."""
+    torch.manual_seed(0)
+    model = tiny_llama(num_layers=layers)
+    ids = torch.randint(3, 128, (batch, 64), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1:, :padding] = 0
+    cache = CompressedCache(model, kvpolicies.get_policy(policy), Budget(value=0.5, slack_tokens=slack))
+    syncs = []
+    with torch.no_grad(), DeviceWork().on_device(model, ids, mask) as work:
+        token = model(ids, attention_mask=mask, cache=cache).logits[:, -1:].argmax(-1)
+        work.step()
+        if evictions is not None:
+            for layer in cache.layers:
+                store = layer.store
+                layer.store = lambda *args, _store=store: (evictions.append(1), _store(*args))
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], 1)
+            token = model(token, attention_mask=mask, cache=cache).logits[:, -1:].argmax(-1)
+            syncs.append(work.step()[1])
+    return syncs
+
+
+@pytest.mark.parametrize(("policy", "batch", "padding"), [
+    ("snapkv", 1, 0), ("snapkv", 4, 5), ("headkv", 1, 0), ("h2o", 4, 5), ("streaming", 4, 5),
+])
+def test_a_decoding_step_between_evictions_syncs_no_more_than_the_models_own(policy, batch, padding):
+    own = decode_work("full", batch, padding, slack=16)  # transformers reads the padding mask once per forward
+    assert own == [1, 1, 1]
+    assert decode_work(policy, batch, padding, slack=16) == own  # no layer reads anything back
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "headkv", "h2o"])
+def test_syncs_per_eviction_do_not_grow_with_the_batch_or_its_padding(policy):
+    per_eviction = []
+    for batch, padding in ((1, 0), (4, 5), (16, 9)):
+        own = sum(decode_work("full", batch, padding, slack=0))
+        cuts: list = []
+        ours = sum(decode_work(policy, batch, padding, slack=0, evictions=cuts))  # slack 0: a cut at most steps
+        assert cuts
+        per_eviction.append((ours - own) / len(cuts))
+    # The allocation's upload, the scores' NaN check, the kept count of every run, and for a policy that moves
+    # entries between heads one read of the checks on its move: whatever the batch and its padding.
+    assert len(set(per_eviction)) == 1 and per_eviction[0] <= (4 if policy == "headkv" else 3), per_eviction
+
+
+def test_the_step_costs_table_counts_the_plain_model_once_and_each_policy_at_both_slacks():
+    from kvpolicies.experiments.step_costs import step_costs
+
+    table = step_costs(tiny_llama(), None, 96, ["snapkv"], [Budget.parse(0.25)], batches=(1, 4), steps=2)
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
+    assert [[cell.strip() for cell in row[:3]] for row in rows] == [["full", "-", "-"], ["snapkv", "0.25", "16"],
+                                                                    ["snapkv", "0.25", "0"]]
+    assert all(cell.strip().endswith("/ 1.0") for cell in rows[0][3:])  # the model's own sync per step
+    assert "cuts" in rows[2][3] and "cuts" not in rows[1][3]  # slack 0 evicts while decoding, the default does not
