@@ -13,13 +13,14 @@ from kvpolicies import Policy, PolicyConfig, ScoreInputs, Signal, hookimpl
 class TOVAConfig(PolicyConfig):
     pooling: Literal["kv_head", "layer"] = Field(
         "kv_head",
-        description="average the newest query's attention over the query heads of each KV head, or over the whole "
-        "layer (one kept set shared by all heads, as kvpress's TOVAPress does)",
+        description="the newest query's attention summed over the query heads of each KV head, or averaged over the "
+        "whole layer (one kept set shared by all heads, as kvpress's TOVAPress does)",
     )
 
 
 class TOVA(Policy):
-    """Keep the entries the newest query attends to most, averaged over the query heads sharing each KV head.
+    """Keep the entries the newest query attends to most, summed over the query heads sharing each KV head (the
+    ``attention`` signal; a sum ranks as a mean would).
 
     At prefill the newest query is the prompt's last token; during decoding it is the token just generated, so every
     eviction re-scores the whole cache with the current query. ``pooling="layer"`` averages over every head of the

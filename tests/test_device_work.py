@@ -12,7 +12,7 @@ import torch
 
 import kvpolicies
 from kvpolicies import Budget, CompressedCache
-from kvpolicies.engine.device_work import DeviceWork
+from kvpolicies.experiments.device_work import DeviceWork
 from tests.helpers import tiny_llama
 
 
@@ -89,3 +89,34 @@ def test_the_step_costs_table_counts_the_plain_model_once_and_each_policy_at_bot
                                                                     ["snapkv", "0.25", "0"]]
     assert all(cell.strip().endswith("/ 1.0") for cell in rows[0][3:])  # the model's own sync per step
     assert "cuts" in rows[2][3] and "cuts" not in rows[1][3]  # slack 0 evicts while decoding, the default does not
+
+
+def test_timing_the_policy_on_cuda_records_events_and_syncs_once_when_the_total_is_read(monkeypatch):
+    """Before, every layer's forward synchronised the device twice to time the policy, in the very run whose speed
+    was reported. CUDA's events stand in here: recorded per layer, read with one sync at the end."""
+    from kvpolicies.engine.clock import Stopwatch
+
+    syncs = []
+
+    class Event:  # what a CUDA event does: remembers when it was recorded, answers the time between two
+        def __init__(self, enable_timing: bool) -> None:
+            self.at = None
+
+        def record(self) -> None:
+            self.at = len(recorded)
+            recorded.append(self)
+
+        def elapsed_time(self, end: Event) -> float:
+            return 2.0  # milliseconds
+
+    recorded: list = []
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
+    model = tiny_llama()
+    cache = CompressedCache(model, "snapkv", Budget(value=0.5, slack_tokens=0))
+    cache.policy_time = Stopwatch("cuda")
+    with torch.no_grad():
+        token = model(torch.randint(3, 128, (1, 64)), cache=cache).logits[:, -1:].argmax(-1)
+        model(token, cache=cache)
+    assert syncs == [] and len(recorded) == 2 * 2 * 8  # two forwards, eight layers, a start and a stop each
+    assert cache.policy_time.seconds == pytest.approx(16 * 0.002) and syncs == ["cuda"]

@@ -1,6 +1,8 @@
 """The engine: what runs inside the model while it generates.
 
-Budgets and their allocation, the policy interface, selection of the kept entries, the signals a policy may read,
-the compressed cache (storage layout and eviction) and the attention that reads it. Everything here is needed to
-compress one forward pass; nothing here knows about tasks, sweeps or pages.
+Budgets and their allocation (``budget``), the policy interface (``policy``, ``composition`` for wrappers),
+selection of the kept entries (``selection``), the signals a policy may read (``signals``) and the model facts it
+may need (``layer_view``), which layers a model windows (``layout``), the compressed cache (``cache``: eviction;
+``storage``: one layer's layout) and the attention that reads it (``attention``). Everything here runs inside a
+forward pass; nothing here knows about tasks, sweeps, pages or measurements.
 """

@@ -9,7 +9,6 @@ attention has read the full keys, so prefill peaks at one uncompressed layer.
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from transformers.cache_utils import Cache
 
 from kvpolicies.engine.attention import prepare_model
 from kvpolicies.engine.budget import Allocation, Budget, CacheShape
+from kvpolicies.engine.clock import Stopwatch
 from kvpolicies.engine.layer_view import LayerView
 from kvpolicies.engine.layout import layer_windows
 from kvpolicies.engine.policy import Policy, ScoreInputs, Signal
@@ -79,9 +79,8 @@ class CompressedCache(Cache):
             self.budget.allocate(max(w for w in windows if w), self.shape)
         self._allocations: dict[int, list[list[int]]] = {}
         self._layer_views: dict[int, LayerView] = {}
-        self.timing = False
-        """When True, ``policy_seconds`` accumulates the time spent in the policy (signals, scoring, eviction)."""
-        self.policy_seconds = 0.0
+        self.policy_time: Stopwatch | None = None
+        """Set (by a benchmark) to time the policy's share of every layer's forward (signals, scoring, eviction)."""
         self._warned_positions = False
         self.context_lengths: list[int] | None = None
         """Real tokens of each sequence that are its *context*; the entries after it (a question appended to a
@@ -307,12 +306,6 @@ class CompressedCache(Cache):
     def auxiliary_bytes(self) -> int:
         """Bytes a policy holds besides the cache entries (query buffers, attention tracks, padding masks)."""
         return sum(layer.auxiliary_bytes() for layer in self.layers)
-
-    def clock(self) -> float:
-        """A timestamp that includes the device's queued work (CUDA runs asynchronously)."""
-        if self.layers[0].is_initialized and self.layers[0].device.type == "cuda":
-            torch.cuda.synchronize(self.layers[0].device)
-        return time.perf_counter()
 
     def stats(self) -> CacheStats:
         """The whole batch: every sequence's entries, plus the padding stored with them."""

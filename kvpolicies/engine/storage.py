@@ -32,6 +32,7 @@ from typing import Protocol
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from kvpolicies.engine.clock import Stopwatch
 from kvpolicies.engine.policy import Policy, Signal
 from kvpolicies.engine.selection import age_order
 from kvpolicies.engine.signals import LogitScale, attention_received
@@ -43,10 +44,7 @@ class LayerOwner(Protocol):
 
     policy: Policy
     max_positions: int | float
-    timing: bool
-    policy_seconds: float
-
-    def clock(self) -> float: ...
+    policy_time: Stopwatch | None
 
     def evict(self, layer: CompressedLayer, query: torch.Tensor, scale: LogitScale,
               module: torch.nn.Module | None = None) -> None: ...
@@ -164,7 +162,8 @@ class CompressedLayer(CacheLayerMixin):
 
         ``new_valid``: ``[batch, q_len]`` bool, or None when all are real (no device sync on the decode path).
         """
-        started = self.cache.clock() if self.cache.timing and self.window is None else None
+        watch = self.cache.policy_time if self.window is None else None
+        started = watch.start() if watch is not None else None
         self.awaiting_attention = False
         q_len = query.shape[-2]
         if new_valid is None:
@@ -195,7 +194,7 @@ class CompressedLayer(CacheLayerMixin):
             self.cumulative += self._attention_received(query, scale)[..., None]
         self.cache.evict(self, query, scale, module)
         if started is not None:
-            self.cache.policy_seconds += self.cache.clock() - started
+            watch.stop(started)
 
     def _drop_new_padding(self, new_valid: torch.Tensor) -> None:
         """Remove the padding among the ``q_len`` entries just appended to every run of a packed layer.

@@ -8,8 +8,9 @@ alike) and reduced to medians. What is reported, and why:
   kept entries`` (summed over layers and KV heads): the packed layout must not waste memory on padding or
   over-allocation. Index overhead of the ragged layout is per-head run lengths kept as Python ints, not tensors;
   other per-policy state (query buffers, attention tracks, padding masks) is reported apart as auxiliary bytes;
-- peak memory: CUDA's peak allocated bytes, or on CPU the growth of the process RSS (sampled every 20 ms), which
-  include weights' activations, logits and allocator behaviour, not only the cache;
+- peak memory: CUDA's peak allocated bytes, or on CPU the growth of the process's resident high-water mark
+  (:class:`~kvpolicies.experiments.memory.PeakMemory`: the kernel's ``VmHWM``, reset on entry), which includes
+  activations, logits and allocator behaviour, not only the cache;
 - prefill time, time to first token (prefill plus choosing the first token) and decode tokens/s;
 - the policy's own time (signals, scoring, selection, packing) as a share of prefill, and per decoding step.
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import random
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,6 +30,7 @@ import torch
 
 from kvpolicies.engine.budget import Budget, BudgetError
 from kvpolicies.engine.cache import CompressedCache
+from kvpolicies.engine.clock import Stopwatch, clock
 from kvpolicies.errors import UsageError
 
 
@@ -83,26 +84,27 @@ def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
     from kvpolicies.experiments.memory import PeakMemory
 
     cache = CompressedCache(model, policy, budget)
-    cache.timing = True
+    cache.policy_time = Stopwatch(model.device)  # CUDA events: timing the policy does not slow the run down
     chunk = prefill_chunk or ids.shape[1]
     with PeakMemory(model.device) as peak:
-        started = cache_clock(model.device)
+        started = clock(model.device)
         for start in range(0, ids.shape[1], chunk):
             logits = model(ids[:, start : start + chunk], cache=cache, logits_to_keep=1).logits
-        prefilled = cache_clock(model.device)
+        prefilled = clock(model.device)
         token = logits[:, -1:].argmax(-1)
-        first_token = cache_clock(model.device)
-        policy_prefill, cache.policy_seconds = cache.policy_seconds, 0.0
+        first_token = clock(model.device)
+        policy_prefill = cache.policy_time.seconds
+        cache.policy_time.reset()
         for _ in range(decode_tokens):
             token = model(token, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
-        decoded = cache_clock(model.device)
+        decoded = clock(model.device)
     stats = cache.stats()
     steps = max(decode_tokens, 1)
     return Measurement(
         policy=policy, budget=str(budget), context_tokens=ids.shape[1],
         prefill_s=prefilled - started, ttft_s=first_token - started,
         decode_ms_per_token=(decoded - first_token) * 1000 / steps,
-        policy_prefill_s=policy_prefill, policy_decode_ms_per_token=cache.policy_seconds * 1000 / steps,
+        policy_prefill_s=policy_prefill, policy_decode_ms_per_token=cache.policy_time.seconds * 1000 / steps,
         resident_bytes=stats.resident_bytes, physical_bytes=stats.kept_entries * cache.shape.entry_bytes,
         auxiliary_bytes=cache.auxiliary_bytes(), full_bytes=stats.full_bytes, peak_bytes=peak.growth_bytes,
         decode_tokens=decode_tokens,
@@ -136,12 +138,6 @@ def profile(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
     title = f"{policy} @ {budget}, {ids.shape[1]} tokens"
     return (f"{title}: prefill\n{prefill.key_averages().table(sort_by=sort, row_limit=rows)}\n"
             f"{title}: {decode_tokens} decoding steps\n{decode.key_averages().table(sort_by=sort, row_limit=rows)}")
-
-
-def cache_clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def median_measurement(runs: list[Measurement]) -> Measurement:

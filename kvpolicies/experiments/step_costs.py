@@ -2,7 +2,7 @@
 
 ``kvpolicies bench --step-costs`` prints it. Why a table of counts next to the timings: on a CPU a sync costs
 nothing and a launch little, so the timings there cannot show the costs that dominate small-batch decoding on a GPU;
-the counts can (see :mod:`kvpolicies.engine.device_work` for what is counted and why it is exact enough). Each
+the counts can (see :mod:`kvpolicies.experiments.device_work` for what is counted and why it is exact enough). Each
 policy decodes a left-padded batch (every row but the first padded by a different amount, so layers are ragged as
 they are under lm-eval) twice: with the default slack, where most steps evict nothing, and with slack 0, where
 steps evict; the table gives the mean per step, the plain model's own work (the full cache) first.
@@ -16,7 +16,7 @@ import torch
 
 from kvpolicies.engine.budget import Budget, BudgetError
 from kvpolicies.engine.cache import CompressedCache
-from kvpolicies.engine.device_work import DeviceWork
+from kvpolicies.experiments.device_work import DeviceWork
 
 
 @torch.no_grad()

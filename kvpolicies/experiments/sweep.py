@@ -170,7 +170,8 @@ def _current(store: ResultsStore, cell: Cell) -> bool:
     return record is not None
 
 
-def _write_all(store: ResultsStore, unsaved: list[tuple[Cell, ResultRecord]]) -> tuple[list[tuple[Cell, ResultRecord]], str | None]:
+def _write_all(store: ResultsStore,
+               unsaved: list[tuple[Cell, ResultRecord]]) -> tuple[list[tuple[Cell, ResultRecord]], str | None]:
     """Write the records of ``unsaved`` in order, removing each written one; returns what was written (as the files
     now hold it) and why the first that failed could not be written."""
     from kvpolicies.experiments.results import ResultsError

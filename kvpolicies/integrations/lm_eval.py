@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import statistics
-import time
 from typing import Any
 
 import torch
@@ -39,6 +38,7 @@ from tqdm import tqdm
 from kvpolicies.engine.attention import prepare_model
 from kvpolicies.engine.budget import Budget
 from kvpolicies.engine.cache import CacheStats, CompressedCache
+from kvpolicies.engine.clock import clock
 from kvpolicies.engine.policy import Role, coerce_option
 from kvpolicies.errors import ModelLoadError, PolicyConfigError, UsageError
 from kvpolicies.integrations.models import resolve_device, resolve_dtype, resolve_source
@@ -131,7 +131,7 @@ class KVPoliciesLM(HFLM):
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
         marker = generation_kwargs.pop(QUESTION_MARKER, None)
         cache = self.new_cache()
-        clock = StepClock(self.device)
+        steps = StepClock(self.device)
         if self.prefill_chunk:
             generation_kwargs["prefill_chunk_size"] = self.prefill_chunk
         prefilled = 0
@@ -141,15 +141,15 @@ class KVPoliciesLM(HFLM):
             mask = generation_kwargs.get("attention_mask")
             starts = [self._question_start(row if mask is None else row[mask[i].bool()], marker)
                       for i, row in enumerate(context)]
-            started = time.perf_counter()
+            started = clock(self.device)
             prefilled = split_cache(self.model, cache, context, starts, self.protocol, self.prefill_chunk)
             if prefilled:
                 self.timings.add_prefill(prefilled, _synchronized(self.device, started))
         output = super()._model_generate(
-            context, max_length, stop, cache=cache, streamer=clock, **generation_kwargs
+            context, max_length, stop, cache=cache, streamer=steps, **generation_kwargs
         )
         self._measure(cache)
-        self.timings.add_generation(context.numel() - prefilled, context.shape[0], clock)
+        self.timings.add_generation(context.numel() - prefilled, context.shape[0], steps)
         return output
 
     def _question_start(self, ids: torch.Tensor, marker: str) -> int:
@@ -173,7 +173,7 @@ class KVPoliciesLM(HFLM):
         cache = self.new_cache()
         ids = torch.tensor([tokens[:-1]], device=self.device)
         split = ids.shape[1] - continuation + 1  # the context, whose last position predicts the first token
-        started = time.perf_counter()
+        started = clock(self.device)
         pieces = [self.model(ids[:, :split], cache=cache, logits_to_keep=1).logits]
         self.timings.add_prefill(split, _synchronized(self.device, started))
         if split < ids.shape[1]:
@@ -235,7 +235,7 @@ class KVPoliciesLM(HFLM):
         targets = torch.tensor(continuation, device=self.device)
         first_scored = ids.shape[1] - len(continuation)  # the position predicting the continuation's first token
         picked = []
-        started = time.perf_counter()
+        started = clock(self.device)
         for start in range(0, ids.shape[1], self.stream_chunk):
             stop = min(start + self.stream_chunk, ids.shape[1])
             scored = stop - max(start, first_scored)  # the chunk's last rows; 0 keeps all in transformers, so 1
@@ -321,9 +321,8 @@ def _policy_options(policy: str, kwargs: dict[str, Any], adapter_args: dict[str,
 
 
 def _synchronized(device, started: float) -> float:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
+    """Seconds since ``started``, the device's queued work included."""
+    return clock(device) - started
 
 
 class StepClock:
@@ -334,9 +333,7 @@ class StepClock:
         self.stamps: list[float] = []
 
     def put(self, value) -> None:
-        if torch.device(self.device).type == "cuda":
-            torch.cuda.synchronize()
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(clock(self.device))
 
     def end(self) -> None:
         pass

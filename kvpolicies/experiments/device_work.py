@@ -10,8 +10,8 @@ metadata ops launch nothing.
 
 :class:`DeviceWork` is a ``TorchDispatchMode`` (it sees every aten op, whatever the Python code that called it)
 with a ``TorchFunctionMode`` for what only the Python call shows: a factory asked for a device, and the host
-reads that a CPU tensor serves without the dispatcher (``tolist``, ``numpy``, ``cpu``). It slows what it counts: use it in tests and in ``kvpolicies bench``'s counting
-pass, never while timing.
+reads that a CPU tensor serves without the dispatcher (``tolist``, ``numpy``, ``cpu``). It slows what it counts:
+use it in tests and in ``kvpolicies bench --step-costs``, never while timing.
 """
 
 from __future__ import annotations
