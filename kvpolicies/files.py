@@ -41,7 +41,14 @@ def staged(path: Path, mode: str = "wb", encoding: str | None = None) -> Iterato
 
 
 def umask() -> int:
-    """This process's umask (reading it means setting it: set it straight back)."""
+    """This process's umask. Read from ``/proc`` where Linux gives it: otherwise reading it means setting it (and
+    setting it straight back), and a file another thread creates in between would get no umask at all."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -324,7 +324,8 @@ def test_chunked_prefill_evicts_between_chunks_so_memory_follows_the_budget(tiny
     assert peaks[32] <= 168 // 4 + 32
 
 
-def test_chunked_prefill_of_a_left_padded_batch_stores_no_padding(tiny_model):
+@pytest.mark.parametrize("policy", ["snapkv", "headkv"])
+def test_chunked_prefill_of_a_left_padded_batch_stores_no_padding(tiny_model, policy):
     """Padding that outlasts the first chunk: once the layers are packed (after chunk 1), the next chunk's padding
     must not become entries, attended from the chunk after and counted as kept."""
     generator = torch.Generator().manual_seed(3)
@@ -333,7 +334,7 @@ def test_chunked_prefill_of_a_left_padded_batch_stores_no_padding(tiny_model):
     mask = torch.cat([torch.ones(1, 120), torch.cat([torch.zeros(1, 80), torch.ones(1, 40)], 1)]).long()
 
     def logits_and_cache(ids, attention_mask):
-        cache = CompressedCache(tiny_model, "snapkv", 1.0)  # keeps everything: only the padding may go
+        cache = CompressedCache(tiny_model, policy, 1.0)  # keeps everything: only the padding may go
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             for start in range(0, ids.shape[1], 32):  # chunks of 32: the short prompt's padding fills chunks 1 and 2
@@ -348,3 +349,24 @@ def test_chunked_prefill_of_a_left_padded_batch_stores_no_padding(tiny_model):
     assert [stats.kept_entries for stats in cache.sequence_stats()] == [120 * 8 * 2, 40 * 8 * 2]
     alone, _ = logits_and_cache(short, torch.ones_like(short))
     torch.testing.assert_close(batched[1], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_a_cache_evicts_under_inference_mode(tiny_model):
+    """torch.inference_mode() is how many serve a model; its tensors have no version counter to check."""
+    cache = CompressedCache(tiny_model, "snapkv", Budget(value=0.25, slack_tokens=0))
+    with torch.inference_mode():
+        tiny_model.generate(torch.randint(3, 128, (1, 64)), max_new_tokens=3, do_sample=False, cache=cache)
+    assert int(cache.kept_per_head()[:, 0].sum()) < 8 * 2 * 64
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "headkv"])  # headkv moves entries between the heads of rows over budget
+def test_chunked_prefill_compresses_a_batch_whose_row_is_padding_only_in_a_chunk(tiny_model, policy):
+    ids = torch.randint(3, 128, (2, 120), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :80] = 0  # the second prompt's 40 tokens start in the third chunk
+    cache = CompressedCache(tiny_model, policy, Budget(value=0.5, slack_tokens=0))
+    with torch.no_grad():
+        tiny_model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, prefill_chunk_size=32,
+                            cache=cache, pad_token_id=0)
+    kept = cache.kept_per_head()[:, 1]  # [layers, kv_heads] of the short prompt
+    assert int(kept.max()) <= 40 + 2 and int(kept.sum()) <= 8 * 2 * (20 + 2)  # its own tokens, half of them

@@ -102,7 +102,8 @@ def test_timing_the_policy_on_cuda_records_events_and_syncs_once_when_the_total_
         def __init__(self, enable_timing: bool) -> None:
             self.at = None
 
-        def record(self) -> None:
+        def record(self, stream: str | None = None) -> None:
+            assert stream == "stream of cuda"  # the device's own stream, whatever device is current
             self.at = len(recorded)
             recorded.append(self)
 
@@ -112,6 +113,7 @@ def test_timing_the_policy_on_cuda_records_events_and_syncs_once_when_the_total_
     recorded: list = []
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
     model = tiny_llama()
     cache = CompressedCache(model, "snapkv", Budget(value=0.5, slack_tokens=0))
     cache.policy_time = Stopwatch("cuda")

@@ -245,3 +245,15 @@ def test_policy_prefix_sets_the_policy_option_and_leaves_the_plain_name_to_hflm(
     assert not any(key.startswith("policy.") for key in given)
     plain = KVPoliciesLM(pretrained=tiny_pretrained, policy="random", seed=5, batch_size=1)
     assert plain.kv_policy.config.seed == 5  # options no one else takes need no prefix
+
+
+def test_a_sweep_cell_hands_its_policy_options_by_name_so_none_is_taken_for_a_model_arg(tiny_pretrained,
+                                                                                       fresh_registry):
+    from kvpolicies.experiments.grid import Cell, PolicySpec, TaskSpec
+    from kvpolicies.experiments.runner import cell_model
+
+    register_revisioned()
+    cell = Cell(model=tiny_pretrained, task=TaskSpec(name="kvp_passkey"), seed=0, budget=0.5,
+                policy=PolicySpec(name="revisioned", options={"revision": "second", "dtype": "values"}))
+    lm = cell_model(cell)
+    assert (lm.kv_policy.config.revision, lm.kv_policy.config.dtype) == ("second", "values")

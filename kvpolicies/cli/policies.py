@@ -20,6 +20,7 @@ from kvpolicies.cli.options import (
     path,
     positive_int,
     read_text_file,
+    whole_number,
 )
 from kvpolicies.errors import UsageError
 from kvpolicies.integrations.protocol import Protocol
@@ -45,7 +46,7 @@ def add_commands(commands) -> None:
     generate.add_argument("--protocol", choices=[protocol.value for protocol in Protocol], default="query_aware",
                           help="compress the prompt with the question in view (query_aware, default) or before it "
                                "is seen (query_agnostic, needs --question)")
-    generate.add_argument("--prefill-chunk", type=positive_int, metavar="N",
+    generate.add_argument("--prefill-chunk", type=whole_number(2), metavar="N",
                           help="prefill N tokens at a time, evicting after each chunk (memory follows the budget)")
     generate.set_defaults(run=run_generate)
 

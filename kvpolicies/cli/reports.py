@@ -15,6 +15,7 @@ from kvpolicies.cli.options import (
     path,
     positive_int,
     read_text_file,
+    whole_number,
     whole_numbers,
     write_or_print,
 )
@@ -49,7 +50,8 @@ def add_commands(commands) -> None:
                        help="comma-separated budgets (default: 0.5,0.25,0.1)")
     bench.add_argument("--decode", type=positive_int, default=32, help="decoded tokens per run (default: 32)")
     bench.add_argument("--repeats", type=positive_int, default=3, help="interleaved runs per cell, medians reported")
-    bench.add_argument("--prefill-chunk", type=positive_int, metavar="N", help="prefill N tokens at a time, evicting between")
+    bench.add_argument("--prefill-chunk", type=whole_number(2), metavar="N",
+                       help="prefill N >= 2 tokens at a time, evicting between")
     bench.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     bench.add_argument("--dtype", help="float32, bfloat16, ... (default: bfloat16 on CUDA, float32 on CPU)")
     bench.add_argument("--json", type=path, help="also write every measurement to this JSON file")

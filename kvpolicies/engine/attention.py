@@ -79,7 +79,8 @@ def kvpolicies_attention(inner: Callable, module, query, key, value, attention_m
     q_len = query.shape[2]
     scale = LogitScale(kwargs.get("scaling") or query.shape[-1] ** -0.5, kwargs.get("softcap"))
     # One new token is real and sees itself (generation extends the mask with ones): reading the mask would cost a
-    # host-device sync per layer per decoding step for nothing.
+    # host-device sync per layer per decoding step for nothing. A one-token forward must therefore carry no padding:
+    # chunked prefill takes chunks of 2 tokens at least for that reason.
     new_visible = None if q_len == 1 else new_token_mask(attention_mask, query.shape[0], q_len, query.device)
     if layer.packed:
         dropout = kwargs.get("dropout", 0.0) if module.training else 0.0

@@ -155,7 +155,8 @@ class CompressedCache(Cache):
         if any(over):
             inputs = self._score_inputs(layer, dense, valid, context, keep_n.clone(), query, scale)
             inputs.layer = self._layer_view(layer.layer_idx, module)
-            versions = {name: t._version for name, t in vars(inputs).items() if isinstance(t, torch.Tensor)}
+            versions = {name: t._version for name, t in vars(inputs).items()  # inference tensors have none
+                        if isinstance(t, torch.Tensor) and not t.is_inference()}
             try:
                 scores = self.policy.score(inputs)
             except Exception as error:
@@ -192,7 +193,8 @@ class CompressedCache(Cache):
         """Refuse a ``score()`` that edited its inputs in place: ``keys`` and ``values`` may be the layer's storage,
         and the change would reach the model's next attention. Read from torch's version counters (bumped by every
         in-place op): no copy, no device sync."""
-        edited = [name for name, version in versions.items() if getattr(inputs, name)._version != version]
+        edited = [name for name, version in versions.items()  # a field replaced or cleared is no edit of ours
+                  if (t := getattr(inputs, name, None)) is not None and not t.is_inference() and t._version != version]
         if edited:
             from kvpolicies.registry import plugin_fault
 
@@ -241,9 +243,12 @@ class CompressedCache(Cache):
         held = valid.sum(-1).to(moved.device)
         # Every check in one host read. A head raised past what it holds would be clamped by select(), and the
         # budget would go unspent, unsaid.
-        beyond = (moved > held) & (moved > keep_n)
+        # Only rows over budget take the move (the others keep what they hold, padding-only rows of a chunked
+        # prefill included, which hold nothing).
+        beyond = (moved > held) & (moved > keep_n) & over_rows
         grown, emptied, overfilled = torch.stack(
-            [(moved.sum(-1) > keep_n.sum(-1)).any(), (moved < 1).any(), beyond.any()]).tolist()
+            [((moved.sum(-1, keepdim=True) > keep_n.sum(-1, keepdim=True)) & over_rows).any(),
+             ((moved < 1) & over_rows).any(), beyond.any()]).tolist()
         if grown:
             raise PolicyConfigError(
                 f"policy {self.policy.name!r}: reallocate_heads() must return [batch, kv_heads] with at most the "

@@ -36,16 +36,12 @@ class Stopwatch:
 
     def start(self) -> object:
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
+            return self._event()
         return time.perf_counter()
 
     def stop(self, started: object) -> None:
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._events.append((started, event))
+            self._events.append((started, self._event()))
         else:
             self._seconds += time.perf_counter() - started
 
@@ -57,6 +53,13 @@ class Stopwatch:
             self._seconds += sum(begin.elapsed_time(end) for begin, end in self._events) / 1000
             self._events.clear()
         return self._seconds
+
+    def _event(self) -> torch.cuda.Event:
+        """An event recorded on the stream of this stopwatch's device (not the current device's, which may differ:
+        ``--device cuda:1``)."""
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def reset(self) -> None:
         self._events.clear()

@@ -204,7 +204,8 @@ class RayExecutor:
                 f"{resources.get('GPU', 0):g} GPUs); lower --cpus-per-cell / --gpus-per-cell or add a node")
         for slot in [slot for slot in state.slots if not slot.started][:max(0, len(state.slots) - capacity)]:
             self._drop(state, slot)
-        wanted = min(capacity, len(state.queue) + len(state.running) + (0 if state.taken_all else capacity))
+        self._take(state, capacity - len(state.running))  # as many as the cluster runs at once, no more: a 1-cell
+        wanted = min(capacity, len(state.queue) + len(state.running))  # sweep reserves one worker, not every GPU
         while len(state.slots) < wanted:
             actor = _RemoteWorker.options(
                 num_cpus=self.execution.cpus, num_gpus=self.execution.gpus, scheduling_strategy="SPREAD",

@@ -53,7 +53,8 @@ def cell_model(cell: Cell):
     from kvpolicies.integrations.lm_eval import KVPoliciesLM
 
     options = dict(policy=cell.policy.name, budget=cell.budget, batch_size=cell.batch_size,
-                   protocol=cell.protocol.value, **cell.policy.options)
+                   protocol=cell.protocol.value,  # the policy's options by name: none is mistaken for a model arg
+                   **{f"policy.{name}": value for name, value in cell.policy.options.items()})
     if cell.model in _loaded:
         model, tokenizer = _loaded[cell.model]
         return KVPoliciesLM(pretrained=model, tokenizer=tokenizer, **options)

@@ -54,12 +54,12 @@ def step_costs(model, tokenizer, tokens: int, policies: Sequence[str], budgets: 
     rows = []
     for name, budget in reference_first(policies, budgets):
         for slack in (None,) if name == reference else (budget.slack_tokens, 0):
-            row = [name, "-", "-"] if slack is None else [name, f"{budget.value:g}", str(slack)]
+            row = [name, "-", "-"] if slack is None else [name, str(budget), str(slack)]
             for batch in batches:
                 try:
                     launches, syncs, cuts = count_steps(
                         model, prompt.expand(batch, -1).clone(), name,
-                        budget if slack is None else Budget(value=budget.value, slack_tokens=slack), steps)
+                        budget if slack is None else budget.model_copy(update={"slack_tokens": slack}), steps)
                 except BudgetError as error:
                     row.append(f"skipped: {error}")
                     continue

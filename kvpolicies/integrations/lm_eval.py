@@ -88,7 +88,7 @@ class KVPoliciesLM(HFLM):
         slack = None if slack_tokens is None else _count("slack_tokens", slack_tokens, minimum=0)
         self.kv_budget = Budget.parse(budget, slack_tokens=slack)  # the budget's own slack (16) unless given
         self.stream_chunk = _count("stream_chunk", stream_chunk)
-        self.prefill_chunk = None if prefill_chunk in (None, "", "None") else _count("prefill_chunk", prefill_chunk)
+        self.prefill_chunk = None if prefill_chunk in (None, "", "None") else _count("prefill_chunk", prefill_chunk, minimum=2)
         self.protocol = Protocol.parse(protocol)
         if self.protocol is Protocol.QUERY_AGNOSTIC:
             # Each context is compressed alone before its question: one request at a time.
