@@ -87,8 +87,8 @@ def test_prompt_file_that_is_a_folder_or_not_utf8_or_missing(capsys, tmp_path):
     ("argv", "message"),
     [
         (["generate", "--max-new-tokens", "0", "hi"], "expected a whole number >= 1, got 0"),
-        (["generate", "--prefill-chunk", "0", "hi"], "expected a whole number >= 1, got 0"),
-        (["generate", "--prefill-chunk", "-5", "hi"], "expected a whole number >= 1, got -5"),
+        (["generate", "--prefill-chunk", "0", "hi"], "expected a whole number >= 2, got 0"),
+        (["generate", "--prefill-chunk", "-5", "hi"], "expected a whole number >= 2, got -5"),
         (["generate", "--dtype", "foo", "hi"], "invalid choice: 'foo'"),
         (["generate", "--protocol", "agnostic", "hi"], "invalid choice: 'agnostic'"),
         (["inspect", "--tokens", "0"], "expected a whole number >= 1, got 0"),
