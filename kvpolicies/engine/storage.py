@@ -166,16 +166,14 @@ class CompressedLayer(CacheLayerMixin):
         started = watch.start() if watch is not None else None
         self.awaiting_attention = False
         q_len = query.shape[-2]
-        if new_valid is None:
-            self.seen = [n + q_len for n in self.seen]
-        else:
-            self.seen = [s + n for s, n in zip(self.seen, new_valid.sum(1).tolist())]
+        real = [q_len] * self.batch_size if new_valid is None else new_valid.sum(1).tolist()  # one host read
+        self.seen = [s + n for s, n in zip(self.seen, real)]
         if not self.packed:
             if new_valid is None:
                 new_valid = torch.ones(self.batch_size, q_len, dtype=torch.bool, device=self.device)
             self.valid = torch.cat([self.valid, new_valid], dim=1)
-        elif new_valid is not None:
-            self._drop_new_padding(new_valid)
+        elif new_valid is not None and min(real) < q_len:
+            self._drop_new_padding(new_valid, [q_len - n for n in real])
         if self.window is not None:  # the model's own mechanism, not the policy's: not timed as policy work
             self._slide()
             self.cache.evict(self, query, scale, module)  # evicts nothing: checks the budget affords the window
@@ -196,25 +194,21 @@ class CompressedLayer(CacheLayerMixin):
         if started is not None:
             watch.stop(started)
 
-    def _drop_new_padding(self, new_valid: torch.Tensor) -> None:
+    def _drop_new_padding(self, new_valid: torch.Tensor, pads: list[int]) -> None:
         """Remove the padding among the ``q_len`` entries just appended to every run of a packed layer.
 
         Why: a packed layer tracks no validity (its runs hold real entries only), so padding it appended would be
         attended by every later query and counted as kept. It arrives where a left-padded batch is prefilled in
-        chunks and a prompt's padding outlasts the first chunk. ``new_valid``: ``[batch, q_len]`` bool; the host
-        reads it once per forward that passes a mask (a prefill), never while decoding.
+        chunks and a prompt's padding outlasts the first chunk. ``new_valid``: ``[batch, q_len]`` bool; ``pads``:
+        the padded positions of each sequence among them, as the host already read them.
         """
-        pad_counts = (~new_valid).sum(1)
-        pads = pad_counts.tolist()
-        if not any(pads):
-            return
         q_len = new_valid.shape[1]
         ends = self.run_lengths.cumsum(0)
         new = ends[:, None] - q_len + torch.arange(q_len, device=self.device)  # [runs, q_len] storage indices
         keep = torch.ones(sum(self.lengths), dtype=torch.bool, device=self.device)
         keep.scatter_(0, new.flatten(), new_valid.repeat_interleave(self.num_heads, dim=0).flatten())
         self.lengths = [n - pads[run // self.num_heads] for run, n in enumerate(self.lengths)]
-        self.run_lengths = self.run_lengths - pad_counts.repeat_interleave(self.num_heads)
+        self.run_lengths = self.run_lengths - (~new_valid).sum(1).repeat_interleave(self.num_heads)
         self.uniform = len(set(self.lengths)) == 1
         self._select(self.tracks(), keep, sum(self.lengths))
 
