@@ -23,7 +23,8 @@ class BudgetError(KVPoliciesError, ValueError):
 
 
 class PolicyConfigError(KVPoliciesError, ValueError):
-    """A policy was given a config it does not accept, or broke the contract of its hooks."""
+    """A policy was given a config it does not accept (a policy's code that breaks a hook's contract is a
+    :class:`PluginError`)."""
 
 
 class UnknownPolicyError(KVPoliciesError, KeyError):
@@ -42,11 +43,13 @@ class ModelLoadError(KVPoliciesError, OSError):
 
 
 class PluginError(KVPoliciesError):
-    """A policy plugin's own code raised inside a hook the engine called (``score``, ``allocate``, ...).
+    """A policy plugin's own code raised inside a hook the engine called (``score``, ``allocate``, ...), or a hook
+    returned something that breaks its contract (scores of the wrong shape or with NaN, an allocation that adds
+    entries, ...).
 
-    The message names the policy, the hook, the plugin and its package, and the original exception, which is
-    chained as ``__cause__`` so that ``kvpolicies --debug`` can show its traceback: the bug is in the plugin, and
-    its authors need both.
+    The message names the policy, the hook, the plugin and its package, and what went wrong: the original exception,
+    which is chained as ``__cause__`` so that ``kvpolicies --debug`` can show its traceback, or the contract broken
+    and what the hook must return instead. The bug is in the plugin, and its authors need both.
     """
 
 

@@ -62,11 +62,54 @@ def register_policies(register: RegisterPolicy) -> None:
 
     - ``name``: the registry name;
     - ``Config``: a :class:`kvpolicies.PolicyConfig` subclass (pydantic, ``extra="forbid"``) holding every knob;
+      every config has ``sink_tokens`` and ``window_tokens``, the oldest and newest entries of each head that the
+      framework keeps before any scored one;
     - ``needs``: the :class:`kvpolicies.Signal` values that ``score()`` reads; the framework computes only those;
+    - ``compresses``: False only for a policy that keeps everything (the reference full cache);
+    - ``role``: the baseline it stands for in comparisons (:class:`kvpolicies.Role`), if any.
 
-    and implements ``score(inputs) -> Tensor[batch, kv_heads, seq]`` (higher = keep). It may override
-    ``allocate(allocation)`` to move the budget between layers and heads while keeping the total.
+    It implements one of two stages:
 
-    The framework owns selection, protected tokens (``sink_tokens``, ``window_tokens`` in every config), storage
-    and accounting, so a policy never slices tensors itself.
+    - ``score(inputs) -> Tensor[batch, kv_heads, seq]`` (higher = keep): called for one layer right after its
+      attention, whenever a sequence holds more than its allocation (at prefill, then when decoding outgrows the
+      budget's slack). ``inputs`` is a read-only :class:`kvpolicies.ScoreInputs`;
+    - ``after_prefill(prefilled) -> list[Tensor | None]``: called once the prompt (or its context) is in, before
+      the next forward pass, with every layer's entries and a handle to run the model again
+      (:class:`kvpolicies.engine.stages.Prefilled`); it returns scores for every layer and the framework keeps the
+      budget's best entries across all layers and heads at once. Such a policy evicts nothing while prefilling,
+      and what follows the prompt is kept whole.
+
+    and may override:
+
+    - ``allocate(allocation) -> Allocation``: move the budget between layers and heads before scoring (PyramidKV,
+      HeadKV), keeping the total; ``allocation.redistribute(weights)`` and ``allocation.with_full_layers(layers)``
+      do the arithmetic;
+    - ``reallocate_heads(scores, valid, keep) -> Tensor[batch, kv_heads]``: move entries between the KV heads of a
+      layer after scoring (AdaKV), at most the same row sums, at least one entry and at most what it holds per head;
+    - ``query_window`` (a property): how many recent queries the ``QUERIES`` and ``ATTENTION`` signals cover (None:
+      the triggering forward's);
+    - ``protected`` (a property): ``(sink_tokens, window_tokens)``, read from the config by default.
+
+    The framework owns selection, protected tokens, storage and accounting, so a policy never slices tensors
+    itself. What a hook returns is checked: a broken contract (scores of the wrong shape, NaN, an allocation that
+    adds entries, inputs edited in place) is a :class:`kvpolicies.PluginError` naming the plugin.
+
+    A stage that keeps one top-k across all layers and heads, runnable as is (``tests/test_stages.py`` runs it)::
+
+        import torch
+        from kvpolicies import CompressedCache, Policy
+
+        class GlobalNorm(Policy):
+            '''Keep the lowest-norm keys of the whole model, not of each layer.'''
+            name = "global-norm"
+
+            def after_prefill(self, prefilled):
+                return [None if layer is None else -layer.keys.float().norm(dim=-1) for layer in prefilled.layers]
+
+        cache = CompressedCache(model, GlobalNorm(), 0.25)
+        model.generate(ids, cache=cache, max_new_tokens=8)  # the stage runs before the first decoding step
+
+    ``prefilled.attention_from(ids, reduce="max")`` runs the model on ``ids`` as if they followed the prompt and
+    returns the attention each entry receives from them (KVzip's reconstruction pass, with ``prefilled.ids``, the
+    prompt's own tokens, repeated), leaving the cache as it was.
     """

@@ -19,7 +19,13 @@ def test_benchmark_measures_memory_against_the_physical_limit_and_policy_time(ti
     assert by_policy["snapkv"].resident_bytes < 0.6 * by_policy["full"].resident_bytes
     assert by_policy["snapkv"].policy_prefill_s > 0 and by_policy["snapkv"].auxiliary_bytes > 0  # query buffer
     assert by_policy["h2o"].policy_decode_ms_per_token > 0  # cumulative attention at every step
+    assert by_policy["full"].dense_kept_decode_ms_per_token is None  # its own reference
+    for name in ("snapkv", "h2o", "random"):  # half of 96 tokens in every head: timed against a dense 48
+        assert by_policy[name].kept_per_head == 48 and by_policy[name].dense_kept_decode_ms_per_token > 0
     text = tables(results)
+    row = next(line for line in text.splitlines() if line.startswith("| snapkv"))
+    ratio = by_policy["snapkv"].dense_kept_decode_ms_per_token / by_policy["snapkv"].decode_ms_per_token
+    assert "vs dense of kept size" in text and f"| {ratio:.2f}x" in row
     assert "context: 96 tokens" in text and "| snapkv" in text and "1.000" in text
 
 
@@ -27,6 +33,15 @@ def test_chunked_prefill_in_the_benchmark_keeps_the_same_budget(tiny_model):
     whole, chunked = (run_benchmark(tiny_model, None, [96], ["snapkv"], [0.25], 2, 1, prefill_chunk=chunk)[1]
                       for chunk in (None, 32))
     assert chunked.resident_bytes == whole.resident_bytes
+
+
+def test_a_padded_batch_in_the_benchmark_stores_no_padding_and_is_timed_against_a_dense_batch(tiny_model):
+    full, snapkv = run_benchmark(tiny_model, None, [96], ["snapkv"], [0.5], decode_tokens=2, repeats=1, batch=3)
+    assert full.batch == snapkv.batch == 3
+    # Rows hold 96, 88 and 80 real tokens (left-padded by 0, 8, 16): half of each is kept, padding never.
+    assert snapkv.kept_per_head == (48 + 44 + 40) / 3
+    assert snapkv.resident_bytes == snapkv.physical_bytes and snapkv.dense_kept_decode_ms_per_token > 0
+    assert full.resident_bytes > full.physical_bytes  # the full cache stores its rows' padding
 
 
 def test_random_architectures_have_the_published_shapes():

@@ -176,7 +176,8 @@ def test_policies_move_entries_between_full_layers_only():
 
     uniform = Budget(value=0.7).allocate(4000, GEMMA_LIKE)
     for name, options in [("pyramidkv", {}), ("l2norm", {"uncompressed_layers": [0, 2]})]:
-        moved = uniform.check(kvpolicies.get_policy(name, **options).allocate(uniform), name)
+        policy = kvpolicies.get_policy(name, **options)
+        moved = uniform.check(policy.allocate(uniform), AssertionError)  # a breach would fail the test
         assert torch.equal(moved.tokens[list(uniform.fixed)], uniform.tokens[list(uniform.fixed)])
         assert int(moved.tokens.sum()) == uniform.total
     pyramid = kvpolicies.get_policy("pyramidkv").allocate(uniform).tokens
@@ -185,15 +186,30 @@ def test_policies_move_entries_between_full_layers_only():
     assert (l2[2] == 4000).all()  # layer 0 is windowed: "uncompressed" already
 
 
-def test_a_policy_that_cuts_a_window_is_named():
-    from kvpolicies import Allocation, PolicyConfigError
+def test_a_policy_that_cuts_a_window_is_named_as_the_plugins_fault():
+    from functools import partial
+
+    from kvpolicies import Allocation, Policy
+    from kvpolicies.errors import PluginError
+    from kvpolicies.registry import plugin_fault
+
+    class Greedy(Policy):
+        name = "greedy"
+
+    fault = partial(plugin_fault, Greedy)  # what the cache passes: the PluginError of its policy
 
     uniform = Budget(value=0.3).allocate(4000, GEMMA_LIKE)
     tokens = uniform.tokens.clone()
     tokens[0] -= 100
     tokens[2] += 100
-    with pytest.raises(PolicyConfigError, match=r"'greedy' changed the allocation of sliding-window layers \[0\]"):
-        uniform.check(Allocation(tokens=tokens, seq_len=4000, total=uniform.total), "greedy")
+    with pytest.raises(PluginError) as error:
+        uniform.check(Allocation(tokens=tokens, seq_len=4000, total=uniform.total), fault)
+    for part in ("policy 'greedy'", "allocate()", "sliding-window layers [0]"):  # the window that was cut
+        assert part in str(error.value), str(error.value)
+    tokens = uniform.tokens.clone()
+    tokens[5] -= 100  # the same move between the full layers 5 and 2 is accepted
+    tokens[2] += 100
+    assert uniform.check(Allocation(tokens=tokens, seq_len=4000, total=uniform.total), fault).fixed == uniform.fixed
 
 
 def test_every_layer_windowed_refuses_any_cut_with_the_fix():

@@ -180,6 +180,81 @@ def test_ragged_decode_matches_explicit_per_head_attention(tiny_model):
     torch.testing.assert_close(captured["out"][0, -1], want[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("policy", ["headkv", "h2o"])
+def test_ragged_layers_attend_alike_run_by_run_and_in_one_padded_call(tiny_model, policy):
+    """A CPU reads ragged runs one by one; a GPU (``shaped_for_gpu``) in one call over a padded copy. Both must give
+    the same logits, through a chunked prefill of a left-padded batch (new tokens with padding among them) and
+    decoding steps that evict (slack 0)."""
+    from kvpolicies.engine.paths import shaped_for_gpu
+
+    ids = torch.randint(3, 128, (3, 48), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :9], mask[2, :30] = 0, 0
+
+    def generate() -> torch.Tensor:
+        cache = CompressedCache(tiny_model, policy, Budget(value=0.5, slack_tokens=0))
+        with torch.no_grad():
+            out = tiny_model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=5, do_sample=False,
+                                      prefill_chunk_size=16, output_scores=True, return_dict_in_generate=True,
+                                      pad_token_id=0)
+        assert any(layer.packed and not layer.uniform for layer in cache.layers)
+        return torch.stack(out.scores)
+
+    run_by_run = generate()
+    with shaped_for_gpu():
+        padded = generate()
+    torch.testing.assert_close(padded, run_by_run, atol=1e-5, rtol=0)
+
+
+def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, enable_gqa=False,
+                          **unused):
+    """torch's ``varlen_attn`` as its documentation states it, one sequence at a time (the kernel is CUDA-only)."""
+    import torch.nn.functional as F
+
+    assert cu_seq_q.dtype == cu_seq_k.dtype == torch.int32 and enable_gqa and not unused
+    assert max_q == int((cu_seq_q[1:] - cu_seq_q[:-1]).max()) and max_k == int((cu_seq_k[1:] - cu_seq_k[:-1]).max())
+    pieces = []
+    for i in range(len(cu_seq_q) - 1):
+        q, k, v = (t[bounds[i] : bounds[i + 1]].transpose(0, 1)
+                   for t, bounds in ((query, cu_seq_q), (key, cu_seq_k), (value, cu_seq_k)))
+        pieces.append(F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True).transpose(0, 1))
+    return torch.cat(pieces)
+
+
+def test_ragged_decoding_through_the_varlen_kernel_matches_the_other_paths(tiny_model, monkeypatch):
+    """On CUDA in fp16/bf16 a decoding step over ragged runs reads the packed runs in place through torch's varlen
+    attention; its arguments (cumulative run lengths, one KV head and ``groups`` query heads per run) are checked
+    here against the kernel's documented semantics."""
+    import torch.nn.attention.varlen as varlen
+
+    from kvpolicies.engine import attention
+
+    ids = torch.randint(3, 128, (3, 40), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :7], mask[2, :19] = 0, 0  # ragged runs in every layer, and HeadSkewed's per-head lengths on top
+
+    def decode(serves: bool) -> torch.Tensor:
+        monkeypatch.setattr(attention, "varlen_serves", lambda rows: serves)
+        calls.clear()
+        cache = CompressedCache(tiny_model, HeadSkewed(), 0.5)
+        with torch.no_grad():
+            out = tiny_model(ids, attention_mask=mask, cache=cache)
+            steps = []
+            for step in range(3):
+                step_mask = torch.cat([mask, torch.ones(3, step + 1, dtype=mask.dtype)], 1)
+                out = tiny_model(out.logits[:, -1:].argmax(-1), attention_mask=step_mask, cache=cache)
+                steps.append(out.logits[:, -1])
+        return torch.stack(steps)
+
+    calls: list = []
+    monkeypatch.setattr(varlen, "varlen_attn", lambda *a, **k: calls.append(1) or reference_varlen_attn(*a, **k))
+    padded = decode(serves=False)
+    assert not calls
+    through_varlen = decode(serves=True)
+    assert len(calls) == 3 * 8  # every decoding step of every layer
+    torch.testing.assert_close(through_varlen, padded, atol=1e-5, rtol=0)
+
+
 def test_padding_is_never_kept_and_batch_rows_match_single_runs(tiny_model):
     generator = torch.Generator().manual_seed(3)
     long_ids = torch.randint(3, 128, (1, 40), generator=generator)

@@ -33,9 +33,9 @@ def test_host_reads_of_device_tensors_are_syncs_and_host_tensors_are_not():
 
 
 def decode_work(policy: str, batch: int, padding: int, slack: int, layers: int = 8, steps: int = 3,
-                evictions: list | None = None) -> list[int]:
+                evictions: list | None = None, launches: list | None = None) -> list[int]:
     """Syncs of each of ``steps`` decoding steps after a 64-token prefill (the first row never padded); the layers
-    cut while decoding are appended to ``evictions``."""
+    cut while decoding are appended to ``evictions``, the launches of each step to ``launches``."""
     torch.manual_seed(0)
     model = tiny_llama(num_layers=layers)
     ids = torch.randint(3, 128, (batch, 64), generator=torch.Generator().manual_seed(1))
@@ -53,7 +53,10 @@ def decode_work(policy: str, batch: int, padding: int, slack: int, layers: int =
         for _ in range(steps):
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], 1)
             token = model(token, attention_mask=mask, cache=cache).logits[:, -1:].argmax(-1)
-            syncs.append(work.step()[1])
+            launched, synced = work.step()
+            syncs.append(synced)
+            if launches is not None:
+                launches.append(launched)
     return syncs
 
 
@@ -78,6 +81,21 @@ def test_syncs_per_eviction_do_not_grow_with_the_batch_or_its_padding(policy):
     # The allocation's upload, the scores' NaN check, the kept count of every run, and for a policy that moves
     # entries between heads one read of the checks on its move: whatever the batch and its padding.
     assert len(set(per_eviction)) == 1 and per_eviction[0] <= (4 if policy == "headkv" else 3), per_eviction
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "headkv", "h2o"])
+def test_launches_per_decoding_step_do_not_grow_with_the_batch_on_ragged_layers(policy):
+    # A padded batch makes every layer ragged (runs of different lengths); H2O also tracks attention per entry.
+    per_step = {}
+    for batch in (4, 16):
+        launches: list = []
+        decode_work(policy, batch, padding=5 if batch == 4 else 9, slack=16, launches=launches)
+        per_step[batch] = launches
+    assert per_step[4] == per_step[16], per_step  # one attention call per layer: not one per (sequence, KV head)
+    full: list = []
+    decode_work("full", 16, 9, slack=16, launches=full)
+    extra = (per_step[16][0] - full[0]) / 8  # per layer, over the plain model's own step
+    assert 0 < extra <= (70 if policy == "h2o" else 30), per_step  # its attention track: ~66
 
 
 def test_the_step_costs_table_counts_the_plain_model_once_and_each_policy_at_both_slacks():

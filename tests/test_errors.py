@@ -12,7 +12,7 @@ import torch
 import kvpolicies
 from kvpolicies import Budget, BudgetError, CompressedCache, PolicyConfigError
 from kvpolicies.cli import main
-from kvpolicies.errors import ContextLengthWarning, ModelLoadError, UsageError
+from kvpolicies.errors import ContextLengthWarning, ModelLoadError, PluginError, UsageError
 from kvpolicies.integrations.models import resolve_device, resolve_dtype, resolve_source
 from tests.helpers import TASKS
 
@@ -179,19 +179,24 @@ class BrokenScores(kvpolicies.Policy):
 
 
 @pytest.mark.parametrize(
-    ("result", "message"),
+    ("result", "shown"),
     [
-        (lambda inputs: None, "score\\(\\) returned NoneType"),
-        (lambda inputs: inputs.order.float()[..., :-1], "score\\(\\) returned shape"),
-        (lambda inputs: torch.full(inputs.order.shape, float("nan")), "score\\(\\) returned NaN for real entries"),
-        (lambda inputs: inputs.valid, "score\\(\\) returned torch.bool scores"),
+        (lambda inputs: None, ["NoneType", "[1, 2, 20]"]),
+        (lambda inputs: inputs.order.float()[..., :-1], ["[1, 2, 19]", "[1, 2, 20]"]),  # returned, and expected
+        (lambda inputs: torch.full(inputs.order.shape, float("nan")), ["NaN"]),
+        (lambda inputs: inputs.valid, ["torch.bool"]),
     ],
+    ids=["none", "shape", "nan", "bool"],
 )
-def test_a_policy_whose_score_breaks_the_contract_is_named(tiny_model, result, message):
+def test_a_policy_whose_score_breaks_the_contract_is_named_as_the_plugins_fault(tiny_model, result, shown):
     BrokenScores.result = staticmethod(result)
     cache = CompressedCache(tiny_model, BrokenScores(), 0.5)
-    with pytest.raises(PolicyConfigError, match=f"policy 'broken-scores': {message}"):
+    with pytest.raises(kvpolicies.KVPoliciesError) as error:
         tiny_model(torch.randint(3, 128, (1, 20)), cache=cache)
+    assert error.type is PluginError, f"{error.type.__name__}: {error.value}"  # not bad user input
+    message = str(error.value)
+    for part in ["policy 'broken-scores'", "score()", *shown]:
+        assert part in message, f"{part!r} not in: {message}"
 
 
 def test_nan_scores_at_padded_positions_are_ignored_as_documented(tiny_model):

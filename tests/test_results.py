@@ -87,6 +87,24 @@ def test_result_files_of_earlier_versions_still_load(tmp_path):
     assert record.kv_memory.resident_bytes_mean == 100.0 and not record.is_reference
 
 
+def test_the_memory_record_is_summed_per_sequence_from_the_caches_counts_and_validates():
+    from kvpolicies.engine.cache import CacheStats
+    from kvpolicies.experiments.results import KVMemory
+    from kvpolicies.integrations.lm_eval import kv_memory_record
+
+    sequences = [CacheStats(kept_entries=100, full_entries=400, resident_bytes=1000, full_bytes=4000,
+                            appended_entries=20, auxiliary_bytes=300),
+                 CacheStats(kept_entries=50, full_entries=100, resident_bytes=500, full_bytes=1000,
+                            auxiliary_bytes=100)]
+    memory = KVMemory.model_validate(kv_memory_record(sequences, padding_bytes=64))
+    assert not memory.model_extra  # every figure the adapter writes is declared
+    assert (memory.sequences, memory.resident_bytes_peak, memory.resident_bytes_mean) == (2, 1000, 750)
+    assert (memory.full_bytes_peak, memory.full_bytes_mean, memory.resident_fraction_mean) == (4000, 2500, 0.375)
+    assert (memory.context_bytes_peak, memory.context_bytes_mean) == (800, 650)  # 80 of the first's 100 entries
+    assert (memory.auxiliary_bytes_peak, memory.auxiliary_bytes_mean, memory.padding_bytes_peak) == (300, 200, 64)
+    assert kv_memory_record([]) == {"sequences": 0}
+
+
 def test_a_written_record_reads_back_equal_as_standard_json_and_leaves_no_staging_file(tmp_path):
     from kvpolicies.experiments.results import read_record, write_record
 

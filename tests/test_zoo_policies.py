@@ -15,8 +15,9 @@ from kvpolicies.engine.layer_view import LayerView
 from tests.helpers import captured_query, score_inputs
 
 
-def test_tova_keeps_what_the_newest_query_attends_to(tiny_model):
-    cache = CompressedCache(tiny_model, kvpolicies.get_policy("tova"), "10 tokens")
+def tova_at_layer_4(tiny_model, **options) -> tuple[CompressedCache, torch.Tensor, torch.Tensor]:
+    """TOVA keeping 10 tokens of a 30-token prompt: ``(cache, layer 4's q_proj output, its uncompressed keys)``."""
+    cache = CompressedCache(tiny_model, kvpolicies.get_policy("tova", **options), "10 tokens")
     plain = DynamicCache(config=tiny_model.config)
     captured = {}
     handle = tiny_model.model.layers[4].self_attn.q_proj.register_forward_hook(lambda m, a, o: captured.update(q=o))
@@ -25,8 +26,12 @@ def test_tova_keeps_what_the_newest_query_attends_to(tiny_model):
         tiny_model(ids, cache=cache)
         handle.remove()
         tiny_model(ids, cache=plain)
-    query = captured_query(tiny_model, cache, captured["q"][:, -1:], 29, 4)[:, 0]  # [heads, head_dim]
-    keys = plain.layers[4].keys[0]
+    return cache, captured["q"], plain.layers[4].keys[0]
+
+
+def test_tova_keeps_what_the_newest_query_attends_to(tiny_model):
+    cache, projected, keys = tova_at_layer_4(tiny_model)
+    query = captured_query(tiny_model, cache, projected[:, -1:], 29, 4)[:, 0]  # [heads, head_dim]
     for h in range(2):
         weights = sum(torch.softmax(query[h * 3 + g] @ keys[h].T / 4.0, dim=-1) for g in range(3))
         best = torch.sort(weights, descending=True, stable=True).indices[:10].sort().values
@@ -142,13 +147,63 @@ def test_criticalkv_refuses_negative_inner_scores():
         policy.score(inputs)
 
 
-def test_tova_layer_pooling_shares_one_kept_set_across_heads():
-    attention = torch.tensor([[[0.6, 0.1, 0.3, 0.0], [0.0, 0.5, 0.1, 0.4]]])
-    keys = torch.zeros(1, 2, 4, 2)
-    per_head = kvpolicies.get_policy("tova").score(score_inputs(keys, attention=attention))
-    shared = kvpolicies.get_policy("tova", pooling="layer").score(score_inputs(keys, attention=attention))
-    assert torch.equal(per_head, attention)
-    torch.testing.assert_close(shared, torch.tensor([[[0.3, 0.3, 0.2, 0.2]] * 2]))
+def newest_query_attention(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """What each entry receives from one query, per query head: ``[6, 1, 16]`` RoPE'd queries of the tiny model, its
+    ``[2, seq, 16]`` keys -> ``[6, seq]`` (query head ``h`` reads KV head ``h // 3``), written out head by head."""
+    return torch.stack([torch.softmax(query[h, 0] @ keys[h // 3].T / 4.0, dim=-1) for h in range(6)])
+
+
+def top(weights: torch.Tensor, k: int) -> list[int]:
+    """The positions of the ``k`` largest ``weights``, in order of position."""
+    return sorted(torch.sort(weights, descending=True, stable=True).indices[:k].tolist())
+
+
+def test_tova_layer_pooling_keeps_one_set_the_newest_query_attends_to_over_the_whole_layer(tiny_model):
+    cache, projected, keys = tova_at_layer_4(tiny_model, pooling="layer")
+    newest = newest_query_attention(captured_query(tiny_model, cache, projected[:, -1:], 29, 4), keys)
+    shared = top(newest.mean(0), 10)  # every query head of the layer, all KV heads alike
+    kept = cache.layers[4].keys.split(cache.layers[4].lengths)
+    for h in range(2):
+        torch.testing.assert_close(kept[h], keys[h, shared], atol=1e-5, rtol=1e-5)
+    # The inputs tell the readings apart: each KV head's own group ranks differently, and so does the query before.
+    own = [top(newest[3 * h : 3 * h + 3].sum(0), 10) for h in range(2)]
+    before = newest_query_attention(captured_query(tiny_model, cache, projected[:, -2:-1], 28, 4), keys)
+    assert own[0] != own[1] and shared not in own and top(before.mean(0), 10) != shared
+
+
+def test_tova_evicts_while_decoding_the_entry_the_current_query_attends_to_least(tiny_model):
+    """The paper's multi-state RNN: at every step the token just generated scores the whole cache, and the entry its
+    query heads attend to least (their softmaxes summed over the group) leaves. Layer 0 reads the same embeddings as
+    an uncompressed run, so its queries and keys can be taken from one."""
+    budget = kvpolicies.Budget(unit="tokens", value=10, slack_tokens=0)  # one entry out per head and step
+    cache = CompressedCache(tiny_model, kvpolicies.get_policy("tova"), budget)
+    ids = torch.randint(3, 128, (1, 26), generator=torch.Generator().manual_seed(5))
+    plain = DynamicCache(config=tiny_model.config)
+    captured = {}
+    handle = tiny_model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, o: captured.update(q=o))
+    evictions, prompt_choice, one_head_choice = [], [], []
+    with torch.no_grad():
+        tiny_model(ids, cache=plain)
+        tiny_model(ids[:, :20], cache=cache)
+        prompt_query = captured_query(tiny_model, cache, captured["q"][:, -1:], 19, 0)
+        for position in range(20, 26):
+            held = cache.layers[0].keys.split(cache.layers[0].lengths)
+            tiny_model(ids[:, position : position + 1], cache=cache)
+            query = captured_query(tiny_model, cache, captured["q"], position, 0)
+            kept = cache.layers[0].keys.split(cache.layers[0].lengths)
+            for h in range(2):
+                candidates = torch.cat([held[h], plain.layers[0].keys[0, h, position : position + 1]])
+                weights = newest_query_attention(query, candidates[None].expand(2, -1, -1))[3 * h : 3 * h + 3]
+                out = int(weights.sum(0).argmin())
+                assert kept[h].shape[0] == 10
+                torch.testing.assert_close(kept[h], candidates[torch.arange(11) != out], atol=1e-5, rtol=1e-5)
+                evictions.append(out)
+                prompt_weights = newest_query_attention(prompt_query, candidates[None].expand(2, -1, -1))
+                prompt_choice.append(int(prompt_weights[3 * h : 3 * h + 3].sum(0).argmin()))
+                one_head_choice.append(int(weights[0].argmin()))
+    handle.remove()
+    # The inputs tell the readings apart: the prompt's last query, or one query head of the group, evicts otherwise.
+    assert evictions != prompt_choice and evictions != one_head_choice
 
 
 def expected_attention_setup(rope_parameters=None):

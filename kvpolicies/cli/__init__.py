@@ -15,7 +15,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from kvpolicies.cli import lm_eval, policies, reports, sweeps
+from kvpolicies.cli import lm_eval, policies, reports, selfcheck, sweeps
 from kvpolicies.cli.options import parse_options
 from kvpolicies.errors import KVPoliciesError, describe
 
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=debug_help)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    for module in (policies, sweeps, lm_eval, reports):
+    for module in (policies, sweeps, lm_eval, reports, selfcheck):
         module.add_commands(commands)
     for command in commands.choices.values():  # after the command too; SUPPRESS keeps a --debug given before it
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)

@@ -52,6 +52,8 @@ def add_commands(commands) -> None:
     bench.add_argument("--repeats", type=positive_int, default=3, help="interleaved runs per cell, medians reported")
     bench.add_argument("--prefill-chunk", type=whole_number(2), metavar="N",
                        help="prefill N >= 2 tokens at a time, evicting between")
+    bench.add_argument("--batch", type=positive_int, default=1,
+                       help="decode N copies of the prompt together, row b left-padded (ragged layers everywhere)")
     bench.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     bench.add_argument("--dtype", help="float32, bfloat16, ... (default: bfloat16 on CUDA, float32 on CPU)")
     bench.add_argument("--json", type=path, help="also write every measurement to this JSON file")
@@ -162,7 +164,7 @@ def run_bench(args: argparse.Namespace) -> int:
     header, results = benchmark(
         args.model, args.contexts, args.policies, args.budgets, args.decode, args.repeats, args.prefill_chunk,
         args.device, args.dtype, args.random_model, args.json,
-        progress=lambda message: print(f"kvpolicies bench: {message}", file=sys.stderr),
+        progress=lambda message: print(f"kvpolicies bench: {message}", file=sys.stderr), batch=args.batch,
     )
     print(header + "\n\n" + tables(results))
     if args.json:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from kvpolicies.engine.paths import launch_bound
 from kvpolicies.engine.signals import LogitScale
 from kvpolicies.engine.storage import CompressedLayer, claim_layer
 from kvpolicies.errors import ModelLoadError
@@ -115,14 +116,17 @@ def new_token_mask(attention_mask, batch: int, q_len: int, device) -> torch.Tens
 def packed_attention(
     query: torch.Tensor, layer: CompressedLayer, new_visible: torch.Tensor | None, scale: LogitScale, dropout: float
 ) -> torch.Tensor:
-    """SDPA of ``query`` over the layer's packed runs; returns ``[batch, q_len, heads, head_dim]``.
+    """Attention of ``query`` over the layer's packed runs, one kernel call whatever the batch and head count;
+    returns ``[batch, q_len, heads, head_dim]``.
 
     The query heads sharing a KV head are folded into the query rows, so GQA needs no copy of the keys. A run sees
     all its old entries and, among its newest ``q_len`` entries, what ``new_visible`` allows (causal by default).
+    Runs of one length are the dense layout already (a free view). Ragged runs (per-head budgets, a padded batch)
+    take a variable-length kernel where one serves (:func:`varlen_decode`); else, where launches are what costs
+    (:func:`launch_bound`), their padded view with a mask from the run lengths: a copy of the layer per step,
+    traded for ``batch × kv_heads`` calls; on a CPU, where a call costs little and the copy much, one call per run.
     A soft-capped layer (Gemma 2) cannot use SDPA, which has no soft-cap: it runs the eager computation instead.
     """
-    attend = partial(softcapped_attention, softcap=scale.softcap) if scale.softcap else F.scaled_dot_product_attention
-    scaling = scale.scaling
     batch, heads, q_len, head_dim = query.shape
     kv_heads = layer.num_heads
     groups = heads // kv_heads
@@ -131,29 +135,110 @@ def packed_attention(
         new_visible = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril().expand(batch, -1, -1)
     if new_visible is not None and bool(new_visible.all()):
         new_visible = None
-
-    def mask_for(length: int, visible: torch.Tensor | None) -> torch.Tensor | None:
-        """``[..., groups * q_len, length]`` for ``visible`` of shape ``[..., q_len, q_len]``."""
-        if visible is None:
-            return None
-        old = torch.ones(*visible.shape[:-1], length - q_len, dtype=torch.bool, device=visible.device)
-        full = torch.cat([old, visible], dim=-1)
-        return full.tile(*([1] * (full.ndim - 2)), groups, 1)  # rows are (group, query)
-
     if (uniform := layer.uniform_view()) is not None:
         keys, values = uniform
-        mask = mask_for(keys.shape[2], None if new_visible is None else new_visible[:, None])
-        out = attend(rows, keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        mask = None
+        if new_visible is not None:
+            old = torch.ones(batch, 1, q_len, keys.shape[2] - q_len, dtype=torch.bool, device=query.device)
+            mask = torch.cat([old, new_visible[:, None]], dim=-1)
+    elif q_len == 1 and (out := varlen_decode(rows, layer, scale, dropout)) is not None:
+        return out.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
+    elif not launch_bound(rows.device):
+        out = run_by_run(rows, layer, new_visible, scale, dropout, groups)
+        return out.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
     else:
-        out = torch.empty_like(rows)
-        for b, h, k, v in layer.runs():
-            mask = mask_for(k.shape[0], None if new_visible is None else new_visible[b])
-            # 4-D inputs: with 3-D ones SDPA on CPU falls back to its math path (bmm + softmax), 1.5x slower.
-            out[b, h] = attend(
-                rows[b, h][None, None], k[None, None], v[None, None], attn_mask=mask, dropout_p=dropout,
-                scale=scaling,
-            )[0, 0]
+        keys, values, valid = padded_runs(layer)
+        mask = ragged_mask(valid, layer.run_lengths.view(batch, kv_heads), q_len, new_visible)
+    if mask is not None and groups > 1 and mask.shape[2] > 1:
+        mask = mask.repeat(1, 1, groups, 1)  # rows are (group, query)
+    attend = partial(softcapped_attention, softcap=scale.softcap) if scale.softcap else F.scaled_dot_product_attention
+    # 4-D inputs: with 3-D ones SDPA on CPU falls back to its math path (bmm + softmax), 1.5x slower.
+    out = attend(rows, keys, values, attn_mask=mask, dropout_p=dropout, scale=scale.scaling)
     return out.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
+
+
+def run_by_run(rows: torch.Tensor, layer: CompressedLayer, new_visible: torch.Tensor | None, scale: LogitScale,
+               dropout: float, groups: int) -> torch.Tensor:
+    """One attention call per run (sequence, KV head), reading each run in place: ``[batch, kv_heads, rows, dim]``.
+    Runs see all their old entries and, among their newest ``q_len``, what ``new_visible`` allows."""
+    attend = partial(softcapped_attention, softcap=scale.softcap) if scale.softcap else F.scaled_dot_product_attention
+    q_len = rows.shape[2] // groups
+    out = torch.empty_like(rows)
+    for b, h, k, v in layer.runs():
+        mask = None
+        if new_visible is not None:
+            old = torch.ones(q_len, k.shape[0] - q_len, dtype=torch.bool, device=rows.device)
+            mask = torch.cat([old, new_visible[b]], dim=-1).repeat(groups, 1)  # rows are (group, query)
+        # 4-D inputs: with 3-D ones SDPA on CPU falls back to its math path (bmm + softmax), 1.5x slower.
+        out[b, h] = attend(rows[b, h][None, None], k[None, None], v[None, None], attn_mask=mask, dropout_p=dropout,
+                           scale=scale.scaling)[0, 0]
+    return out
+
+
+def padded_runs(layer: CompressedLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys and values of a ragged packed layer as ``[batch, kv_heads, longest, head_dim]``, with ``valid``
+    ``[batch, kv_heads, longest]``: one gather per tensor. Places past a run's end hold the entries that follow it in
+    storage (no zero fill): the mask hides them, and they are finite, so they weigh nothing. Scoring uses
+    ``layer.dense_view()`` instead, whose padding is zeros."""
+    longest = max(layer.lengths)
+    lengths = layer.run_lengths
+    position = torch.arange(longest, device=layer.device)
+    places = ((lengths.cumsum(0) - lengths)[:, None] + position).clamp_(max=layer.keys.shape[0] - 1).flatten()
+    shape = (layer.batch_size, layer.num_heads, longest, layer.head_dim)
+    keys, values = (t.index_select(0, places).view(shape) for t in (layer.keys, layer.values))
+    return keys, values, (position < lengths[:, None]).view(shape[:-1])
+
+
+def ragged_mask(valid: torch.Tensor, lengths: torch.Tensor, q_len: int, new_visible: torch.Tensor | None
+                ) -> torch.Tensor:
+    """Which padded positions each new query of each run sees: ``[batch, kv_heads, q_len, longest]`` bool, or
+    ``[batch, kv_heads, 1, longest]`` for one query.
+
+    ``valid``: ``[batch, kv_heads, longest]``, the padded view's real entries; ``lengths``: ``[batch, kv_heads]``
+    entries per run, the newest ``q_len`` of them the new tokens. A query sees every old entry and, among the new
+    ones, those ``new_visible`` (``[batch, q_len, q_len]``, None: causal) allows. All on the device, no host read."""
+    seen = valid[:, :, None, :]
+    if q_len == 1:
+        return seen
+    position = torch.arange(valid.shape[-1], device=valid.device)
+    newness = position - (lengths - q_len)[..., None]  # [b, h, longest]: index among the new tokens, < 0 if old
+    query = torch.arange(q_len, device=valid.device)[:, None]
+    if new_visible is None:
+        return seen & (newness[:, :, None, :] <= query)
+    among_new = newness.clamp(0, q_len - 1)[:, :, None, :].expand(-1, -1, q_len, -1)
+    allowed = new_visible[:, None].expand(-1, valid.shape[1], -1, -1).gather(-1, among_new)
+    return seen & ((newness[:, :, None, :] < 0) | allowed)
+
+
+def varlen_serves(rows: torch.Tensor) -> bool:
+    """Whether torch's variable-length attention runs on ``rows``: a CUDA tensor in fp16 or bf16, a torch that has
+    it (2.9 and later)."""
+    if not (rows.is_cuda and rows.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def varlen_decode(rows: torch.Tensor, layer: CompressedLayer, scale: LogitScale, dropout: float
+                  ) -> torch.Tensor | None:
+    """One decoding query per run through torch's variable-length flash attention, reading the packed runs in place
+    (no padded copy): each run is a sequence of one KV head and its ``groups`` query heads, and the cumulative run
+    lengths are the kernel's ``cu_seq_k``. Returns ``[batch, kv_heads, groups, head_dim]``, or None where the
+    kernel does not serve (not CUDA, not fp16/bf16, a soft-cap, dropout, torch without it): the caller pads."""
+    if not (varlen_serves(rows) and not scale.softcap and not dropout):
+        return None
+    from torch.nn.attention.varlen import varlen_attn
+    batch, kv_heads, groups, head_dim = rows.shape
+    runs = batch * kv_heads
+    cu_queries = torch.arange(runs + 1, dtype=torch.int32, device=rows.device)
+    cu_keys = torch.zeros(runs + 1, dtype=torch.int32, device=rows.device)
+    cu_keys[1:] = layer.run_lengths.cumsum(0)
+    out = varlen_attn(rows.reshape(runs, groups, head_dim), layer.keys[:, None], layer.values[:, None], cu_queries,
+                      cu_keys, 1, max(layer.lengths), scale=scale.scaling, enable_gqa=True)
+    return out.view(batch, kv_heads, groups, head_dim)
 
 
 def softcapped_attention(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -335,36 +335,40 @@ class Allocation:
             tokens[rest] = spread(remaining, len(rest) * num_heads, self.seq_len).view(len(rest), num_heads)
         return Allocation(tokens=tokens, seq_len=self.seq_len, total=self.total, fixed=self.fixed)
 
-    def check(self, returned: object, policy_name: str) -> Allocation:
+    def check(self, returned: object, fault: Callable[[str], Exception]) -> Allocation:
         """``returned`` (what a policy's ``allocate()`` made of this allocation) if it keeps the equal-budget
         contract: the same layer × head shape, every head between 1 and the sequence length, no more entries in all
-        than this allocation's total. Checked against this allocation, never against the returned one's own
-        ``total``, which a policy could have raised."""
+        than this allocation's total, the sliding-window layers unchanged. Checked against this allocation, never
+        against the returned one's own ``total``, which a policy could have raised.
+
+        A breach is the policy's fault, not the user's: it raises ``fault(what the policy did)``, which the cache
+        makes a :class:`~kvpolicies.errors.PluginError` naming the plugin (a budget too small for the user's
+        options, say ``with_full_layers``, is a ``BudgetError`` raised inside ``allocate()`` and passes through).
+        """
         if not isinstance(returned, Allocation):
-            raise PolicyConfigError(f"policy {policy_name!r}: allocate() returned {type(returned).__name__}; it must "
-                                    "return an Allocation (e.g. allocation.with_full_layers(...))")
+            raise fault(f"returned {type(returned).__name__} from allocate(); it must return an "
+                               "Allocation (e.g. allocation.with_full_layers(...) or allocation.redistribute(weights))")
         tokens = returned.tokens
+        expected = f"[layers, kv_heads] = {list(self.tokens.shape)}"
         if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.dtype == torch.bool:
-            raise PolicyConfigError(f"policy {policy_name!r}: allocate() returned tokens that are not a tensor of "
-                                    "whole numbers of entries")
+            kind = f"a {tokens.dtype} tensor" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise fault(f"returned an Allocation whose tokens are {kind} from allocate(); they "
+                               f"must be a {expected} tensor of whole numbers of entries")
         if tuple(tokens.shape) != tuple(self.tokens.shape):
-            raise PolicyConfigError(f"policy {policy_name!r}: allocate() returned {list(tokens.shape)} tokens; the "
-                                    f"model has [layers, kv_heads] = {list(self.tokens.shape)}")
-        if tokens.min().item() < 1 or tokens.max().item() > self.seq_len:
-            raise BudgetError(
-                f"policy {policy_name!r} allocated between {tokens.min().item()} and {tokens.max().item()} tokens "
-                f"to a head; each head must keep between 1 and {self.seq_len} (the sequence length)"
-            )
-        if tokens.sum().item() > self.total:
-            raise BudgetError(
-                f"policy {policy_name!r} allocated {tokens.sum().item()} entries, more than the budget's "
-                f"{self.total}; reallocation must move entries, not add them"
-            )
+            raise fault(f"returned tokens of shape {list(tokens.shape)} from allocate(); the "
+                               f"model has {expected}")
+        low, high, total = int(tokens.min()), int(tokens.max()), int(tokens.sum())
+        if low < 1 or high > self.seq_len:
+            raise fault(f"allocated between {low} and {high} entries to a head in allocate(); "
+                               f"each head must keep between 1 and {self.seq_len} (the sequence length)")
+        if total > self.total:
+            raise fault(f"allocated {total} entries in allocate(), more than the budget's "
+                               f"{self.total}; reallocation must move entries, not add them")
         moved = [layer for layer in self.fixed if not torch.equal(tokens[layer], self.tokens[layer])]
         if moved:
-            raise PolicyConfigError(
-                f"policy {policy_name!r} changed the allocation of sliding-window layers {moved}, which hold exactly "
-                "the window the model attends to; move entries between allocation.free_layers only (e.g. with "
+            raise fault(
+                f"changed the allocation of sliding-window layers {moved} in allocate(), which hold exactly the "
+                "window the model attends to; move entries between allocation.free_layers only (e.g. with "
                 "allocation.redistribute(weights))"
             )
         if tuple(returned.fixed) != tuple(self.fixed):

@@ -23,8 +23,10 @@ from kvpolicies.engine.layout import layer_windows
 from kvpolicies.engine.policy import Policy, ScoreInputs, Signal
 from kvpolicies.engine.selection import age_order, select
 from kvpolicies.engine.signals import LogitScale, attention_received
+from kvpolicies.engine.stages import Prefilled, probe, select_across_layers
+from kvpolicies.engine.stages import install as install_stage
 from kvpolicies.engine.storage import CompressedLayer
-from kvpolicies.errors import ContextLengthWarning, PolicyConfigError, UsageError
+from kvpolicies.errors import ContextLengthWarning, UsageError
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,9 @@ class CacheStats:
     appended_entries: int = 0
     """Of ``kept_entries``, those after the context (see ``CompressedCache.context_lengths``): kept whole and not
     charged to the budget. The context's own entries are ``kept_entries - appended_entries``."""
+    auxiliary_bytes: int = 0
+    """Bytes the policy holds besides keys and values (query buffers, attention tracks, a dense layer's padding
+    mask); a sequence's share of its batch's in ``sequence_stats``."""
 
     @property
     def kept_fraction(self) -> float:
@@ -79,6 +84,13 @@ class CompressedCache(Cache):
             self.budget.allocate(max(w for w in windows if w), self.shape)
         self._allocations: dict[int, list[list[int]]] = {}
         self._layer_views: dict[int, LayerView] = {}
+        self._scales: dict[int, LogitScale] = {}  # each layer's logit scale, as its attention last reported it
+        self.probing: dict | None = None
+        """Set while an after-prefill stage runs the model over this cache (see :mod:`kvpolicies.engine.stages`):
+        layers then record the attention their entries receive instead of storing the new tokens for good."""
+        self._reset_stage()
+        if self.policy.has_stage:
+            install_stage(model)
         self.policy_time: Stopwatch | None = None
         """Set (by a benchmark) to time the policy's share of every layer's forward (signals, scoring, eviction)."""
         self._warned_positions = False
@@ -110,7 +122,7 @@ class CompressedCache(Cache):
             allocated = self.policy.allocate(handed)
         except Exception as error:
             raise self._plugin_error("allocate", error)
-        return uniform.check(allocated, self.policy.name)  # handed a copy: edits cannot move the bar
+        return uniform.check(allocated, self._plugin_fault)  # handed a copy: edits cannot move the bar
 
     def _targets(self, seq_len: int) -> list[list[int]]:
         """Per layer, per KV head allocation as Python ints: the decode-time check must not touch the device."""
@@ -129,6 +141,10 @@ class CompressedCache(Cache):
         if layer.window is not None:  # holds its window, set by the model; the budget must still afford it
             for n, a in zip(layer.seen, self.appended(layer.seen)):
                 self._targets(max(n - a, 1))
+            return
+        if self.policy.has_stage:  # it chooses once the prompt is in, over every layer: see after_prefill()
+            self._layer_view(layer.layer_idx, module)
+            self._scales[layer.layer_idx] = scale
             return
         appended = self.appended(layer.seen)
         slack = 0 if query.shape[-2] > 1 or any(appended) else self.budget.slack_tokens
@@ -181,6 +197,87 @@ class CompressedCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.context_lengths = None  # the next prompt's split is its own
+        self._reset_stage()
+
+    # -- the after-prefill stage (see kvpolicies.engine.stages) -----------------------------------------------------
+    def _reset_stage(self) -> None:
+        self._stage_ran = False
+        self._stage_split = False  # context_lengths were set by the stage, not by a protocol
+        self._prompt_ids: list[torch.Tensor] = []
+
+    def stage_due(self, new_tokens: int) -> bool:
+        """Whether the after-prefill stage must run before a forward pass of ``new_tokens`` tokens: the prompt is
+        in (a decoding step), or every sequence has reached its context's end."""
+        if self.probing is not None or self._stage_ran or not self.layers[0].is_initialized:
+            return False
+        if self.context_lengths is not None and not self._stage_split:
+            return all(n >= c for n, c in zip(self.layers[0].seen, self.context_lengths))
+        return new_tokens == 1
+
+    def record_ids(self, ids: torch.Tensor | None) -> None:
+        """Keep the token ids this cache has seen, for the stage (``Prefilled.ids``; a few bytes per token)."""
+        if ids is not None and self.probing is None:
+            self._prompt_ids.append(ids)
+
+    def after_prefill(self, model) -> None:
+        """Run the policy's after-prefill stage now: score every entry of every layer, keep the best across all of
+        them per sequence, and from then on keep what follows whole and uncharged. Runs by itself before the first
+        forward pass after the prompt (or context); call it by hand to compress in chunks (each call judges all
+        entries held, earlier survivors included)."""
+        if not self.layers[0].is_initialized:  # nothing prefilled yet: nothing to choose from
+            return
+        if self._stage_split:  # a previous stage's split: everything held is context now
+            self.context_lengths, self._stage_split = None, False
+        seen = list(self.layers[0].seen)
+        appended = self.appended(seen)
+        allocations = [self.allocation(max(n - a, 1)) for n, a in zip(seen, appended)]
+        held, views = [], []
+        for layer in self.layers:
+            if layer.window is not None:
+                held.append(None)
+                views.append(None)
+                continue
+            dense, valid = layer.dense_view()
+            newest = None
+            if any(appended):  # the question (and anything after the context): kept whole, never scored
+                after = torch.tensor(appended, device=valid.device)[:, None, None]
+                newest = valid & (age_order(valid) >= valid.sum(-1, keepdim=True) - after)
+            context = valid if newest is None else valid & ~newest
+            keep = torch.stack([allocation.tokens[layer.layer_idx] for allocation in allocations]).to(valid.device)
+            scale = self._scales.get(layer.layer_idx, LogitScale(layer.head_dim ** -0.5))
+            views.append(ScoreInputs(
+                layer_idx=layer.layer_idx, valid=context, order=age_order(context), seen_tokens=seen, keep=keep,
+                keys=dense["keys"], values=dense["values"], scaling=scale.scaling, softcap=scale.softcap,
+                layer=self._layer_views.get(layer.layer_idx),
+            ))
+            held.append((dense, newest))
+        prefilled = Prefilled(layers=views, budget=[allocation.free_total for allocation in allocations],
+                              ids=torch.cat(self._prompt_ids, dim=1) if self._prompt_ids else None,
+                              _probe=lambda ids, reduce: probe(self, model, ids, reduce))
+        versions = [{name: t._version for name, t in vars(inputs).items()
+                     if isinstance(t, torch.Tensor) and not t.is_inference()} if inputs else None for inputs in views]
+        try:
+            returned = self.policy.after_prefill(prefilled)
+        except Exception as error:
+            raise self._plugin_error("after_prefill", error)
+        for inputs, version in zip(views, versions):
+            if inputs is not None:
+                self._unchanged(inputs, version, "after_prefill")
+        scored = [i for i, inputs in enumerate(views) if inputs is not None]
+        if not isinstance(returned, (list, tuple)) or len(returned) != len(views):
+            raise self._plugin_fault(
+                f"returned {type(returned).__name__} from after_prefill(); it must return a list of {len(views)} "
+                f"entries, one per layer: a [batch, kv_heads, seq] tensor of scores for layers {scored} and None "
+                "for the sliding-window layers")
+        scores = [self._checked(returned[i], views[i].valid, "after_prefill") for i in scored]
+        keeps = select_across_layers(scores, [views[i].valid for i in scored], prefilled.budget,
+                                     *self.policy.protected)
+        for i, keep in zip(scored, keeps):
+            dense, newest = held[i]
+            self.layers[i].store(dense, keep if newest is None else keep | newest)
+        self._stage_ran = True
+        if self.context_lengths is None:  # what follows the prompt is kept whole and not charged
+            self.context_lengths, self._stage_split = seen, True
 
     def _plugin_error(self, hook: str, error: Exception) -> Exception:
         """What to raise for ``error`` from the policy's ``hook``: a PluginError naming the plugin (see
@@ -189,38 +286,46 @@ class CompressedCache(Cache):
 
         return plugin_error(type(self.policy), hook, error)
 
-    def _unchanged(self, inputs: ScoreInputs, versions: dict[str, int]) -> None:
-        """Refuse a ``score()`` that edited its inputs in place: ``keys`` and ``values`` may be the layer's storage,
-        and the change would reach the model's next attention. Read from torch's version counters (bumped by every
-        in-place op): no copy, no device sync."""
+    def _plugin_fault(self, what: str) -> Exception:
+        """What to raise when the policy's hook returned something that breaks its contract: a PluginError saying
+        ``what`` and naming the plugin (see :func:`kvpolicies.registry.plugin_fault`)."""
+        from kvpolicies.registry import plugin_fault  # the registry imports the plugins, which import the engine
+
+        return plugin_fault(type(self.policy), what)
+
+    def _unchanged(self, inputs: ScoreInputs, versions: dict[str, int], hook: str = "score") -> None:
+        """Refuse a ``score()`` (or other ``hook``) that edited its inputs in place: ``keys`` and ``values`` may be the
+        layer's storage, and the change would reach the model's next attention. Read from torch's version counters
+        (bumped by every in-place op): no copy, no device sync."""
         edited = [name for name, version in versions.items()  # a field replaced or cleared is no edit of ours
                   if (t := getattr(inputs, name, None)) is not None and not t.is_inference() and t._version != version]
         if edited:
             from kvpolicies.registry import plugin_fault
 
-            raise plugin_fault(type(self.policy), f"edited inputs.{', inputs.'.join(edited)} in place in score(); the "
+            raise plugin_fault(type(self.policy), f"edited inputs.{', inputs.'.join(edited)} in place in {hook}(); the "
                                "inputs are read-only (keys and values may be the cache's own storage): compute on a "
                                "copy (t.clone()) or with out-of-place ops")
 
-    def _checked(self, scores: object, valid: torch.Tensor) -> torch.Tensor:
-        """``scores`` if they keep ``score()``'s contract; a policy that breaks it is named, never silently ranked."""
+    def _checked(self, scores: object, valid: torch.Tensor, hook: str = "score") -> torch.Tensor:
+        """``scores`` if they keep the contract of ``score()`` (or of the ``hook`` that returned them); a policy that
+        breaks it is named (a PluginError: the fault is in its code, not in the user's input), never silently
+        ranked."""
         expected = f"a [batch, kv_heads, seq] = {list(valid.shape)} tensor of scores (higher = keep)"
         if not isinstance(scores, torch.Tensor):
-            raise PolicyConfigError(f"policy {self.policy.name!r}: score() returned {type(scores).__name__}; "
-                                    f"it must return {expected}")
+            raise self._plugin_fault(f"returned {type(scores).__name__} from {hook}(); it must return {expected}")
         if scores.device != valid.device:
-            raise PolicyConfigError(f"policy {self.policy.name!r}: score() returned scores on {scores.device}, the "
-                                    f"cache is on {valid.device}; build them from the inputs' tensors (or move them "
-                                    "with .to(inputs.valid.device))")
+            raise self._plugin_fault(f"returned scores on {scores.device} from {hook}(), but the cache is on "
+                                     f"{valid.device}; build them from the inputs' tensors (or move them with "
+                                     ".to(inputs.valid.device))")
         if scores.shape != valid.shape:
-            raise PolicyConfigError(f"policy {self.policy.name!r}: score() returned shape {list(scores.shape)}; "
-                                    f"it must return {expected}")
+            raise self._plugin_fault(f"returned scores of shape {list(scores.shape)} from {hook}(); it must return "
+                                     f"{expected}")
         if scores.is_complex() or scores.dtype == torch.bool:
-            raise PolicyConfigError(f"policy {self.policy.name!r}: score() returned {scores.dtype} scores; "
-                                    "return real numbers")
+            raise self._plugin_fault(f"returned {scores.dtype} scores from {hook}(); it must return real numbers "
+                                     "(a float or integer tensor)")
         if scores.is_floating_point() and (torch.isnan(scores) & valid).any():  # padding may hold anything
-            raise PolicyConfigError(f"policy {self.policy.name!r}: score() returned NaN for real entries; scores "
-                                    "must be numbers (±inf allowed); NaN at padded positions is ignored")
+            raise self._plugin_fault(f"returned NaN scores for real entries from {hook}(); scores must be numbers "
+                                     "(±inf allowed; NaN where inputs.valid is False, at padding, is ignored)")
         return scores
 
     def _reallocate_heads(self, scores, valid, keep_n, over: list[bool], over_rows: torch.Tensor) -> torch.Tensor:
@@ -230,38 +335,41 @@ class CompressedCache(Cache):
             moved = self.policy.reallocate_heads(scores, valid, keep_n.clone())  # checked against keep_n, untouched
         except Exception as error:
             raise self._plugin_error("reallocate_heads", error)
+        expected = f"a [batch, kv_heads] = {list(keep_n.shape)} tensor of whole numbers of entries"
         if not isinstance(moved, torch.Tensor) or moved.is_floating_point() or moved.dtype == torch.bool:
-            raise PolicyConfigError(
-                f"policy {self.policy.name!r}: reallocate_heads() returned "
-                f"{moved.dtype if isinstance(moved, torch.Tensor) else type(moved).__name__}; it must return a "
-                "[batch, kv_heads] tensor of whole numbers of entries"
-            )
+            kind = f"a {moved.dtype} tensor" if isinstance(moved, torch.Tensor) else type(moved).__name__
+            raise self._plugin_fault(f"returned {kind} from reallocate_heads(); it must return {expected}")
         moved = moved.to(keep_n.device, torch.long)
         if moved.shape != keep_n.shape:
-            raise PolicyConfigError(f"policy {self.policy.name!r}: reallocate_heads() must return [batch, kv_heads] = "
-                                    f"{list(keep_n.shape)}, got {list(moved.shape)}")
+            raise self._plugin_fault(f"returned shape {list(moved.shape)} from reallocate_heads(); it must return "
+                                     f"{expected}")
         held = valid.sum(-1).to(moved.device)
         # Every check in one host read. A head raised past what it holds would be clamped by select(), and the
         # budget would go unspent, unsaid.
         # Only rows over budget take the move (the others keep what they hold, padding-only rows of a chunked
         # prefill included, which hold nothing).
         beyond = (moved > held) & (moved > keep_n) & over_rows
+        empty = (moved < 1) & over_rows
         grown, emptied, overfilled = torch.stack(
             [((moved.sum(-1, keepdim=True) > keep_n.sum(-1, keepdim=True)) & over_rows).any(),
-             ((moved < 1) & over_rows).any(), beyond.any()]).tolist()
+             empty.any(), beyond.any()]).tolist()
         if grown:
-            raise PolicyConfigError(
-                f"policy {self.policy.name!r}: reallocate_heads() must return [batch, kv_heads] with at most the "
-                f"allocated entries per sequence ({keep_n.sum(-1).tolist()}), got {moved.sum(-1).tolist()}"
+            raise self._plugin_fault(
+                f"returned {moved.sum(-1).tolist()} entries per sequence from reallocate_heads(), more than the "
+                f"{keep_n.sum(-1).tolist()} allocated; move entries between heads, never add them"
             )
         if emptied:
-            raise PolicyConfigError(f"policy {self.policy.name!r}: reallocate_heads() left a head with no entry")
+            b, h = empty.nonzero()[0].tolist()
+            raise self._plugin_fault(
+                f"left KV head {h} of sequence {b} with {int(moved[b, h])} entries in reallocate_heads(); every head "
+                "must keep at least one entry"
+            )
         if overfilled:
             b, h = beyond.nonzero()[0].tolist()
-            raise PolicyConfigError(
-                f"policy {self.policy.name!r}: reallocate_heads() gave KV head {h} of sequence {b} {int(moved[b, h])} "
-                f"entries, but it holds {int(held[b, h])}; give no head more than it holds (valid.sum(-1)) and move "
-                "the rest to heads that have more"
+            raise self._plugin_fault(
+                f"gave KV head {h} of sequence {b} {int(moved[b, h])} entries in reallocate_heads(), but it holds "
+                f"{int(held[b, h])}; give no head more than it holds (valid.sum(-1)) and move the rest to heads that "
+                "have more"
             )
         return moved if all(over) else torch.where(over_rows, moved, keep_n)
 
@@ -324,6 +432,7 @@ class CompressedCache(Cache):
             full_bytes=sum(stats.full_bytes for stats in per_sequence),
             padding_bytes=max(resident - kept * self.shape.entry_bytes, 0),
             appended_entries=sum(stats.appended_entries for stats in per_sequence),
+            auxiliary_bytes=self.auxiliary_bytes(),
         )
 
     def sequence_stats(self) -> list[CacheStats]:
@@ -334,10 +443,12 @@ class CompressedCache(Cache):
         kept = self.kept_per_head().sum(dim=(0, 2)).tolist()
         stats = []
         seen_tokens = self.layers[0].seen
+        auxiliary = self.auxiliary_bytes() // len(seen_tokens)  # buffers and tracks are per batch: an even share
         for seen, entries, after in zip(seen_tokens, kept, self.appended(seen_tokens)):
             full = self.shape.full_entries(seen)  # the model's own cache: sliding layers hold their window
             appended = self.shape.full_entries(after) if after else 0  # every layer holds them (windows: the last)
             stats.append(CacheStats(kept_entries=int(entries), full_entries=full,
                                     resident_bytes=int(entries) * self.shape.entry_bytes,
-                                    full_bytes=full * self.shape.entry_bytes, appended_entries=appended))
+                                    full_bytes=full * self.shape.entry_bytes, appended_entries=appended,
+                                    auxiliary_bytes=auxiliary))
         return stats

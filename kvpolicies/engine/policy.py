@@ -12,13 +12,16 @@ import inspect
 import json
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kvpolicies.engine.budget import Allocation
 from kvpolicies.engine.layer_view import LayerView
+
+if TYPE_CHECKING:
+    from kvpolicies.engine.stages import Prefilled
 from kvpolicies.errors import PolicyConfigError, describe
 
 
@@ -213,6 +216,19 @@ class Policy:
         ``[batch, kv_heads]`` with at most the same row sums and at least one entry per head.
         """
         return keep
+
+    def after_prefill(self, prefilled: Prefilled) -> list[torch.Tensor | None]:
+        """Optional stage: score every entry of every layer at once, after the prompt is in (see
+        :mod:`kvpolicies.engine.stages`). A policy that implements it is not asked to ``score()`` while prefilling;
+        the framework keeps, per sequence, ``prefilled.budget[b]`` entries across all layers and heads by these
+        scores. Return one ``[batch, kv_heads, seq]`` tensor per layer (``prefilled.layers[i].valid``'s shape), None
+        for the sliding-window layers (``prefilled.layers[i] is None``)."""
+        raise NotImplementedError(f"policy {self.name!r} has no after-prefill stage")
+
+    @property
+    def has_stage(self) -> bool:
+        """Whether this policy implements :meth:`after_prefill` (then it chooses once, over every layer)."""
+        return type(self).after_prefill is not Policy.after_prefill
 
     def identity(self) -> dict[str, Any]:
         """The JSON-able description of this policy that identifies a run."""

@@ -31,8 +31,10 @@ def attention_received(
     order: torch.Tensor,
     scaling: float | LogitScale,
     chunk: int = 256,
+    reduce: str = "sum",
 ) -> torch.Tensor:
-    """Attention each cached entry receives from ``query``, summed over its query heads and the queries.
+    """Attention each cached entry receives from ``query``, summed over its query heads and the queries (or their
+    maximum, with ``reduce="max"``).
 
     Args:
         query: ``[batch, heads, q_len, head_dim]``; the queries belong to the newest ``q_len`` entries.
@@ -58,7 +60,11 @@ def attention_received(
         limit = first_new + torch.arange(start, stop, device=keys.device)  # [batch, kv_heads, chunk]
         visible = valid[:, :, None, :seen] & (order[:, :, None, :seen] <= limit[..., None])
         probs = logit_scale.apply_(logits).masked_fill_(~visible[:, :, None], float("-inf")).softmax(dim=-1)
-        received[..., :seen] += probs.nan_to_num_(0.0).sum(dim=(2, 3))
+        probs = probs.nan_to_num_(0.0)
+        if reduce == "max":
+            received[..., :seen] = torch.maximum(received[..., :seen], probs.amax(dim=(2, 3)))
+        else:
+            received[..., :seen] += probs.sum(dim=(2, 3))
     return received
 
 

@@ -33,6 +33,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from kvpolicies.engine.clock import Stopwatch
+from kvpolicies.engine.paths import launch_bound
 from kvpolicies.engine.policy import Policy, Signal
 from kvpolicies.engine.selection import age_order
 from kvpolicies.engine.signals import LogitScale, attention_received
@@ -45,6 +46,7 @@ class LayerOwner(Protocol):
     policy: Policy
     max_positions: int | float
     policy_time: Stopwatch | None
+    probing: dict | None
 
     def evict(self, layer: CompressedLayer, query: torch.Tensor, scale: LogitScale,
               module: torch.nn.Module | None = None) -> None: ...
@@ -103,6 +105,8 @@ class CompressedLayer(CacheLayerMixin):
         self.valid: torch.Tensor | None = None  # dense only: [batch, seq] bool, False on padding
         self.seen: list[int] = []  # real tokens seen per sequence
         self.awaiting_attention = False
+        self._places: tuple[int, torch.Tensor, torch.Tensor] | None = None  # see _append_places
+        self._slots: tuple[int, torch.Tensor] | None = None  # see _padded_slots
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -128,6 +132,7 @@ class CompressedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, heads, q_len, _ = key_states.shape
+        self._places = None  # the run lengths the appends are placed by: this forward's
         self.keys = self._append(self.keys, key_states)
         self.values = self._append(self.values, value_states)
         if self.cumulative is not None:
@@ -135,6 +140,7 @@ class CompressedLayer(CacheLayerMixin):
         if self.packed:
             self.lengths = [n + q_len for n in self.lengths]
             self.run_lengths = self.run_lengths + q_len
+            self._slots = None
         self.logical_length += q_len
         if self.logical_length > self.cache.max_positions and self.layer_idx == 0:
             self.cache.warn_past_positions(self.logical_length)
@@ -150,9 +156,31 @@ class CompressedLayer(CacheLayerMixin):
         if self.uniform:
             old = stored.view(batch, heads, self.lengths[0], dim)
             return torch.cat([old, new], dim=2).view(-1, dim)
-        runs = stored.split(self.lengths)
-        fresh = new.reshape(batch * heads, q_len, dim).unbind(0)
-        return torch.cat([piece for pair in zip(runs, fresh) for piece in pair])
+        if not launch_bound(self.device):  # a CPU: one copy of the pieces in order is cheapest (engine.paths)
+            runs = stored.split(self.lengths)
+            fresh = new.reshape(batch * heads, q_len, dim).unbind(0)
+            return torch.cat([piece for pair in zip(runs, fresh) for piece in pair])
+        # Ragged runs where launches cost: two index copies into the grown tensor, however many runs (a split and a
+        # cat would handle 2 · batch · heads pieces per layer per step). The places are computed once per forward.
+        old_places, new_places = self._append_places(q_len)
+        grown = stored.new_empty(stored.shape[0] + new_places.numel(), dim)
+        grown.index_copy_(0, old_places, stored)
+        return grown.index_copy_(0, new_places, new.reshape(-1, dim))
+
+    def _append_places(self, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the stored entries and the ``q_len`` new ones of every run go once the runs grow by ``q_len``:
+        ``(old places [stored entries], new places [runs * q_len])``, computed on the device from the run lengths
+        before the update, and shared by keys, values and tracks of one forward."""
+        if self._places is None or self._places[0] != q_len:
+            total = sum(self.lengths)
+            runs = torch.arange(1, len(self.lengths) + 1, device=self.device)  # run r is number r + 1
+            # Entry i of run r moves down by the r · q_len new entries of the runs before it.
+            moved = runs.repeat_interleave(self.run_lengths, output_size=total)  # output_size: no host read
+            old = torch.arange(-q_len, total - q_len, device=self.device).add_(moved, alpha=q_len)
+            ends = self.run_lengths.cumsum(0).add_(runs, alpha=q_len)  # each run's end once grown
+            new = ends[:, None] - torch.arange(q_len, 0, -1, device=self.device)
+            self._places = (q_len, old, new.flatten())
+        return self._places[1], self._places[2]
 
     def after_attention(
         self, query: torch.Tensor, new_valid: torch.Tensor | None, scale: LogitScale,
@@ -162,6 +190,14 @@ class CompressedLayer(CacheLayerMixin):
 
         ``new_valid``: ``[batch, q_len]`` bool, or None when all are real (no device sync on the decode path).
         """
+        if self.cache.probing is not None:  # an after-prefill stage runs the model: record, keep nothing
+            self.awaiting_attention = False  # (the stage restores the layer's state after the pass)
+            if not self.packed:
+                self.valid = torch.cat([self.valid, self.valid.new_ones(self.batch_size, query.shape[-2])], dim=1)
+            if self.window is None:
+                self.cache.probing["received"][self.layer_idx] = self._received_by_old(
+                    query, scale, self.cache.probing["reduce"])
+            return
         watch = self.cache.policy_time if self.window is None else None
         started = watch.start() if watch is not None else None
         self.awaiting_attention = False
@@ -210,6 +246,7 @@ class CompressedLayer(CacheLayerMixin):
         self.lengths = [n - pads[run // self.num_heads] for run, n in enumerate(self.lengths)]
         self.run_lengths = self.run_lengths - (~new_valid).sum(1).repeat_interleave(self.num_heads)
         self.uniform = len(set(self.lengths)) == 1
+        self._slots = None
         self._select(self.tracks(), keep, sum(self.lengths))
 
     def _slide(self) -> None:
@@ -222,19 +259,37 @@ class CompressedLayer(CacheLayerMixin):
             self.valid = self.valid[:, -keep:].clone()
 
     def _attention_received(self, query: torch.Tensor, scale: LogitScale) -> torch.Tensor:
-        """Attention ``query`` gives each stored entry, in storage layout (``[b, h, s]`` dense, ``[N]`` packed)."""
-        if not self.packed or self.uniform:
-            keys, _, valid = self.dense_view(tracks=False)
-            received = attention_received(query, keys, valid, age_order(valid), scale)
-            return received.flatten() if self.packed else received
-        groups = query.shape[1] // self.num_heads
-        pieces = []
-        for run, keys in enumerate(self.keys.split(self.lengths)):  # keys only: this runs per token for H2O
-            b, h = divmod(run, self.num_heads)
-            valid = torch.ones(1, 1, keys.shape[0], dtype=torch.bool, device=self.device)
-            run_query = query[b : b + 1, h * groups : (h + 1) * groups]
-            pieces.append(attention_received(run_query, keys[None, None], valid, age_order(valid), scale).flatten())
-        return torch.cat(pieces)
+        """Attention ``query`` gives each stored entry, in storage layout (``[b, h, s]`` dense, ``[N]`` packed).
+
+        Ragged runs are scored in their padded view and read back by index where launches cost (a fixed number of
+        kernels whatever the batch and head count: H2O pays this on every decoding step), run by run on a CPU
+        (see :mod:`kvpolicies.engine.paths`)."""
+        if self.packed and not self.uniform and not launch_bound(self.device):  # see engine.paths
+            groups = query.shape[1] // self.num_heads
+            pieces = []
+            for b, h, keys, _ in self.runs():
+                valid = torch.ones(1, 1, keys.shape[0], dtype=torch.bool, device=self.device)
+                run_query = query[b : b + 1, h * groups : (h + 1) * groups]
+                received = attention_received(run_query, keys[None, None], valid, age_order(valid), scale)
+                pieces.append(received.flatten())
+            return torch.cat(pieces)
+        keys, _, valid = self.dense_view(tracks=False)
+        received = attention_received(query, keys, valid, age_order(valid), scale)
+        if not self.packed:
+            return received
+        if self.uniform:
+            return received.flatten()
+        return received.flatten().index_select(0, self._padded_slots(valid.shape[-1]))
+
+    def _received_by_old(self, query: torch.Tensor, scale: LogitScale, reduce: str) -> torch.Tensor:
+        """Attention the entries held before this forward receive from its ``query`` (``[batch, heads, n, dim]``),
+        ``[batch, kv_heads, seq]`` aligned with the layer's ``dense_view()`` before the ``n`` new entries came."""
+        keys, _, valid = self.dense_view(tracks=False)
+        new = query.shape[-2]
+        order = age_order(valid)
+        received = attention_received(query, keys, valid, order, scale, reduce=reduce)
+        old = order < valid.sum(-1, keepdim=True) - new
+        return received.masked_fill(~old, 0.0)[..., : keys.shape[2] - new]
 
     def runs(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """``(sequence, kv_head, keys, values)`` of every run of a packed layer, ``[entries, head_dim]`` views in age
@@ -302,12 +357,14 @@ class CompressedLayer(CacheLayerMixin):
 
     def _padded_slots(self, longest: int) -> torch.Tensor:
         """Where each stored entry goes in a ``[runs * longest]`` padded layout: run ``r``'s ``j``-th entry at
-        ``r * longest + j``, computed on the device from the run lengths."""
-        total = sum(self.lengths)
-        runs = torch.arange(len(self.lengths), device=self.device)
-        run_of = runs.repeat_interleave(self.run_lengths, output_size=total)  # output_size: no host read
-        starts = self.run_lengths.cumsum(0) - self.run_lengths
-        return run_of * longest + torch.arange(total, device=self.device) - starts[run_of]
+        ``r * longest + j``, computed on the device from the run lengths (once per layout)."""
+        if self._slots is None or self._slots[0] != longest:
+            total = sum(self.lengths)
+            runs = torch.arange(len(self.lengths), device=self.device)
+            run_of = runs.repeat_interleave(self.run_lengths, output_size=total)  # output_size: no host read
+            starts = self.run_lengths.cumsum(0) - self.run_lengths
+            self._slots = (longest, run_of * longest + torch.arange(total, device=self.device) - starts[run_of])
+        return self._slots[1]
 
     def store(self, dense: dict[str, torch.Tensor], keep: torch.Tensor) -> None:
         """Keep only the entries where ``keep`` (``[batch, kv_heads, seq]``) is True, packed in age order.
@@ -317,7 +374,7 @@ class CompressedLayer(CacheLayerMixin):
         self.run_lengths = keep.sum(-1).flatten()
         self.lengths = self.run_lengths.tolist()
         self.uniform = len(set(self.lengths)) == 1
-        self.packed, self.valid = True, None
+        self.packed, self.valid, self._slots = True, None, None
         self._select(dense, keep.flatten(), sum(self.lengths))
 
     def _select(self, tracks: dict[str, torch.Tensor], keep: torch.Tensor, total: int) -> None:

@@ -12,7 +12,10 @@ alike) and reduced to medians. What is reported, and why:
   (:class:`~kvpolicies.experiments.memory.PeakMemory`: the kernel's ``VmHWM``, reset on entry), which includes
   activations, logits and allocator behaviour, not only the cache;
 - prefill time, time to first token (prefill plus choosing the first token) and decode tokens/s;
-- the policy's own time (signals, scoring, selection, packing) as a share of prefill, and per decoding step.
+- the policy's own time (signals, scoring, selection, packing) as a share of prefill, and per decoding step;
+- decode speed against a plain dense cache holding as many entries as the policy kept (the full cache on a prompt
+  of the kept length per KV head, measured in the same repeats): what the compressed layout itself costs. The
+  target is at most 1.2x slower (a ratio of at least 0.83); a policy's re-scoring while decoding counts against it.
 
 Logits are computed for the last position only (``logits_to_keep=1``), as generation does, so a ``seq × vocab``
 matrix does not dominate the peak. ``prefill_chunk`` feeds the prompt in chunks with eviction after each one.
@@ -53,6 +56,13 @@ class Measurement:
     peak_bytes: int
     """Peak memory growth while the run lasted (see the module docstring)."""
     decode_tokens: int
+    kept_per_head: float | None = None
+    """Entries kept per (sequence, layer, KV head) after the prefill, the mean over all of them."""
+    batch: int = 1
+    """Sequences decoded together (``decode_ms_per_token`` is per step of all of them)."""
+    dense_kept_decode_ms_per_token: float | None = None
+    """Decode time of the plain full cache on a prompt of ``kept_per_head`` tokens (rounded): a dense cache of the
+    kept size. None for the full cache itself, and in files written before it was measured."""
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -77,37 +87,58 @@ def prompt_ids(tokenizer, tokens: int, device: torch.device, vocab_size: int = 3
     return ids.to(device)
 
 
+def padded_batch(ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(ids, attention mask)`` of ``batch`` copies of the ``[1, tokens]`` prompt ``ids``, row ``b`` left-padded
+    over its first ``b · tokens / (4 · batch)`` positions (so every layer of the batch is ragged, as under lm-eval
+    with prompts of different lengths); batch 1 is ``ids`` with no mask."""
+    if batch == 1:
+        return ids, None
+    tokens = ids.shape[1]
+    mask = torch.ones(batch, tokens, dtype=torch.long, device=ids.device)
+    for row in range(1, batch):
+        mask[row, : row * tokens // (4 * batch)] = 0
+    return ids.expand(batch, -1).masked_fill(mask == 0, 0), mask
+
+
 @torch.no_grad()
 def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens: int,
-            prefill_chunk: int | None = None) -> Measurement:
-    """One prefill of ``ids`` and ``decode_tokens`` greedy steps on a fresh cache."""
+            prefill_chunk: int | None = None, mask: torch.Tensor | None = None) -> Measurement:
+    """One prefill of ``ids`` (``[batch, tokens]``, left-padded where ``mask`` is 0) and ``decode_tokens`` greedy
+    steps on a fresh cache."""
     from kvpolicies.experiments.memory import PeakMemory
 
     cache = CompressedCache(model, policy, budget)
     cache.policy_time = Stopwatch(model.device)  # CUDA events: timing the policy does not slow the run down
     chunk = prefill_chunk or ids.shape[1]
+    batch = ids.shape[0]
     with PeakMemory(model.device) as peak:
         started = clock(model.device)
         for start in range(0, ids.shape[1], chunk):
-            logits = model(ids[:, start : start + chunk], cache=cache, logits_to_keep=1).logits
+            seen = None if mask is None else mask[:, : start + chunk]
+            logits = model(ids[:, start : start + chunk], attention_mask=seen, cache=cache, logits_to_keep=1).logits
         prefilled = clock(model.device)
         token = logits[:, -1:].argmax(-1)
         first_token = clock(model.device)
         policy_prefill = cache.policy_time.seconds
         cache.policy_time.reset()
+        prefilled_stats = cache.stats()
+        decoding = clock(model.device)
         for _ in range(decode_tokens):
-            token = model(token, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            token = model(token, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
         decoded = clock(model.device)
     stats = cache.stats()
     steps = max(decode_tokens, 1)
     return Measurement(
         policy=policy, budget=str(budget), context_tokens=ids.shape[1],
         prefill_s=prefilled - started, ttft_s=first_token - started,
-        decode_ms_per_token=(decoded - first_token) * 1000 / steps,
+        decode_ms_per_token=(decoded - decoding) * 1000 / steps,
         policy_prefill_s=policy_prefill, policy_decode_ms_per_token=cache.policy_time.seconds * 1000 / steps,
         resident_bytes=stats.resident_bytes, physical_bytes=stats.kept_entries * cache.shape.entry_bytes,
         auxiliary_bytes=cache.auxiliary_bytes(), full_bytes=stats.full_bytes, peak_bytes=peak.growth_bytes,
-        decode_tokens=decode_tokens,
+        decode_tokens=decode_tokens, kept_per_head=(prefilled_stats.kept_entries - prefilled_stats.appended_entries) / cache.shape.cells / batch,
+        batch=batch,
     )
 
 
@@ -143,30 +174,41 @@ def profile(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
 def median_measurement(runs: list[Measurement]) -> Measurement:
     """Medians of the timings and peaks; byte counts are deterministic, taken from the last run."""
     timed = ("prefill_s", "ttft_s", "decode_ms_per_token", "policy_prefill_s", "policy_decode_ms_per_token",
-             "peak_bytes")
-    medians = {name: statistics.median(getattr(run, name) for run in runs) for name in timed}
+             "peak_bytes", "dense_kept_decode_ms_per_token")
+    medians = {name: statistics.median(getattr(run, name) for run in runs) if getattr(runs[-1], name) is not None
+               else None for name in timed}
     return Measurement(**(asdict(runs[-1]) | medians))
 
 
 def run_benchmark(model, tokenizer, contexts: list[int], policies: list[str], budgets: list[str | float],
                   decode_tokens: int = 32, repeats: int = 3, prefill_chunk: int | None = None,
-                  progress=None) -> list[Measurement]:
-    """Every context × (full cache + every policy × budget), medians over ``repeats`` interleaved runs."""
+                  progress=None, batch: int = 1) -> list[Measurement]:
+    """Every context × (full cache + every policy × budget), medians over ``repeats`` interleaved runs; a
+    ``batch`` above 1 decodes that many left-padded copies of the prompt together (see :func:`padded_batch`)."""
     results: list[Measurement] = []
     skipped: dict[int, dict[int, str]] = {}
     for tokens in contexts:
-        ids = prompt_ids(tokenizer, tokens, model.device, model.config.vocab_size)
+        ids, mask = padded_batch(prompt_ids(tokenizer, tokens, model.device, model.config.vocab_size), batch)
         grid = reference_first(policies, budgets)
-        measure(model, ids, *grid[0], 2, prefill_chunk)  # warm-up: allocator, kernels, caches
+        measure(model, ids, *grid[0], 2, prefill_chunk, mask)  # warm-up: allocator, kernels, caches
         runs: dict[int, list[Measurement]] = {i: [] for i in range(len(grid))}
         for repeat in range(repeats):
+            dense: dict[int, float] = {}  # decode ms per token of the full cache by prompt length, this repeat
             for i, (name, budget) in enumerate(grid):
                 if i in skipped.get(tokens, {}):
                     continue
                 try:
-                    runs[i].append(measure(model, ids, name, budget, decode_tokens, prefill_chunk))
+                    run = measure(model, ids, name, budget, decode_tokens, prefill_chunk, mask)
                 except BudgetError as error:  # e.g. l2norm's whole layers do not fit a small budget
                     skipped.setdefault(tokens, {})[i] = f"{name} @ {budget}: {error}"
+                    continue
+                if i > 0:  # the full cache is its own dense reference; an unpadded one: every entry is real
+                    kept = max(1, min(tokens, round(run.kept_per_head)))
+                    if kept not in dense:
+                        dense[kept] = measure(model, ids[:1, -kept:].expand(batch, -1), *grid[0],
+                                              decode_tokens).decode_ms_per_token
+                    run.dense_kept_decode_ms_per_token = dense[kept]
+                runs[i].append(run)
                 if progress:
                     progress(f"{tokens} tokens, repeat {repeat + 1}/{repeats}: {name} @ {budget}")
         results += [median_measurement(runs[i]) for i in range(len(grid)) if runs[i]]
@@ -194,12 +236,15 @@ def tables(results: list[Measurement], tablefmt: str = "github") -> str:
                 f"{r.prefill_s:.2f}", f"{r.prefill_s / full.prefill_s:.2f}x", f"{r.ttft_s:.2f}",
                 f"{r.policy_prefill_s / r.prefill_s:.1%}",
                 f"{r.decode_tokens_per_s:.1f}", f"{r.decode_tokens_per_s / full.decode_tokens_per_s:.2f}x",
+                f"{r.dense_kept_decode_ms_per_token / r.decode_ms_per_token:.2f}x"
+                if r.dense_kept_decode_ms_per_token else "-",
                 f"{r.policy_decode_ms_per_token:.2f}",
             ]
             for r in rows
         ]
         headers = ["policy", "budget", "KV MiB", "KV / physical", "aux MiB", "peak +MiB", "prefill s", "vs full",
-                   "TTFT s", "policy share of prefill", "decode tok/s", "vs full", "policy ms/step"]
+                   "TTFT s", "policy share of prefill", "decode tok/s", "vs full", "vs dense of kept size",
+                   "policy ms/step"]
         table = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
         out.append(f"context: {tokens} tokens\n\n" + table)
     if len({r.context_tokens for r in results}) > 1:
@@ -257,7 +302,8 @@ def load(paths: Sequence) -> tuple[list[str], list[Measurement]]:
 def benchmark(model_name: str | None = None, contexts: Sequence[int] = (2048,), policies: Sequence[str] | None = None,
               budgets: Sequence[str | float] = ("0.25",), decode_tokens: int = 32, repeats: int = 3,
               prefill_chunk: int | None = None, device: str | None = None, dtype: str | None = None,
-              random_model: str | None = None, json_path=None, progress=None) -> tuple[str, list[Measurement]]:
+              random_model: str | None = None, json_path=None, progress=None, batch: int = 1
+              ) -> tuple[str, list[Measurement]]:
     """Load the model, measure every policy (default: every registered one) and describe the setting in a header;
     with ``json_path``, also save ``{"header", "results"}`` there (what the generated pages read)."""
     import json
@@ -268,13 +314,14 @@ def benchmark(model_name: str | None = None, contexts: Sequence[int] = (2048,), 
     policies, budgets = _checked(policies, budgets)
     model, tokenizer = _load(model_name, device, dtype, random_model)
     results = run_benchmark(model, tokenizer, list(contexts), policies, budgets, decode_tokens, repeats,
-                            prefill_chunk, progress)
+                            prefill_chunk, progress, batch)
     where = (torch.cuda.get_device_name(model.device) if model.device.type == "cuda"
              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     name = f"random-weight {random_model}" if random_model else model_name or "embedded SmolLM2-135M-Instruct"
     header = (f"model: {name}, device: {model.device} ({where}), dtype: {model.dtype}, attention: "
               f"{model.config._attn_implementation}, torch {torch.__version__}, transformers {transformers.__version__}, "
-              f"decode: {decode_tokens} tokens, medians of {repeats}, prefill chunk: {prefill_chunk or 'none'}")
+              f"decode: {decode_tokens} tokens, medians of {repeats}, prefill chunk: {prefill_chunk or 'none'}"
+              + (f", batch: {batch} left-padded rows" if batch > 1 else ""))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"header": header, "results": [r.as_dict() for r in results]}, indent=1))

@@ -24,6 +24,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kvpolicies.engine.paths import shaped_for_gpu
+
 aten = torch.ops.aten
 
 SYNC_OPS = {
@@ -132,12 +134,15 @@ class DeviceWork(TorchDispatchMode):
         return out
 
     def __enter__(self) -> DeviceWork:
+        self._gpu_path = shaped_for_gpu()  # count the path a GPU runs, not the CPU's
+        self._gpu_path.__enter__()
         self._functions.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
         self._functions.__exit__(*exc)
+        self._gpu_path.__exit__(*exc)
 
 
 HOST_READS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu}

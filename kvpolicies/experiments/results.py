@@ -63,7 +63,8 @@ class _Measured(BaseModel):
 
 
 class KVMemory(_Measured):
-    """Resident KV bytes per sequence at the end of each request, next to the full cache's (from the lm-eval model).
+    """Resident KV bytes per sequence at the end of each request, next to the full cache's, as the lm-eval model
+    writes them (``kvpolicies.integrations.lm_eval.kv_memory_record``, from the cache's ``CacheStats``).
 
     Files written before the figures were counted per sequence say ``requests`` (batches) instead of ``sequences``.
     """
@@ -76,6 +77,15 @@ class KVMemory(_Measured):
     resident_fraction_mean: Amount | None = None
     padding_bytes_peak: Amount | None = None
     """Largest padding a batch stored next to its sequences' entries (reported apart, never as resident bytes)."""
+    context_bytes_peak: Amount | None = None
+    """The context's own entries (what the budget is a fraction of when a question was appended after it)."""
+    context_bytes_mean: Amount | None = None
+    auxiliary_bytes_peak: Amount | None = None
+    """What the policy held besides keys and values, per sequence (its share of its batch's): recent-query buffers,
+    attention tracks, the padding mask of a dense layer. Equal memory is equal KV bytes; this is reported next to
+    it, since a policy's buffers can outweigh a small cache (expected_attention's query buffer on a Llama-3-8B shape
+    is 32 MiB against 16 MiB of KV at 128 tokens per head). Absent in files written before it was counted."""
+    auxiliary_bytes_mean: Amount | None = None
 
 
 class Speed(_Measured):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import statistics
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -177,6 +178,8 @@ class KVPoliciesLM(HFLM):
         pieces = [self.model(ids[:, :split], cache=cache, logits_to_keep=1).logits]
         self.timings.add_prefill(split, _synchronized(self.device, started))
         if split < ids.shape[1]:
+            if cache.policy.has_stage:  # the context is in: a policy that chooses over every layer does it now
+                cache.after_prefill(self.model)
             pieces.append(self.model(ids[:, split:], cache=cache).logits)
         self._measure(cache)
         return torch.cat([F.log_softmax(piece[0].float(), dim=-1) for piece in pieces])
@@ -240,6 +243,8 @@ class KVPoliciesLM(HFLM):
             stop = min(start + self.stream_chunk, ids.shape[1])
             scored = stop - max(start, first_scored)  # the chunk's last rows; 0 keeps all in transformers, so 1
             logits = self.model(ids[:, start:stop], cache=cache, logits_to_keep=max(scored, 1)).logits
+            if cache.policy.has_stage and stop < ids.shape[1]:  # it chooses between chunks, over all it holds
+                cache.after_prefill(self.model)
             if scored > 0:
                 rows = targets[stop - scored - first_scored : stop - first_scored, None]
                 picked.append(F.log_softmax(logits[0].float(), dim=-1).gather(1, rows))
@@ -250,29 +255,13 @@ class KVPoliciesLM(HFLM):
 
     # -- results -------------------------------------------------------------------------------------------------
     def kv_memory(self) -> dict[str, Any]:
-        """Resident KV bytes of each sequence at the end of its request, next to the full cache's.
+        """Resident KV bytes of each sequence at the end of its request, next to the full cache's and the policy's
+        auxiliary bytes (:func:`kv_memory_record`; ``KVMemory`` in the results module declares every field).
 
         Counted per sequence, so the figures are the same at any batch size; padding that a batch stored (the full
         cache keeps a left-padded batch dense) is reported apart, as ``padding_bytes_peak``.
         """
-        if not self.kv_measurements:
-            return {"sequences": 0}
-        resident = [stats.resident_bytes for stats in self.kv_measurements]
-        full = [stats.full_bytes for stats in self.kv_measurements]
-        # The context's own bytes: what the budget is a fraction of when a question was appended after it.
-        context = [s.resident_bytes * (s.kept_entries - s.appended_entries) // max(s.kept_entries, 1)
-                   for s in self.kv_measurements]
-        return {
-            "sequences": len(self.kv_measurements),
-            "resident_bytes_peak": max(resident),
-            "resident_bytes_mean": statistics.fmean(resident),
-            "full_bytes_peak": max(full),
-            "full_bytes_mean": statistics.fmean(full),
-            "resident_fraction_mean": statistics.fmean(r / f for r, f in zip(resident, full) if f) if any(full) else 1.0,
-            "padding_bytes_peak": self.kv_padding_bytes,
-            "context_bytes_peak": max(context),
-            "context_bytes_mean": statistics.fmean(context),
-        }
+        return kv_memory_record(self.kv_measurements, self.kv_padding_bytes)
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()
@@ -286,6 +275,32 @@ class KVPoliciesLM(HFLM):
             "speed": self.timings.summary(),
         }
         return info
+
+
+def kv_memory_record(sequences: Sequence[CacheStats], padding_bytes: int = 0) -> dict[str, Any]:
+    """The ``kv_memory`` of a result record, from one :class:`CacheStats` per sequence (at the end of its request)
+    and the largest padding a batch stored: the one place that turns the cache's counts into what a result says.
+    ``auxiliary_bytes_*`` are what the policy held besides keys and values, a sequence's share of its batch's
+    (query buffers, attention tracks): equal memory is equal KV bytes, and these are reported next to them."""
+    if not sequences:
+        return {"sequences": 0}
+    resident = [s.resident_bytes for s in sequences]
+    full = [s.full_bytes for s in sequences]
+    context = [s.resident_bytes * (s.kept_entries - s.appended_entries) // max(s.kept_entries, 1) for s in sequences]
+    auxiliary = [s.auxiliary_bytes for s in sequences]
+    return {
+        "sequences": len(sequences),
+        "resident_bytes_peak": max(resident),
+        "resident_bytes_mean": statistics.fmean(resident),
+        "full_bytes_peak": max(full),
+        "full_bytes_mean": statistics.fmean(full),
+        "resident_fraction_mean": statistics.fmean(r / f for r, f in zip(resident, full) if f) if any(full) else 1.0,
+        "padding_bytes_peak": padding_bytes,
+        "context_bytes_peak": max(context),
+        "context_bytes_mean": statistics.fmean(context),
+        "auxiliary_bytes_peak": max(auxiliary),
+        "auxiliary_bytes_mean": statistics.fmean(auxiliary),
+    }
 
 
 _ADAPTER_DEFAULTS = {

@@ -1,0 +1,138 @@
+"""The after-prefill stage: a policy that chooses once the prompt (or its context) is in, seeing every layer at once.
+
+Why a stage apart from ``score()``: ``score()`` runs layer by layer inside the forward pass, right after each
+layer's attention, so a policy never sees two layers together and cannot run the model. Some methods need both:
+one top-k across all layers and heads needs every layer's scores at once; KVzip scores entries by the attention a
+second pass gives them (the model asked to repeat its context). A policy that implements
+``after_prefill(prefilled)`` gets a :class:`Prefilled`: every layer's entries, the budget of each sequence, the
+prompt's token ids, and :meth:`Prefilled.attention_from`, which runs the model on new tokens as if they followed the
+prompt and reports the attention each cached entry receives from them, leaving the cache as it was.
+
+When it runs. While the prompt is prefilled, such a policy's cache evicts nothing (``score()`` is not called). Before
+the next forward pass (the first decoding step; or, when ``CompressedCache.context_lengths`` splits a context from
+its question, the first pass past every context) a forward pre-hook on the model runs the stage, outside any layer,
+so the model may run again. The stage returns scores for every compressible layer; the framework keeps, per
+sequence, the budget's entries with the highest scores across all layers and heads (sinks, the recent window and
+each head's newest entry first), and packs them. Everything after (the question, generated tokens) is kept whole
+and not charged, as in kvpress's protocol, where presses compress at prefill only. ``CompressedCache.after_prefill()``
+runs the stage by hand (a loglikelihood streamed in chunks calls it after each chunk).
+
+Memory: the prompt is held whole until the stage runs, as the method needs it (KVzip attends over the whole context
+to score it); ``kvpolicies bench`` reports the peak.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from kvpolicies.engine.policy import ScoreInputs
+from kvpolicies.engine.selection import age_order
+
+if TYPE_CHECKING:
+    from kvpolicies.engine.cache import CompressedCache
+
+Reduce = Literal["sum", "max"]
+
+
+@dataclass
+class Prefilled:
+    """What an after-prefill stage sees. Read-only, like :class:`~kvpolicies.engine.policy.ScoreInputs`."""
+
+    layers: list[ScoreInputs | None]
+    """Per layer: its entries as ``ScoreInputs`` (``keys``, ``values``, ``valid``, ``order``, ``seen_tokens``,
+    ``keep``: the uniform allocation per head, ``layer``: the model facts), or None for a sliding-window layer,
+    which holds its window whatever the policy says. ``valid`` marks the context's entries, the ones to score."""
+    budget: list[int]
+    """Per sequence: entries the compressible layers may keep in all (the budget less the windows' share)."""
+    ids: torch.Tensor | None
+    """``[batch, seq]`` the token ids prefilled so far, left-padded (None if the model was given embeddings)."""
+    _probe: Callable[[torch.Tensor, Reduce], list[torch.Tensor | None]] = field(repr=False, default=None)
+
+    def attention_from(self, ids: torch.Tensor, reduce: Reduce = "max") -> list[torch.Tensor | None]:
+        """Run the model on ``ids`` (``[batch, n]``, all real tokens) as if they followed the prompt, and return per
+        layer the attention each cached entry receives from them, ``[batch, kv_heads, seq]`` float32 aligned with
+        ``layers[i].valid`` (None for sliding-window layers): the maximum (``"max"``, KVzip's reduction) or the
+        sum (``"sum"``) over the new queries and the query heads sharing the KV head. The cache is left exactly as
+        it was; the new tokens are not kept. Costs one forward pass of ``n`` tokens over the whole prompt."""
+        return self._probe(ids, reduce)
+
+
+def select_across_layers(scores: list[torch.Tensor], valid: list[torch.Tensor], totals: list[int],
+                         sink_tokens: int = 0, window_tokens: int = 0) -> list[torch.Tensor]:
+    """Keep, per sequence, ``totals[b]`` entries over all the given layers and heads: each head's newest entry
+    first (no head is left empty), then its sinks and recent window, then the highest scores. Ties go to the lower
+    layer, head and older entry (a stable sort), so the kept set is deterministic.
+
+    Args:
+        scores / valid: per layer ``[batch, kv_heads, seq_l]``; padding (``valid`` False) is never kept.
+        totals: entries to keep per sequence (at least one per head, at most the valid entries).
+
+    Returns per layer a ``[batch, kv_heads, seq_l]`` bool mask.
+    """
+    longest = max(s.shape[-1] for s in scores)
+    padded_valid = torch.stack([torch.nn.functional.pad(v, (0, longest - v.shape[-1]), value=False) for v in valid])
+    ranked = torch.stack([torch.nn.functional.pad(s.float(), (0, longest - s.shape[-1])) for s in scores])
+    order = age_order(padded_valid.flatten(0, 1)).view_as(padded_valid)  # [layers, batch, heads, seq]
+    count = padded_valid.sum(-1, keepdim=True)
+    newest = padded_valid & (order == count - 1)
+    protected = padded_valid & ((order < sink_tokens) | (order >= count - window_tokens))
+    # Priority classes in one key: each head's newest entry, then sinks and window, then the scores.
+    ranked = torch.where(protected, torch.finfo(torch.float32).max, ranked)
+    ranked = torch.where(newest, float("inf"), ranked).masked_fill(~padded_valid, float("-inf"))
+    batch = ranked.shape[1]
+    flat = ranked.transpose(0, 1).reshape(batch, -1)  # [batch, layers · heads · seq]
+    position = torch.sort(flat, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(position)
+    rank.scatter_(-1, position, torch.arange(flat.shape[-1], device=flat.device).expand_as(position))
+    limit = torch.tensor(totals, device=flat.device)[:, None]
+    keep = (rank < limit).view(batch, *ranked.shape[:1], *ranked.shape[2:]).transpose(0, 1) & padded_valid
+    return [keep[i, ..., : s.shape[-1]] for i, s in enumerate(scores)]
+
+
+def install(model) -> None:
+    """Run pending after-prefill stages before each forward pass of ``model`` (idempotent)."""
+    if getattr(model, "_kvpolicies_stage_hook", None) is None:
+        model._kvpolicies_stage_hook = model.register_forward_pre_hook(_before_forward, with_kwargs=True)
+
+
+def _before_forward(model, args: tuple, kwargs: dict) -> None:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if not hasattr(cache, "stage_due") or not cache.policy.has_stage:  # another cache, or no stage: nothing to do
+        return
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    new = ids if ids is not None else kwargs.get("inputs_embeds")
+    if new is None:
+        return
+    if cache.stage_due(new.shape[1]):
+        cache.after_prefill(model)
+    cache.record_ids(ids)
+
+
+def probe(cache: CompressedCache, model, ids: torch.Tensor, reduce: Reduce) -> list[torch.Tensor | None]:
+    """:meth:`Prefilled.attention_from`: run ``model`` on ``ids`` over ``cache`` and restore the cache after."""
+    layers = cache.layers
+    saved = [dict(vars(layer)) for layer in layers]
+    for state in saved:  # the only tensor a forward changes in place
+        if state.get("cumulative") is not None:
+            state["cumulative"] = state["cumulative"].clone()
+    batch, new = ids.shape
+    seen = torch.tensor(layers[0].seen, device=ids.device)
+    past = layers[0].logical_length
+    mask = torch.cat([torch.arange(past, device=ids.device) >= past - seen[:, None],  # left padding first
+                      torch.ones(batch, new, dtype=torch.bool, device=ids.device)], dim=1).long()
+    positions = seen[:, None] + torch.arange(new, device=ids.device)
+    cache.probing = {"reduce": reduce, "received": {}}
+    try:
+        with torch.no_grad():
+            model(ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
+        received = cache.probing["received"]
+    finally:
+        cache.probing = None
+        for layer, state in zip(layers, saved):
+            vars(layer).clear()
+            vars(layer).update(state)
+    return [received.get(i) if layer.window is None else None for i, layer in enumerate(layers)]
