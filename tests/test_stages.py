@@ -243,3 +243,20 @@ def test_lm_eval_runs_the_stage_once_the_context_of_each_request_is_in(tiny_pret
     rolling = KVPoliciesLM(pretrained=tiny_pretrained, policy="full", stream_chunk=4)
     assert streamed.loglikelihood_rolling(text)[0] != pytest.approx(rolling.loglikelihood_rolling(text)[0], abs=1e-4)
     assert streamed.kv_memory()["resident_fraction_mean"] < 0.5  # chosen again after every chunk
+
+
+def test_no_head_is_left_empty_however_high_a_stage_scores_one_layer():
+    class FirstLayerFirst(Policy):
+        name = "first-layer-first-test"
+
+        def after_prefill(self, prefilled):
+            return [torch.full_like(i.valid, float("inf") if i.layer_idx < 6 else 0.0, dtype=torch.float32)
+                    for i in prefilled.layers]
+
+    model = tiny_llama()
+    cache = CompressedCache(model, FirstLayerFirst(), 0.25)
+    prefill(model, cache, torch.randint(3, 128, (1, 40)))
+    cache.after_prefill(model)
+    kept = cache.kept_per_head()[:, 0]
+    # 480 entries score +inf, more than the 160 kept: still every head keeps its newest entry, then layers in order.
+    assert kept.min() >= 1 and kept.sum() == 160 and (kept[0] == 40).all() and (kept[6:] == 1).all()

@@ -75,7 +75,9 @@ def select_across_layers(scores: list[torch.Tensor], valid: list[torch.Tensor], 
     """
     longest = max(s.shape[-1] for s in scores)
     padded_valid = torch.stack([torch.nn.functional.pad(v, (0, longest - v.shape[-1]), value=False) for v in valid])
-    ranked = torch.stack([torch.nn.functional.pad(s.float(), (0, longest - s.shape[-1])) for s in scores])
+    ceiling = torch.finfo(torch.float32).max / 4  # a score of +inf still ranks below the protected entries
+    ranked = torch.stack([torch.nn.functional.pad(s.float().clamp(max=ceiling), (0, longest - s.shape[-1]))
+                          for s in scores])
     order = age_order(padded_valid.flatten(0, 1)).view_as(padded_valid)  # [layers, batch, heads, seq]
     count = padded_valid.sum(-1, keepdim=True)
     newest = padded_valid & (order == count - 1)
