@@ -151,7 +151,7 @@ def packed_attention(
         mask = ragged_mask(valid, layer.run_lengths.view(batch, kv_heads), q_len, new_visible)
     if mask is not None and groups > 1 and mask.shape[2] > 1:
         mask = mask.repeat(1, 1, groups, 1)  # rows are (group, query)
-    attend = partial(softcapped_attention, softcap=scale.softcap) if scale.softcap else F.scaled_dot_product_attention
+    attend = kernel(scale)
     # 4-D inputs: with 3-D ones SDPA on CPU falls back to its math path (bmm + softmax), 1.5x slower.
     out = attend(rows, keys, values, attn_mask=mask, dropout_p=dropout, scale=scale.scaling)
     return out.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
@@ -161,7 +161,7 @@ def run_by_run(rows: torch.Tensor, layer: CompressedLayer, new_visible: torch.Te
                dropout: float, groups: int) -> torch.Tensor:
     """One attention call per run (sequence, KV head), reading each run in place: ``[batch, kv_heads, rows, dim]``.
     Runs see all their old entries and, among their newest ``q_len``, what ``new_visible`` allows."""
-    attend = partial(softcapped_attention, softcap=scale.softcap) if scale.softcap else F.scaled_dot_product_attention
+    attend = kernel(scale)
     q_len = rows.shape[2] // groups
     out = torch.empty_like(rows)
     for b, h, k, v in layer.runs():
@@ -239,6 +239,11 @@ def varlen_decode(rows: torch.Tensor, layer: CompressedLayer, scale: LogitScale,
     out = varlen_attn(rows.reshape(runs, groups, head_dim), layer.keys[:, None], layer.values[:, None], cu_queries,
                       cu_keys, 1, max(layer.lengths), scale=scale.scaling, enable_gqa=True)
     return out.view(batch, kv_heads, groups, head_dim)
+
+
+def kernel(scale: LogitScale) -> Callable:
+    """SDPA, or for a soft-capped layer (Gemma 2; SDPA has no soft-cap) the eager computation with the same call."""
+    return partial(softcapped_attention, softcap=scale.softcap) if scale.softcap else F.scaled_dot_product_attention
 
 
 def softcapped_attention(

@@ -55,6 +55,17 @@ class CacheStats:
         return self.kept_entries / self.full_entries if self.full_entries else 1.0
 
 
+def split_context(valid: torch.Tensor, appended: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(context, newest)`` masks of ``valid`` (``[batch, kv_heads, seq]``): each sequence's newest ``appended[b]``
+    entries (a question, generated tokens) are kept whole, never scored and not charged; ``newest`` is None when
+    there are none."""
+    if not any(appended):
+        return valid, None
+    after = torch.tensor(appended, device=valid.device)[:, None, None]
+    newest = valid & (age_order(valid) >= valid.sum(-1, keepdim=True) - after)
+    return valid & ~newest, newest
+
+
 class CompressedCache(Cache):
     """A KV cache that evicts entries with ``policy`` under ``budget``.
 
@@ -157,12 +168,7 @@ class CompressedCache(Cache):
         if not (any(over) or padded):
             return
         dense, valid = layer.dense_view()
-        newest = None
-        if any(appended):  # entries after the context: kept whole, never scored, outside the budget
-            order = age_order(valid)
-            after = torch.tensor(appended, device=valid.device)[:, None, None]
-            newest = valid & (order >= valid.sum(-1, keepdim=True) - after)
-        context = valid if newest is None else valid & ~newest
+        context, newest = split_context(valid, appended)
         # Rows over budget get their allocation (select() clamps a head to what it holds), others keep everything.
         # One upload for both: the entries to keep per head and, in the last column, whether the row is over.
         table = torch.tensor([[*(row_t if row_over else row_c), row_over]
@@ -238,11 +244,7 @@ class CompressedCache(Cache):
                 views.append(None)
                 continue
             dense, valid = layer.dense_view()
-            newest = None
-            if any(appended):  # the question (and anything after the context): kept whole, never scored
-                after = torch.tensor(appended, device=valid.device)[:, None, None]
-                newest = valid & (age_order(valid) >= valid.sum(-1, keepdim=True) - after)
-            context = valid if newest is None else valid & ~newest
+            context, newest = split_context(valid, appended)
             keep = torch.stack([allocation.tokens[layer.layer_idx] for allocation in allocations]).to(valid.device)
             scale = self._scales.get(layer.layer_idx, LogitScale(layer.head_dim ** -0.5))
             views.append(ScoreInputs(
