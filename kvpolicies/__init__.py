@@ -16,6 +16,7 @@ from kvpolicies.errors import (
     PluginError,
     PolicyConfigError,
     PolicyRegistryError,
+    UnknownCodecError,
     UnknownPolicyError,
     UsageError,
 )
@@ -29,6 +30,10 @@ _LAZY = {
     "distribute": "kvpolicies.engine.budget",
     "CacheStats": "kvpolicies.engine.cache",
     "CompressedCache": "kvpolicies.engine.cache",
+    "Codec": "kvpolicies.engine.codecs",
+    "CodecInfo": "kvpolicies.registry",
+    "get_codec": "kvpolicies.registry",
+    "list_codecs": "kvpolicies.registry",
     "ScorerWrapper": "kvpolicies.engine.composition",
     "WrapperConfig": "kvpolicies.engine.composition",
     "load_model": "kvpolicies.integrations.models",
@@ -49,12 +54,16 @@ if TYPE_CHECKING:
     from kvpolicies.engine.attention import prepare_model
     from kvpolicies.engine.budget import Allocation, Budget, CacheShape, distribute
     from kvpolicies.engine.cache import CacheStats, CompressedCache
+    from kvpolicies.engine.codecs import Codec
     from kvpolicies.engine.composition import ScorerWrapper, WrapperConfig
     from kvpolicies.engine.layer_view import LayerView
     from kvpolicies.engine.policy import Policy, PolicyConfig, Role, ScoreInputs, Signal
     from kvpolicies.integrations.models import load_model
     from kvpolicies.registry import (
+        CodecInfo,
         PolicyInfo,
+        get_codec,
+        list_codecs,
         get_policy,
         list_policies,
         policy_with_role,
@@ -76,13 +85,17 @@ __all__ = [
     "BudgetError",
     "CacheShape",
     "CacheStats",
+    "Codec",
+    "CodecInfo",
     "CompressedCache",
     "distribute",
+    "get_codec",
     "get_policy",
     "hookimpl",
     "KVPoliciesError",
     "list_policies",
     "LayerView",
+    "list_codecs",
     "load_model",
     "ModelLoadError",
     "Policy",
@@ -98,6 +111,7 @@ __all__ = [
     "ScoreInputs",
     "ScorerWrapper",
     "Signal",
+    "UnknownCodecError",
     "UnknownPolicyError",
     "UsageError",
     "WrapperConfig",

@@ -34,6 +34,13 @@ class UnknownPolicyError(KVPoliciesError, KeyError):
         return str(self.args[0])
 
 
+class UnknownCodecError(KVPoliciesError, KeyError):
+    """No installed plugin registers a storage codec of that name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class PolicyRegistryError(KVPoliciesError, RuntimeError):
     """The installed plugins contradict each other."""
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 import pluggy
 
 if TYPE_CHECKING:
+    from kvpolicies.engine.codecs import Codec
     from kvpolicies.engine.policy import Policy
 
 PROJECT = "kvpolicies"
@@ -48,6 +49,10 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 class RegisterPolicy(Protocol):
     def __call__(self, policy_class: type[Policy], *, aliases: tuple[str, ...] = ()) -> None: ...
+
+
+class RegisterCodec(Protocol):
+    def __call__(self, codec_class: type[Codec], *, aliases: tuple[str, ...] = ()) -> None: ...
 
 
 @hookspec
@@ -112,4 +117,69 @@ def register_policies(register: RegisterPolicy) -> None:
     ``prefilled.attention_from(ids, reduce="max")`` runs the model on ``ids`` as if they followed the prompt and
     returns the attention each entry receives from them (KVzip's reconstruction pass, with ``prefilled.ids``, the
     prompt's own tokens, repeated), leaving the cache as it was.
+    """
+
+
+@hookspec
+def register_codecs(register: RegisterCodec) -> None:
+    """Register storage codecs by calling ``register(CodecClass)`` once per codec.
+
+    A codec says how a kept entry is stored and read back (:class:`kvpolicies.Codec`); eviction policies say which
+    entries are kept. Any policy composes with any codec: ``CompressedCache(model, policy, budget, codec=...)``,
+    where ``codec`` is a registered name (``get_codec("name")``) or an instance. Names are unique among codecs
+    (policies have their own names). The built-in ``"full"`` stores keys and values as computed.
+
+    The class declares ``name`` and implements:
+
+    - ``entry_bytes(head_dim, dtype) -> int``: what one entry (a key and a value of one token in one KV head)
+      costs as stored, scales and zero-points included. A budget in bytes, or a fraction of the full cache's
+      bytes, buys entries at this price, so a codec that stores less keeps more entries under the same budget;
+    - ``encode(keys, values) -> dict[str, Tensor]``: the stored form of entries ``[..., head_dim]``, named tensors
+      ``[..., n]`` with the same leading dimensions, each entry encoded on its own;
+    - ``decode(stored, dtype) -> (keys, values)``: back to ``[..., head_dim]`` in ``dtype``, for the attention and
+      for the policy's scoring.
+
+    New tokens are encoded as they arrive; the forward pass that brings them attends to them at full precision,
+    and later ones read them decoded. Between forward passes only the stored tensors are resident, and the cache's
+    resident bytes are read from them. When a cache is built its codec is tried on two entries: a declared
+    ``entry_bytes`` that differs from what ``encode`` stores, or tensors of the wrong shape, are a
+    :class:`kvpolicies.PluginError` naming the plugin.
+
+    A codec that stores every entry as 8-bit integers with one scale and offset per entry, runnable as is
+    (``tests/test_codecs.py`` runs it)::
+
+        import torch
+        from kvpolicies import Codec, CompressedCache, hookimpl
+
+        class Int8PerEntry(Codec):
+            '''Keys and values as uint8, each entry with its own float32 minimum and step.'''
+            name = "int8-entry"
+
+            def entry_bytes(self, head_dim, dtype):
+                return 2 * (head_dim + 2 * 4)  # codes, and a float32 minimum and step, for the key and the value
+
+            def encode(self, keys, values):
+                stored = {}
+                for name, t in (("keys", keys.float()), ("values", values.float())):
+                    low, high = t.aminmax(dim=-1, keepdim=True)
+                    step = ((high - low) / 255).clamp(min=1e-12)
+                    stored[name] = ((t - low) / step).round().to(torch.uint8)
+                    stored[name + ".range"] = torch.cat([low, step], dim=-1)
+                return stored
+
+            def decode(self, stored, dtype):
+                def read(name):
+                    low, step = stored[name + ".range"].split(1, dim=-1)
+                    return (low + stored[name].float() * step).to(dtype)
+                return read("keys"), read("values")
+
+        @hookimpl
+        def register_codecs(register):
+            register(Int8PerEntry)
+
+        cache = CompressedCache(model, "snapkv", 0.25, codec=Int8PerEntry())
+        model.generate(ids, cache=cache, max_new_tokens=8)
+
+    On a float32 model with 64-channel heads a full entry costs 512 bytes and this one 144, so a quarter of the
+    full cache's bytes keeps 88% of the entries instead of 25%.
     """

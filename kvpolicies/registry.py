@@ -19,12 +19,14 @@ from typing import Any
 import pluggy
 
 from kvpolicies import hookspecs
+from kvpolicies.engine.codecs import Codec
 from kvpolicies.engine.policy import Policy, Role, Signal
 from kvpolicies.errors import (
     KVPoliciesError,
     PluginError,
     PluginWarning,
     PolicyRegistryError,
+    UnknownCodecError,
     UnknownPolicyError,
 )
 
@@ -71,12 +73,26 @@ class PolicyInfo:
         return {name: field.get_default(call_default_factory=True) for name, field in fields.items()}
 
 
+@dataclass(frozen=True)
+class CodecInfo:
+    name: str
+    codec_class: type[Codec]
+    plugin: str
+    package: str = ""
+
+    @property
+    def summary(self) -> str:
+        return self.codec_class.summary()
+
+
 class Registry:
     def __init__(self) -> None:
         self.manager = pluggy.PluginManager(hookspecs.PROJECT)
         self.manager.add_hookspecs(hookspecs)
         self._policies: dict[str, PolicyInfo] | None = None
-        self._clashes: dict[str, str] = {}
+        self._codecs: dict[str, CodecInfo] | None = None
+        self._clashes: dict[tuple[str, str], str] = {}
+        """(kind, name) -> why the name is unusable: two plugins claim it."""
         self._packages: dict[str, str] = {}
         """Plugin name -> the distribution (or module) it comes from."""
 
@@ -112,74 +128,88 @@ class Registry:
         """Register a plugin object directly (notebooks, tests); same rules as an entry point."""
         self.manager.register(plugin, name=name)
         self._packages[name] = getattr(plugin, "__name__", None) or type(plugin).__module__  # a module, or an object
-        self._policies = None
+        self._policies = self._codecs = None
 
     def unregister_plugin(self, name: str) -> None:
         self.manager.unregister(name=name)
-        self._policies = None
+        self._policies = self._codecs = None
 
     def policies(self) -> dict[str, PolicyInfo]:
         if self._policies is None:
             self.load_entry_points()
-            self._policies = self._collect()
+            claims = self._claims("register_policies", Policy, "policy", "policies")
+            self._policies = {name: PolicyInfo(name, cls, plugin, self._packages.get(plugin, ""))
+                              for name, (cls, plugin) in claims.items()}
         return self._policies
 
-    def _collect(self) -> dict[str, PolicyInfo]:
-        """Every policy by name. A name two plugins claim is skipped with a warning: silently picking one would make
-        results depend on install order, and failing would take every other policy down with it."""
-        claims: dict[str, dict[type[Policy], str]] = {}
-        self._clashes = {}
+    def codecs(self) -> dict[str, CodecInfo]:
+        if self._codecs is None:
+            self.load_entry_points()
+            claims = self._claims("register_codecs", Codec, "codec", "codecs")
+            self._codecs = {name: CodecInfo(name, cls, plugin, self._packages.get(plugin, ""))
+                            for name, (cls, plugin) in claims.items()}
+        return self._codecs
+
+    def _claims(self, hook_name: str, base: type, kind: str, plural: str) -> dict[str, tuple[type, str]]:
+        """Every class of ``kind`` that plugins register through ``hook_name``, by name, with its plugin. A name two
+        plugins claim is skipped with a warning: silently picking one would make results depend on install order,
+        and failing would take every other one down with it."""
+        claims: dict[str, dict[type, str]] = {}
         for plugin_name, plugin in self.manager.list_name_plugin():
-            found: list[tuple[str, type[Policy]]] = []
+            found: list[tuple[str, type]] = []
 
-            def register(policy_class: type[Policy], *, aliases: tuple[str, ...] = ()) -> None:
-                if not (isinstance(policy_class, type) and issubclass(policy_class, Policy)):
-                    raise TypeError(f"register() takes a kvpolicies.Policy subclass, got {policy_class!r}")
-                if not policy_class.name:
-                    raise TypeError(f"{policy_class.__qualname__} has no `name`")
-                for name in (policy_class.name, *aliases):
-                    found.append((name, policy_class))
+            def register(registered: type, *, aliases: tuple[str, ...] = ()) -> None:
+                if not (isinstance(registered, type) and issubclass(registered, base)):
+                    raise TypeError(f"register() takes a kvpolicies.{base.__name__} subclass, got {registered!r}")
+                if not registered.name:
+                    raise TypeError(f"{registered.__qualname__} has no `name`")
+                for name in (registered.name, *aliases):
+                    found.append((name, registered))
 
-            hook = getattr(plugin, "register_policies", None)
+            hook = getattr(plugin, hook_name, None)
             if hook is None:
                 continue
             try:
                 hook(register=register)
             except Exception as error:
                 warnings.warn(
-                    f"kvpolicies plugin {plugin_name!r} failed while registering policies and was skipped: "
+                    f"kvpolicies plugin {plugin_name!r} failed while registering {plural} and was skipped: "
                     f"{type(error).__name__}: {error}",
                     PluginWarning,
                     stacklevel=4,
                 )
                 continue
-            for name, policy_class in found:
-                claims.setdefault(name, {})[policy_class] = plugin_name
-        policies: dict[str, PolicyInfo] = {}
+            for name, registered in found:
+                claims.setdefault(name, {})[registered] = plugin_name
+        unique: dict[str, tuple[type, str]] = {}
         for name, owners in claims.items():
             if len(owners) == 1:
-                (policy_class, plugin_name), = owners.items()
-                policies[name] = PolicyInfo(name, policy_class, plugin_name, self._packages.get(plugin_name, ""))
+                unique[name] = next(iter(owners.items()))
                 continue
             who = " and ".join(f"{plugin!r} ({cls.__module__})" for cls, plugin in owners.items())
-            self._clashes[name] = (
-                f"policy name {name!r} is registered by two plugins: {who}, so neither is used; uninstall one or "
+            self._clashes[(kind, name)] = (
+                f"{kind} name {name!r} is registered by two plugins: {who}, so neither is used; uninstall one or "
                 f"load only the one you want with {PLUGINS_ENV}"
             )
-            warnings.warn(self._clashes[name], PluginWarning, stacklevel=4)
-        return dict(sorted(policies.items()))
+            warnings.warn(self._clashes[(kind, name)], PluginWarning, stacklevel=4)
+        return dict(sorted(unique.items()))
 
     def get(self, name: str) -> PolicyInfo:
-        policies = self.policies()
-        if name in self._clashes:
-            raise PolicyRegistryError(self._clashes[name])
-        if name not in policies:
-            close = difflib.get_close_matches(name, policies, n=3, cutoff=0.5)
+        return self._get(name, self.policies(), "policy", "policies", UnknownPolicyError)
+
+    def get_codec(self, name: str) -> CodecInfo:
+        return self._get(name, self.codecs(), "codec", "codecs", UnknownCodecError)
+
+    def _get(self, name: str, known: dict, kind: str, plural: str, unknown: type[KVPoliciesError]):
+        if (kind, name) in self._clashes:
+            raise PolicyRegistryError(self._clashes[(kind, name)])
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise UnknownPolicyError(
-                f"unknown policy {name!r}.{hint} Available policies: {', '.join(policies) or '(none installed)'}"
+            raise unknown(
+                f"unknown {kind} {name!r}.{hint} Available {plural}: {', '.join(known) or '(none installed)'}"
             )
-        return policies[name]
+        return known[name]
 
 
 _registry = Registry()
@@ -214,6 +244,20 @@ def get_policy(name: str, **config: Any) -> Policy:
         raise plugin_error(info.policy_class, "__init__", error)
 
 
+def list_codecs() -> list[CodecInfo]:
+    """Every registered storage codec, sorted by name."""
+    return list(_registry.codecs().values())
+
+
+def get_codec(name: str) -> Codec:
+    """An instance of storage codec ``name`` (``"full"``: full precision, the default)."""
+    info = _registry.get_codec(name)
+    try:
+        return info.codec_class()
+    except Exception as error:
+        raise plugin_error(info.codec_class, "__init__", error)
+
+
 def _out_of_memory(error: Exception) -> bool:
     """torch's out-of-memory error (a RuntimeError subclass, ``torch.OutOfMemoryError``), without importing torch."""
     torch = sys.modules.get("torch")
@@ -221,9 +265,9 @@ def _out_of_memory(error: Exception) -> bool:
     return kind is not None and isinstance(error, kind)
 
 
-def plugin_error(policy_class: type[Policy], hook: str, error: Exception) -> Exception:
-    """What to raise for ``error``, raised in ``hook`` of a policy of ``policy_class``: a :class:`PluginError`
-    naming the policy, its plugin and package and the original exception (chained as its cause), or ``error``
+def plugin_error(policy_class: type[Policy] | type[Codec], hook: str, error: Exception) -> Exception:
+    """What to raise for ``error``, raised in ``hook`` of a policy (or codec) of ``policy_class``: a
+    :class:`PluginError` naming the policy, its plugin and package and the original exception (chained as its cause), or ``error``
     itself when it is one of ours already (a clear message from code the plugin called: a contract check, a budget).
 
     Callers ``raise plugin_error(...)`` inside their ``except``: nothing is paid unless a hook raised.
@@ -236,12 +280,17 @@ def plugin_error(policy_class: type[Policy], hook: str, error: Exception) -> Exc
     return wrapped
 
 
-def plugin_fault(policy_class: type[Policy], what: str) -> PluginError:
-    """A :class:`PluginError` saying that the policy of ``policy_class`` did ``what`` (it broke a contract of the
-    engine), naming its plugin and package, so the report reaches the plugin's authors, not the user's input."""
-    info = next((info for info in _registry.policies().values() if info.policy_class is policy_class), None)
+def plugin_fault(policy_class: type[Policy] | type[Codec], what: str) -> PluginError:
+    """A :class:`PluginError` saying that the policy (or codec) of ``policy_class`` did ``what`` (it broke a
+    contract of the engine), naming its plugin and package, so the report reaches the plugin's authors, not the
+    user's input."""
+    is_codec = issubclass(policy_class, Codec)
+    known = _registry.codecs() if is_codec else _registry.policies()
+    info = next((info for info in known.values()
+                 if getattr(info, "codec_class" if is_codec else "policy_class") is policy_class), None)
     origin = (f"plugin {info.plugin!r} of package {info.package or '?'}" if info else
               f"class {policy_class.__qualname__} of module {policy_class.__module__}, not a registered plugin")
-    return PluginError(f"policy {policy_class.name!r} ({origin}) {what}; the fault is in the plugin's code: report it "
+    kind = "codec" if is_codec else "policy"
+    return PluginError(f"{kind} {policy_class.name!r} ({origin}) {what}; the fault is in the plugin's code: report it "
                        "to its authors with the traceback (printed by `kvpolicies --debug`, saved in a sweep cell's "
                        "result file)")

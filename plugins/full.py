@@ -1,10 +1,11 @@
-"""The reference: no eviction at all."""
+"""The reference: no eviction at all, and entries stored as the model computed them (the ``full`` codec)."""
 
 from __future__ import annotations
 
 import torch
 
 from kvpolicies import Policy, PolicyConfig, Role, ScoreInputs, hookimpl
+from kvpolicies.engine.codecs import FullPrecision
 
 
 class FullConfig(PolicyConfig):
@@ -26,3 +27,8 @@ class FullCache(Policy):
 @hookimpl
 def register_policies(register):
     register(FullCache)
+
+
+@hookimpl
+def register_codecs(register):
+    register(FullPrecision)

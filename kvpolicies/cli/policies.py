@@ -214,7 +214,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     full = cache.shape.full_entries(seq_len)  # the model's own cache: sliding layers hold their window
     print(
         f"total: {total:,} of {full:,} entries ({total / full:.1%}), "
-        f"{total * cache.shape.entry_bytes:,} bytes of {full * cache.shape.entry_bytes:,}"
+        f"{total * cache.shape.kept_entry_bytes:,} bytes of {full * cache.shape.entry_bytes:,}"
     )
     return 0
 

@@ -1,8 +1,10 @@
 """One memory budget for every policy, resolved into per-layer × per-KV-head token allocations.
 
-Equal memory means equal *entries*: an entry is one token's key and value in one KV head of one layer, so its size
-is ``2 × head_dim × dtype bytes`` whatever the policy. GQA models are counted per KV head, never per query head.
-Layers a policy leaves uncompressed count against the same total.
+Equal memory means equal *bytes*: an entry is one token's key and value in one KV head of one layer, and it costs
+what the cache's storage codec stores for it (``2 × head_dim × dtype bytes`` at full precision, whatever the
+policy; less for a quantizing codec, scales included). A fraction is a share of the full cache's bytes, at full
+precision, so a codec that stores entries for less keeps more of them under the same budget. GQA models are counted
+per KV head, never per query head. Layers a policy leaves uncompressed count against the same total.
 
 Sliding-window layers (Gemma 2/3, Mistral with ``sliding_window``) are neither uncompressed nor free. The model
 itself only ever attends to their last ``W`` tokens, so its own cache holds ``W - 1`` entries per head there: that
@@ -56,6 +58,8 @@ class CacheShape:
     windows: tuple[int | None, ...] = ()
     """Per layer, the window ``W`` of a layer the model itself slides (None: full attention); empty when every layer
     is full attention."""
+    stored_entry_bytes: int = 0
+    """Bytes one kept entry takes as the cache's codec stores it (0: as computed, ``entry_bytes``)."""
 
     @property
     def cells(self) -> int:
@@ -66,6 +70,11 @@ class CacheShape:
     def entry_bytes(self) -> int:
         """Bytes of one entry: a key and a value of one token in one KV head."""
         return 2 * self.head_dim * self.dtype_bytes
+
+    @property
+    def kept_entry_bytes(self) -> int:
+        """Bytes one kept entry costs as stored: the price a budget buys entries at."""
+        return self.stored_entry_bytes or self.entry_bytes
 
     @property
     def sliding_layers(self) -> tuple[int, ...]:
@@ -98,7 +107,7 @@ class Budget(BaseModel):
 
     - ``fraction``: share of the full cache, in (0, 1]; 1 keeps everything.
     - ``tokens``: average tokens kept per KV head (per layer), > 0.
-    - ``bytes``: resident bytes of keys and values for one sequence, > 0.
+    - ``bytes``: resident bytes of keys and values for one sequence, as the codec stores them, > 0.
 
     ``slack_tokens`` lets a head grow that many entries past its allocation during decoding before eviction runs
     again, so eviction is not paid on every generated token (0 = evict at every step). Prefill is always cut to
@@ -173,12 +182,14 @@ class Budget(BaseModel):
         """Entries the whole cache of one sequence may hold: at least one per head, at most the full cache (the
         model's own cache, sliding windows included)."""
         full = shape.full_entries(seq_len)
-        if self.unit == "fraction":
+        if self.unit == "fraction" and shape.kept_entry_bytes == shape.entry_bytes:
             wanted = math.floor(self.value * full + 1e-9)
+        elif self.unit == "fraction":  # the full cache's bytes, spent at the codec's price per entry
+            wanted = math.floor(self.value * full * shape.entry_bytes / shape.kept_entry_bytes + 1e-9)
         elif self.unit == "tokens":
             wanted = math.floor(self.value * shape.cells + 1e-9)
         else:
-            wanted = math.floor(self.value / shape.entry_bytes)
+            wanted = math.floor(self.value / shape.kept_entry_bytes)
         return max(min(wanted, full), min(shape.cells, full))
 
     def allocate(self, seq_len: int, shape: CacheShape) -> Allocation:
@@ -196,10 +207,11 @@ class Budget(BaseModel):
         free = [layer for layer in range(shape.num_layers) if layer not in fixed]
         if total < windowed + len(free) * shape.num_kv_heads:
             entries = windowed + len(free) * shape.num_kv_heads
-            needed = math.ceil(entries / shape.full_entries(seq_len) * 1000) / 1000  # rounded up: must be enough
+            share = entries * shape.kept_entry_bytes / shape.entry_bytes / shape.full_entries(seq_len)  # of the bytes
+            needed = math.ceil(share * 1000) / 1000  # rounded up: must be enough
             in_units = (f"{min(needed, 1.0):.3f} of the cache" if self.unit == "fraction" else
                         f"{math.ceil(entries / shape.cells)} tokens per KV head" if self.unit == "tokens" else
-                        f"{entries * shape.entry_bytes}B")
+                        f"{entries * shape.kept_entry_bytes}B")
             where = (f"and one entry per head of its {len(free)} full-attention layers" if free else
                      "(every layer is windowed: a smaller cache would evict inside the window the model attends to; "
                      "load the model with sliding_window=None to compress it as full attention)")

@@ -9,6 +9,7 @@ attention has read the full keys, so prefill peaks at one uncompressed layer.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from transformers.cache_utils import Cache
 from kvpolicies.engine.attention import prepare_model
 from kvpolicies.engine.budget import Allocation, Budget, CacheShape
 from kvpolicies.engine.clock import Stopwatch
+from kvpolicies.engine.codecs import Codec, FullPrecision, checked_entry_bytes
 from kvpolicies.engine.layer_view import LayerView
 from kvpolicies.engine.layout import layer_windows
 from kvpolicies.engine.policy import Policy, ScoreInputs, Signal
@@ -33,8 +35,8 @@ from kvpolicies.errors import ContextLengthWarning, UsageError
 class CacheStats:
     """What the cache holds, counted from its tensors.
 
-    ``resident_bytes`` is what the key and value tensors occupy; it exceeds ``kept_entries × entry bytes`` only by
-    ``padding_bytes``, the padded positions a layer still stores densely (a left-padded batch before its first
+    ``resident_bytes`` is what the key and value tensors (or a lossy codec's tensors) occupy; it exceeds
+    ``kept_entries ×`` the stored entry's bytes only by ``padding_bytes``, the padded positions a layer still stores densely (a left-padded batch before its first
     eviction, or the full cache, which never evicts).
     """
 
@@ -67,19 +69,24 @@ def split_context(valid: torch.Tensor, appended: list[int]) -> tuple[torch.Tenso
 
 
 class CompressedCache(Cache):
-    """A KV cache that evicts entries with ``policy`` under ``budget``.
+    """A KV cache that evicts entries with ``policy`` under ``budget``, and stores what it keeps with ``codec``.
 
     >>> cache = CompressedCache(model, get_policy("l2norm"), Budget.parse(0.5))
     >>> model.generate(**inputs, cache=cache)
     >>> cache.stats()
 
+    ``codec`` (a registered name or a :class:`~kvpolicies.engine.codecs.Codec`; default full precision) sets what
+    an entry costs, so the budget, in bytes, buys more entries from a codec that stores them for less.
+
     Construction switches the model to the kvpolicies attention (which runs the model's own attention for layers
     that still hold every token), see :func:`kvpolicies.engine.attention.prepare_model`.
     """
 
-    def __init__(self, model, policy: Policy | str, budget: Budget | float | str) -> None:
-        from kvpolicies.registry import (
-            get_policy,  # the registry imports the plugins, which import the engine
+    def __init__(self, model, policy: Policy | str, budget: Budget | float | str,
+                 codec: Codec | str | None = None) -> None:
+        from kvpolicies.registry import (  # the registry imports the plugins, which import the engine
+            get_codec,
+            get_policy,
         )
 
         text_config = model.config.get_text_config(decoder=True)
@@ -88,7 +95,13 @@ class CompressedCache(Cache):
         prepare_model(model)
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.budget = Budget.parse(budget)
+        self.codec = FullPrecision() if codec is None else get_codec(codec) if isinstance(codec, str) else codec
+        if not isinstance(self.codec, Codec):
+            raise UsageError(f"codec must be a kvpolicies.Codec instance or a registered codec's name, got "
+                             f"{self.codec!r}")
         self.shape = CacheShape.from_config(model.config, model.dtype, windows)
+        if not self.codec.lossless:
+            self.shape = dataclasses.replace(self.shape, stored_entry_bytes=self._codec_entry_bytes(model))
         if self.budget.unit != "fraction" and self.shape.sliding_layers and self.policy.compresses:
             # A fixed number of entries against windows that fill up as the sequence grows: check the full windows
             # now, not halfway through a generation.
@@ -111,6 +124,18 @@ class CompressedCache(Cache):
         protocol. None: every token is context (the whole prompt is compressed, and decoding evicts too). See
         :mod:`kvpolicies.integrations.protocol`."""
         super().__init__(layers=[CompressedLayer(self, i, window) for i, window in enumerate(windows)])
+
+    def _codec_entry_bytes(self, model) -> int:
+        """The codec's price per entry, once seen to match what it stores (a PluginError naming it if not)."""
+        from kvpolicies.registry import plugin_error, plugin_fault
+
+        def fault(what: str) -> Exception:
+            return plugin_fault(type(self.codec), what)
+
+        try:
+            return checked_entry_bytes(self.codec, self.shape.head_dim, model.dtype, model.device, fault)
+        except Exception as error:
+            raise plugin_error(type(self.codec), "a trial encode and decode", error)
 
     def warn_past_positions(self, length: int) -> None:
         """Warn once: beyond its trained positions a model's output is unreliable, compressed or not."""
@@ -432,7 +457,7 @@ class CompressedCache(Cache):
             full_entries=sum(stats.full_entries for stats in per_sequence),
             resident_bytes=resident,
             full_bytes=sum(stats.full_bytes for stats in per_sequence),
-            padding_bytes=max(resident - kept * self.shape.entry_bytes, 0),
+            padding_bytes=max(resident - kept * self.shape.kept_entry_bytes, 0),
             appended_entries=sum(stats.appended_entries for stats in per_sequence),
             auxiliary_bytes=self.auxiliary_bytes(),
         )
@@ -450,7 +475,7 @@ class CompressedCache(Cache):
             full = self.shape.full_entries(seen)  # the model's own cache: sliding layers hold their window
             appended = self.shape.full_entries(after) if after else 0  # every layer holds them (windows: the last)
             stats.append(CacheStats(kept_entries=int(entries), full_entries=full,
-                                    resident_bytes=int(entries) * self.shape.entry_bytes,
+                                    resident_bytes=int(entries) * self.shape.kept_entry_bytes,
                                     full_bytes=full * self.shape.entry_bytes, appended_entries=appended,
                                     auxiliary_bytes=auxiliary))
         return stats

@@ -9,6 +9,10 @@ memory really is freed. When all runs have one length the packed tensor *is* the
 Two lengths. ``get_seq_length()`` is the logical number of tokens seen (RoPE positions continue from it), while a
 packed layer holds fewer entries; masks of packed layers are built by :mod:`kvpolicies.engine.attention`.
 
+Codecs. With a lossy storage codec (:mod:`kvpolicies.engine.codecs`) a layer holds the codec's tensors, in the
+same layout, instead of keys and values; each forward pass decodes them into a working copy that its attention and
+eviction read, and drops it at the end (``settle()``). Full precision stores keys and values directly.
+
 Sliding-window layers. A layer the model windows to ``W`` tokens stays dense and, after each forward, keeps its last
 ``W - 1`` positions, as transformers' ``DynamicSlidingWindowLayer`` does; it reports the same mask sizes, so the
 model builds its own sliding mask and runs its own attention there. The policy never scores it: the window is
@@ -33,6 +37,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from kvpolicies.engine.clock import Stopwatch
+from kvpolicies.engine.codecs import Codec
 from kvpolicies.engine.paths import launch_bound
 from kvpolicies.engine.policy import Policy, Signal
 from kvpolicies.engine.selection import age_order
@@ -44,6 +49,7 @@ class LayerOwner(Protocol):
     once the attention has read the layer. Named here so that storage does not import the cache."""
 
     policy: Policy
+    codec: Codec
     max_positions: int | float
     policy_time: Stopwatch | None
     probing: dict | None
@@ -54,6 +60,9 @@ class LayerOwner(Protocol):
     def warn_past_positions(self, length: int) -> None: ...
 
 _pending = threading.local()
+
+CODE = "code:"
+"""Prefix of a codec's tensors among a layer's tracks (a codec may name one ``keys``)."""
 
 
 def claim_layer(keys: torch.Tensor) -> CompressedLayer | None:
@@ -76,7 +85,9 @@ class CompressedLayer(CacheLayerMixin):
     """One decoder layer's entries, dense until the first eviction and packed after it.
 
     Besides keys and values a layer may carry a per-entry track in the same layout (the attention each entry has
-    accumulated, for policies that read it) and a rolling buffer of the most recent queries.
+    accumulated, for policies that read it) and a rolling buffer of the most recent queries. With a lossy codec the
+    codec's tensors are stored instead of keys and values (``codes``), and ``keys``/``values`` are a working copy
+    that exists only during the layer's forward pass.
     """
 
     is_compileable = False
@@ -94,6 +105,9 @@ class CompressedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = None
+        self.codes: dict[str, torch.Tensor] | None = None
+        """A lossy codec's stored tensors by name, in the layer's layout (None: keys and values are stored). Never
+        edited in place: a new dict on every change, so a saved state (an after-prefill probe's) stays valid."""
         self.cumulative: torch.Tensor | None = None  # attention received so far, [..., 1] float32
         self.recent_queries: torch.Tensor | None = None  # [batch, heads, <= query_window, head_dim]
         self.is_initialized = False
@@ -113,6 +127,8 @@ class CompressedLayer(CacheLayerMixin):
         self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
         self.keys = key_states[:, :, :0]
         self.values = value_states[:, :, :0]
+        if not self.cache.codec.lossless:
+            self.codes = self.cache.codec.encode(self.keys, self.values)
         if Signal.CUMULATIVE_ATTENTION in self.cache.policy.needs and self.window is None:
             self.cumulative = key_states.new_zeros(self.batch_size, self.num_heads, 0, 1, dtype=torch.float32)
         self.valid = torch.zeros(self.batch_size, 0, dtype=torch.bool, device=self.device)
@@ -133,7 +149,12 @@ class CompressedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         batch, heads, q_len, _ = key_states.shape
         self._places = None  # the run lengths the appends are placed by: this forward's
-        self.keys = self._append(self.keys, key_states)
+        if self.codes is not None:
+            if self.keys is None:  # settled since the last forward: read what is stored back for this one
+                self.keys, self.values = self.cache.codec.decode(self.codes, self.dtype)
+            fresh = self.cache.codec.encode(key_states, value_states)
+            self.codes = {name: self._append(stored, fresh[name]) for name, stored in self.codes.items()}
+        self.keys = self._append(self.keys, key_states)  # this forward attends to its new tokens as computed
         self.values = self._append(self.values, value_states)
         if self.cumulative is not None:
             self.cumulative = self._append(self.cumulative, self.cumulative.new_zeros(batch, heads, q_len, 1))
@@ -186,10 +207,27 @@ class CompressedLayer(CacheLayerMixin):
         self, query: torch.Tensor, new_valid: torch.Tensor | None, scale: LogitScale,
         module: torch.nn.Module | None = None,
     ) -> None:
-        """Record which new tokens are real and what they attended to, then let the cache evict.
+        """Record which new tokens are real and what they attended to, then let the cache evict; the layer's
+        forward pass ends here.
 
         ``new_valid``: ``[batch, q_len]`` bool, or None when all are real (no device sync on the decode path).
         """
+        self._after_attention(query, new_valid, scale, module)
+        self.settle()
+
+    def settle(self) -> None:
+        """Drop the working copy of a lossy codec's layer: between forward passes only its codes are resident."""
+        if self.codes is not None:
+            self.keys = self.values = None
+
+    def _keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as the attention reads them: stored, the working copy, or decoded now."""
+        if self.keys is None and self.codes is not None:
+            return self.cache.codec.decode(self.codes, self.dtype)
+        return self.keys, self.values
+
+    def _after_attention(self, query: torch.Tensor, new_valid: torch.Tensor | None, scale: LogitScale,
+                         module: torch.nn.Module | None) -> None:
         if self.cache.probing is not None:  # an after-prefill stage runs the model: record, keep nothing
             self.awaiting_attention = False  # (the stage restores the layer's state after the pass)
             if not self.packed:
@@ -257,6 +295,8 @@ class CompressedLayer(CacheLayerMixin):
             self.keys = self.keys[:, :, -keep:].clone()
             self.values = self.values[:, :, -keep:].clone()
             self.valid = self.valid[:, -keep:].clone()
+            if self.codes is not None:
+                self.codes = {name: t[:, :, -keep:].clone() for name, t in self.codes.items()}
 
     def _attention_received(self, query: torch.Tensor, scale: LogitScale) -> torch.Tensor:
         """Attention ``query`` gives each stored entry, in storage layout (``[b, h, s]`` dense, ``[N]`` packed).
@@ -320,10 +360,14 @@ class CompressedLayer(CacheLayerMixin):
         return torch.tensor(self.counts(), dtype=torch.long)
 
     def tracks(self) -> dict[str, torch.Tensor]:
-        """Every per-entry tensor by name, in storage layout."""
-        tracks = {"keys": self.keys, "values": self.values}
+        """Every per-entry tensor by name, in storage layout: keys and values (a lossy codec's decoded), the
+        attention track, and a codec's tensors as ``code:<name>``."""
+        keys, values = self._keys_values()
+        tracks = {"keys": keys, "values": values}
         if self.cumulative is not None:
             tracks["cumulative"] = self.cumulative
+        if self.codes is not None:
+            tracks.update({CODE + name: t for name, t in self.codes.items()})
         return tracks
 
     def dense_view(self, tracks: bool = True):
@@ -333,7 +377,7 @@ class CompressedLayer(CacheLayerMixin):
         runs share one length are viewed for free; ragged ones are padded into a temporary copy.
         """
         shape = (self.batch_size, self.num_heads)
-        stored = self.tracks() if tracks else {"keys": self.keys, "values": self.values}
+        stored = self.tracks() if tracks else dict(zip(("keys", "values"), self._keys_values()))
         if not self.packed:
             valid = self.valid[:, None, :].expand(*shape, -1)
             dense = stored
@@ -376,17 +420,27 @@ class CompressedLayer(CacheLayerMixin):
         self.uniform = len(set(self.lengths)) == 1
         self.packed, self.valid, self._slots = True, None, None
         self._select(dense, keep.flatten(), sum(self.lengths))
+        self.settle()  # eviction ends a forward's work on the layer; an after-prefill stage runs between forwards
 
     def _select(self, tracks: dict[str, torch.Tensor], keep: torch.Tensor, total: int) -> None:
         """Set every track to its rows where the flat ``keep`` is True, ``total`` of them, in order."""
         rows = keep.nonzero_static(size=total)[:, 0]
+        codes = {}
         for name, t in tracks.items():
-            setattr(self, name, t.reshape(-1, t.shape[-1]).index_select(0, rows))
+            picked = t.reshape(-1, t.shape[-1]).index_select(0, rows)
+            if name.startswith(CODE):
+                codes[name[len(CODE):]] = picked
+            else:
+                setattr(self, name, picked)
+        if codes:
+            self.codes = codes
 
     def resident_bytes(self) -> int:
         """Bytes of the keys and values held (a policy's per-entry attention track is reported apart)."""
         if not self.is_initialized:
             return 0
+        if self.codes is not None:  # what is stored between forward passes: the codec's tensors
+            return held_bytes(*self.codes.values())
         return held_bytes(self.keys, self.values)
 
     def auxiliary_bytes(self) -> int:
