@@ -44,6 +44,7 @@ _LAZY = {
     "policy_with_role": "kvpolicies.registry",
     "ScoreInputs": "kvpolicies.engine.policy",
     "Signal": "kvpolicies.engine.policy",
+    "Track": "kvpolicies.engine.signals",
     "PolicyInfo": "kvpolicies.registry",
     "get_policy": "kvpolicies.registry",
     "list_policies": "kvpolicies.registry",
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
     from kvpolicies.engine.composition import ScorerWrapper, WrapperConfig
     from kvpolicies.engine.layer_view import LayerView
     from kvpolicies.engine.policy import Policy, PolicyConfig, Role, ScoreInputs, Signal
+    from kvpolicies.engine.signals import Track
     from kvpolicies.integrations.models import load_model
     from kvpolicies.registry import (
         CodecInfo,
@@ -111,6 +113,7 @@ __all__ = [
     "ScoreInputs",
     "ScorerWrapper",
     "Signal",
+    "Track",
     "UnknownCodecError",
     "UnknownPolicyError",
     "UsageError",

@@ -70,6 +70,17 @@ def register_policies(register: RegisterPolicy) -> None:
       every config has ``sink_tokens`` and ``window_tokens``, the oldest and newest entries of each head that the
       framework keeps before any scored one;
     - ``needs``: the :class:`kvpolicies.Signal` values that ``score()`` reads; the framework computes only those;
+    - ``tracks``: :class:`kvpolicies.Track` instances, per-entry quantities the cache keeps up to date at every
+      forward pass and carries through eviction (the attention an entry has received, reduced and accumulated as
+      the track says), read as ``inputs.tracks[name]``; for example the largest weight each entry ever received::
+
+          class MaxReceived(Track):
+              name, reduce = "max_received", "max"  # per pass: the largest weight over query heads and queries
+
+              def update(self, held, received):  # elementwise, any layout
+                  return torch.maximum(held, received)
+
+      ``tests/test_tracks.py`` checks such a track against explicit loops;
     - ``compresses``: False only for a policy that keeps everything (the reference full cache);
     - ``role``: the baseline it stands for in comparisons (:class:`kvpolicies.Role`), if any.
 

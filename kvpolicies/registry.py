@@ -63,9 +63,23 @@ class PolicyInfo:
         return " ".join(doc.split("\n\n")[0].split())
 
     @property
+    def tracks(self) -> tuple[str, ...]:
+        """Names of the policy's own tracks (per-entry quantities kept at every forward pass), default options."""
+        try:
+            return tuple(track.name for track in self.policy_class().tracks)
+        except KVPoliciesError:
+            return tuple(track.name for track in self.policy_class.tracks)
+
+    @property
+    def reads(self) -> list[str]:
+        """Every signal and track ``score()`` reads, by name."""
+        return sorted(self.needs) + sorted(self.tracks)
+
+    @property
     def attention_free(self) -> bool:
-        """True when scoring reads no attention weights, so it runs next to SDPA/FlashAttention at no extra q·Kᵀ."""
-        return not self.needs & {Signal.ATTENTION, Signal.CUMULATIVE_ATTENTION}
+        """True when scoring reads no attention weights, so it runs next to SDPA/FlashAttention at no extra q·Kᵀ
+        (every track accumulates attention)."""
+        return not self.needs & {Signal.ATTENTION, Signal.CUMULATIVE_ATTENTION} and not self.tracks
 
     def config_fields(self) -> dict[str, Any]:
         """Option name → default value."""

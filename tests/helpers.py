@@ -79,8 +79,9 @@ def score_inputs(keys: torch.Tensor, values: torch.Tensor | None = None, *, vali
 
 
 def attention_received_by_loops(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
-                                valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention each key receives from the queries, summed, written as explicit loops in float64.
+                                valid: torch.Tensor | None = None, reduce: str = "sum") -> torch.Tensor:
+    """Attention each key receives from the queries, summed (or their maximum, ``reduce="max"``), written as explicit
+    loops in float64.
 
     ``queries``: ``[batch, heads, q_len, dim]``, the newest ``q_len`` real positions; ``keys``: ``[batch, kv_heads,
     seq, dim]``. Query ``j`` of a head sees the valid entries whose age rank is ``<= count - q_len + j`` (causal).
@@ -102,7 +103,7 @@ def attention_received_by_loops(queries: torch.Tensor, keys: torch.Tensor, scali
                 logits = torch.stack([(queries[b, h, j].double() @ keys[b, kv, s].double()) * scaling for s in visible])
                 weights = torch.softmax(logits, dim=0)
                 for s, w in zip(visible, weights):
-                    out[b, kv, s] += w
+                    out[b, kv, s] = max(out[b, kv, s], w) if reduce == "max" else out[b, kv, s] + w
     return out.float()
 
 

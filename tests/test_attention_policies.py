@@ -77,7 +77,7 @@ def test_h2o_accumulates_attention_over_prefill_and_decoding(tiny_model):
     )
     keys = plain.layers[1].keys[0]
     want = attention_received_by_loops(all_queries[None], keys[None], 16**-0.5)[0]
-    got = cache.layers[1].cumulative[0, :, :, 0]
+    got = cache.layers[1].tracked["cumulative_attention"][0, :, :, 0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

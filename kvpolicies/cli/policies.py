@@ -78,6 +78,7 @@ def run_list(args: argparse.Namespace) -> int:
                 "summary": p.summary,
                 "paper": p.paper,
                 "needs": sorted(p.needs),
+                "tracks": list(p.tracks),
                 "attention_free": p.attention_free,
                 "options": p.policy_class.Config.model_json_schema()["properties"],
             }
@@ -88,7 +89,7 @@ def run_list(args: argparse.Namespace) -> int:
     width = min(shutil.get_terminal_size((100, 24)).columns, 100)
     blocks = []
     for p in policies:
-        reads = ", ".join(sorted(p.needs)) or "nothing"
+        reads = ", ".join(p.reads) or "nothing"
         lines = [f"{p.name}  (reads {reads}{'; attention-free' if p.attention_free else ''})"]
         for text in (p.summary, p.paper, "options: " + ", ".join(f"{k}={v!r}" for k, v in p.config_fields().items())):
             lines += textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False)

@@ -22,12 +22,12 @@ from kvpolicies.engine.clock import Stopwatch
 from kvpolicies.engine.codecs import Codec, FullPrecision, checked_entry_bytes
 from kvpolicies.engine.layer_view import LayerView
 from kvpolicies.engine.layout import layer_windows
-from kvpolicies.engine.policy import Policy, ScoreInputs, Signal
+from kvpolicies.engine.policy import Policy, ScoreInputs, Signal, tracks_of
 from kvpolicies.engine.selection import age_order, select
-from kvpolicies.engine.signals import LogitScale, attention_received
+from kvpolicies.engine.signals import CumulativeAttention, LogitScale, Track, attention_received
 from kvpolicies.engine.stages import Prefilled, probe, select_across_layers
 from kvpolicies.engine.stages import install as install_stage
-from kvpolicies.engine.storage import CompressedLayer
+from kvpolicies.engine.storage import TRACK, CompressedLayer
 from kvpolicies.errors import ContextLengthWarning, UsageError
 
 
@@ -68,6 +68,14 @@ def split_context(valid: torch.Tensor, appended: list[int]) -> tuple[torch.Tenso
     return valid & ~newest, newest
 
 
+def tensor_versions(inputs: ScoreInputs) -> dict[str, tuple[torch.Tensor, int]]:
+    """Every tensor ``inputs`` hands a policy, by name (``tracks.<name>`` for a track), with torch's version counter
+    (bumped by every in-place op); inference tensors have none."""
+    named = {name: t for name, t in vars(inputs).items() if isinstance(t, torch.Tensor)}
+    named.update({f"tracks.{name}": t for name, t in inputs.tracks.items() if isinstance(t, torch.Tensor)})
+    return {name: (t, t._version) for name, t in named.items() if not t.is_inference()}
+
+
 class CompressedCache(Cache):
     """A KV cache that evicts entries with ``policy`` under ``budget``, and stores what it keeps with ``codec``.
 
@@ -95,6 +103,7 @@ class CompressedCache(Cache):
         prepare_model(model)
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.budget = Budget.parse(budget)
+        self.tracks = self._tracks()
         self.codec = FullPrecision() if codec is None else get_codec(codec) if isinstance(codec, str) else codec
         if not isinstance(self.codec, Codec):
             raise UsageError(f"codec must be a kvpolicies.Codec instance or a registered codec's name, got "
@@ -124,6 +133,15 @@ class CompressedCache(Cache):
         protocol. None: every token is context (the whole prompt is compressed, and decoding evicts too). See
         :mod:`kvpolicies.integrations.protocol`."""
         super().__init__(layers=[CompressedLayer(self, i, window) for i, window in enumerate(windows)])
+
+    def _tracks(self) -> tuple[Track, ...]:
+        """The tracks every full-attention layer keeps for the policy, checked: Track instances, unique names."""
+        tracks = tracks_of(self.policy)
+        names = [getattr(track, "name", None) for track in tracks]
+        if not all(isinstance(track, Track) for track in tracks) or len(set(names)) != len(names) or not all(names):
+            raise self._plugin_fault(f"declares tracks {list(tracks)}; Policy.tracks must hold kvpolicies Track "
+                                     "instances with distinct, non-empty names")
+        return tracks
 
     def _codec_entry_bytes(self, model) -> int:
         """The codec's price per entry, once seen to match what it stores (a PluginError naming it if not)."""
@@ -202,13 +220,12 @@ class CompressedCache(Cache):
         if any(over):
             inputs = self._score_inputs(layer, dense, valid, context, keep_n.clone(), query, scale)
             inputs.layer = self._layer_view(layer.layer_idx, module)
-            versions = {name: t._version for name, t in vars(inputs).items()  # inference tensors have none
-                        if isinstance(t, torch.Tensor) and not t.is_inference()}
+            versions = tensor_versions(inputs)
             try:
                 scores = self.policy.score(inputs)
             except Exception as error:
                 raise self._plugin_error("score", error)
-            self._unchanged(inputs, versions)
+            self._unchanged(versions)
             scores = self._checked(scores, context)
             keep_n = self._reallocate_heads(scores, context, keep_n, over, over_rows)
         else:
@@ -276,20 +293,22 @@ class CompressedCache(Cache):
                 layer_idx=layer.layer_idx, valid=context, order=age_order(context), seen_tokens=seen, keep=keep,
                 keys=dense["keys"], values=dense["values"], scaling=scale.scaling, softcap=scale.softcap,
                 layer=self._layer_views.get(layer.layer_idx),
+                cumulative_attention=(dense[TRACK + CumulativeAttention.name][..., 0] * context
+                                      if TRACK + CumulativeAttention.name in dense else None),
+                tracks={track.name: dense[TRACK + track.name][..., 0] * context for track in self.policy.tracks},
             ))
             held.append((dense, newest))
         prefilled = Prefilled(layers=views, budget=[allocation.free_total for allocation in allocations],
                               ids=torch.cat(self._prompt_ids, dim=1) if self._prompt_ids else None,
                               _probe=lambda ids, reduce: probe(self, model, ids, reduce))
-        versions = [{name: t._version for name, t in vars(inputs).items()
-                     if isinstance(t, torch.Tensor) and not t.is_inference()} if inputs else None for inputs in views]
+        versions = [tensor_versions(inputs) if inputs else None for inputs in views]
         try:
             returned = self.policy.after_prefill(prefilled)
         except Exception as error:
             raise self._plugin_error("after_prefill", error)
-        for inputs, version in zip(views, versions):
-            if inputs is not None:
-                self._unchanged(inputs, version, "after_prefill")
+        for version in versions:
+            if version is not None:
+                self._unchanged(version, "after_prefill")
         scored = [i for i, inputs in enumerate(views) if inputs is not None]
         if not isinstance(returned, (list, tuple)) or len(returned) != len(views):
             raise self._plugin_fault(
@@ -320,12 +339,12 @@ class CompressedCache(Cache):
 
         return plugin_fault(type(self.policy), what)
 
-    def _unchanged(self, inputs: ScoreInputs, versions: dict[str, int], hook: str = "score") -> None:
+    def _unchanged(self, versions: dict[str, tuple[torch.Tensor, int]], hook: str = "score") -> None:
         """Refuse a ``score()`` (or other ``hook``) that edited its inputs in place: ``keys`` and ``values`` may be the
         layer's storage, and the change would reach the model's next attention. Read from torch's version counters
         (bumped by every in-place op): no copy, no device sync."""
-        edited = [name for name, version in versions.items()  # a field replaced or cleared is no edit of ours
-                  if (t := getattr(inputs, name, None)) is not None and not t.is_inference() and t._version != version]
+        edited = [name for name, (t, version) in versions.items() if t._version != version]  # the tensors handed
+        # out, whatever the policy did to the fields
         if edited:
             from kvpolicies.registry import plugin_fault
 
@@ -428,11 +447,13 @@ class CompressedCache(Cache):
         if Signal.ATTENTION in needs:
             inputs.attention = attention_received(queries, dense["keys"], valid, order, scale)
         if Signal.CUMULATIVE_ATTENTION in needs:
-            inputs.cumulative_attention = dense["cumulative"][..., 0]
+            inputs.cumulative_attention = dense[TRACK + CumulativeAttention.name][..., 0]
+        inputs.tracks = {track.name: dense[TRACK + track.name][..., 0] for track in self.policy.tracks}
         if context is not valid:  # what the entries after the context received is not the policy's to weigh
             for name in ("attention", "cumulative_attention"):
                 if getattr(inputs, name) is not None:
                     setattr(inputs, name, getattr(inputs, name) * context)
+            inputs.tracks = {name: t * context for name, t in inputs.tracks.items()}
         return inputs
 
     def kept_per_head(self) -> torch.Tensor:

@@ -40,6 +40,7 @@ class ScorerWrapper(Policy):
         if not self.scorer.compresses:
             raise PolicyConfigError(f"policy {self.name!r} cannot use {self.config.scorer!r} as its scorer: it keeps everything")
         self.needs = self.scorer.needs
+        self.tracks = self.scorer.tracks
 
     @property
     def query_window(self) -> int | None:

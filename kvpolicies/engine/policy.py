@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, get_args
 
@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from kvpolicies.engine.budget import Allocation
 from kvpolicies.engine.layer_view import LayerView
+from kvpolicies.engine.signals import Track
 
 if TYPE_CHECKING:
     from kvpolicies.engine.stages import Prefilled
@@ -43,7 +44,9 @@ class Signal(StrEnum):
     CUMULATIVE_ATTENTION = "cumulative_attention"
     """Attention each cached entry has received from every query since it entered the cache (the prompt's, then
     every generated token's), summed like ``ATTENTION``, ``[batch, kv_heads, seq]``. Costs one extra q·Kᵀ per layer
-    and forward pass, since it must be accumulated at every step, not only when evicting."""
+    and forward pass, since it must be accumulated at every step, not only when evicting. The built-in
+    :class:`~kvpolicies.engine.signals.Track` (``CumulativeAttention``); a policy adds its own in
+    ``Policy.tracks``."""
 
 
 class Role(StrEnum):
@@ -104,6 +107,8 @@ class ScoreInputs:
     queries: torch.Tensor | None = None
     attention: torch.Tensor | None = None
     cumulative_attention: torch.Tensor | None = None
+    tracks: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The policy's own tracks (``Policy.tracks``) by name, ``[batch, kv_heads, seq]`` float32."""
     scaling: float = 1.0
     """The attention's logit scale (``head_dim ** -0.5`` unless the model says otherwise), as the model applies it."""
     softcap: float | None = None
@@ -115,6 +120,16 @@ class ScoreInputs:
     view, never from the model's attributes, so a policy is right on every architecture the view understands.
     Provided whenever the cache runs inside a model's forward (the attention hands it the module); None where a
     layer is evicted without one."""
+
+
+def tracks_of(policy: Policy) -> tuple[Track, ...]:
+    """Every track a policy's cache keeps: its own, and the built-in one behind ``CUMULATIVE_ATTENTION``."""
+    from kvpolicies.engine.signals import CumulativeAttention
+
+    tracks = tuple(policy.tracks)
+    if Signal.CUMULATIVE_ATTENTION in policy.needs and CumulativeAttention.name not in {t.name for t in tracks}:
+        tracks += (CumulativeAttention(),)
+    return tracks
 
 
 def _numeric(annotation: Any) -> bool:
@@ -151,6 +166,9 @@ class Policy:
     Config: ClassVar[type[PolicyConfig]] = PolicyConfig
     needs: frozenset[Signal] = frozenset()
     """Signals ``score()`` reads. A class attribute; a policy that wraps another sets it per instance."""
+    tracks: tuple[Track, ...] = ()
+    """Per-entry quantities ``score()`` reads (``inputs.tracks[name]``), kept up to date at every forward pass by
+    the cache (see :class:`~kvpolicies.engine.signals.Track`). Like ``needs``, set per instance by a wrapper."""
     compresses: ClassVar[bool] = True
     """False only for the reference full cache: the cache then never evicts, whatever the budget."""
     role: ClassVar[Role | None] = None

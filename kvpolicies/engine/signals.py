@@ -1,10 +1,14 @@
-"""Signals computed on demand for policies that declare them (see :class:`kvpolicies.Signal`)."""
+"""Signals computed on demand for policies that declare them (see :class:`kvpolicies.Signal`), and tracks: per-entry
+quantities the cache keeps up to date at every forward pass (see :class:`Track`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
+
+Reduce = Literal["sum", "max"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +105,37 @@ def _visible_prefix(seq: int, q_len: int, stop: int) -> int:
     newer ones, all of them before position ``seq - q_len + stop``.
     """
     return max(0, min(seq, seq - q_len + stop))
+
+
+class Track:
+    """A per-entry quantity the cache accumulates at every forward pass of every full-attention layer, stored beside
+    keys and values and carried with them through appends, packing and eviction. A policy lists the tracks its
+    ``score()`` reads in ``Policy.tracks`` and reads them as ``inputs.tracks[name]`` (``[batch, kv_heads, seq]``
+    float32). Why a track and not a signal: what an entry received at earlier steps is gone by the time a policy
+    scores; only something kept beside the entry remembers it.
+
+    Subclass it, set ``name`` (unique among a policy's tracks) and ``reduce``, and implement :meth:`update`.
+    """
+
+    name: ClassVar[str] = ""
+    reduce: ClassVar[Reduce] = "sum"
+    """How the attention an entry receives in one forward pass is reduced over the query heads that share its KV
+    head and over the pass's queries: ``"sum"`` or ``"max"``."""
+
+    def update(self, held: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
+        """The entries' new values from their ``held`` values and the attention ``received`` in this forward pass
+        (float32, same shape). Elementwise: the layout (dense, packed runs) is the cache's business. Entries arrive
+        with 0 held, before their first update."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class CumulativeAttention(Track):
+    """The attention an entry has received from every query since it entered the cache: ``CUMULATIVE_ATTENTION``."""
+
+    name = "cumulative_attention"
+
+    def update(self, held: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
+        return held.add_(received)

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvpolicies.engine.policy import ScoreInputs
 from kvpolicies.engine.selection import age_order
+from kvpolicies.engine.signals import Reduce
 
 if TYPE_CHECKING:
     from kvpolicies.engine.cache import CompressedCache
 
-Reduce = Literal["sum", "max"]
 
 
 @dataclass
@@ -44,7 +44,8 @@ class Prefilled:
 
     layers: list[ScoreInputs | None]
     """Per layer: its entries as ``ScoreInputs`` (``keys``, ``values``, ``valid``, ``order``, ``seen_tokens``,
-    ``keep``: the uniform allocation per head, ``layer``: the model facts), or None for a sliding-window layer,
+    ``keep``: the uniform allocation per head, ``layer``: the model facts, the policy's tracks and
+    ``cumulative_attention`` if it declares them), or None for a sliding-window layer,
     which holds its window whatever the policy says. ``valid`` marks the context's entries, the ones to score."""
     budget: list[int]
     """Per sequence: entries the compressible layers may keep in all (the budget less the windows' share)."""
@@ -118,9 +119,9 @@ def probe(cache: CompressedCache, model, ids: torch.Tensor, reduce: Reduce) -> l
     """:meth:`Prefilled.attention_from`: run ``model`` on ``ids`` over ``cache`` and restore the cache after."""
     layers = cache.layers
     saved = [dict(vars(layer)) for layer in layers]
-    for state in saved:  # the only tensor a forward changes in place
-        if state.get("cumulative") is not None:
-            state["cumulative"] = state["cumulative"].clone()
+    for state in saved:  # tracks are the only tensors a forward may change in place
+        if state.get("tracked"):
+            state["tracked"] = {name: t.clone() for name, t in state["tracked"].items()}
     batch, new = ids.shape
     seen = torch.tensor(layers[0].seen, device=ids.device)
     past = layers[0].logical_length

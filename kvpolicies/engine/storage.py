@@ -39,9 +39,9 @@ from transformers.cache_utils import CacheLayerMixin
 from kvpolicies.engine.clock import Stopwatch
 from kvpolicies.engine.codecs import Codec
 from kvpolicies.engine.paths import launch_bound
-from kvpolicies.engine.policy import Policy, Signal
+from kvpolicies.engine.policy import Policy
 from kvpolicies.engine.selection import age_order
-from kvpolicies.engine.signals import LogitScale, attention_received
+from kvpolicies.engine.signals import LogitScale, Reduce, Track, attention_received
 
 
 class LayerOwner(Protocol):
@@ -50,6 +50,7 @@ class LayerOwner(Protocol):
 
     policy: Policy
     codec: Codec
+    tracks: tuple[Track, ...]
     max_positions: int | float
     policy_time: Stopwatch | None
     probing: dict | None
@@ -61,8 +62,9 @@ class LayerOwner(Protocol):
 
 _pending = threading.local()
 
-CODE = "code:"
-"""Prefix of a codec's tensors among a layer's tracks (a codec may name one ``keys``)."""
+CODE, TRACK = "code:", "track:"
+"""Prefixes of a codec's tensors and of a policy's tracks among a layer's per-entry tensors (either may name one
+``keys``)."""
 
 
 def claim_layer(keys: torch.Tensor) -> CompressedLayer | None:
@@ -84,8 +86,9 @@ def held_bytes(*tensors: torch.Tensor | None) -> int:
 class CompressedLayer(CacheLayerMixin):
     """One decoder layer's entries, dense until the first eviction and packed after it.
 
-    Besides keys and values a layer may carry a per-entry track in the same layout (the attention each entry has
-    accumulated, for policies that read it) and a rolling buffer of the most recent queries. With a lossy codec the
+    Besides keys and values a layer may carry per-entry tracks in the same layout (the attention each entry has
+    accumulated, or another :class:`~kvpolicies.engine.signals.Track` a policy reads) and a rolling buffer of the
+    most recent queries. With a lossy codec the
     codec's tensors are stored instead of keys and values (``codes``), and ``keys``/``values`` are a working copy
     that exists only during the layer's forward pass.
     """
@@ -108,7 +111,9 @@ class CompressedLayer(CacheLayerMixin):
         self.codes: dict[str, torch.Tensor] | None = None
         """A lossy codec's stored tensors by name, in the layer's layout (None: keys and values are stored). Never
         edited in place: a new dict on every change, so a saved state (an after-prefill probe's) stays valid."""
-        self.cumulative: torch.Tensor | None = None  # attention received so far, [..., 1] float32
+        self.tracked: dict[str, torch.Tensor] = {}
+        """The policy's tracks by name (:class:`~kvpolicies.engine.signals.Track`), ``[..., 1]`` float32 in the
+        layer's layout; a new dict on every change, like ``codes``."""
         self.recent_queries: torch.Tensor | None = None  # [batch, heads, <= query_window, head_dim]
         self.is_initialized = False
         self.logical_length = 0
@@ -129,8 +134,9 @@ class CompressedLayer(CacheLayerMixin):
         self.values = value_states[:, :, :0]
         if not self.cache.codec.lossless:
             self.codes = self.cache.codec.encode(self.keys, self.values)
-        if Signal.CUMULATIVE_ATTENTION in self.cache.policy.needs and self.window is None:
-            self.cumulative = key_states.new_zeros(self.batch_size, self.num_heads, 0, 1, dtype=torch.float32)
+        if self.window is None:
+            self.tracked = {track.name: key_states.new_zeros(self.batch_size, self.num_heads, 0, 1,
+                                                             dtype=torch.float32) for track in self.cache.tracks}
         self.valid = torch.zeros(self.batch_size, 0, dtype=torch.bool, device=self.device)
         self.seen = [0] * self.batch_size
         self.is_initialized = True
@@ -156,8 +162,9 @@ class CompressedLayer(CacheLayerMixin):
             self.codes = {name: self._append(stored, fresh[name]) for name, stored in self.codes.items()}
         self.keys = self._append(self.keys, key_states)  # this forward attends to its new tokens as computed
         self.values = self._append(self.values, value_states)
-        if self.cumulative is not None:
-            self.cumulative = self._append(self.cumulative, self.cumulative.new_zeros(batch, heads, q_len, 1))
+        if self.tracked:
+            zeros = key_states.new_zeros(batch, heads, q_len, 1, dtype=torch.float32)
+            self.tracked = {name: self._append(t, zeros) for name, t in self.tracked.items()}
         if self.packed:
             self.lengths = [n + q_len for n in self.lengths]
             self.run_lengths = self.run_lengths + q_len
@@ -262,8 +269,8 @@ class CompressedLayer(CacheLayerMixin):
                 self.recent_queries = new.clone()
             else:
                 self.recent_queries = torch.cat([self.recent_queries[:, :, -room:], new], dim=2)
-        if self.cumulative is not None:
-            self.cumulative += self._attention_received(query, scale)[..., None]
+        if self.tracked:
+            self._update_tracks(query, scale)
         self.cache.evict(self, query, scale, module)
         if started is not None:
             watch.stop(started)
@@ -298,7 +305,18 @@ class CompressedLayer(CacheLayerMixin):
             if self.codes is not None:
                 self.codes = {name: t[:, :, -keep:].clone() for name, t in self.codes.items()}
 
-    def _attention_received(self, query: torch.Tensor, scale: LogitScale) -> torch.Tensor:
+    def _update_tracks(self, query: torch.Tensor, scale: LogitScale) -> None:
+        """Let every track take the attention its entries received from this forward's ``query`` (computed once
+        per reduction)."""
+        received: dict[str, torch.Tensor] = {}
+        tracked = {}
+        for track in self.cache.tracks:
+            if track.reduce not in received:
+                received[track.reduce] = self._attention_received(query, scale, track.reduce)[..., None]
+            tracked[track.name] = track.update(self.tracked[track.name], received[track.reduce])
+        self.tracked = tracked
+
+    def _attention_received(self, query: torch.Tensor, scale: LogitScale, reduce: Reduce = "sum") -> torch.Tensor:
         """Attention ``query`` gives each stored entry, in storage layout (``[b, h, s]`` dense, ``[N]`` packed).
 
         Ragged runs are scored in their padded view and read back by index where launches cost (a fixed number of
@@ -310,11 +328,12 @@ class CompressedLayer(CacheLayerMixin):
             for b, h, keys, _ in self.runs():
                 valid = torch.ones(1, 1, keys.shape[0], dtype=torch.bool, device=self.device)
                 run_query = query[b : b + 1, h * groups : (h + 1) * groups]
-                received = attention_received(run_query, keys[None, None], valid, age_order(valid), scale)
+                received = attention_received(run_query, keys[None, None], valid, age_order(valid), scale,
+                                              reduce=reduce)
                 pieces.append(received.flatten())
             return torch.cat(pieces)
         keys, _, valid = self.dense_view(tracks=False)
-        received = attention_received(query, keys, valid, age_order(valid), scale)
+        received = attention_received(query, keys, valid, age_order(valid), scale, reduce=reduce)
         if not self.packed:
             return received
         if self.uniform:
@@ -361,11 +380,10 @@ class CompressedLayer(CacheLayerMixin):
 
     def tracks(self) -> dict[str, torch.Tensor]:
         """Every per-entry tensor by name, in storage layout: keys and values (a lossy codec's decoded), the
-        attention track, and a codec's tensors as ``code:<name>``."""
+        policy's tracks as ``track:<name>``, and a codec's tensors as ``code:<name>``."""
         keys, values = self._keys_values()
         tracks = {"keys": keys, "values": values}
-        if self.cumulative is not None:
-            tracks["cumulative"] = self.cumulative
+        tracks.update({TRACK + name: t for name, t in self.tracked.items()})
         if self.codes is not None:
             tracks.update({CODE + name: t for name, t in self.codes.items()})
         return tracks
@@ -425,15 +443,19 @@ class CompressedLayer(CacheLayerMixin):
     def _select(self, tracks: dict[str, torch.Tensor], keep: torch.Tensor, total: int) -> None:
         """Set every track to its rows where the flat ``keep`` is True, ``total`` of them, in order."""
         rows = keep.nonzero_static(size=total)[:, 0]
-        codes = {}
+        codes, tracked = {}, {}
         for name, t in tracks.items():
             picked = t.reshape(-1, t.shape[-1]).index_select(0, rows)
             if name.startswith(CODE):
                 codes[name[len(CODE):]] = picked
+            elif name.startswith(TRACK):
+                tracked[name[len(TRACK):]] = picked
             else:
                 setattr(self, name, picked)
         if codes:
             self.codes = codes
+        if tracked:
+            self.tracked = tracked
 
     def resident_bytes(self) -> int:
         """Bytes of the keys and values held (a policy's per-entry attention track is reported apart)."""
@@ -445,7 +467,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def auxiliary_bytes(self) -> int:
         """Bytes held besides keys and values: the recent-query buffer, the attention track, the padding mask."""
-        return held_bytes(self.recent_queries, self.cumulative, self.valid)
+        return held_bytes(self.recent_queries, self.valid, *self.tracked.values())
 
     def get_seq_length(self) -> int:
         return self.logical_length

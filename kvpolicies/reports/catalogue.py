@@ -36,7 +36,10 @@ def decode_behaviour(policy: Policy) -> str:
     if not policy.compresses:
         return "never evicts"
     needs, window = policy.needs, policy.query_window
-    if Signal.CUMULATIVE_ATTENTION in needs:
+    if policy.tracks:
+        what = (f"updates its tracks ({', '.join(track.name for track in policy.tracks)}) with every new query's "
+                "attention (one q·Kᵀ per layer per token)")
+    elif Signal.CUMULATIVE_ATTENTION in needs:
         what = "adds every new query's attention to each entry's running total (one q·Kᵀ per layer per token)"
     elif Signal.ATTENTION in needs:
         what = (f"re-scores with the attention of the last {window} queries (prompt and generated)" if window
@@ -186,7 +189,7 @@ def policies_page(results_dir: Path, bench_json: Path | None = None, today: date
             if full_bench:
                 decode = f"{measured['decode_tokens_per_s'] / full_bench['decode_tokens_per_s']:.2f}×"
         rows.append([
-            f"`{name}`", info.paper, ", ".join(sorted(info.needs)) or "nothing",
+            f"`{name}`", info.paper, ", ".join(info.reads) or "nothing",
             "yes" if info.attention_free else "no", cost, decode, decode_behaviour(policy), *cells,
         ])
     headers = ["policy", "paper", "reads", "attention-free", "policy time / prefill", "decode speed vs full",
