@@ -91,6 +91,28 @@ def test_loglikelihood_scores_the_continuation_on_the_compressed_context(tiny_pr
     assert lm.kv_memory()["sequences"] == 2
 
 
+@pytest.mark.parametrize("policy", ["full", "snapkv", "headkv", "h2o"])
+def test_batched_loglikelihood_equals_one_request_at_a_time(tiny_pretrained, policy):
+    """Contexts of different lengths left-padded together, continuations right-padded: one of two tokens next to
+    one of one token is the case where the continuation pass would be a single padded token (padded to two)."""
+    pairs = [("The capital of France is", " Paris, a city on the Seine."), ("Two plus two is", " four"),
+             ("A long context about the weather in the mountains of the north, where it snows", " in May"),
+             ("Red", " and green"), ("One", " two")]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+    budget = {"budget": 0.5} if policy != "full" else {}
+    alone = KVPoliciesLM(pretrained=tiny_pretrained, policy=policy, batch_size=1, **budget)
+    together = KVPoliciesLM(pretrained=tiny_pretrained, policy=policy, batch_size=4, **budget)
+    forwards = []
+    together.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    one_by_one, batched = alone.loglikelihood(requests), together.loglikelihood(requests)
+    assert len(forwards) <= 4  # two batches, each a prefill and a continuation pass (five requests alone: up to 10)
+    for (lp_alone, greedy_alone), (lp_batched, greedy_batched) in zip(one_by_one, batched):
+        assert math.isfinite(lp_batched) and lp_batched == pytest.approx(lp_alone, abs=1e-4)
+        assert greedy_batched == greedy_alone
+    assert together.kv_memory()["sequences"] == 5
+    assert together.kv_memory()["resident_bytes_mean"] == pytest.approx(alone.kv_memory()["resident_bytes_mean"])
+
+
 def test_unknown_model_args_are_rejected_with_the_valid_options(tiny_pretrained):
     with pytest.raises(PolicyConfigError, match="no option 'colour'.*valid options: sink_tokens.*HFLM's are:"):
         KVPoliciesLM(pretrained=tiny_pretrained, policy="l2norm", colour="red")

@@ -187,9 +187,14 @@ class CompressedCache(Cache):
         return self._allocations[seq_len]
 
     def evict(
-        self, layer: CompressedLayer, query: torch.Tensor, scale: LogitScale, module: torch.nn.Module | None = None
+        self, layer: CompressedLayer, query: torch.Tensor, scale: LogitScale, module: torch.nn.Module | None = None,
+        real: list[int] | None = None,
     ) -> None:
-        """Cut ``layer`` back to its allocation if a sequence outgrew it (by more than the slack when decoding)."""
+        """Cut ``layer`` back to its allocation if a sequence outgrew it (by more than the slack when decoding).
+
+        ``real``: the real new tokens of each sequence in this forward (None: all ``q_len`` real). A sequence that
+        received at most one is decoding, and may grow by the budget's slack, even inside a padded forward of
+        several tokens, so it keeps what it would keep alone."""
         if not self.policy.compresses:
             return
         if layer.window is not None:  # holds its window, set by the model; the budget must still afford it
@@ -201,12 +206,14 @@ class CompressedCache(Cache):
             self._scales[layer.layer_idx] = scale
             return
         appended = self.appended(layer.seen)
-        slack = 0 if query.shape[-2] > 1 or any(appended) else self.budget.slack_tokens
+        real = real or [query.shape[-2]] * len(appended)
+        slack = [0 if n > 1 or any(appended) else self.budget.slack_tokens for n in real]
         targets = [self._targets(max(n - a, 1))[layer.layer_idx] for n, a in zip(layer.seen, appended)]
         counts = [[c - a for c in row] for row, a in zip(layer.counts(), appended)]  # the context's entries
         # Judged per sequence on the layer total: heads may legitimately sit above their uniform share after a
         # policy moved entries between them, and must not trigger an eviction at every step for it.
-        over = [sum(row_c) > sum(row_t) + slack * len(row_c) for row_c, row_t in zip(counts, targets)]
+        over = [sum(row_c) > sum(row_t) + row_slack * len(row_c)
+                for row_c, row_t, row_slack in zip(counts, targets, slack)]
         padded = not layer.packed and min(layer.seen) < layer.logical_length
         if not (any(over) or padded):
             return

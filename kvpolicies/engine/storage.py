@@ -56,7 +56,7 @@ class LayerOwner(Protocol):
     probing: dict | None
 
     def evict(self, layer: CompressedLayer, query: torch.Tensor, scale: LogitScale,
-              module: torch.nn.Module | None = None) -> None: ...
+              module: torch.nn.Module | None = None, real: list[int] | None = None) -> None: ...
 
     def warn_past_positions(self, length: int) -> None: ...
 
@@ -271,7 +271,7 @@ class CompressedLayer(CacheLayerMixin):
                 self.recent_queries = torch.cat([self.recent_queries[:, :, -room:], new], dim=2)
         if self.tracked:
             self._update_tracks(query, scale)
-        self.cache.evict(self, query, scale, module)
+        self.cache.evict(self, query, scale, module, real)
         if started is not None:
             watch.stop(started)
 

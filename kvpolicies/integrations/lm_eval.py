@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from lm_eval import utils as lm_utils
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
 from kvpolicies.engine.attention import prepare_model
@@ -165,43 +166,66 @@ class KVPoliciesLM(HFLM):
 
     # -- loglikelihood -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _continuation_logprobs(self, tokens: list[int], continuation: int) -> torch.Tensor:
-        """Log-probs ``[continuation, vocab]`` of the last ``continuation`` tokens, context compressed first.
+    def _continuation_logprobs(self, batch: list[tuple[list[int], int]]) -> list[torch.Tensor]:
+        """Per request ``(tokens, continuation)``, log-probs ``[continuation, vocab]`` of its last ``continuation``
+        tokens, every context compressed first; the requests run as one batch.
 
-        Only the rows scored are computed (the context's last one, then the continuation's) and only they are
+        Contexts are left-padded to one length and each is compressed to its own budget (a sequence keeps the same
+        entries alone or in a padded batch); continuations are right-padded, which no real position attends to.
+        Only the rows scored are computed (each context's last one, then the continuations') and only they are
         turned into float32: never ``[context, vocab]`` logits, which at 32k tokens and a 128k vocabulary are 8 GB.
         """
         cache = self.new_cache()
-        ids = torch.tensor([tokens[:-1]], device=self.device)
-        split = ids.shape[1] - continuation + 1  # the context, whose last position predicts the first token
+        splits = [len(tokens) - continuation for tokens, continuation in batch]  # each context's end
+        contexts = [tokens[:split] for (tokens, _), split in zip(batch, splits)]
+        rest = [tokens[split:-1] for (tokens, _), split in zip(batch, splits)]  # the continuations' inputs
+        ids, mask = _padded(contexts, self.tokenizer.pad_token_id or 0, left=True, device=self.device)
         started = clock(self.device)
-        pieces = [self.model(ids[:, :split], cache=cache, logits_to_keep=1).logits]
-        self.timings.add_prefill(split, _synchronized(self.device, started))
-        if split < ids.shape[1]:
-            if cache.policy.has_stage:  # the context is in: a policy that chooses over every layer does it now
+        first = self.model(ids, attention_mask=mask, position_ids=_positions(mask), cache=cache,
+                           logits_to_keep=1).logits[:, -1:]
+        self.timings.add_prefill(sum(splits), _synchronized(self.device, started))
+        pieces = [[first[row]] for row in range(len(batch))]
+        if any(rest):
+            if cache.policy.has_stage:  # the contexts are in: a policy that chooses over every layer does it now
                 cache.after_prefill(self.model)
-            pieces.append(self.model(ids[:, split:], cache=cache).logits)
+            # A forward of one token reads no padding mask (see kvpolicies.engine.attention): pad to two instead.
+            longest = max(map(len, rest))
+            width = 2 if longest == 1 and min(map(len, rest)) == 0 else longest
+            more, more_mask = _padded(rest, self.tokenizer.pad_token_id or 0, left=False, device=self.device,
+                                      width=width)
+            full_mask = None if mask is None and more_mask is None else torch.cat(
+                [_ones_if_none(mask, ids), _ones_if_none(more_mask, more)], dim=1)
+            positions = None if full_mask is None else _positions(full_mask)[:, -more.shape[1]:]
+            logits = self.model(more, attention_mask=full_mask, position_ids=positions, cache=cache).logits
+            for row, part in enumerate(rest):
+                pieces[row].append(logits[row, : len(part)])
         self._measure(cache)
-        return torch.cat([F.log_softmax(piece[0].float(), dim=-1) for piece in pieces])
+        return [torch.cat([F.log_softmax(piece.float(), dim=-1) for piece in row]) for row in pieces]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if self.protocol is Protocol.QUERY_AGNOSTIC:
             raise missing_split(" (log-likelihood requests have no question)")
+        # Longest first, as HFLM orders them: a batch pads to its first request, and memory errors come early.
+        ordered = Collator(requests, sort_fn=lambda request: (-len(request[1] + request[2]),
+                                                              tuple(request[1] + request[2])))
+        size = self.batch_size if self.batch_size != "auto" else override_bs or 1  # no probe: memory is the budget's
         results = []
-        for request_str, context, continuation in tqdm(
-            requests, disable=disable_tqdm or self.rank != 0, desc="kvpolicies loglikelihood"
-        ):
-            tokens = (context + continuation)[-(self.max_length + 1) :]
-            logprobs = self._continuation_logprobs(tokens, len(continuation))
-            target = torch.tensor(continuation, device=logprobs.device)
-            answer = (
-                float(logprobs.gather(1, target[:, None]).sum()),
-                bool((logprobs.argmax(-1) == target).all()),
-            )
-            results.append(answer)
-            if request_str is not None:
-                self.cache_hook.add_partial("loglikelihood", request_str, answer)
-        return results
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="kvpolicies loglikelihood")
+        for chunk in ordered.get_batched(n=size):
+            batch = [((context + continuation)[-(self.max_length + 1) :], len(continuation))
+                     for _, context, continuation in chunk]
+            for (request_str, _, continuation), logprobs in zip(chunk, self._continuation_logprobs(batch)):
+                target = torch.tensor(continuation, device=logprobs.device)
+                answer = (
+                    float(logprobs.gather(1, target[:, None]).sum()),
+                    bool((logprobs.argmax(-1) == target).all()),
+                )
+                results.append(answer)
+                if request_str is not None:
+                    self.cache_hook.add_partial("loglikelihood", request_str, answer)
+                bar.update(1)
+        bar.close()
+        return ordered.get_original(results)
 
     # -- loglikelihood_rolling -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -333,6 +357,31 @@ def _policy_options(policy: str, kwargs: dict[str, Any], adapter_args: dict[str,
         raise PolicyConfigError(f"policy option {name!r} is given twice, as {name}= and {POLICY_PREFIX}{name}=; "
                                 "give it once")
     return {key: coerce_option(value) for key, value in {**plain, **explicit}.items()}
+
+
+def _padded(rows: list[list[int]], pad: int, left: bool, device, width: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``rows`` of token ids as one ``[batch, width]`` tensor, padded on the left (contexts, whose ends must line
+    up) or on the right (continuations), and its attention mask; None when no row is padded."""
+    width = max(map(len, rows)) if width is None else width
+    if all(len(row) == width for row in rows):
+        return torch.tensor(rows, device=device), None
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        place = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, place] = torch.tensor(row, dtype=torch.long)
+        mask[i, place] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _positions(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Each token's position from a padding mask (what ``generate`` computes), or None: the model's own."""
+    return None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _ones_if_none(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(ids) if mask is None else mask
 
 
 def _synchronized(device, started: float) -> float:
