@@ -34,8 +34,8 @@ def test_host_reads_of_device_tensors_are_syncs_and_host_tensors_are_not():
 
 def decode_work(policy: str, batch: int, padding: int, slack: int, layers: int = 8, steps: int = 3,
                 evictions: list | None = None, launches: list | None = None, codec=None) -> list[int]:
-    """Syncs of each of ``steps`` decoding steps after a 64-token prefill (the first row never padded); the layers
-    cut while decoding are appended to ``evictions``, the launches of each step to ``launches``."""
+    """Syncs of each of ``steps`` decoding steps after a 64-token prefill (the first row never padded); the number
+    of layers cut while decoding is appended to ``evictions``, the launches of each step to ``launches``."""
     torch.manual_seed(0)
     model = tiny_llama(num_layers=layers)
     ids = torch.randint(3, 128, (batch, 64), generator=torch.Generator().manual_seed(1))
@@ -46,10 +46,7 @@ def decode_work(policy: str, batch: int, padding: int, slack: int, layers: int =
     with torch.no_grad(), DeviceWork().on_device(model, ids, mask) as work:
         token = model(ids, attention_mask=mask, cache=cache).logits[:, -1:].argmax(-1)
         work.step()
-        if evictions is not None:
-            for layer in cache.layers:
-                store = layer.store
-                layer.store = lambda *args, _store=store: (evictions.append(1), _store(*args))
+        prefill_cuts = cache.cuts
         for _ in range(steps):
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], 1)
             token = model(token, attention_mask=mask, cache=cache).logits[:, -1:].argmax(-1)
@@ -57,6 +54,8 @@ def decode_work(policy: str, batch: int, padding: int, slack: int, layers: int =
             syncs.append(synced)
             if launches is not None:
                 launches.append(launched)
+    if evictions is not None:
+        evictions.append(cache.cuts - prefill_cuts)
     return syncs
 
 
@@ -69,6 +68,23 @@ def test_a_decoding_step_between_evictions_syncs_no_more_than_the_models_own(pol
     assert decode_work(policy, batch, padding, slack=16) == own  # no layer reads anything back
 
 
+@pytest.mark.parametrize("policy", ["full", "snapkv"])
+def test_a_padded_prefill_reads_its_padding_once_not_once_per_layer(policy):
+    """Which new tokens are real is read from the device once per forward pass (``engine/step.py``), for all the
+    layers: a deeper model pays no more for it. (An eviction's own reads are per layer; they are counted apart.)"""
+    counted = {}
+    for layers in (4, 8):
+        model = tiny_llama(num_layers=layers)
+        ids = torch.randint(3, 128, (4, 48), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+        mask[1:, :5] = 0
+        cache = CompressedCache(model, policy, 0.5)
+        with torch.no_grad(), DeviceWork().on_device(model, ids, mask) as work:
+            model(ids, attention_mask=mask, cache=cache)
+        counted[layers] = work.syncs - 3 * cache.cuts  # less 3 reads per eviction (tested below)
+    assert counted[4] == counted[8], counted
+
+
 @pytest.mark.parametrize("policy", ["snapkv", "headkv", "h2o"])
 def test_syncs_per_eviction_do_not_grow_with_the_batch_or_its_padding(policy):
     per_eviction = []
@@ -76,8 +92,8 @@ def test_syncs_per_eviction_do_not_grow_with_the_batch_or_its_padding(policy):
         own = sum(decode_work("full", batch, padding, slack=0))
         cuts: list = []
         ours = sum(decode_work(policy, batch, padding, slack=0, evictions=cuts))  # slack 0: a cut at most steps
-        assert cuts
-        per_eviction.append((ours - own) / len(cuts))
+        assert cuts[0] > 0
+        per_eviction.append((ours - own) / cuts[0])
     # The allocation's upload, the scores' NaN check, the kept count of every run, and for a policy that moves
     # entries between heads one read of the checks on its move: whatever the batch and its padding.
     assert len(set(per_eviction)) == 1 and per_eviction[0] <= (4 if policy == "headkv" else 3), per_eviction

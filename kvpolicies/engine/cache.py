@@ -27,6 +27,7 @@ from kvpolicies.engine.selection import age_order, select
 from kvpolicies.engine.signals import CumulativeAttention, LogitScale, Track, attention_received
 from kvpolicies.engine.stages import Prefilled, probe, select_across_layers
 from kvpolicies.engine.stages import install as install_stage
+from kvpolicies.engine.step import Step
 from kvpolicies.engine.storage import TRACK, CompressedLayer
 from kvpolicies.errors import ContextLengthWarning, UsageError
 
@@ -124,6 +125,11 @@ class CompressedCache(Cache):
         self._reset_stage()
         if self.policy.has_stage:
             install_stage(model)
+        self.step: Step | None = None
+        """The forward pass under way, as its first layer read it (see :mod:`kvpolicies.engine.step`)."""
+        self.cuts = 0
+        """Layers cut back so far (one per layer and eviction, whatever the batch): what an eviction's costs are
+        counted per."""
         self.policy_time: Stopwatch | None = None
         """Set (by a benchmark) to time the policy's share of every layer's forward (signals, scoring, eviction)."""
         self._warned_positions = False
@@ -239,6 +245,7 @@ class CompressedCache(Cache):
             scores = torch.zeros(valid.shape, device=valid.device)
         keep = select(scores, context, keep_n, *self.policy.protected)
         layer.store(dense, keep if newest is None else keep | newest)
+        self.cuts += 1
 
     def appended(self, seen: list[int]) -> list[int]:
         """Per sequence, the real tokens after its context (0 for all when no context is set)."""
@@ -252,6 +259,7 @@ class CompressedCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.context_lengths = None  # the next prompt's split is its own
+        self.step = None
         self._reset_stage()
 
     # -- the after-prefill stage (see kvpolicies.engine.stages) -----------------------------------------------------
@@ -328,6 +336,7 @@ class CompressedCache(Cache):
         for i, keep in zip(scored, keeps):
             dense, newest = held[i]
             self.layers[i].store(dense, keep if newest is None else keep | newest)
+            self.cuts += 1
         self._stage_ran = True
         if self.context_lengths is None:  # what follows the prompt is kept whole and not charged
             self.context_lengths, self._stage_split = seen, True

@@ -42,6 +42,7 @@ from kvpolicies.engine.paths import launch_bound
 from kvpolicies.engine.policy import Policy
 from kvpolicies.engine.selection import age_order
 from kvpolicies.engine.signals import LogitScale, Reduce, Track, attention_received
+from kvpolicies.engine.step import Step
 
 
 class LayerOwner(Protocol):
@@ -51,6 +52,7 @@ class LayerOwner(Protocol):
     policy: Policy
     codec: Codec
     tracks: tuple[Track, ...]
+    step: Step | None
     max_positions: int | float
     policy_time: Stopwatch | None
     probing: dict | None
@@ -170,6 +172,8 @@ class CompressedLayer(CacheLayerMixin):
             self.run_lengths = self.run_lengths + q_len
             self._slots = None
         self.logical_length += q_len
+        if self.layer_idx == 0:  # a new forward pass: its step is read afresh by its first layer's attention
+            self.cache.step = None
         if self.logical_length > self.cache.max_positions and self.layer_idx == 0:
             self.cache.warn_past_positions(self.logical_length)
         self.awaiting_attention = True
@@ -247,13 +251,16 @@ class CompressedLayer(CacheLayerMixin):
         started = watch.start() if watch is not None else None
         self.awaiting_attention = False
         q_len = query.shape[-2]
-        real = [q_len] * self.batch_size if new_valid is None else new_valid.sum(1).tolist()  # one host read
+        step = self.cache.step
+        if step is None or step.q_len != q_len:  # the first layer of this forward pass reads it for all
+            step = self.cache.step = Step.of(self.batch_size, q_len, new_valid)
+        real = step.real
         self.seen = [s + n for s, n in zip(self.seen, real)]
         if not self.packed:
             if new_valid is None:
                 new_valid = torch.ones(self.batch_size, q_len, dtype=torch.bool, device=self.device)
             self.valid = torch.cat([self.valid, new_valid], dim=1)
-        elif new_valid is not None and min(real) < q_len:
+        elif new_valid is not None and step.padded:
             self._drop_new_padding(new_valid, [q_len - n for n in real])
         if self.window is not None:  # the model's own mechanism, not the policy's: not timed as policy work
             self._slide()

@@ -28,18 +28,15 @@ def count_steps(model, ids: torch.Tensor, policy: str, budget: Budget, steps: in
     for row in range(1, batch):
         mask[row, : min(row * 7, tokens - 1)] = 0
     cache = CompressedCache(model, policy, budget)
-    cuts = []
     with DeviceWork().on_device(model, ids, mask) as work:
         token = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
         work.step()
-        for layer in cache.layers:
-            store = layer.store
-            layer.store = lambda *args, _store=store: (cuts.append(1), _store(*args))
+        prefill_cuts = cache.cuts
         for _ in range(steps):
             mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
             token = model(token, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
         launches, syncs = work.step()
-    return launches / steps, syncs / steps, len(cuts)
+    return launches / steps, syncs / steps, cache.cuts - prefill_cuts
 
 
 def step_costs(model, tokenizer, tokens: int, policies: Sequence[str], budgets: Sequence[Budget],
