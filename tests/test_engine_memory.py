@@ -106,7 +106,7 @@ def test_loglikelihood_computes_logits_only_for_the_continuation(tiny_pretrained
     vocab = lm.model.config.vocab_size
     tokens, continuation = context_tokens(301), 5
     with Allocations() as seen:
-        got = lm._continuation_logprobs(tokens, continuation)
+        [got] = lm._continuation_logprobs([(tokens, continuation)])
     assert seen.rows_of(vocab) <= continuation  # was 296: the whole context's logits, to keep its last row
     context_logits_bytes = (len(tokens) - continuation) * vocab * 4
     assert seen.peak_bytes < context_logits_bytes / 10

@@ -70,9 +70,10 @@ def inner_function(inner: str, module) -> Callable:
 
 def kvpolicies_attention(inner: Callable, module, query, key, value, attention_mask, **kwargs):
     """Attention for one layer; ``query`` is ``[batch, heads, q_len, head_dim]``, output ``[batch, q_len, heads, d]``."""
-    layer = claim_layer(key)
-    if layer is None:
+    claimed = claim_layer(key)
+    if claimed is None:
         return inner(module, query, key, value, attention_mask, **kwargs)
+    cache, layer = claimed
     if kwargs.get("s_aux") is not None:  # GPT-OSS: a learned sink logit per head joins every softmax
         raise ModelLoadError(f"{type(module).__name__} adds learned attention sinks (s_aux) to its softmax, which "
                              "kvpolicies' attention over compressed layers does not compute; this model is not "
@@ -89,7 +90,7 @@ def kvpolicies_attention(inner: Callable, module, query, key, value, attention_m
     else:
         output = inner(module, query, key, value, attention_mask, **kwargs)
     new_valid = None if new_visible is None else new_visible.diagonal(dim1=1, dim2=2)
-    layer.after_attention(query, new_valid, scale, module)
+    cache.after_attention(layer, query, new_valid, scale, module)
     return output
 
 

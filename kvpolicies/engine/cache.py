@@ -1,7 +1,9 @@
 """A transformers ``Cache`` that physically holds only the entries a policy keeps, and the eviction that cuts it.
 
-Each layer's entries live in a :class:`~kvpolicies.engine.storage.CompressedLayer` (dense, then packed runs). This
-module decides *when* and *what* to evict: after each layer's attention, a sequence that outgrew its allocation
+Each layer's entries live in a :class:`~kvpolicies.engine.storage.CompressedLayer` (dense, then packed runs), a
+container that never calls back: the attention hands every layer it has read to
+:meth:`CompressedCache.after_attention`, with the pass's :class:`~kvpolicies.engine.step.Step`. This module
+decides *when* and *what* to evict: after each layer's attention, a sequence that outgrew its allocation
 (by more than the budget's slack while decoding) is scored by the policy and cut back; the framework, not the
 policy, turns scores into kept entries (:mod:`kvpolicies.engine.selection`). Eviction runs right after a layer's
 attention has read the full keys, so prefill peaks at one uncompressed layer.
@@ -28,7 +30,7 @@ from kvpolicies.engine.signals import CumulativeAttention, LogitScale, Track, at
 from kvpolicies.engine.stages import Prefilled, probe, select_across_layers
 from kvpolicies.engine.stages import install as install_stage
 from kvpolicies.engine.step import Step
-from kvpolicies.engine.storage import TRACK, CompressedLayer
+from kvpolicies.engine.storage import TRACK, CompressedLayer, hand_over
 from kvpolicies.errors import ContextLengthWarning, UsageError
 
 
@@ -138,7 +140,57 @@ class CompressedCache(Cache):
         compressed context, generated tokens) are kept whole and are not charged to the budget, as in kvpress's
         protocol. None: every token is context (the whole prompt is compressed, and decoding evicts too). See
         :mod:`kvpolicies.integrations.protocol`."""
-        super().__init__(layers=[CompressedLayer(self, i, window) for i, window in enumerate(windows)])
+        super().__init__(layers=[CompressedLayer(i, window, self.codec, () if window else self.tracks)
+                                 for i, window in enumerate(windows)])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append a layer's new tokens (transformers calls this before the layer's attention) and leave the layer
+        for the kvpolicies attention, which hands it back to :meth:`after_attention` once it has read the keys."""
+        if layer_idx == 0:  # a new forward pass: its step is read afresh by its first layer's attention
+            self.step = None
+        layer = self.layers[layer_idx]
+        keys, values = layer.update(key_states, value_states, *args, **kwargs)
+        if layer_idx == 0 and layer.logical_length > self.max_positions:
+            self.warn_past_positions(layer.logical_length)
+        hand_over(self, layer, keys)
+        return keys, values
+
+    def after_attention(self, layer: CompressedLayer, query: torch.Tensor, new_valid: torch.Tensor | None,
+                        scale: LogitScale, module: torch.nn.Module | None = None) -> None:
+        """A layer's attention has read its keys: record the pass's new tokens, keep the policy's tracks and query
+        buffer up to date, and cut the layer back to its allocation if a sequence outgrew it. The layer's forward
+        pass ends here (a lossy codec's working copy is dropped).
+
+        ``query``: ``[batch, heads, q_len, head_dim]``; ``new_valid``: ``[batch, q_len]`` bool, or None when all
+        new tokens are real (no device sync on the decode path).
+        """
+        q_len = query.shape[-2]
+        if self.probing is not None:  # an after-prefill stage runs the model: record, keep nothing
+            layer.record_probe(q_len)
+            if layer.window is None:
+                self.probing["received"][layer.layer_idx] = layer.received_by_old(query, scale,
+                                                                                  self.probing["reduce"])
+            layer.settle()
+            return
+        watch = self.policy_time if layer.window is None else None
+        started = watch.start() if watch is not None else None
+        if self.step is None or self.step.q_len != q_len:  # the first layer of the pass reads it for all
+            self.step = Step.of(layer.batch_size, q_len, new_valid)
+        layer.record(self.step)
+        if layer.window is not None:  # the model's own mechanism, not the policy's: not timed as policy work
+            layer.slide()
+            self.evict(layer, query, scale, module)  # evicts nothing: checks the budget affords the window
+            layer.settle()
+            return
+        if window := self.policy.query_window:
+            layer.remember_queries(query, window)
+        if layer.tracked:
+            layer.update_tracks(query, scale)
+        self.evict(layer, query, scale, module, self.step.real)
+        layer.settle()
+        if started is not None:
+            watch.stop(started)
 
     def _tracks(self) -> tuple[Track, ...]:
         """The tracks every full-attention layer keeps for the policy, checked: Track instances, unique names."""

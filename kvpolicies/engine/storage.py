@@ -18,49 +18,33 @@ Sliding-window layers. A layer the model windows to ``W`` tokens stays dense and
 model builds its own sliding mask and runs its own attention there. The policy never scores it: the window is
 exactly what the model attends to next.
 
-The hand-off to the attention. transformers calls ``layer.update(keys, values)`` and then the attention function
-with the tensors it returned, but never tells the attention which cache layer they came from. The attention needs
-the layer twice: to read packed runs (their lengths are not in the tensors) and, once it has read the keys, to
-let the layer evict. So ``update()`` leaves ``(layer, keys)`` in a thread-local slot and the kvpolicies attention
-claims it with :func:`claim_layer`, matching the keys tensor by identity: any other cache (a plain
-``DynamicCache``, another model in the same thread) never matches, and concurrent generations in threads never see
-each other's slot. This module imports neither the cache nor the attention, so the three form no import cycle.
+The hand-off to the attention. transformers calls ``cache.update(keys, values, layer_idx)`` and then the
+attention function with the tensors it returned, but never tells the attention which cache they came from. The
+attention needs the layer to read packed runs (their lengths are not in the tensors) and the cache to decide,
+once the keys are read, what the layer keeps. So the cache's ``update()`` leaves ``(cache, layer, keys)`` in a
+thread-local slot (:func:`hand_over`) and the kvpolicies attention claims it with :func:`claim_layer`, matching
+the keys tensor by identity: any other cache (a plain ``DynamicCache``, another model in the same thread) never
+matches, and concurrent generations in threads never see each other's slot. A layer is a container: it stores,
+appends, packs and reads back, and never calls the cache that owns it; the cache decides (see
+:meth:`kvpolicies.engine.cache.CompressedCache.after_attention`). This module imports neither the cache nor the
+attention, so the three form no import cycle.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from kvpolicies.engine.clock import Stopwatch
-from kvpolicies.engine.codecs import Codec
+from kvpolicies.engine.codecs import Codec, FullPrecision
 from kvpolicies.engine.paths import launch_bound
-from kvpolicies.engine.policy import Policy
 from kvpolicies.engine.selection import age_order
 from kvpolicies.engine.signals import LogitScale, Reduce, Track, attention_received
 from kvpolicies.engine.step import Step
 
-
-class LayerOwner(Protocol):
-    """What a layer needs from the cache that owns it (a ``CompressedCache``): the policy, and the eviction to call
-    once the attention has read the layer. Named here so that storage does not import the cache."""
-
-    policy: Policy
-    codec: Codec
-    tracks: tuple[Track, ...]
-    step: Step | None
-    max_positions: int | float
-    policy_time: Stopwatch | None
-    probing: dict | None
-
-    def evict(self, layer: CompressedLayer, query: torch.Tensor, scale: LogitScale,
-              module: torch.nn.Module | None = None, real: list[int] | None = None) -> None: ...
-
-    def warn_past_positions(self, length: int) -> None: ...
 
 _pending = threading.local()
 
@@ -69,13 +53,19 @@ CODE, TRACK = "code:", "track:"
 ``keys``)."""
 
 
-def claim_layer(keys: torch.Tensor) -> CompressedLayer | None:
-    """The compressed layer whose ``update()`` just returned ``keys``, or None for any other cache."""
+def hand_over(owner: Any, layer: CompressedLayer, keys: torch.Tensor) -> None:
+    """Leave ``layer`` of ``owner`` (its cache), which just returned ``keys``, for the attention to claim."""
+    _pending.owner, _pending.layer, _pending.keys = owner, layer, keys
+
+
+def claim_layer(keys: torch.Tensor) -> tuple[Any, CompressedLayer] | None:
+    """``(cache, layer)`` whose update just returned ``keys``, or None for any other cache."""
     layer = getattr(_pending, "layer", None)
     if layer is None or getattr(_pending, "keys", None) is not keys:
         return None
-    _pending.layer = _pending.keys = None
-    return layer
+    owner = _pending.owner
+    _pending.owner = _pending.layer = _pending.keys = None
+    return owner, layer
 
 
 def held_bytes(*tensors: torch.Tensor | None) -> int:
@@ -99,10 +89,14 @@ class CompressedLayer(CacheLayerMixin):
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, cache: LayerOwner, layer_idx: int, window: int | None = None) -> None:
+    def __init__(self, layer_idx: int, window: int | None = None, codec: Codec | None = None,
+                 tracks: tuple[Track, ...] = ()) -> None:
         super().__init__()
-        self.cache = cache
         self.layer_idx = layer_idx
+        self.codec = codec or FullPrecision()
+        """How entries are stored (:mod:`kvpolicies.engine.codecs`)."""
+        self.tracked_by = tracks
+        """The tracks a full-attention layer keeps beside its entries (:class:`~kvpolicies.engine.signals.Track`)."""
         self.window = window
         """The model's sliding window for this layer (None: full attention, compressed by the policy)."""
         self.is_sliding = window is not None  # read by transformers to build this layer's mask
@@ -134,11 +128,11 @@ class CompressedLayer(CacheLayerMixin):
         self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
         self.keys = key_states[:, :, :0]
         self.values = value_states[:, :, :0]
-        if not self.cache.codec.lossless:
-            self.codes = self.cache.codec.encode(self.keys, self.values)
+        if not self.codec.lossless:
+            self.codes = self.codec.encode(self.keys, self.values)
         if self.window is None:
             self.tracked = {track.name: key_states.new_zeros(self.batch_size, self.num_heads, 0, 1,
-                                                             dtype=torch.float32) for track in self.cache.tracks}
+                                                             dtype=torch.float32) for track in self.tracked_by}
         self.valid = torch.zeros(self.batch_size, 0, dtype=torch.bool, device=self.device)
         self.seen = [0] * self.batch_size
         self.is_initialized = True
@@ -159,8 +153,8 @@ class CompressedLayer(CacheLayerMixin):
         self._places = None  # the run lengths the appends are placed by: this forward's
         if self.codes is not None:
             if self.keys is None:  # settled since the last forward: read what is stored back for this one
-                self.keys, self.values = self.cache.codec.decode(self.codes, self.dtype)
-            fresh = self.cache.codec.encode(key_states, value_states)
+                self.keys, self.values = self.codec.decode(self.codes, self.dtype)
+            fresh = self.codec.encode(key_states, value_states)
             self.codes = {name: self._append(stored, fresh[name]) for name, stored in self.codes.items()}
         self.keys = self._append(self.keys, key_states)  # this forward attends to its new tokens as computed
         self.values = self._append(self.values, value_states)
@@ -172,12 +166,7 @@ class CompressedLayer(CacheLayerMixin):
             self.run_lengths = self.run_lengths + q_len
             self._slots = None
         self.logical_length += q_len
-        if self.layer_idx == 0:  # a new forward pass: its step is read afresh by its first layer's attention
-            self.cache.step = None
-        if self.logical_length > self.cache.max_positions and self.layer_idx == 0:
-            self.cache.warn_past_positions(self.logical_length)
         self.awaiting_attention = True
-        _pending.layer, _pending.keys = self, self.keys
         return self.keys, self.values
 
     def _append(self, stored: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -214,18 +203,6 @@ class CompressedLayer(CacheLayerMixin):
             self._places = (q_len, old, new.flatten())
         return self._places[1], self._places[2]
 
-    def after_attention(
-        self, query: torch.Tensor, new_valid: torch.Tensor | None, scale: LogitScale,
-        module: torch.nn.Module | None = None,
-    ) -> None:
-        """Record which new tokens are real and what they attended to, then let the cache evict; the layer's
-        forward pass ends here.
-
-        ``new_valid``: ``[batch, q_len]`` bool, or None when all are real (no device sync on the decode path).
-        """
-        self._after_attention(query, new_valid, scale, module)
-        self.settle()
-
     def settle(self) -> None:
         """Drop the working copy of a lossy codec's layer: between forward passes only its codes are resident."""
         if self.codes is not None:
@@ -234,53 +211,38 @@ class CompressedLayer(CacheLayerMixin):
     def _keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values as the attention reads them: stored, the working copy, or decoded now."""
         if self.keys is None and self.codes is not None:
-            return self.cache.codec.decode(self.codes, self.dtype)
+            return self.codec.decode(self.codes, self.dtype)
         return self.keys, self.values
 
-    def _after_attention(self, query: torch.Tensor, new_valid: torch.Tensor | None, scale: LogitScale,
-                         module: torch.nn.Module | None) -> None:
-        if self.cache.probing is not None:  # an after-prefill stage runs the model: record, keep nothing
-            self.awaiting_attention = False  # (the stage restores the layer's state after the pass)
-            if not self.packed:
-                self.valid = torch.cat([self.valid, self.valid.new_ones(self.batch_size, query.shape[-2])], dim=1)
-            if self.window is None:
-                self.cache.probing["received"][self.layer_idx] = self._received_by_old(
-                    query, scale, self.cache.probing["reduce"])
-            return
-        watch = self.cache.policy_time if self.window is None else None
-        started = watch.start() if watch is not None else None
+    def record_probe(self, q_len: int) -> None:
+        """The attention of an after-prefill probe has read the layer: mark its ``q_len`` new tokens real (the stage
+        restores the layer's state after the pass)."""
         self.awaiting_attention = False
-        q_len = query.shape[-2]
-        step = self.cache.step
-        if step is None or step.q_len != q_len:  # the first layer of this forward pass reads it for all
-            step = self.cache.step = Step.of(self.batch_size, q_len, new_valid)
-        real = step.real
-        self.seen = [s + n for s, n in zip(self.seen, real)]
         if not self.packed:
+            self.valid = torch.cat([self.valid, self.valid.new_ones(self.batch_size, q_len)], dim=1)
+
+    def record(self, step: Step) -> None:
+        """The attention has read the layer: count the pass's real new tokens, and keep its padding out of a packed
+        layer (a dense one marks it invalid)."""
+        self.awaiting_attention = False
+        self.seen = [s + n for s, n in zip(self.seen, step.real)]
+        if not self.packed:
+            new_valid = step.new_valid
             if new_valid is None:
-                new_valid = torch.ones(self.batch_size, q_len, dtype=torch.bool, device=self.device)
+                new_valid = torch.ones(self.batch_size, step.q_len, dtype=torch.bool, device=self.device)
             self.valid = torch.cat([self.valid, new_valid], dim=1)
-        elif new_valid is not None and step.padded:
-            self._drop_new_padding(new_valid, [q_len - n for n in real])
-        if self.window is not None:  # the model's own mechanism, not the policy's: not timed as policy work
-            self._slide()
-            self.cache.evict(self, query, scale, module)  # evicts nothing: checks the budget affords the window
-            return
-        window = self.cache.policy.query_window
-        if window:
-            # One copy of at most `window` rows per step. Never keep a slice of `query`: a view would keep the whole
-            # prompt's queries alive in every layer.
-            new = query[:, :, -window:]
-            room = window - new.shape[2]
-            if self.recent_queries is None or room == 0:
-                self.recent_queries = new.clone()
-            else:
-                self.recent_queries = torch.cat([self.recent_queries[:, :, -room:], new], dim=2)
-        if self.tracked:
-            self._update_tracks(query, scale)
-        self.cache.evict(self, query, scale, module, real)
-        if started is not None:
-            watch.stop(started)
+        elif step.new_valid is not None and step.padded:
+            self._drop_new_padding(step.new_valid, [step.q_len - n for n in step.real])
+
+    def remember_queries(self, query: torch.Tensor, window: int) -> None:
+        """Keep the last ``window`` queries in a rolling buffer. One copy of at most ``window`` rows per step; never
+        a slice of ``query``: a view would keep the whole prompt's queries alive in every layer."""
+        new = query[:, :, -window:]
+        room = window - new.shape[2]
+        if self.recent_queries is None or room == 0:
+            self.recent_queries = new.clone()
+        else:
+            self.recent_queries = torch.cat([self.recent_queries[:, :, -room:], new], dim=2)
 
     def _drop_new_padding(self, new_valid: torch.Tensor, pads: list[int]) -> None:
         """Remove the padding among the ``q_len`` entries just appended to every run of a packed layer.
@@ -301,7 +263,7 @@ class CompressedLayer(CacheLayerMixin):
         self._slots = None
         self._select(self.tracks(), keep, sum(self.lengths))
 
-    def _slide(self) -> None:
+    def slide(self) -> None:
         """Keep the last ``W - 1`` positions: all the model's next query can see. A copy, so the dropped entries'
         memory is freed (a view would keep the whole prompt alive)."""
         keep = self.window - 1
@@ -312,12 +274,12 @@ class CompressedLayer(CacheLayerMixin):
             if self.codes is not None:
                 self.codes = {name: t[:, :, -keep:].clone() for name, t in self.codes.items()}
 
-    def _update_tracks(self, query: torch.Tensor, scale: LogitScale) -> None:
+    def update_tracks(self, query: torch.Tensor, scale: LogitScale) -> None:
         """Let every track take the attention its entries received from this forward's ``query`` (computed once
         per reduction)."""
         received: dict[str, torch.Tensor] = {}
         tracked = {}
-        for track in self.cache.tracks:
+        for track in self.tracked_by:
             if track.reduce not in received:
                 received[track.reduce] = self._attention_received(query, scale, track.reduce)[..., None]
             tracked[track.name] = track.update(self.tracked[track.name], received[track.reduce])
@@ -347,7 +309,7 @@ class CompressedLayer(CacheLayerMixin):
             return received.flatten()
         return received.flatten().index_select(0, self._padded_slots(valid.shape[-1]))
 
-    def _received_by_old(self, query: torch.Tensor, scale: LogitScale, reduce: str) -> torch.Tensor:
+    def received_by_old(self, query: torch.Tensor, scale: LogitScale, reduce: str) -> torch.Tensor:
         """Attention the entries held before this forward receive from its ``query`` (``[batch, heads, n, dim]``),
         ``[batch, kv_heads, seq]`` aligned with the layer's ``dense_view()`` before the ``n`` new entries came."""
         keys, _, valid = self.dense_view(tracks=False)
