@@ -169,6 +169,7 @@ class Registry:
         plugins claim is skipped with a warning: silently picking one would make results depend on install order,
         and failing would take every other one down with it."""
         claims: dict[str, dict[type, str]] = {}
+        self._clashes = {key: why for key, why in self._clashes.items() if key[0] != kind}  # read afresh
         for plugin_name, plugin in self.manager.list_name_plugin():
             found: list[tuple[str, type]] = []
 

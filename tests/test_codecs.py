@@ -252,6 +252,18 @@ class Broken(Lying):
         raise ZeroDivisionError("bad group size")
 
 
+class DenseOnly(Lying):
+    """Reads back only what a dense layer holds (four dimensions): fails once a layer is packed."""
+
+    name = "dense-only-test"
+
+    def entry_bytes(self, head_dim, dtype):
+        return 2 * head_dim * 4
+
+    def decode(self, stored, dtype):
+        return stored["keys"][:, :, :, :], stored["values"][:, :, :, :]
+
+
 class HalfBack(Flat):
     """Reads entries back in another dtype."""
 
@@ -268,7 +280,8 @@ class HalfBack(Flat):
     (Lying, "stores 128 bytes per entry in encode\\(\\) but declares 16 in entry_bytes"),
     (Flat, "leading dimensions"),
     (Broken, "raised ZeroDivisionError in a trial encode and decode\\(\\): bad group size"),
-    (HalfBack, "from decode\\(\\); it must return \\(keys, values\\)"),
+    (HalfBack, "from decode\\(\\) for entries of shape \\[1, 1, 2, 16\\]; it must return \\(keys, values\\)"),
+    (DenseOnly, "raised IndexError in a trial encode and decode"),
 ])
 def test_a_codec_that_breaks_its_contract_is_named_when_the_cache_is_built(codec, says):
     with pytest.raises(PluginError, match=f"codec '{codec.name}'.*{says}"):
@@ -303,3 +316,48 @@ def test_codec_plugins_register_through_the_entry_points_and_a_broken_one_is_ski
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the policies are untouched by a broken codec plugin
         assert "snapkv" in [info.name for info in kvpolicies.list_policies()]
+
+
+def test_building_a_codec_cache_leaves_the_random_stream_alone(int8):
+    """A sampled generation must draw the same numbers whether or not its cache quantizes."""
+    model = tiny_llama()
+    torch.manual_seed(11)
+    CompressedCache(model, "snapkv", 0.5, codec=int8())
+    drawn = torch.rand(3)
+    torch.manual_seed(11)
+    assert torch.equal(torch.rand(3), drawn)
+
+
+@pytest.mark.parametrize("policy", ["headkv", "h2o"])
+def test_codes_and_the_working_copy_hold_the_same_entries_through_eviction_and_padding(int8, policy):
+    """At the end of every layer's pass, before the working copy is dropped, the codes read back must be the
+    working copy's entries to within the 8-bit step: same entries, same order, through ragged packing, eviction
+    and a padded prefill in chunks."""
+    from kvpolicies.engine.storage import CompressedLayer
+
+    checked = []
+    settle = CompressedLayer.settle
+
+    def compare(layer):
+        if layer.codes is not None and layer.keys is not None:
+            keys, values = layer.codec.decode(layer.codes, layer.dtype)
+            for got, want in ((keys, layer.keys), (values, layer.values)):
+                step = (want.amax(-1, keepdim=True) - want.amin(-1, keepdim=True)) / 255
+                assert got.shape == want.shape and bool(((got - want).abs() <= step / 2 + 1e-6).all())
+            checked.append(layer.packed and not layer.uniform)
+        settle(layer)
+
+    model = tiny_llama()
+    ids = prompt(3, 60)
+    mask = torch.ones_like(ids)
+    mask[1, :25], mask[2, :7] = 0, 0
+    cache = CompressedCache(model, policy, Budget(value=0.25, slack_tokens=1), codec=int8())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CompressedLayer, "settle", compare)
+        with torch.no_grad():
+            for end in (20, 40, 60):  # row 1's padding outlasts the first chunk
+                model(ids[:, end - 20 : end], attention_mask=mask[:, :end], cache=cache)
+            for step in range(3):  # decoding steps, one cut each (slack 1)
+                mask = torch.cat([mask, mask.new_ones(3, 1)], 1)
+                model(torch.full((3, 1), 5 + step), attention_mask=mask, cache=cache)
+    assert any(checked)  # ragged packed layers were compared

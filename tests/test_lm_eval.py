@@ -93,8 +93,8 @@ def test_loglikelihood_scores_the_continuation_on_the_compressed_context(tiny_pr
 
 @pytest.mark.parametrize("policy", ["full", "snapkv", "headkv", "h2o"])
 def test_batched_loglikelihood_equals_one_request_at_a_time(tiny_pretrained, policy):
-    """Contexts of different lengths left-padded together, continuations right-padded: one of two tokens next to
-    one of one token is the case where the continuation pass would be a single padded token (padded to two)."""
+    """Contexts of different lengths left-padded together, continuations of different lengths right-padded, and a
+    last batch of one request with a one-token continuation (no continuation pass at all)."""
     pairs = [("The capital of France is", " Paris, a city on the Seine."), ("Two plus two is", " four"),
              ("A long context about the weather in the mountains of the north, where it snows", " in May"),
              ("Red", " and green"), ("One", " two")]
@@ -111,6 +111,25 @@ def test_batched_loglikelihood_equals_one_request_at_a_time(tiny_pretrained, pol
         assert greedy_batched == greedy_alone
     assert together.kv_memory()["sequences"] == 5
     assert together.kv_memory()["resident_bytes_mean"] == pytest.approx(alone.kv_memory()["resident_bytes_mean"])
+
+
+def test_a_continuation_pass_of_one_real_token_next_to_none_is_padded_to_two(tiny_pretrained):
+    """A one-token forward reads no padding mask, so a batch whose continuations leave one token to feed next to
+    none feeds two, the second padding; the result equals each request alone."""
+    lm = KVPoliciesLM(pretrained=tiny_pretrained, policy="snapkv", budget=0.5, batch_size=4)
+    pairs = [(context, continuation) for context in ("The river runs north", "Snow fell")
+             for continuation in (" and", " and then")]
+    lengths = {len(lm.tok_encode(continuation)) for _, continuation in pairs}
+    assert lengths == {1, 2}  # one token, and two (one of them fed to the continuation pass)
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+    fed = []
+    lm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append((args[0] if args else kwargs["input_ids"]).shape[1]), with_kwargs=True)
+    batched = lm.loglikelihood(requests)
+    assert fed[1:] == [2]  # the contexts' pass, then one continuation pass of two
+    alone = KVPoliciesLM(pretrained=tiny_pretrained, policy="snapkv", budget=0.5, batch_size=1).loglikelihood(requests)
+    for (lp_batched, _), (lp_alone, _) in zip(batched, alone):
+        assert math.isfinite(lp_batched) and lp_batched == pytest.approx(lp_alone, abs=1e-4)
 
 
 def test_unknown_model_args_are_rejected_with_the_valid_options(tiny_pretrained):

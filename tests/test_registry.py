@@ -106,6 +106,32 @@ def test_two_plugins_with_one_policy_name_are_both_skipped_and_the_rest_keeps_wo
         kvpolicies.get_policy("l2norm")
 
 
+def test_a_clash_ends_when_one_of_the_two_plugins_is_unregistered(fresh_registry):
+    from kvpolicies.engine.codecs import FullPrecision
+
+    other_random = type("OtherRandom", (type(kvpolicies.get_policy("random")),), {})
+    other_full = type("OtherFull", (FullPrecision,), {})
+
+    class Clashing:
+        @kvpolicies.hookimpl
+        def register_policies(self, register):
+            register(other_random)
+
+        @kvpolicies.hookimpl
+        def register_codecs(self, register):
+            register(other_full)
+
+    registry = kvpolicies.registry.registry()
+    registry.register_plugin(Clashing(), name="clashing")
+    with pytest.warns(PluginWarning, match="registered by two plugins"):
+        with pytest.raises(PolicyRegistryError, match="policy name 'random' is registered by two plugins"):
+            kvpolicies.get_policy("random")
+        with pytest.raises(PolicyRegistryError, match="codec name 'full' is registered by two plugins"):
+            kvpolicies.get_codec("full")
+    registry.unregister_plugin("clashing")
+    assert kvpolicies.get_policy("random").name == "random" and kvpolicies.get_codec("full").name == "full"
+
+
 def test_broken_plugin_is_reported_and_skipped(site):
     install_fake_distribution(
         site,

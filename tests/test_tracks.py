@@ -152,3 +152,34 @@ def test_an_after_prefill_stage_reads_the_tracks_gathered_while_prefilling():
     for inputs, layer in zip(seen[0].layers, scored.layers):
         torch.testing.assert_close(inputs.tracks["max_received"], layer.tracked["max_received"][..., 0])
     assert staged.stats().kept_entries == 40 * 16  # budget 1.0: everything kept
+
+
+def test_a_track_declared_wrongly_or_updating_to_another_shape_is_named():
+    class Mean(MaxReceived):
+        name, reduce = "mean_received", "mean"
+
+    class Single(Loudest):
+        name = "single-test"
+        tracks = MaxReceived()  # not a tuple
+
+    class Averaging(Loudest):
+        name = "averaging-test"
+        tracks = (Mean(),)
+
+    for policy in (Single(), Averaging()):
+        with pytest.raises(PluginError, match=f"{policy.name}.*a tuple of kvpolicies Track instances"):
+            CompressedCache(tiny_llama(), policy, 0.5)
+
+    class Squeezed(MaxReceived):
+        def update(self, held, received):
+            return torch.maximum(held, received).squeeze(-1)  # drops the held values' last dimension
+
+    class Broadcasting(Loudest):
+        name = "broadcasting-test"
+        tracks = (Squeezed(),)
+
+    model = tiny_llama()
+    cache = CompressedCache(model, Broadcasting(), 0.5)
+    with pytest.raises(PluginError, match="broadcasting-test.*Track.update.*'max_received' returned .* held as"):
+        with torch.no_grad():
+            model(torch.randint(3, 128, (1, 20)), cache=cache)

@@ -186,20 +186,27 @@ class CompressedCache(Cache):
         if window := self.policy.query_window:
             layer.remember_queries(query, window)
         if layer.tracked:
-            layer.update_tracks(query, scale)
+            try:
+                layer.update_tracks(query, scale)
+            except Exception as error:
+                raise self._plugin_error("Track.update", error)
         self.evict(layer, query, scale, module, self.step.real)
         layer.settle()
         if started is not None:
             watch.stop(started)
 
     def _tracks(self) -> tuple[Track, ...]:
-        """The tracks every full-attention layer keeps for the policy, checked: Track instances, unique names."""
-        tracks = tracks_of(self.policy)
-        names = [getattr(track, "name", None) for track in tracks]
-        if not all(isinstance(track, Track) for track in tracks) or len(set(names)) != len(names) or not all(names):
-            raise self._plugin_fault(f"declares tracks {list(tracks)}; Policy.tracks must hold kvpolicies Track "
-                                     "instances with distinct, non-empty names")
-        return tracks
+        """The tracks every full-attention layer keeps for the policy, checked: a tuple of Track instances with
+        distinct, non-empty names and a known reduction."""
+        declared = self.policy.tracks
+        wrong = (not isinstance(declared, (tuple, list)) or not all(isinstance(t, Track) for t in declared)
+                 or not all(t.name for t in declared) or len({t.name for t in declared}) != len(declared)
+                 or any(t.reduce not in ("sum", "max") for t in declared))
+        if wrong:
+            raise self._plugin_fault(f"declares tracks {declared!r}; Policy.tracks must be a tuple of kvpolicies "
+                                     "Track instances with distinct, non-empty names, each reducing by 'sum' or "
+                                     "'max'")
+        return tracks_of(self.policy)
 
     def _codec_entry_bytes(self, model) -> int:
         """The codec's price per entry, once seen to match what it stores (a PluginError naming it if not)."""

@@ -11,7 +11,9 @@ the layer's layout, to the codec's stored tensors; their forward pass attends to
 transformers' ``QuantizedCache`` does at prefill. Before each later forward pass the layer decodes what it holds
 into a working copy, which the attention and the policy's scoring read, and drops it once its attention and
 eviction are done: between forward passes only the codec's tensors are resident. A decoded layer is transient
-memory like an activation, paid one layer at a time.
+memory like an activation, paid one layer at a time; the one exception is an after-prefill stage, which reads every
+layer at once and so holds every layer decoded while it chooses (the prompt at full precision, as without a
+codec: the stage's peak is the prompt's either way).
 
 A codec encodes each entry on its own (per-token quantization, channel pruning): the stored tensors are per entry,
 ``[..., n]`` for entries ``[..., head_dim]``, so eviction selects, packs and appends them exactly like keys.
@@ -82,8 +84,9 @@ def checked_entry_bytes(codec: Codec, head_dim: int, dtype: torch.dtype, device:
     declared = codec.entry_bytes(head_dim, dtype)
     if not isinstance(declared, int) or isinstance(declared, bool) or declared < 1:
         raise fault(f"returned {declared!r} from entry_bytes(); it must return a positive whole number of bytes")
-    keys = torch.randn(1, 1, 2, head_dim, device=device).to(dtype)
-    values = torch.randn(1, 1, 2, head_dim, device=device).to(dtype)
+    # Fixed values, not random ones: building a cache must not move the random stream a sampled generation uses.
+    keys = torch.linspace(-2, 2, 2 * head_dim, device=device).view(1, 1, 2, head_dim).to(dtype)
+    values = keys.flip(-1) * 0.5
     stored = codec.encode(keys, values)
     if not isinstance(stored, dict) or not stored or not all(
             isinstance(name, str) and isinstance(t, torch.Tensor) for name, t in stored.items()):
@@ -97,9 +100,12 @@ def checked_entry_bytes(codec: Codec, head_dim: int, dtype: torch.dtype, device:
         raise fault(f"stores {stored_bytes} bytes per entry in encode() but declares {declared} in entry_bytes(); "
                     "the budget buys entries at the declared price, so the two must agree (count every stored "
                     "tensor: codes, scales, zero-points)")
-    decoded = codec.decode(stored, dtype)
-    if not (isinstance(decoded, tuple) and len(decoded) == 2 and all(
-            isinstance(t, torch.Tensor) and t.shape == keys.shape and t.dtype == dtype for t in decoded)):
-        raise fault(f"returned {type(decoded).__name__} from decode(); it must return (keys, values), each of shape "
-                    f"{list(keys.shape)} and dtype {dtype}")
+    # As a dense layer holds entries ([batch, kv_heads, seq, n]), then as a packed one ([entries, n]).
+    for shape, held in ((keys.shape, stored), (keys.shape[2:], {name: t[0, 0] for name, t in stored.items()})):
+        decoded = codec.decode(held, dtype)
+        if not (isinstance(decoded, tuple) and len(decoded) == 2 and all(
+                isinstance(t, torch.Tensor) and t.shape == shape and t.dtype == dtype for t in decoded)):
+            raise fault(f"returned {type(decoded).__name__} from decode() for entries of shape {list(shape)}; it "
+                        f"must return (keys, values), each of that shape and dtype {dtype}, whatever the leading "
+                        "dimensions (a packed layer holds [entries, n])")
     return declared

@@ -26,7 +26,8 @@ class Step:
     @classmethod
     def of(cls, batch: int, q_len: int, new_valid: torch.Tensor | None) -> Step:
         real = [q_len] * batch if new_valid is None else new_valid.sum(1).tolist()  # the pass's one host read
-        return cls(q_len, new_valid, real)
+        # A copy: the attention's diagonal is a view of the model's mask, which must not outlive the pass.
+        return cls(q_len, None if new_valid is None else new_valid.clone(), real)
 
     @property
     def padded(self) -> bool:

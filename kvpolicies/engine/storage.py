@@ -282,7 +282,13 @@ class CompressedLayer(CacheLayerMixin):
         for track in self.tracked_by:
             if track.reduce not in received:
                 received[track.reduce] = self._attention_received(query, scale, track.reduce)[..., None]
-            tracked[track.name] = track.update(self.tracked[track.name], received[track.reduce])
+            held = self.tracked[track.name]
+            updated = track.update(held, received[track.reduce])
+            if not isinstance(updated, torch.Tensor) or updated.shape != held.shape:
+                shape = list(updated.shape) if isinstance(updated, torch.Tensor) else type(updated).__name__
+                raise TypeError(f"track {track.name!r} returned {shape} from update() for entries held as "
+                                f"{list(held.shape)}; it must return a tensor of the held values' shape (elementwise)")
+            tracked[track.name] = updated
         self.tracked = tracked
 
     def _attention_received(self, query: torch.Tensor, scale: LogitScale, reduce: Reduce = "sum") -> torch.Tensor:

@@ -170,8 +170,11 @@ class KVPoliciesLM(HFLM):
         """Per request ``(tokens, continuation)``, log-probs ``[continuation, vocab]`` of its last ``continuation``
         tokens, every context compressed first; the requests run as one batch.
 
-        Contexts are left-padded to one length and each is compressed to its own budget (a sequence keeps the same
+        Contexts are left-padded to one length and each is compressed to its own budget (a context keeps the same
         entries alone or in a padded batch); continuations are right-padded, which no real position attends to.
+        The continuation's pass, a request's last, is cut back to the same counts as alone afterwards; with right
+        padding that last cut may choose other entries than alone would (the padded queries weigh in), but nothing
+        reads the cache after it.
         Only the rows scored are computed (each context's last one, then the continuations') and only they are
         turned into float32: never ``[context, vocab]`` logits, which at 32k tokens and a 128k vocabulary are 8 GB.
         """
