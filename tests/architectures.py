@@ -42,8 +42,9 @@ ARCHITECTURES: dict[str, tuple[str, dict, str]] = {
 capped: at the default scale (logits ~0.03) and cap (50) tanh would be the identity and a missing cap would pass."""
 
 ALL_WINDOWED = {"mistral-sliding-window"}
-"""Every layer windowed: nothing outside the window exists to evict, so budgets below the model's own cache are
-refused (tested), while a budget that keeps the window runs exactly like the model."""
+"""Every layer windowed: with windows held whole (``windows="keep"``) nothing outside them exists to evict, so
+budgets below the model's own cache are refused (tested); sharing the budget (the default), they are cut like any
+layer."""
 
 REFUSED = {("cohere-interleaved-rope", "expected_attention"): "rotates interleaved dimension pairs"}
 """(architecture, policy) pairs refused with a ModelLoadError at the first eviction, and what the error says."""

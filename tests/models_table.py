@@ -174,13 +174,16 @@ def render(collector: Collector) -> str:
         "- *full-budget decoding = model's*: 12 greedy tokens at budget 1.0 equal `model.generate` with "
         "transformers' own cache (windows slide during decoding).",
         "- *quarter budget held per head*: at 0.25 every layer (and head, unless the policy moves entries between "
-        "heads) holds exactly its allocation; sliding layers hold their W − 1; resident bytes = kept × entry bytes.",
-        "- *greedy decoding with eviction*: 20 greedy tokens at 0.5 with decode-time eviction.",
+        "heads) holds exactly its allocation; sliding layers, which share the budget, never more than their W − 1; "
+        "resident bytes = kept × entry bytes.",
+        "- *greedy decoding with eviction*: 20 greedy tokens at 0.5 with decode-time eviction (a window holds at most "
+        "W − 1 plus the slack: what slid out is hidden until the next eviction drops it).",
         "- *padded batch = alone*: two left-padded prompts keep, each, exactly the entries they keep alone.",
         "- *signals = eager weights*: the ATTENTION and CUMULATIVE_ATTENTION signals equal the model's own eager "
         "attention weights (atol 1e-4; soft-cap, QK-norm, scaling included).",
         "- *replay = DynamicCache*: after a compressed prefill, the kept entries put into transformers' "
-        "`DynamicCache` give the same next-token logits (atol 1e-5).",
+        "`DynamicCache` give the same next-token logits (atol 1e-5; windows held whole where full layers sit "
+        "beside them, as `DynamicCache` holds them).",
         "- *bytes <= model's cache*: at budgets 0.3, 0.5, 0.75 and 1.0 the resident bytes stay at or below the "
         "model's own cache (sliding layers: W − 1 entries), which is also what the budget is a fraction of.",
         "- *bf16 ties: older kept*: in bfloat16, with scores full of ties, the kept set is the highest scores with "
@@ -206,8 +209,8 @@ def render(collector: Collector) -> str:
         fp16 = [r for check, rs in results.items() if "float16" in check and "bfloat16" not in check for r in rs]
         notes = []
         if name in ALL_WINDOWED:
-            notes.append("every layer windowed: budgets below the model's own cache are refused (BudgetError, "
-                         "tested); compress it as full attention by loading it with `sliding_window=None`")
+            notes.append("every layer windowed: the windows share the budget (the default); with `windows=keep` "
+                         "budgets below the model's own cache are refused (BudgetError, tested)")
         notes += [f"`{policy}` refused: {reason} (ModelLoadError, tested)" for (arch, policy), reason in
                   REFUSED.items() if arch == name]
         if bad:

@@ -5,8 +5,9 @@ For each architecture and policy: a budget that keeps everything gives the model
 bit in bf16 and fp16), a quarter budget holds every head to its allocation with resident bytes at the physical
 limit, greedy generation with decode-time eviction runs, and a left-padded batch keeps for each prompt exactly the
 entries it keeps alone. Per architecture: the attention signals equal the model's own eager attention weights, the
-kept entries replayed through transformers' own cache give the same next token, sliding-window layers hold the
-model's window and never more than its own cache, and bf16 ties break towards the older entry. Architectures
+kept entries replayed through transformers' own cache give the same next token, sliding-window layers never hold
+more than the model's window (and hold it whole with ``windows="keep"``), what slid out of a packed window is never
+attended, and bf16 ties break towards the older entry. Architectures
 kvpolicies cannot compress are refused, before any result, with an error naming what is missing.
 
 ``pytest tests/test_architectures.py --models-table docs/models.md`` writes the support table from these results.
@@ -14,12 +15,13 @@ kvpolicies cannot compress are refused, before any result, with an error naming 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 import transformers
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 import kvpolicies
 from kvpolicies import Budget, BudgetError, CompressedCache, LayerView, ModelLoadError, PolicyConfig, Signal
@@ -106,20 +108,15 @@ def test_a_quarter_budget_holds_every_head_to_its_allocation_and_the_bytes_to_th
     ids = prompt(64)
     chosen = policy(name)
     cache = CompressedCache(model, chosen, Budget(value=0.25, slack_tokens=0))
-    try:
-        model(ids, cache=cache)
-    except BudgetError as error:  # an all-windowed model has nothing outside its windows: the refusal is the result
-        assert architecture in ALL_WINDOWED and "every layer is windowed" in str(error)
-        return
-    assert architecture not in ALL_WINDOWED or not chosen.compresses
+    model(ids, cache=cache)
     kept = cache.kept_per_head()[:, 0]
     if chosen.compresses:
         allocation = cache.allocation(64).tokens
         torch.testing.assert_close(kept.sum(-1), allocation.sum(-1))  # every layer holds its allocation ...
         if type(chosen).reallocate_heads is Policy.reallocate_heads:  # ... and each head, unless moved
             torch.testing.assert_close(kept, allocation)
-        for layer in cache.shape.sliding_layers:  # a window is held whole: W - 1 entries, as the model holds
-            assert (kept[layer] == WINDOW - 1).all()
+    for layer in cache.shape.sliding_layers:  # a window shares the budget: never more than the model's W - 1
+        assert (kept[layer] <= WINDOW - 1).all()
     stats = cache.stats()
     assert stats.resident_bytes == stats.kept_entries * cache.shape.entry_bytes
 
@@ -130,15 +127,11 @@ def test_greedy_generation_with_decode_time_eviction_runs(architecture, model, n
     if refused(architecture, name):
         return
     budget = Budget(value=0.5, slack_tokens=2)
-    if architecture in ALL_WINDOWED and policy(name).compresses:
-        with pytest.raises(BudgetError, match="every layer is windowed.*sliding_window=None"):
-            model.generate(prompt(), cache=CompressedCache(model, policy(name), budget), max_new_tokens=2)
-        return
     cache = CompressedCache(model, policy(name), budget)
     out = model.generate(prompt(), cache=cache, max_new_tokens=20, do_sample=False, min_new_tokens=20)
     assert out.shape[1] == 60 and cache.get_seq_length() == 59
-    for layer in cache.shape.sliding_layers:
-        assert (cache.kept_per_head()[layer] == WINDOW - 1).all()
+    for layer in cache.shape.sliding_layers:  # what slid out is held, hidden, until the next eviction: the slack
+        assert (cache.kept_per_head()[layer] <= WINDOW - 1 + budget.slack_tokens).all()
 
 
 @pytest.mark.parametrize("architecture", sorted(UNSUPPORTED))
@@ -170,10 +163,6 @@ def test_half_precision_keeps_the_models_own_logits_at_full_budget_and_stays_fin
     if refused(architecture, name):
         return
     cache = CompressedCache(half, policy(name), Budget(value=0.3, slack_tokens=0))
-    if architecture in ALL_WINDOWED and policy(name).compresses:  # nothing outside the windows: refused
-        with pytest.raises(BudgetError, match="every layer is windowed"):
-            half(prompt(64), cache=cache)
-        return
     out = half(prompt(64), cache=cache)
     assert torch.isfinite(out.logits).all()
     for _ in range(3):
@@ -187,7 +176,7 @@ def test_half_precision_keeps_the_models_own_logits_at_full_budget_and_stays_fin
 def test_a_left_padded_batch_keeps_for_each_prompt_what_it_keeps_alone(architecture, model, name):
     if refused(architecture, name):
         return
-    fraction = 1.0 if architecture in ALL_WINDOWED else 0.45  # all windowed: only a budget that keeps the windows
+    fraction = 0.45
     generator = torch.Generator().manual_seed(11)
     first = torch.randint(3, COMMON["vocab_size"], (1, 36), generator=generator)
     second = torch.randint(3, COMMON["vocab_size"], (1, 25), generator=generator)
@@ -237,18 +226,16 @@ def test_attention_signals_equal_the_models_own_eager_attention_weights(architec
     weights = eager(ids, output_attentions=True).attentions  # per layer [batch, heads, q, k]
     recorder = Recorder()
     cache = CompressedCache(eager, recorder, Budget(value=0.5, slack_tokens=0))
-    if architecture in ALL_WINDOWED:
-        with pytest.raises(BudgetError):
-            eager(ids, cache=cache)
-        assert not recorder.seen  # windows are never scored
-        return
     eager(ids, cache=cache)
-    scored = [layer for layer in range(len(weights)) if layer not in cache.shape.sliding_layers]
+    scored = list(range(len(weights)))  # windows share the budget: scored too, through the model's sliding mask
     assert sorted(recorder.seen) == scored
     for layer in scored:
         groups = weights[layer].shape[1] // cache.shape.num_kv_heads
         received = weights[layer].unflatten(1, (cache.shape.num_kv_heads, groups)).sum(dim=(2, 3))
         attention, cumulative = recorder.seen[layer]
+        if layer in cache.shape.sliding_layers:  # what the next token cannot see is not the policy's to judge
+            assert not attention[..., : -(WINDOW - 1)].any() and not cumulative[..., : -(WINDOW - 1)].any()
+            attention, cumulative, received = (t[..., -(WINDOW - 1):] for t in (attention, cumulative, received))
         torch.testing.assert_close(attention, received, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(cumulative, received, atol=1e-4, rtol=1e-4)
 
@@ -259,25 +246,25 @@ def test_kept_entries_replayed_through_transformers_own_cache_give_the_same_next
     """After a compressed prefill each layer's kept entries, put into transformers' ``DynamicCache``, give the same
     next-token logits: the packed attention (soft-cap included) is the model's attention over what was kept."""
     ids = prompt()
-    if architecture in ALL_WINDOWED:  # nothing outside the windows: nothing is packed, and no cut is allowed
-        with pytest.raises(BudgetError, match="every layer is windowed"):
-            model(ids, cache=CompressedCache(model, policy(name), Budget(value=0.9, slack_tokens=0)))
-        cache = CompressedCache(model, policy(name), 1.0)
-        model(ids, cache=cache)
-        assert not any(layer.packed for layer in cache.layers)
-        return
     cache = CompressedCache(model, policy(name), 1.0)
+    # transformers' sliding layer holds a whole window: where full layers build the masks beside it (Gemma), the
+    # windows are kept whole; where every layer is windowed, a cut window is replayed as a plain layer (all it
+    # holds is within the next token's reach, and every layer holds as many).
+    rule = "share" if architecture in ALL_WINDOWED else "keep"
     # A budget near 0.4 whose heads all get one length: a dense DynamicCache cannot hold ragged heads.
     fraction = next(f / 100 for f in range(40, 60)
-                    if (Budget(value=f / 100).allocate(40, cache.shape).tokens.diff(dim=1) == 0).all())
-    cache = CompressedCache(model, policy(name), Budget(value=fraction, slack_tokens=0))
+                    if (Budget(value=f / 100, windows=rule).allocate(40, cache.shape).tokens.diff(dim=1) == 0).all())
+    cache = CompressedCache(model, policy(name), Budget(value=fraction, slack_tokens=0, windows=rule))
     model(ids, cache=cache)
     assert any(layer.packed for layer in cache.layers)
     plain = DynamicCache(config=model.config)
     for index, layer in enumerate(cache.layers):
         keys, values, _ = layer.dense_view(tracks=False)
+        if layer.window is not None and rule == "share":  # fewer than W - 1 kept, all within the next token's reach
+            assert keys.shape[2] < WINDOW - 1
+            plain.layers[index] = DynamicLayer()
         plain.layers[index].update(keys.clone(), values.clone())
-        if layer.window is not None:
+        if layer.window is not None and rule == "keep":
             plain.layers[index].cumulative_length = layer.logical_length
     token = torch.tensor([[7]])
     got = model(token, cache=cache).logits  # positions from the cache's logical length
@@ -292,11 +279,7 @@ def test_resident_bytes_never_exceed_the_models_own_cache(architecture, model, f
     (windows of W - 1) holds."""
     ids = prompt(64)
     cache = CompressedCache(model, kvpolicies.get_policy("snapkv"), Budget(value=fraction, slack_tokens=0))
-    try:
-        model(ids, cache=cache)
-    except BudgetError:
-        assert architecture in ALL_WINDOWED and fraction < 1
-        return
+    model(ids, cache=cache)
     own = own_cache_bytes(model, ids)
     assert cache.stats().full_bytes == own
     assert cache.resident_bytes() <= fraction * own + cache.shape.entry_bytes
@@ -315,18 +298,12 @@ class Tied(Policy):
 
     def score(self, inputs):
         scores = inputs.keys.float().norm(dim=-1).log2().round()
-        self.scores[inputs.layer_idx] = scores
+        self.scores[inputs.layer_idx] = scores.masked_fill(~inputs.valid, float("-inf"))  # a window's reach only
         return scores
 
 
 @torch.no_grad()
 def test_ties_in_bf16_break_towards_the_older_entry(architecture, model):
-    if architecture in ALL_WINDOWED:  # windows are never scored, so there are no ties to break
-        tied = Tied()
-        with pytest.raises(BudgetError, match="every layer is windowed"):
-            model(prompt(48), cache=CompressedCache(model, tied, Budget(value=0.3, slack_tokens=0)))
-        assert not tied.scores
-        return
     half = copy.deepcopy(model).to(torch.bfloat16)
     ids = prompt(48)
     runs = []
@@ -338,11 +315,11 @@ def test_ties_in_bf16_break_towards_the_older_entry(architecture, model):
     (tied, cache), (_, again) = runs
     for index, scores in tied.scores.items():
         layer = cache.layers[index]
-        dense = DynamicCache(config=half.config)
+        dense = DynamicCache()  # no config: every layer holds every token, windows too
         half(ids, cache=dense)
         for head, kept_keys in enumerate(held(layer, 0)):
             row = scores[0, head]
-            assert len(row.unique()) < len(row)  # there are ties to break
+            assert len(row[row.isfinite()].unique()) < int(row.isfinite().sum())  # there are ties to break
             # Highest score first; among equal scores, the older (lower position) first.
             order = sorted(range(len(row)), key=lambda position: (-row[position].item(), position))
             chosen = sorted(order[: len(kept_keys)])
@@ -404,9 +381,11 @@ def test_learned_attention_sinks_are_refused_before_any_result(record_property):
 def test_a_fixed_budget_that_full_windows_would_outgrow_is_refused_when_the_cache_is_built():
     """Windows fill up as the sequence grows; a tokens budget must not pass at prefill and fail mid-generation."""
     model = build(ARCHITECTURES["gemma2"])
-    CompressedCache(model, kvpolicies.get_policy("snapkv"), "8 tokens")  # windows of 7 plus one: fits
-    with pytest.raises(BudgetError, match="tokens per KV head"):
-        CompressedCache(model, kvpolicies.get_policy("snapkv"), "3 tokens")
+    keep = Budget.parse("8 tokens", windows="keep")
+    CompressedCache(model, kvpolicies.get_policy("snapkv"), keep)  # windows of 7 plus one: fits
+    with pytest.raises(BudgetError, match="tokens per KV head.*windows=share"):
+        CompressedCache(model, kvpolicies.get_policy("snapkv"), Budget.parse("3 tokens", windows="keep"))
+    CompressedCache(model, kvpolicies.get_policy("snapkv"), "3 tokens")  # windows sharing the budget: any fits
 
 
 @torch.no_grad()
@@ -422,7 +401,7 @@ def test_padding_inside_a_window_is_never_counted_and_decoding_keeps_each_row_as
     steps = torch.randint(3, COMMON["vocab_size"], (2, 3), generator=generator)
 
     def run(ids, attention_mask, tokens):
-        fraction = 1.0 if architecture in ALL_WINDOWED else 0.8  # 0.6 cannot hold a 4-token window plus one
+        fraction = 0.8
         cache = CompressedCache(model, kvpolicies.get_policy("snapkv"), Budget(value=fraction, slack_tokens=0))
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         model(ids, attention_mask=attention_mask, position_ids=positions, cache=cache)
@@ -439,3 +418,91 @@ def test_padding_inside_a_window_is_never_counted_and_decoding_keeps_each_row_as
     for both, single in zip(together, alone):
         assert torch.equal(both[:, 1], single[:, 0])  # the padding in the short row's window is never counted
     assert cache.sequence_stats()[1].kept_entries == int(alone[-1][:, 0].sum())
+
+
+WINDOWED = ["gemma2", "gemma3", "mistral-sliding-window"]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("architecture", WINDOWED)
+@pytest.mark.parametrize("gpu_shaped", [False, True])
+def test_packed_windows_decode_each_prompt_of_a_padded_batch_as_the_model_does_alone(architecture, gpu_shaped):
+    """A left-padded batch packs every layer at prefill, windows included, and decoding then slides the packed
+    windows by their entries' positions: at a budget that keeps what the model keeps, each row's logits at every
+    step are the model's own for that prompt alone (run by run on a CPU, one padded call shaped for a GPU)."""
+    from kvpolicies.engine.paths import shaped_for_gpu
+
+    model = build(ARCHITECTURES[architecture])
+    generator = torch.Generator().manual_seed(5)
+    first = torch.randint(3, COMMON["vocab_size"], (1, 30), generator=generator)
+    second = torch.randint(3, COMMON["vocab_size"], (1, 19), generator=generator)
+    batch = torch.cat([first, torch.cat([torch.zeros(1, 11, dtype=torch.long), second], 1)])
+    mask = torch.cat([torch.ones(1, 30), torch.cat([torch.zeros(1, 11), torch.ones(1, 19)], 1)]).long()
+    steps = torch.randint(3, COMMON["vocab_size"], (2, 2 * WINDOW), generator=generator)  # past the window twice
+    cache = CompressedCache(model, kvpolicies.get_policy("snapkv"), Budget(value=1.0, slack_tokens=3))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with shaped_for_gpu() if gpu_shaped else contextlib.nullcontext():
+        got = [model(batch, attention_mask=mask, position_ids=positions, cache=cache).logits[:, -1]]
+        assert all(layer.packed for layer in cache.layers)
+        for step in range(steps.shape[1]):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+            got.append(model(steps[:, step : step + 1], attention_mask=mask, position_ids=positions[:, -1:] + step + 1,
+                             cache=cache).logits[:, -1])
+    for row, ids in enumerate((first, second)):
+        own = DynamicCache(config=model.config)
+        want = [model(ids, cache=own).logits[:, -1]]
+        for step in range(steps.shape[1]):
+            want.append(model(steps[row : row + 1, step : step + 1], cache=own).logits[:, -1])
+        for got_step, want_step in zip(got, want):
+            torch.testing.assert_close(got_step[row : row + 1], want_step, atol=1e-5, rtol=1e-5)
+    for index in cache.shape.sliding_layers:  # what slid out is held only until the next eviction: the slack
+        assert (cache.kept_per_head()[index] <= WINDOW - 1 + 3).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("architecture", WINDOWED)
+@pytest.mark.parametrize("name", ["snapkv", "headkv"])
+def test_entries_that_slid_out_of_a_packed_window_are_never_attended(architecture, name):
+    """Compressed windows keep entries from all over the window; decoding slides it past some of them, which stay
+    stored until the next eviction. Whatever they hold, the next token's logits do not change."""
+    model = build(ARCHITECTURES[architecture])
+    ids = prompt(40)
+    caches = []
+    for _ in range(2):
+        cache = CompressedCache(model, policy(name), Budget(value=0.5, slack_tokens=50))  # no eviction while decoding
+        model(ids, cache=cache)
+        for token in range(3, 3 + WINDOW // 2):
+            model(torch.tensor([[token]]), cache=cache)
+        caches.append(cache)
+    clean, poisoned = caches
+    stale = 0
+    for layer in poisoned.layers:
+        if layer.window is None:
+            continue
+        assert layer.packed
+        out = ~layer.in_window(layer.positions[:, 0])
+        stale += int(out.sum())
+        layer.values[out] = 1e4
+        layer.keys[out] = 1e2
+    assert stale > 0  # the window really slid past kept entries
+    token = torch.tensor([[7]])
+    torch.testing.assert_close(model(token, cache=poisoned).logits, model(token, cache=clean).logits, atol=0, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("architecture", WINDOWED)
+def test_windows_kept_whole_hold_their_window_and_refuse_what_does_not_fit(architecture):
+    """``windows="keep"``: a window holds the model's W - 1 and the full-attention layers share the rest; a model
+    whose every layer is windowed has nothing else to cut, and says how to let windows share the budget."""
+    model = build(ARCHITECTURES[architecture])
+    cache = CompressedCache(model, kvpolicies.get_policy("snapkv"), Budget(value=0.5, slack_tokens=0, windows="keep"))
+    if architecture in ALL_WINDOWED:
+        with pytest.raises(BudgetError, match="every layer is windowed.*windows=share"):
+            model(prompt(64), cache=cache)
+        return
+    model(prompt(64), cache=cache)
+    kept = cache.kept_per_head()[:, 0]
+    for index in cache.shape.sliding_layers:
+        assert (kept[index] == WINDOW - 1).all() and not cache.layers[index].packed
+    assert all(cache.layers[index].packed for index in range(len(kept)) if index not in cache.shape.sliding_layers)
+    assert int(kept.sum()) == cache.allocation(64).total

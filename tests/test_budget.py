@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -153,16 +155,18 @@ GEMMA_LIKE = CacheShape(num_layers=6, num_kv_heads=2, head_dim=16, dtype_bytes=2
 
 
 @given(seq_len=st.integers(1, 20000), fraction=st.floats(0.001, 1.0))
-def test_sliding_layers_hold_their_window_and_full_layers_share_the_rest_or_the_budget_is_refused(seq_len, fraction):
-    """The full cache is the model's own (windows of W - 1); windows are charged, never cut; the rest is shared."""
+def test_windows_kept_whole_hold_their_window_and_full_layers_share_the_rest_or_the_budget_is_refused(seq_len,
+                                                                                                      fraction):
+    """windows="keep": the full cache is the model's own (windows of W - 1); windows are charged, never cut; the
+    rest is shared."""
     windowed = 4 * 2 * min(seq_len, 511)
     assert GEMMA_LIKE.full_entries(seq_len) == windowed + 2 * 2 * seq_len
     try:
-        allocation = Budget(value=fraction).allocate(seq_len, GEMMA_LIKE)
+        allocation = Budget(value=fraction, windows="keep").allocate(seq_len, GEMMA_LIKE)
     except BudgetError as error:
         minimum = float(str(error).rsplit("at least ", 1)[1].split()[0])
-        assert fraction < minimum
-        assert Budget(value=minimum).allocate(seq_len, GEMMA_LIKE).total >= windowed + 4  # the suggestion fits
+        assert fraction < minimum and "windows=share" in str(error)
+        assert Budget(value=minimum, windows="keep").allocate(seq_len, GEMMA_LIKE).total >= windowed + 4
         return
     tokens = allocation.tokens
     assert allocation.fixed == (0, 1, 3, 4)
@@ -171,10 +175,41 @@ def test_sliding_layers_hold_their_window_and_full_layers_share_the_rest_or_the_
     assert int(tokens[[2, 5]].min()) >= 1 and int(tokens[[2, 5]].max()) <= seq_len
 
 
-def test_policies_move_entries_between_full_layers_only():
+@given(seq_len=st.integers(1, 20000), fraction=st.floats(0.001, 1.0))
+def test_shared_windows_give_every_layer_the_same_share_of_what_the_model_holds_there(seq_len, fraction):
+    """windows="share" (the default): any budget fits; each head keeps between 1 and what the model's own cache
+    holds in its layer (a window's W - 1), and every layer about the same share of it."""
+    allocation = Budget(value=fraction).allocate(seq_len, GEMMA_LIKE)
+    tokens, caps = allocation.tokens, allocation.caps
+    assert allocation.fixed == () and allocation.held == (min(seq_len, 511),) * 2 + (seq_len,) + (min(seq_len, 511),) * 2 + (seq_len,)
+    assert int(tokens.sum()) == allocation.total == max(math.floor(fraction * GEMMA_LIKE.full_entries(seq_len) + 1e-9),
+                                                        min(12, GEMMA_LIKE.full_entries(seq_len)))
+    assert (tokens >= 1).all() and (tokens <= caps).all()
+    # One entry each, then the rest in proportion to what each head's layer holds: off by rounding (and by what a
+    # window's W - 1 could not take, under one entry per window head) only.
+    exact = 1 + (allocation.total - tokens.numel()) * caps.double() / float(caps.sum() * tokens.shape[1])
+    assert ((tokens - exact).abs() < 2).all()
+
+
+def test_shared_windows_make_every_budget_fit_where_keeping_them_refuses():
+    """The issue's case: a Gemma-3-4B shape (34 layers, 29 windowed at 1024) at 4k, and an all-windowed Mistral."""
+    gemma3 = CacheShape(num_layers=34, num_kv_heads=4, head_dim=256, dtype_bytes=2,
+                        windows=tuple(None if layer % 6 == 5 else 1024 for layer in range(34)))
+    mistral = CacheShape(num_layers=4, num_kv_heads=2, head_dim=16, dtype_bytes=2, windows=(4096,) * 4)
+    for shape, seq_len in ((gemma3, 4096), (mistral, 8000)):
+        for fraction in (0.5, 0.25, 0.125):
+            with pytest.raises(BudgetError, match="windows=share"):
+                Budget(value=fraction, windows="keep").allocate(seq_len, shape)
+            shared = Budget(value=fraction).allocate(seq_len, shape)
+            assert int(shared.tokens.sum()) == shared.total <= fraction * shape.full_entries(seq_len)
+            windows = list(shape.sliding_layers)
+            assert (shared.tokens[windows] < 1023 if shape is gemma3 else shared.tokens < 4095).all()
+
+
+def test_policies_move_entries_between_full_layers_only_when_windows_are_kept_whole():
     import kvpolicies
 
-    uniform = Budget(value=0.7).allocate(4000, GEMMA_LIKE)
+    uniform = Budget(value=0.7, windows="keep").allocate(4000, GEMMA_LIKE)
     for name, options in [("pyramidkv", {}), ("l2norm", {"uncompressed_layers": [0, 2]})]:
         policy = kvpolicies.get_policy(name, **options)
         moved = uniform.check(policy.allocate(uniform), AssertionError)  # a breach would fail the test
@@ -184,6 +219,19 @@ def test_policies_move_entries_between_full_layers_only():
     assert pyramid[2].sum() > pyramid[5].sum()  # the pyramid runs over the full layers
     l2 = kvpolicies.get_policy("l2norm", uncompressed_layers=[0, 2]).allocate(uniform).tokens
     assert (l2[2] == 4000).all()  # layer 0 is windowed: "uncompressed" already
+
+
+def test_policies_move_shared_window_entries_up_to_the_window_only():
+    import kvpolicies
+
+    uniform = Budget(value=0.7).allocate(4000, GEMMA_LIKE)
+    for name, options in [("pyramidkv", {}), ("l2norm", {"uncompressed_layers": [0, 2]})]:
+        moved = uniform.check(kvpolicies.get_policy(name, **options).allocate(uniform), AssertionError)
+        assert int(moved.tokens.sum()) <= uniform.total and (moved.tokens <= moved.caps).all()
+    l2 = kvpolicies.get_policy("l2norm", uncompressed_layers=[0, 2]).allocate(uniform).tokens
+    assert (l2[0] == 511).all() and (l2[2] == 4000).all()  # a window left whole holds W - 1, as the model does
+    pyramid = kvpolicies.get_policy("pyramidkv").allocate(uniform).tokens
+    assert (pyramid[:2] == 511).all()  # the lowest layers' large shares stop at the window
 
 
 def test_a_policy_that_cuts_a_window_is_named_as_the_plugins_fault():
@@ -198,7 +246,7 @@ def test_a_policy_that_cuts_a_window_is_named_as_the_plugins_fault():
 
     fault = partial(plugin_fault, Greedy)  # what the cache passes: the PluginError of its policy
 
-    uniform = Budget(value=0.3).allocate(4000, GEMMA_LIKE)
+    uniform = Budget(value=0.3, windows="keep").allocate(4000, GEMMA_LIKE)
     tokens = uniform.tokens.clone()
     tokens[0] -= 100
     tokens[2] += 100
@@ -210,17 +258,37 @@ def test_a_policy_that_cuts_a_window_is_named_as_the_plugins_fault():
     tokens[5] -= 100  # the same move between the full layers 5 and 2 is accepted
     tokens[2] += 100
     assert uniform.check(Allocation(tokens=tokens, seq_len=4000, total=uniform.total), fault).fixed == uniform.fixed
+    shared = Budget(value=0.3).allocate(4000, GEMMA_LIKE)  # windows share: a window may give, never pass W - 1
+    tokens = shared.tokens.clone()
+    tokens[0] = 600
+    tokens[2] -= 2 * (600 - int(shared.tokens[0, 0]))
+    with pytest.raises(PluginError, match="heads of layer 0 .* between 1 and 511"):
+        shared.check(Allocation(tokens=tokens, seq_len=4000, total=shared.total), fault)
 
 
-def test_every_layer_windowed_refuses_any_cut_with_the_fix():
+def test_every_layer_windowed_and_kept_whole_refuses_any_cut_with_the_fix():
     mistral = CacheShape(num_layers=4, num_kv_heads=2, head_dim=16, dtype_bytes=2, windows=(4096,) * 4)
-    assert Budget(value=1.0).allocate(2000, mistral).total == 4 * 2 * 2000
-    with pytest.raises(BudgetError, match="every layer is windowed.*sliding_window=None"):
-        Budget(value=0.5).allocate(2000, mistral)
+    assert Budget(value=1.0, windows="keep").allocate(2000, mistral).total == 4 * 2 * 2000
+    with pytest.raises(BudgetError, match="every layer is windowed.*windows=share"):
+        Budget(value=0.5, windows="keep").allocate(2000, mistral)
 
 
 def test_a_too_small_budget_is_answered_in_its_own_unit():
     with pytest.raises(BudgetError, match=r"at least 341 tokens per KV head for this length"):
-        Budget.parse("100 tokens").allocate(4000, GEMMA_LIKE)  # (4 x 511 + 2) x 2 heads / 12 cells, rounded up = 341
+        Budget.parse("100 tokens", windows="keep").allocate(4000, GEMMA_LIKE)  # (4 x 511 + 2) x 2 / 12, rounded up
     with pytest.raises(BudgetError, match=r"at least 0\.\d+ of the cache for this length"):
-        Budget(value=0.05).allocate(600, GEMMA_LIKE)
+        Budget(value=0.05, windows="keep").allocate(600, GEMMA_LIKE)
+
+
+def test_the_window_rule_is_read_wherever_a_budget_is_and_a_wrong_one_says_both_choices():
+    from kvpolicies.experiments.grid import SweepConfig
+
+    assert Budget.parse("0.5").windows == "share"
+    assert Budget.parse("0.5", windows="keep") == Budget(value=0.5, windows="keep")
+    assert Budget.parse({"value": 0.5, "windows": "keep"}).windows == "keep"  # a grid file's budget mapping
+    with pytest.raises(BudgetError, match="windows=share or windows=keep"):
+        Budget.parse("0.5", windows="drop")
+    with pytest.raises(BudgetError, match="windows"):
+        Budget.parse({"value": 0.5, "windows": "drop"})
+    with pytest.raises(ValidationError, match="differ only in how sliding windows take part"):
+        SweepConfig(budgets=[0.5, {"value": 0.5, "windows": "keep"}])

@@ -69,7 +69,11 @@ def test_allocation_table_marks_windows_and_measures_each_layer_against_the_mode
     from kvpolicies.cli.policies import allocation_table
 
     shape = CacheShape(num_layers=2, num_kv_heads=2, head_dim=16, dtype_bytes=2, windows=(64, None))
-    table = allocation_table(Budget(value=0.5).allocate(1000, shape).tokens, 1000, shape)
+    table = allocation_table(Budget(value=0.5, windows="keep").allocate(1000, shape).tokens, 1000, shape)
     window_row, full_row = table.splitlines()[2:4]
     assert window_row.split()[:5] == ["0", "(window", "64)", "63", "63"] and window_row.endswith("100.0%")
     assert full_row.split() == ["1", "469", "468", "46.9%"]  # 0.5 x (63 + 1000) x 2 heads, less the windows
+    shared = allocation_table(Budget(value=0.5).allocate(1000, shape).tokens, 1000, shape)
+    window_row, full_row = shared.splitlines()[2:4]  # one entry each, then every layer half of what it holds
+    assert window_row.split() == ["0", "(window", "64)", "33", "32", "51.6%"]
+    assert full_row.split() == ["1", "499", "499", "49.9%"]

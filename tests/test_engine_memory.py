@@ -202,10 +202,10 @@ def test_criticalkv_keeps_the_same_entries_as_with_the_projections(tiny_model, m
 # -- attention_received: no float32 copy of every key, no host sync ---------------------------------------------
 
 
-def attention_received_as_first_written(query, keys, valid, order, scaling, chunk=256, reduce="sum"):
+def attention_received_as_first_written(query, keys, valid, order, scaling, chunk=256, reduce="sum", window=None):
     """The signal as first written: every key upcast at once, and a device read per chunk of queries for its cut
-    (a sum: what H2O's track takes)."""
-    assert reduce == "sum"
+    (a sum: what H2O's track takes; no sliding window, which this model has not)."""
+    assert reduce == "sum" and window is None
     scale = scaling if isinstance(scaling, LogitScale) else LogitScale(scaling)
     batch, kv_heads, seq, head_dim = keys.shape
     heads, q_len = query.shape[1], query.shape[2]

@@ -11,7 +11,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
 import kvpolicies
-from kvpolicies import Policy, PolicyConfig, PolicyConfigError
+from kvpolicies import Budget, BudgetError, Policy, PolicyConfig, PolicyConfigError
 from kvpolicies.cli import main
 from kvpolicies.integrations.lm_eval import KVPoliciesLM
 from kvpolicies.integrations.models import converted_gguf, embedded_gguf
@@ -21,6 +21,13 @@ PASSKEY = {"lengths": [200], "depths": [0.5], "per_cell": 2}
 PPL = {"lengths": [300], "per_length": 1}
 
 
+def test_the_window_rule_is_a_model_arg(tiny_pretrained):
+    lm = KVPoliciesLM(pretrained=tiny_pretrained, policy="snapkv", budget=0.5, budget_windows="keep")
+    assert lm.kv_budget == Budget(value=0.5, windows="keep")
+    with pytest.raises(BudgetError, match="windows=share or windows=keep"):
+        KVPoliciesLM(pretrained=tiny_pretrained, policy="snapkv", budget=0.5, budget_windows="all")
+
+
 def test_generate_until_runs_through_lm_eval_and_reports_memory(tiny_pretrained):
     lm = KVPoliciesLM(pretrained=tiny_pretrained, policy="l2norm", budget=0.5, uncompressed_layers="[]")
     results = evaluate(lm, ["kvp_passkey"], PASSKEY)
@@ -28,6 +35,7 @@ def test_generate_until_runs_through_lm_eval_and_reports_memory(tiny_pretrained)
     info = results["config"]["kvpolicies"]
     assert info["policy"] == "l2norm" and info["config"]["uncompressed_layers"] == []
     assert info["budget"]["value"] == 0.5 and len(info["config_hash"]) == 16
+    assert info["budget"]["windows"] == "share"  # the results say how sliding windows took part
     memory = info["kv_memory"]
     assert memory["sequences"] == 2
     # Half the prompt, plus up to 11 generated tokens in the slack: between 50% and 60% of the full cache.

@@ -25,6 +25,8 @@ Model args of `--model kvpolicies` (comma-separated key=value):
   policy=NAME                      eviction policy (default: the full cache); see `kvpolicies list`
   budget=SPEC                      0.5 | 25% | 512tokens | 64MiB (default: 1.0, keep everything)
   slack_tokens=N                   decode-time growth per head before eviction runs again (default: 16)
+  budget_windows=share|keep        sliding-window layers share the budget, or keep their whole window
+                                   (default: share)
   stream_chunk=N                   chunk size of loglikelihood_rolling streaming (default: 128)
   prefill_chunk=N                  prefill generation prompts N tokens at a time, evicting between chunks
   any policy option                e.g. window_tokens=8, uncompressed_layers=[], scorer=l2norm

@@ -114,6 +114,9 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-slack", type=non_negative_int, metavar="N",
                         help="entries a head may grow past its share while generating before eviction runs again "
                              "(default: 16; 0 evicts at every step)")
+    parser.add_argument("--budget-windows", choices=("share", "keep"),
+                        help="sliding-window layers (Gemma, Mistral): 'share' the budget like any layer, or 'keep' "
+                             "their whole window and cut the full-attention layers only (default: share)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="policy option (JSON value), repeatable"
     )

@@ -122,7 +122,7 @@ def run_generate(args: argparse.Namespace) -> int:
     marker = None if args.question is None else "\n" + args.question
     prompt = prompt if marker is None else prompt + marker
     policy = get_policy(args.policy, **parse_options(args.set))
-    budget = Budget.parse(args.budget, slack_tokens=args.budget_slack)
+    budget = Budget.parse(args.budget, slack_tokens=args.budget_slack, windows=args.budget_windows)
 
     print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -163,7 +163,8 @@ def run_generate(args: argparse.Namespace) -> int:
         ["policy", f"{policy.name} {json.dumps(policy.config.model_dump(mode='json'))}"],
         ["budget", f"{budget}" + (f" (each head may grow {budget.slack_tokens} entries past it while generating "
                                    "before eviction runs again: --budget-slack 0 evicts at every step)"
-                                   if budget.slack_tokens else "")],
+                                   if budget.slack_tokens else "")
+                   + (f"; sliding windows: {budget.windows} (--budget-windows)" if cache.shape.sliding_layers else "")],
         ["tokens (prompt + generated)", f"{prompt_tokens} + {len(new_tokens)}"],
         ["KV entries kept / full", f"{stats.kept_entries:,} / {stats.full_entries:,} ({stats.kept_fraction:.1%})"],
         *([["protocol", f"{protocol.value}: the question and the generated tokens ({stats.appended_entries:,} "
@@ -189,7 +190,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from kvpolicies.registry import get_policy
 
     policy = get_policy(args.policy, **parse_options(args.set))
-    budget = Budget.parse(args.budget, slack_tokens=args.budget_slack)
+    budget = Budget.parse(args.budget, slack_tokens=args.budget_slack, windows=args.budget_windows)
     text = None if args.file is None else read_text_file(args.file, "prompt file")
     if text is not None and not text.strip():
         raise UsageError(f"the prompt in {args.file} is empty; give some text")

@@ -127,6 +127,8 @@ def packed_attention(
     (:func:`launch_bound`), their padded view with a mask from the run lengths: a copy of the layer per step,
     traded for ``batch × kv_heads`` calls; on a CPU, where a call costs little and the copy much, one call per run.
     A soft-capped layer (Gemma 2) cannot use SDPA, which has no soft-cap: it runs the eager computation instead.
+    A packed sliding-window layer also hides from each query the entries outside its window, read from the entries'
+    positions on the device (the variable-length kernel takes no such mask, so it pads).
     """
     batch, heads, q_len, head_dim = query.shape
     kv_heads = layer.num_heads
@@ -136,20 +138,27 @@ def packed_attention(
         new_visible = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril().expand(batch, -1, -1)
     if new_visible is not None and bool(new_visible.all()):
         new_visible = None
+    windowed = layer.positions is not None
     if (uniform := layer.uniform_view()) is not None:
         keys, values = uniform
         mask = None
         if new_visible is not None:
             old = torch.ones(batch, 1, q_len, keys.shape[2] - q_len, dtype=torch.bool, device=query.device)
             mask = torch.cat([old, new_visible[:, None]], dim=-1)
-    elif q_len == 1 and (out := varlen_decode(rows, layer, scale, dropout)) is not None:
+        if windowed:
+            window = layer.window_view(layer.positions.view(batch, kv_heads, -1), q_len)
+            sees = window.visible(0, q_len, keys.shape[2])
+            mask = sees if mask is None else mask & sees
+    elif q_len == 1 and not windowed and (out := varlen_decode(rows, layer, scale, dropout)) is not None:
         return out.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
     elif not launch_bound(rows.device):
         out = run_by_run(rows, layer, new_visible, scale, dropout, groups)
         return out.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
     else:
-        keys, values, valid = padded_runs(layer)
+        keys, values, valid, positions = padded_runs(layer)
         mask = ragged_mask(valid, layer.run_lengths.view(batch, kv_heads), q_len, new_visible)
+        if positions is not None:
+            mask = mask & layer.window_view(positions, q_len).visible(0, q_len, keys.shape[2])
     if mask is not None and groups > 1 and mask.shape[2] > 1:
         mask = mask.repeat(1, 1, groups, 1)  # rows are (group, query)
     attend = kernel(scale)
@@ -165,29 +174,37 @@ def run_by_run(rows: torch.Tensor, layer: CompressedLayer, new_visible: torch.Te
     attend = kernel(scale)
     q_len = rows.shape[2] // groups
     out = torch.empty_like(rows)
-    for b, h, k, v in layer.runs():
+    positions = layer.positions.split(layer.lengths) if layer.positions is not None else None
+    for run, (b, h, k, v) in enumerate(layer.runs()):
         mask = None
         if new_visible is not None:
             old = torch.ones(q_len, k.shape[0] - q_len, dtype=torch.bool, device=rows.device)
-            mask = torch.cat([old, new_visible[b]], dim=-1).repeat(groups, 1)  # rows are (group, query)
+            mask = torch.cat([old, new_visible[b]], dim=-1)
+        if positions is not None:  # a sliding window: what lies before each query's window is hidden
+            sees = layer.window_view(positions[run].view(1, 1, -1), q_len).visible(0, q_len, k.shape[0])[0, 0]
+            mask = sees if mask is None else mask & sees
+        if mask is not None:
+            mask = mask.repeat(groups, 1)  # rows are (group, query)
         # 4-D inputs: with 3-D ones SDPA on CPU falls back to its math path (bmm + softmax), 1.5x slower.
         out[b, h] = attend(rows[b, h][None, None], k[None, None], v[None, None], attn_mask=mask, dropout_p=dropout,
                            scale=scale.scaling)[0, 0]
     return out
 
 
-def padded_runs(layer: CompressedLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def padded_runs(layer: CompressedLayer
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Keys and values of a ragged packed layer as ``[batch, kv_heads, longest, head_dim]``, with ``valid``
-    ``[batch, kv_heads, longest]``: one gather per tensor. Places past a run's end hold the entries that follow it in
-    storage (no zero fill): the mask hides them, and they are finite, so they weigh nothing. Scoring uses
-    ``layer.dense_view()`` instead, whose padding is zeros."""
+    ``[batch, kv_heads, longest]`` and a sliding window's positions (None without): one gather per tensor. Places
+    past a run's end hold the entries that follow it in storage (no zero fill): the mask hides them, and they are
+    finite, so they weigh nothing. Scoring uses ``layer.dense_view()`` instead, whose padding is zeros."""
     longest = max(layer.lengths)
     lengths = layer.run_lengths
     position = torch.arange(longest, device=layer.device)
     places = ((lengths.cumsum(0) - lengths)[:, None] + position).clamp_(max=layer.keys.shape[0] - 1).flatten()
     shape = (layer.batch_size, layer.num_heads, longest, layer.head_dim)
     keys, values = (t.index_select(0, places).view(shape) for t in (layer.keys, layer.values))
-    return keys, values, (position < lengths[:, None]).view(shape[:-1])
+    positions = None if layer.positions is None else layer.positions.index_select(0, places).view(shape[:-1])
+    return keys, values, (position < lengths[:, None]).view(shape[:-1]), positions
 
 
 def ragged_mask(valid: torch.Tensor, lengths: torch.Tensor, q_len: int, new_visible: torch.Tensor | None

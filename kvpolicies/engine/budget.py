@@ -8,10 +8,18 @@ per KV head, never per query head. Layers a policy leaves uncompressed count aga
 
 Sliding-window layers (Gemma 2/3, Mistral with ``sliding_window``) are neither uncompressed nor free. The model
 itself only ever attends to their last ``W`` tokens, so its own cache holds ``W - 1`` entries per head there: that
-is the "full cache" a fraction is taken of, and those entries are charged to the budget like any other. Nothing
-inside a window is ever evicted (the model needs all of it for its next token), so a sliding layer always holds its
-window and the full-attention layers share what remains; a budget too small for the windows is refused with the
-smallest one that fits.
+is the "full cache" a fraction is taken of, and those entries are charged to the budget like any other. How the
+windows take part is the budget's ``windows`` option:
+
+- ``"share"`` (the default): windows are compressed like any layer. Every layer keeps the same share of what the
+  model's own cache holds there (a window at most its ``W - 1``), and the policy chooses among the window's entries
+  as among any layer's. Any budget that leaves each head one entry fits, on every architecture.
+- ``"keep"``: windows are held whole (nothing the model attends to next is evicted) and the full-attention layers
+  share what remains; a budget too small for the windows is refused with the smallest one that fits, and a model
+  whose every layer is windowed cannot be compressed at all once its prompt is longer than the window.
+
+Why share by default: on a Gemma-3 shape the windows hold most of the model's own cache at RULER's lengths, so
+``keep`` refuses every budget a user asks for; on a model without windows the two are the same.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from kvpolicies.errors import BudgetError, PolicyConfigError, describe
 
 BudgetUnit = Literal["fraction", "tokens", "bytes"]
+WindowRule = Literal["share", "keep"]
+WINDOW_RULES: tuple[WindowRule, ...] = ("share", "keep")
 
 _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _FORMS: list[tuple[str, BudgetUnit, float]] = [
@@ -112,6 +122,9 @@ class Budget(BaseModel):
     ``slack_tokens`` lets a head grow that many entries past its allocation during decoding before eviction runs
     again, so eviction is not paid on every generated token (0 = evict at every step). Prefill is always cut to
     the allocation exactly.
+
+    ``windows`` says how a model's sliding-window layers take part (see the module's docstring): ``"share"`` the
+    budget like any layer, or ``"keep"`` their whole window. It changes nothing on a model without windows.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -119,6 +132,7 @@ class Budget(BaseModel):
     unit: BudgetUnit = "fraction"
     value: float
     slack_tokens: int = Field(16, ge=0, description="decode-time growth allowed before re-evicting, per head")
+    windows: WindowRule = Field("share", description="sliding-window layers: 'share' the budget or 'keep' whole")
 
     @model_validator(mode="after")
     def _check_range(self) -> Budget:
@@ -133,8 +147,10 @@ class Budget(BaseModel):
         return self
 
     @classmethod
-    def parse(cls, spec: Budget | float | int | str, slack_tokens: int | None = None) -> Budget:
-        """Read ``0.5``, ``"50%"``, ``"512 tokens"``, ``"64MiB"`` or ``"1e6 bytes"`` into a Budget.
+    def parse(cls, spec: Budget | float | int | str, slack_tokens: int | None = None,
+              windows: str | None = None) -> Budget:
+        """Read ``0.5``, ``"50%"``, ``"512 tokens"``, ``"64MiB"`` or ``"1e6 bytes"`` into a Budget (``slack_tokens``
+        and ``windows``, when given, replace the spec's own).
 
         Every way a budget enters kvpolicies (command line, sweep file, lm-eval model args, Python) goes through
         here, so a bad one always fails the same way: a :class:`BudgetError` that shows the accepted forms.
@@ -148,6 +164,11 @@ class Budget(BaseModel):
             budget = cls._validated({"unit": unit, "value": value}, spec)
         if slack_tokens is not None and slack_tokens != budget.slack_tokens:
             budget = cls._validated(budget.model_dump() | {"slack_tokens": slack_tokens}, spec)
+        if windows is not None and windows != budget.windows:
+            if windows not in WINDOW_RULES:
+                raise BudgetError(f"windows={windows!r}: sliding-window layers either 'share' the budget like any "
+                                  "layer or 'keep' their whole window; use windows=share or windows=keep")
+            budget = cls._validated(budget.model_dump() | {"windows": windows}, spec)
         return budget
 
     @classmethod
@@ -193,16 +214,21 @@ class Budget(BaseModel):
         return max(min(wanted, full), min(shape.cells, full))
 
     def allocate(self, seq_len: int, shape: CacheShape) -> Allocation:
-        """The uniform allocation: sliding-window layers hold their window, and every (layer, KV head) of the
-        full-attention layers gets the same share of the rest, remainders to the first cells."""
+        """The uniform allocation of a sequence of ``seq_len`` tokens. Without sliding windows every (layer, KV head)
+        gets the same share of the total, remainders to the first cells; with them, see ``windows``."""
         total = self.total_entries(seq_len, shape)
+        held = tuple(shape.held(layer, seq_len) for layer in range(shape.num_layers))
         if not shape.sliding_layers:
             tokens = spread(total, shape.cells, seq_len).view(shape.num_layers, shape.num_kv_heads)
             return Allocation(tokens=tokens, seq_len=seq_len, total=total)
+        if self.windows == "share":  # every layer the same share of what the model's own cache holds there
+            caps = torch.tensor(held, dtype=torch.long).repeat_interleave(shape.num_kv_heads)
+            tokens = distribute(total, caps.double(), cap=caps).view(shape.num_layers, shape.num_kv_heads)
+            return Allocation(tokens=tokens, seq_len=seq_len, total=total, held=held)
         fixed = shape.sliding_layers
         tokens = torch.zeros(shape.num_layers, shape.num_kv_heads, dtype=torch.long)
         for layer in fixed:
-            tokens[layer] = shape.held(layer, seq_len)
+            tokens[layer] = held[layer]
         windowed = int(tokens.sum())
         free = [layer for layer in range(shape.num_layers) if layer not in fixed]
         if total < windowed + len(free) * shape.num_kv_heads:
@@ -213,18 +239,19 @@ class Budget(BaseModel):
                         f"{math.ceil(entries / shape.cells)} tokens per KV head" if self.unit == "tokens" else
                         f"{entries * shape.kept_entry_bytes}B")
             where = (f"and one entry per head of its {len(free)} full-attention layers" if free else
-                     "(every layer is windowed: a smaller cache would evict inside the window the model attends to; "
-                     "load the model with sliding_window=None to compress it as full attention)")
+                     "(every layer is windowed: a smaller cache would evict inside the window the model attends to)")
             raise BudgetError(
-                f"budget {self} keeps {total} entries of a {seq_len}-token sequence, but the model's "
-                f"{len(fixed)} sliding-window layers hold {windowed} (the last W - 1 tokens each, all of which the "
-                f"model attends to) {where}; raise the budget to at least {in_units} for this length"
+                f"budget {self} with windows=keep keeps {total} entries of a {seq_len}-token sequence, but the "
+                f"model's {len(fixed)} sliding-window layers hold {windowed} (the last W - 1 tokens each, all of "
+                f"which the model attends to) {where}; raise the budget to at least {in_units} for this length, or "
+                "let the windows share the budget (windows=share)"
             )
         if free:
             tokens[free] = spread(total - windowed, len(free) * shape.num_kv_heads, seq_len).view(len(free), -1)
-        return Allocation(tokens=tokens, seq_len=seq_len, total=total, fixed=fixed)
+        return Allocation(tokens=tokens, seq_len=seq_len, total=total, fixed=fixed, held=held)
 
     def __str__(self) -> str:
+        """The budget as a user writes it (the slack and the window rule are said where they matter)."""
         if self.unit == "fraction":
             return f"{self.value:g}"
         if self.unit == "tokens":
@@ -280,8 +307,9 @@ def distribute(
 class Allocation:
     """Tokens kept per (layer, KV head) for one sequence of ``seq_len`` real tokens; ``tokens.sum() == total``.
 
-    A policy may move entries between the ``free_layers`` (and their heads); the ``fixed`` layers are the model's
-    sliding-window layers, which hold their window whatever the policy says.
+    A policy may move entries between the ``free_layers`` (and their heads), none past what the model's own cache
+    holds there (``held``: the sequence, or a window's ``W - 1``); the ``fixed`` layers are sliding-window layers
+    held whole (a budget with ``windows="keep"``), which hold their window whatever the policy says.
     """
 
     tokens: torch.Tensor
@@ -289,33 +317,46 @@ class Allocation:
     seq_len: int
     total: int
     fixed: tuple[int, ...] = ()
-    """Layers whose allocation the model sets (sliding windows): ``check`` refuses a policy that changes them."""
+    """Layers whose allocation the model sets (windows held whole): ``check`` refuses a policy that changes them."""
+    held: tuple[int, ...] = ()
+    """Per layer, entries per head the model's own cache holds (empty: ``seq_len`` in every layer)."""
+
+    @property
+    def caps(self) -> torch.Tensor:
+        """``[num_layers, 1]`` the most entries a head of each layer can keep: what the model's own cache holds."""
+        held = self.held or (self.seq_len,) * self.tokens.shape[0]
+        return torch.tensor(held, dtype=torch.long)[:, None]
 
     @property
     def free_layers(self) -> list[int]:
-        """Layers a policy may give more or fewer entries: every full-attention layer."""
+        """Layers a policy may give more or fewer entries: every layer not held whole."""
         return [layer for layer in range(self.tokens.shape[0]) if layer not in self.fixed]
 
     @property
     def free_total(self) -> int:
-        """Entries the free layers share: the total less what the sliding windows hold."""
+        """Entries the free layers share: the total less what the windows held whole hold."""
         return self.total - int(self.tokens[list(self.fixed)].sum()) if self.fixed else self.total
+
+    def _with(self, tokens: torch.Tensor) -> Allocation:
+        return Allocation(tokens=tokens, seq_len=self.seq_len, total=self.total, fixed=self.fixed, held=self.held)
 
     def redistribute(self, weights: torch.Tensor, floor: int | torch.Tensor = 1) -> Allocation:
         """Share the free layers' entries in proportion to ``weights`` (``[layers, kv_heads]``; fixed layers'
-        weights are ignored), each head within ``[floor, seq_len]``; sliding-window layers keep their window."""
+        weights are ignored), each head within ``[floor, held]`` (the sequence, or a window's ``W - 1``); windows
+        held whole keep their window."""
         free = self.free_layers
         tokens = self.tokens.clone()
         if free:
-            shares = distribute(self.free_total, weights.reshape(self.tokens.shape)[free], cap=self.seq_len,
-                                floor=floor)
+            caps = self.caps.expand_as(self.tokens)[free]
+            shares = distribute(self.free_total, weights.reshape(self.tokens.shape)[free], cap=caps, floor=floor)
             tokens[free] = shares.view(len(free), -1)
-        return Allocation(tokens=tokens, seq_len=self.seq_len, total=self.total, fixed=self.fixed)
+        return self._with(tokens)
 
     def with_full_layers(self, layers: Iterable[int]) -> Allocation:
-        """Leave ``layers`` uncompressed and share what is left of the total among the other layers.
+        """Leave ``layers`` uncompressed (each head keeps what the model's own cache holds there) and share what is
+        left of the total among the other layers.
 
-        A sliding-window layer named here already holds all the model attends to (its window), so it is left as is.
+        A window held whole named here already holds all the model attends to (its window), so it is left as is.
         """
         num_layers, num_heads = self.tokens.shape
         outside = [layer for layer in layers if not -num_layers <= layer < num_layers]
@@ -327,25 +368,30 @@ class Allocation:
         full = sorted({layer % num_layers for layer in layers} - set(self.fixed))
         if not full:
             return self
+        caps = self.caps[:, 0]
         rest = [layer for layer in self.free_layers if layer not in full]
-        remaining = self.free_total - len(full) * num_heads * self.seq_len
+        taken = int(caps[full].sum()) * num_heads
+        remaining = self.free_total - taken
         if remaining < len(rest) * num_heads:
             windowed = self.total - self.free_total
-            full_cache = windowed + len(self.free_layers) * num_heads * self.seq_len
-            needed = (windowed + (len(full) * self.seq_len + len(rest)) * num_heads) / full_cache
+            full_cache = windowed + int(caps[self.free_layers].sum()) * num_heads
+            needed = (windowed + taken + len(rest) * num_heads) / full_cache
             needed = math.ceil(needed * 1000) / 1000  # rounded up: the budget suggested must be enough
             raise BudgetError(
                 f"the budget keeps {self.total} entries, but leaving layers {full} uncompressed already takes "
-                f"{len(full) * num_heads * self.seq_len} of them for a {self.seq_len}-token sequence"
+                f"{taken} of them for a {self.seq_len}-token sequence"
                 + (f" (and the sliding-window layers hold {windowed})" if windowed else "")
                 + f"; raise the budget to at least {min(needed, 1.0):.3f} of the cache or leave fewer layers "
                 "uncompressed"
             )
         tokens = self.tokens.clone()
-        tokens[full] = self.seq_len
-        if rest:
+        tokens[full] = caps[full, None]
+        if rest and not self.held:
             tokens[rest] = spread(remaining, len(rest) * num_heads, self.seq_len).view(len(rest), num_heads)
-        return Allocation(tokens=tokens, seq_len=self.seq_len, total=self.total, fixed=self.fixed)
+        elif rest:  # as allocate() shares with windows: the same share of what each layer holds
+            rest_caps = caps[rest, None].expand(-1, num_heads)
+            tokens[rest] = distribute(remaining, rest_caps.double(), cap=rest_caps).view(len(rest), num_heads)
+        return self._with(tokens)
 
     def check(self, returned: object, fault: Callable[[str], Exception]) -> Allocation:
         """``returned`` (what a policy's ``allocate()`` made of this allocation) if it keeps the equal-budget
@@ -369,10 +415,16 @@ class Allocation:
         if tuple(tokens.shape) != tuple(self.tokens.shape):
             raise fault(f"returned tokens of shape {list(tokens.shape)} from allocate(); the "
                                f"model has {expected}")
-        low, high, total = int(tokens.min()), int(tokens.max()), int(tokens.sum())
-        if low < 1 or high > self.seq_len:
-            raise fault(f"allocated between {low} and {high} entries to a head in allocate(); "
-                               f"each head must keep between 1 and {self.seq_len} (the sequence length)")
+        low, total = int(tokens.min()), int(tokens.sum())
+        beyond = (tokens > self.caps).nonzero()
+        if low < 1 or len(beyond):
+            layer = int(beyond[0, 0]) if len(beyond) else int((tokens < 1).nonzero()[0, 0])
+            cap = int(self.caps[layer])
+            what = ("the sequence length" if cap == self.seq_len else
+                    "what the model's own cache holds there: its window of W - 1")
+            raise fault(f"allocated between {int(tokens[layer].min())} and {int(tokens[layer].max())} entries to "
+                        f"the heads of layer {layer} in allocate(); each head must keep between 1 and {cap} "
+                        f"({what})")
         if total > self.total:
             raise fault(f"allocated {total} entries in allocate(), more than the budget's "
                                f"{self.total}; reallocation must move entries, not add them")
@@ -383,6 +435,7 @@ class Allocation:
                 "window the model attends to; move entries between allocation.free_layers only (e.g. with "
                 "allocation.redistribute(weights))"
             )
-        if tuple(returned.fixed) != tuple(self.fixed):
-            returned = Allocation(tokens=tokens, seq_len=returned.seq_len, total=returned.total, fixed=self.fixed)
+        if tuple(returned.fixed) != tuple(self.fixed) or tuple(returned.held) != tuple(self.held):
+            returned = Allocation(tokens=tokens, seq_len=returned.seq_len, total=returned.total, fixed=self.fixed,
+                                  held=self.held)
         return returned

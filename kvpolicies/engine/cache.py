@@ -140,8 +140,9 @@ class CompressedCache(Cache):
         compressed context, generated tokens) are kept whole and are not charged to the budget, as in kvpress's
         protocol. None: every token is context (the whole prompt is compressed, and decoding evicts too). See
         :mod:`kvpolicies.integrations.protocol`."""
-        super().__init__(layers=[CompressedLayer(i, window, self.codec, () if window else self.tracks)
-                                 for i, window in enumerate(windows)])
+        shared = self.budget.windows == "share" and self.policy.compresses
+        super().__init__(layers=[CompressedLayer(i, window, self.codec, self.tracks if shared or not window else (),
+                                                 window_compressed=shared) for i, window in enumerate(windows)])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,17 +169,17 @@ class CompressedCache(Cache):
         q_len = query.shape[-2]
         if self.probing is not None:  # an after-prefill stage runs the model: record, keep nothing
             layer.record_probe(q_len)
-            if layer.window is None:
+            if layer.scored:
                 self.probing["received"][layer.layer_idx] = layer.received_by_old(query, scale,
                                                                                   self.probing["reduce"])
             layer.settle()
             return
-        watch = self.policy_time if layer.window is None else None
+        watch = self.policy_time if layer.scored else None
         started = watch.start() if watch is not None else None
         if self.step is None or self.step.q_len != q_len:  # the first layer of the pass reads it for all
             self.step = Step.of(layer.batch_size, q_len, new_valid)
         layer.record(self.step)
-        if layer.window is not None:  # the model's own mechanism, not the policy's: not timed as policy work
+        if not layer.scored:  # a window held whole: the model's own mechanism, not timed as policy work
             layer.slide()
             self.evict(layer, query, scale, module)  # evicts nothing: checks the budget affords the window
             layer.settle()
@@ -191,6 +192,8 @@ class CompressedCache(Cache):
             except Exception as error:
                 raise self._plugin_error("Track.update", error)
         self.evict(layer, query, scale, module, self.step.real)
+        if layer.window is not None:  # a window the policy chooses in: what slid out goes once the pass has read it
+            layer.slide()
         layer.settle()
         if started is not None:
             watch.stop(started)
@@ -235,8 +238,7 @@ class CompressedCache(Cache):
     def allocation(self, seq_len: int) -> Allocation:
         """The policy's allocation for a sequence of ``seq_len`` real tokens, checked against the budget."""
         uniform = self.budget.allocate(seq_len, self.shape)
-        handed = Allocation(tokens=uniform.tokens.clone(), seq_len=uniform.seq_len, total=uniform.total,
-                            fixed=uniform.fixed)
+        handed = dataclasses.replace(uniform, tokens=uniform.tokens.clone())
         try:
             allocated = self.policy.allocate(handed)
         except Exception as error:
@@ -262,7 +264,7 @@ class CompressedCache(Cache):
         several tokens, so it keeps what it would keep alone."""
         if not self.policy.compresses:
             return
-        if layer.window is not None:  # holds its window, set by the model; the budget must still afford it
+        if not layer.scored:  # holds its window, set by the model; the budget must still afford it
             for n, a in zip(layer.seen, self.appended(layer.seen)):
                 self._targets(max(n - a, 1))
             return
@@ -283,7 +285,10 @@ class CompressedCache(Cache):
         if not (any(over) or padded):
             return
         dense, valid = layer.dense_view()
-        context, newest = split_context(valid, appended)
+        # A window's entries its next query cannot see are dropped, never chosen (entries that slid out are stored
+        # until this eviction, hidden from the attention).
+        reach = valid if layer.positions is None else valid & layer.in_window(dense["positions"][..., 0])
+        context, newest = split_context(reach, appended)
         # Rows over budget get their allocation (select() clamps a head to what it holds), others keep everything.
         # One upload for both: the entries to keep per head and, in the last column, whether the row is over.
         table = torch.tensor([[*(row_t if row_over else row_c), row_over]
@@ -355,11 +360,13 @@ class CompressedCache(Cache):
         allocations = [self.allocation(max(n - a, 1)) for n, a in zip(seen, appended)]
         held, views = [], []
         for layer in self.layers:
-            if layer.window is not None:
+            if not layer.scored:
                 held.append(None)
                 views.append(None)
                 continue
             dense, valid = layer.dense_view()
+            if layer.positions is not None:  # a window: what slid out is dropped
+                valid = valid & layer.in_window(dense["positions"][..., 0])
             context, newest = split_context(valid, appended)
             keep = torch.stack([allocation.tokens[layer.layer_idx] for allocation in allocations]).to(valid.device)
             scale = self._scales.get(layer.layer_idx, LogitScale(layer.head_dim ** -0.5))
@@ -388,7 +395,7 @@ class CompressedCache(Cache):
             raise self._plugin_fault(
                 f"returned {type(returned).__name__} from after_prefill(); it must return a list of {len(views)} "
                 f"entries, one per layer: a [batch, kv_heads, seq] tensor of scores for layers {scored} and None "
-                "for the sliding-window layers")
+                "for the sliding-window layers held whole")
         scores = [self._checked(returned[i], views[i].valid, "after_prefill") for i in scored]
         keeps = select_across_layers(scores, [views[i].valid for i in scored], prefilled.budget,
                                      *self.policy.protected)
@@ -520,7 +527,8 @@ class CompressedCache(Cache):
         if Signal.QUERIES in needs:
             inputs.queries = queries
         if Signal.ATTENTION in needs:
-            inputs.attention = attention_received(queries, dense["keys"], valid, order, scale)
+            window = layer.window_view(dense["positions"][..., 0] if "positions" in dense else None, queries.shape[2])
+            inputs.attention = attention_received(queries, dense["keys"], valid, order, scale, window=window)
         if Signal.CUMULATIVE_ATTENTION in needs:
             inputs.cumulative_attention = dense[TRACK + CumulativeAttention.name][..., 0]
         inputs.tracks = {track.name: dense[TRACK + track.name][..., 0] for track in self.policy.tracks}

@@ -222,8 +222,9 @@ class Policy:
     def allocate(self, allocation: Allocation) -> Allocation:
         """Redistribute the budget across layers and KV heads before scoring; the default keeps it uniform.
 
-        Whatever is returned must keep at most ``allocation.total`` entries and at least one per head; the cache
-        checks and names the policy otherwise.
+        Whatever is returned must keep at most ``allocation.total`` entries, at least one per head and none above
+        what the model's own cache holds in the head's layer (``allocation.caps``: the sequence, or a window's
+        ``W - 1``); the cache checks and names the policy otherwise.
         """
         return allocation
 
@@ -240,7 +241,8 @@ class Policy:
         :mod:`kvpolicies.engine.stages`). A policy that implements it is not asked to ``score()`` while prefilling;
         the framework keeps, per sequence, ``prefilled.budget[b]`` entries across all layers and heads by these
         scores. Return one ``[batch, kv_heads, seq]`` tensor per layer (``prefilled.layers[i].valid``'s shape), None
-        for the sliding-window layers (``prefilled.layers[i] is None``)."""
+        for the sliding-window layers held whole (``prefilled.layers[i] is None``, a budget with
+        ``windows="keep"``)."""
         raise NotImplementedError(f"policy {self.name!r} has no after-prefill stage")
 
     @property

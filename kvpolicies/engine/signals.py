@@ -28,6 +28,26 @@ class LogitScale:
         return dots
 
 
+@dataclass(frozen=True)
+class SlidingWindow:
+    """What a sliding-window layer's queries can see once its entries are evicted and packed: each entry's position
+    in the sequence, since age order no longer tells how far back an entry lies. Query at position ``p`` sees the
+    entries at positions ``p - size + 1`` to ``p`` (the model's own window)."""
+
+    positions: torch.Tensor
+    """``[batch, kv_heads, seq]`` integer position of each entry (padding positions count, as in the model's mask)."""
+    first_query: int
+    """Position of the first query of the pass; the others follow it."""
+    size: int
+    """The model's window ``W``."""
+
+    def visible(self, start: int, stop: int, seen: int) -> torch.Tensor:
+        """``[batch, kv_heads, stop - start, seen]``: which of the first ``seen`` entries queries ``start`` to
+        ``stop`` of the pass can see through the window (causality is the caller's)."""
+        oldest = torch.arange(start, stop, device=self.positions.device) + (self.first_query - self.size + 1)
+        return self.positions[:, :, None, :seen] >= oldest[:, None]
+
+
 def attention_received(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -36,6 +56,7 @@ def attention_received(
     scaling: float | LogitScale,
     chunk: int = 256,
     reduce: str = "sum",
+    window: SlidingWindow | None = None,
 ) -> torch.Tensor:
     """Attention each cached entry receives from ``query``, summed over its query heads and the queries (or their
     maximum, with ``reduce="max"``).
@@ -45,6 +66,7 @@ def attention_received(
         keys: ``[batch, kv_heads, seq, head_dim]``.
         valid / order: ``[batch, kv_heads, seq]`` padding mask and age rank (see ``selection.age_order``).
         scaling: the layer's logit scale, or a :class:`LogitScale` with its soft-cap.
+        window: for a sliding-window layer, what each query sees through the window (None: everything older).
 
     Returns:
         ``[batch, kv_heads, seq]`` float32. Query ``j`` sees the entries whose age rank is at most
@@ -63,6 +85,8 @@ def attention_received(
         logits = _dots(grouped[:, :, :, start:stop].float(), keys[:, :, :seen])
         limit = first_new + torch.arange(start, stop, device=keys.device)  # [batch, kv_heads, chunk]
         visible = valid[:, :, None, :seen] & (order[:, :, None, :seen] <= limit[..., None])
+        if window is not None:
+            visible = visible & window.visible(start, stop, seen)
         probs = logit_scale.apply_(logits).masked_fill_(~visible[:, :, None], float("-inf")).softmax(dim=-1)
         probs = probs.nan_to_num_(0.0)
         if reduce == "max":

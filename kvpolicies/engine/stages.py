@@ -45,10 +45,11 @@ class Prefilled:
     layers: list[ScoreInputs | None]
     """Per layer: its entries as ``ScoreInputs`` (``keys``, ``values``, ``valid``, ``order``, ``seen_tokens``,
     ``keep``: the uniform allocation per head, ``layer``: the model facts, the policy's tracks and
-    ``cumulative_attention`` if it declares them), or None for a sliding-window layer,
-    which holds its window whatever the policy says. ``valid`` marks the context's entries, the ones to score."""
+    ``cumulative_attention`` if it declares them), or None for a sliding-window layer held whole (a budget with
+    ``windows="keep"``), which holds its window whatever the policy says. ``valid`` marks the context's entries, the
+    ones to score (in a window, those the model can still attend to)."""
     budget: list[int]
-    """Per sequence: entries the compressible layers may keep in all (the budget less the windows' share)."""
+    """Per sequence: entries the compressible layers may keep in all (the budget less any windows held whole)."""
     ids: torch.Tensor | None
     """``[batch, seq]`` the token ids prefilled so far, left-padded (None if the model was given embeddings)."""
     _probe: Callable[[torch.Tensor, Reduce], list[torch.Tensor | None]] = field(repr=False, default=None)
@@ -56,7 +57,8 @@ class Prefilled:
     def attention_from(self, ids: torch.Tensor, reduce: Reduce = "max") -> list[torch.Tensor | None]:
         """Run the model on ``ids`` (``[batch, n]``, all real tokens) as if they followed the prompt, and return per
         layer the attention each cached entry receives from them, ``[batch, kv_heads, seq]`` float32 aligned with
-        ``layers[i].valid`` (None for sliding-window layers): the maximum (``"max"``, KVzip's reduction) or the
+        ``layers[i].valid`` (None for windows held whole; a window that shares the budget reports what its entries
+        would receive were they in reach, since the new tokens lie past any window): the maximum (``"max"``, KVzip's reduction) or the
         sum (``"sum"``) over the new queries and the query heads sharing the KV head. The cache is left exactly as
         it was; the new tokens are not kept. Costs one forward pass of ``n`` tokens over the whole prompt."""
         return self._probe(ids, reduce)
@@ -138,4 +140,4 @@ def probe(cache: CompressedCache, model, ids: torch.Tensor, reduce: Reduce) -> l
         for layer, state in zip(layers, saved):
             vars(layer).clear()
             vars(layer).update(state)
-    return [received.get(i) if layer.window is None else None for i, layer in enumerate(layers)]
+    return [received.get(i) if layer.scored else None for i, layer in enumerate(layers)]

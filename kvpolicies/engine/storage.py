@@ -13,10 +13,14 @@ Codecs. With a lossy storage codec (:mod:`kvpolicies.engine.codecs`) a layer hol
 same layout, instead of keys and values; each forward pass decodes them into a working copy that its attention and
 eviction read, and drops it at the end (``settle()``). Full precision stores keys and values directly.
 
-Sliding-window layers. A layer the model windows to ``W`` tokens stays dense and, after each forward, keeps its last
-``W - 1`` positions, as transformers' ``DynamicSlidingWindowLayer`` does; it reports the same mask sizes, so the
-model builds its own sliding mask and runs its own attention there. The policy never scores it: the window is
-exactly what the model attends to next.
+Sliding-window layers. A layer the model windows to ``W`` tokens drops, after each forward, what lies before its
+last ``W - 1`` positions, as transformers' ``DynamicSlidingWindowLayer`` does, and reports the same mask sizes, so
+while it is dense the model builds its own sliding mask and runs its own attention there. Where the budget lets the
+windows share it (``Budget.windows``), the policy also chooses among a window's entries, and the layer packs like
+any other: it then keeps each entry's position (``positions``), since age order no longer says how far back an entry
+lies, and the kvpolicies attention hides from every query what lies outside its window. Entries that slide out of a
+packed window stay stored, hidden, until the next eviction drops them (dropping them at every step would read their
+count back from the device at every step).
 
 The hand-off to the attention. transformers calls ``cache.update(keys, values, layer_idx)`` and then the
 attention function with the tensors it returned, but never tells the attention which cache they came from. The
@@ -42,7 +46,7 @@ from transformers.cache_utils import CacheLayerMixin
 from kvpolicies.engine.codecs import Codec, FullPrecision
 from kvpolicies.engine.paths import launch_bound
 from kvpolicies.engine.selection import age_order
-from kvpolicies.engine.signals import LogitScale, Reduce, Track, attention_received
+from kvpolicies.engine.signals import LogitScale, Reduce, SlidingWindow, Track, attention_received
 from kvpolicies.engine.step import Step
 
 
@@ -90,15 +94,19 @@ class CompressedLayer(CacheLayerMixin):
     supports_early_init = False
 
     def __init__(self, layer_idx: int, window: int | None = None, codec: Codec | None = None,
-                 tracks: tuple[Track, ...] = ()) -> None:
+                 tracks: tuple[Track, ...] = (), window_compressed: bool = False) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.codec = codec or FullPrecision()
         """How entries are stored (:mod:`kvpolicies.engine.codecs`)."""
         self.tracked_by = tracks
-        """The tracks a full-attention layer keeps beside its entries (:class:`~kvpolicies.engine.signals.Track`)."""
+        """The tracks the layer keeps beside its entries (:class:`~kvpolicies.engine.signals.Track`)."""
         self.window = window
         """The model's sliding window for this layer (None: full attention, compressed by the policy)."""
+        self.window_compressed = window is not None and window_compressed
+        """A sliding-window layer whose entries the policy chooses among (it may pack, so it keeps positions)."""
+        self.scored = window is None or self.window_compressed
+        """Whether the policy chooses among this layer's entries (every layer but a window held whole)."""
         self.is_sliding = window is not None  # read by transformers to build this layer's mask
         self.reset()
 
@@ -111,6 +119,8 @@ class CompressedLayer(CacheLayerMixin):
         """The policy's tracks by name (:class:`~kvpolicies.engine.signals.Track`), ``[..., 1]`` float32 in the
         layer's layout; a new dict on every change, like ``codes``."""
         self.recent_queries: torch.Tensor | None = None  # [batch, heads, <= query_window, head_dim]
+        self.positions: torch.Tensor | None = None
+        """A sliding-window layer's entries' positions in the sequence, ``[..., 1]`` int32 in the layer's layout."""
         self.is_initialized = False
         self.logical_length = 0
         self.packed = False
@@ -130,9 +140,10 @@ class CompressedLayer(CacheLayerMixin):
         self.values = value_states[:, :, :0]
         if not self.codec.lossless:
             self.codes = self.codec.encode(self.keys, self.values)
-        if self.window is None:
-            self.tracked = {track.name: key_states.new_zeros(self.batch_size, self.num_heads, 0, 1,
-                                                             dtype=torch.float32) for track in self.tracked_by}
+        self.tracked = {track.name: key_states.new_zeros(self.batch_size, self.num_heads, 0, 1, dtype=torch.float32)
+                        for track in self.tracked_by}
+        if self.window_compressed:
+            self.positions = key_states.new_zeros(self.batch_size, self.num_heads, 0, 1, dtype=torch.int32)
         self.valid = torch.zeros(self.batch_size, 0, dtype=torch.bool, device=self.device)
         self.seen = [0] * self.batch_size
         self.is_initialized = True
@@ -161,6 +172,10 @@ class CompressedLayer(CacheLayerMixin):
         if self.tracked:
             zeros = key_states.new_zeros(batch, heads, q_len, 1, dtype=torch.float32)
             self.tracked = {name: self._append(t, zeros) for name, t in self.tracked.items()}
+        if self.positions is not None:
+            new = torch.arange(self.logical_length, self.logical_length + q_len, dtype=torch.int32,
+                               device=self.device)
+            self.positions = self._append(self.positions, new[:, None].expand(batch, heads, q_len, 1))
         if self.packed:
             self.lengths = [n + q_len for n in self.lengths]
             self.run_lengths = self.run_lengths + q_len
@@ -264,15 +279,31 @@ class CompressedLayer(CacheLayerMixin):
         self._select(self.tracks(), keep, sum(self.lengths))
 
     def slide(self) -> None:
-        """Keep the last ``W - 1`` positions: all the model's next query can see. A copy, so the dropped entries'
-        memory is freed (a view would keep the whole prompt alive)."""
+        """Keep the last ``W - 1`` positions of a dense layer: all the model's next query can see. A copy, so the
+        dropped entries' memory is freed (a view would keep the whole prompt alive). A packed layer hides what slid
+        out (see ``window_view``) until its next eviction."""
         keep = self.window - 1
-        if self.keys.shape[2] > keep:
+        if not self.packed and self.keys.shape[2] > keep:
             self.keys = self.keys[:, :, -keep:].clone()
             self.values = self.values[:, :, -keep:].clone()
             self.valid = self.valid[:, -keep:].clone()
             if self.codes is not None:
                 self.codes = {name: t[:, :, -keep:].clone() for name, t in self.codes.items()}
+            if self.tracked:
+                self.tracked = {name: t[:, :, -keep:].clone() for name, t in self.tracked.items()}
+            if self.positions is not None:
+                self.positions = self.positions[:, :, -keep:].clone()
+
+    def window_view(self, positions: torch.Tensor | None, q_len: int) -> SlidingWindow | None:
+        """What this forward's ``q_len`` queries see through a sliding window, for ``positions`` (``[batch,
+        kv_heads, seq]``, from a view of the layer), or None for a full-attention layer."""
+        if self.window is None or positions is None:
+            return None
+        return SlidingWindow(positions, self.logical_length - q_len, self.window)
+
+    def in_window(self, positions: torch.Tensor) -> torch.Tensor:
+        """Which entries (``positions`` from a view of the layer) the next forward's first query can see."""
+        return positions >= self.logical_length - self.window + 1
 
     def update_tracks(self, query: torch.Tensor, scale: LogitScale) -> None:
         """Let every track take the attention its entries received from this forward's ``query`` (computed once
@@ -297,18 +328,23 @@ class CompressedLayer(CacheLayerMixin):
         Ragged runs are scored in their padded view and read back by index where launches cost (a fixed number of
         kernels whatever the batch and head count: H2O pays this on every decoding step), run by run on a CPU
         (see :mod:`kvpolicies.engine.paths`)."""
+        q_len = query.shape[2]
         if self.packed and not self.uniform and not launch_bound(self.device):  # see engine.paths
             groups = query.shape[1] // self.num_heads
+            positions = self.positions.split(self.lengths) if self.positions is not None else None
             pieces = []
-            for b, h, keys, _ in self.runs():
+            for run, (b, h, keys, _) in enumerate(self.runs()):
                 valid = torch.ones(1, 1, keys.shape[0], dtype=torch.bool, device=self.device)
                 run_query = query[b : b + 1, h * groups : (h + 1) * groups]
+                window = self.window_view(positions[run].view(1, 1, -1) if positions else None, q_len)
                 received = attention_received(run_query, keys[None, None], valid, age_order(valid), scale,
-                                              reduce=reduce)
+                                              reduce=reduce, window=window)
                 pieces.append(received.flatten())
             return torch.cat(pieces)
-        keys, _, valid = self.dense_view(tracks=False)
-        received = attention_received(query, keys, valid, age_order(valid), scale, reduce=reduce)
+        dense, valid = self.dense_view(("keys", "positions"))
+        window = self.window_view(dense["positions"][..., 0] if "positions" in dense else None, q_len)
+        received = attention_received(query, dense["keys"], valid, age_order(valid), scale, reduce=reduce,
+                                      window=window)
         if not self.packed:
             return received
         if self.uniform:
@@ -318,7 +354,7 @@ class CompressedLayer(CacheLayerMixin):
     def received_by_old(self, query: torch.Tensor, scale: LogitScale, reduce: str) -> torch.Tensor:
         """Attention the entries held before this forward receive from its ``query`` (``[batch, heads, n, dim]``),
         ``[batch, kv_heads, seq]`` aligned with the layer's ``dense_view()`` before the ``n`` new entries came."""
-        keys, _, valid = self.dense_view(tracks=False)
+        keys, _, valid = self.dense_view(tracks=False)  # the window is not applied: see stages.probe
         new = query.shape[-2]
         order = age_order(valid)
         received = attention_received(query, keys, valid, order, scale, reduce=reduce)
@@ -354,23 +390,31 @@ class CompressedLayer(CacheLayerMixin):
         return torch.tensor(self.counts(), dtype=torch.long)
 
     def tracks(self) -> dict[str, torch.Tensor]:
-        """Every per-entry tensor by name, in storage layout: keys and values (a lossy codec's decoded), the
-        policy's tracks as ``track:<name>``, and a codec's tensors as ``code:<name>``."""
+        """Every per-entry tensor by name, in storage layout: keys and values (a lossy codec's decoded), a window's
+        ``positions``, the policy's tracks as ``track:<name>``, and a codec's tensors as ``code:<name>``."""
         keys, values = self._keys_values()
         tracks = {"keys": keys, "values": values}
+        if self.positions is not None:
+            tracks["positions"] = self.positions
         tracks.update({TRACK + name: t for name, t in self.tracked.items()})
         if self.codes is not None:
             tracks.update({CODE + name: t for name, t in self.codes.items()})
         return tracks
 
-    def dense_view(self, tracks: bool = True):
+    def dense_view(self, tracks: bool | tuple[str, ...] = True):
         """The entries as ``[batch, kv_heads, seq, ...]`` views for scoring, with ``valid`` ``[batch, kv_heads, seq]``.
 
-        Returns ``(tracks by name, valid)``, or ``(keys, values, valid)`` with ``tracks=False``. Packed layers whose
-        runs share one length are viewed for free; ragged ones are padded into a temporary copy.
+        Returns ``(tracks by name, valid)`` (only those named, those the layer has, with a tuple of names), or
+        ``(keys, values, valid)`` with ``tracks=False``. Packed layers whose runs share one length are viewed for
+        free; ragged ones are padded into a temporary copy.
         """
         shape = (self.batch_size, self.num_heads)
-        stored = self.tracks() if tracks else dict(zip(("keys", "values"), self._keys_values()))
+        if tracks is False:
+            stored = dict(zip(("keys", "values"), self._keys_values()))
+        else:
+            stored = self.tracks()
+            if tracks is not True:
+                stored = {name: t for name, t in stored.items() if name in tracks}
         if not self.packed:
             valid = self.valid[:, None, :].expand(*shape, -1)
             dense = stored
@@ -388,7 +432,7 @@ class CompressedLayer(CacheLayerMixin):
                 padded.index_copy_(0, slots, t)  # integer indices: no host read of the layout, unlike a bool mask
                 dense[name] = padded.view(*shape, longest, t.shape[-1])
             valid = flat_valid.view(*shape, longest)
-        if tracks:
+        if tracks is not False:
             return dense, valid
         return dense["keys"], dense["values"], valid
 
@@ -441,8 +485,9 @@ class CompressedLayer(CacheLayerMixin):
         return held_bytes(self.keys, self.values)
 
     def auxiliary_bytes(self) -> int:
-        """Bytes held besides keys and values: the recent-query buffer, the attention track, the padding mask."""
-        return held_bytes(self.recent_queries, self.valid, *self.tracked.values())
+        """Bytes held besides keys and values: the recent-query buffer, the tracks, the padding mask, a window's
+        positions."""
+        return held_bytes(self.recent_queries, self.valid, self.positions, *self.tracked.values())
 
     def get_seq_length(self) -> int:
         return self.logical_length

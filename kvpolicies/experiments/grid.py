@@ -158,8 +158,8 @@ class SweepConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_budget_per_value(self) -> SweepConfig:
-        """Two budgets that differ only in ``slack_tokens`` read as one budget on the pages (which name the slack in
-        the policy's row only to keep such cells apart): a grid compares slacks one sweep per slack."""
+        """Two budgets that differ only in ``slack_tokens`` (or ``windows``) read as one budget on the pages (which
+        name them in the policy's row only to keep such cells apart): a grid compares them one sweep per value."""
         seen: dict[tuple[str, float], Budget] = {}
         for budget in self.budgets:
             first = seen.setdefault((budget.unit, budget.value), budget)
@@ -167,6 +167,10 @@ class SweepConfig(BaseModel):
                 raise ValueError(f"budgets {first} (slack_tokens {first.slack_tokens}) and {budget} (slack_tokens "
                                  f"{budget.slack_tokens}) differ only in slack_tokens, and read as one budget on the pages; "
                                  "keep one of them (a sweep per slack compares them)")
+            if first.windows != budget.windows:
+                raise ValueError(f"budgets {first} (windows {first.windows}) and {budget} (windows {budget.windows}) "
+                                 "differ only in how sliding windows take part, and read as one budget on the pages; "
+                                 "keep one of them (a sweep per rule compares them)")
         return self
 
     @classmethod

@@ -65,6 +65,7 @@ class KVPoliciesLM(HFLM):
         policy: str | None = None,
         budget: Budget | float | str = 1.0,
         slack_tokens: int | str | None = None,
+        budget_windows: str | None = None,
         stream_chunk: int | str = 128,
         prefill_chunk: int | str | None = None,
         protocol: str | None = None,
@@ -75,7 +76,8 @@ class KVPoliciesLM(HFLM):
         policy = policy or policy_with_role(Role.REFERENCE)  # no policy: keep everything, like lm-eval's own model
         if policy is None:
             raise UsageError("no policy= given and no installed policy keeps the whole cache; name a policy")
-        adapter_args = dict(pretrained=pretrained, budget=budget, slack_tokens=slack_tokens, stream_chunk=stream_chunk,
+        adapter_args = dict(pretrained=pretrained, budget=budget, slack_tokens=slack_tokens,
+                            budget_windows=budget_windows, stream_chunk=stream_chunk,
                             prefill_chunk=prefill_chunk, protocol=protocol, device=device, dtype=dtype)
         options = _policy_options(policy, kwargs, adapter_args)  # takes the policy's own args out of kwargs
         try:
@@ -88,7 +90,8 @@ class KVPoliciesLM(HFLM):
                 f"{', '.join(sorted(_HFLM_ARGUMENTS))}"
             ) from None
         slack = None if slack_tokens is None else _count("slack_tokens", slack_tokens, minimum=0)
-        self.kv_budget = Budget.parse(budget, slack_tokens=slack)  # the budget's own slack (16) unless given
+        # The budget's own slack (16) and window rule (share) unless given.
+        self.kv_budget = Budget.parse(budget, slack_tokens=slack, windows=budget_windows or None)
         self.stream_chunk = _count("stream_chunk", stream_chunk)
         self.prefill_chunk = None if prefill_chunk in (None, "", "None") else _count("prefill_chunk", prefill_chunk, minimum=2)
         self.protocol = Protocol.parse(protocol)

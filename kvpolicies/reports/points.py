@@ -27,6 +27,7 @@ from kvpolicies.experiments.results import ResultRecord
 from kvpolicies.integrations.protocol import Protocol
 
 DEFAULT_SLACK = Budget.model_fields["slack_tokens"].default
+DEFAULT_WINDOWS = Budget.model_fields["windows"].default
 
 _MISSING = object()
 
@@ -107,7 +108,7 @@ class Shown:
     base: str
     """The policy's label, or its name."""
     apart: tuple[str, ...] = ()
-    """What tells the policy apart from others shown as ``base``: its name, options, budget slack."""
+    """What tells the policy apart from others shown as ``base``: its name, options, budget slack and window rule."""
 
     @property
     def policy(self) -> str:
@@ -149,13 +150,16 @@ def _task_facets(record: ResultRecord) -> list[Facet]:
 
 def _policy_facets(record: ResultRecord) -> list[Facet]:
     """What can tell apart two policies shown under one label: the policy's name, its options (the full config the
-    cell ran with), then the budget's slack (the budget's value is the page's x, not part of a name)."""
+    cell ran with), then the budget's slack and window rule (the budget's value is the page's x, not part of a
+    name)."""
     identity, budget = record.identity.policy, record.identity.budget
     name = identity.get("policy", record.cell.policy.name)
     config = identity.get("config")
     options = sorted(config.items()) if isinstance(config, dict) else []
     slack = [] if budget is None else [_unless(DEFAULT_SLACK, "slack", budget.slack_tokens,
-                                               f"slack {budget.slack_tokens}")]
+                                               f"slack {budget.slack_tokens}"),
+                                       _unless(DEFAULT_WINDOWS, "windows", budget.windows,
+                                               f"windows {budget.windows}")]
     return [("policy", name, str(name)), *((f"option.{k}", v, f"{k}={_value(v)}") for k, v in options), *slack]
 
 
