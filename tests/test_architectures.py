@@ -429,21 +429,23 @@ WINDOWED = ["gemma2", "gemma3", "mistral-sliding-window"]
 def test_packed_windows_decode_each_prompt_of_a_padded_batch_as_the_model_does_alone(architecture, gpu_shaped):
     """A left-padded batch packs every layer at prefill, windows included, and decoding then slides the packed
     windows by their entries' positions: at a budget that keeps what the model keeps, each row's logits at every
-    step are the model's own for that prompt alone (run by run on a CPU, one padded call shaped for a GPU)."""
+    step are the model's own for that prompt alone (run by run on a CPU, one padded call shaped for a GPU). The
+    short row's windows hold fewer entries than the long one's for its first steps: the runs are ragged."""
     from kvpolicies.engine.paths import shaped_for_gpu
 
     model = build(ARCHITECTURES[architecture])
     generator = torch.Generator().manual_seed(5)
     first = torch.randint(3, COMMON["vocab_size"], (1, 30), generator=generator)
-    second = torch.randint(3, COMMON["vocab_size"], (1, 19), generator=generator)
-    batch = torch.cat([first, torch.cat([torch.zeros(1, 11, dtype=torch.long), second], 1)])
-    mask = torch.cat([torch.ones(1, 30), torch.cat([torch.zeros(1, 11), torch.ones(1, 19)], 1)]).long()
+    second = torch.randint(3, COMMON["vocab_size"], (1, 4), generator=generator)  # 4 < W - 1: a short window
+    batch = torch.cat([first, torch.cat([torch.zeros(1, 26, dtype=torch.long), second], 1)])
+    mask = torch.cat([torch.ones(1, 30), torch.cat([torch.zeros(1, 26), torch.ones(1, 4)], 1)]).long()
     steps = torch.randint(3, COMMON["vocab_size"], (2, 2 * WINDOW), generator=generator)  # past the window twice
     cache = CompressedCache(model, kvpolicies.get_policy("snapkv"), Budget(value=1.0, slack_tokens=3))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with shaped_for_gpu() if gpu_shaped else contextlib.nullcontext():
         got = [model(batch, attention_mask=mask, position_ids=positions, cache=cache).logits[:, -1]]
         assert all(layer.packed for layer in cache.layers)
+        assert all(not cache.layers[index].uniform for index in cache.shape.sliding_layers)  # 7 and 4 entries
         for step in range(steps.shape[1]):
             mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
             got.append(model(steps[:, step : step + 1], attention_mask=mask, position_ids=positions[:, -1:] + step + 1,
@@ -461,10 +463,14 @@ def test_packed_windows_decode_each_prompt_of_a_padded_batch_as_the_model_does_a
 
 @torch.no_grad()
 @pytest.mark.parametrize("architecture", WINDOWED)
-@pytest.mark.parametrize("name", ["snapkv", "headkv"])
-def test_entries_that_slid_out_of_a_packed_window_are_never_attended(architecture, name):
+@pytest.mark.parametrize("name", ["snapkv", "headkv", "h2o"])
+@pytest.mark.parametrize("gpu_shaped", [False, True])
+def test_entries_that_slid_out_of_a_packed_window_are_never_attended(architecture, name, gpu_shaped):
     """Compressed windows keep entries from all over the window; decoding slides it past some of them, which stay
-    stored until the next eviction. Whatever they hold, the next token's logits do not change."""
+    stored until the next eviction. Whatever they hold, the next token's logits do not change (headkv's runs are
+    ragged: run by run on a CPU, one padded call shaped for a GPU; h2o's track reads the window too)."""
+    from kvpolicies.engine.paths import shaped_for_gpu
+
     model = build(ARCHITECTURES[architecture])
     ids = prompt(40)
     caches = []
@@ -486,7 +492,13 @@ def test_entries_that_slid_out_of_a_packed_window_are_never_attended(architectur
         layer.keys[out] = 1e2
     assert stale > 0  # the window really slid past kept entries
     token = torch.tensor([[7]])
-    torch.testing.assert_close(model(token, cache=poisoned).logits, model(token, cache=clean).logits, atol=0, rtol=0)
+    with shaped_for_gpu() if gpu_shaped else contextlib.nullcontext():
+        got, want = model(token, cache=poisoned).logits, model(token, cache=clean).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    if name == "h2o":  # what the track took from this step: nothing from what slid out
+        for clean_layer, poisoned_layer in zip(clean.layers, poisoned.layers):
+            for track, values in poisoned_layer.tracked.items():
+                torch.testing.assert_close(values, clean_layer.tracked[track], atol=0, rtol=0)
 
 
 @torch.no_grad()
@@ -506,3 +518,43 @@ def test_windows_kept_whole_hold_their_window_and_refuse_what_does_not_fit(archi
         assert (kept[index] == WINDOW - 1).all() and not cache.layers[index].packed
     assert all(cache.layers[index].packed for index in range(len(kept)) if index not in cache.shape.sliding_layers)
     assert int(kept.sum()) == cache.allocation(64).total
+
+
+def test_a_window_sees_the_positions_the_models_own_mask_sees():
+    """By hand: a window of 4 after 10 tokens; the next query (position 10) sees positions 7, 8 and 9 and itself;
+    a pass of two queries at 8 and 9 sees 5 to 8 and 6 to 9."""
+    from kvpolicies.engine.signals import SlidingWindow
+    from kvpolicies.engine.storage import CompressedLayer
+
+    positions = torch.tensor([0, 3, 5, 6, 7, 9]).view(1, 1, -1)
+    layer = CompressedLayer(0, window=4, window_compressed=True)
+    layer.logical_length = 10
+    assert layer.in_window(positions).flatten().tolist() == [False, False, False, False, True, True]
+    two = SlidingWindow(positions, first_query=8, size=4).visible(0, 2, 6)[0, 0]
+    assert two.tolist() == [[False, False, True, True, True, True], [False, False, False, True, True, True]]
+    # Causality (9 is newer than the query at 8) is the caller's: the window only bounds the past.
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("architecture", WINDOWED)
+@pytest.mark.parametrize("name", ["snapkv", "kvzip-like"])
+def test_a_question_and_answer_longer_than_the_window_leave_each_window_at_its_size_plus_the_slack(architecture,
+                                                                                                   name):
+    """The protocol keeps what follows the context whole, and a stage policy evicts nothing after choosing: neither
+    calls an eviction while decoding, so what slides out of a packed window is dropped on its own once a run holds
+    more than W - 1 plus the slack."""
+    from tests.test_stages import RepeatTail
+
+    model = build(ARCHITECTURES[architecture])
+    chosen = RepeatTail() if name == "kvzip-like" else policy(name)
+    cache = CompressedCache(model, chosen, Budget(value=0.4, slack_tokens=2))
+    ids = prompt(40)
+    cache.context_lengths = [30]  # the last 10 tokens are the question, kept whole and not charged
+    model(ids[:, :30], cache=cache)  # query-agnostic: the context alone first, then its question
+    model(ids[:, 30:], cache=cache)
+    assert all(cache.layers[index].packed for index in cache.shape.sliding_layers)
+    for token in range(3, 3 + 3 * WINDOW):  # an answer three windows long
+        model(torch.tensor([[token]]), cache=cache)
+        for index in cache.shape.sliding_layers:
+            layer = cache.layers[index]
+            assert max(layer.lengths) <= WINDOW - 1 + 2

@@ -35,6 +35,15 @@ def test_chunked_prefill_in_the_benchmark_keeps_the_same_budget(tiny_model):
     assert chunked.resident_bytes == whole.resident_bytes
 
 
+def test_a_codec_in_the_benchmark_stores_the_policies_entries_and_leaves_the_reference_at_full_precision(tiny_model):
+    full, plain = run_benchmark(tiny_model, None, [96], ["snapkv"], [0.1], decode_tokens=2, repeats=1)
+    reference, coded = run_benchmark(tiny_model, None, [96], ["snapkv"], [0.1], decode_tokens=2, repeats=1,
+                                      codec="int8")
+    assert reference.resident_bytes == full.resident_bytes  # the full cache is the reference, as computed
+    assert coded.resident_bytes == coded.physical_bytes <= plain.resident_bytes  # codes only, within the bytes
+    assert coded.kept_per_head > 3 * plain.kept_per_head  # 40 bytes an entry instead of 128: 3.2 times as many
+
+
 def test_a_padded_batch_in_the_benchmark_stores_no_padding_and_is_timed_against_a_dense_batch(tiny_model):
     full, snapkv = run_benchmark(tiny_model, None, [96], ["snapkv"], [0.5], decode_tokens=2, repeats=1, batch=3)
     assert full.batch == snapkv.batch == 3

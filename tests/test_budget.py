@@ -292,3 +292,17 @@ def test_the_window_rule_is_read_wherever_a_budget_is_and_a_wrong_one_says_both_
         Budget.parse({"value": 0.5, "windows": "drop"})
     with pytest.raises(ValidationError, match="differ only in how sliding windows take part"):
         SweepConfig(budgets=[0.5, {"value": 0.5, "windows": "keep"}])
+
+
+def test_a_result_written_before_the_window_rule_reads_as_the_windows_held_whole_it_ran_with():
+    from kvpolicies.experiments.grid import Cell
+    from kvpolicies.experiments.results import Identity
+
+    old = {"unit": "fraction", "value": 0.5, "slack_tokens": 16}
+    assert Identity(model="m", policy={}, budget=old, code_version="v").budget.windows == "keep"
+    cell = Cell.model_validate({"model": None, "task": {"name": "kvp_passkey"}, "policy": {"name": "snapkv"},
+                                "budget": old, "seed": 0})
+    assert cell.budget == Budget(value=0.5, windows="keep")
+    assert Identity(model="m", policy={}, budget=old | {"windows": "share"}, code_version="v").budget.windows == "share"
+    assert Cell(model=None, task={"name": "kvp_passkey"}, policy={"name": "snapkv"}, budget=0.5,
+                seed=0).budget.windows == "share"  # a budget given now takes today's default

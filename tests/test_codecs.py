@@ -66,7 +66,7 @@ def greedy(model, cache, ids, steps: int, mask=None) -> tuple[list[list[int]], l
 
 
 def test_full_precision_is_the_default_and_a_registered_codec():
-    assert [info.name for info in kvpolicies.list_codecs()] == ["full"]
+    assert [info.name for info in kvpolicies.list_codecs()] == ["full", "int4", "int8"]  # the built-ins
     model = tiny_llama()
     cache = CompressedCache(model, "snapkv", 0.5)
     assert isinstance(cache.codec, FullPrecision) and cache.shape.kept_entry_bytes == cache.shape.entry_bytes
@@ -178,16 +178,17 @@ def test_every_shape_of_layer_stores_codes_and_counts_them(int8, policy):
 @pytest.mark.parametrize("name", ["gemma3", "gemma2", "llama-head-dim-24"])
 def test_windowed_and_other_layers_hold_codes_under_the_same_byte_budget(int8, name):
     model = build(ARCHITECTURES[name])
-    cache = CompressedCache(model, kvpolicies.get_policy("l2norm", **WHOLE["l2norm"]), 0.75, codec=int8())
+    cache = CompressedCache(model, kvpolicies.get_policy("l2norm", **WHOLE["l2norm"]), 0.2, codec=int8())
     ids = arch_prompt(40)
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=4, do_sample=False)
     head_dim = cache.shape.head_dim
     assert cache.shape.kept_entry_bytes == 2 * (head_dim + 8)
     assert cache.resident_bytes() == physical_bytes(cache)
-    for layer in cache.layers:
-        if layer.window is not None:  # the model's window, read back from codes
-            assert layer.codes[next(iter(layer.codes))].shape[2] == layer.window - 1
+    for layer in cache.layers:  # windows share the budget: packed like any layer, codes of what is kept only
+        assert layer.packed and layer.codes[next(iter(layer.codes))].shape[0] == sum(layer.lengths)
+        if layer.window is not None:
+            assert max(layer.lengths) <= layer.window - 1 + cache.budget.slack_tokens
 
 
 def test_an_after_prefill_stage_chooses_among_decoded_entries_and_stores_codes(int8):
@@ -299,7 +300,7 @@ def test_codec_plugins_register_through_the_entry_points_and_a_broken_one_is_ski
     class Good:
         @kvpolicies.hookimpl
         def register_codecs(self, register):
-            register(int8, aliases=("int8",))
+            register(int8, aliases=("int8-alias",))
 
     class Failing:
         @kvpolicies.hookimpl
@@ -311,8 +312,8 @@ def test_codec_plugins_register_through_the_entry_points_and_a_broken_one_is_ski
     registry.register_plugin(Failing(), name="failing-codec")
     with pytest.warns(PluginWarning, match="'failing-codec' failed while registering codecs.*boom"):
         names = [info.name for info in kvpolicies.list_codecs()]
-    assert names == ["full", "int8", "int8-entry"]
-    assert isinstance(kvpolicies.get_codec("int8"), int8)
+    assert names == ["full", "int4", "int8", "int8-alias", "int8-entry"]
+    assert isinstance(kvpolicies.get_codec("int8-alias"), int8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the policies are untouched by a broken codec plugin
         assert "snapkv" in [info.name for info in kvpolicies.list_policies()]

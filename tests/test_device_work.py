@@ -156,3 +156,28 @@ def test_timing_the_policy_on_cuda_records_events_and_syncs_once_when_the_total_
         model(token, cache=cache)
     assert syncs == [] and len(recorded) == 2 * 2 * 8  # two forwards, eight layers, a start and a stop each
     assert cache.policy_time.seconds == pytest.approx(16 * 0.002) and syncs == ["cuda"]
+
+
+@pytest.mark.parametrize("architecture", ["gemma3", "mistral-sliding-window"])
+@pytest.mark.parametrize("policy", ["snapkv", "h2o"])
+def test_packed_sliding_windows_decode_without_a_sync_between_evictions(architecture, policy):
+    """Windows that share the budget are packed, and each step hides what slid out by the entries' positions, on
+    the device: a step syncs no more than the model's own, until a run outgrows its window plus the slack."""
+    from tests.architectures import ARCHITECTURES, build, prompt
+
+    model = build(ARCHITECTURES[architecture])
+    ids = prompt(40)
+    counted = {}
+    for name in ("full", policy):
+        cache = CompressedCache(model, kvpolicies.get_policy(name), Budget(value=0.5, slack_tokens=16))
+        syncs = []
+        with torch.no_grad(), DeviceWork().on_device(model, ids) as work:
+            token = model(ids, cache=cache).logits[:, -1:].argmax(-1)
+            work.step()
+            for _ in range(4):  # 8-token windows: entries slide out of the packed windows at every step
+                token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+                syncs.append(work.step()[1])
+        counted[name] = syncs
+        if name == policy:
+            assert all(layer.packed for layer in cache.layers)
+    assert counted[policy] == counted["full"]

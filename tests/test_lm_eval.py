@@ -13,6 +13,7 @@ from lm_eval.models.huggingface import HFLM
 import kvpolicies
 from kvpolicies import Budget, BudgetError, Policy, PolicyConfig, PolicyConfigError
 from kvpolicies.cli import main
+from kvpolicies.errors import UnknownCodecError
 from kvpolicies.integrations.lm_eval import KVPoliciesLM
 from kvpolicies.integrations.models import converted_gguf, embedded_gguf
 from tests.helpers import TASKS, evaluate
@@ -26,6 +27,14 @@ def test_the_window_rule_is_a_model_arg(tiny_pretrained):
     assert lm.kv_budget == Budget(value=0.5, windows="keep")
     with pytest.raises(BudgetError, match="windows=share or windows=keep"):
         KVPoliciesLM(pretrained=tiny_pretrained, policy="snapkv", budget=0.5, budget_windows="all")
+
+
+
+def test_the_codec_is_a_model_arg_and_recorded_with_the_results(tiny_pretrained):
+    lm = KVPoliciesLM(pretrained=tiny_pretrained, policy="snapkv", budget=0.5, codec="int4")
+    assert lm.new_cache().codec.name == "int4" and lm.get_model_info()["kvpolicies"]["codec"] == "int4"
+    with pytest.raises(UnknownCodecError, match="int4"):
+        KVPoliciesLM(pretrained=tiny_pretrained, policy="snapkv", budget=0.5, codec="int3")
 
 
 def test_generate_until_runs_through_lm_eval_and_reports_memory(tiny_pretrained):

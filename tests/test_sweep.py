@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from kvpolicies import get_policy
 from kvpolicies.engine.budget import Budget
+from kvpolicies.experiments.code_version import code_version
 from kvpolicies.experiments.grid import SweepConfig, cells
 from kvpolicies.experiments.results import ResultRecord, load_results, write_record
 from kvpolicies.integrations.protocol import Protocol
@@ -45,8 +47,37 @@ def test_cell_keys_change_with_anything_that_changes_the_result():
         base.model_copy(update={"policy": base.policy.model_copy(update={"options": {"window_tokens": 4}})}),
         base.model_copy(update={"task": base.task.model_copy(update={"limit": 3})}),
         base.model_copy(update={"protocol": Protocol.QUERY_AGNOSTIC}),
+        base.model_copy(update={"policy": base.policy.model_copy(update={"codec": "int4"})}),
     ]
-    assert len({base.key(), *(v.key() for v in variants)}) == 7
+    assert len({base.key(), *(v.key() for v in variants)}) == 8
+
+
+def test_a_codec_in_a_grid_is_part_of_the_cell_its_version_and_its_name_on_the_pages():
+    from kvpolicies.experiments import code_version as versions
+
+    config = SweepConfig(policies=["snapkv", {"name": "snapkv", "codec": "int4"}], budgets=[0.25],
+                         tasks=["kvp_passkey"])
+    grid = cells(config)
+    assert sorted(cell.title for cell in grid) == ["full", "snapkv", "snapkv + int4"]
+    coded = next(cell for cell in grid if cell.policy.codec == "int4")
+    assert coded.identity()["codec"] == "int4" and "codec" not in grid[0].identity()
+    before = coded.identity()["code_version"]
+    assert before.split("/")[1] != next(c for c in grid if c.title == "snapkv").identity()["code_version"].split("/")[1]
+    assert "quantized.py" in {path.name for path in versions.codec_files("int4")}  # an edit reruns its cells
+    assert code_version(get_policy("snapkv"), None, "int4") != code_version(get_policy("snapkv"))
+    with pytest.raises(ValidationError, match="keeps every entry, so codec 'int4' alone sets its bytes"):
+        SweepConfig(policies=[{"name": "full", "codec": "int4"}])
+    with pytest.raises(ValidationError, match="unknown codec 'int5'"):
+        SweepConfig(policies=[{"name": "snapkv", "codec": "int5"}])
+
+
+def test_the_sweep_command_gives_every_evicting_policy_the_codec_and_the_reference_none():
+    from kvpolicies.cli import build_parser
+    from kvpolicies.cli.sweeps import sweep_config
+
+    config = sweep_config(build_parser().parse_args(["sweep", "--quick", "--codec", "int8"]))
+    codecs = {spec.name: spec.codec for spec in config.resolved_policies()}
+    assert codecs == {"l2norm": "int8", "random": "int8", "streaming": "int8", "snapkv": "int8", "full": "full"}
 
 
 def test_both_protocols_make_two_cells_per_compressing_point_and_are_named_apart():

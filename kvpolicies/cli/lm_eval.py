@@ -27,6 +27,8 @@ Model args of `--model kvpolicies` (comma-separated key=value):
   slack_tokens=N                   decode-time growth per head before eviction runs again (default: 16)
   budget_windows=share|keep        sliding-window layers share the budget, or keep their whole window
                                    (default: share)
+  codec=NAME                       how kept entries are stored: full (default), int8, int4; the budget in
+                                   bytes buys entries at the codec's price (see `kvpolicies list`)
   stream_chunk=N                   chunk size of loglikelihood_rolling streaming (default: 128)
   prefill_chunk=N                  prefill generation prompts N tokens at a time, evicting between chunks
   any policy option                e.g. window_tokens=8, uncompressed_layers=[], scorer=l2norm

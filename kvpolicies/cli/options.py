@@ -117,6 +117,9 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-windows", choices=("share", "keep"),
                         help="sliding-window layers (Gemma, Mistral): 'share' the budget like any layer, or 'keep' "
                              "their whole window and cut the full-attention layers only (default: share)")
+    parser.add_argument("--codec", default="full",
+                        help="how kept entries are stored: full, int8, int4, ... (see `kvpolicies list`); the "
+                             "budget in bytes buys entries at the codec's price (default: full)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="policy option (JSON value), repeatable"
     )

@@ -67,7 +67,7 @@ def add_commands(commands) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from kvpolicies.registry import list_policies
+    from kvpolicies.registry import list_codecs, list_policies
 
     policies = list_policies()
     if args.json:
@@ -96,7 +96,27 @@ def run_list(args: argparse.Namespace) -> int:
         blocks.append("\n".join(lines))
     print("\n\n".join(blocks))
     print(f"\n{len(policies)} policies; --set KEY=VALUE passes an option, --json shows each option's description.")
+    intro = ("Storage codecs: how kept entries are stored (--codec NAME, codec=NAME in lm-eval); a budget in bytes "
+             "buys entries at the codec's price, shown for an entry of 64 and 128 channels in bfloat16.")
+    print("\n" + "\n".join(textwrap.wrap(intro, width)) + "\n\n" + codecs_text(list_codecs(), width))
     return 0
+
+
+def codecs_text(codecs, width: int) -> str:
+    """Each codec's name, price of an entry at ``head_dim`` 64 and 128 in bfloat16, and summary, wrapped."""
+    import torch
+
+    blocks = []
+    for info in codecs:
+        try:
+            codec = info.codec_class()
+            price = " / ".join(f"{codec.entry_bytes(head_dim, torch.bfloat16)} B" for head_dim in (64, 128))
+        except Exception as error:  # a broken plugin is named, not fatal
+            price = f"broken: {type(error).__name__}"
+        lines = [f"{info.name}  ({price})"]
+        lines += textwrap.wrap(info.summary, width, initial_indent="  ", subsequent_indent="    ")
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -106,7 +126,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from kvpolicies.engine.cache import CompressedCache
     from kvpolicies.integrations.models import load_model
     from kvpolicies.integrations.protocol import question_start, split_cache
-    from kvpolicies.registry import get_policy
+    from kvpolicies.registry import get_codec, get_policy
 
     if (args.prompt is None) == (args.file is None):
         raise UsageError("give the prompt either as an argument or with --file, not both or neither")
@@ -123,6 +143,7 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt = prompt if marker is None else prompt + marker
     policy = get_policy(args.policy, **parse_options(args.set))
     budget = Budget.parse(args.budget, slack_tokens=args.budget_slack, windows=args.budget_windows)
+    codec = get_codec(args.codec)  # an unknown name fails before the model loads
 
     print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -135,7 +156,7 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     inputs = inputs.to(model.device)
     prompt_tokens = inputs["input_ids"].shape[1]
-    cache = CompressedCache(model, policy, budget)
+    cache = CompressedCache(model, policy, budget, codec=codec)
     print(f"kvpolicies: generating with {policy!r} at budget {budget} ...", file=sys.stderr)
     started = time.perf_counter()
     if marker is not None:
@@ -165,6 +186,8 @@ def run_generate(args: argparse.Namespace) -> int:
                                    "before eviction runs again: --budget-slack 0 evicts at every step)"
                                    if budget.slack_tokens else "")
                    + (f"; sliding windows: {budget.windows} (--budget-windows)" if cache.shape.sliding_layers else "")],
+        ["codec", f"{codec.name}: {cache.shape.kept_entry_bytes} bytes an entry, against "
+                  f"{cache.shape.entry_bytes} at full precision"],
         ["tokens (prompt + generated)", f"{prompt_tokens} + {len(new_tokens)}"],
         ["KV entries kept / full", f"{stats.kept_entries:,} / {stats.full_entries:,} ({stats.kept_fraction:.1%})"],
         *([["protocol", f"{protocol.value}: the question and the generated tokens ({stats.appended_entries:,} "
@@ -187,16 +210,17 @@ def run_inspect(args: argparse.Namespace) -> int:
     from kvpolicies.engine.cache import CompressedCache
     from kvpolicies.engine.policy import Policy
     from kvpolicies.integrations.models import load_model
-    from kvpolicies.registry import get_policy
+    from kvpolicies.registry import get_codec, get_policy
 
     policy = get_policy(args.policy, **parse_options(args.set))
     budget = Budget.parse(args.budget, slack_tokens=args.budget_slack, windows=args.budget_windows)
+    codec = get_codec(args.codec)
     text = None if args.file is None else read_text_file(args.file, "prompt file")
     if text is not None and not text.strip():
         raise UsageError(f"the prompt in {args.file} is empty; give some text")
     print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    cache = CompressedCache(model, policy, budget)
+    cache = CompressedCache(model, policy, budget, codec=codec)
     if args.file is None:
         tokens = cache.allocation(args.tokens).tokens
         seq_len = args.tokens
@@ -223,7 +247,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def allocation_table(tokens, seq_len: int, shape: CacheShape) -> str:
     """A layer × KV-head table of entries, with each layer's share of the model's own cache for that layer (a
-    sliding-window layer, marked, holds its window)."""
+    sliding-window layer, marked, is measured against its window's ``W - 1``)."""
     heads = tokens.shape[1]
     rows = [[f"{layer} (window {shape.windows[layer]})" if layer in shape.sliding_layers else layer, *row.tolist(),
              f"{row.sum().item() / (heads * shape.held(layer, seq_len)):.1%}"] for layer, row in enumerate(tokens)]

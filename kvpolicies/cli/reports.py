@@ -52,6 +52,9 @@ def add_commands(commands) -> None:
     bench.add_argument("--repeats", type=positive_int, default=3, help="interleaved runs per cell, medians reported")
     bench.add_argument("--prefill-chunk", type=whole_number(2), metavar="N",
                        help="prefill N >= 2 tokens at a time, evicting between")
+    bench.add_argument("--codec", default="full",
+                       help="how the policies store kept entries: full, int8, int4, ... (the full cache, the "
+                            "reference, stays at full precision; default: full)")
     bench.add_argument("--batch", type=positive_int, default=1,
                        help="decode N copies of the prompt together, row b left-padded (ragged layers everywhere)")
     bench.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
@@ -165,6 +168,7 @@ def run_bench(args: argparse.Namespace) -> int:
         args.model, args.contexts, args.policies, args.budgets, args.decode, args.repeats, args.prefill_chunk,
         args.device, args.dtype, args.random_model, args.json,
         progress=lambda message: print(f"kvpolicies bench: {message}", file=sys.stderr), batch=args.batch,
+        codec=args.codec,
     )
     print(header + "\n\n" + tables(results))
     if args.json:

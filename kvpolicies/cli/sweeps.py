@@ -37,6 +37,9 @@ def add_commands(commands) -> None:
                        help="comma-separated: query_aware (default), query_agnostic or both, for every policy (a "
                             "grid's per-policy protocols included); the tasks must name their question for "
                             "query_agnostic")
+    sweep.add_argument("--codec", type=text("a codec name"),
+                       help="how every evicting policy stores its kept entries: full, int8, int4, ... (see "
+                            "`kvpolicies list`; the full cache, the reference, stays at full precision)")
     sweep.add_argument("--limit", type=int, help="samples per task, at least 1 (default: the task's whole data)")
     sweep.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     cluster = sweep.add_argument_group("where cells run (README.md, 'Sweeps on a Ray cluster')")
@@ -77,7 +80,7 @@ def sweep_config(args: argparse.Namespace):
     """The grid of ``--config`` / ``--quick`` / the default, with the command line's overrides, fully validated (every
     policy built once) so that a mistake fails before anything runs."""
     from kvpolicies.experiments.grid import QUICK, PolicySpec, SweepConfig, TaskSpec
-    from kvpolicies.registry import get_policy
+    from kvpolicies.registry import get_policy, list_policies
 
     chosen = [option for option, given in (("--config", args.config is not None), ("--quick", args.quick),
                                            ("--preset", args.preset is not None)) if given]
@@ -109,6 +112,14 @@ def sweep_config(args: argparse.Namespace):
         updates["protocols"] = args.protocols
         updates["policies"] = [spec.model_copy(update={"protocols": None}) if isinstance(spec, PolicySpec) else spec
                                for spec in updates.get("policies", config.policies)]
+    if getattr(args, "codec", None) is not None:  # every policy that evicts; the reference stays at full precision
+        from kvpolicies.registry import get_codec
+
+        get_codec(args.codec)  # an unknown name is named with the known ones
+        specs = updates.get("policies", config.policies) or [info.name for info in list_policies()]
+        specs = [PolicySpec(name=spec) if isinstance(spec, str) else spec for spec in specs]
+        updates["policies"] = [spec.model_copy(update={"codec": args.codec})
+                               if get_policy(spec.name, **spec.options).compresses else spec for spec in specs]
     given = {name: getattr(args, name) for name in ("executor", "address", "cpus_per_cell", "gpus_per_cell",
                                                     "max_retries") if getattr(args, name) is not None}
     if given:  # flags override the file's execution section one by one; --executor local drops its Ray settings

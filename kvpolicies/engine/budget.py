@@ -88,7 +88,8 @@ class CacheShape:
 
     @property
     def sliding_layers(self) -> tuple[int, ...]:
-        """Layers the model windows itself; their allocation is their window, set by the model, not by a policy."""
+        """Layers the model windows itself: none holds more than its window's ``W - 1`` entries per head (all of
+        them when the budget keeps windows whole)."""
         return tuple(layer for layer, window in enumerate(self.windows) if window is not None)
 
     def held(self, layer: int, seq_len: int) -> int:
@@ -145,6 +146,14 @@ class Budget(BaseModel):
         if self.unit in ("tokens", "bytes") and self.value <= 0:
             raise ValueError(f"a {self.unit} budget must be > 0, got {self.value}")
         return self
+
+    @classmethod
+    def stored(cls, value: object) -> object:
+        """A budget as a result file holds it: one written before budgets had a window rule ran with windows
+        held whole (``"keep"``), whatever the default is now."""
+        if isinstance(value, dict) and "value" in value and "windows" not in value:
+            return value | {"windows": "keep"}
+        return value
 
     @classmethod
     def parse(cls, spec: Budget | float | int | str, slack_tokens: int | None = None,
@@ -416,7 +425,7 @@ class Allocation:
             raise fault(f"returned tokens of shape {list(tokens.shape)} from allocate(); the "
                                f"model has {expected}")
         low, total = int(tokens.min()), int(tokens.sum())
-        beyond = (tokens > self.caps).nonzero()
+        beyond = (tokens.cpu() > self.caps).nonzero()  # a policy may hand back tokens on its device
         if low < 1 or len(beyond):
             layer = int(beyond[0, 0]) if len(beyond) else int((tokens < 1).nonzero()[0, 0])
             cap = int(self.caps[layer])

@@ -191,6 +191,8 @@ class CompressedCache(Cache):
                 layer.update_tracks(query, scale)
             except Exception as error:
                 raise self._plugin_error("Track.update", error)
+        if layer.packed and layer.window is not None and max(layer.lengths) > layer.window - 1 + self.budget.slack_tokens:
+            layer.drop_slid_out()  # a run holds no more than W - 1 the next query sees: the rest slid out
         self.evict(layer, query, scale, module, self.step.real)
         if layer.window is not None:  # a window the policy chooses in: what slid out goes once the pass has read it
             layer.slide()
@@ -199,7 +201,8 @@ class CompressedCache(Cache):
             watch.stop(started)
 
     def _tracks(self) -> tuple[Track, ...]:
-        """The tracks every full-attention layer keeps for the policy, checked: a tuple of Track instances with
+        """The tracks every scored layer (full attention, and windows that share the budget) keeps for the policy,
+        checked: a tuple of Track instances with
         distinct, non-empty names and a known reduction."""
         declared = self.policy.tracks
         wrong = (not isinstance(declared, (tuple, list)) or not all(isinstance(t, Track) for t in declared)
@@ -307,9 +310,17 @@ class CompressedCache(Cache):
             keep_n = self._reallocate_heads(scores, context, keep_n, over, over_rows)
         else:
             scores = torch.zeros(valid.shape, device=valid.device)
-        keep = select(scores, context, keep_n, *self.policy.protected)
+        keep = select(scores, context, keep_n, *self.protected(layer))
         layer.store(dense, keep if newest is None else keep | newest)
         self.cuts += 1
+
+    def protected(self, layer: CompressedLayer) -> tuple[int, int]:
+        """``(sink_tokens, window_tokens)`` the policy protects in ``layer``. A sliding window that no longer holds
+        the sequence's first tokens has no sinks to protect: its oldest entries are the next to slide out."""
+        sinks, recent = self.policy.protected
+        if layer.window is not None and layer.logical_length >= layer.window:
+            return 0, recent
+        return sinks, recent
 
     def appended(self, seen: list[int]) -> list[int]:
         """Per sequence, the real tokens after its context (0 for all when no context is set)."""
@@ -397,8 +408,9 @@ class CompressedCache(Cache):
                 f"entries, one per layer: a [batch, kv_heads, seq] tensor of scores for layers {scored} and None "
                 "for the sliding-window layers held whole")
         scores = [self._checked(returned[i], views[i].valid, "after_prefill") for i in scored]
+        protected = [self.protected(self.layers[i]) for i in scored]
         keeps = select_across_layers(scores, [views[i].valid for i in scored], prefilled.budget,
-                                     *self.policy.protected)
+                                     [sinks for sinks, _ in protected], self.policy.protected[1])
         for i, keep in zip(scored, keeps):
             dense, newest = held[i]
             self.layers[i].store(dense, keep if newest is None else keep | newest)

@@ -2,7 +2,7 @@
 
 kvpolicies stores two kinds of layer: full attention (every past token; the policy compresses it) and sliding
 window (the model attends only to its last ``W`` tokens, so its own cache keeps the last ``W - 1``; kvpolicies keeps
-exactly those, never fewer). Anything else — linear attention, state-space or convolution states, chunked
+at most those, fewer when the budget lets the windows share it). Anything else — linear attention, state-space or convolution states, chunked
 attention, layers that reuse another layer's cache — holds something other than one key and value per past token,
 so evicting "entries" has no meaning there. Such a model is refused here, by name and layer kind, before it produces
 a single number.

@@ -132,7 +132,7 @@ def _visible_prefix(seq: int, q_len: int, stop: int) -> int:
 
 
 class Track:
-    """A per-entry quantity the cache accumulates at every forward pass of every full-attention layer, stored beside
+    """A per-entry quantity the cache accumulates at every forward pass of every layer the policy scores, stored beside
     keys and values and carried with them through appends, packing and eviction. A policy lists the tracks its
     ``score()`` reads in ``Policy.tracks`` and reads them as ``inputs.tracks[name]`` (``[batch, kv_heads, seq]``
     float32). Why a track and not a signal: what an entry received at earlier steps is gone by the time a policy

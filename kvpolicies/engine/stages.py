@@ -58,14 +58,14 @@ class Prefilled:
         """Run the model on ``ids`` (``[batch, n]``, all real tokens) as if they followed the prompt, and return per
         layer the attention each cached entry receives from them, ``[batch, kv_heads, seq]`` float32 aligned with
         ``layers[i].valid`` (None for windows held whole; a window that shares the budget reports what its entries
-        would receive were they in reach, since the new tokens lie past any window): the maximum (``"max"``, KVzip's reduction) or the
+        would receive with the window ignored: the new tokens, past the prompt, would see few of them): the maximum (``"max"``, KVzip's reduction) or the
         sum (``"sum"``) over the new queries and the query heads sharing the KV head. The cache is left exactly as
         it was; the new tokens are not kept. Costs one forward pass of ``n`` tokens over the whole prompt."""
         return self._probe(ids, reduce)
 
 
 def select_across_layers(scores: list[torch.Tensor], valid: list[torch.Tensor], totals: list[int],
-                         sink_tokens: int = 0, window_tokens: int = 0) -> list[torch.Tensor]:
+                         sink_tokens: int | list[int] = 0, window_tokens: int = 0) -> list[torch.Tensor]:
     """Keep, per sequence, ``totals[b]`` entries over all the given layers and heads: each head's newest entry
     first (no head is left empty), then its sinks and recent window, then the highest scores. Ties go to the lower
     layer, head and older entry (a stable sort), so the kept set is deterministic.
@@ -73,6 +73,7 @@ def select_across_layers(scores: list[torch.Tensor], valid: list[torch.Tensor], 
     Args:
         scores / valid: per layer ``[batch, kv_heads, seq_l]``; padding (``valid`` False) is never kept.
         totals: entries to keep per sequence (at least one per head, at most the valid entries).
+        sink_tokens: per layer, or one count for all (a sliding window past the sequence's start has none).
 
     Returns per layer a ``[batch, kv_heads, seq_l]`` bool mask.
     """
@@ -84,7 +85,9 @@ def select_across_layers(scores: list[torch.Tensor], valid: list[torch.Tensor], 
     order = age_order(padded_valid.flatten(0, 1)).view_as(padded_valid)  # [layers, batch, heads, seq]
     count = padded_valid.sum(-1, keepdim=True)
     newest = padded_valid & (order == count - 1)
-    protected = padded_valid & ((order < sink_tokens) | (order >= count - window_tokens))
+    sinks = torch.as_tensor(sink_tokens, device=order.device)
+    sinks = sinks.view(-1, 1, 1, 1) if sinks.ndim else sinks  # [layers, 1, 1, 1]: one count per layer
+    protected = padded_valid & ((order < sinks) | (order >= count - window_tokens))
     # Priority classes in one key: each head's newest entry, then sinks and window, then the scores.
     ranked = torch.where(protected, torch.finfo(torch.float32).max, ranked)
     ranked = torch.where(newest, float("inf"), ranked).masked_fill(~padded_valid, float("-inf"))

@@ -19,8 +19,8 @@ while it is dense the model builds its own sliding mask and runs its own attenti
 windows share it (``Budget.windows``), the policy also chooses among a window's entries, and the layer packs like
 any other: it then keeps each entry's position (``positions``), since age order no longer says how far back an entry
 lies, and the kvpolicies attention hides from every query what lies outside its window. Entries that slide out of a
-packed window stay stored, hidden, until the next eviction drops them (dropping them at every step would read their
-count back from the device at every step).
+packed window stay stored, hidden, until a run holds more than ``W - 1`` plus the budget's slack, or an eviction
+comes first (dropping them at every step would read their count back from the device at every step).
 
 The hand-off to the attention. transformers calls ``cache.update(keys, values, layer_idx)`` and then the
 attention function with the tensors it returned, but never tells the attention which cache they came from. The
@@ -304,6 +304,20 @@ class CompressedLayer(CacheLayerMixin):
     def in_window(self, positions: torch.Tensor) -> torch.Tensor:
         """Which entries (``positions`` from a view of the layer) the next forward's first query can see."""
         return positions >= self.logical_length - self.window + 1
+
+    def drop_slid_out(self) -> None:
+        """Drop the entries of a packed window that its next query cannot see. One host read (the runs' new
+        lengths); the cache calls it only once a run holds more than the window plus the budget's slack, so at
+        most once every slack + 1 decoding steps, whatever else happens (a protocol's question, a stage's policy)."""
+        keep = self.in_window(self.positions[:, 0])
+        total = keep.shape[0]
+        run_of = torch.arange(len(self.lengths), device=self.device).repeat_interleave(self.run_lengths,
+                                                                                     output_size=total)
+        self.run_lengths = torch.zeros_like(self.run_lengths).index_add_(0, run_of, keep.to(self.run_lengths.dtype))
+        self.lengths = self.run_lengths.tolist()
+        self.uniform = len(set(self.lengths)) == 1
+        self._slots = None
+        self._select(self.tracks(), keep, sum(self.lengths))
 
     def update_tracks(self, query: torch.Tensor, scale: LogitScale) -> None:
         """Let every track take the attention its entries received from this forward's ``query`` (computed once

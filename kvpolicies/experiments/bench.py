@@ -102,12 +102,12 @@ def padded_batch(ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens: int,
-            prefill_chunk: int | None = None, mask: torch.Tensor | None = None) -> Measurement:
+            prefill_chunk: int | None = None, mask: torch.Tensor | None = None, codec: str = "full") -> Measurement:
     """One prefill of ``ids`` (``[batch, tokens]``, left-padded where ``mask`` is 0) and ``decode_tokens`` greedy
-    steps on a fresh cache."""
+    steps on a fresh cache that stores its entries with ``codec``."""
     from kvpolicies.experiments.memory import PeakMemory
 
-    cache = CompressedCache(model, policy, budget)
+    cache = CompressedCache(model, policy, budget, codec=codec)
     cache.policy_time = Stopwatch(model.device)  # CUDA events: timing the policy does not slow the run down
     chunk = prefill_chunk or ids.shape[1]
     batch = ids.shape[0]
@@ -182,9 +182,10 @@ def median_measurement(runs: list[Measurement]) -> Measurement:
 
 def run_benchmark(model, tokenizer, contexts: list[int], policies: list[str], budgets: list[str | float],
                   decode_tokens: int = 32, repeats: int = 3, prefill_chunk: int | None = None,
-                  progress=None, batch: int = 1) -> list[Measurement]:
+                  progress=None, batch: int = 1, codec: str = "full") -> list[Measurement]:
     """Every context × (full cache + every policy × budget), medians over ``repeats`` interleaved runs; a
-    ``batch`` above 1 decodes that many left-padded copies of the prompt together (see :func:`padded_batch`)."""
+    ``batch`` above 1 decodes that many left-padded copies of the prompt together (see :func:`padded_batch`).
+    The policies store their entries with ``codec``; the full cache, the reference, at full precision."""
     results: list[Measurement] = []
     skipped: dict[int, dict[int, str]] = {}
     for tokens in contexts:
@@ -198,7 +199,8 @@ def run_benchmark(model, tokenizer, contexts: list[int], policies: list[str], bu
                 if i in skipped.get(tokens, {}):
                     continue
                 try:
-                    run = measure(model, ids, name, budget, decode_tokens, prefill_chunk, mask)
+                    run = measure(model, ids, name, budget, decode_tokens, prefill_chunk, mask,
+                                  codec if i > 0 else "full")
                 except BudgetError as error:  # e.g. l2norm's whole layers do not fit a small budget
                     skipped.setdefault(tokens, {})[i] = f"{name} @ {budget}: {error}"
                     continue
@@ -302,8 +304,8 @@ def load(paths: Sequence) -> tuple[list[str], list[Measurement]]:
 def benchmark(model_name: str | None = None, contexts: Sequence[int] = (2048,), policies: Sequence[str] | None = None,
               budgets: Sequence[str | float] = ("0.25",), decode_tokens: int = 32, repeats: int = 3,
               prefill_chunk: int | None = None, device: str | None = None, dtype: str | None = None,
-              random_model: str | None = None, json_path=None, progress=None, batch: int = 1
-              ) -> tuple[str, list[Measurement]]:
+              random_model: str | None = None, json_path=None, progress=None, batch: int = 1,
+              codec: str = "full") -> tuple[str, list[Measurement]]:
     """Load the model, measure every policy (default: every registered one) and describe the setting in a header;
     with ``json_path``, also save ``{"header", "results"}`` there (what the generated pages read)."""
     import json
@@ -311,17 +313,21 @@ def benchmark(model_name: str | None = None, contexts: Sequence[int] = (2048,), 
 
     import transformers
 
+    from kvpolicies.registry import get_codec
+
     policies, budgets = _checked(policies, budgets)
+    get_codec(codec)  # an unknown name fails before the model loads
     model, tokenizer = _load(model_name, device, dtype, random_model)
     results = run_benchmark(model, tokenizer, list(contexts), policies, budgets, decode_tokens, repeats,
-                            prefill_chunk, progress, batch)
+                            prefill_chunk, progress, batch, codec)
     where = (torch.cuda.get_device_name(model.device) if model.device.type == "cuda"
              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     name = f"random-weight {random_model}" if random_model else model_name or "embedded SmolLM2-135M-Instruct"
     header = (f"model: {name}, device: {model.device} ({where}), dtype: {model.dtype}, attention: "
               f"{model.config._attn_implementation}, torch {torch.__version__}, transformers {transformers.__version__}, "
               f"decode: {decode_tokens} tokens, medians of {repeats}, prefill chunk: {prefill_chunk or 'none'}"
-              + (f", batch: {batch} left-padded rows" if batch > 1 else ""))
+              + (f", batch: {batch} left-padded rows" if batch > 1 else "")
+              + (f", codec: {codec} (the policies'; the full cache at full precision)" if codec != "full" else ""))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"header": header, "results": [r.as_dict() for r in results]}, indent=1))

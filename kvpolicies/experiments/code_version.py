@@ -118,20 +118,35 @@ def core_files() -> frozenset[Path]:
     return frozenset(reached([module_file(RUNNER)]))
 
 
-def policy_files(policy: Policy) -> set[Path]:
-    """The modules that define ``policy``'s classes (and its wrapped scorer's), and what they import."""
+def defining_files(instance: object) -> set[Path]:
+    """The source files of the classes ``instance`` is made of (its class and its bases)."""
     sources = set()
-    for cls in type(policy).__mro__:
+    for cls in type(instance).__mro__:
         try:
             source = Path(inspect.getsourcefile(cls) or "")
         except TypeError:  # builtins such as object
             continue
         if source.is_file():
             sources.add(source)
+    return sources
+
+
+def policy_files(policy: Policy) -> set[Path]:
+    """The modules that define ``policy``'s classes (and its wrapped scorer's), and what they import."""
+    sources = defining_files(policy)
     inner = getattr(policy, "scorer", None)
     if isinstance(inner, Policy):
         sources |= policy_files(inner)
     return reached(sources)
+
+
+def codec_files(codec: str | None) -> set[Path]:
+    """The modules that define storage codec ``codec`` (by registered name), and what they import."""
+    if codec is None:
+        return set()
+    from kvpolicies.registry import get_codec
+
+    return reached(defining_files(get_codec(codec)))
 
 
 def task_files(task: str) -> set[Path]:
@@ -143,14 +158,15 @@ def task_files(task: str) -> set[Path]:
     return own | reached(path for path in own if path.suffix == ".py")
 
 
-def code_version(policy: Policy | None = None, task: str | None = None) -> str:
-    """``VERSION+CORE[/POLICY[/TASK]]``: the hashes described in the module docstring."""
+def code_version(policy: Policy | None = None, task: str | None = None, codec: str | None = None) -> str:
+    """``VERSION+CORE[/POLICY[/TASK]]``: the hashes described in the module docstring; a storage ``codec`` (its
+    registered name; None: full precision, part of the core) counts with the policy."""
     from importlib.metadata import version
 
     core = core_files()
     parts = [f"{version('kvpolicies')}+{digest(core)[:10]}"]
     if policy is not None:
-        parts.append(digest(policy_files(policy) - core)[:8])
+        parts.append(digest(policy_files(policy) | codec_files(codec) - core)[:8])
     if task is not None:
         parts.append(digest(task_files(task) - core)[:8])
     return "/".join(parts)

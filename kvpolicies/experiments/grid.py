@@ -26,12 +26,16 @@ from kvpolicies.registry import get_policy, list_policies, policy_with_role
 
 
 class PolicySpec(BaseModel):
-    """One policy of the grid: a registered name, its options, and the label shown in leaderboards."""
+    """One policy of the grid: a registered name, its options, the storage codec of what it keeps, and the label
+    shown in leaderboards."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
+    codec: str = "full"
+    """How the kept entries are stored (:mod:`kvpolicies.engine.codecs`): the budget in bytes buys entries at the
+    codec's price."""
     label: str | None = None
     protocols: list[Protocol] | None = Field(None, min_length=1)
     """The protocols this policy runs under, instead of the grid's: kvpress runs the query-aware protocol only for
@@ -40,7 +44,8 @@ class PolicySpec(BaseModel):
 
     @property
     def title(self) -> str:
-        return self.label or self.name
+        """The label, or the name with the codec when it is not full precision: ``snapkv + int4``."""
+        return self.label or (self.name if self.codec == "full" else f"{self.name} + {self.codec}")
 
     @field_validator("protocols", mode="before")
     @classmethod
@@ -60,7 +65,7 @@ class TaskSpec(BaseModel):
 
 def _shown(spec: PolicySpec) -> str:
     """A policy spec as a grid file would write it: ``{name: snapkv, label: fast}``."""
-    fields = spec.model_dump(exclude_defaults=True, include={"name", "options", "label"})
+    fields = spec.model_dump(exclude_defaults=True, include={"name", "options", "codec", "label"})
     return "{" + ", ".join(f"{key}: {value}" for key, value in fields.items()) + "}"
 
 
@@ -151,9 +156,33 @@ class SweepConfig(BaseModel):
         holders: dict[str, PolicySpec] = {reference.title: reference} if reference else {}
         for spec in self.policies:
             held = holders.setdefault(spec.title, spec)
-            if (held.name, held.options) != (spec.name, spec.options):
+            if (held.name, held.options, held.codec) != (spec.name, spec.options, spec.codec):
                 raise ValueError(f"policies {_shown(held)} and {_shown(spec)} would both show as {spec.title!r} on "
                                  "the pages; give each a distinct label")
+        return self
+
+    @model_validator(mode="after")
+    def _codecs_with_policies_that_evict(self) -> SweepConfig:
+        """A lossy codec with a policy that keeps everything is quantization alone: its bytes are the codec's, not
+        a budget's, so no budget of the grid places it, and it is not the full cache every budget is read
+        against. Looked up only when a codec is named (the registry loads every plugin)."""
+        from kvpolicies.errors import UnknownCodecError
+        from kvpolicies.registry import get_codec
+
+        for spec in self.policies:
+            if spec.codec == "full":
+                continue
+            try:
+                lossless = get_codec(spec.codec).lossless
+            except UnknownCodecError as error:
+                raise ValueError(str(error)) from None
+            if not lossless:
+                if not get_policy(spec.name, **spec.options).compresses:
+                    raise ValueError(
+                        f"policy {_shown(spec)} keeps every entry, so codec {spec.codec!r} alone sets its bytes and "
+                        "no budget of the grid applies to it; pair the codec with a policy that evicts (e.g. "
+                        f"{{name: streaming, codec: {spec.codec}}} at a budget the codec's entries fill), and leave "
+                        "the full cache at full precision: it is the reference every budget is read against")
         return self
 
     @model_validator(mode="after")
@@ -232,12 +261,13 @@ class Cell(BaseModel):
     @field_validator("budget", mode="before")
     @classmethod
     def _parse_budget(cls, value):
-        return Budget.parse(value)  # result files of earlier versions hold 0.5 or "50%"
+        return Budget.parse(Budget.stored(value))  # result files of earlier versions hold 0.5 or "50%"
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the cell's result; its hash is the key (the budget only for a policy that
         compresses, so the full cache is one cell whatever the budgets)."""
         policy = get_policy(self.policy.name, **self.policy.options)
+        codec = None if self.policy.codec == "full" else self.policy.codec  # full precision: the keys of before
         return {
             "model": self.model or EMBEDDED_MODEL,
             "task": self.task.model_dump(),
@@ -246,8 +276,8 @@ class Cell(BaseModel):
             "seed": self.seed,
             "batch_size": self.batch_size,
             "protocol": self.protocol.value,
-            "code_version": code_version(policy, self.task.name),
-        }
+            "code_version": code_version(policy, self.task.name, codec),
+        } | ({"codec": codec} if codec else {})
 
     def key(self) -> str:
         text = json.dumps(self.identity(), sort_keys=True, default=str)

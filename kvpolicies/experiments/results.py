@@ -28,6 +28,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -107,6 +108,11 @@ class Identity(BaseModel):
     policy: dict[str, Any]
     budget: Budget | None
     code_version: str
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _stored_budget(cls, value):
+        return Budget.stored(value)  # written before the window rule: windows were held whole
 
 
 class Worker(BaseModel):

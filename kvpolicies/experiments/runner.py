@@ -52,7 +52,7 @@ def cell_model(cell: Cell):
     first load is lm-eval's own, so results are those of a fresh process (a resumed sweep checks this)."""
     from kvpolicies.integrations.lm_eval import KVPoliciesLM
 
-    options = dict(policy=cell.policy.name, budget=cell.budget, batch_size=cell.batch_size,
+    options = dict(policy=cell.policy.name, budget=cell.budget, codec=cell.policy.codec, batch_size=cell.batch_size,
                    protocol=cell.protocol.value,  # the policy's options by name: none is mistaken for a model arg
                    **{f"policy.{name}": value for name, value in cell.policy.options.items()})
     if cell.model in _loaded:

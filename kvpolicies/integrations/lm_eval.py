@@ -45,7 +45,7 @@ from kvpolicies.engine.policy import Role, coerce_option
 from kvpolicies.errors import ModelLoadError, PolicyConfigError, UsageError
 from kvpolicies.integrations.models import resolve_device, resolve_dtype, resolve_source
 from kvpolicies.integrations.protocol import QUESTION_MARKER, Protocol, missing_split, question_start, split_cache
-from kvpolicies.registry import get_policy, policy_with_role, registry
+from kvpolicies.registry import get_codec, get_policy, policy_with_role, registry
 
 _HFLM_ARGUMENTS = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
 POLICY_PREFIX = "policy."
@@ -66,6 +66,7 @@ class KVPoliciesLM(HFLM):
         budget: Budget | float | str = 1.0,
         slack_tokens: int | str | None = None,
         budget_windows: str | None = None,
+        codec: str | None = None,
         stream_chunk: int | str = 128,
         prefill_chunk: int | str | None = None,
         protocol: str | None = None,
@@ -77,7 +78,7 @@ class KVPoliciesLM(HFLM):
         if policy is None:
             raise UsageError("no policy= given and no installed policy keeps the whole cache; name a policy")
         adapter_args = dict(pretrained=pretrained, budget=budget, slack_tokens=slack_tokens,
-                            budget_windows=budget_windows, stream_chunk=stream_chunk,
+                            budget_windows=budget_windows, codec=codec, stream_chunk=stream_chunk,
                             prefill_chunk=prefill_chunk, protocol=protocol, device=device, dtype=dtype)
         options = _policy_options(policy, kwargs, adapter_args)  # takes the policy's own args out of kwargs
         try:
@@ -92,6 +93,7 @@ class KVPoliciesLM(HFLM):
         slack = None if slack_tokens is None else _count("slack_tokens", slack_tokens, minimum=0)
         # The budget's own slack (16) and window rule (share) unless given.
         self.kv_budget = Budget.parse(budget, slack_tokens=slack, windows=budget_windows or None)
+        self.kv_codec = get_codec(codec or "full")  # an unknown name fails here, before the model loads
         self.stream_chunk = _count("stream_chunk", stream_chunk)
         self.prefill_chunk = None if prefill_chunk in (None, "", "None") else _count("prefill_chunk", prefill_chunk, minimum=2)
         self.protocol = Protocol.parse(protocol)
@@ -114,7 +116,7 @@ class KVPoliciesLM(HFLM):
         self.timings = Timings()
 
     def new_cache(self) -> CompressedCache:
-        return CompressedCache(self.model, self.kv_policy, self.kv_budget)
+        return CompressedCache(self.model, self.kv_policy, self.kv_budget, codec=self.kv_codec)
 
     def _measure(self, cache: CompressedCache) -> None:
         self.kv_measurements += cache.sequence_stats()
@@ -299,6 +301,7 @@ class KVPoliciesLM(HFLM):
             **self.kv_policy.identity(),
             "config_hash": self.kv_policy.config_hash(),
             "budget": self.kv_budget.model_dump(),
+            "codec": self.kv_codec.name,
             "stream_chunk": self.stream_chunk,
             "protocol": self.protocol.value,
             "kv_memory": self.kv_memory(),
