@@ -6,9 +6,12 @@ a policy's choice never re-quantizes what it keeps. Keys quantized per token los
 with outlier key channels (KIVI's finding); the grouping bounds the damage to one group of channels.
 
 What an entry costs, keys and values each: ``head_dim × bits / 8`` bytes of codes plus a float16 scale and minimum
-per group of ``GROUP`` channels (the whole head when ``GROUP`` does not divide ``head_dim``). At ``head_dim`` 64,
-``int4`` stores an entry in 80 bytes and ``int8`` in 144, against 256 in bfloat16 and 512 in float32: the same
-budget in bytes keeps 3.2 and 1.8 times as many entries in bfloat16.
+per group of ``GROUP`` channels (of the largest divisor of ``head_dim`` up to ``GROUP`` when 32 does not divide it:
+20 for Phi-2's 80). At ``head_dim`` 64, ``int4`` stores an entry in 80 bytes and ``int8`` in 144, against 256 in
+bfloat16 and 512 in float32: the same budget in bytes keeps 3.2 and 1.8 times as many entries in bfloat16.
+
+The float16 scale and minimum are rounded outwards (the minimum down, the step up), so a group's range is always
+covered and every value comes back within half a step; values beyond float16's ±65504 are clamped to it.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ from typing import ClassVar
 import torch
 
 from kvpolicies import Codec, hookimpl
+from kvpolicies.errors import UsageError
 
 GROUP = 32
-"""Channels that share one scale and minimum."""
+"""Channels that share one scale and minimum, at most."""
+HALF_MAX = 65504.0
+"""The largest finite float16."""
 
 
 def groups_of(head_dim: int) -> int:
-    """Groups of channels per head: ``head_dim / GROUP``, or one group when ``GROUP`` does not divide it."""
-    return head_dim // GROUP if head_dim % GROUP == 0 else 1
+    """Groups of channels per head: ``head_dim`` over its largest divisor up to ``GROUP``."""
+    return head_dim // max(size for size in range(1, GROUP + 1) if head_dim % size == 0)
 
 
 class Quantized(Codec):
@@ -34,6 +40,9 @@ class Quantized(Codec):
     bits: ClassVar[int] = 8
 
     def entry_bytes(self, head_dim: int, dtype: torch.dtype) -> int:
+        if head_dim * self.bits % 8:
+            raise UsageError(f"codec {self.name!r} packs {8 // self.bits} channels a byte, and this model's heads have "
+                             f"{head_dim} channels; use a codec with more bits (int8)")
         codes = head_dim * self.bits // 8
         scales = 2 * groups_of(head_dim) * 2  # a scale and a minimum per group, float16
         return 2 * (codes + scales)
@@ -50,12 +59,14 @@ class Quantized(Codec):
     def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes [..., head_dim · bits / 8] uint8, scales [..., 2 · groups] float16)`` of ``x`` ``[..., head_dim]``."""
         head_dim = x.shape[-1]
-        grouped = x.float().unflatten(-1, (groups_of(head_dim), -1))
+        grouped = x.float().clamp(-HALF_MAX, HALF_MAX).unflatten(-1, (groups_of(head_dim), -1))
         low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
-        # The scale and minimum are stored in float16: quantize with the rounded ones, so decoding inverts exactly.
-        low = low.half().float()
-        scale = ((high - low) / (2**self.bits - 1)).clamp(min=2**-14).half().float()
-        codes = ((grouped - low) / scale).round_().clamp_(0, 2**self.bits - 1).to(torch.uint8).flatten(-2)
+        # Stored in float16, and quantized with the stored values so that decoding inverts exactly: the minimum
+        # rounded down and the step up, so that low + step · (levels - 1) still reaches the group's maximum.
+        levels = 2**self.bits - 1
+        low = _outwards(low, down=True)
+        scale = _outwards(((high - low) / levels).clamp(min=2**-14, max=HALF_MAX), down=False)
+        codes = ((grouped - low) / scale).round_().clamp_(0, levels).to(torch.uint8).flatten(-2)
         if self.bits == 4:  # two codes a byte: even channels in the low half, odd ones in the high half
             codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
         return codes, torch.cat([scale, low], dim=-1).flatten(-2).half()
@@ -67,6 +78,14 @@ class Quantized(Codec):
         grouped = codes.float().unflatten(-1, (groups, -1))
         scale, low = scales.float().unflatten(-1, (groups, 2)).unbind(-1)
         return (grouped * scale[..., None] + low[..., None]).flatten(-2).to(dtype)
+
+
+def _outwards(x: torch.Tensor, down: bool) -> torch.Tensor:
+    """``x`` (float32) rounded to float16 towards -inf (``down``) or +inf, returned as float32."""
+    half = x.half()
+    beyond = half.float() > x if down else half.float() < x
+    towards = torch.full_like(half, float("-inf") if down else float("inf"))
+    return torch.where(beyond, torch.nextafter(half, towards), half).clamp(-HALF_MAX, HALF_MAX).float()
 
 
 class Int8(Quantized):

@@ -558,3 +558,35 @@ def test_a_question_and_answer_longer_than_the_window_leave_each_window_at_its_s
         for index in cache.shape.sliding_layers:
             layer = cache.layers[index]
             assert max(layer.lengths) <= WINDOW - 1 + 2
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("architecture", WINDOWED)
+@pytest.mark.parametrize("name", ["streaming", "kvzip-like"])
+def test_a_short_prompt_keeps_its_sinks_in_a_window_beside_a_long_one_as_alone(architecture, name):
+    """Sinks are the sequence's first tokens: a window that still holds them protects them, one that has slid past
+    them protects nothing (its oldest entries are the next to go). Decided per sequence, so a short prompt beside a
+    long one keeps the window entries it keeps alone."""
+    from tests.test_stages import RepeatTail
+
+    model = build(ARCHITECTURES[architecture])
+    generator = torch.Generator().manual_seed(9)
+    long = torch.randint(3, COMMON["vocab_size"], (1, 30), generator=generator)
+    short = torch.randint(3, COMMON["vocab_size"], (1, 6), generator=generator)  # 6 < W: its window holds its start
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 24, dtype=torch.long), short], 1)])
+    mask = torch.cat([torch.ones(1, 30), torch.cat([torch.zeros(1, 24), torch.ones(1, 6)], 1)]).long()
+
+    def run(ids, attention_mask):
+        chosen = RepeatTail(sink_tokens=2) if name == "kvzip-like" else kvpolicies.get_policy("streaming", sink_tokens=2,
+                                                                                  window_tokens=1)
+        cache = CompressedCache(model, chosen, Budget(value=0.5, slack_tokens=0))
+        model(ids, attention_mask=attention_mask, position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+              cache=cache)
+        if name == "kvzip-like":
+            cache.after_prefill(model)
+        return cache
+
+    together, alone = run(batch, mask), run(short, torch.ones_like(short))
+    for index in together.shape.sliding_layers:
+        for keys_b, keys_a in zip(held(together.layers[index], 1), held(alone.layers[index], 0)):
+            torch.testing.assert_close(keys_b, keys_a, atol=1e-4, rtol=1e-4)

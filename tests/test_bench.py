@@ -40,7 +40,7 @@ def test_a_codec_in_the_benchmark_stores_the_policies_entries_and_leaves_the_ref
     reference, coded = run_benchmark(tiny_model, None, [96], ["snapkv"], [0.1], decode_tokens=2, repeats=1,
                                       codec="int8")
     assert reference.resident_bytes == full.resident_bytes  # the full cache is the reference, as computed
-    assert coded.resident_bytes == coded.physical_bytes <= plain.resident_bytes  # codes only, within the bytes
+    assert coded.policy == "snapkv + int8" and coded.resident_bytes == coded.physical_bytes <= plain.resident_bytes
     assert coded.kept_per_head > 3 * plain.kept_per_head  # 40 bytes an entry instead of 128: 3.2 times as many
 
 

@@ -181,3 +181,35 @@ def test_packed_sliding_windows_decode_without_a_sync_between_evictions(architec
         if name == policy:
             assert all(layer.packed for layer in cache.layers)
     assert counted[policy] == counted["full"]
+
+
+def test_what_slides_out_of_a_packed_window_is_dropped_at_most_once_per_slack_and_one_read_a_time(monkeypatch):
+    """With a question kept whole no eviction runs while decoding: the windows drop what slid out on their own, one
+    host read each time, and no more often than once every slack + 1 steps per layer."""
+    from kvpolicies.engine.storage import CompressedLayer
+    from tests.architectures import ARCHITECTURES, WINDOW, build, prompt
+
+    model = build(ARCHITECTURES["mistral-sliding-window"])
+    slack, steps = 2, 3 * WINDOW
+    cache = CompressedCache(model, kvpolicies.get_policy("snapkv"), Budget(value=0.5, slack_tokens=slack))
+    cache.context_lengths = [30]
+    drops: list[tuple[int, int]] = []
+    original = CompressedLayer.drop_slid_out
+
+    def counted(layer):
+        with DeviceWork().on_device(model) as work:
+            original(layer)
+        drops.append((layer.layer_idx, work.syncs))
+
+    monkeypatch.setattr(CompressedLayer, "drop_slid_out", counted)
+    ids = prompt(40)
+    with torch.no_grad():
+        model(ids[:, :30], cache=cache)
+        model(ids[:, 30:], cache=cache)
+        for token in range(steps):
+            model(torch.tensor([[3 + token]]), cache=cache)
+    per_layer = {layer: [syncs for index, syncs in drops if index == layer] for layer, _ in drops}
+    assert set(per_layer) == set(cache.shape.sliding_layers)
+    for syncs in per_layer.values():
+        assert all(count == 1 for count in syncs)
+        assert 1 <= len(syncs) <= (10 + steps) // (slack + 1) + 1

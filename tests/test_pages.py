@@ -126,6 +126,22 @@ def at(day: int) -> datetime:
 # -- a plugin that gained an option is still one policy ------------------------------------------------------------
 
 
+def test_a_codec_makes_a_row_of_its_own_named_with_it_and_the_window_rule_does_not(tmp_path):
+    """``snapkv`` and ``snapkv + int4`` at one budget are two points, whatever their code versions (the codec's
+    source joins the policy's); a record written before budgets had a window rule is the same point as today's."""
+    coded = cell(score=0.7, code="0.1.0+abc/xyz", finished_at=at(25))
+    coded = coded.model_copy(update={"cell": coded.cell.model_copy(
+        update={"policy": coded.cell.policy.model_copy(update={"codec": "int4"})})})
+    old = cell(score=0.2, finished_at=at(20))
+    old = old.model_copy(update={"identity": old.identity.model_copy(
+        update={"budget": Budget(value=0.5, windows="keep")})})
+    rows, _ = load_rows(load_results(write_records(tmp_path / "r", [full(), old, cell(score=0.4, finished_at=at(24)),
+                                                                   coded])))
+    assert scores(rows) == {("kvp_passkey", "full", None): 1.0, ("kvp_passkey", "snapkv", 0.5): 0.4,
+                            ("kvp_passkey", "snapkv + int4", 0.5): 0.7}
+    assert len(rows) == 3  # the record of before the window rule is no row of its own
+
+
 def test_a_policy_that_gained_an_option_is_one_row_across_code_versions_the_newest():
     rows, _ = load_rows([full(), cell(options={"window_tokens": 8}, code="v1", score=0.5, finished_at=at(24)),
                          cell(options={"window_tokens": 8, "pool": "max"}, code="v2", score=0.7, finished_at=at(25))])

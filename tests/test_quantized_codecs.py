@@ -19,7 +19,7 @@ def prompt(length: int = 48) -> torch.Tensor:
 @pytest.mark.parametrize(("name", "bits"), [("int8", 8), ("int4", 4)])
 def test_an_entry_costs_its_codes_and_a_half_precision_scale_and_minimum_per_group(name, bits):
     codec = kvpolicies.get_codec(name)
-    for head_dim, groups in ((64, 2), (128, 4), (16, 1), (80, 1)):  # 80: 32 does not divide it, one group
+    for head_dim, groups in ((64, 2), (128, 4), (16, 1), (80, 4)):  # 80: groups of 20, its largest divisor <= 32
         assert codec.entry_bytes(head_dim, torch.bfloat16) == 2 * (head_dim * bits // 8 + groups * 2 * 2)
     assert codec.entry_bytes(64, torch.float32) == codec.entry_bytes(64, torch.bfloat16)  # codes, whatever came in
     assert {info.name for info in kvpolicies.list_codecs()} >= {"full", "int8", "int4"}
@@ -113,3 +113,15 @@ def test_a_sweep_cell_with_a_codec_runs_it_and_records_its_bytes(tiny_pretrained
     plain, coded = records["streaming"].kv_memory, records["streaming + int4"].kv_memory
     # The same bytes (a quarter of the full cache, plus the decoding slack), bought at int4's price.
     assert coded.resident_fraction_mean <= plain.resident_fraction_mean * 1.1
+
+
+def test_values_past_half_precision_are_clamped_not_turned_into_nan_and_odd_heads_are_refused_for_int4():
+    codec = kvpolicies.get_codec("int8")
+    keys = torch.tensor([[-1e6, 0.0, 3.0, 7e5] * 8])  # a bfloat16 model's outlier channel, past float16's range
+    decoded, _ = codec.decode(codec.encode(keys, keys), torch.float32)
+    assert torch.isfinite(decoded).all()
+    assert decoded[0, 0] == -65504 and decoded[0, 3] >= 65504 - 520  # clamped to float16's range, then quantized
+    from kvpolicies.errors import UsageError
+
+    with pytest.raises(UsageError, match="packs 2 channels a byte.*75 channels; use a codec with more bits"):
+        kvpolicies.get_codec("int4").entry_bytes(75, torch.bfloat16)

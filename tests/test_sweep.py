@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from kvpolicies import get_policy
 from kvpolicies.engine.budget import Budget
+from kvpolicies.errors import UsageError
 from kvpolicies.experiments.code_version import code_version
 from kvpolicies.experiments.grid import SweepConfig, cells
 from kvpolicies.experiments.results import ResultRecord, load_results, write_record
@@ -65,6 +66,11 @@ def test_a_codec_in_a_grid_is_part_of_the_cell_its_version_and_its_name_on_the_p
     assert before.split("/")[1] != next(c for c in grid if c.title == "snapkv").identity()["code_version"].split("/")[1]
     assert "quantized.py" in {path.name for path in versions.codec_files("int4")}  # an edit reruns its cells
     assert code_version(get_policy("snapkv"), None, "int4") != code_version(get_policy("snapkv"))
+    snapkv = get_policy("snapkv")  # full precision: the policy's own files beyond the core, as before codecs
+    own = versions.digest(versions.policy_files(snapkv) - versions.core_files())[:8]
+    assert code_version(snapkv).split("/")[1] == own
+    with_codec = versions.digest((versions.policy_files(snapkv) | versions.codec_files("int4")) - versions.core_files())
+    assert code_version(snapkv, None, "int4").split("/")[1] == with_codec[:8]
     with pytest.raises(ValidationError, match="keeps every entry, so codec 'int4' alone sets its bytes"):
         SweepConfig(policies=[{"name": "full", "codec": "int4"}])
     with pytest.raises(ValidationError, match="unknown codec 'int5'"):
@@ -78,6 +84,21 @@ def test_the_sweep_command_gives_every_evicting_policy_the_codec_and_the_referen
     config = sweep_config(build_parser().parse_args(["sweep", "--quick", "--codec", "int8"]))
     codecs = {spec.name: spec.codec for spec in config.resolved_policies()}
     assert codecs == {"l2norm": "int8", "random": "int8", "streaming": "int8", "snapkv": "int8", "full": "full"}
+
+
+
+def test_the_sweep_command_keeps_every_spec_of_a_policy_and_never_merges_two(tmp_path):
+    from kvpolicies.cli import build_parser
+    from kvpolicies.cli.sweeps import sweep_config
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(json.dumps({"policies": ["snapkv", {"name": "snapkv", "codec": "int4"}, "l2norm"],
+                                "budgets": [0.5], "tasks": [{"name": "kvp_passkey", "metadata": {"lengths": [1024]}}]}))
+    parse = build_parser().parse_args
+    config = sweep_config(parse(["sweep", "--config", str(grid), "--policies", "snapkv"]))
+    assert [spec.title for spec in config.policies] == ["snapkv", "snapkv + int4"]
+    with pytest.raises(UsageError, match="--codec int4 turns two of the grid's policies into one"):
+        sweep_config(parse(["sweep", "--config", str(grid), "--codec", "int4"]))
 
 
 def test_both_protocols_make_two_cells_per_compressing_point_and_are_named_apart():

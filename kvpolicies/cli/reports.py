@@ -152,6 +152,9 @@ def run_bench(args: argparse.Namespace) -> int:
         headers, results = load(args.from_json)
         print("\n".join(headers) + "\n\n" + tables(results))
         return 0
+    if args.codec != "full" and (args.step_costs or args.profile):
+        raise UsageError("--codec is measured by the timing tables; --profile and --step-costs run at full "
+                         "precision: leave --codec out, or drop --profile/--step-costs")
     if args.step_costs:
         from kvpolicies.experiments.bench import _checked, _load
         from kvpolicies.experiments.step_costs import step_costs

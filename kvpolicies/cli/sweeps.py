@@ -97,9 +97,9 @@ def sweep_config(args: argparse.Namespace):
         config = QUICK.model_copy(deep=True) if args.quick else SweepConfig()
     updates: dict[str, Any] = {}
     # The list flags arrive as lists of non-empty items (options.comma_separated): an empty one is refused there.
-    if args.policies is not None:  # a policy the grid names keeps its options and protocols
-        known_policies = {spec.name: spec for spec in config.policies}
-        updates["policies"] = [known_policies.get(name, name) for name in args.policies]
+    if args.policies is not None:  # every spec the grid gives a policy keeps its options, codec and protocols
+        updates["policies"] = [spec for name in args.policies
+                               for spec in ([s for s in config.policies if s.name == name] or [name])]
     if args.budgets is not None:
         updates["budgets"] = args.budgets
     if args.tasks is not None:
@@ -118,8 +118,13 @@ def sweep_config(args: argparse.Namespace):
         get_codec(args.codec)  # an unknown name is named with the known ones
         specs = updates.get("policies", config.policies) or [info.name for info in list_policies()]
         specs = [PolicySpec(name=spec) if isinstance(spec, str) else spec for spec in specs]
-        updates["policies"] = [spec.model_copy(update={"codec": args.codec})
-                               if get_policy(spec.name, **spec.options).compresses else spec for spec in specs]
+        coded = [spec.model_copy(update={"codec": args.codec})
+                 if get_policy(spec.name, **spec.options).compresses else spec for spec in specs]
+        merged = [spec for i, spec in enumerate(coded) if spec in coded[:i]]
+        if merged:
+            raise UsageError(f"--codec {args.codec} turns two of the grid's policies into one ({merged[0].title}): "
+                             "the grid already compares codecs; leave --codec out, or name the policies")
+        updates["policies"] = coded
     given = {name: getattr(args, name) for name in ("executor", "address", "cpus_per_cell", "gpus_per_cell",
                                                     "max_retries") if getattr(args, name) is not None}
     if given:  # flags override the file's execution section one by one; --executor local drops its Ray settings

@@ -88,8 +88,9 @@ class CacheShape:
 
     @property
     def sliding_layers(self) -> tuple[int, ...]:
-        """Layers the model windows itself: none holds more than its window's ``W - 1`` entries per head (all of
-        them when the budget keeps windows whole)."""
+        """Layers the model windows itself: the next query of one sees at most its window's ``W - 1`` entries per
+        head (all of them when the budget keeps windows whole); a packed one stores what slid out, hidden, up to the
+        budget's slack."""
         return tuple(layer for layer, window in enumerate(self.windows) if window is not None)
 
     def held(self, layer: int, seq_len: int) -> int:

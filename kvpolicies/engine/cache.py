@@ -31,7 +31,7 @@ from kvpolicies.engine.stages import Prefilled, probe, select_across_layers
 from kvpolicies.engine.stages import install as install_stage
 from kvpolicies.engine.step import Step
 from kvpolicies.engine.storage import TRACK, CompressedLayer, hand_over
-from kvpolicies.errors import ContextLengthWarning, UsageError
+from kvpolicies.errors import ContextLengthWarning, KVPoliciesError, UsageError
 
 
 @dataclass(frozen=True)
@@ -223,6 +223,8 @@ class CompressedCache(Cache):
 
         try:
             return checked_entry_bytes(self.codec, self.shape.head_dim, model.dtype, model.device, fault)
+        except KVPoliciesError:  # the codec's own fault, named already, or a model it says it cannot store
+            raise
         except Exception as error:
             raise plugin_error(type(self.codec), "a trial encode and decode", error)
 
@@ -310,17 +312,20 @@ class CompressedCache(Cache):
             keep_n = self._reallocate_heads(scores, context, keep_n, over, over_rows)
         else:
             scores = torch.zeros(valid.shape, device=valid.device)
-        keep = select(scores, context, keep_n, *self.protected(layer))
+        keep = select(scores, context, keep_n, *self.protected(layer, valid.device))
         layer.store(dense, keep if newest is None else keep | newest)
         self.cuts += 1
 
-    def protected(self, layer: CompressedLayer) -> tuple[int, int]:
-        """``(sink_tokens, window_tokens)`` the policy protects in ``layer``. A sliding window that no longer holds
-        the sequence's first tokens has no sinks to protect: its oldest entries are the next to slide out."""
+    def protected(self, layer: CompressedLayer, device: torch.device) -> tuple[int | torch.Tensor, int]:
+        """``(sink_tokens, window_tokens)`` the policy protects in ``layer``. A sliding window that no longer holds a
+        sequence's first tokens has no sinks to protect there: its oldest entries are the next to slide out. So in
+        a window the sinks are per sequence (``[batch, 1, 1]``), kept while the sequence is shorter than the
+        window, as it would be alone whatever its neighbours' padding."""
         sinks, recent = self.policy.protected
-        if layer.window is not None and layer.logical_length >= layer.window:
-            return 0, recent
-        return sinks, recent
+        if layer.window is None or not sinks or max(layer.seen) < layer.window:
+            return sinks, recent
+        per_sequence = [sinks if seen < layer.window else 0 for seen in layer.seen]
+        return torch.tensor(per_sequence, device=device).view(-1, 1, 1), recent
 
     def appended(self, seen: list[int]) -> list[int]:
         """Per sequence, the real tokens after its context (0 for all when no context is set)."""
@@ -408,9 +413,12 @@ class CompressedCache(Cache):
                 f"entries, one per layer: a [batch, kv_heads, seq] tensor of scores for layers {scored} and None "
                 "for the sliding-window layers held whole")
         scores = [self._checked(returned[i], views[i].valid, "after_prefill") for i in scored]
-        protected = [self.protected(self.layers[i]) for i in scored]
-        keeps = select_across_layers(scores, [views[i].valid for i in scored], prefilled.budget,
-                                     [sinks for sinks, _ in protected], self.policy.protected[1])
+        device = views[scored[0]].valid.device if scored else None
+        sinks = [self.protected(self.layers[i], device)[0] for i in scored]
+        sinks = torch.stack([torch.as_tensor(s, device=device).reshape(-1, 1, 1).expand(len(seen), 1, 1)
+                             for s in sinks]) if sinks else 0
+        keeps = select_across_layers(scores, [views[i].valid for i in scored], prefilled.budget, sinks,
+                                     self.policy.protected[1])
         for i, keep in zip(scored, keeps):
             dense, newest = held[i]
             self.layers[i].store(dense, keep if newest is None else keep | newest)

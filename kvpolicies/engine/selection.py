@@ -17,7 +17,7 @@ def select(
     scores: torch.Tensor,
     valid: torch.Tensor,
     keep: torch.Tensor,
-    sink_tokens: int = 0,
+    sink_tokens: int | torch.Tensor = 0,
     window_tokens: int = 0,
 ) -> torch.Tensor:
     """Choose which entries to keep in every head.
@@ -27,7 +27,8 @@ def select(
         valid: ``[batch, kv_heads, seq]`` bool; padding is never kept.
         keep: ``[batch, kv_heads]`` entries to keep per head (clamped to the valid count).
         sink_tokens / window_tokens: the oldest / newest valid entries kept before any scored one; they count
-            inside ``keep``; if ``keep`` cannot hold them all, sinks (oldest first) win, then the newest.
+            inside ``keep``; if ``keep`` cannot hold them all, sinks (oldest first) win, then the newest. Sinks may
+            differ per sequence (a ``[batch, 1, 1]`` tensor).
 
     Returns:
         ``[batch, kv_heads, seq]`` bool mask, exactly ``min(keep, valid count)`` True per head.
@@ -41,7 +42,7 @@ def select(
     ranked = scores.float().masked_fill(~valid, float("-inf"))
     # Stable descending sort: among equal scores the lower index (older entry) ranks first.
     position = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-    if sink_tokens or window_tokens:
+    if isinstance(sink_tokens, torch.Tensor) or sink_tokens or window_tokens:
         # Protected entries go first: sinks (oldest first), then the window (newest first), then by score.
         window = valid & (order >= count - window_tokens)
         sinks = valid & (order < sink_tokens)

@@ -65,7 +65,7 @@ class Prefilled:
 
 
 def select_across_layers(scores: list[torch.Tensor], valid: list[torch.Tensor], totals: list[int],
-                         sink_tokens: int | list[int] = 0, window_tokens: int = 0) -> list[torch.Tensor]:
+                         sink_tokens: int | torch.Tensor = 0, window_tokens: int = 0) -> list[torch.Tensor]:
     """Keep, per sequence, ``totals[b]`` entries over all the given layers and heads: each head's newest entry
     first (no head is left empty), then its sinks and recent window, then the highest scores. Ties go to the lower
     layer, head and older entry (a stable sort), so the kept set is deterministic.
@@ -73,7 +73,8 @@ def select_across_layers(scores: list[torch.Tensor], valid: list[torch.Tensor], 
     Args:
         scores / valid: per layer ``[batch, kv_heads, seq_l]``; padding (``valid`` False) is never kept.
         totals: entries to keep per sequence (at least one per head, at most the valid entries).
-        sink_tokens: per layer, or one count for all (a sliding window past the sequence's start has none).
+        sink_tokens: one count for all, or ``[layers, batch, 1, 1]`` per layer and sequence (a sliding window past
+            a sequence's start protects none there).
 
     Returns per layer a ``[batch, kv_heads, seq_l]`` bool mask.
     """
@@ -85,8 +86,7 @@ def select_across_layers(scores: list[torch.Tensor], valid: list[torch.Tensor], 
     order = age_order(padded_valid.flatten(0, 1)).view_as(padded_valid)  # [layers, batch, heads, seq]
     count = padded_valid.sum(-1, keepdim=True)
     newest = padded_valid & (order == count - 1)
-    sinks = torch.as_tensor(sink_tokens, device=order.device)
-    sinks = sinks.view(-1, 1, 1, 1) if sinks.ndim else sinks  # [layers, 1, 1, 1]: one count per layer
+    sinks = torch.as_tensor(sink_tokens, device=order.device)  # a count, or [layers, batch, 1, 1]
     protected = padded_valid & ((order < sinks) | (order >= count - window_tokens))
     # Priority classes in one key: each head's newest entry, then sinks and window, then the scores.
     ranked = torch.where(protected, torch.finfo(torch.float32).max, ranked)

@@ -40,6 +40,7 @@ from kvpolicies.errors import UsageError
 @dataclass
 class Measurement:
     policy: str
+    """The policy's name, with its storage codec when not full precision (``snapkv + int4``)."""
     budget: str
     context_tokens: int
     prefill_s: float
@@ -50,7 +51,8 @@ class Measurement:
     policy_decode_ms_per_token: float
     resident_bytes: int
     physical_bytes: int
-    """``kept entries × 2 × head_dim × dtype bytes``: what the kept entries need, nothing more."""
+    """``kept entries ×`` an entry's price as stored (``2 × head_dim × dtype bytes`` at full precision, the codec's
+    price otherwise): what the kept entries need, nothing more."""
     auxiliary_bytes: int
     full_bytes: int
     peak_bytes: int
@@ -131,7 +133,7 @@ def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
     stats = cache.stats()
     steps = max(decode_tokens, 1)
     return Measurement(
-        policy=policy, budget=str(budget), context_tokens=ids.shape[1],
+        policy=policy if codec == "full" else f"{policy} + {codec}", budget=str(budget), context_tokens=ids.shape[1],
         prefill_s=prefilled - started, ttft_s=first_token - started,
         decode_ms_per_token=(decoded - decoding) * 1000 / steps,
         policy_prefill_s=policy_prefill, policy_decode_ms_per_token=cache.policy_time.seconds * 1000 / steps,

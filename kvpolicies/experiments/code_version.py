@@ -166,7 +166,7 @@ def code_version(policy: Policy | None = None, task: str | None = None, codec: s
     core = core_files()
     parts = [f"{version('kvpolicies')}+{digest(core)[:10]}"]
     if policy is not None:
-        parts.append(digest(policy_files(policy) | codec_files(codec) - core)[:8])
+        parts.append(digest((policy_files(policy) | codec_files(codec)) - core)[:8])
     if task is not None:
         parts.append(digest(task_files(task) - core)[:8])
     return "/".join(parts)

@@ -44,8 +44,10 @@ class PolicySpec(BaseModel):
 
     @property
     def title(self) -> str:
-        """The label, or the name with the codec when it is not full precision: ``snapkv + int4``."""
-        return self.label or (self.name if self.codec == "full" else f"{self.name} + {self.codec}")
+        """The label (or the name), with the codec when it is not full precision: ``snapkv + int4``. A label never
+        hides the codec: a preset's labels would otherwise show int4 results under full-precision names."""
+        shown = self.label or self.name
+        return shown if self.codec == "full" else f"{shown} + {self.codec}"
 
     @field_validator("protocols", mode="before")
     @classmethod
