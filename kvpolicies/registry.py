@@ -119,7 +119,7 @@ class Registry:
                 f"{PLUGINS_ENV} names {sorted(missing)}, which are not installed; installed kvpolicies plugins: "
                 f"{sorted(ep.name for ep in found)}",
                 PluginWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         for entry_point in found:
             if allowed is not None and entry_point.name not in allowed:
@@ -135,7 +135,7 @@ class Registry:
                     f"kvpolicies plugin {entry_point.name!r} ({entry_point.value}) failed to load and was skipped: "
                     f"{type(error).__name__}: {error}",
                     PluginWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
 
     def register_plugin(self, plugin: object, name: str) -> None:
@@ -150,19 +150,19 @@ class Registry:
 
     def policies(self) -> dict[str, PolicyInfo]:
         if self._policies is None:
-            self.load_entry_points()
-            claims = self._claims("register_policies", Policy, "policy", "policies")
-            self._policies = {name: PolicyInfo(name, cls, plugin, self._packages.get(plugin, ""))
-                              for name, (cls, plugin) in claims.items()}
+            self._policies = self._infos("register_policies", Policy, "policy", "policies", PolicyInfo)
         return self._policies
 
     def codecs(self) -> dict[str, CodecInfo]:
         if self._codecs is None:
-            self.load_entry_points()
-            claims = self._claims("register_codecs", Codec, "codec", "codecs")
-            self._codecs = {name: CodecInfo(name, cls, plugin, self._packages.get(plugin, ""))
-                            for name, (cls, plugin) in claims.items()}
+            self._codecs = self._infos("register_codecs", Codec, "codec", "codecs", CodecInfo)
         return self._codecs
+
+    def _infos(self, hook_name: str, base: type, kind: str, plural: str, info: type) -> dict:
+        """The registered classes of ``kind`` by name, each described by ``info(name, class, plugin, package)``."""
+        self.load_entry_points()
+        claims = self._claims(hook_name, base, kind, plural)
+        return {name: info(name, cls, plugin, self._packages.get(plugin, "")) for name, (cls, plugin) in claims.items()}
 
     def _claims(self, hook_name: str, base: type, kind: str, plural: str) -> dict[str, tuple[type, str]]:
         """Every class of ``kind`` that plugins register through ``hook_name``, by name, with its plugin. A name two
@@ -191,7 +191,7 @@ class Registry:
                     f"kvpolicies plugin {plugin_name!r} failed while registering {plural} and was skipped: "
                     f"{type(error).__name__}: {error}",
                     PluginWarning,
-                    stacklevel=4,
+                    stacklevel=5,
                 )
                 continue
             for name, registered in found:
@@ -206,7 +206,7 @@ class Registry:
                 f"{kind} name {name!r} is registered by two plugins: {who}, so neither is used; uninstall one or "
                 f"load only the one you want with {PLUGINS_ENV}"
             )
-            warnings.warn(self._clashes[(kind, name)], PluginWarning, stacklevel=4)
+            warnings.warn(self._clashes[(kind, name)], PluginWarning, stacklevel=5)
         return dict(sorted(unique.items()))
 
     def get(self, name: str) -> PolicyInfo:

@@ -54,6 +54,30 @@ def captured_query(model, cache, q_proj_out, position: int, layer_idx: int) -> t
     return q[0]
 
 
+def queries_and_keys_since_prefill(model, cache, ids: torch.Tensor, steps: list[torch.Tensor], layer_idx: int = 1
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill ``ids`` and decode ``steps`` on ``cache`` (one sequence of a :func:`tiny_llama`), and return every query
+    of layer ``layer_idx`` since the prefill, RoPE applied (``[heads, positions, head_dim]``), with the keys of the
+    whole sequence from transformers' own cache (``[kv_heads, positions, head_dim]``): what a track that follows
+    every query since each entry arrived is checked against."""
+    from transformers import DynamicCache
+
+    plain = DynamicCache(config=model.config)
+    queries = []
+    handle = model.model.layers[layer_idx].self_attn.q_proj.register_forward_hook(lambda m, a, o: queries.append(o))
+    with torch.no_grad():
+        model(ids, cache=cache)
+        for token in steps:
+            model(token, cache=cache)
+        handle.remove()
+        model(torch.cat([ids, *steps], 1), cache=plain)
+    prompt = ids.shape[1]
+    every = torch.cat([captured_query(model, cache, queries[0][:, p : p + 1], p, layer_idx) for p in range(prompt)]
+                      + [captured_query(model, cache, q, prompt + i, layer_idx) for i, q in enumerate(queries[1:])],
+                      dim=1)
+    return every, plain.layers[layer_idx].keys[0]
+
+
 # -- what a policy sees ------------------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 import kvpolicies
 from kvpolicies import Budget, CacheShape, CompressedCache
 from kvpolicies.engine.selection import age_order
-from tests.helpers import attention_received_by_loops, captured_query, score_inputs
+from tests.helpers import attention_received_by_loops, captured_query, queries_and_keys_since_prefill, score_inputs
 
 
 def test_snapkv_scores_are_pooled_votes_of_the_last_queries():
@@ -59,23 +59,9 @@ def test_h2o_accumulates_attention_over_prefill_and_decoding(tiny_model):
     """The cumulative track equals the explicit sum of every query's attention since each entry arrived."""
     policy = kvpolicies.get_policy("h2o")
     cache = CompressedCache(tiny_model, policy, 1.0)  # no eviction: compare the raw accumulation
-    plain = DynamicCache(config=tiny_model.config)
-    queries = []
-    attn = tiny_model.model.layers[1].self_attn
-    handle = attn.q_proj.register_forward_hook(lambda m, a, o: queries.append(o))
     ids = torch.randint(3, 128, (1, 12))
     steps = [torch.tensor([[5]]), torch.tensor([[9]]), torch.tensor([[17]])]
-    with torch.no_grad():
-        tiny_model(ids, cache=cache)
-        for token in steps:
-            tiny_model(token, cache=cache)
-        handle.remove()
-        tiny_model(torch.cat([ids, *steps], 1), cache=plain)
-    all_queries = torch.cat(
-        [captured_query(tiny_model, cache, queries[0][:, p : p + 1], p, 1) for p in range(12)]
-        + [captured_query(tiny_model, cache, q, 12 + i, 1) for i, q in enumerate(queries[1:])], dim=1
-    )
-    keys = plain.layers[1].keys[0]
+    all_queries, keys = queries_and_keys_since_prefill(tiny_model, cache, ids, steps)
     want = attention_received_by_loops(all_queries[None], keys[None], 16**-0.5)[0]
     got = cache.layers[1].tracked["cumulative_attention"][0, :, :, 0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

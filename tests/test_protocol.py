@@ -92,3 +92,13 @@ def test_unknown_protocols_are_refused_with_the_choices():
     with pytest.raises(UsageError, match="unknown protocol 'agnostic'; use query_aware or query_agnostic"):
         Protocol.parse("agnostic")
     assert Protocol.parse(None) is Protocol.QUERY_AWARE
+
+
+def test_a_pass_carries_the_split_between_each_context_and_what_follows_it():
+    """Read once per forward pass for every layer: real tokens after each sequence's context once the pass is in."""
+    from kvpolicies.engine.step import Step
+
+    padded = torch.tensor([[True, True, True], [False, True, True]])
+    step = Step.of(2, 3, padded, seen=[10, 5], context_lengths=[11, 20])
+    assert step.real == [3, 2] and step.appended == [2, 0]  # 13 real tokens, 11 of them context; 7 of 20
+    assert Step.of(2, 1, None, seen=[10, 5]).appended == [0, 0]  # no split: every token is context

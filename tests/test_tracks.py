@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 import kvpolicies
 from kvpolicies import Budget, CompressedCache, Policy
 from kvpolicies import Track
 from kvpolicies.errors import PluginError
-from tests.helpers import attention_received_by_loops, captured_query, tiny_llama
+from tests.helpers import attention_received_by_loops, queries_and_keys_since_prefill, tiny_llama
 
 
 class MaxReceived(Track):
@@ -35,21 +34,9 @@ class Loudest(Policy):
 
 def test_a_policys_own_track_follows_every_query_since_each_entry_arrived(tiny_model):
     cache = CompressedCache(tiny_model, Loudest(), 1.0)  # no eviction: compare the raw track
-    plain = DynamicCache(config=tiny_model.config)
-    queries = []
-    handle = tiny_model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, a, o: queries.append(o))
     ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(3))
     steps = [torch.tensor([[5]]), torch.tensor([[9]]), torch.tensor([[17]])]
-    with torch.no_grad():
-        tiny_model(ids, cache=cache)
-        for token in steps:
-            tiny_model(token, cache=cache)
-        handle.remove()
-        tiny_model(torch.cat([ids, *steps], 1), cache=plain)
-    all_queries = torch.cat(
-        [captured_query(tiny_model, cache, queries[0][:, p : p + 1], p, 1) for p in range(12)]
-        + [captured_query(tiny_model, cache, q, 12 + i, 1) for i, q in enumerate(queries[1:])], dim=1)
-    keys = plain.layers[1].keys[0]
+    all_queries, keys = queries_and_keys_since_prefill(tiny_model, cache, ids, steps)
     want = attention_received_by_loops(all_queries[None], keys[None], 16**-0.5, reduce="max")[0]
     torch.testing.assert_close(cache.layers[1].tracked["max_received"][0, :, :, 0], want, atol=1e-5, rtol=1e-5)
     summed = attention_received_by_loops(all_queries[None], keys[None], 16**-0.5)[0]

@@ -177,7 +177,7 @@ class CompressedCache(Cache):
         watch = self.policy_time if layer.scored else None
         started = watch.start() if watch is not None else None
         if self.step is None or self.step.q_len != q_len:  # the first layer of the pass reads it for all
-            self.step = Step.of(layer.batch_size, q_len, new_valid)
+            self.step = Step.of(layer.batch_size, q_len, new_valid, layer.seen, self._context(layer.batch_size))
         layer.record(self.step)
         if not layer.scored:  # a window held whole: the model's own mechanism, not timed as policy work
             layer.slide()
@@ -270,14 +270,14 @@ class CompressedCache(Cache):
         if not self.policy.compresses:
             return
         if not layer.scored:  # holds its window, set by the model; the budget must still afford it
-            for n, a in zip(layer.seen, self.appended(layer.seen)):
+            for n, a in zip(layer.seen, self.step.appended):
                 self._targets(max(n - a, 1))
             return
         if self.policy.has_stage:  # it chooses once the prompt is in, over every layer: see after_prefill()
             self._layer_view(layer.layer_idx, module)
             self._scales[layer.layer_idx] = scale
             return
-        appended = self.appended(layer.seen)
+        appended = self.step.appended  # read once for the pass, the same in every layer
         real = real or [query.shape[-2]] * len(appended)
         slack = [0 if n > 1 or any(appended) else self.budget.slack_tokens for n in real]
         targets = [self._targets(max(n - a, 1))[layer.layer_idx] for n, a in zip(layer.seen, appended)]
@@ -329,12 +329,15 @@ class CompressedCache(Cache):
 
     def appended(self, seen: list[int]) -> list[int]:
         """Per sequence, the real tokens after its context (0 for all when no context is set)."""
-        if self.context_lengths is None:
-            return [0] * len(seen)
-        if len(self.context_lengths) != len(seen):
-            raise UsageError(f"context_lengths gives {len(self.context_lengths)} lengths for a batch of {len(seen)} "
+        context = self._context(len(seen))
+        return [0] * len(seen) if context is None else [max(n - c, 0) for n, c in zip(seen, context)]
+
+    def _context(self, batch: int) -> list[int] | None:
+        """``context_lengths``, checked against the batch."""
+        if self.context_lengths is not None and len(self.context_lengths) != batch:
+            raise UsageError(f"context_lengths gives {len(self.context_lengths)} lengths for a batch of {batch} "
                              "sequences; give one per sequence")
-        return [max(n - c, 0) for n, c in zip(seen, self.context_lengths)]
+        return self.context_lengths
 
     def reset(self) -> None:
         super().reset()
@@ -358,9 +361,12 @@ class CompressedCache(Cache):
         return new_tokens == 1
 
     def record_ids(self, ids: torch.Tensor | None) -> None:
-        """Keep the token ids this cache has seen, for the stage (``Prefilled.ids``; a few bytes per token)."""
+        """Keep the token ids this cache has seen, for the stage (``Prefilled.ids``; a few bytes per token), joined
+        into one tensor now and then so that a long generation does not keep one small tensor per step."""
         if ids is not None and self.probing is None:
             self._prompt_ids.append(ids)
+            if len(self._prompt_ids) > 64:
+                self._prompt_ids = [torch.cat(self._prompt_ids, dim=1)]
 
     def after_prefill(self, model) -> None:
         """Run the policy's after-prefill stage now: score every entry of every layer, keep the best across all of
