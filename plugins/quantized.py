@@ -7,7 +7,7 @@ with outlier key channels (KIVI's finding); the grouping bounds the damage to on
 
 What an entry costs, keys and values each: ``head_dim × bits / 8`` bytes of codes plus a float16 scale and minimum
 per group of ``GROUP`` channels (of the largest divisor of ``head_dim`` up to ``GROUP`` when 32 does not divide it:
-20 for Phi-2's 80). At ``head_dim`` 64, ``int4`` stores an entry in 80 bytes and ``int8`` in 144, against 256 in
+20 for Phi-2's 80; the whole head when that divisor is below 8). At ``head_dim`` 64, ``int4`` stores an entry in 80 bytes and ``int8`` in 144, against 256 in
 bfloat16 and 512 in float32: the same budget in bytes keeps 3.2 and 1.8 times as many entries in bfloat16.
 
 The float16 scale and minimum are rounded outwards (the minimum down, the step up), so a group's range is always
@@ -25,13 +25,17 @@ from kvpolicies.errors import UsageError
 
 GROUP = 32
 """Channels that share one scale and minimum, at most."""
+SMALLEST_GROUP = 8
+"""Below this, a head is one group: a scale and minimum for every few channels would cost more than they save."""
 HALF_MAX = 65504.0
 """The largest finite float16."""
 
 
 def groups_of(head_dim: int) -> int:
-    """Groups of channels per head: ``head_dim`` over its largest divisor up to ``GROUP``."""
-    return head_dim // max(size for size in range(1, GROUP + 1) if head_dim % size == 0)
+    """Groups of channels per head: ``head_dim`` over its largest divisor up to ``GROUP``, or one group when that
+    divisor is below ``SMALLEST_GROUP`` (74 channels: one group, not 37 of 2)."""
+    size = max(size for size in range(1, GROUP + 1) if head_dim % size == 0)
+    return head_dim // size if size >= SMALLEST_GROUP else 1
 
 
 class Quantized(Codec):
@@ -77,7 +81,10 @@ class Quantized(Codec):
         groups = scales.shape[-1] // 2
         grouped = codes.float().unflatten(-1, (groups, -1))
         scale, low = scales.float().unflatten(-1, (groups, 2)).unbind(-1)
-        return (grouped * scale[..., None] + low[..., None]).flatten(-2).to(dtype)
+        values = (grouped * scale[..., None] + low[..., None]).flatten(-2)
+        if dtype.is_floating_point:  # half a step past float16's largest value would be inf in float16
+            values = values.clamp(torch.finfo(dtype).min, torch.finfo(dtype).max)
+        return values.to(dtype)
 
 
 def _outwards(x: torch.Tensor, down: bool) -> torch.Tensor:

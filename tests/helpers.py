@@ -66,10 +66,12 @@ def queries_and_keys_since_prefill(model, cache, ids: torch.Tensor, steps: list[
     queries = []
     handle = model.model.layers[layer_idx].self_attn.q_proj.register_forward_hook(lambda m, a, o: queries.append(o))
     with torch.no_grad():
-        model(ids, cache=cache)
-        for token in steps:
-            model(token, cache=cache)
-        handle.remove()
+        try:
+            model(ids, cache=cache)
+            for token in steps:
+                model(token, cache=cache)
+        finally:
+            handle.remove()
         model(torch.cat([ids, *steps], 1), cache=plain)
     prompt = ids.shape[1]
     every = torch.cat([captured_query(model, cache, queries[0][:, p : p + 1], p, layer_idx) for p in range(prompt)]

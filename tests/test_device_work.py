@@ -213,3 +213,31 @@ def test_what_slides_out_of_a_packed_window_is_dropped_at_most_once_per_slack_an
     for syncs in per_layer.values():
         assert all(count == 1 for count in syncs)
         assert 1 <= len(syncs) <= (10 + steps) // (slack + 1) + 1
+
+
+@pytest.mark.parametrize("architecture", ["gemma3", "mistral-sliding-window"])
+def test_an_eviction_in_a_window_reads_no_more_than_anywhere_else_sinks_and_slid_out_entries_included(architecture):
+    """A window's sinks (per sequence, a short prompt's still in its window) travel with the eviction's one upload,
+    and what slid out goes with the cut: per eviction the same reads as a model without windows (see above)."""
+    from tests.architectures import ARCHITECTURES, build
+
+    model = build(ARCHITECTURES[architecture])
+    ids = torch.randint(3, 96, (2, 30), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :25] = 0  # 5 real tokens: its window still holds its first ones, the other row's does not
+    counted = {}
+    for name in ("full", "streaming"):
+        cache = CompressedCache(model, kvpolicies.get_policy(name, sink_tokens=2) if name == "streaming" else name,
+                                Budget(value=0.5, slack_tokens=0))
+        step_mask = mask
+        with torch.no_grad(), DeviceWork().on_device(model, ids, mask) as work:
+            token = model(ids, attention_mask=step_mask, cache=cache).logits[:, -1:].argmax(-1)
+            work.step()
+            before = cache.cuts
+            for _ in range(6):
+                step_mask = torch.cat([step_mask, torch.ones(2, 1, dtype=step_mask.dtype)], 1)
+                token = model(token, attention_mask=step_mask, cache=cache).logits[:, -1:].argmax(-1)
+            syncs = work.step()[1]
+        counted[name] = (syncs, cache.cuts - before)
+    (own, _), (ours, cuts) = counted["full"], counted["streaming"]
+    assert cuts > 0 and (ours - own) / cuts <= 3, counted

@@ -121,6 +121,10 @@ def test_values_past_half_precision_are_clamped_not_turned_into_nan_and_odd_head
     decoded, _ = codec.decode(codec.encode(keys, keys), torch.float32)
     assert torch.isfinite(decoded).all()
     assert decoded[0, 0] == -65504 and decoded[0, 3] >= 65504 - 520  # clamped to float16's range, then quantized
+    assert torch.isfinite(codec.decode(codec.encode(keys, keys), torch.float16)[0]).all()  # no step past the top
+    from kvpolicies_plugins.quantized import groups_of
+
+    assert [groups_of(d) for d in (64, 80, 74, 16)] == [2, 4, 1, 1]  # 74 = 2 x 37: one group, not 37 of 2
     from kvpolicies.errors import UsageError
 
     with pytest.raises(UsageError, match="packs 2 channels a byte.*75 channels; use a codec with more bits"):

@@ -120,7 +120,8 @@ def sweep_config(args: argparse.Namespace):
         specs = [PolicySpec(name=spec) if isinstance(spec, str) else spec for spec in specs]
         coded = [spec.model_copy(update={"codec": args.codec})
                  if get_policy(spec.name, **spec.options).compresses else spec for spec in specs]
-        merged = [spec for i, spec in enumerate(coded) if spec in coded[:i]]
+        cells_of = [(spec.name, spec.options, spec.codec, spec.protocols) for spec in coded]  # labels make no cell
+        merged = [spec for i, spec in enumerate(coded) if cells_of[i] in cells_of[:i]]
         if merged:
             raise UsageError(f"--codec {args.codec} turns two of the grid's policies into one ({merged[0].title}): "
                              "the grid already compares codecs; leave --codec out, or name the policies")

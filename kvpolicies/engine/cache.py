@@ -176,7 +176,7 @@ class CompressedCache(Cache):
             return
         watch = self.policy_time if layer.scored else None
         started = watch.start() if watch is not None else None
-        if self.step is None or self.step.q_len != q_len:  # the first layer of the pass reads it for all
+        if self.step is None or layer.layer_idx == 0 or self.step.q_len != q_len:  # the first layer reads it for all
             self.step = Step.of(layer.batch_size, q_len, new_valid, layer.seen, self._context(layer.batch_size))
         layer.record(self.step)
         if not layer.scored:  # a window held whole: the model's own mechanism, not timed as policy work
@@ -191,9 +191,9 @@ class CompressedCache(Cache):
                 layer.update_tracks(query, scale)
             except Exception as error:
                 raise self._plugin_error("Track.update", error)
+        self.evict(layer, query, scale, module, self.step.real)  # drops what slid out of a window, if it cuts
         if layer.packed and layer.window is not None and max(layer.lengths) > layer.window - 1 + self.budget.slack_tokens:
-            layer.drop_slid_out()  # a run holds no more than W - 1 the next query sees: the rest slid out
-        self.evict(layer, query, scale, module, self.step.real)
+            layer.drop_slid_out()  # no cut came (a question kept whole, a stage): a run outgrew what its window sees
         if layer.window is not None:  # a window the policy chooses in: what slid out goes once the pass has read it
             layer.slide()
         layer.settle()
@@ -295,10 +295,13 @@ class CompressedCache(Cache):
         reach = valid if layer.positions is None else valid & layer.in_window(dense["positions"][..., 0])
         context, newest = split_context(reach, appended)
         # Rows over budget get their allocation (select() clamps a head to what it holds), others keep everything.
-        # One upload for both: the entries to keep per head and, in the last column, whether the row is over.
-        table = torch.tensor([[*(row_t if row_over else row_c), row_over]
-                              for row_c, row_t, row_over in zip(counts, targets, over)], device=valid.device)
-        keep_n, over_rows = table[:, :-1], table[:, -1:].bool()  # on the device, as every field a policy sees
+        # One upload for all: the entries to keep per head, whether the row is over, and its sinks.
+        sinks, recent = self.protected(layer)
+        table = torch.tensor([[*(row_t if row_over else row_c), row_over, row_sinks]
+                              for row_c, row_t, row_over, row_sinks in zip(counts, targets, over, sinks)],
+                             device=valid.device)
+        keep_n, over_rows = table[:, :-2], table[:, -2:-1].bool()  # on the device, as every field a policy sees
+        sink_tokens = table[:, -1:, None] if len(set(sinks)) > 1 else sinks[0]  # per sequence only where they differ
         if any(over):
             inputs = self._score_inputs(layer, dense, valid, context, keep_n.clone(), query, scale)
             inputs.layer = self._layer_view(layer.layer_idx, module)
@@ -312,20 +315,19 @@ class CompressedCache(Cache):
             keep_n = self._reallocate_heads(scores, context, keep_n, over, over_rows)
         else:
             scores = torch.zeros(valid.shape, device=valid.device)
-        keep = select(scores, context, keep_n, *self.protected(layer, valid.device))
+        keep = select(scores, context, keep_n, sink_tokens, recent)
         layer.store(dense, keep if newest is None else keep | newest)
         self.cuts += 1
 
-    def protected(self, layer: CompressedLayer, device: torch.device) -> tuple[int | torch.Tensor, int]:
-        """``(sink_tokens, window_tokens)`` the policy protects in ``layer``. A sliding window that no longer holds a
-        sequence's first tokens has no sinks to protect there: its oldest entries are the next to slide out. So in
-        a window the sinks are per sequence (``[batch, 1, 1]``), kept while the sequence is shorter than the
-        window, as it would be alone whatever its neighbours' padding."""
+    def protected(self, layer: CompressedLayer) -> tuple[list[int], int]:
+        """``(sink_tokens per sequence, window_tokens)`` the policy protects in ``layer``, on the host (they travel
+        with the eviction's one upload). A sliding window that no longer holds a sequence's first tokens has no
+        sinks to protect there: its oldest entries are the next to slide out. So in a window the sinks are kept
+        while the sequence is shorter than the window, as it would be alone whatever its neighbours' padding."""
         sinks, recent = self.policy.protected
-        if layer.window is None or not sinks or max(layer.seen) < layer.window:
-            return sinks, recent
-        per_sequence = [sinks if seen < layer.window else 0 for seen in layer.seen]
-        return torch.tensor(per_sequence, device=device).view(-1, 1, 1), recent
+        if layer.window is None:
+            return [sinks] * len(layer.seen), recent
+        return [sinks if seen < layer.window else 0 for seen in layer.seen], recent
 
     def appended(self, seen: list[int]) -> list[int]:
         """Per sequence, the real tokens after its context (0 for all when no context is set)."""
@@ -419,10 +421,10 @@ class CompressedCache(Cache):
                 f"entries, one per layer: a [batch, kv_heads, seq] tensor of scores for layers {scored} and None "
                 "for the sliding-window layers held whole")
         scores = [self._checked(returned[i], views[i].valid, "after_prefill") for i in scored]
-        device = views[scored[0]].valid.device if scored else None
-        sinks = [self.protected(self.layers[i], device)[0] for i in scored]
-        sinks = torch.stack([torch.as_tensor(s, device=device).reshape(-1, 1, 1).expand(len(seen), 1, 1)
-                             for s in sinks]) if sinks else 0
+        per_layer = [self.protected(self.layers[i])[0] for i in scored]
+        counts = {count for row in per_layer for count in row}
+        sinks = (0 if not counts else counts.pop() if len(counts) == 1 else  # one count for all, or one upload
+                 torch.tensor(per_layer, device=views[scored[0]].valid.device)[..., None, None])  # [layers, b, 1, 1]
         keeps = select_across_layers(scores, [views[i].valid for i in scored], prefilled.budget, sinks,
                                      self.policy.protected[1])
         for i, keep in zip(scored, keeps):
