@@ -284,15 +284,8 @@ class CompressedLayer(CacheLayerMixin):
         out (see ``window_view``) until its next eviction."""
         keep = self.window - 1
         if not self.packed and self.keys.shape[2] > keep:
-            self.keys = self.keys[:, :, -keep:].clone()
-            self.values = self.values[:, :, -keep:].clone()
             self.valid = self.valid[:, -keep:].clone()
-            if self.codes is not None:
-                self.codes = {name: t[:, :, -keep:].clone() for name, t in self.codes.items()}
-            if self.tracked:
-                self.tracked = {name: t[:, :, -keep:].clone() for name, t in self.tracked.items()}
-            if self.positions is not None:
-                self.positions = self.positions[:, :, -keep:].clone()
+            self._assign({name: t[:, :, -keep:].clone() for name, t in self.tracks().items()})
 
     def window_view(self, positions: torch.Tensor | None, q_len: int) -> SlidingWindow | None:
         """What this forward's ``q_len`` queries see through a sliding window, for ``positions`` (``[batch,
@@ -476,15 +469,18 @@ class CompressedLayer(CacheLayerMixin):
     def _select(self, tracks: dict[str, torch.Tensor], keep: torch.Tensor, total: int) -> None:
         """Set every track to its rows where the flat ``keep`` is True, ``total`` of them, in order."""
         rows = keep.nonzero_static(size=total)[:, 0]
+        self._assign({name: t.reshape(-1, t.shape[-1]).index_select(0, rows) for name, t in tracks.items()})
+
+    def _assign(self, tracks: dict[str, torch.Tensor]) -> None:
+        """Hold ``tracks`` (named as :meth:`tracks` names them) as the layer's per-entry tensors."""
         codes, tracked = {}, {}
         for name, t in tracks.items():
-            picked = t.reshape(-1, t.shape[-1]).index_select(0, rows)
             if name.startswith(CODE):
-                codes[name[len(CODE):]] = picked
+                codes[name[len(CODE):]] = t
             elif name.startswith(TRACK):
-                tracked[name[len(TRACK):]] = picked
+                tracked[name[len(TRACK):]] = t
             else:
-                setattr(self, name, picked)
+                setattr(self, name, t)
         if codes:
             self.codes = codes
         if tracked:
