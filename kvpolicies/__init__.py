@@ -31,6 +31,7 @@ _LAZY = {
     "CacheStats": "kvpolicies.engine.cache",
     "CompressedCache": "kvpolicies.engine.cache",
     "Codec": "kvpolicies.engine.codecs",
+    "GroupedCodec": "kvpolicies.engine.codecs",
     "CodecInfo": "kvpolicies.registry",
     "get_codec": "kvpolicies.registry",
     "list_codecs": "kvpolicies.registry",
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
     from kvpolicies.engine.attention import prepare_model
     from kvpolicies.engine.budget import Allocation, Budget, CacheShape, distribute
     from kvpolicies.engine.cache import CacheStats, CompressedCache
-    from kvpolicies.engine.codecs import Codec
+    from kvpolicies.engine.codecs import Codec, GroupedCodec
     from kvpolicies.engine.composition import ScorerWrapper, WrapperConfig
     from kvpolicies.engine.layer_view import LayerView
     from kvpolicies.engine.policy import Policy, PolicyConfig, Role, ScoreInputs, Signal
@@ -91,6 +92,7 @@ __all__ = [
     "CodecInfo",
     "CompressedCache",
     "distribute",
+    "GroupedCodec",
     "get_codec",
     "get_policy",
     "hookimpl",

@@ -193,4 +193,13 @@ def register_codecs(register: RegisterCodec) -> None:
 
     On a float32 model with 64-channel heads a full entry costs 512 bytes and this one 144, so a quarter of the
     full cache's bytes keeps 88% of the entries instead of 25%.
+
+    A codec that encodes several consecutive entries of a head together (KIVI's keys, one scale per channel across
+    a group of tokens) subclasses :class:`kvpolicies.GroupedCodec` instead, sets ``group`` (entries encoded
+    together) and ``residual`` (newest entries of each head never encoded), and implements the same three methods
+    on groups: ``encode(keys, values)`` takes ``[groups, group, head_dim]`` and returns tensors ``[groups, ...]``,
+    ``decode`` reads them back, and ``entry_bytes`` is a group's bytes over ``group``. The cache encodes each group
+    once it is older than a head's ``residual`` newest entries, keeps those at full precision, and charges them as
+    full entries under the budget. The built-in ``kivi4`` and ``kivi2`` (``kvpolicies_plugins/kivi.py``, a page
+    long) are the worked example, tried by ``tests/test_grouped_codecs.py`` with groups of 4 on a tiny model.
     """

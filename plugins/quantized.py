@@ -52,39 +52,57 @@ class Quantized(Codec):
         return 2 * (codes + scales)
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
-        key_codes, key_scales = self._quantize(keys)
-        value_codes, value_scales = self._quantize(values)
+        groups = groups_of(keys.shape[-1])
+        key_codes, key_scales = quantize(keys, self.bits, groups)
+        value_codes, value_scales = quantize(values, self.bits, groups)
         return {"keys": key_codes, "key_scales": key_scales, "values": value_codes, "value_scales": value_scales}
 
     def decode(self, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self._dequantize(stored["keys"], stored["key_scales"], dtype),
-                self._dequantize(stored["values"], stored["value_scales"], dtype))
+        return (dequantize(stored["keys"], stored["key_scales"], self.bits, dtype),
+                dequantize(stored["values"], stored["value_scales"], self.bits, dtype))
 
-    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(codes [..., head_dim · bits / 8] uint8, scales [..., 2 · groups] float16)`` of ``x`` ``[..., head_dim]``."""
-        head_dim = x.shape[-1]
-        grouped = x.float().clamp(-HALF_MAX, HALF_MAX).unflatten(-1, (groups_of(head_dim), -1))
-        low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
-        # Stored in float16, and quantized with the stored values so that decoding inverts exactly: the minimum
-        # rounded down and the step up, so that low + step · (levels - 1) still reaches the group's maximum.
-        levels = 2**self.bits - 1
-        low = _outwards(low, down=True)
-        scale = _outwards(((high - low) / levels).clamp(min=2**-14, max=HALF_MAX), down=False)
-        codes = ((grouped - low) / scale).round_().clamp_(0, levels).to(torch.uint8).flatten(-2)
-        if self.bits == 4:  # two codes a byte: even channels in the low half, odd ones in the high half
-            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-        return codes, torch.cat([scale, low], dim=-1).flatten(-2).half()
 
-    def _dequantize(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if self.bits == 4:
-            codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)
-        groups = scales.shape[-1] // 2
-        grouped = codes.float().unflatten(-1, (groups, -1))
-        scale, low = scales.float().unflatten(-1, (groups, 2)).unbind(-1)
-        values = (grouped * scale[..., None] + low[..., None]).flatten(-2)
-        if dtype.is_floating_point:  # half a step past float16's largest value would be inf in float16
-            values = values.clamp(torch.finfo(dtype).min, torch.finfo(dtype).max)
-        return values.to(dtype)
+def quantize(x: torch.Tensor, bits: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes [..., n · bits / 8] uint8, scales [..., 2 · groups] float16)`` of ``x`` ``[..., n]``, quantized in
+    ``groups`` groups of consecutive elements of its last dimension, each with its own scale and minimum."""
+    grouped = x.float().clamp(-HALF_MAX, HALF_MAX).unflatten(-1, (groups, -1))
+    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+    # Stored in float16, and quantized with the stored values so that decoding inverts exactly: the minimum
+    # rounded down and the step up, so that low + step · (levels - 1) still reaches the group's maximum.
+    levels = 2**bits - 1
+    low = _outwards(low, down=True)
+    scale = _outwards(((high - low) / levels).clamp(min=2**-14, max=HALF_MAX), down=False)
+    codes = ((grouped - low) / scale).round_().clamp_(0, levels).to(torch.uint8).flatten(-2)
+    return _packed(codes, bits), torch.cat([scale, low], dim=-1).flatten(-2).half()
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """What :func:`quantize` returned, read back as ``[..., n]`` in ``dtype``."""
+    groups = scales.shape[-1] // 2
+    grouped = _unpacked(codes, bits).float().unflatten(-1, (groups, -1))
+    scale, low = scales.float().unflatten(-1, (groups, 2)).unbind(-1)
+    values = (grouped * scale[..., None] + low[..., None]).flatten(-2)
+    if dtype.is_floating_point:  # half a step past float16's largest value would be inf in float16
+        values = values.clamp(torch.finfo(dtype).min, torch.finfo(dtype).max)
+    return values.to(dtype)
+
+
+def _packed(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``8 / bits`` codes a byte, the first of each run of them in the lowest bits."""
+    if bits == 8:
+        return codes
+    parts = codes.unflatten(-1, (-1, 8 // bits))
+    packed = parts[..., 0].clone()
+    for i in range(1, 8 // bits):
+        packed |= parts[..., i] << (bits * i)
+    return packed
+
+
+def _unpacked(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return codes
+    mask = 2**bits - 1
+    return torch.stack([(codes >> (bits * i)) & mask for i in range(8 // bits)], dim=-1).flatten(-2)
 
 
 def _outwards(x: torch.Tensor, down: bool) -> torch.Tensor:

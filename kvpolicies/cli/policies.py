@@ -187,7 +187,9 @@ def run_generate(args: argparse.Namespace) -> int:
                                    if budget.slack_tokens else "")
                    + (f"; sliding windows: {budget.windows} (--budget-windows)" if cache.shape.sliding_layers else "")],
         ["codec", f"{codec.name}: {cache.shape.kept_entry_bytes} bytes an entry, against "
-                  f"{cache.shape.entry_bytes} at full precision"],
+                  f"{cache.shape.entry_bytes} at full precision"
+                  + (f" (each head's newest {cache.shape.full_precision_entries} at most are held at full precision)"
+                     if cache.shape.full_precision_entries else "")],
         ["tokens (prompt + generated)", f"{prompt_tokens} + {len(new_tokens)}"],
         ["KV entries kept / full", f"{stats.kept_entries:,} / {stats.full_entries:,} ({stats.kept_fraction:.1%})"],
         *([["protocol", f"{protocol.value}: the question and the generated tokens ({stats.appended_entries:,} "
@@ -240,7 +242,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     full = cache.shape.full_entries(seq_len)  # the model's own cache: sliding layers hold their window
     print(
         f"total: {total:,} of {full:,} entries ({total / full:.1%}), "
-        f"{total * cache.shape.kept_entry_bytes:,} bytes of {full * cache.shape.entry_bytes:,}"
+        f"{round(cache.shape.most_bytes(total)):,} bytes of {full * cache.shape.entry_bytes:,}"
+        + (" at most (each head's newest entries at full precision)" if cache.shape.full_precision_entries else "")
     )
     return 0
 

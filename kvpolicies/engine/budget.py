@@ -70,6 +70,9 @@ class CacheShape:
     is full attention."""
     stored_entry_bytes: int = 0
     """Bytes one kept entry takes as the cache's codec stores it (0: as computed, ``entry_bytes``)."""
+    full_precision_entries: int = 0
+    """The most entries per head a grouped codec holds at full precision (its residual: the newest entries, not yet
+    a whole group past it); each costs ``entry_bytes`` instead of ``kept_entry_bytes``."""
 
     @property
     def cells(self) -> int:
@@ -85,6 +88,28 @@ class CacheShape:
     def kept_entry_bytes(self) -> int:
         """Bytes one kept entry costs as stored: the price a budget buys entries at."""
         return self.stored_entry_bytes or self.entry_bytes
+
+    def most_bytes(self, entries: int) -> float:
+        """The most bytes ``entries`` entries of one sequence take as stored, however the heads share them.
+
+        Why "the most": under a grouped codec a head of ``n`` entries holds up to ``min(n, full_precision_entries)``
+        of them at full precision, and the rest at the codec's price. That cost grows fastest over a head's first
+        entries, so spreading entries evenly over the heads costs the most (it is concave in ``n``): the bound holds
+        for any allocation, per-head budgets included, at any moment of decoding."""
+        per_head = entries / self.cells
+        in_full = min(per_head, self.full_precision_entries)
+        return self.cells * (per_head * self.kept_entry_bytes + in_full * (self.entry_bytes - self.kept_entry_bytes))
+
+    def entries_within(self, budget_bytes: float) -> int:
+        """The most entries of one sequence whose :meth:`most_bytes` fits ``budget_bytes``: each head's first
+        ``full_precision_entries`` at full precision, the rest at the codec's price."""
+        per_head = budget_bytes / self.cells
+        in_full = self.full_precision_entries * self.entry_bytes
+        if per_head <= in_full:  # a short budget: every entry held at full precision
+            entries = per_head / self.entry_bytes
+        else:
+            entries = self.full_precision_entries + (per_head - in_full) / self.kept_entry_bytes
+        return math.floor(entries * self.cells + 1e-9)
 
     @property
     def sliding_layers(self) -> tuple[int, ...]:
@@ -213,12 +238,15 @@ class Budget(BaseModel):
         """Entries the whole cache of one sequence may hold: at least one per head, at most the full cache (the
         model's own cache, sliding windows included)."""
         full = shape.full_entries(seq_len)
-        if self.unit == "fraction" and shape.kept_entry_bytes == shape.entry_bytes:
+        if self.unit == "tokens":
+            wanted = math.floor(self.value * shape.cells + 1e-9)
+        elif shape.full_precision_entries:  # a grouped codec: each head's newest entries cost full precision
+            wanted = shape.entries_within(self.value * full * shape.entry_bytes if self.unit == "fraction" else
+                                          self.value)
+        elif self.unit == "fraction" and shape.kept_entry_bytes == shape.entry_bytes:
             wanted = math.floor(self.value * full + 1e-9)
         elif self.unit == "fraction":  # the full cache's bytes, spent at the codec's price per entry
             wanted = math.floor(self.value * full * shape.entry_bytes / shape.kept_entry_bytes + 1e-9)
-        elif self.unit == "tokens":
-            wanted = math.floor(self.value * shape.cells + 1e-9)
         else:
             wanted = math.floor(self.value / shape.kept_entry_bytes)
         return max(min(wanted, full), min(shape.cells, full))

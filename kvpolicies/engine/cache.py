@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache
 from kvpolicies.engine.attention import prepare_model
 from kvpolicies.engine.budget import Allocation, Budget, CacheShape
 from kvpolicies.engine.clock import Stopwatch
-from kvpolicies.engine.codecs import Codec, FullPrecision, checked_entry_bytes
+from kvpolicies.engine.codecs import Codec, FullPrecision, GroupedCodec, checked_entry_bytes
 from kvpolicies.engine.layer_view import LayerView
 from kvpolicies.engine.layout import layer_windows
 from kvpolicies.engine.policy import Policy, ScoreInputs, Signal, tracks_of
@@ -39,8 +39,9 @@ class CacheStats:
     """What the cache holds, counted from its tensors.
 
     ``resident_bytes`` is what the key and value tensors (or a lossy codec's tensors) occupy; it exceeds
-    ``kept_entries ×`` the stored entry's bytes only by ``padding_bytes``, the padded positions a layer still stores densely (a left-padded batch before its first
-    eviction, or the full cache, which never evicts).
+    ``physical_bytes``, what the kept entries take as the codec stores them, only by ``padding_bytes``, the padded
+    positions a layer still stores densely (a left-padded batch before its first eviction, or the full cache, which
+    never evicts).
     """
 
     kept_entries: int
@@ -48,6 +49,9 @@ class CacheStats:
     resident_bytes: int
     full_bytes: int
     padding_bytes: int = 0
+    physical_bytes: int = 0
+    """What the kept entries take as stored: ``kept_entries ×`` the codec's price per entry, plus what a grouped
+    codec's full-precision entries cost beyond it."""
     appended_entries: int = 0
     """Of ``kept_entries``, those after the context (see ``CompressedCache.context_lengths``): kept whole and not
     charged to the budget. The context's own entries are ``kept_entries - appended_entries``."""
@@ -114,6 +118,13 @@ class CompressedCache(Cache):
         self.shape = CacheShape.from_config(model.config, model.dtype, windows)
         if not self.codec.lossless:
             self.shape = dataclasses.replace(self.shape, stored_entry_bytes=self._codec_entry_bytes(model))
+        if isinstance(self.codec, GroupedCodec):
+            if self.shape.sliding_layers:  # a window drops its oldest entry at every step: every group would shift
+                raise UsageError(
+                    f"codec {self.codec.name!r} encodes groups of {self.codec.group} consecutive entries, and this "
+                    f"model slides a window over {len(self.shape.sliding_layers)} of its layers, which would shift "
+                    "every group at every step; use a per-entry codec (int8, int4) on this model")
+            self.shape = dataclasses.replace(self.shape, full_precision_entries=self.codec.most_at_full_precision)
         if self.budget.unit != "fraction" and self.shape.sliding_layers and self.policy.compresses:
             # A fixed number of entries against windows that fill up as the sequence grows: check the full windows
             # now, not halfway through a generation.
@@ -584,12 +595,14 @@ class CompressedCache(Cache):
         per_sequence = self.sequence_stats()
         kept = sum(stats.kept_entries for stats in per_sequence)
         resident = self.resident_bytes()
+        physical = sum(stats.physical_bytes for stats in per_sequence)
         return CacheStats(
             kept_entries=kept,
             full_entries=sum(stats.full_entries for stats in per_sequence),
             resident_bytes=resident,
             full_bytes=sum(stats.full_bytes for stats in per_sequence),
-            padding_bytes=max(resident - kept * self.shape.kept_entry_bytes, 0),
+            padding_bytes=max(resident - physical, 0),
+            physical_bytes=physical,
             appended_entries=sum(stats.appended_entries for stats in per_sequence),
             auxiliary_bytes=self.auxiliary_bytes(),
         )
@@ -600,14 +613,17 @@ class CompressedCache(Cache):
         if not self.layers[0].is_initialized:
             return []
         kept = self.kept_per_head().sum(dim=(0, 2)).tolist()
+        in_full = [sum(counts) for counts in zip(*(layer.full_precision_counts() for layer in self.layers))]
+        extra = self.shape.entry_bytes - self.shape.kept_entry_bytes  # a full-precision entry's cost beyond the price
         stats = []
         seen_tokens = self.layers[0].seen
         auxiliary = self.auxiliary_bytes() // len(seen_tokens)  # buffers and tracks are per batch: an even share
-        for seen, entries, after in zip(seen_tokens, kept, self.appended(seen_tokens)):
+        for seen, entries, full_precision, after in zip(seen_tokens, kept, in_full, self.appended(seen_tokens)):
             full = self.shape.full_entries(seen)  # the model's own cache: sliding layers hold their window
             appended = self.shape.full_entries(after) if after else 0  # every layer holds them (windows: the last)
+            physical = int(entries) * self.shape.kept_entry_bytes + full_precision * extra
             stats.append(CacheStats(kept_entries=int(entries), full_entries=full,
-                                    resident_bytes=int(entries) * self.shape.kept_entry_bytes,
+                                    resident_bytes=physical, physical_bytes=physical,
                                     full_bytes=full * self.shape.entry_bytes, appended_entries=appended,
                                     auxiliary_bytes=auxiliary))
         return stats

@@ -15,8 +15,12 @@ memory like an activation, paid one layer at a time; the one exception is an aft
 layer at once and so holds every layer decoded while it chooses (the prompt at full precision, as without a
 codec: the stage's peak is the prompt's either way).
 
-A codec encodes each entry on its own (per-token quantization, channel pruning): the stored tensors are per entry,
-``[..., n]`` for entries ``[..., head_dim]``, so eviction selects, packs and appends them exactly like keys.
+Two shapes of codec. A :class:`Codec` encodes each entry on its own (per-token quantization): the stored tensors
+are per entry, ``[..., n]`` for entries ``[..., head_dim]``, so eviction selects, packs and appends them exactly
+like keys. A :class:`GroupedCodec` encodes ``group`` consecutive entries of one head together (KIVI's keys, one
+scale per channel across the group) and holds each head's newest entries at full precision, its ``residual``, until
+a whole group is older than them: see :mod:`kvpolicies.engine.residual` for how a layer holds that, and
+:class:`~kvpolicies.engine.budget.CacheShape` for how the budget charges the full-precision entries.
 """
 
 from __future__ import annotations
@@ -76,6 +80,48 @@ class FullPrecision(Codec):
         return stored["keys"].to(dtype), stored["values"].to(dtype)
 
 
+class GroupedCodec(Codec):
+    """How entries are stored when ``group`` consecutive entries of one head are encoded together. Subclass it, set
+    ``name``, ``group`` and ``residual``, and implement ``entry_bytes``, ``encode`` and ``decode`` on groups.
+
+    Each head keeps its newest entries at full precision, from ``residual`` up to ``residual + group - 1`` of them
+    (all of a shorter run): an entry is encoded once a whole group of entries older than the ``residual`` newest
+    has formed, so the recent tokens, which most queries attend to, are never quantized (KIVI's residual).
+    Eviction reads every entry decoded and regroups what it keeps: entries already encoded are encoded again in
+    their new groups (as transformers' ``QuantizedCache`` re-quantizes its whole cache when its residual fills).
+    """
+
+    group: ClassVar[int] = 32
+    """Consecutive entries of one head encoded together."""
+    residual: ClassVar[int] = 0
+    """Newest entries of each head never encoded (held at full precision), at least."""
+
+    def entry_bytes(self, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes one encoded entry takes: a group's stored bytes over ``group`` (a whole number). The entries held at
+        full precision cost ``2 × head_dim × dtype bytes`` each, which the budget charges apart."""
+        raise NotImplementedError
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored form of ``keys`` and ``values`` ``[groups, group, head_dim]`` (each group the consecutive entries
+        of one head, oldest first): named tensors ``[groups, ...]``, any dtype, group ``i``'s rows depending on group
+        ``i`` alone."""
+        raise NotImplementedError
+
+    def decode(self, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[groups, group, head_dim]`` in ``dtype`` read back from what :meth:`encode` returned
+        (possibly with groups removed and added since)."""
+        raise NotImplementedError
+
+    def encoded_part(self, entries: int) -> int:
+        """Of a run of ``entries``, how many (the oldest) are encoded: whole groups, leaving at least ``residual``."""
+        return max(entries - self.residual, 0) // self.group * self.group
+
+    @property
+    def most_at_full_precision(self) -> int:
+        """The most entries a head holds at full precision: ``residual + group - 1``."""
+        return self.residual + self.group - 1
+
+
 def checked_entry_bytes(codec: Codec, head_dim: int, dtype: torch.dtype, device: torch.device, fault) -> int:
     """``codec.entry_bytes(head_dim, dtype)``, once :meth:`Codec.encode` and :meth:`Codec.decode` were seen to keep
     their contract on two entries: the declared price equals the bytes encode stores per entry, the stored tensors
@@ -84,6 +130,8 @@ def checked_entry_bytes(codec: Codec, head_dim: int, dtype: torch.dtype, device:
     declared = codec.entry_bytes(head_dim, dtype)
     if not isinstance(declared, int) or isinstance(declared, bool) or declared < 1:
         raise fault(f"returned {declared!r} from entry_bytes(); it must return a positive whole number of bytes")
+    if isinstance(codec, GroupedCodec):
+        return _checked_group_bytes(codec, declared, head_dim, dtype, device, fault)
     # Fixed values, not random ones: building a cache must not move the random stream a sampled generation uses.
     keys = torch.linspace(-2, 2, 2 * head_dim, device=device).view(1, 1, 2, head_dim).to(dtype)
     values = keys.flip(-1) * 0.5
@@ -108,4 +156,37 @@ def checked_entry_bytes(codec: Codec, head_dim: int, dtype: torch.dtype, device:
             raise fault(f"returned {type(decoded).__name__} from decode() for entries of shape {list(shape)}; it "
                         f"must return (keys, values), each of that shape and dtype {dtype}, whatever the leading "
                         "dimensions (a packed layer holds [entries, n])")
+    return declared
+
+
+def _checked_group_bytes(codec: GroupedCodec, declared: int, head_dim: int, dtype: torch.dtype,
+                         device: torch.device, fault) -> int:
+    """:func:`checked_entry_bytes` for a grouped codec, tried on two groups."""
+    group, residual = codec.group, codec.residual
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (group, residual)) or group < 1 or residual < 0:
+        raise fault(f"declares group={group!r} and residual={residual!r}; a grouped codec encodes a positive whole "
+                    "number of entries together and keeps a whole number (0 or more) at full precision")
+    keys = torch.linspace(-2, 2, 2 * group * head_dim, device=device).view(2, group, head_dim).to(dtype)
+    values = keys.flip(-1) * 0.5
+    stored = codec.encode(keys, values)
+    if not isinstance(stored, dict) or not stored or not all(
+            isinstance(name, str) and isinstance(t, torch.Tensor) for name, t in stored.items()):
+        raise fault(f"returned {type(stored).__name__} from encode(); it must return a dict of named tensors")
+    wrong = {name: list(t.shape) for name, t in stored.items() if t.ndim < 1 or t.shape[0] != 2}
+    if wrong:
+        raise fault(f"returned tensors of shapes {wrong} from encode() for two groups of shape {list(keys.shape)}; "
+                    "each stored tensor must have one row per group, [groups, ...]")
+    group_bytes = sum(t[0].numel() * t.element_size() for t in stored.values())
+    if group_bytes != declared * group:
+        raise fault(f"stores {group_bytes} bytes per group of {group} entries in encode() but declares "
+                    f"{declared} per entry in entry_bytes(), {declared * group} per group; the budget buys entries "
+                    "at the declared price, so the two must agree (count every stored tensor: codes, scales, "
+                    "zero-points)")
+    for held in (stored, {name: t[1:] for name, t in stored.items()}):
+        shape = (held[next(iter(held))].shape[0], group, head_dim)
+        decoded = codec.decode(held, dtype)
+        if not (isinstance(decoded, tuple) and len(decoded) == 2 and all(
+                isinstance(t, torch.Tensor) and t.shape == shape and t.dtype == dtype for t in decoded)):
+            raise fault(f"returned {type(decoded).__name__} from decode() for {shape[0]} groups; it must return "
+                        f"(keys, values), each of shape [groups, {group}, {head_dim}] and dtype {dtype}")
     return declared

@@ -11,7 +11,10 @@ packed layer holds fewer entries; masks of packed layers are built by :mod:`kvpo
 
 Codecs. With a lossy storage codec (:mod:`kvpolicies.engine.codecs`) a layer holds the codec's tensors, in the
 same layout, instead of keys and values; each forward pass decodes them into a working copy that its attention and
-eviction read, and drops it at the end (``settle()``). Full precision stores keys and values directly.
+eviction read, and drops it at the end (``settle()``). Full precision stores keys and values directly. A grouped
+codec's tensors are per group, not per entry: the layer holds them as a
+:class:`~kvpolicies.engine.residual.Residual` (whole groups encoded, each run's newest entries in full), encodes
+at ``settle()`` what the pass appended, and encodes afresh what an eviction re-laid.
 
 Sliding-window layers. A layer the model windows to ``W`` tokens drops, after each forward, what lies before its
 last ``W - 1`` positions, as transformers' ``DynamicSlidingWindowLayer`` does, and reports the same mask sizes, so
@@ -43,8 +46,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from kvpolicies.engine.codecs import Codec, FullPrecision
+from kvpolicies.engine.codecs import Codec, FullPrecision, GroupedCodec
 from kvpolicies.engine.paths import launch_bound
+from kvpolicies.engine.residual import Residual
+from kvpolicies.engine.runs import Counts
 from kvpolicies.engine.selection import age_order
 from kvpolicies.engine.signals import LogitScale, Reduce, SlidingWindow, Track, attention_received
 from kvpolicies.engine.step import Step
@@ -115,6 +120,11 @@ class CompressedLayer(CacheLayerMixin):
         self.codes: dict[str, torch.Tensor] | None = None
         """A lossy codec's stored tensors by name, in the layer's layout (None: keys and values are stored). Never
         edited in place: a new dict on every change, so a saved state (an after-prefill probe's) stays valid."""
+        self.residual: Residual | None = None
+        """A grouped codec's stored form (None with any other codec); a new one on every change, like ``codes``."""
+        self.relaid = False
+        """Whether this forward pass re-laid the entries (not only appended): a grouped codec then encodes every run
+        afresh when the pass settles."""
         self.tracked: dict[str, torch.Tensor] = {}
         """The policy's tracks by name (:class:`~kvpolicies.engine.signals.Track`), ``[..., 1]`` float32 in the
         layer's layout; a new dict on every change, like ``codes``."""
@@ -138,7 +148,9 @@ class CompressedLayer(CacheLayerMixin):
         self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
         self.keys = key_states[:, :, :0]
         self.values = value_states[:, :, :0]
-        if not self.codec.lossless:
+        if isinstance(self.codec, GroupedCodec):
+            self.residual = Residual.empty(self.codec, self.batch_size * self.num_heads, key_states)
+        elif not self.codec.lossless:
             self.codes = self.codec.encode(self.keys, self.values)
         self.tracked = {track.name: key_states.new_zeros(self.batch_size, self.num_heads, 0, 1, dtype=torch.float32)
                         for track in self.tracked_by}
@@ -167,6 +179,8 @@ class CompressedLayer(CacheLayerMixin):
                 self.keys, self.values = self.codec.decode(self.codes, self.dtype)
             fresh = self.codec.encode(key_states, value_states)
             self.codes = {name: self._append(stored, fresh[name]) for name, stored in self.codes.items()}
+        elif self.residual is not None and self.keys is None:  # settled: the working copy, from what is stored
+            self.keys, self.values = self._keys_values()
         self.keys = self._append(self.keys, key_states)  # this forward attends to its new tokens as computed
         self.values = self._append(self.values, value_states)
         if self.tracked:
@@ -219,14 +233,32 @@ class CompressedLayer(CacheLayerMixin):
         return self._places[1], self._places[2]
 
     def settle(self) -> None:
-        """Drop the working copy of a lossy codec's layer: between forward passes only its codes are resident."""
-        if self.codes is not None:
+        """Drop the working copy of a lossy codec's layer: between forward passes only its codes are resident. A
+        grouped codec first encodes what the pass brought (see :mod:`kvpolicies.engine.residual`)."""
+        if self.residual is not None and self.keys is not None:
+            head_dim = self.keys.shape[-1]
+            keys, values = self.keys.reshape(-1, head_dim), self.values.reshape(-1, head_dim)
+            runs = self.batch_size * self.num_heads
+            lengths = (Counts(tuple(self.lengths), self.run_lengths) if self.packed else
+                       Counts.same(self.keys.shape[2], runs))
+            if self.relaid:
+                self.residual = Residual.encoded_from(self.codec, keys, values, lengths)
+            else:
+                self.residual = self.residual.extended(keys, values, lengths)
+            self.relaid = False
+        if self.codes is not None or self.residual is not None:
             self.keys = self.values = None
 
     def _keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values as the attention reads them: stored, the working copy, or decoded now."""
         if self.keys is None and self.codes is not None:
             return self.codec.decode(self.codes, self.dtype)
+        if self.keys is None and self.residual is not None:
+            keys, values = self.residual.decoded(self.dtype)
+            if self.packed:
+                return keys, values
+            shape = (self.batch_size, self.num_heads, -1, keys.shape[-1])
+            return keys.view(shape), values.view(shape)
         return self.keys, self.values
 
     def record_probe(self, q_len: int) -> None:
@@ -481,6 +513,7 @@ class CompressedLayer(CacheLayerMixin):
                 tracked[name[len(TRACK):]] = t
             else:
                 setattr(self, name, t)
+        self.relaid = self.relaid or "keys" in tracks
         if codes:
             self.codes = codes
         if tracked:
@@ -492,7 +525,18 @@ class CompressedLayer(CacheLayerMixin):
             return 0
         if self.codes is not None:  # what is stored between forward passes: the codec's tensors
             return held_bytes(*self.codes.values())
+        if self.residual is not None:
+            return held_bytes(*self.residual.tensors())
         return held_bytes(self.keys, self.values)
+
+    def full_precision_counts(self) -> list[int]:
+        """Real entries per sequence a grouped codec holds at full precision (its runs' newest; none with any other
+        codec): what they cost beyond the codec's price per entry is charged apart (``CacheShape``)."""
+        if self.residual is None or not self.is_initialized:
+            return [0] * len(self.seen)
+        tails = self.residual.tails.host
+        return [sum(min(tails[b * self.num_heads + h], held) for h, held in enumerate(real))
+                for b, real in enumerate(self.counts())]
 
     def auxiliary_bytes(self) -> int:
         """Bytes held besides keys and values: the recent-query buffer, the tracks, the padding mask, a window's

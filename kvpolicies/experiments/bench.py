@@ -137,7 +137,7 @@ def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
         prefill_s=prefilled - started, ttft_s=first_token - started,
         decode_ms_per_token=(decoded - decoding) * 1000 / steps,
         policy_prefill_s=policy_prefill, policy_decode_ms_per_token=cache.policy_time.seconds * 1000 / steps,
-        resident_bytes=stats.resident_bytes, physical_bytes=stats.kept_entries * cache.shape.kept_entry_bytes,
+        resident_bytes=stats.resident_bytes, physical_bytes=stats.physical_bytes,
         auxiliary_bytes=cache.auxiliary_bytes(), full_bytes=stats.full_bytes, peak_bytes=peak.growth_bytes,
         decode_tokens=decode_tokens, kept_per_head=(prefilled_stats.kept_entries - prefilled_stats.appended_entries) / cache.shape.cells / batch,
         batch=batch,

@@ -193,10 +193,11 @@ def check_batch_equals_alone(model, prompts: Sequence[torch.Tensor], policy: str
 def check_resident_bytes(cache: CompressedCache, label: str) -> CheckResult:
     """Check 3. The memory saving is real only if the tensors hold the kept entries and nothing more: no padding,
     no over-allocation. ``resident_bytes`` is counted from the tensors; the physical limit is ``kept entries ×``
-    the bytes the codec stores per entry (``2 · head_dim · dtype bytes`` at full precision). Also checks that no
+    the bytes the codec stores per entry (``2 · head_dim · dtype bytes`` at full precision; a grouped codec's
+    full-precision entries at that price), ``CacheStats.physical_bytes``. Also checks that no
     sequence keeps more than the budget (plus the slack a head may grow by while decoding)."""
     stats = cache.stats()
-    physical = stats.kept_entries * cache.shape.kept_entry_bytes
+    physical = stats.physical_bytes
     budget, seen = cache.budget, cache.layers[0].seen
     sequences = cache.sequence_stats()
     allowed = [budget.total_entries(max(tokens - after, 1), cache.shape) + sequence.appended_entries
@@ -350,7 +351,7 @@ def check_long_context(model, tokenizer, tokens: int, policy: str, budget: Budge
             for start in range(0, tokens, chunk):
                 logits = model(ids[:, start : start + chunk], cache=cache, logits_to_keep=1).logits
                 stats = cache.stats()
-                allowed = budget.total_entries(min(start + chunk, tokens), cache.shape) * cache.shape.kept_entry_bytes
+                allowed = cache.shape.most_bytes(budget.total_entries(min(start + chunk, tokens), cache.shape))
                 worst = max(worst, stats.resident_bytes / allowed)
             logits[:, -1].argmax(-1).tolist()
     except torch.cuda.OutOfMemoryError as error:

@@ -1,0 +1,287 @@
+"""Grouped codecs (KIVI): entries encoded in groups along the sequence, each head's newest ones at full precision.
+
+Most tests use KIVI's own quantizer with groups of 4 and a residual of 4, so that a 40- to 60-token prompt on the
+tiny Llama (16-channel float32 heads) has whole groups, a full-precision part and evictions at once.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvpolicies
+from kvpolicies import Budget, CompressedCache, GroupedCodec
+from kvpolicies.engine.runs import Counts, merge, take
+from kvpolicies.engine.storage import CompressedLayer
+from kvpolicies.errors import PluginError, UsageError
+from kvpolicies_plugins.kivi import Kivi2, Kivi4
+from tests.architectures import ARCHITECTURES, build
+from tests.helpers import tiny_llama
+
+FULL_ENTRY = 2 * 16 * 4  # the tiny Llama's entry at full precision
+
+
+class SmallKivi(Kivi4):
+    """KIVI's 4-bit quantizer with groups and a residual of 4 entries, for short prompts."""
+
+    name = "kivi4-small-test"
+    group = 4
+    residual = 4
+
+
+class SmallKivi2(SmallKivi):
+    name = "kivi2-small-test"
+    bits = 2
+
+
+class SmallKivi8(SmallKivi):
+    """8 bits: where a batch and a prompt alone differ in the last float bit, a code that flips moves the logits by
+    a 255th of a group's range, not a 15th, so the comparison stays tight."""
+
+    name = "kivi8-small-test"
+    bits = 8
+
+
+def prompt(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_runs_are_cut_and_joined_run_by_run_ragged_or_not():
+    def counts(*n):
+        return Counts(n, torch.tensor(n))
+
+    rows = torch.arange(20.0).view(10, 2)
+    assert take(rows, counts(3, 7), counts(1, 2), counts(2, 4))[:, 0].tolist() == [2, 4, 10, 12, 14, 16]
+    one_shape = take(rows, Counts.same(5, 2), Counts.same(3, 2), Counts.same(2, 2))  # views and one copy
+    assert one_shape[:, 0].tolist() == [6, 8, 16, 18]
+    assert one_shape.untyped_storage().data_ptr() != rows.untyped_storage().data_ptr()
+    first, then = torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[7.0], [8.0], [9.0], [10.0]])
+    assert merge(first, counts(1, 2, 0), then, counts(1, 0, 3))[:, 0].tolist() == [1, 7, 2, 3, 8, 9, 10]
+    assert merge(first[:2], Counts.same(1, 2), then[:2], Counts.same(1, 2))[:, 0].tolist() == [1, 7, 2, 8]
+    with pytest.raises(ValueError, match="would upload"):
+        take(rows, Counts((3, 7)), Counts.same(0, 2), Counts((1, 1)))
+
+
+def test_kivi_prices_an_entry_with_its_share_of_the_groups_key_scales():
+    four, two = kvpolicies.get_codec("kivi4"), kvpolicies.get_codec("kivi2")
+    assert isinstance(four, GroupedCodec) and (four.group, four.residual) == (32, 128)  # the paper's G and R
+    # codes of the key and the value, 4 bytes per key channel over 32 tokens, a value scale and minimum per 32
+    assert four.entry_bytes(64, torch.bfloat16) == 32 + 32 + 8 + 8 == 80
+    assert two.entry_bytes(64, torch.bfloat16) == 16 + 16 + 8 + 8 == 48
+    assert four.entry_bytes(128, torch.float32) == 64 + 64 + 16 + 16
+    assert four.entry_bytes(80, torch.float32) == 40 + 40 + 10 + 16  # values in 4 groups of 20 channels
+    with pytest.raises(UsageError, match="not a whole number of bytes per token; use int8 or int4"):
+        four.entry_bytes(12, torch.float32)
+    with pytest.raises(UsageError, match="packs 4 channels a byte"):
+        two.entry_bytes(18, torch.float32)
+
+
+def test_keys_quantized_per_channel_follow_an_outlier_channel_better_than_per_token():
+    """KIVI's premise: a key channel much larger than the rest for every token spoils a per-token scale."""
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(8, 32, 64, generator=generator)
+    keys[..., 5] += 40.0  # an outlier channel
+    values = torch.randn(8, 32, 64, generator=generator)
+    kivi, per_token = kvpolicies.get_codec("kivi4"), kvpolicies.get_codec("int4")
+    grouped_keys, grouped_values = kivi.decode(kivi.encode(keys, values), torch.float32)
+    token_keys, token_values = per_token.decode(per_token.encode(keys, values), torch.float32)
+    assert (grouped_keys - keys).abs().mean() < 0.3 * (token_keys - keys).abs().mean()
+    torch.testing.assert_close(grouped_values, token_values, atol=0, rtol=0)  # values: per token, as int4
+    step = (keys.amax(1, keepdim=True) - keys.amin(1, keepdim=True)) / 15  # per channel, across the group
+    assert ((grouped_keys - keys).abs() <= step / 2 * 1.01 + 1e-3).all()
+
+
+@torch.no_grad()
+def test_the_newest_entries_stay_in_full_and_every_older_group_is_encoded_once():
+    class Counting(SmallKivi):
+        encoded_groups = 0
+
+        def encode(self, keys, values):
+            Counting.encoded_groups += keys.shape[0]
+            return super().encode(keys, values)
+
+    model = tiny_llama()
+    cache = CompressedCache(model, "full", 1.0, codec=Counting())
+    ids = prompt(1, 41)
+    model(ids, cache=cache)
+    layer = cache.layers[3]
+    assert Counting.encoded_groups == 8 * 2 * 9 + 2  # 9 groups a head in 8 layers, and the trial encode's 2
+    first = layer.residual
+    assert first.encoded.host == (36, 36) and first.tails.host == (5, 5)  # 41 = 9 groups of 4, and 5 >= the residual of 4
+    keys = model(ids, use_cache=True).past_key_values.layers[3].keys  # the model's own keys, as computed
+    torch.testing.assert_close(first.tail_keys.view(2, 5, 16), keys[0, :, -5:], atol=0, rtol=0)
+    token = torch.tensor([[7]])
+    tails = []
+    for _ in range(9):
+        model(token, cache=cache)
+        tails.append(layer.residual.tails.host[0])
+        for name, t in first.groups.items():  # the first nine groups of each head, untouched
+            assert torch.equal(layer.residual.groups[name].view(2, -1, *t.shape[1:])[:, :9], t.view(2, 9, *t.shape[1:]))
+    assert tails == [6, 7, 4, 5, 6, 7, 4, 5, 6]  # a group is encoded once it is older than the 4 newest
+    assert Counting.encoded_groups == 8 * 2 * 11 + 2  # decoding encoded each new group, and nothing again
+    assert layer.residual.encoded.host == (44, 44) and layer.keys is None
+
+
+@torch.no_grad()
+def test_what_is_stored_reads_back_as_the_working_copy_through_eviction_padding_and_chunks():
+    """At the end of every layer's pass, before the working copy is dropped, the stored form read back must be the
+    working copy's entries: exact for the full-precision ones, within a step for the encoded ones, through ragged
+    packing, eviction, and a padded prefill in chunks."""
+    checked = []
+    settle = CompressedLayer.settle
+
+    def compare(layer):
+        working = (layer.keys, layer.values)
+        settle(layer)
+        if layer.residual is not None and working[0] is not None:
+            stored = layer._keys_values()
+            for got, want in zip(stored, working):
+                assert got.shape == want.shape
+                step = (want.amax() - want.amin()) / 15
+                assert bool(((got - want).abs() <= step / 2 + 1e-5).all())
+            head_dim = working[0].shape[-1]
+            runs = len(layer.residual.tails.host)
+            lengths = (Counts(tuple(layer.lengths), layer.run_lengths) if layer.packed else
+                       Counts.same(working[0].shape[2], runs))
+            tail = take(working[0].reshape(-1, head_dim), lengths, layer.residual.encoded, layer.residual.tails)
+            assert torch.equal(tail, layer.residual.tail_keys)
+            checked.append(layer.packed and not layer.uniform)
+
+    model = tiny_llama()
+    ids = prompt(3, 60)
+    mask = torch.ones_like(ids)
+    mask[1, :25], mask[2, :7] = 0, 0
+    cache = CompressedCache(model, "headkv", Budget(value=0.3, slack_tokens=1), codec=SmallKivi())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CompressedLayer, "settle", compare)
+        for end in (20, 40, 60):  # row 1's padding outlasts the first chunk
+            model(ids[:, end - 20 : end], attention_mask=mask[:, :end], cache=cache)
+        for step in range(6):  # decoding steps, cuts and groups encoded in between
+            mask = torch.cat([mask, mask.new_ones(3, 1)], 1)
+            model(torch.full((3, 1), 5 + step), attention_mask=mask, cache=cache)
+    assert any(checked)  # ragged packed layers were compared
+    assert cache.resident_bytes() == cache.stats().physical_bytes
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", ["snapkv", "headkv", "h2o"])
+def test_the_budget_sets_the_residuals_aside_and_what_is_resident_never_exceeds_it(policy):
+    model = tiny_llama()
+    codec = SmallKivi()
+    budget = Budget(value=0.3, slack_tokens=2)
+    cache = CompressedCache(model, policy, budget, codec=codec)
+    price = codec.entry_bytes(16, torch.float32)
+    assert cache.shape.kept_entry_bytes == price == 8 + 8 + 4 * 16 // 4 + 4 and cache.shape.full_precision_entries == 7
+    ids = prompt(1, 60)
+    model(ids, cache=cache)
+    per_head = 0.3 * 60 * FULL_ENTRY  # bytes; the first 7 entries of a head may be held at full precision
+    kept = cache.stats().kept_entries
+    assert kept == int(16 * (7 + (per_head - 7 * FULL_ENTRY) / price))  # what the rest of the bytes buys
+    token = torch.tensor([[9]])
+    for step in range(8):
+        stats = cache.stats()
+        assert stats.resident_bytes == stats.physical_bytes  # counted from the tensors, residuals at full price
+        limit = 0.3 * (60 + step) * 16 * FULL_ENTRY + 16 * 2 * price  # the budget and its decoding slack
+        assert stats.resident_bytes <= limit
+        model(token, cache=cache)
+    plain = CompressedCache(model, policy, budget)
+    model(ids, cache=plain)
+    assert kept > 1.5 * plain.stats().kept_entries  # the same bytes keep more entries
+
+
+@torch.no_grad()
+def test_a_prompt_too_short_to_fill_a_residual_is_held_in_full_within_the_same_bytes():
+    model = tiny_llama()
+    cache = CompressedCache(model, "snapkv", Budget(value=0.3, slack_tokens=0), codec=SmallKivi())
+    model(prompt(1, 10), cache=cache)
+    stats = cache.stats()
+    assert stats.kept_entries == 16 * 3  # 0.3 of 10 entries per head, bought at full precision
+    assert all(layer.residual.tails.host == (3, 3) and layer.residual.encoded.host == (0, 0)
+               for layer in cache.layers)
+    assert stats.resident_bytes == stats.physical_bytes == 16 * 3 * FULL_ENTRY <= 0.3 * stats.full_bytes
+
+
+def test_a_model_that_slides_windows_is_refused_for_a_grouped_codec():
+    model = build(ARCHITECTURES["gemma3"])
+    with pytest.raises(UsageError, match="shift every group at every step; use a per-entry codec"):
+        CompressedCache(model, "snapkv", 0.5, codec=SmallKivi())
+
+
+@torch.no_grad()
+def test_more_bits_stay_closer_to_the_models_own_logits_and_a_left_padded_batch_equals_each_prompt_alone():
+    model = tiny_llama()
+    ids = prompt(1, 40)
+    nxt = torch.tensor([[5]])
+    plain = model(torch.cat([ids, nxt], 1)).logits[:, -1]
+    errors = {}
+    for codec in (SmallKivi(), SmallKivi2()):
+        cache = CompressedCache(model, "full", 1.0, codec=codec)
+        model(ids, cache=cache)
+        errors[codec.bits] = float((model(nxt, cache=cache).logits[:, -1] - plain).abs().max())
+    assert 0 < errors[4] < errors[2] < float(plain.abs().max())
+
+    batch_ids = prompt(2, 40, seed=3)
+    mask = torch.ones_like(batch_ids)
+    mask[1, :9] = 0
+    batch = CompressedCache(model, "snapkv", 0.4, codec=SmallKivi8())
+    logits = [model(batch_ids, attention_mask=mask, cache=batch).logits[:, -1]]
+    for step in range(4):
+        mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
+        logits.append(model(torch.full((2, 1), 5 + step), attention_mask=mask, cache=batch).logits[:, -1])
+    for row, start in ((0, 0), (1, 9)):
+        alone = CompressedCache(model, "snapkv", 0.4, codec=SmallKivi8())
+        own = [model(batch_ids[row : row + 1, start:], cache=alone).logits[:, -1]]
+        for step in range(4):
+            own.append(model(torch.full((1, 1), 5 + step), cache=alone).logits[:, -1])
+        torch.testing.assert_close(torch.stack([step[row] for step in logits]), torch.cat(own), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_an_after_prefill_stage_and_its_probe_leave_the_stored_groups_as_they_were():
+    class Probing(kvpolicies.Policy):
+        name = "probing-grouped-test"
+
+        def after_prefill(self, prefilled):
+            before = [layer.residual for layer in cache.layers]
+            received = prefilled.attention_from(torch.tensor([[4, 5, 6]]))
+            assert [layer.residual for layer in cache.layers] == before  # restored, not re-encoded
+            return received
+
+    model = tiny_llama()
+    cache = CompressedCache(model, Probing(), 0.4, codec=SmallKivi())
+    model(prompt(1, 40), cache=cache)
+    model(torch.tensor([[3]]), cache=cache)
+    stats = cache.stats()
+    assert stats.kept_entries - stats.appended_entries == int(16 * (7 + (0.4 * 40 - 7) * FULL_ENTRY / 36))
+    assert all(layer.keys is None for layer in cache.layers) and stats.resident_bytes == stats.physical_bytes
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "headkv"])
+def test_a_grouped_codec_adds_no_sync_to_a_decoding_step(policy):
+    from tests.test_device_work import decode_work
+
+    own = decode_work("full", 4, 5, slack=16)
+    assert decode_work(policy, 4, 5, slack=16, codec=SmallKivi(), steps=6) == own * 2  # groups encoded in between
+    launches = {batch: [] for batch in (4, 16)}
+    for batch, counted in launches.items():
+        decode_work(policy, batch, 5, slack=16, launches=counted, codec=SmallKivi(), steps=6)
+    assert launches[4] == launches[16]  # encoding and merging groups is one set of kernels, whatever the batch
+
+
+class Uneven(SmallKivi):
+    name = "uneven-test"
+
+    def encode(self, keys, values):
+        stored = super().encode(keys, values)
+        return {**stored, "extra": keys[:1, 0]}  # one row for all groups
+
+
+def test_a_grouped_codec_that_breaks_its_contract_is_named_when_the_cache_is_built():
+    with pytest.raises(PluginError, match="uneven-test.*one row per group"):
+        CompressedCache(tiny_llama(), "snapkv", 0.5, codec=Uneven())
+
+
+def test_kivi_is_registered_and_listed():
+    names = {info.name for info in kvpolicies.list_codecs()}
+    assert {"kivi4", "kivi2"} <= names
+    assert isinstance(kvpolicies.get_codec("kivi2"), Kivi2) and isinstance(kvpolicies.get_codec("kivi4"), Kivi4)
