@@ -201,5 +201,9 @@ def register_codecs(register: RegisterCodec) -> None:
     ``decode`` reads them back, and ``entry_bytes`` is a group's bytes over ``group``. The cache encodes each group
     once it is older than a head's ``residual`` newest entries, keeps those at full precision, and charges them as
     full entries under the budget. The built-in ``kivi4`` and ``kivi2`` (``kvpolicies_plugins/kivi.py``, a page
-    long) are the worked example, tried by ``tests/test_grouped_codecs.py`` with groups of 4 on a tiny model.
+    long) are the worked example, tried by ``tests/test_grouped_codecs.py`` with groups of 4 on a tiny model. A
+    grouped codec that sets ``fits = True`` also implements ``fit(keys, valid, queries)``: parameters for each run
+    (one sequence's entries in one KV head), chosen once from the layer's entries and the queries of the pass that
+    first encodes, and handed back to ``encode`` and ``decode`` one row per group as ``fitted``: the built-in
+    ``think`` (``kvpolicies_plugins/think.py``) chooses each head's key channels this way.
     """

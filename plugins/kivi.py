@@ -13,7 +13,10 @@ What we depart from, and why:
 - Scales and minimums are float16, rounded outwards as in ``int8``/``int4`` (:mod:`kvpolicies_plugins.quantized`):
   the paper's kernels keep them in the model's dtype. Values are grouped by 32 channels (the largest divisor of
   ``head_dim`` up to 32), as the paper's value groups are.
-- Combined with eviction, what an eviction keeps is regrouped and quantized again (see
+- Keys and values share one residual: each head's newest ``RESIDUAL`` to ``RESIDUAL + GROUP - 1`` tokens stay at
+  full precision for both (KIVI keeps fewer keys, those of its group not yet full, and exactly ``RESIDUAL``
+  values), so that one entry is one key and one value at one price.
+- Combined with eviction, what a cut shifts is regrouped and quantized again (see
   :mod:`kvpolicies.engine.residual`); KIVI alone never evicts. Compression at prefill evicts before anything is
   quantized, so the kept tokens are quantized once.
 
@@ -50,6 +53,9 @@ class Kivi(GroupedCodec):
         if head_dim * self.bits % 8:
             raise UsageError(f"codec {self.name!r} packs {8 // self.bits} channels a byte, and this model's heads have "
                              f"{head_dim} channels; use a codec with more bits")
+        if self.group * self.bits % 8:
+            raise UsageError(f"codec {self.name!r} packs each key channel's codes along its group of {self.group} "
+                             f"tokens, {8 // self.bits} a byte; use a group that is a multiple of {8 // self.bits}")
         if 4 * head_dim % self.group:
             raise UsageError(f"codec {self.name!r} keeps a float16 scale and minimum per key channel for every "
                              f"{self.group} tokens, {4 * head_dim} bytes for this model's {head_dim}-channel heads, "
@@ -59,12 +65,14 @@ class Kivi(GroupedCodec):
         value_scales = 4 * groups_of(head_dim)  # per token, a scale and a minimum per group of channels
         return 2 * codes + key_scales + value_scales
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, keys: torch.Tensor, values: torch.Tensor,
+               fitted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         key_codes, key_scales = quantize(keys.transpose(1, 2), self.bits, groups=1)  # [groups, channels, tokens]
         value_codes, value_scales = quantize(values, self.bits, groups_of(values.shape[-1]))
         return {"keys": key_codes, "key_scales": key_scales, "values": value_codes, "value_scales": value_scales}
 
-    def decode(self, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, stored: dict[str, torch.Tensor], dtype: torch.dtype,
+               fitted: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         keys = dequantize(stored["keys"], stored["key_scales"], self.bits, dtype).transpose(1, 2)
         return keys, dequantize(stored["values"], stored["value_scales"], self.bits, dtype)
 

@@ -66,7 +66,7 @@ def greedy(model, cache, ids, steps: int, mask=None) -> tuple[list[list[int]], l
 
 
 def test_full_precision_is_the_default_and_a_registered_codec():
-    assert [info.name for info in kvpolicies.list_codecs()] == ["full", "int4", "int8", "kivi2", "kivi4"]  # built-ins
+    assert [info.name for info in kvpolicies.list_codecs()] == ["full", "int4", "int8", "kivi2", "kivi4", "think"]
     model = tiny_llama()
     cache = CompressedCache(model, "snapkv", 0.5)
     assert isinstance(cache.codec, FullPrecision) and cache.shape.kept_entry_bytes == cache.shape.entry_bytes
@@ -312,7 +312,7 @@ def test_codec_plugins_register_through_the_entry_points_and_a_broken_one_is_ski
     registry.register_plugin(Failing(), name="failing-codec")
     with pytest.warns(PluginWarning, match="'failing-codec' failed while registering codecs.*boom"):
         names = [info.name for info in kvpolicies.list_codecs()]
-    assert names == ["full", "int4", "int8", "int8-alias", "int8-entry", "kivi2", "kivi4"]
+    assert names == ["full", "int4", "int8", "int8-alias", "int8-entry", "kivi2", "kivi4", "think"]
     assert isinstance(kvpolicies.get_codec("int8-alias"), int8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the policies are untouched by a broken codec plugin

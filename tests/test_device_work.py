@@ -33,7 +33,8 @@ def test_host_reads_of_device_tensors_are_syncs_and_host_tensors_are_not():
 
 
 def decode_work(policy: str, batch: int, padding: int, slack: int, layers: int = 8, steps: int = 3,
-                evictions: list | None = None, launches: list | None = None, codec=None) -> list[int]:
+                evictions: list | None = None, launches: list | None = None, codec=None,
+                budget: float = 0.5) -> list[int]:
     """Syncs of each of ``steps`` decoding steps after a 64-token prefill (the first row never padded); the number
     of layers cut while decoding is appended to ``evictions``, the launches of each step to ``launches``."""
     torch.manual_seed(0)
@@ -41,7 +42,7 @@ def decode_work(policy: str, batch: int, padding: int, slack: int, layers: int =
     ids = torch.randint(3, 128, (batch, 64), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1:, :padding] = 0
-    cache = CompressedCache(model, kvpolicies.get_policy(policy), Budget(value=0.5, slack_tokens=slack), codec=codec)
+    cache = CompressedCache(model, kvpolicies.get_policy(policy), Budget(value=budget, slack_tokens=slack), codec=codec)
     syncs = []
     with torch.no_grad(), DeviceWork().on_device(model, ids, mask) as work:
         token = model(ids, attention_mask=mask, cache=cache).logits[:, -1:].argmax(-1)

@@ -1,4 +1,5 @@
-"""Grouped codecs (KIVI): entries encoded in groups along the sequence, each head's newest ones at full precision.
+"""Grouped codecs (KIVI, ThinK): entries encoded in groups along the sequence or with parameters fitted per head,
+each head's newest ones at full precision.
 
 Most tests use KIVI's own quantizer with groups of 4 and a residual of 4, so that a 40- to 60-token prompt on the
 tiny Llama (16-channel float32 heads) has whole groups, a full-precision part and evictions at once.
@@ -15,6 +16,7 @@ from kvpolicies.engine.runs import Counts, merge, take
 from kvpolicies.engine.storage import CompressedLayer
 from kvpolicies.errors import PluginError, UsageError
 from kvpolicies_plugins.kivi import Kivi2, Kivi4
+from kvpolicies_plugins.think import ThinK
 from tests.architectures import ARCHITECTURES, build
 from tests.helpers import tiny_llama
 
@@ -83,7 +85,7 @@ def test_keys_quantized_per_channel_follow_an_outlier_channel_better_than_per_to
     keys[..., 5] += 40.0  # an outlier channel
     values = torch.randn(8, 32, 64, generator=generator)
     kivi, per_token = kvpolicies.get_codec("kivi4"), kvpolicies.get_codec("int4")
-    grouped_keys, grouped_values = kivi.decode(kivi.encode(keys, values), torch.float32)
+    grouped_keys, grouped_values = kivi.decode(kivi.encode(keys, values, {}), torch.float32, {})
     token_keys, token_values = per_token.decode(per_token.encode(keys, values), torch.float32)
     assert (grouped_keys - keys).abs().mean() < 0.3 * (token_keys - keys).abs().mean()
     torch.testing.assert_close(grouped_values, token_values, atol=0, rtol=0)  # values: per token, as int4
@@ -96,9 +98,9 @@ def test_the_newest_entries_stay_in_full_and_every_older_group_is_encoded_once()
     class Counting(SmallKivi):
         encoded_groups = 0
 
-        def encode(self, keys, values):
+        def encode(self, keys, values, fitted):
             Counting.encoded_groups += keys.shape[0]
-            return super().encode(keys, values)
+            return super().encode(keys, values, fitted)
 
     model = tiny_llama()
     cache = CompressedCache(model, "full", 1.0, codec=Counting())
@@ -244,7 +246,7 @@ def test_an_after_prefill_stage_and_its_probe_leave_the_stored_groups_as_they_we
         def after_prefill(self, prefilled):
             before = [layer.residual for layer in cache.layers]
             received = prefilled.attention_from(torch.tensor([[4, 5, 6]]))
-            assert [layer.residual for layer in cache.layers] == before  # restored, not re-encoded
+            assert all(layer.residual is held for layer, held in zip(cache.layers, before))  # restored, as it was
             return received
 
     model = tiny_llama()
@@ -262,6 +264,12 @@ def test_a_grouped_codec_adds_no_sync_to_a_decoding_step(policy):
 
     own = decode_work("full", 4, 5, slack=16)
     assert decode_work(policy, 4, 5, slack=16, codec=SmallKivi(), steps=6) == own * 2  # groups encoded in between
+    per_cut = {}
+    for codec in (None, SmallKivi()):  # a cut at nearly every step: its reads per cut, and not one more
+        cuts: list = []
+        syncs = sum(decode_work(policy, 4, 5, slack=0, codec=codec, budget=0.2, evictions=cuts))
+        per_cut[codec is None] = (syncs - sum(own)) / cuts[0]
+    assert per_cut[False] == per_cut[True] > 0
     launches = {batch: [] for batch in (4, 16)}
     for batch, counted in launches.items():
         decode_work(policy, batch, 5, slack=16, launches=counted, codec=SmallKivi(), steps=6)
@@ -271,8 +279,8 @@ def test_a_grouped_codec_adds_no_sync_to_a_decoding_step(policy):
 class Uneven(SmallKivi):
     name = "uneven-test"
 
-    def encode(self, keys, values):
-        stored = super().encode(keys, values)
+    def encode(self, keys, values, fitted):
+        stored = super().encode(keys, values, fitted)
         return {**stored, "extra": keys[:1, 0]}  # one row for all groups
 
 
@@ -283,5 +291,211 @@ def test_a_grouped_codec_that_breaks_its_contract_is_named_when_the_cache_is_bui
 
 def test_kivi_is_registered_and_listed():
     names = {info.name for info in kvpolicies.list_codecs()}
-    assert {"kivi4", "kivi2"} <= names
+    assert {"kivi4", "kivi2", "think"} <= names
     assert isinstance(kvpolicies.get_codec("kivi2"), Kivi2) and isinstance(kvpolicies.get_codec("kivi4"), Kivi4)
+
+
+class SmallThinK(ThinK):
+    """ThinK with a window of 8: channels chosen by the last 8 queries, the newest 8 entries kept whole."""
+
+    name = "think-small-test"
+    window = 8
+    residual = 8
+
+
+def test_think_keeps_the_channels_where_the_last_queries_and_the_keys_meet():
+    codec = kvpolicies.get_codec("think")
+    assert (codec.group, codec.residual, codec.window, codec.fits) == (1, 32, 32, True)
+    assert codec.entry_bytes(64, torch.bfloat16) == (32 + 64) * 2 == 192  # half the key channels, the whole value
+    keys = torch.ones(2, 6, 4)
+    keys[0, :, 1] = 10.0  # run 0: channel 1 large in the keys, but no query reads it
+    queries = torch.ones(2, 3, 5, 4)  # 3 query heads share each KV head
+    queries[0, :, :, 1] = 0.0
+    queries[0, :, :, 3] = 5.0
+    queries[0, :, :, 2] = 0.5
+    queries[1, :, :, 0] = 5.0
+    queries[1, :, -1, 2] = 50.0  # within the last 32 queries
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    channels = codec.fit(keys, valid, queries)["channels"]
+    assert channels.tolist() == [[0, 3], [0, 2]]
+    rows = {"channels": channels.repeat_interleave(6, dim=0)}  # one group (entry) per row, six per run
+    entries = torch.randn(12, 1, 4)
+    stored = codec.encode(entries, entries * 2, rows)
+    assert stored["keys"].shape == (12, 1, 2) and stored["values"].shape == (12, 1, 4)
+    decoded_keys, decoded_values = codec.decode(stored, torch.float32, rows)
+    torch.testing.assert_close(decoded_values, entries * 2, atol=0, rtol=0)
+    kept = torch.zeros(12, 1, 4, dtype=torch.bool)
+    kept.scatter_(-1, rows["channels"][:, None], True)
+    assert torch.equal(decoded_keys, entries * kept)  # the kept channels as they were, the others zero
+
+
+@torch.no_grad()
+def test_think_prunes_every_entry_older_than_its_window_with_channels_fitted_once():
+    model = tiny_llama()
+    cache = CompressedCache(model, "full", 1.0, codec=SmallThinK())
+    ids = prompt(1, 30)
+    model(ids, cache=cache)
+    layer = cache.layers[2]
+    assert layer.residual.encoded.host == (22, 22) and layer.residual.tails.host == (8, 8)
+    channels = layer.residual.fitted["channels"]
+    assert channels.shape == (2, 8)  # 8 of 16 channels for each of the 2 KV heads
+    own = model(ids, use_cache=True).past_key_values.layers[2].keys[0]  # [kv_heads, seq, head_dim]
+    keys, values = layer._keys_values()
+    kept = torch.zeros(2, 1, 16, dtype=torch.bool).scatter_(-1, channels[:, None], True)
+    torch.testing.assert_close(keys[0, :, :22], own[:, :22] * kept, atol=0, rtol=0)  # pruned: kept channels exact
+    torch.testing.assert_close(keys[0, :, 22:], own[:, 22:], atol=0, rtol=0)  # the window, whole
+    assert cache.auxiliary_bytes() >= 8 * channels.numel() * channels.element_size()  # the channels, per layer
+    for step in range(3):
+        model(torch.tensor([[5 + step]]), cache=cache)
+        assert torch.equal(layer.residual.fitted["channels"], channels)  # chosen once
+    assert layer.residual.encoded.host == (25, 25) and layer.residual.tails.host == (8, 8)
+    stats = cache.stats()
+    price = SmallThinK().entry_bytes(16, torch.float32)
+    assert price == (8 + 16) * 4 and stats.resident_bytes == stats.physical_bytes == 16 * (25 * price + 8 * FULL_ENTRY)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", ["snapkv", "headkv"])
+def test_think_composes_with_eviction_and_keeps_more_entries_in_no_more_bytes(policy):
+    model = tiny_llama()
+    ids = prompt(2, 60)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    budget = Budget(value=0.4, slack_tokens=2)
+    pruned = CompressedCache(model, policy, budget, codec=SmallThinK())
+    plain = CompressedCache(model, policy, budget)
+    model(ids, attention_mask=mask, cache=pruned)
+    model(ids, attention_mask=mask, cache=plain)
+    for step in range(4):
+        mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
+        model(torch.full((2, 1), 5 + step), attention_mask=mask, cache=pruned)
+    stats = pruned.stats()
+    assert stats.resident_bytes == stats.physical_bytes
+    assert stats.kept_entries > plain.stats().kept_entries
+    for sequence in pruned.sequence_stats():
+        assert sequence.physical_bytes <= 0.4 * sequence.full_bytes + 16 * 2 * FULL_ENTRY  # the budget and slack
+
+
+def test_think_adds_no_sync_to_a_decoding_step():
+    from tests.test_device_work import decode_work
+
+    own = decode_work("full", 4, 5, slack=16)
+    assert decode_work("snapkv", 4, 5, slack=16, codec=SmallThinK()) == own
+
+
+class GlobalNorm(kvpolicies.Policy):
+    """An after-prefill stage: the lowest-norm keys across every layer and head."""
+
+    name = "global-norm-grouped-test"
+
+    def after_prefill(self, prefilled):
+        return [None if layer is None else -layer.keys.float().norm(dim=-1) for layer in prefilled.layers]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", ["full", "stage"])
+def test_a_left_padded_batch_groups_each_prompt_from_its_first_token_as_alone(policy):
+    """KIVI alone (the full policy never evicts) and a stage that chooses later: the padding must not enter the
+    groups, or a padded row's groups would start elsewhere than the prompt's alone."""
+    model = tiny_llama()
+    ids = prompt(2, 40, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+
+    def build():
+        return CompressedCache(model, GlobalNorm() if policy == "stage" else "full", 0.4, codec=SmallKivi8())
+
+    batch = build()
+    logits = [model(ids, attention_mask=mask, cache=batch).logits[:, -1]]
+    for step in range(4):
+        mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
+        logits.append(model(torch.full((2, 1), 5 + step), attention_mask=mask, cache=batch).logits[:, -1])
+    assert all(layer.packed for layer in batch.layers)  # packed to the real entries before anything was encoded
+    assert batch.stats().padding_bytes == 0
+    for row, start in ((0, 0), (1, 9)):
+        alone = build()
+        own = [model(ids[row : row + 1, start:], cache=alone).logits[:, -1]]
+        for step in range(4):
+            own.append(model(torch.full((1, 1), 5 + step), cache=alone).logits[:, -1])
+        torch.testing.assert_close(torch.stack([step[row] for step in logits]), torch.cat(own), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_a_batch_whose_shortest_prompt_has_not_begun_holds_its_first_chunk_as_computed():
+    model = tiny_llama()
+    ids = prompt(2, 40)
+    mask = torch.ones_like(ids)
+    mask[1, :25] = 0  # row 1 starts in the second chunk
+    cache = CompressedCache(model, "full", 1.0, codec=SmallKivi())
+    model(ids[:, :20], attention_mask=mask[:, :20], cache=cache)
+    assert all(not layer.packed and not any(layer.residual.encoded.host) for layer in cache.layers)
+    model(ids[:, 20:], attention_mask=mask, cache=cache)
+    layer = cache.layers[0]
+    assert layer.packed and layer.lengths == [40, 40, 15, 15]  # the padding gone, each prompt grouped from its start
+    assert layer.residual.encoded.host == (36, 36, 8, 8)
+    stats = cache.stats()
+    assert stats.padding_bytes == 0 and stats.resident_bytes == stats.physical_bytes
+
+
+def test_a_cut_keeps_the_groups_before_it_as_they_were_and_encodes_the_rest_afresh():
+    class Counting(SmallKivi):
+        encoded_groups = 0
+
+        def encode(self, keys, values, fitted):
+            Counting.encoded_groups += keys.shape[0]
+            return super().encode(keys, values, fitted)
+
+    from kvpolicies.engine.residual import Residual
+
+    codec = Counting()
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(40, 16, generator=generator), torch.randn(40, 16, generator=generator)
+    store = Residual.empty(codec, 2, keys).extended(keys, values, Counts((20, 20), torch.tensor([20, 20])), dict)
+    assert store.encoded.host == (16, 16) and store.tails.host == (4, 4)
+    working, working_values = store.decoded(torch.float32)
+    kept = torch.ones(40, dtype=torch.bool)
+    kept[9], kept[20 + 2] = False, False  # a cut at entry 9 of run 0 and entry 2 of run 1
+    Counting.encoded_groups = 0
+    cut = store.relaid(working[kept], working_values[kept], Counts((19, 19), torch.tensor([19, 19])),
+                       Counts((9, 2), torch.tensor([9, 2])), dict)
+    for name, t in store.groups.items():
+        assert torch.equal(cut.groups[name][:2], t[:2])  # run 0's two groups before its cut, untouched
+    assert cut.encoded.host == (12, 12) and cut.tails.host == (7, 7)
+    assert Counting.encoded_groups == 1 + 3  # run 0's entries 8 to 11, run 1's first twelve
+    again, _ = cut.decoded(torch.float32)
+    torch.testing.assert_close(again[:8], working[:8], atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_cuts_that_shift_every_group_at_every_step_let_the_keys_drift_within_bounds():
+    """StreamingLLM cuts right after its sinks, so every group shifts at every step and is quantized again from
+    values read back: the keys drift, but a value already near a grid point stays near one."""
+    model = tiny_llama()
+    ids = prompt(1, 60)
+    streaming = CompressedCache(model, "streaming", Budget(value=0.2, slack_tokens=0), codec=SmallKivi())
+    tokens = [ids, model(ids, cache=streaming).logits[:, -1:].argmax(-1)]
+    errors = []
+    for _ in range(30):
+        tokens.append(model(tokens[-1], cache=streaming).logits[:, -1:].argmax(-1))
+        seen = torch.cat(tokens[:-1], 1)
+        own = model(seen, use_cache=True).past_key_values.layers[0].keys[0]  # layer 0: the same inputs either way
+        layer = streaming.layers[0]
+        keys, _ = layer._keys_values()
+        error = 0.0
+        for head, run in enumerate(keys.split(layer.lengths)):
+            kept = list(range(4)) + list(range(seen.shape[1] - run.shape[0] + 4, seen.shape[1]))  # sinks, recent
+            error += float((run - own[head, kept]).abs().mean()) / 2
+        errors.append(error)
+    assert streaming.cuts > 8 + 30  # cut at decoding steps
+    assert errors[0] > 0 and max(errors) < 2.5 * errors[0]
+
+
+def test_a_grouped_codec_that_stores_more_than_full_precision_is_refused():
+    class Costly(SmallKivi):
+        name = "costly-test"
+        bits = 8
+        group = 2  # a scale and minimum per key channel for every 2 tokens: 68 bytes an entry against 64
+
+    model = tiny_llama().to(torch.bfloat16)
+    with pytest.raises(UsageError, match="68 bytes on this model, more than the 64 of full precision"):
+        CompressedCache(model, "snapkv", 0.5, codec=Costly())

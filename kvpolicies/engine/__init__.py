@@ -3,7 +3,8 @@
 Budgets and their allocation (``budget``), the policy interface (``policy``, ``composition`` for wrappers),
 selection of the kept entries (``selection``), the signals a policy may read (``signals``) and the model facts it
 may need (``layer_view``), which layers a model windows (``layout``), the compressed cache (``cache``: eviction;
-``storage``: one layer's layout), the attention that reads it (``attention``; ``paths``: which way a device runs
+``storage``: one layer's layout; ``codecs``: how an entry is stored; ``residual`` and ``runs``: a grouped codec's
+stored form, and cutting packed runs), the attention that reads it (``attention``; ``paths``: which way a device runs
 ragged layers) and the after-prefill stage that chooses over every layer at once (``stages``). Everything here
 runs inside a forward pass or between two; nothing here knows about tasks, sweeps, pages or measurements.
 """

@@ -124,6 +124,11 @@ class CompressedCache(Cache):
                     f"codec {self.codec.name!r} encodes groups of {self.codec.group} consecutive entries, and this "
                     f"model slides a window over {len(self.shape.sliding_layers)} of its layers, which would shift "
                     "every group at every step; use a per-entry codec (int8, int4) on this model")
+            if self.shape.kept_entry_bytes > self.shape.entry_bytes:  # the budget's bound assumes it never is
+                raise UsageError(
+                    f"codec {self.codec.name!r} stores an encoded entry in {self.shape.kept_entry_bytes} bytes on "
+                    f"this model, more than the {self.shape.entry_bytes} of full precision; use a codec that stores "
+                    "less than the model's own cache (fewer bits, larger groups), or none")
             self.shape = dataclasses.replace(self.shape, full_precision_entries=self.codec.most_at_full_precision)
         if self.budget.unit != "fraction" and self.shape.sliding_layers and self.policy.compresses:
             # A fixed number of entries against windows that fill up as the sequence grows: check the full windows
@@ -183,13 +188,15 @@ class CompressedCache(Cache):
             if layer.scored:
                 self.probing["received"][layer.layer_idx] = layer.received_by_old(query, scale,
                                                                                   self.probing["reduce"])
-            layer.settle()
+            layer.settle(encode=False)  # the probe restores the layer's state: nothing to store
             return
         watch = self.policy_time if layer.scored else None
         started = watch.start() if watch is not None else None
         if self.step is None or layer.layer_idx == 0 or self.step.q_len != q_len:  # the first layer reads it for all
             self.step = Step.of(layer.batch_size, q_len, new_valid, layer.seen, self._context(layer.batch_size))
         layer.record(self.step)
+        if layer.residual is not None and layer.codec.fits and not layer.residual.fitted:
+            layer.fit_queries = query  # a fitting codec chooses its parameters with them when it first encodes
         if not layer.scored:  # a window held whole: the model's own mechanism, not timed as policy work
             layer.slide()
             self.evict(layer, query, scale, module)  # evicts nothing: checks the budget affords the window

@@ -81,40 +81,54 @@ class FullPrecision(Codec):
 
 
 class GroupedCodec(Codec):
-    """How entries are stored when ``group`` consecutive entries of one head are encoded together. Subclass it, set
-    ``name``, ``group`` and ``residual``, and implement ``entry_bytes``, ``encode`` and ``decode`` on groups.
+    """How entries are stored when ``group`` consecutive entries of one head are encoded together, or with
+    parameters fitted to each head. Subclass it, set ``name``, ``group`` and ``residual``, and implement
+    ``entry_bytes``, ``encode`` and ``decode`` on groups (and ``fit``, with ``fits = True``).
 
     Each head keeps its newest entries at full precision, from ``residual`` up to ``residual + group - 1`` of them
     (all of a shorter run): an entry is encoded once a whole group of entries older than the ``residual`` newest
     has formed, so the recent tokens, which most queries attend to, are never quantized (KIVI's residual).
     Eviction reads every entry decoded and regroups what it keeps: entries already encoded are encoded again in
     their new groups (as transformers' ``QuantizedCache`` re-quantizes its whole cache when its residual fills).
+
+    A codec that ``fits`` chooses parameters for each run (one sequence's entries in one KV head) once, before it
+    encodes the run's first entries, from those entries and the queries of the pass that brought them (ThinK's key
+    channels, chosen by the prompt's last queries): see :meth:`fit`. The parameters are kept per layer and run and
+    handed to ``encode`` and ``decode`` row by row, one row per group, as ``fitted``.
     """
 
     group: ClassVar[int] = 32
     """Consecutive entries of one head encoded together."""
     residual: ClassVar[int] = 0
     """Newest entries of each head never encoded (held at full precision), at least."""
+    fits: ClassVar[bool] = False
+    """Whether the codec chooses parameters per run (:meth:`fit`) before it encodes anything."""
+
+    def fit(self, keys: torch.Tensor, valid: torch.Tensor, queries: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Parameters for each run, from its entries ``keys`` ``[runs, seq, head_dim]`` (``valid`` ``[runs, seq]``
+        False on padding) and the queries of the pass that brought them, ``[runs, query_heads, q_len, head_dim]``
+        (the query heads sharing the run's KV head; a left-padded sequence's last queries are its real ones): named
+        tensors ``[runs, ...]``. Called once per layer, with the layer's working copy (what the model attends to),
+        in the pass that first encodes."""
+        raise NotImplementedError
 
     def entry_bytes(self, head_dim: int, dtype: torch.dtype) -> int:
         """Bytes one encoded entry takes: a group's stored bytes over ``group`` (a whole number). The entries held at
         full precision cost ``2 × head_dim × dtype bytes`` each, which the budget charges apart."""
         raise NotImplementedError
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, keys: torch.Tensor, values: torch.Tensor,
+               fitted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The stored form of ``keys`` and ``values`` ``[groups, group, head_dim]`` (each group the consecutive entries
         of one head, oldest first): named tensors ``[groups, ...]``, any dtype, group ``i``'s rows depending on group
-        ``i`` alone."""
+        ``i`` alone. ``fitted``: each group's row of its run's parameters (empty unless the codec ``fits``)."""
         raise NotImplementedError
 
-    def decode(self, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, stored: dict[str, torch.Tensor], dtype: torch.dtype,
+               fitted: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[groups, group, head_dim]`` in ``dtype`` read back from what :meth:`encode` returned
-        (possibly with groups removed and added since)."""
+        (possibly with groups removed and added since), with each group's ``fitted`` row as in :meth:`encode`."""
         raise NotImplementedError
-
-    def encoded_part(self, entries: int) -> int:
-        """Of a run of ``entries``, how many (the oldest) are encoded: whole groups, leaving at least ``residual``."""
-        return max(entries - self.residual, 0) // self.group * self.group
 
     @property
     def most_at_full_precision(self) -> int:
@@ -168,7 +182,15 @@ def _checked_group_bytes(codec: GroupedCodec, declared: int, head_dim: int, dtyp
                     "number of entries together and keeps a whole number (0 or more) at full precision")
     keys = torch.linspace(-2, 2, 2 * group * head_dim, device=device).view(2, group, head_dim).to(dtype)
     values = keys.flip(-1) * 0.5
-    stored = codec.encode(keys, values)
+    fitted = {}
+    if codec.fits:  # two runs of one group each, read by their own keys as queries
+        fitted = codec.fit(keys, torch.ones(keys.shape[:2], dtype=torch.bool, device=device), keys.flip(1)[:, None])
+        if not isinstance(fitted, dict) or not all(
+                isinstance(name, str) and isinstance(t, torch.Tensor) and t.ndim >= 1 and t.shape[0] == 2
+                for name, t in fitted.items()):
+            raise fault(f"returned {type(fitted).__name__} from fit() for two runs; it must return a dict of named "
+                        "tensors with one row per run, [runs, ...]")
+    stored = codec.encode(keys, values, fitted)
     if not isinstance(stored, dict) or not stored or not all(
             isinstance(name, str) and isinstance(t, torch.Tensor) for name, t in stored.items()):
         raise fault(f"returned {type(stored).__name__} from encode(); it must return a dict of named tensors")
@@ -182,9 +204,10 @@ def _checked_group_bytes(codec: GroupedCodec, declared: int, head_dim: int, dtyp
                     f"{declared} per entry in entry_bytes(), {declared * group} per group; the budget buys entries "
                     "at the declared price, so the two must agree (count every stored tensor: codes, scales, "
                     "zero-points)")
-    for held in (stored, {name: t[1:] for name, t in stored.items()}):
+    for held, rows in ((stored, fitted), ({name: t[1:] for name, t in stored.items()},
+                                          {name: t[1:] for name, t in fitted.items()})):
         shape = (held[next(iter(held))].shape[0], group, head_dim)
-        decoded = codec.decode(held, dtype)
+        decoded = codec.decode(held, dtype, rows)
         if not (isinstance(decoded, tuple) and len(decoded) == 2 and all(
                 isinstance(t, torch.Tensor) and t.shape == shape and t.dtype == dtype for t in decoded)):
             raise fault(f"returned {type(decoded).__name__} from decode() for {shape[0]} groups; it must return "

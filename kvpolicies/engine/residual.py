@@ -22,6 +22,11 @@ and drops it when the pass is done (:meth:`~kvpolicies.engine.storage.Compressed
   prefill, the common case, evicts before anything is encoded, so the kept entries are encoded once, from full
   precision.
 
+A codec that ``fits`` (ThinK) chooses its parameters for every run once, when the layer first encodes anything:
+the layer passes a ``fit`` callable that reads its working copy and the pass's queries, and the parameters
+(``fitted``, ``[runs, ...]``) stay with the layer from then on; each group is encoded and decoded with its run's
+row of them.
+
 A :class:`Residual` is never changed in place: every change builds a new one, so a state saved by an after-prefill
 probe stays valid.
 """
@@ -29,7 +34,8 @@ probe stays valid.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,26 +58,41 @@ class Residual:
     tail_keys: torch.Tensor
     """``[sum(tails), head_dim]`` in the model's dtype."""
     tail_values: torch.Tensor
+    fitted: dict[str, torch.Tensor] = field(default_factory=dict)
+    """A fitting codec's parameters, ``[runs, ...]`` (empty until it first encodes, and for other codecs)."""
 
     @classmethod
     def empty(cls, codec: GroupedCodec, runs: int, like: torch.Tensor) -> Residual:
         """No entries yet, in ``runs`` runs, for keys like ``like`` (``[..., head_dim]``)."""
         none = like.new_zeros(0, codec.group, like.shape[-1])
         nothing = Counts.same(0, runs)
-        return cls(codec, nothing, nothing, codec.encode(none, none), none[:, 0], none[:, 0])
+        fitted = codec.fit(none, none[..., 0].bool(), none[:, None]) if codec.fits else {}  # shapes only: no runs
+        empty = {name: t[:0] for name, t in fitted.items()}
+        return cls(codec, nothing, nothing, codec.encode(none, none, empty), none[:, 0], none[:, 0])
 
-    @classmethod
-    def encoded_from(cls, codec: GroupedCodec, keys: torch.Tensor, values: torch.Tensor,
-                     lengths: Counts) -> Residual:
-        """Every run of ``keys`` and ``values`` (``[sum(lengths), head_dim]``, runs of ``lengths``) encoded afresh."""
-        encoded = lengths.whole_groups(codec.group, codec.residual)
-        tails = lengths.minus(encoded)
-        none = Counts.same(0, len(lengths.host))
-        groups = _encode(codec, take(keys, lengths, none, encoded), take(values, lengths, none, encoded))
-        return cls(codec, encoded, tails, groups, take(keys, lengths, encoded, tails),
-                   take(values, lengths, encoded, tails))
+    def relaid(self, keys: torch.Tensor, values: torch.Tensor, lengths: Counts, intact: Counts,
+               fit: Callable[[], dict[str, torch.Tensor]]) -> Residual:
+        """This store once its runs were re-laid (an eviction): ``keys`` and ``values`` are the working copy
+        (``[sum(lengths), head_dim]``, runs of ``lengths``), of whose runs the first ``intact[r]`` entries are this
+        store's first ones, untouched. The groups among them are kept as they are; every entry after them is
+        grouped afresh, so an eviction encodes again only what its cut shifted."""
+        group = self.codec.group
+        kept_groups = self.encoded.minimum(intact).over(group)  # whole groups the cut left in place
+        kept = kept_groups.times(group)
+        rest = lengths.minus(kept)
+        fresh = rest.whole_groups(group, self.codec.residual)
+        after, tails = kept.plus(fresh), rest.minus(fresh)
+        fitted = self._fitted(fresh, fit)
+        nothing = Counts.same(0, len(lengths.host))
+        old = {name: take(t, self.encoded.over(group), nothing, kept_groups) for name, t in self.groups.items()}
+        new = self._encoded(take(keys, lengths, kept, fresh), take(values, lengths, kept, fresh),
+                            _rows(fitted, fresh.over(group)))
+        groups = {name: merge(t, kept_groups, new[name], fresh.over(group)) for name, t in old.items()}
+        return Residual(self.codec, after, tails, groups, take(keys, lengths, after, tails),
+                        take(values, lengths, after, tails), fitted)
 
-    def extended(self, keys: torch.Tensor, values: torch.Tensor, lengths: Counts) -> Residual:
+    def extended(self, keys: torch.Tensor, values: torch.Tensor, lengths: Counts,
+                 fit: Callable[[], dict[str, torch.Tensor]]) -> Residual:
         """This store once its runs grew at their ends to ``lengths``: ``keys`` and ``values`` are the working copy
         (``[sum(lengths), head_dim]``), whose first ``encoded[r]`` entries of each run are the ones already encoded
         here. Only whole groups the full-precision part now holds beyond the residual are encoded."""
@@ -80,28 +101,62 @@ class Residual:
         if not any(fresh.host):
             return dataclasses.replace(self, tails=held, tail_keys=take(keys, lengths, self.encoded, held),
                                        tail_values=take(values, lengths, self.encoded, held))
+        fitted = self._fitted(fresh, fit)
         after, tails = self.encoded.plus(fresh), held.minus(fresh)
-        new_groups = _encode(self.codec, take(keys, lengths, self.encoded, fresh),
-                             take(values, lengths, self.encoded, fresh))
         old_counts, new_counts = self.encoded.over(self.codec.group), fresh.over(self.codec.group)
+        new_groups = self._encoded(take(keys, lengths, self.encoded, fresh), take(values, lengths, self.encoded, fresh),
+                                   _rows(fitted, new_counts))
         groups = {name: merge(t, old_counts, new_groups[name], new_counts) for name, t in self.groups.items()}
         return Residual(self.codec, after, tails, groups, take(keys, lengths, after, tails),
-                        take(values, lengths, after, tails))
+                        take(values, lengths, after, tails), fitted)
+
+    def held(self, keys: torch.Tensor, values: torch.Tensor) -> Residual:
+        """Every entry of ``keys`` and ``values`` (``[runs × seq, head_dim]``, a dense layer's, nothing encoded yet)
+        held as computed, for a pass that cannot encode yet (a left-padded batch whose shortest prompt has not
+        begun)."""
+        runs = len(self.tails.host)
+        return dataclasses.replace(self, tails=Counts.same(keys.shape[0] // runs, runs), tail_keys=keys,
+                                   tail_values=values)
+
+    def _fitted(self, encoding: Counts, fit: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The parameters to encode ``encoding`` entries per run with: this store's, or, for a fitting codec's first
+        encode, ``fit()``'s."""
+        if self.fitted or not self.codec.fits or not any(encoding.host):
+            return self.fitted
+        return fit()
+
+    def _encoded(self, keys: torch.Tensor, values: torch.Tensor,
+                 fitted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The codec's groups of ``keys`` and ``values`` (``[entries, head_dim]``, whole groups of one run each)."""
+        if not keys.shape[0]:  # nothing to encode (a fitting codec may not be fitted yet): no groups, same tensors
+            return {name: t.new_empty(0, *t.shape[1:]) for name, t in self.groups.items()}  # a view would hold t
+        shape = (-1, self.codec.group, keys.shape[-1])
+        return self.codec.encode(keys.view(shape), values.view(shape), fitted)
 
     def decoded(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[entries, head_dim]`` in run order, each run's encoded entries decoded and then its
         full-precision ones."""
-        keys, values = self.codec.decode(self.groups, dtype)
         head_dim = self.tail_keys.shape[-1]
+        if not any(self.encoded.host):
+            return self.tail_keys.to(dtype), self.tail_values.to(dtype)
+        keys, values = self.codec.decode(self.groups, dtype, _rows(self.fitted, self.encoded.over(self.codec.group)))
         return (merge(keys.reshape(-1, head_dim), self.encoded, self.tail_keys.to(dtype), self.tails),
                 merge(values.reshape(-1, head_dim), self.encoded, self.tail_values.to(dtype), self.tails))
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor held: what the layer's resident bytes are read from."""
+        """Every tensor held for the entries: what the layer's resident bytes are read from (the fitted parameters,
+        per run, are the layer's auxiliary bytes)."""
         return [*self.groups.values(), self.tail_keys, self.tail_values]
 
 
-def _encode(codec: GroupedCodec, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The codec's groups of ``keys`` and ``values`` (``[entries, head_dim]``, whole groups of one run each)."""
-    shape = (-1, codec.group, keys.shape[-1])
-    return codec.encode(keys.view(shape), values.view(shape))
+def _rows(fitted: dict[str, torch.Tensor], groups: Counts) -> dict[str, torch.Tensor]:
+    """Each group's row of its run's parameters, for ``groups[r]`` groups of each run ``r`` in run order."""
+    if not fitted:
+        return {}
+    if groups.uniform:
+        count = groups.host[0] if groups.host else 0
+        return {name: t.repeat_interleave(count, dim=0) for name, t in fitted.items()}
+    some = next(iter(fitted.values()))
+    run_of = torch.arange(len(groups.host), device=some.device).repeat_interleave(
+        groups.on(some.device), output_size=sum(groups.host))
+    return {name: t.index_select(0, run_of) for name, t in fitted.items()}

@@ -53,6 +53,12 @@ class Counts:
         device = None if self.device is None else (self.device - leave).clamp(min=0) // group * group
         return Counts(host, device)
 
+    def minimum(self, other: Counts) -> Counts:
+        return self._combined(other, lambda a, b: torch.minimum(a, b) if isinstance(a, torch.Tensor) else min(a, b))
+
+    def times(self, factor: int) -> Counts:
+        return Counts(tuple(n * factor for n in self.host), None if self.device is None else self.device * factor)
+
     def over(self, group: int) -> Counts:
         """Each count divided by ``group`` (whole groups to groups)."""
         return Counts(tuple(n // group for n in self.host), None if self.device is None else self.device // group)
@@ -81,7 +87,7 @@ def take(rows: torch.Tensor, lengths: Counts, starts: Counts, counts: Counts) ->
     if lengths.uniform and starts.uniform and counts.uniform and lengths.host:
         first, count = starts.host[0], counts.host[0]
         runs = rows.view(len(lengths.host), lengths.host[0], *rows.shape[1:])
-        return runs[:, first : first + count].reshape(-1, *rows.shape[1:]).clone()
+        return runs[:, first : first + count].clone().view(-1, *rows.shape[1:])  # one copy, contiguous
     return rows.index_select(0, spans(lengths, starts, counts, rows.device))
 
 
@@ -91,8 +97,8 @@ def merge(first: torch.Tensor, first_counts: Counts, then: torch.Tensor, then_co
     rest = first.shape[1:]
     runs = len(first_counts.host)
     if first_counts.uniform and then_counts.uniform and runs:
-        return torch.cat([first.view(runs, first_counts.host[0], *rest), then.view(runs, then_counts.host[0], *rest)],
-                         dim=1).view(-1, *rest)
+        return torch.cat([first.reshape(runs, first_counts.host[0], *rest),
+                          then.reshape(runs, then_counts.host[0], *rest)], dim=1).view(-1, *rest)
     lengths = first_counts.plus(then_counts)
     merged = first.new_empty(sum(lengths.host), *rest)
     none = Counts.same(0, runs)

@@ -122,9 +122,12 @@ class CompressedLayer(CacheLayerMixin):
         edited in place: a new dict on every change, so a saved state (an after-prefill probe's) stays valid."""
         self.residual: Residual | None = None
         """A grouped codec's stored form (None with any other codec); a new one on every change, like ``codes``."""
-        self.relaid = False
-        """Whether this forward pass re-laid the entries (not only appended): a grouped codec then encodes every run
-        afresh when the pass settles."""
+        self.intact: Counts | None = None
+        """Set when this forward pass re-laid the entries (not only appended or dropped new padding): how many
+        leading entries of each run it left in place, which a grouped codec keeps encoded as they were."""
+        self.fit_queries: torch.Tensor | None = None
+        """This pass's queries, ``[batch, heads, q_len, head_dim]``, while a fitting codec (ThinK) may still need them
+        to choose its parameters (set by the cache, dropped when the pass settles)."""
         self.tracked: dict[str, torch.Tensor] = {}
         """The policy's tracks by name (:class:`~kvpolicies.engine.signals.Track`), ``[..., 1]`` float32 in the
         layer's layout; a new dict on every change, like ``codes``."""
@@ -232,22 +235,41 @@ class CompressedLayer(CacheLayerMixin):
             self._places = (q_len, old, new.flatten())
         return self._places[1], self._places[2]
 
-    def settle(self) -> None:
+    def settle(self, encode: bool = True) -> None:
         """Drop the working copy of a lossy codec's layer: between forward passes only its codes are resident. A
-        grouped codec first encodes what the pass brought (see :mod:`kvpolicies.engine.residual`)."""
-        if self.residual is not None and self.keys is not None:
+        grouped codec first encodes what the pass brought (see :mod:`kvpolicies.engine.residual`), unless the pass
+        is to be forgotten (``encode=False``: an after-prefill probe, whose state is restored after)."""
+        if self.residual is not None and self.keys is not None and encode:
+            if not self.packed and any(n < self.keys.shape[2] for n in self.seen):
+                if not all(self.seen):  # a sequence with no real token yet: hold everything as computed for now
+                    self.residual = self.residual.held(self.keys.reshape(-1, self.keys.shape[-1]),
+                                                       self.values.reshape(-1, self.keys.shape[-1]))
+                    self.keys = self.values = self.fit_queries = None
+                    return
+                self._pack_real()  # a left-padded batch: each run's groups start at its prompt's first token
             head_dim = self.keys.shape[-1]
             keys, values = self.keys.reshape(-1, head_dim), self.values.reshape(-1, head_dim)
             runs = self.batch_size * self.num_heads
             lengths = (Counts(tuple(self.lengths), self.run_lengths) if self.packed else
                        Counts.same(self.keys.shape[2], runs))
-            if self.relaid:
-                self.residual = Residual.encoded_from(self.codec, keys, values, lengths)
+            if self.intact is None:
+                self.residual = self.residual.extended(keys, values, lengths, self._fit)
             else:
-                self.residual = self.residual.extended(keys, values, lengths)
-            self.relaid = False
+                self.residual = self.residual.relaid(keys, values, lengths, self.intact, self._fit)
+            self.intact = None
+        self.fit_queries = None
         if self.codes is not None or self.residual is not None:
             self.keys = self.values = None
+
+    def _fit(self) -> dict[str, torch.Tensor]:
+        """A fitting codec's parameters for every run, from the working copy and this pass's queries."""
+        if self.fit_queries is None:
+            raise RuntimeError(f"codec {self.codec.name!r} must see the queries of the pass that first encodes a "
+                               "layer; this pass brought none (the cache sets them before the layer settles)")
+        keys, _, valid = self.dense_view(tracks=False)
+        batch, query_heads, q_len, head_dim = self.fit_queries.shape
+        grouped = self.fit_queries.reshape(batch * self.num_heads, query_heads // self.num_heads, q_len, head_dim)
+        return self.codec.fit(keys.flatten(0, 1), valid.flatten(0, 1), grouped)
 
     def _keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values as the attention reads them: stored, the working copy, or decoded now."""
@@ -318,6 +340,7 @@ class CompressedLayer(CacheLayerMixin):
         if not self.packed and self.keys.shape[2] > keep:
             self.valid = self.valid[:, -keep:].clone()
             self._assign({name: t[:, :, -keep:].clone() for name, t in self.tracks().items()})
+            self.intact = Counts.same(0, self.batch_size * self.num_heads)  # every run shifted
 
     def window_view(self, positions: torch.Tensor | None, q_len: int) -> SlidingWindow | None:
         """What this forward's ``q_len`` queries see through a sliding window, for ``positions`` (``[batch,
@@ -343,6 +366,7 @@ class CompressedLayer(CacheLayerMixin):
         self.uniform = len(set(self.lengths)) == 1
         self._slots = None
         self._select(self.tracks(), keep, sum(self.lengths))
+        self.intact = Counts.same(0, len(self.lengths))  # runs cut anywhere: a grouped codec regroups them
 
     def update_tracks(self, query: torch.Tensor, scale: LogitScale) -> None:
         """Let every track take the attention its entries received from this forward's ``query`` (computed once
@@ -492,11 +516,27 @@ class CompressedLayer(CacheLayerMixin):
         One host read per call, the kept count of every run (the layout's Python ints); the selection itself uses
         indices of a size known from it, so it reads nothing more back (a boolean mask index would)."""
         self.run_lengths = keep.sum(-1).flatten()
-        self.lengths = self.run_lengths.tolist()
+        if self.residual is None:
+            self.lengths = self.run_lengths.tolist()
+        else:  # and, in the same read, how many leading entries of each run stay in place (a grouped codec's)
+            intact = keep.long().cumprod(-1).sum(-1).flatten()
+            self.lengths, in_place = torch.stack([self.run_lengths, intact]).tolist()
+            self.intact = Counts(tuple(in_place), intact)
         self.uniform = len(set(self.lengths)) == 1
         self.packed, self.valid, self._slots = True, None, None
         self._select(dense, keep.flatten(), sum(self.lengths))
         self.settle()  # eviction ends a forward's work on the layer; an after-prefill stage runs between forwards
+
+    def _pack_real(self) -> None:
+        """Pack a left-padded dense layer to its real entries, reading nothing back: the host knows each
+        sequence's real tokens (``seen``), all of which a dense layer holds."""
+        keep = self.valid[:, None, :].expand(self.batch_size, self.num_heads, -1)
+        self.run_lengths = keep.sum(-1).flatten()
+        self.lengths = [n for n in self.seen for _ in range(self.num_heads)]
+        self.intact = Counts.same(0, len(self.lengths))
+        self.uniform = len(set(self.lengths)) == 1
+        self.packed, self.valid, self._slots = True, None, None
+        self._select(self.tracks(), keep.flatten(), sum(self.lengths))
 
     def _select(self, tracks: dict[str, torch.Tensor], keep: torch.Tensor, total: int) -> None:
         """Set every track to its rows where the flat ``keep`` is True, ``total`` of them, in order."""
@@ -513,7 +553,6 @@ class CompressedLayer(CacheLayerMixin):
                 tracked[name[len(TRACK):]] = t
             else:
                 setattr(self, name, t)
-        self.relaid = self.relaid or "keys" in tracks
         if codes:
             self.codes = codes
         if tracked:
@@ -541,7 +580,8 @@ class CompressedLayer(CacheLayerMixin):
     def auxiliary_bytes(self) -> int:
         """Bytes held besides keys and values: the recent-query buffer, the tracks, the padding mask, a window's
         positions."""
-        return held_bytes(self.recent_queries, self.valid, self.positions, *self.tracked.values())
+        fitted = self.residual.fitted.values() if self.residual is not None else ()
+        return held_bytes(self.recent_queries, self.valid, self.positions, *self.tracked.values(), *fitted)
 
     def get_seq_length(self) -> int:
         return self.logical_length
