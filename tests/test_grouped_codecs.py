@@ -44,6 +44,17 @@ class SmallKivi8(SmallKivi):
     bits = 8
 
 
+class Counting(SmallKivi):
+    """Counts the groups it encodes (reset it before use)."""
+
+    name = "kivi4-counting-test"
+    encoded_groups = 0
+
+    def encode(self, keys, values, fitted):
+        Counting.encoded_groups += keys.shape[0]
+        return super().encode(keys, values, fitted)
+
+
 def prompt(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -95,14 +106,8 @@ def test_keys_quantized_per_channel_follow_an_outlier_channel_better_than_per_to
 
 @torch.no_grad()
 def test_the_newest_entries_stay_in_full_and_every_older_group_is_encoded_once():
-    class Counting(SmallKivi):
-        encoded_groups = 0
-
-        def encode(self, keys, values, fitted):
-            Counting.encoded_groups += keys.shape[0]
-            return super().encode(keys, values, fitted)
-
     model = tiny_llama()
+    Counting.encoded_groups = 0
     cache = CompressedCache(model, "full", 1.0, codec=Counting())
     ids = prompt(1, 41)
     model(ids, cache=cache)
@@ -438,13 +443,6 @@ def test_a_batch_whose_shortest_prompt_has_not_begun_holds_its_first_chunk_as_co
 
 
 def test_a_cut_keeps_the_groups_before_it_as_they_were_and_encodes_the_rest_afresh():
-    class Counting(SmallKivi):
-        encoded_groups = 0
-
-        def encode(self, keys, values, fitted):
-            Counting.encoded_groups += keys.shape[0]
-            return super().encode(keys, values, fitted)
-
     from kvpolicies.engine.residual import Residual
 
     codec = Counting()
