@@ -3,8 +3,8 @@ only the key channels its queries read, chosen once from the prompt.
 
 Why channels: a key channel that the queries barely weigh adds little to any attention logit, whatever the token,
 so dropping it from every cached key costs little attention and saves its bytes in every entry. ThinK ranks a
-head's channels by how much its last queries and the prompt's keys meet in them, ``‖Q[:, c]‖ · ‖K[:, c]‖`` (kvpress
-ranks by the product of their mean squares, the same order), and keeps the top half. The attention then reads a
+head's channels by how much its last queries and the prompt's keys meet in them, ``‖Q[:, c]‖ · ‖K[:, c]‖``
+(kvpress ranks by the product of their mean squares, the same order), and keeps the top half. The attention then reads a
 pruned key as zero in the dropped channels, which is the query restricted to the kept ones, as ThinK computes it.
 Values are kept whole. ThinK shortens entries and any eviction policy shortens the sequence: they compose (ThinK
 with SnapKV, as in the paper: ``--policy snapkv --codec think``).
@@ -12,8 +12,10 @@ with SnapKV, as in the paper: ``--policy snapkv --codec think``).
 What we depart from, and why:
 
 - The channels are chosen with the last ``WINDOW`` queries of every query head that shares the KV head, in the
-  pass that first prunes the layer (the prompt's prefill; its first chunk with a chunked prefill). Keys are the
-  model's as cached, after RoPE, as kvpress prunes them.
+  prompt's prefill (its first chunk with a chunked prefill, or the first chunk that holds a token of every
+  sequence of a left-padded batch). Keys are the model's as cached, after RoPE, as kvpress prunes them, so the
+  ranking depends on where positions start: a left-padded batch chooses as each prompt alone when its positions
+  start at each prompt's first token, as ``generate()`` and lm-eval give them.
 - The newest ``WINDOW`` entries of each head stay whole (the observation window, as ThinK keeps it), and tokens
   generated later are pruned once they are older than that. ThinK keeps every generated key whole: under a budget
   in bytes, entries that never shrink would make the cache grow past what was paid for.
@@ -39,7 +41,7 @@ WINDOW = 32
 
 
 class ThinK(GroupedCodec):
-    """Keys pruned to half their channels, chosen per head by the prompt's last 32 queries; values whole."""
+    """Keys pruned to half their channels, chosen per head by the prompt's last 32 queries; values, newest 32 whole."""
 
     name = "think"
     group = 1
@@ -48,6 +50,10 @@ class ThinK(GroupedCodec):
     window: ClassVar[int] = WINDOW
     """Last queries of each query head that choose the channels."""
     pruned: ClassVar[float] = PRUNED
+
+    @property
+    def fit_queries(self) -> int:
+        return self.window
 
     def kept_channels(self, head_dim: int) -> int:
         return head_dim - int(head_dim * self.pruned)
@@ -58,7 +64,7 @@ class ThinK(GroupedCodec):
         return (self.kept_channels(head_dim) + head_dim) * torch.empty((), dtype=dtype).element_size()
 
     def fit(self, keys: torch.Tensor, valid: torch.Tensor, queries: torch.Tensor) -> dict[str, torch.Tensor]:
-        window = queries[:, :, -self.window :].float()
+        window = queries[:, :, -self.window :].float()  # padded positions are zero: they weigh nothing
         met = window.square().sum(dim=(1, 2)).sqrt() * (keys.float().square() * valid[..., None]).sum(1).sqrt()
         kept = met.topk(self.kept_channels(keys.shape[-1]), dim=-1).indices
         return {"channels": kept.sort(dim=-1).values}  # [runs, kept], in channel order

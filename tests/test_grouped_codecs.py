@@ -114,7 +114,7 @@ def test_the_newest_entries_stay_in_full_and_every_older_group_is_encoded_once()
     layer = cache.layers[3]
     assert Counting.encoded_groups == 8 * 2 * 9 + 2  # 9 groups a head in 8 layers, and the trial encode's 2
     first = layer.residual
-    assert first.encoded.host == (36, 36) and first.tails.host == (5, 5)  # 41 = 9 groups of 4, and 5 >= the residual of 4
+    assert first.encoded.host == (36, 36) and first.tails.host == (5, 5)  # 41 = 9 groups of 4, and 5 >= 4 in full
     keys = model(ids, use_cache=True).past_key_values.layers[3].keys  # the model's own keys, as computed
     torch.testing.assert_close(first.tail_keys.view(2, 5, 16), keys[0, :, -5:], atol=0, rtol=0)
     token = torch.tensor([[7]])
@@ -497,3 +497,83 @@ def test_a_grouped_codec_that_stores_more_than_full_precision_is_refused():
     model = tiny_llama().to(torch.bfloat16)
     with pytest.raises(UsageError, match="68 bytes on this model, more than the 64 of full precision"):
         CompressedCache(model, "snapkv", 0.5, codec=Costly())
+
+
+@torch.no_grad()
+def test_think_fits_each_prompt_as_alone_in_a_padded_batch_with_its_query_heads_grouped_by_kv_head():
+    """A row shorter than the window: its padded queries must weigh nothing; the GQA model's query heads 3h to 3h + 2
+    read KV head h."""
+    seen = []
+
+    class Watched(SmallThinK):
+        name = "think-watched-test"
+
+        def fit(self, keys, valid, queries):
+            if keys.shape[0]:
+                seen.append(queries)
+            return super().fit(keys, valid, queries)
+
+    model = tiny_llama()
+    ids = prompt(2, 20, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :15] = 0  # 5 real tokens, fewer than the window of 8
+    batch = CompressedCache(model, "full", 1.0, codec=Watched())
+    query = {}
+
+    def remember(layer, query_states, *args, **kwargs):
+        query.setdefault(layer.layer_idx, query_states)
+        return after(layer, query_states, *args, **kwargs)
+
+    after = batch.after_attention
+    batch.after_attention = remember
+    # Positions as generate() gives them, from each row's first real token: ThinK ranks channels of keys and
+    # queries after RoPE, which, unlike attention, depends on where the positions start.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = [model(ids, attention_mask=mask, position_ids=positions, cache=batch).logits[:, -1]]
+    first_layer = [queries for queries in seen if queries.shape[1] == 3][0]  # not the trial's, when it was built
+    grouped = first_layer.view(2, 2, 3, 8, 16)  # [batch, kv_heads, query heads per KV head, last 8, head_dim]
+    for head in range(2):
+        torch.testing.assert_close(grouped[0, head], query[0][0, 3 * head : 3 * head + 3, -8:], atol=0, rtol=0)
+    assert grouped[1, :, :, :3].abs().sum() == 0  # row 1's padded positions among its last 8
+    for step in range(10):  # decoding pushes the short row's entries past the window: they are pruned
+        mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
+        positions = positions[:, -1:] + 1
+        logits.append(model(torch.full((2, 1), 5 + step), attention_mask=mask, position_ids=positions,
+                            cache=batch).logits[:, -1])
+    for row, start in ((0, 0), (1, 15)):
+        alone = CompressedCache(model, "full", 1.0, codec=SmallThinK())
+        own = [model(ids[row : row + 1, start:], cache=alone).logits[:, -1]]
+        for step in range(10):
+            own.append(model(torch.full((1, 1), 5 + step), cache=alone).logits[:, -1])
+        torch.testing.assert_close(torch.stack([step[row] for step in logits]), torch.cat(own), atol=1e-4, rtol=1e-4)
+        fitted = alone.layers[3].residual.fitted["channels"]
+        assert torch.equal(batch.layers[3].residual.fitted["channels"][2 * row : 2 * row + 2], fitted)
+
+
+@torch.no_grad()
+def test_think_chooses_its_channels_with_the_prompt_even_when_nothing_is_pruned_yet():
+    model = tiny_llama()
+    cache = CompressedCache(model, "full", 1.0, codec=SmallThinK())
+    model(prompt(1, 6), cache=cache)  # shorter than the window: nothing pruned, the channels chosen all the same
+    layer = cache.layers[1]
+    chosen = layer.residual.fitted["channels"]
+    assert layer.residual.encoded.host == (0, 0) and chosen.shape == (2, 8)
+    for step in range(4):
+        model(torch.tensor([[7 + step]]), cache=cache)
+    assert layer.residual.encoded.host == (2, 2) and torch.equal(layer.residual.fitted["channels"], chosen)
+
+
+@torch.no_grad()
+def test_think_under_an_after_prefill_stage_keeps_the_prompts_channels_and_its_bytes():
+    model = tiny_llama()
+    cache = CompressedCache(model, GlobalNorm(), 0.4, codec=SmallThinK())
+    model(prompt(1, 40), cache=cache)
+    chosen = [layer.residual.fitted["channels"] for layer in cache.layers]
+    model(torch.tensor([[3]]), cache=cache)  # the stage runs before this pass, and cuts
+    assert all(torch.equal(layer.residual.fitted["channels"], before) for layer, before in zip(cache.layers, chosen))
+    stats = cache.stats()
+    assert stats.resident_bytes == stats.physical_bytes and stats.kept_entries < 41 * 16
+    plain = CompressedCache(model, GlobalNorm(), 0.4, codec=SmallKivi())
+    model(prompt(1, 40), cache=plain)
+    model(torch.tensor([[3]]), cache=plain)
+    assert cache.auxiliary_bytes() - plain.auxiliary_bytes() == 8 * 2 * 8 * 8  # the channels: 8 int64 per head

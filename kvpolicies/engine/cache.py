@@ -196,7 +196,11 @@ class CompressedCache(Cache):
             self.step = Step.of(layer.batch_size, q_len, new_valid, layer.seen, self._context(layer.batch_size))
         layer.record(self.step)
         if layer.residual is not None and layer.codec.fits and not layer.residual.fitted:
-            layer.fit_queries = query  # a fitting codec chooses its parameters with them when it first encodes
+            # A fitting codec chooses its parameters with the pass's last queries; a padded one reads as zero.
+            last = query[:, :, -(layer.codec.fit_queries or q_len):]
+            if new_valid is not None:
+                last = last * new_valid[:, None, -last.shape[2]:, None]
+            layer.fit_queries = last
         if not layer.scored:  # a window held whole: the model's own mechanism, not timed as policy work
             layer.slide()
             self.evict(layer, query, scale, module)  # evicts nothing: checks the budget affords the window

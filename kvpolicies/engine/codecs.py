@@ -103,13 +103,17 @@ class GroupedCodec(Codec):
     """Newest entries of each head never encoded (held at full precision), at least."""
     fits: ClassVar[bool] = False
     """Whether the codec chooses parameters per run (:meth:`fit`) before it encodes anything."""
+    fit_queries: ClassVar[int | None] = None
+    """How many of the pass's last queries :meth:`fit` reads (None: all of them)."""
 
     def fit(self, keys: torch.Tensor, valid: torch.Tensor, queries: torch.Tensor) -> dict[str, torch.Tensor]:
         """Parameters for each run, from its entries ``keys`` ``[runs, seq, head_dim]`` (``valid`` ``[runs, seq]``
         False on padding) and the queries of the pass that brought them, ``[runs, query_heads, q_len, head_dim]``
-        (the query heads sharing the run's KV head; a left-padded sequence's last queries are its real ones): named
-        tensors ``[runs, ...]``. Called once per layer, with the layer's working copy (what the model attends to),
-        in the pass that first encodes."""
+        (the query heads sharing the run's KV head, the last ``fit_queries`` of the pass; a padded position's query
+        is zero): named tensors ``[runs, ...]``, at least one. Called once per layer, in the first pass that holds a
+        real token of every sequence (the prompt's prefill, or its first chunk), with the layer's working copy (what
+        the model attends to); also with zero runs, when a layer is set up and when the cache is built, for the
+        parameters' shapes."""
         raise NotImplementedError
 
     def entry_bytes(self, head_dim: int, dtype: torch.dtype) -> int:
@@ -185,7 +189,7 @@ def _checked_group_bytes(codec: GroupedCodec, declared: int, head_dim: int, dtyp
     fitted = {}
     if codec.fits:  # two runs of one group each, read by their own keys as queries
         fitted = codec.fit(keys, torch.ones(keys.shape[:2], dtype=torch.bool, device=device), keys.flip(1)[:, None])
-        if not isinstance(fitted, dict) or not all(
+        if not isinstance(fitted, dict) or not fitted or not all(
                 isinstance(name, str) and isinstance(t, torch.Tensor) and t.ndim >= 1 and t.shape[0] == 2
                 for name, t in fitted.items()):
             raise fault(f"returned {type(fitted).__name__} from fit() for two runs; it must return a dict of named "

@@ -16,16 +16,16 @@ and drops it when the pass is done (:meth:`~kvpolicies.engine.storage.Compressed
 - if the pass only appended (decoding, a chunk of a prompt), the groups stay as they are: the new entries join
   the full-precision part, and the whole groups that part now holds beyond its ``residual`` newest are encoded
   and put after their run's groups (:meth:`Residual.extended`). An entry is encoded exactly once;
-- if the pass re-laid the layer (an eviction, dropped padding or window entries), every run is encoded afresh
-  from the working copy (:meth:`Residual.encoded`): entries already encoded are encoded again in their new groups,
-  as transformers' ``QuantizedCache`` re-quantizes its whole cache whenever its residual fills. Compression at
-  prefill, the common case, evicts before anything is encoded, so the kept entries are encoded once, from full
-  precision.
+- if the pass cut the layer (an eviction), each run keeps the groups that lie wholly before the first entry the
+  cut removed, and every entry after them is grouped and encoded afresh from the working copy
+  (:meth:`Residual.relaid`): those were read back from their codes, so they are quantized a second time, in
+  shifted groups. Compression at prefill, the common case, evicts before anything is encoded, so the kept entries
+  are encoded once, from full precision.
 
-A codec that ``fits`` (ThinK) chooses its parameters for every run once, when the layer first encodes anything:
-the layer passes a ``fit`` callable that reads its working copy and the pass's queries, and the parameters
-(``fitted``, ``[runs, ...]``) stay with the layer from then on; each group is encoded and decoded with its run's
-row of them.
+A codec that ``fits`` (ThinK) chooses its parameters for every run once, in the first pass that holds a real token
+of every sequence (the prompt's, or its first chunk's): the layer fits them from its working copy and the pass's
+queries (:meth:`Residual.with_fitted`), and the parameters (``fitted``, ``[runs, ...]``) stay with the layer from
+then on; each group is encoded and decoded with its run's row of them.
 
 A :class:`Residual` is never changed in place: every change builds a new one, so a state saved by an after-prefill
 probe stays valid.
@@ -118,9 +118,13 @@ class Residual:
         return dataclasses.replace(self, tails=Counts.same(keys.shape[0] // runs, runs), tail_keys=keys,
                                    tail_values=values)
 
+    def with_fitted(self, fitted: dict[str, torch.Tensor]) -> Residual:
+        """This store with a fitting codec's parameters, ``[runs, ...]``."""
+        return dataclasses.replace(self, fitted=fitted)
+
     def _fitted(self, encoding: Counts, fit: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The parameters to encode ``encoding`` entries per run with: this store's, or, for a fitting codec's first
-        encode, ``fit()``'s."""
+        """The parameters to encode ``encoding`` entries per run with: this store's, or, for a fitting codec that
+        encodes before any pass could fit it (an after-prefill stage run by hand), ``fit()``'s."""
         if self.fitted or not self.codec.fits or not any(encoding.host):
             return self.fitted
         return fit()

@@ -53,6 +53,7 @@ from kvpolicies.engine.runs import Counts
 from kvpolicies.engine.selection import age_order
 from kvpolicies.engine.signals import LogitScale, Reduce, SlidingWindow, Track, attention_received
 from kvpolicies.engine.step import Step
+from kvpolicies.errors import UsageError
 
 
 _pending = threading.local()
@@ -126,8 +127,8 @@ class CompressedLayer(CacheLayerMixin):
         """Set when this forward pass re-laid the entries (not only appended or dropped new padding): how many
         leading entries of each run it left in place, which a grouped codec keeps encoded as they were."""
         self.fit_queries: torch.Tensor | None = None
-        """This pass's queries, ``[batch, heads, q_len, head_dim]``, while a fitting codec (ThinK) may still need them
-        to choose its parameters (set by the cache, dropped when the pass settles)."""
+        """This pass's last queries, ``[batch, heads, n, head_dim]`` (zero where padded), while a fitting codec
+        (ThinK) has yet to choose its parameters (set by the cache, dropped when the pass settles)."""
         self.tracked: dict[str, torch.Tensor] = {}
         """The policy's tracks by name (:class:`~kvpolicies.engine.signals.Track`), ``[..., 1]`` float32 in the
         layer's layout; a new dict on every change, like ``codes``."""
@@ -240,6 +241,8 @@ class CompressedLayer(CacheLayerMixin):
         grouped codec first encodes what the pass brought (see :mod:`kvpolicies.engine.residual`), unless the pass
         is to be forgotten (``encode=False``: an after-prefill probe, whose state is restored after)."""
         if self.residual is not None and self.keys is not None and encode:
+            if self.fit_queries is not None and not self.residual.fitted and all(self.seen):
+                self.residual = self.residual.with_fitted(self._fit())  # the first pass with every prompt begun
             if not self.packed and any(n < self.keys.shape[2] for n in self.seen):
                 if not all(self.seen):  # a sequence with no real token yet: hold everything as computed for now
                     self.residual = self.residual.held(self.keys.reshape(-1, self.keys.shape[-1]),
@@ -264,12 +267,16 @@ class CompressedLayer(CacheLayerMixin):
     def _fit(self) -> dict[str, torch.Tensor]:
         """A fitting codec's parameters for every run, from the working copy and this pass's queries."""
         if self.fit_queries is None:
-            raise RuntimeError(f"codec {self.codec.name!r} must see the queries of the pass that first encodes a "
-                               "layer; this pass brought none (the cache sets them before the layer settles)")
+            raise UsageError(f"codec {self.codec.name!r} chooses its parameters with the queries of the first pass "
+                             "that holds a token of every sequence, and this layer must encode before any such pass "
+                             "(an after-prefill stage run by hand while a sequence had no token yet); prefill a "
+                             "token of every sequence first")
         keys, _, valid = self.dense_view(tracks=False)
-        batch, query_heads, q_len, head_dim = self.fit_queries.shape
-        grouped = self.fit_queries.reshape(batch * self.num_heads, query_heads // self.num_heads, q_len, head_dim)
-        return self.codec.fit(keys.flatten(0, 1), valid.flatten(0, 1), grouped)
+        batch, query_heads, count, head_dim = self.fit_queries.shape
+        grouped = self.fit_queries.reshape(batch * self.num_heads, query_heads // self.num_heads, count, head_dim)
+        fitted = self.codec.fit(keys.flatten(0, 1), valid.flatten(0, 1), grouped)
+        self.fit_queries = None
+        return fitted
 
     def _keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values as the attention reads them: stored, the working copy, or decoded now."""
