@@ -196,14 +196,17 @@ def register_codecs(register: RegisterCodec) -> None:
 
     A codec that encodes several consecutive entries of a head together (KIVI's keys, one scale per channel across
     a group of tokens) subclasses :class:`kvpolicies.GroupedCodec` instead, sets ``group`` (entries encoded
-    together) and ``residual`` (newest entries of each head never encoded), and implements the same three methods
-    on groups: ``encode(keys, values)`` takes ``[groups, group, head_dim]`` and returns tensors ``[groups, ...]``,
-    ``decode`` reads them back, and ``entry_bytes`` is a group's bytes over ``group``. The cache encodes each group
-    once it is older than a head's ``residual`` newest entries, keeps those at full precision, and charges them as
-    full entries under the budget. The built-in ``kivi4`` and ``kivi2`` (``kvpolicies_plugins/kivi.py``, a page
-    long) are the worked example, tried by ``tests/test_grouped_codecs.py`` with groups of 4 on a tiny model. A
-    grouped codec that sets ``fits = True`` also implements ``fit(keys, valid, queries)``: parameters for each run
-    (one sequence's entries in one KV head), chosen once from the layer's entries and the queries of the pass that
-    first encodes, and handed back to ``encode`` and ``decode`` one row per group as ``fitted``: the built-in
-    ``think`` (``kvpolicies_plugins/think.py``) chooses each head's key channels this way.
+    together) and ``residual`` (newest entries of each head left unencoded), and implements the three methods on
+    groups: ``encode(keys, values, fitted)`` takes ``[groups, group, head_dim]`` and returns tensors
+    ``[groups, ...]``, ``decode(stored, dtype, fitted)`` reads them back, and ``entry_bytes`` is a group's bytes
+    over ``group`` (``fitted`` is ``{}`` unless the codec fits, below). The cache encodes each group once it is
+    older than a head's ``residual`` newest entries, keeps those at full precision, and charges them as full
+    entries under the budget. The built-in ``kivi4`` and ``kivi2`` (module ``kvpolicies_plugins.kivi``,
+    ``plugins/kivi.py`` in the repository, a page long) are the worked example, tried by
+    ``tests/test_grouped_codecs.py`` with groups of 4 on a tiny model. A grouped codec that sets ``fits = True``
+    also implements ``fit(keys, valid, queries)``: parameters for each run (one sequence's entries in one KV
+    head), chosen once, in the first pass that holds a token of every sequence (the prompt's prefill), from the
+    layer's entries and that pass's last ``fit_queries`` queries, and handed back to ``encode`` and ``decode`` one
+    row per group as ``fitted``: the built-in ``think`` (``kvpolicies_plugins.think``) chooses each head's key
+    channels this way.
     """

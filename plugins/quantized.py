@@ -99,6 +99,7 @@ def _packed(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _unpacked(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """What :func:`_packed` packed, one code a byte again."""
     if bits == 8:
         return codes
     mask = 2**bits - 1

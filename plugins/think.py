@@ -3,7 +3,8 @@ only the key channels its queries read, chosen once from the prompt.
 
 Why channels: a key channel that the queries barely weigh adds little to any attention logit, whatever the token,
 so dropping it from every cached key costs little attention and saves its bytes in every entry. ThinK ranks a
-head's channels by how much its last queries and the prompt's keys meet in them, ``‖Q[:, c]‖ · ‖K[:, c]‖``
+head's channels by how much its last queries and the prompt's keys (those the policy kept, when it evicts at
+prefill, as kvpress orders them) meet in them, ``‖Q[:, c]‖ · ‖K[:, c]‖``
 (kvpress ranks by the product of their mean squares, the same order), and keeps the top half. The attention then reads a
 pruned key as zero in the dropped channels, which is the query restricted to the kept ones, as ThinK computes it.
 Values are kept whole. ThinK shortens entries and any eviction policy shortens the sequence: they compose (ThinK
@@ -21,8 +22,8 @@ What we depart from, and why:
   in bytes, entries that never shrink would make the cache grow past what was paid for.
 
 What an entry costs: the kept key channels and the whole value, in the model's dtype: at ``head_dim`` 64 in
-bfloat16, 192 bytes against 256. The kept channels' indices are held per layer and head, beside the entries (the
-layer's auxiliary bytes).
+bfloat16, 192 bytes against 256. The kept channels' indices are held per layer, sequence and KV head, beside the
+entries (the layer's auxiliary bytes).
 """
 
 from __future__ import annotations
@@ -45,11 +46,14 @@ class ThinK(GroupedCodec):
 
     name = "think"
     group = 1
-    residual = WINDOW
     fits = True
     window: ClassVar[int] = WINDOW
-    """Last queries of each query head that choose the channels."""
+    """Last queries of each query head that choose the channels, and newest entries of each head kept whole."""
     pruned: ClassVar[float] = PRUNED
+
+    @property
+    def residual(self) -> int:
+        return self.window
 
     @property
     def fit_queries(self) -> int:
@@ -64,7 +68,7 @@ class ThinK(GroupedCodec):
         return (self.kept_channels(head_dim) + head_dim) * torch.empty((), dtype=dtype).element_size()
 
     def fit(self, keys: torch.Tensor, valid: torch.Tensor, queries: torch.Tensor) -> dict[str, torch.Tensor]:
-        window = queries[:, :, -self.window :].float()  # padded positions are zero: they weigh nothing
+        window = queries.float()  # the last `window` of the pass; padded positions are zero: they weigh nothing
         met = window.square().sum(dim=(1, 2)).sqrt() * (keys.float().square() * valid[..., None]).sum(1).sqrt()
         kept = met.topk(self.kept_channels(keys.shape[-1]), dim=-1).indices
         return {"channels": kept.sort(dim=-1).values}  # [runs, kept], in channel order

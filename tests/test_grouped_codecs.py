@@ -305,7 +305,6 @@ class SmallThinK(ThinK):
 
     name = "think-small-test"
     window = 8
-    residual = 8
 
 
 def test_think_keeps_the_channels_where_the_last_queries_and_the_keys_meet():
@@ -577,3 +576,46 @@ def test_think_under_an_after_prefill_stage_keeps_the_prompts_channels_and_its_b
     model(prompt(1, 40), cache=plain)
     model(torch.tensor([[3]]), cache=plain)
     assert cache.auxiliary_bytes() - plain.auxiliary_bytes() == 8 * 2 * 8 * 8  # the channels: 8 int64 per head
+
+
+@torch.no_grad()
+def test_think_waits_for_every_prompt_to_begin_before_it_chooses_even_when_a_chunk_is_cut():
+    """A left-padded batch prefilled in chunks, one prompt starting in the second chunk, under a policy that cuts
+    the first chunk already: no channel is chosen from a prompt that has not begun."""
+    model = tiny_llama()
+    ids = prompt(2, 40, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :24] = 0  # row 1 starts in the second chunk of 20
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = CompressedCache(model, "snapkv", Budget(value=0.6, slack_tokens=0), codec=SmallThinK())
+    model(ids[:, :20], attention_mask=mask[:, :20], position_ids=positions[:, :20], cache=cache)
+    assert all(layer.packed and not layer.residual.fitted for layer in cache.layers)  # cut, held as computed
+    assert all(not any(layer.residual.encoded.host) for layer in cache.layers)
+    model(ids[:, 20:], attention_mask=mask, position_ids=positions[:, 20:], cache=cache)
+    assert all(layer.residual.fitted for layer in cache.layers)
+    stats = cache.stats()
+    assert stats.resident_bytes == stats.physical_bytes
+
+
+@torch.no_grad()
+def test_right_padding_after_encoded_groups_packs_the_layer_and_keeps_the_groups():
+    """lm-eval's loglikelihood continues a prefilled batch with right-padded tokens: the padding is packed away,
+    and the groups already encoded stay as they were."""
+    model = tiny_llama()
+    cache = CompressedCache(model, "full", 1.0, codec=Counting())
+    ids = prompt(2, 40)
+    model(ids, cache=cache)
+    before = [layer.residual.groups for layer in cache.layers]
+    Counting.encoded_groups = 0
+    more = torch.full((2, 6), 9)
+    mask = torch.cat([torch.ones(2, 40, dtype=torch.long), torch.tensor([[1] * 6, [1, 1, 0, 0, 0, 0]])], 1)
+    model(more, attention_mask=mask, cache=cache)
+    layer = cache.layers[0]
+    assert layer.packed and layer.lengths == [46, 46, 42, 42]
+    assert Counting.encoded_groups == 8 * 2 * 1  # row 0's one new group per head; nothing encoded again
+    for layer, groups in zip(cache.layers, before):  # 9 groups a run before; row 0's runs gained one each
+        for name, t in groups.items():
+            now = layer.residual.groups[name]
+            assert torch.equal(now[:9], t[:9]) and torch.equal(now[10:19], t[9:18]) and torch.equal(now[20:], t[18:])
+    stats = cache.stats()
+    assert stats.padding_bytes == 0 and stats.resident_bytes == stats.physical_bytes

@@ -88,19 +88,20 @@ class GroupedCodec(Codec):
     Each head keeps its newest entries at full precision, from ``residual`` up to ``residual + group - 1`` of them
     (all of a shorter run): an entry is encoded once a whole group of entries older than the ``residual`` newest
     has formed, so the recent tokens, which most queries attend to, are never quantized (KIVI's residual).
-    Eviction reads every entry decoded and regroups what it keeps: entries already encoded are encoded again in
-    their new groups (as transformers' ``QuantizedCache`` re-quantizes its whole cache when its residual fills).
+    Eviction reads every entry decoded: each run keeps the groups before its first cut entry, and the entries after
+    them are grouped and encoded again (a cut among the newest entries may leave fewer than ``residual`` in full).
 
-    A codec that ``fits`` chooses parameters for each run (one sequence's entries in one KV head) once, before it
-    encodes the run's first entries, from those entries and the queries of the pass that brought them (ThinK's key
-    channels, chosen by the prompt's last queries): see :meth:`fit`. The parameters are kept per layer and run and
+    A codec that ``fits`` chooses parameters for each run (one sequence's entries in one KV head) once, in the
+    first pass that holds a token of every sequence, from the layer's entries and that pass's last queries (ThinK's
+    key channels, chosen by the prompt's last queries): see :meth:`fit`. The parameters are kept per layer and run and
     handed to ``encode`` and ``decode`` row by row, one row per group, as ``fitted``.
     """
 
     group: ClassVar[int] = 32
     """Consecutive entries of one head encoded together."""
     residual: ClassVar[int] = 0
-    """Newest entries of each head never encoded (held at full precision), at least."""
+    """Newest entries of each head left unencoded (held at full precision): ``residual`` to ``residual + group -
+    1`` of them as entries arrive."""
     fits: ClassVar[bool] = False
     """Whether the codec chooses parameters per run (:meth:`fit`) before it encodes anything."""
     fit_queries: ClassVar[int | None] = None
@@ -112,8 +113,8 @@ class GroupedCodec(Codec):
         (the query heads sharing the run's KV head, the last ``fit_queries`` of the pass; a padded position's query
         is zero): named tensors ``[runs, ...]``, at least one. Called once per layer, in the first pass that holds a
         real token of every sequence (the prompt's prefill, or its first chunk), with the layer's working copy (what
-        the model attends to); also with zero runs, when a layer is set up and when the cache is built, for the
-        parameters' shapes."""
+        the model attends to); also with zero runs when a layer is set up (for the parameters' shapes), and with
+        two runs of one group each when the cache is built (the codec's trial)."""
         raise NotImplementedError
 
     def entry_bytes(self, head_dim: int, dtype: torch.dtype) -> int:

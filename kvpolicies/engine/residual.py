@@ -8,7 +8,8 @@ is held in two parts:
 - its oldest entries, a whole number of groups, encoded: the codec's tensors ``[groups, ...]`` of every run, one
   run after another (so group ``g`` holds the run's entries ``g·G`` to ``g·G + G - 1``);
 - its newest entries at full precision, ``[tail entries, head_dim]`` for keys and for values, run after run:
-  between ``residual`` and ``residual + group - 1`` of them (all of a shorter run).
+  between ``residual`` and ``residual + group - 1`` of them as entries arrive (all of a shorter run; fewer after
+  a cut among them, until new entries come).
 
 When. Like a per-entry codec's layer, the layer decodes what it holds into a working copy for each forward pass
 and drops it when the pass is done (:meth:`~kvpolicies.engine.storage.CompressedLayer.settle`). Then:
@@ -110,21 +111,19 @@ class Residual:
         return Residual(self.codec, after, tails, groups, take(keys, lengths, after, tails),
                         take(values, lengths, after, tails), fitted)
 
-    def held(self, keys: torch.Tensor, values: torch.Tensor) -> Residual:
-        """Every entry of ``keys`` and ``values`` (``[runs × seq, head_dim]``, a dense layer's, nothing encoded yet)
-        held as computed, for a pass that cannot encode yet (a left-padded batch whose shortest prompt has not
-        begun)."""
-        runs = len(self.tails.host)
-        return dataclasses.replace(self, tails=Counts.same(keys.shape[0] // runs, runs), tail_keys=keys,
-                                   tail_values=values)
+    def held(self, keys: torch.Tensor, values: torch.Tensor, lengths: Counts) -> Residual:
+        """Every entry of ``keys`` and ``values`` (``[sum(lengths), head_dim]``, runs of ``lengths``) held as
+        computed, for a pass that cannot encode yet: a batch whose shortest prompt has not begun (its groups and a
+        fitting codec's parameters would not be its own). Only before anything was encoded."""
+        return dataclasses.replace(self, tails=lengths, tail_keys=keys, tail_values=values)
 
     def with_fitted(self, fitted: dict[str, torch.Tensor]) -> Residual:
         """This store with a fitting codec's parameters, ``[runs, ...]``."""
         return dataclasses.replace(self, fitted=fitted)
 
     def _fitted(self, encoding: Counts, fit: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The parameters to encode ``encoding`` entries per run with: this store's, or, for a fitting codec that
-        encodes before any pass could fit it (an after-prefill stage run by hand), ``fit()``'s."""
+        """The parameters to encode ``encoding`` entries per run with: this store's, or ``fit()``'s for a fitting
+        codec that must encode before a pass fitted it (which ``fit`` refuses, naming the fix)."""
         if self.fitted or not self.codec.fits or not any(encoding.host):
             return self.fitted
         return fit()

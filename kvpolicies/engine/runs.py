@@ -11,6 +11,7 @@ back and nothing is uploaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,13 +28,16 @@ class Counts:
 
     @classmethod
     def same(cls, count: int, runs: int) -> Counts:
+        """``count`` for each of ``runs`` runs (its device tensor made only if a ragged neighbour needs it)."""
         return cls((count,) * runs)
 
     @property
     def uniform(self) -> bool:
+        """Every run has the same count: cuts and joins are views."""
         return len(set(self.host)) <= 1
 
     def on(self, device: torch.device) -> torch.Tensor:
+        """The counts on ``device``: the tensor held, or one filled with the common count (a launch, no upload)."""
         if self.device is not None:
             return self.device
         if not self.uniform:
@@ -42,9 +46,11 @@ class Counts:
         return torch.full((len(self.host),), count, dtype=torch.long, device=device)
 
     def minus(self, other: Counts) -> Counts:
+        """Run by run, this count less ``other``'s."""
         return self._combined(other, lambda a, b: a - b)
 
     def plus(self, other: Counts) -> Counts:
+        """Run by run, this count and ``other``'s."""
         return self._combined(other, lambda a, b: a + b)
 
     def whole_groups(self, group: int, leave: int) -> Counts:
@@ -54,16 +60,18 @@ class Counts:
         return Counts(host, device)
 
     def minimum(self, other: Counts) -> Counts:
+        """Run by run, the smaller of this count and ``other``'s."""
         return self._combined(other, lambda a, b: torch.minimum(a, b) if isinstance(a, torch.Tensor) else min(a, b))
 
     def times(self, factor: int) -> Counts:
+        """Each count times ``factor`` (groups to entries)."""
         return Counts(tuple(n * factor for n in self.host), None if self.device is None else self.device * factor)
 
     def over(self, group: int) -> Counts:
         """Each count divided by ``group`` (whole groups to groups)."""
         return Counts(tuple(n // group for n in self.host), None if self.device is None else self.device // group)
 
-    def _combined(self, other: Counts, op) -> Counts:
+    def _combined(self, other: Counts, op: Callable) -> Counts:
         host = tuple(op(a, b) for a, b in zip(self.host, other.host))
         if self.device is None and other.device is None:
             return Counts(host)

@@ -241,28 +241,31 @@ class CompressedLayer(CacheLayerMixin):
         grouped codec first encodes what the pass brought (see :mod:`kvpolicies.engine.residual`), unless the pass
         is to be forgotten (``encode=False``: an after-prefill probe, whose state is restored after)."""
         if self.residual is not None and self.keys is not None and encode:
-            if self.fit_queries is not None and not self.residual.fitted and all(self.seen):
+            begun = all(self.seen)  # every sequence holds a real token
+            if self.fit_queries is not None and not self.residual.fitted and begun:
                 self.residual = self.residual.with_fitted(self._fit())  # the first pass with every prompt begun
-            if not self.packed and any(n < self.keys.shape[2] for n in self.seen):
-                if not all(self.seen):  # a sequence with no real token yet: hold everything as computed for now
-                    self.residual = self.residual.held(self.keys.reshape(-1, self.keys.shape[-1]),
-                                                       self.values.reshape(-1, self.keys.shape[-1]))
-                    self.keys = self.values = self.fit_queries = None
-                    return
-                self._pack_real()  # a left-padded batch: each run's groups start at its prompt's first token
-            head_dim = self.keys.shape[-1]
-            keys, values = self.keys.reshape(-1, head_dim), self.values.reshape(-1, head_dim)
-            runs = self.batch_size * self.num_heads
-            lengths = (Counts(tuple(self.lengths), self.run_lengths) if self.packed else
-                       Counts.same(self.keys.shape[2], runs))
-            if self.intact is None:
-                self.residual = self.residual.extended(keys, values, lengths, self._fit)
+            padded = not self.packed and any(n < self.keys.shape[2] for n in self.seen)
+            unfitted = self.codec.fits and not self.residual.fitted
+            if not begun and (padded or unfitted):  # nothing can be grouped or fitted yet: hold it all as computed
+                self.residual = self.residual.held(*self._flat_working_copy())
             else:
-                self.residual = self.residual.relaid(keys, values, lengths, self.intact, self._fit)
-            self.intact = None
-        self.fit_queries = None
+                if padded:
+                    self._pack_real()  # a left-padded batch: each run's groups start at its prompt's first token
+                keys, values, lengths = self._flat_working_copy()
+                if self.intact is None:
+                    self.residual = self.residual.extended(keys, values, lengths, self._fit)
+                else:
+                    self.residual = self.residual.relaid(keys, values, lengths, self.intact, self._fit)
+        self.fit_queries = self.intact = None
         if self.codes is not None or self.residual is not None:
             self.keys = self.values = None
+
+    def _flat_working_copy(self) -> tuple[torch.Tensor, torch.Tensor, Counts]:
+        """The working copy as ``[entries, head_dim]`` keys and values, and its runs' lengths."""
+        head_dim = self.keys.shape[-1]
+        lengths = (Counts(tuple(self.lengths), self.run_lengths) if self.packed else
+                   Counts.same(self.keys.shape[2], self.batch_size * self.num_heads))
+        return self.keys.reshape(-1, head_dim), self.values.reshape(-1, head_dim), lengths
 
     def _fit(self) -> dict[str, torch.Tensor]:
         """A fitting codec's parameters for every run, from the working copy and this pass's queries."""
@@ -540,7 +543,7 @@ class CompressedLayer(CacheLayerMixin):
         keep = self.valid[:, None, :].expand(self.batch_size, self.num_heads, -1)
         self.run_lengths = keep.sum(-1).flatten()
         self.lengths = [n for n in self.seen for _ in range(self.num_heads)]
-        self.intact = Counts.same(0, len(self.lengths))
+        self.intact = self.residual.encoded  # what is encoded lies before any padding: right padding comes last
         self.uniform = len(set(self.lengths)) == 1
         self.packed, self.valid, self._slots = True, None, None
         self._select(self.tracks(), keep.flatten(), sum(self.lengths))
