@@ -619,3 +619,14 @@ def test_right_padding_after_encoded_groups_packs_the_layer_and_keeps_the_groups
             assert torch.equal(now[:9], t[:9]) and torch.equal(now[10:19], t[9:18]) and torch.equal(now[20:], t[18:])
     stats = cache.stats()
     assert stats.padding_bytes == 0 and stats.resident_bytes == stats.physical_bytes
+
+
+def test_the_step_costs_table_counts_each_policy_with_its_codec_and_the_plain_model_without():
+    from kvpolicies.experiments.step_costs import step_costs
+
+    table = step_costs(tiny_llama(), None, 96, ["snapkv"], [Budget.parse(0.25)], batches=(1, 4), steps=2,
+                       codec="kivi4")
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()[2:]]
+    assert [row[:3] for row in rows] == [["full", "-", "-"], ["snapkv + kivi4", "0.25", "16"],
+                                         ["snapkv + kivi4", "0.25", "0"]]
+    assert all(cell.endswith("/ 1.0") for cell in rows[1][3:])  # no sync beyond the model's own between cuts

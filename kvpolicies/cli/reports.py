@@ -152,16 +152,16 @@ def run_bench(args: argparse.Namespace) -> int:
         headers, results = load(args.from_json)
         print("\n".join(headers) + "\n\n" + tables(results))
         return 0
-    if args.codec != "full" and (args.step_costs or args.profile):
-        raise UsageError("--codec is measured by the timing tables; --profile and --step-costs run at full "
-                         "precision: leave --codec out, or drop --profile/--step-costs")
+    if args.codec != "full" and args.profile:
+        raise UsageError("--codec is measured by the timing tables and --step-costs; --profile runs at full "
+                         "precision: leave --codec out, or drop --profile")
     if args.step_costs:
         from kvpolicies.experiments.bench import _checked, _load
         from kvpolicies.experiments.step_costs import step_costs
 
         policies, budgets = _checked(args.policies, args.budgets)
         model, tokenizer = _load(args.model, args.device, args.dtype, args.random_model)
-        print(step_costs(model, tokenizer, args.contexts[0], policies, budgets))
+        print(step_costs(model, tokenizer, args.contexts[0], policies, budgets, codec=args.codec))
         return 0
     if args.profile:
         print(profiles(args.model, args.contexts, args.policies, args.budgets, args.decode, args.prefill_chunk,

@@ -271,9 +271,8 @@ class CompressedLayer(CacheLayerMixin):
         """A fitting codec's parameters for every run, from the working copy and this pass's queries."""
         if self.fit_queries is None:
             raise UsageError(f"codec {self.codec.name!r} chooses its parameters with the queries of the first pass "
-                             "that holds a token of every sequence, and this layer must encode before any such pass "
-                             "(an after-prefill stage run by hand while a sequence had no token yet); prefill a "
-                             "token of every sequence first")
+                             "that holds a token of every sequence, and this layer must encode in a pass that brought "
+                             "no queries; run a forward pass over a token of every sequence first")
         keys, _, valid = self.dense_view(tracks=False)
         batch, query_heads, count, head_dim = self.fit_queries.shape
         grouped = self.fit_queries.reshape(batch * self.num_heads, query_heads // self.num_heads, count, head_dim)

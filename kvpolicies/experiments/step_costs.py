@@ -20,14 +20,15 @@ from kvpolicies.experiments.device_work import DeviceWork
 
 
 @torch.no_grad()
-def count_steps(model, ids: torch.Tensor, policy: str, budget: Budget, steps: int) -> tuple[float, float, int]:
+def count_steps(model, ids: torch.Tensor, policy: str, budget: Budget, steps: int,
+                codec: str = "full") -> tuple[float, float, int]:
     """``(launches, syncs, evictions)`` per decoding step, means over ``steps`` steps after the prefill of ``ids``
-    (``[batch, tokens]``, row ``b`` left-padded by ``b * 7`` tokens)."""
+    (``[batch, tokens]``, row ``b`` left-padded by ``b * 7`` tokens), the kept entries stored with ``codec``."""
     batch, tokens = ids.shape
     mask = torch.ones_like(ids)
     for row in range(1, batch):
         mask[row, : min(row * 7, tokens - 1)] = 0
-    cache = CompressedCache(model, policy, budget)
+    cache = CompressedCache(model, policy, budget, codec=codec)
     with DeviceWork().on_device(model, ids, mask) as work:
         token = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
         work.step()
@@ -40,8 +41,10 @@ def count_steps(model, ids: torch.Tensor, policy: str, budget: Budget, steps: in
 
 
 def step_costs(model, tokenizer, tokens: int, policies: Sequence[str], budgets: Sequence[Budget],
-               batches: Sequence[int] = (1, 4, 16), steps: int = 8, tablefmt: str = "github") -> str:
-    """The table: one row per policy × budget × slack, launches and syncs per step at each batch size."""
+               batches: Sequence[int] = (1, 4, 16), steps: int = 8, tablefmt: str = "github",
+               codec: str = "full") -> str:
+    """The table: one row per policy × budget × slack, launches and syncs per step at each batch size; the
+    policies store their entries with ``codec`` (the full cache, the plain model's own work, never does)."""
     from tabulate import tabulate
 
     from kvpolicies.experiments.bench import _reference, prompt_ids, reference_first
@@ -51,12 +54,14 @@ def step_costs(model, tokenizer, tokens: int, policies: Sequence[str], budgets: 
     rows = []
     for name, budget in reference_first(policies, budgets):
         for slack in (None,) if name == reference else (budget.slack_tokens, 0):
-            row = [name, "-", "-"] if slack is None else [name, str(budget), str(slack)]
+            label = name if slack is None or codec == "full" else f"{name} + {codec}"
+            row = [label, "-", "-"] if slack is None else [label, str(budget), str(slack)]
             for batch in batches:
                 try:
                     launches, syncs, cuts = count_steps(
                         model, prompt.expand(batch, -1).clone(), name,
-                        budget if slack is None else budget.model_copy(update={"slack_tokens": slack}), steps)
+                        budget if slack is None else budget.model_copy(update={"slack_tokens": slack}), steps,
+                        codec="full" if slack is None else codec)
                 except BudgetError as error:
                     row.append(f"skipped: {error}")
                     continue
