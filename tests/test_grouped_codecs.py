@@ -59,6 +59,26 @@ def prompt(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def assert_batch_equals_each_prompt_alone(model, build, steps: int = 4) -> CompressedCache:
+    """Decode two 40-token prompts as a batch, the second left-padded by 9, and each alone in a cache from
+    ``build()``; every step's logits must agree row by row. Returns the batch's cache."""
+    ids = prompt(2, 40, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    batch = build()
+    logits = [model(ids, attention_mask=mask, cache=batch).logits[:, -1]]
+    for step in range(steps):
+        mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
+        logits.append(model(torch.full((2, 1), 5 + step), attention_mask=mask, cache=batch).logits[:, -1])
+    for row, start in ((0, 0), (1, 9)):
+        alone = build()
+        own = [model(ids[row : row + 1, start:], cache=alone).logits[:, -1]]
+        for step in range(steps):
+            own.append(model(torch.full((1, 1), 5 + step), cache=alone).logits[:, -1])
+        torch.testing.assert_close(torch.stack([step[row] for step in logits]), torch.cat(own), atol=1e-4, rtol=1e-4)
+    return batch
+
+
 def test_runs_are_cut_and_joined_run_by_run_ragged_or_not():
     def counts(*n):
         return Counts(n, torch.tensor(n))
@@ -227,20 +247,7 @@ def test_more_bits_stay_closer_to_the_models_own_logits_and_a_left_padded_batch_
         errors[codec.bits] = float((model(nxt, cache=cache).logits[:, -1] - plain).abs().max())
     assert 0 < errors[4] < errors[2] < float(plain.abs().max())
 
-    batch_ids = prompt(2, 40, seed=3)
-    mask = torch.ones_like(batch_ids)
-    mask[1, :9] = 0
-    batch = CompressedCache(model, "snapkv", 0.4, codec=SmallKivi8())
-    logits = [model(batch_ids, attention_mask=mask, cache=batch).logits[:, -1]]
-    for step in range(4):
-        mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
-        logits.append(model(torch.full((2, 1), 5 + step), attention_mask=mask, cache=batch).logits[:, -1])
-    for row, start in ((0, 0), (1, 9)):
-        alone = CompressedCache(model, "snapkv", 0.4, codec=SmallKivi8())
-        own = [model(batch_ids[row : row + 1, start:], cache=alone).logits[:, -1]]
-        for step in range(4):
-            own.append(model(torch.full((1, 1), 5 + step), cache=alone).logits[:, -1])
-        torch.testing.assert_close(torch.stack([step[row] for step in logits]), torch.cat(own), atol=1e-4, rtol=1e-4)
+    assert_batch_equals_each_prompt_alone(model, lambda: CompressedCache(model, "snapkv", 0.4, codec=SmallKivi8()))
 
 
 @torch.no_grad()
@@ -402,26 +409,10 @@ def test_a_left_padded_batch_groups_each_prompt_from_its_first_token_as_alone(po
     """KIVI alone (the full policy never evicts) and a stage that chooses later: the padding must not enter the
     groups, or a padded row's groups would start elsewhere than the prompt's alone."""
     model = tiny_llama()
-    ids = prompt(2, 40, seed=3)
-    mask = torch.ones_like(ids)
-    mask[1, :9] = 0
-
-    def build():
-        return CompressedCache(model, GlobalNorm() if policy == "stage" else "full", 0.4, codec=SmallKivi8())
-
-    batch = build()
-    logits = [model(ids, attention_mask=mask, cache=batch).logits[:, -1]]
-    for step in range(4):
-        mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
-        logits.append(model(torch.full((2, 1), 5 + step), attention_mask=mask, cache=batch).logits[:, -1])
+    batch = assert_batch_equals_each_prompt_alone(model, lambda: CompressedCache(
+        model, GlobalNorm() if policy == "stage" else "full", 0.4, codec=SmallKivi8()))
     assert all(layer.packed for layer in batch.layers)  # packed to the real entries before anything was encoded
     assert batch.stats().padding_bytes == 0
-    for row, start in ((0, 0), (1, 9)):
-        alone = build()
-        own = [model(ids[row : row + 1, start:], cache=alone).logits[:, -1]]
-        for step in range(4):
-            own.append(model(torch.full((1, 1), 5 + step), cache=alone).logits[:, -1])
-        torch.testing.assert_close(torch.stack([step[row] for step in logits]), torch.cat(own), atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()
