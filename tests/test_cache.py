@@ -180,11 +180,24 @@ def test_ragged_decode_matches_explicit_per_head_attention(tiny_model):
     torch.testing.assert_close(captured["out"][0, -1], want[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("policy", ["headkv", "h2o"])
+def test_blocks_are_a_sequences_consecutive_heads_of_one_length():
+    from kvpolicies.engine.attention import blocks
+
+    # Three KV heads per sequence; runs in storage order. Equal lengths across two sequences stay two blocks.
+    lengths = [5, 5, 3, 3, 4, 4, 2, 7, 7]
+    assert list(blocks(lengths, 3)) == [
+        (0, 0, 2, 5, 0), (0, 2, 1, 3, 10),
+        (1, 0, 1, 3, 13), (1, 1, 2, 4, 16),
+        (2, 0, 1, 2, 24), (2, 1, 2, 7, 26),
+    ]
+    assert list(blocks([6] * 6, 3)) == [(0, 0, 3, 6, 0), (1, 0, 3, 6, 18)]
+
+
+@pytest.mark.parametrize("policy", ["headkv", "h2o", "snapkv"])
 def test_ragged_layers_attend_alike_run_by_run_and_in_one_padded_call(tiny_model, policy):
-    """A CPU reads ragged runs one by one; a GPU (``shaped_for_gpu``) in one call over a padded copy. Both must give
-    the same logits, through a chunked prefill of a left-padded batch (new tokens with padding among them) and
-    decoding steps that evict (slack 0)."""
+    """A CPU reads ragged runs a block at a time (a uniform policy's padded batch: one block per sequence); a GPU
+    (``shaped_for_gpu``) in one call over a padded copy. Both must give the same logits, through a chunked prefill of
+    a left-padded batch (new tokens with padding among them) and decoding steps that evict (slack 0)."""
     from kvpolicies.engine.paths import shaped_for_gpu
 
     ids = torch.randint(3, 128, (3, 48), generator=torch.Generator().manual_seed(5))

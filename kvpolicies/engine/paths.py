@@ -3,7 +3,8 @@
 Why two paths: on a GPU a kernel launch costs microseconds and a small-batch decoding step is made of launches, so
 the attention over ragged runs (per-head budgets, a padded batch) is one call over a padded copy of the layer,
 whatever the batch and head count. On a CPU a call costs little and copying a layer's keys and values every step
-costs more than calling once per run (measured in docs/performance.md), so runs are read in place, one by one.
+costs more than calling once per run (measured in docs/performance.md), so runs are read in place, a block of
+runs of one length at a time.
 Both paths compute the same attention; tests run both.
 """
 
