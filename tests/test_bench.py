@@ -87,6 +87,19 @@ def test_profile_splits_prefill_and_decode_and_names_the_operators(tiny_model):
         assert 1 <= sum(line.strip().startswith("aten::") for line in part.splitlines()) <= 5  # the top `rows` operators
 
 
+def test_profile_of_a_codec_runs_the_codec(tiny_model):
+    from kvpolicies.engine.budget import Budget
+    from kvpolicies.experiments.bench import profile
+
+    ids = torch.randint(3, 100, (1, 64))
+    operators = {codec: profile(tiny_model, ids, "keydiff", Budget.parse(0.5), decode_tokens=2, rows=500, codec=codec)
+                 for codec in ("full", "int4")}
+    assert "keydiff + int4 @ 0.5" in operators["int4"]
+    # int4 packs two codes a byte: shifts that nothing at full precision runs
+    assert "aten::__lshift__" in operators["int4"]
+    assert "aten::__lshift__" not in operators["full"]
+
+
 def test_bench_command_profiles_instead_of_timing(tiny_pretrained, capsys):
     from kvpolicies.cli import main
 
@@ -94,6 +107,19 @@ def test_bench_command_profiles_instead_of_timing(tiny_pretrained, capsys):
                  "--budgets", "0.5", "--decode", "2", "--profile"]) == 0
     out = capsys.readouterr().out
     assert "full @ 1, 48 tokens: prefill" in out and "keydiff @ 0.5, 48 tokens: 2 decoding steps" in out
+
+
+def test_bench_profiles_a_codec_the_reference_at_full_precision(tiny_pretrained, capsys):
+    """``--profile --codec int4``: the policy's run is named with its codec, the full cache stays the
+    full-precision reference."""
+    from kvpolicies.cli import main
+
+    assert main(["bench", "--model", tiny_pretrained, "--contexts", "48", "--policies", "keydiff",
+                 "--budgets", "0.5", "--decode", "2", "--profile", "--codec", "int4"]) == 0
+    out = capsys.readouterr().out
+    reference, policy = out.split("keydiff + int4 @ 0.5, 48 tokens: prefill")
+    assert "full @ 1, 48 tokens: prefill" in reference and "+ int4" not in reference
+    assert "keydiff + int4 @ 0.5, 48 tokens: 2 decoding steps" in policy
 
 
 def test_saved_runs_of_several_contexts_render_as_one_set_with_a_scaling_summary(tiny_model, tmp_path, capsys):

@@ -152,9 +152,6 @@ def run_bench(args: argparse.Namespace) -> int:
         headers, results = load(args.from_json)
         print("\n".join(headers) + "\n\n" + tables(results))
         return 0
-    if args.codec != "full" and args.profile:
-        raise UsageError("--codec is measured by the timing tables and --step-costs; --profile runs at full "
-                         "precision: leave --codec out, or drop --profile")
     if args.step_costs:
         from kvpolicies.experiments.bench import _checked, _load
         from kvpolicies.experiments.step_costs import step_costs
@@ -165,7 +162,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     if args.profile:
         print(profiles(args.model, args.contexts, args.policies, args.budgets, args.decode, args.prefill_chunk,
-                       args.device, args.dtype, args.random_model))
+                       args.device, args.dtype, args.random_model, codec=args.codec))
         return 0
     header, results = benchmark(
         args.model, args.contexts, args.policies, args.budgets, args.decode, args.repeats, args.prefill_chunk,

@@ -146,11 +146,12 @@ def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
 
 @torch.no_grad()
 def profile(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens: int,
-            prefill_chunk: int | None = None, rows: int = 12) -> str:
+            prefill_chunk: int | None = None, rows: int = 12, codec: str = "full") -> str:
     """Where one run's time goes: the operators with the most self time, prefill and decode profiled apart.
 
     The benchmark says how fast; this says why, e.g. whether a slow decode is the model's linear layers, the
-    attention over the kept entries, or the policy's own re-scoring (its tensor ops show up under their names).
+    attention over the kept entries, the policy's own re-scoring (its tensor ops show up under their names), or a
+    storage codec's encoding and decoding (``codec``).
     """
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -158,8 +159,8 @@ def profile(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
     cuda = model.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    measure(model, ids, policy, budget, 2, prefill_chunk)  # warm-up outside the profile
-    cache = CompressedCache(model, policy, budget)
+    measure(model, ids, policy, budget, 2, prefill_chunk, codec=codec)  # warm-up outside the profile
+    cache = CompressedCache(model, policy, budget, codec=codec)
     chunk = prefill_chunk or ids.shape[1]
     with torch_profile(activities=activities) as prefill:
         for start in range(0, ids.shape[1], chunk):
@@ -168,7 +169,7 @@ def profile(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
     with torch_profile(activities=activities) as decode:
         for _ in range(decode_tokens):
             token = model(token, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
-    title = f"{policy} @ {budget}, {ids.shape[1]} tokens"
+    title = f"{policy if codec == 'full' else f'{policy} + {codec}'} @ {budget}, {ids.shape[1]} tokens"
     return (f"{title}: prefill\n{prefill.key_averages().table(sort_by=sort, row_limit=rows)}\n"
             f"{title}: {decode_tokens} decoding steps\n{decode.key_averages().table(sort_by=sort, row_limit=rows)}")
 
@@ -339,17 +340,22 @@ def benchmark(model_name: str | None = None, contexts: Sequence[int] = (2048,), 
 def profiles(model_name: str | None = None, contexts: Sequence[int] = (2048,), policies: Sequence[str] | None = None,
              budgets: Sequence[str | float] = ("0.25",), decode_tokens: int = 32, prefill_chunk: int | None = None,
              device: str | None = None, dtype: str | None = None, random_model: str | None = None,
-             rows: int = 12) -> str:
-    """``profile`` of the full cache and every policy × budget at every context, as one text."""
+             rows: int = 12, codec: str = "full") -> str:
+    """``profile`` of the full cache (at full precision, the reference) and every policy × budget (storing its
+    entries with ``codec``) at every context, as one text."""
+    from kvpolicies.registry import get_codec
+
     policies, budgets = _checked(policies, budgets)
+    get_codec(codec)  # an unknown name fails before the model loads
     model, tokenizer = _load(model_name, device, dtype, random_model)
     out = []
     for tokens in contexts:
         ids = prompt_ids(tokenizer, tokens, model.device, model.config.vocab_size)
         grid = reference_first(policies, budgets)
-        for name, budget in grid:
+        for i, (name, budget) in enumerate(grid):
             try:
-                out.append(profile(model, ids, name, budget, decode_tokens, prefill_chunk, rows))
+                out.append(profile(model, ids, name, budget, decode_tokens, prefill_chunk, rows,
+                                   codec if i > 0 else "full"))
             except BudgetError as error:
                 out.append(f"{name} @ {budget}, {tokens} tokens: skipped: {error}")
     return "\n\n".join(out)
