@@ -621,3 +621,21 @@ def test_the_step_costs_table_counts_each_policy_with_its_codec_and_the_plain_mo
     assert [row[:3] for row in rows] == [["full", "-", "-"], ["snapkv + kivi4", "0.25", "16"],
                                          ["snapkv + kivi4", "0.25", "0"]]
     assert all(cell.endswith("/ 1.0") for cell in rows[1][3:])  # no sync beyond the model's own between cuts
+
+
+@torch.no_grad()
+def test_a_question_held_at_full_precision_is_not_counted_as_context():
+    """The question's entries are each run's newest, which a grouped codec holds whole: the context's bytes are what
+    is resident less the question's at full precision, not a share of the resident bytes by entry count."""
+    from kvpolicies.integrations.lm_eval import kv_memory_record
+
+    model = tiny_llama()
+    cache = CompressedCache(model, "snapkv", 0.5, codec=SmallKivi())
+    cache.context_lengths = [37]  # the last 3 tokens are the question: within the residual of 4 to 7 entries
+    model(prompt(1, 40), cache=cache)
+    (stats,) = cache.sequence_stats()
+    question = stats.appended_entries
+    assert question == 3 * cache.shape.cells
+    assert stats.context_bytes == stats.physical_bytes - question * FULL_ENTRY
+    assert stats.context_bytes < stats.physical_bytes * (stats.kept_entries - question) // stats.kept_entries
+    assert kv_memory_record([stats])["context_bytes_peak"] == stats.context_bytes

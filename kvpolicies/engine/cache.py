@@ -55,6 +55,9 @@ class CacheStats:
     appended_entries: int = 0
     """Of ``kept_entries``, those after the context (see ``CompressedCache.context_lengths``): kept whole and not
     charged to the budget. The context's own entries are ``kept_entries - appended_entries``."""
+    appended_bytes: int | None = None
+    """What the appended entries take as stored: they are a run's newest, which a grouped codec holds at full
+    precision, so they may cost more than an average entry. None: at the average price."""
     auxiliary_bytes: int = 0
     """Bytes the policy holds besides keys and values (query buffers, attention tracks, a dense layer's padding
     mask); a sequence's share of its batch's in ``sequence_stats``."""
@@ -62,6 +65,13 @@ class CacheStats:
     @property
     def kept_fraction(self) -> float:
         return self.kept_entries / self.full_entries if self.full_entries else 1.0
+
+    @property
+    def context_bytes(self) -> int:
+        """What the context's own entries take: the resident bytes less the appended entries'."""
+        if self.appended_bytes is not None:
+            return self.resident_bytes - self.appended_bytes
+        return self.resident_bytes * (self.kept_entries - self.appended_entries) // max(self.kept_entries, 1)
 
 
 def split_context(valid: torch.Tensor, appended: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -615,6 +625,7 @@ class CompressedCache(Cache):
             padding_bytes=max(resident - physical, 0),
             physical_bytes=physical,
             appended_entries=sum(stats.appended_entries for stats in per_sequence),
+            appended_bytes=sum(stats.appended_bytes for stats in per_sequence),
             auxiliary_bytes=self.auxiliary_bytes(),
         )
 
@@ -624,17 +635,22 @@ class CompressedCache(Cache):
         if not self.layers[0].is_initialized:
             return []
         kept = self.kept_per_head().sum(dim=(0, 2)).tolist()
+        seen_tokens = self.layers[0].seen
+        afters = self.appended(seen_tokens)
         in_full = [sum(counts) for counts in zip(*(layer.full_precision_counts() for layer in self.layers))]
+        appended_in_full = [sum(counts) for counts in
+                            zip(*(layer.full_precision_counts(newest=afters) for layer in self.layers))]
         extra = self.shape.entry_bytes - self.shape.kept_entry_bytes  # a full-precision entry's cost beyond the price
         stats = []
-        seen_tokens = self.layers[0].seen
         auxiliary = self.auxiliary_bytes() // len(seen_tokens)  # buffers and tracks are per batch: an even share
-        for seen, entries, full_precision, after in zip(seen_tokens, kept, in_full, self.appended(seen_tokens)):
+        for seen, entries, full_precision, after, after_in_full in zip(seen_tokens, kept, in_full, afters,
+                                                                      appended_in_full):
             full = self.shape.full_entries(seen)  # the model's own cache: sliding layers hold their window
             appended = self.shape.full_entries(after) if after else 0  # every layer holds them (windows: the last)
             physical = int(entries) * self.shape.kept_entry_bytes + full_precision * extra
             stats.append(CacheStats(kept_entries=int(entries), full_entries=full,
                                     resident_bytes=physical, physical_bytes=physical,
                                     full_bytes=full * self.shape.entry_bytes, appended_entries=appended,
+                                    appended_bytes=appended * self.shape.kept_entry_bytes + after_in_full * extra,
                                     auxiliary_bytes=auxiliary))
         return stats

@@ -577,13 +577,15 @@ class CompressedLayer(CacheLayerMixin):
             return held_bytes(*self.residual.tensors())
         return held_bytes(self.keys, self.values)
 
-    def full_precision_counts(self) -> list[int]:
+    def full_precision_counts(self, newest: list[int] | None = None) -> list[int]:
         """Real entries per sequence a grouped codec holds at full precision (its runs' newest; none with any other
-        codec): what they cost beyond the codec's price per entry is charged apart (``CacheShape``)."""
+        codec): what they cost beyond the codec's price per entry is charged apart (``CacheShape``). With
+        ``newest``, only those among each run's ``newest[sequence]`` newest entries."""
         if self.residual is None or not self.is_initialized:
             return [0] * len(self.seen)
         tails = self.residual.tails.host
-        return [sum(min(tails[b * self.num_heads + h], held) for h, held in enumerate(real))
+        bound = newest if newest is not None else [self.logical_length] * len(self.seen)  # a run holds no more
+        return [sum(min(tails[b * self.num_heads + h], held, bound[b]) for h, held in enumerate(real))
                 for b, real in enumerate(self.counts())]
 
     def auxiliary_bytes(self) -> int:

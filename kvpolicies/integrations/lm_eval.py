@@ -319,7 +319,7 @@ def kv_memory_record(sequences: Sequence[CacheStats], padding_bytes: int = 0) ->
         return {"sequences": 0}
     resident = [s.resident_bytes for s in sequences]
     full = [s.full_bytes for s in sequences]
-    context = [s.resident_bytes * (s.kept_entries - s.appended_entries) // max(s.kept_entries, 1) for s in sequences]
+    context = [s.context_bytes for s in sequences]
     auxiliary = [s.auxiliary_bytes for s in sequences]
     return {
         "sequences": len(sequences),
