@@ -426,11 +426,14 @@ WINDOWED = ["gemma2", "gemma3", "mistral-sliding-window"]
 @torch.no_grad()
 @pytest.mark.parametrize("architecture", WINDOWED)
 @pytest.mark.parametrize("gpu_shaped", [False, True])
-def test_packed_windows_decode_each_prompt_of_a_padded_batch_as_the_model_does_alone(architecture, gpu_shaped):
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_packed_windows_decode_each_prompt_of_a_padded_batch_as_the_model_does_alone(architecture, gpu_shaped,
+                                                                                     chunk):
     """A left-padded batch packs every layer at prefill, windows included, and decoding then slides the packed
     windows by their entries' positions: at a budget that keeps what the model keeps, each row's logits at every
     step are the model's own for that prompt alone (run by run on a CPU, one padded call shaped for a GPU). The
-    short row's windows hold fewer entries than the long one's for its first steps: the runs are ragged."""
+    short row's windows hold fewer entries than the long one's for its first steps: the runs are ragged. ``chunk``
+    tokens a forward: several new tokens see each other causally and the window by position at once."""
     from kvpolicies.engine.paths import shaped_for_gpu
 
     model = build(ARCHITECTURES[architecture])
@@ -439,22 +442,24 @@ def test_packed_windows_decode_each_prompt_of_a_padded_batch_as_the_model_does_a
     second = torch.randint(3, COMMON["vocab_size"], (1, 4), generator=generator)  # 4 < W - 1: a short window
     batch = torch.cat([first, torch.cat([torch.zeros(1, 26, dtype=torch.long), second], 1)])
     mask = torch.cat([torch.ones(1, 30), torch.cat([torch.zeros(1, 26), torch.ones(1, 4)], 1)]).long()
-    steps = torch.randint(3, COMMON["vocab_size"], (2, 2 * WINDOW), generator=generator)  # past the window twice
+    length = -(-2 * WINDOW // chunk) * chunk  # past the window twice, in whole chunks
+    steps = torch.randint(3, COMMON["vocab_size"], (2, length), generator=generator)
     cache = CompressedCache(model, kvpolicies.get_policy("snapkv"), Budget(value=1.0, slack_tokens=3))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with shaped_for_gpu() if gpu_shaped else contextlib.nullcontext():
         got = [model(batch, attention_mask=mask, position_ids=positions, cache=cache).logits[:, -1]]
         assert all(layer.packed for layer in cache.layers)
         assert all(not cache.layers[index].uniform for index in cache.shape.sliding_layers)  # 7 and 4 entries
-        for step in range(steps.shape[1]):
-            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-            got.append(model(steps[:, step : step + 1], attention_mask=mask, position_ids=positions[:, -1:] + step + 1,
-                             cache=cache).logits[:, -1])
+        for step in range(0, steps.shape[1], chunk):
+            mask = torch.cat([mask, torch.ones(2, chunk, dtype=torch.long)], 1)
+            at = positions[:, -1:] + step + 1 + torch.arange(chunk)
+            got.append(model(steps[:, step : step + chunk], attention_mask=mask, position_ids=at,
+                             cache=cache).logits[:, -chunk:])
     for row, ids in enumerate((first, second)):
         own = DynamicCache(config=model.config)
         want = [model(ids, cache=own).logits[:, -1]]
-        for step in range(steps.shape[1]):
-            want.append(model(steps[row : row + 1, step : step + 1], cache=own).logits[:, -1])
+        for step in range(0, steps.shape[1], chunk):
+            want.append(model(steps[row : row + 1, step : step + chunk], cache=own).logits[:, -chunk:])
         for got_step, want_step in zip(got, want):
             torch.testing.assert_close(got_step[row : row + 1], want_step, atol=1e-5, rtol=1e-5)
     for index in cache.shape.sliding_layers:  # what slid out is held only until the next eviction: the slack

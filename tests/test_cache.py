@@ -180,6 +180,18 @@ def test_ragged_decode_matches_explicit_per_head_attention(tiny_model):
     torch.testing.assert_close(captured["out"][0, -1], want[0], atol=1e-5, rtol=0)
 
 
+def test_a_ragged_decoding_step_carries_gradients(tiny_model):
+    """Outside ``no_grad`` (a model's weights require gradients by default) a decoding step over ragged runs builds
+    the graph like any other forward: the lone-run path writes no ``out=`` that autograd refuses."""
+    cache = CompressedCache(tiny_model, HeadSkewed(), 0.5)
+    with torch.no_grad():
+        tiny_model(torch.randint(3, 128, (1, 40)), cache=cache)
+    assert any(layer.packed and not layer.uniform for layer in cache.layers)
+    embeds = tiny_model.get_input_embeddings()(torch.tensor([[5]])).detach().requires_grad_()
+    tiny_model(inputs_embeds=embeds, cache=cache).logits.sum().backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0 and embeds.grad.isfinite().all()
+
+
 def test_blocks_are_a_sequences_consecutive_heads_of_one_length():
     from kvpolicies.engine.attention import blocks
 

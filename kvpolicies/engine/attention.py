@@ -174,10 +174,8 @@ def run_by_run(rows: torch.Tensor, layer: CompressedLayer, new_visible: torch.Te
 
     A block is a sequence's consecutive KV heads holding one length (a padded batch under a uniform policy: one
     block per sequence), viewed as ``[1, heads, length, dim]`` for free and read in one SDPA call, as a layer of
-    that sequence alone would be. A lone run decoding one token takes the eager computation in 2-D products
-    (:func:`decode_alone`): SDPA gives a lone head one CPU thread. On the embedded model at 4k (whole decoding steps,
-    medians of 5 processes), blocks took SnapKV in a left-padded batch of 4 from 108.5 to 96.4 ms a step, and the
-    eager form HeadKV's batch of 4 from 115.6 to 111.9 ms (batch 1: 53.7 and 53.2 ms, within noise). Runs see all
+    that sequence alone would be. A lone run decoding one token in float32 takes two 2-D products
+    (:func:`decode_alone`): SDPA gives a lone head one CPU thread (measured in docs/performance.md). Runs see all
     their old entries and, among their newest ``q_len``, what ``new_visible`` allows."""
     q_len = rows.shape[2] // groups
     out = torch.empty_like(rows)
@@ -193,8 +191,8 @@ def run_by_run(rows: torch.Tensor, layer: CompressedLayer, new_visible: torch.Te
             positions = layer.positions[start : start + count * length].view(shape[:-1])
             sees = layer.window_view(positions, q_len).visible(0, q_len, length)
             mask = sees if mask is None else mask & sees
-        if count == 1 and q_len == 1 and not dropout:
-            decode_alone(rows[sequence, head], keys[0, 0], values[0, 0], mask, scale, out[sequence, head])
+        if count == 1 and q_len == 1 and not dropout and rows.dtype == torch.float32:
+            out[sequence, head] = decode_alone(rows[sequence, head], keys[0, 0], values[0, 0], mask, scale)
             continue
         if mask is not None and groups > 1:
             mask = mask.repeat(1, 1, groups, 1)  # rows are (group, query)
@@ -206,14 +204,15 @@ def run_by_run(rows: torch.Tensor, layer: CompressedLayer, new_visible: torch.Te
 
 
 def decode_alone(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                 scale: LogitScale, out: torch.Tensor) -> None:
-    """One run's attention for one decoding token, into ``out``: the ``[groups, head_dim]`` query heads sharing the
-    run's ``[length, head_dim]`` keys and values; ``mask`` (broadcast to ``[groups, length]``) hides entries. The
-    eager computation (logits in the inputs' dtype, softmax in float32), in 2-D products."""
+                 scale: LogitScale) -> torch.Tensor:
+    """One run's attention for one decoding token, ``[groups, head_dim]``: the query heads sharing the run's
+    ``[length, head_dim]`` keys and values; ``mask`` (broadcast to ``[groups, length]``) hides entries. The eager
+    computation in 2-D products; float32 only, where it and SDPA agree to rounding (in bfloat16 SDPA keeps the
+    logits in float32, the eager form would not), so a head computes alike alone or in a block."""
     logits = scale.apply_(torch.mm(queries, keys.T))
     if mask is not None:
         logits.masked_fill_(~mask.reshape(-1, keys.shape[0]), float("-inf"))
-    torch.mm(logits.softmax(dim=-1, dtype=torch.float32).to(queries.dtype), values, out=out)
+    return torch.mm(logits.softmax(dim=-1), values)
 
 
 def blocks(lengths: list[int], heads: int) -> Iterator[tuple[int, int, int, int, int]]:

@@ -1,4 +1,4 @@
-"""Which way a device wants the ragged layers run: one call over a padded copy, or one call per run.
+"""Which way a device wants the ragged layers run: one call over a padded copy, or calls over runs in place.
 
 Why two paths: on a GPU a kernel launch costs microseconds and a small-batch decoding step is made of launches, so
 the attention over ragged runs (per-head budgets, a padded batch) is one call over a padded copy of the layer,
