@@ -77,13 +77,16 @@ def quantize(x: torch.Tensor, bits: int, groups: int) -> tuple[torch.Tensor, tor
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """What :func:`quantize` returned, read back as ``[..., n]`` in ``dtype``."""
+    """What :func:`quantize` returned, read back as ``[..., n]`` in ``dtype``.
+
+    Computed in float32 in one buffer, in place: a whole layer is read back every forward pass, so each float32
+    temporary is twice the bfloat16 working copy (``x * scale + low`` and a clamp made three of them)."""
     groups = scales.shape[-1] // 2
-    grouped = _unpacked(codes, bits).float().unflatten(-1, (groups, -1))
+    values = _unpacked(codes, bits).float().unflatten(-1, (groups, -1))
     scale, low = scales.float().unflatten(-1, (groups, 2)).unbind(-1)
-    values = (grouped * scale[..., None] + low[..., None]).flatten(-2)
+    values = values.mul_(scale[..., None]).add_(low[..., None]).flatten(-2)
     if dtype.is_floating_point:  # half a step past float16's largest value would be inf in float16
-        values = values.clamp(torch.finfo(dtype).min, torch.finfo(dtype).max)
+        values = values.clamp_(torch.finfo(dtype).min, torch.finfo(dtype).max)
     return values.to(dtype)
 
 

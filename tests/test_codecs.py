@@ -362,3 +362,22 @@ def test_codes_and_the_working_copy_hold_the_same_entries_through_eviction_and_p
                 mask = torch.cat([mask, mask.new_ones(3, 1)], 1)
                 model(torch.full((3, 1), 5 + step), attention_mask=mask, cache=cache)
     assert any(checked)  # ragged packed layers were compared
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_reading_codes_back_in_one_buffer_gives_the_plain_formula_bit_for_bit(bits):
+    """``dequantize`` works in place to hold one float32 buffer, not three: the same values as ``codes · scale +
+    minimum`` clamped to the dtype, and the stored codes untouched."""
+    from kvpolicies_plugins.quantized import _unpacked, dequantize, quantize
+
+    x = torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(3)) * 10
+    x[0, 0, :4] = 7e4  # beyond float16's largest value: clamped
+    codes, scales = quantize(x, bits, 2)
+    stored = codes.clone(), scales.clone()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        grouped = _unpacked(codes, bits).float().unflatten(-1, (2, -1))
+        scale, low = scales.float().unflatten(-1, (2, 2)).unbind(-1)
+        plain = (grouped * scale[..., None] + low[..., None]).flatten(-2)
+        want = plain.clamp(torch.finfo(dtype).min, torch.finfo(dtype).max).to(dtype)
+        assert torch.equal(dequantize(codes, scales, bits, dtype), want)
+    assert torch.equal(codes, stored[0]) and torch.equal(scales, stored[1])
