@@ -74,6 +74,11 @@ class Measurement:
         return asdict(self) | {"decode_tokens_per_s": self.decode_tokens_per_s}
 
 
+def stored_as(policy: str, codec: str) -> str:
+    """A policy's name as the tables show it: with its storage codec when that is not full precision."""
+    return policy if codec == "full" else f"{policy} + {codec}"
+
+
 def prompt_ids(tokenizer, tokens: int, device: torch.device, vocab_size: int = 32000) -> torch.Tensor:
     """``[1, tokens]`` ids of a passkey prompt, or seeded random ids without a tokenizer (random-weight models):
     the content does not change the cost."""
@@ -133,7 +138,7 @@ def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
     stats = cache.stats()
     steps = max(decode_tokens, 1)
     return Measurement(
-        policy=policy if codec == "full" else f"{policy} + {codec}", budget=str(budget), context_tokens=ids.shape[1],
+        policy=stored_as(policy, codec), budget=str(budget), context_tokens=ids.shape[1],
         prefill_s=prefilled - started, ttft_s=first_token - started,
         decode_ms_per_token=(decoded - decoding) * 1000 / steps,
         policy_prefill_s=policy_prefill, policy_decode_ms_per_token=cache.policy_time.seconds * 1000 / steps,
@@ -169,7 +174,7 @@ def profile(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
     with torch_profile(activities=activities) as decode:
         for _ in range(decode_tokens):
             token = model(token, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
-    title = f"{policy if codec == 'full' else f'{policy} + {codec}'} @ {budget}, {ids.shape[1]} tokens"
+    title = f"{stored_as(policy, codec)} @ {budget}, {ids.shape[1]} tokens"
     return (f"{title}: prefill\n{prefill.key_averages().table(sort_by=sort, row_limit=rows)}\n"
             f"{title}: {decode_tokens} decoding steps\n{decode.key_averages().table(sort_by=sort, row_limit=rows)}")
 

@@ -47,14 +47,14 @@ def step_costs(model, tokenizer, tokens: int, policies: Sequence[str], budgets: 
     policies store their entries with ``codec`` (the full cache, the plain model's own work, never does)."""
     from tabulate import tabulate
 
-    from kvpolicies.experiments.bench import _reference, prompt_ids, reference_first
+    from kvpolicies.experiments.bench import _reference, prompt_ids, reference_first, stored_as
 
     prompt = prompt_ids(tokenizer, tokens, model.device, model.config.vocab_size)
     reference = _reference()
     rows = []
     for name, budget in reference_first(policies, budgets):
         for slack in (None,) if name == reference else (budget.slack_tokens, 0):
-            label = name if slack is None or codec == "full" else f"{name} + {codec}"
+            label = name if slack is None else stored_as(name, codec)
             row = [label, "-", "-"] if slack is None else [label, str(budget), str(slack)]
             for batch in batches:
                 try:
