@@ -60,13 +60,31 @@ def test_query_window_holds_only_its_window_not_the_prompts_queries(tiny_model):
     with torch.no_grad():
         tiny_model(torch.randint(3, 128, (1, 200)), cache=cache)
     window = policy.query_window
+    config = tiny_model.config
     for layer in cache.layers:
-        buffer = layer.recent_queries
-        assert buffer.shape[2] == window < 200
-        assert buffer.untyped_storage().nbytes() == buffer.numel() * buffer.element_size()
-    assert cache.auxiliary_bytes() == sum(
-        layer.recent_queries.numel() * 4 for layer in cache.layers  # packed layers: no padding mask left
-    )
+        assert layer.recent_queries.shape[2] == window < 200
+    head_dim = config.hidden_size // config.num_attention_heads
+    ring = config.num_attention_heads * window * head_dim * 4  # float32 queries of one sequence, per layer
+    assert cache.auxiliary_bytes() == config.num_hidden_layers * ring  # packed layers: no padding mask left
+
+
+@pytest.mark.parametrize("window", [1, 4, 7])
+def test_query_ring_reads_the_last_queries_in_order(window):
+    """The ring written in place reads back as the last ``window`` queries, oldest first, whatever mix of prompt
+    lengths, chunks and single decoding steps brought them."""
+    from kvpolicies.engine.storage import CompressedLayer
+
+    layer = CompressedLayer(0)
+    seen = []
+    for q_len in (3, 1, 1, 5, 1, 2, 9, 1, 1, 1, 4, 1):
+        query = torch.randn(2, 3, q_len, 8)
+        seen.append(query)
+        layer.remember_queries(query, window)
+        expected = torch.cat(seen, dim=2)[:, :, -window:]
+        assert torch.equal(layer.recent_queries, expected)
+    read = layer.recent_queries
+    layer.remember_queries(torch.randn(2, 3, 1, 8), window)
+    assert torch.equal(read, expected)  # what was read is a copy: the next step's write leaves it alone
 
 
 def test_a_view_counts_the_storage_it_keeps_alive():

@@ -298,8 +298,15 @@ class Budget(BaseModel):
 
 
 def spread(total: int, cells: int, cap: int) -> torch.Tensor:
-    """Split ``total`` entries over ``cells`` heads as evenly as possible, none above ``cap``, none below 1."""
-    return distribute(total, torch.ones(cells), cap=cap)
+    """Split ``total`` entries over ``cells`` heads as evenly as possible, none above ``cap``, none below 1: what
+    :func:`distribute` gives equal weights (the remainder to the first cells), in closed form, since a decoding
+    step asks for it afresh at every new length."""
+    if cells == 0 or cap < 1:
+        return distribute(total, torch.ones(cells), cap=cap)
+    share, remainder = divmod(max(min(total, cells * cap), cells), cells)
+    tokens = torch.full((cells,), share, dtype=torch.long)
+    tokens[:remainder] += 1
+    return tokens
 
 
 def distribute(

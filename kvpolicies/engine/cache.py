@@ -583,7 +583,8 @@ class CompressedCache(Cache):
             inputs.keys = dense["keys"]
         if Signal.VALUES in needs:
             inputs.values = dense["values"]
-        queries = layer.recent_queries if layer.recent_queries is not None else query
+        queries = layer.recent_queries
+        queries = queries if queries is not None else query
         if Signal.QUERIES in needs:
             inputs.queries = queries
         if Signal.ATTENTION in needs:

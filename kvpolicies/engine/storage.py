@@ -132,7 +132,8 @@ class CompressedLayer(CacheLayerMixin):
         self.tracked: dict[str, torch.Tensor] = {}
         """The policy's tracks by name (:class:`~kvpolicies.engine.signals.Track`), ``[..., 1]`` float32 in the
         layer's layout; a new dict on every change, like ``codes``."""
-        self.recent_queries: torch.Tensor | None = None  # [batch, heads, <= query_window, head_dim]
+        self._queries: torch.Tensor | None = None  # a ring of the recent queries: see ``remember_queries``
+        self._oldest = 0  # where its oldest row is
         self.positions: torch.Tensor | None = None
         """A sliding-window layer's entries' positions in the sequence, ``[..., 1]`` int32 in the layer's layout."""
         self.is_initialized = False
@@ -312,15 +313,37 @@ class CompressedLayer(CacheLayerMixin):
         elif step.new_valid is not None and step.padded:
             self._drop_new_padding(step.new_valid, [step.q_len - n for n in step.real])
 
+    @property
+    def recent_queries(self) -> torch.Tensor | None:
+        """The last queries kept (``[batch, heads, <= query_window, head_dim]``), oldest first: a copy, since the
+        ring is written in place."""
+        if self._queries is None:
+            return None
+        if self._oldest == 0:
+            return self._queries.clone()
+        return torch.cat([self._queries[:, :, self._oldest:], self._queries[:, :, : self._oldest]], dim=2)
+
     def remember_queries(self, query: torch.Tensor, window: int) -> None:
-        """Keep the last ``window`` queries in a rolling buffer. One copy of at most ``window`` rows per step; never
-        a slice of ``query``: a view would keep the whole prompt's queries alive in every layer."""
+        """Keep the last ``window`` queries in a ring: once it is full, a step writes its rows over the oldest in
+        place (one small copy, and nothing allocated, per layer per decoding step), and the ring is put in order
+        only when an eviction reads it. Never a slice of ``query``: a view would keep the whole prompt's queries
+        alive in every layer."""
+        if query.shape[2] == 1 and self._queries is not None and self._queries.shape[2] == window:  # decoding
+            self._queries.narrow(2, self._oldest, 1).copy_(query)
+            self._oldest = (self._oldest + 1) % window
+            return
         new = query[:, :, -window:]
-        room = window - new.shape[2]
-        if self.recent_queries is None or room == 0:
-            self.recent_queries = new.clone()
+        count = new.shape[2]
+        if self._queries is None or count == window:
+            self._queries, self._oldest = new.clone(), 0
+        elif self._queries.shape[2] < window:  # still filling (a prompt shorter than the window): grow in order
+            self._queries = torch.cat([self.recent_queries, new], dim=2)[:, :, -window:]
+            self._oldest = 0
         else:
-            self.recent_queries = torch.cat([self.recent_queries[:, :, -room:], new], dim=2)
+            first = min(count, window - self._oldest)  # rows up to the ring's end, then the rest from its start
+            self._queries[:, :, self._oldest : self._oldest + first] = new[:, :, :first]
+            self._queries[:, :, : count - first] = new[:, :, first:]
+            self._oldest = (self._oldest + count) % window
 
     def _drop_new_padding(self, new_valid: torch.Tensor, pads: list[int]) -> None:
         """Remove the padding among the ``q_len`` entries just appended to every run of a packed layer.
@@ -592,7 +615,7 @@ class CompressedLayer(CacheLayerMixin):
         """Bytes held besides keys and values: the recent-query buffer, the tracks, the padding mask, a window's
         positions."""
         fitted = self.residual.fitted.values() if self.residual is not None else ()
-        return held_bytes(self.recent_queries, self.valid, self.positions, *self.tracked.values(), *fitted)
+        return held_bytes(self._queries, self.valid, self.positions, *self.tracked.values(), *fitted)
 
     def get_seq_length(self) -> int:
         return self.logical_length
