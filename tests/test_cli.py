@@ -30,6 +30,15 @@ def test_help_loads_neither_torch_nor_transformers():
     assert loaded == "[]"
 
 
+def test_version_names_the_installed_distribution(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kvpolicies {version('kvpolicies')}"
+
+
 def test_list_json_is_machine_readable(capsys):
     assert main(["list", "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}

@@ -276,6 +276,20 @@ def test_leaderboard_plots_are_written_without_a_model(saved_results, tmp_path):
     assert all(p.stat().st_size > 10_000 for p in written)
 
 
+def test_the_sweep_command_logs_plot_paths_to_stderr_as_leaderboard_does(saved_results, monkeypatch, capsys):
+    """stdout holds the tables (to pipe or redirect), stderr the log lines, ``plot: PATH`` among them."""
+    from kvpolicies.cli import main
+    from kvpolicies.experiments import sweep
+    from kvpolicies.reports import leaderboard
+
+    monkeypatch.setattr(sweep, "run_sweep", lambda config, results, executor=None: [])  # the cells are saved
+    monkeypatch.setattr(leaderboard, "plot", lambda results, folder, records=None: [folder / "score.png"])
+    assert main(["sweep", "--quick", "--results", str(saved_results)]) == 0
+    out, err = capsys.readouterr()
+    assert f"plot: {saved_results / 'plots' / 'score.png'}" in err
+    assert "plot:" not in out and "acc" in out
+
+
 def test_leaderboard_command_on_a_missing_folder_names_the_fix(capsys, tmp_path):
     from kvpolicies.cli import main
 

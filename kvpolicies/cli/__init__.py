@@ -54,6 +54,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def version() -> str:
+    """The installed distribution's version (a checkout installed with ``pip install -e .`` has one too)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("kvpolicies")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "(not installed)"
+
+
 def fail(message: str) -> int:
     print(f"kvpolicies: error: {message}", file=sys.stderr)
     return 2
@@ -67,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     debug_help = f"on an error, print its traceback first (also {DEBUG_ENV}=1)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.add_argument("--version", action="version", version=f"kvpolicies {version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     for module in (policies, sweeps, lm_eval, reports, selfcheck):

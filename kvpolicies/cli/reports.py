@@ -141,7 +141,7 @@ def run_analyze_norms(args: argparse.Namespace) -> int:
           f"(chance: {args.keep:g})")
     layers = args.layers
     for path in plot_norm_attention(result, args.out, layers):
-        print(f"plot: {path}")
+        print(f"plot: {path}", file=sys.stderr)
     return 0
 
 

@@ -19,7 +19,8 @@ def add_commands(commands) -> None:
                                 description=f"Run a grid of cells, resumable, then rank them ({GRID_HELP}). The full "
                                 "cache is always part of the grid, as the reference of every budget.")
     sweep.add_argument("--config", type=path, help=f"YAML or TOML grid ({GRID_HELP})")
-    sweep.add_argument("--quick", action="store_true", help="small grid: passkey at 2k tokens, 5 policies, 2 budgets")
+    sweep.add_argument("--quick", action="store_true", help="small grid: passkey at 2k tokens, 4 policies (l2norm, random, "
+                       "streaming, snapkv) and the full cache, 2 budgets")
     sweep.add_argument("--preset", help=f"a grid shipped with kvpolicies ({', '.join(presets())}; "
                                         "README.md, 'RULER leaderboard')")
     sweep.add_argument("--results", type=path,
@@ -161,7 +162,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     print(render(results, records=records))
     if not args.no_plots:
         for path in plot(results, results / "plots", records=records):
-            print(f"plot: {path}")
+            print(f"plot: {path}", file=sys.stderr)  # a log line, as leaderboard's: stdout holds the tables
     return 1 if failed else 0
 
 
