@@ -200,6 +200,21 @@ def test_a_killed_driver_loses_no_finished_cell_and_the_rerun_resumes(local_refe
     assert len(rerun_workers) <= 2 < len(after) - len(before)  # 2 CPUs, 2 workers, each kept for several cells
 
 
+def test_a_model_no_worker_can_load_stops_the_sweep_with_one_error(tiny_pretrained, two_cpus, tmp_path):
+    """The driver does not load models on Ray (its workers may see other files): the first worker that cannot load
+    the model stops the sweep with that error, and no failure file is written for any of its cells."""
+    import shutil
+
+    broken = tmp_path / "no-weights"
+    shutil.copytree(tiny_pretrained, broken, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    config = write_grid(tmp_path / "grid.yaml", grid(str(broken), policies=("full", "random")))
+    done = sweep(config, tmp_path / "out", "--executor", "ray", "--address", two_cpus)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("kvpolicies: error:")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
+    assert f"cannot load model '{broken}'" in errors[0] and errors[0].endswith("(on a Ray worker)")
+    assert not list((tmp_path / "out").glob("*.json"))
+
+
 @pytest.fixture
 def cluster(monkeypatch):
     """A Ray cluster of several simulated nodes on this machine (Ray's own test cluster): a head without GPUs, and

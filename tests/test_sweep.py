@@ -18,6 +18,7 @@ from kvpolicies.engine.budget import Budget
 from kvpolicies.errors import UsageError
 from kvpolicies.experiments.code_version import code_version
 from kvpolicies.experiments.grid import SweepConfig, cells
+from kvpolicies.experiments.sweep import run_sweep
 from kvpolicies.experiments.results import ResultRecord, load_results, write_record
 from kvpolicies.integrations.protocol import Protocol
 from kvpolicies.reports.leaderboard import (
@@ -214,6 +215,53 @@ def test_a_killed_sweep_resumes_and_ends_with_identical_results(tiny_pretrained,
     assert {k: r["metrics"] for k, r in after.items()} == {k: r["metrics"] for k, r in expected.items()}
     ranking = lambda rows: [(t, [(r[1], r[2]) for r in body]) for t, _, body in task_tables(rows)]  # noqa: E731
     assert ranking(load_rows(load_results(interrupted))[0]) == ranking(load_rows(load_results(reference))[0])
+
+
+def weightless(tiny_pretrained: str, folder: Path) -> str:
+    """A copy of the tiny model without its weights: its config reads, its load fails."""
+    import shutil
+
+    shutil.copytree(tiny_pretrained, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return str(folder)
+
+
+def tiny_grid(*models: str) -> SweepConfig:
+    return SweepConfig.model_validate({
+        "models": list(models), "policies": ["full", "random"], "budgets": [0.5],
+        "tasks": [{"name": "kvp_passkey", "metadata": {"lengths": [200], "depths": [0.5], "per_cell": 1}}]})
+
+
+def test_a_model_missing_offline_stops_the_sweep_before_its_first_cell(tiny_pretrained, tmp_path, monkeypatch,
+                                                                      capsys):
+    """Was: one failure line and one failure file per cell (237 for the RULER preset), then 'no finished results'.
+    The grid's good model comes first: the missing one must stop the sweep before any cell, not after hours."""
+    from kvpolicies.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = tmp_path / "grid.json"
+    config.write_text(tiny_grid(tiny_pretrained, "nobody/no-such-model").model_dump_json())
+    assert main(["sweep", "--config", str(config), "--results", str(tmp_path / "out"), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("kvpolicies: error:")]
+    assert len(errors) == 1 and "cannot load model 'nobody/no-such-model'" in errors[0]
+    assert "HF_HUB_OFFLINE is set" in errors[0] and "hf download nobody/no-such-model" in errors[0]
+    assert not list((tmp_path / "out").glob("*.json"))
+
+
+def test_a_model_that_fails_to_load_stops_the_sweep_at_its_first_cell_and_keeps_the_finished_ones(
+        tiny_pretrained, tmp_path):
+    """Its config reads, so the check before the first cell passes; loading its weights fails: the first cell of
+    that model ends the sweep, with no record for it, and the good model's cells stay saved."""
+    from kvpolicies.errors import ModelLoadError
+
+    broken = weightless(tiny_pretrained, tmp_path / "no-weights")
+    done = []
+    with pytest.raises(ModelLoadError, match=rf"cannot load model '{broken}': ") as raised:
+        for record in run_sweep(tiny_grid(tiny_pretrained, broken), tmp_path / "out", progress=False):
+            done.append(record)
+    assert "\n" not in str(raised.value)  # one line, not transformers' whole message
+    assert len(done) == 2 and all(r.status == "ok" and r.cell.model == tiny_pretrained for r in done)
+    assert len(list((tmp_path / "out").glob("*.json"))) == 2
 
 
 def fake_record(task, policy, budget, score, higher=True, resident=100.0, full=200.0, status="ok") -> ResultRecord:

@@ -50,7 +50,9 @@ def cell_model(cell: Cell):
     """The lm-eval model of ``cell``. Weights are loaded once per model, not once per cell (an 8B model takes
     minutes to load on a GPU node); a grid runs model by model, so only the current model is kept in memory. The
     first load is lm-eval's own, so results are those of a fresh process (a resumed sweep checks this)."""
+    from kvpolicies.errors import KVPoliciesError
     from kvpolicies.integrations.lm_eval import KVPoliciesLM
+    from kvpolicies.integrations.models import load_failure
 
     options = dict(policy=cell.policy.name, budget=cell.budget, codec=cell.policy.codec, batch_size=cell.batch_size,
                    protocol=cell.protocol.value,  # the policy's options by name: none is mistaken for a model arg
@@ -59,7 +61,12 @@ def cell_model(cell: Cell):
         model, tokenizer = _loaded[cell.model]
         return KVPoliciesLM(pretrained=model, tokenizer=tokenizer, **options)
     _loaded.clear()
-    lm = KVPoliciesLM(pretrained=cell.model, **options)
+    try:
+        lm = KVPoliciesLM(pretrained=cell.model, **options)
+    except KVPoliciesError:  # named already (a bad path, an option of ours)
+        raise
+    except (OSError, ValueError) as error:  # transformers' (or lm-eval's) word for a model it cannot load
+        raise load_failure(cell.model, error) from None
     _loaded[cell.model] = (lm.model, lm.tokenizer)
     return lm
 
@@ -116,8 +123,10 @@ def versions() -> dict[str, str]:
 
 def evaluate(cell: Cell) -> ResultRecord:
     """The record of ``cell``, computed here: ``ok`` with its measurements, or ``error`` with what it raised (one
-    broken cell must not stop a sweep). The key is computed here too, from this machine's code, so a driver can tell
+    broken cell must not stop a sweep). A model that cannot be loaded or compressed raises its ModelLoadError
+    instead: that is no cell's result, and every other cell of the model would fail the same way. The key is computed here too, from this machine's code, so a driver can tell
     a worker that runs other code than its own."""
+    from kvpolicies.errors import ModelLoadError
     from kvpolicies.experiments.results import ResultRecord
 
     provenance = {"key": cell.key(), "cell": cell, "identity": cell.identity(), "versions": versions(),
@@ -127,6 +136,8 @@ def evaluate(cell: Cell) -> ResultRecord:
         measured = run_cell(cell)
         return ResultRecord(**provenance, status="ok", **measured, finished_at=datetime.now(timezone.utc),
                             load_average_end=_load_average())
+    except ModelLoadError:  # every cell of the model would fail alike: the sweep stops, with no record of it
+        raise
     except Exception as error:
         return ResultRecord(**provenance, status="error", error=f"{type(error).__name__}: {error}",
                             traceback=traceback.format_exc(), finished_at=datetime.now(timezone.utc),

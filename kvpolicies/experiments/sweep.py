@@ -70,12 +70,25 @@ def check_tasks(config: SweepConfig) -> None:
             check_fits(name, task.metadata, model, task.limit)
 
 
+def check_models(todo: Iterable[Cell]) -> None:
+    """Every model of the cells to run can be found (its config read, not its weights), or the sweep stops before
+    its first cell with one error naming the model: a model missing here would fail each of its cells alike."""
+    from kvpolicies.integrations.models import check_loadable
+
+    for model in dict.fromkeys(cell.model for cell in todo):
+        check_loadable(model)
+
+
 def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True,
               executor: Executor | None = None) -> Iterator[ResultRecord]:
     """Run every missing cell (on ``executor``, default :class:`LocalExecutor`), yielding each record as it is
     written. Finished cells are skipped, and so are cells another sweep on the same folder is computing (it writes
     them). A results folder that cannot be written, or is too full for a record, raises
     :class:`~kvpolicies.experiments.results.ResultsError` before any cell runs.
+
+    A model that cannot be loaded or compressed stops the sweep with its
+    :class:`~kvpolicies.errors.ModelLoadError`: run here, before the first cell (its config is read); on Ray, at the
+    first cell a worker cannot load it. The cells finished before are saved; none is written for that model.
 
     A record that cannot be written (a full disk) is kept and written as soon as the folder takes a file again;
     once a second record cannot be written either, or the last one at the end, the sweep stops with a ResultsError
@@ -91,6 +104,8 @@ def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True,
     grid = cells(config)
     with ResultsStore(results_dir) as store:
         todo = [cell for cell in grid if not _current(store, cell)]
+        if executor is None or isinstance(executor, LocalExecutor):  # Ray's workers load models on their nodes
+            check_models(todo)
         print(f"kvpolicies: {len(grid)} cells, {len(grid) - len(todo)} already done, {len(todo)} to run "
               f"-> {results_dir}", file=sys.stderr)
         bar = tqdm(total=len(grid), initial=len(grid) - len(todo), disable=not progress, unit="cell", file=sys.stderr)

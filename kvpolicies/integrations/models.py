@@ -112,7 +112,7 @@ def load_model(
             source, dtype=dtype, attn_implementation=attn_implementation, **options
         )
     except (OSError, ValueError) as error:  # transformers reports a missing or unreadable model as either
-        raise ModelLoadError(f"cannot load model {str(name_or_path)!r}: {_first_line(error)}{_offline_hint()}") from None
+        raise load_failure(name_or_path, error) from None
     model.to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -146,6 +146,29 @@ def resolve_source(name_or_path) -> tuple[str, dict]:
         raise ModelLoadError(f"model path {text} does not exist; give an existing folder or .gguf file, or a hub "
                              "model id such as HuggingFaceTB/SmolLM2-135M-Instruct")
     return text, {}
+
+
+def load_failure(name_or_path, error: BaseException) -> ModelLoadError:
+    """The one error for a model that cannot be loaded: its name, the first line of what transformers said (its
+    whole message repeats for every file it tried), and why the hub was not asked where that is the reason."""
+    name = EMBEDDED_MODEL if name_or_path is None else str(name_or_path)
+    local = name_or_path is None or name == EMBEDDED_MODEL or Path(name).expanduser().exists()
+    fix = "" if local else ("; give a hub id this machine can reach, or download the model where the hub is "
+                            f"reachable (`hf download {name}`) and give its folder")
+    return ModelLoadError(f"cannot load model {name!r}: {_first_line(error)}{_offline_hint()}{fix}")
+
+
+def check_loadable(name_or_path) -> None:
+    """A :class:`ModelLoadError` unless the config of ``name_or_path`` can be read, from the local cache or the
+    hub where it is reachable, without loading weights: what a sweep checks of every model before its first cell,
+    so a model missing offline stops it at once rather than after hours of another model's cells."""
+    from transformers import AutoConfig
+
+    source, options = resolve_source(name_or_path)
+    try:
+        AutoConfig.from_pretrained(source, **options)
+    except (OSError, ValueError) as error:
+        raise load_failure(name_or_path, error) from None
 
 
 def _first_line(error: BaseException) -> str:
