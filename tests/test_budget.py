@@ -158,6 +158,25 @@ def test_spread_is_distribute_with_equal_weights(cells, cap, total):
     assert torch.equal(spread(total, cells, cap), distribute(total, torch.ones(cells), cap=cap))
 
 
+@pytest.mark.parametrize("ratio, kept", [(0, 1.0), (0.1, 0.9), (0.25, 0.75), (0.5, 0.5), (0.75, 0.25),
+                                         (0.875, 0.125), (0.9, 0.1), ("0.7", 0.3)])
+def test_kvpress_compression_ratio_is_the_fraction_removed_and_round_trips(ratio, kept):
+    budget = Budget.from_compression_ratio(ratio, slack_tokens=0)
+    assert budget == Budget.parse(kept, slack_tokens=0)  # the same budget, so the same cell, however it is written
+    assert budget.compression_ratio == float(ratio)
+    assert Budget.from_compression_ratio(budget.compression_ratio, slack_tokens=0) == budget
+
+
+@pytest.mark.parametrize("ratio", [1, 1.5, -0.1, float("nan"), "most", True, None])
+def test_a_compression_ratio_outside_zero_to_one_is_refused_naming_the_convention(ratio):
+    with pytest.raises(BudgetError, match=r"compression_ratio .*(\[0, 1\)|fraction of the cache removed)"):
+        Budget.from_compression_ratio(ratio)
+
+
+def test_only_a_fraction_has_a_compression_ratio():
+    assert Budget.parse("512 tokens").compression_ratio is None and Budget.parse("64MiB").compression_ratio is None
+
+
 # -- sliding-window layers -----------------------------------------------------------------------------------------
 
 GEMMA_LIKE = CacheShape(num_layers=6, num_kv_heads=2, head_dim=16, dtype_bytes=2,

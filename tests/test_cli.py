@@ -39,6 +39,19 @@ def test_version_names_the_installed_distribution(capsys):
     assert capsys.readouterr().out.strip() == f"kvpolicies {version('kvpolicies')}"
 
 
+@pytest.mark.parametrize("command", ["generate", "inspect", "selfcheck"])
+def test_compression_ratio_names_a_budget_wherever_budget_does(command):
+    from kvpolicies.cli import build_parser
+    from kvpolicies.cli.options import budget_of
+    from kvpolicies.engine.budget import Budget
+
+    assert budget_of(build_parser().parse_args([command, "--compression-ratio", "0.875"])) == Budget(value=0.125)
+    default = "0.25" if command == "selfcheck" else "0.5"
+    assert budget_of(build_parser().parse_args([command])) == Budget.parse(default)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--budget", "0.5", "--compression-ratio", "0.5"])
+
+
 def test_list_json_is_machine_readable(capsys):
     assert main(["list", "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}

@@ -12,6 +12,7 @@ from lm_eval.models.huggingface import HFLM
 
 import kvpolicies
 from kvpolicies import Budget, BudgetError, Policy, PolicyConfig, PolicyConfigError
+from kvpolicies.errors import UsageError
 from kvpolicies.cli import main
 from kvpolicies.errors import UnknownCodecError
 from kvpolicies.integrations.lm_eval import KVPoliciesLM
@@ -28,6 +29,16 @@ def test_the_window_rule_is_a_model_arg(tiny_pretrained):
     with pytest.raises(BudgetError, match="windows=share or windows=keep"):
         KVPoliciesLM(pretrained=tiny_pretrained, policy="snapkv", budget=0.5, budget_windows="all")
 
+
+
+def test_kvpress_compression_ratio_is_a_model_arg_recorded_beside_the_budget(tiny_pretrained):
+    lm = KVPoliciesLM(pretrained=tiny_pretrained, policy="snapkv", compression_ratio="0.75", slack_tokens=0)
+    assert lm.kv_budget == Budget(value=0.25, slack_tokens=0)
+    info = lm.get_model_info()["kvpolicies"]
+    assert info["budget"]["value"] == 0.25 and info["compression_ratio"] == 0.75
+    assert KVPoliciesLM(pretrained=tiny_pretrained, policy="full").kv_budget == Budget(value=1.0)  # neither given
+    with pytest.raises(UsageError, match="budget=0.5 and compression_ratio=0.75 both say how much to keep"):
+        KVPoliciesLM(pretrained=tiny_pretrained, policy="snapkv", budget=0.5, compression_ratio=0.75)
 
 
 def test_the_codec_is_a_model_arg_and_recorded_with_the_results(tiny_pretrained):

@@ -78,8 +78,9 @@ def test_budgets_that_differ_only_in_slack_are_two_lines_with_numeric_budgets():
                             ("kvp_passkey", "snapkv", 0.5): 0.8, ("kvp_passkey", "snapkv (slack 0)", 0.5): 0.6}
     _, headers, body = overall_table(rows)
     by_policy = {row[0]: dict(zip(headers, row)) for row in body}
-    assert headers == ["policy", "@0.25", "@0.5", "AUC", "model"]  # one column per budget value, as before
-    assert by_policy["snapkv"]["AUC"] == "0.600" and by_policy["snapkv (slack 0)"]["@0.5"] == "0.600"
+    # One column per budget value, as before, with kvpress's compression ratio beside it.
+    assert headers == ["policy", "@0.25 (cr 0.75)", "@0.5 (cr 0.5)", "AUC", "model"]
+    assert by_policy["snapkv"]["AUC"] == "0.600" and by_policy["snapkv (slack 0)"]["@0.5 (cr 0.5)"] == "0.600"
 
 
 def test_runs_of_one_task_name_with_other_data_limits_or_seeds_are_tasks_of_their_own():
@@ -94,7 +95,7 @@ def test_runs_of_one_task_name_with_other_data_limits_or_seeds_are_tasks_of_thei
         ("kvp_passkey (seed 1)", "full", None): 0.5, ("kvp_passkey (seed 1)", "snapkv", 0.5): 0.5,
     }
     _, headers, [row] = overall_table(rows)  # each run is compared with its own full cache: 0.8, 0.5, 0.5, 1.0
-    assert dict(zip(headers, row))["@0.5"] == "0.700"
+    assert dict(zip(headers, row))["@0.5 (cr 0.5)"] == "0.700"
 
 
 def test_names_are_unchanged_where_nothing_collides():

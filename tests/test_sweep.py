@@ -88,6 +88,21 @@ def test_the_sweep_command_gives_every_evicting_policy_the_codec_and_the_referen
 
 
 
+def test_compression_ratios_in_a_grid_or_on_the_command_line_are_the_budgets_they_mean(tmp_path):
+    from kvpolicies.cli import build_parser
+    from kvpolicies.cli.sweeps import sweep_config
+
+    by_budget = sweep_config(build_parser().parse_args(["sweep", "--quick", "--budgets", "0.75,0.125"]))
+    by_ratio = sweep_config(build_parser().parse_args(["sweep", "--quick", "--compression-ratios", "0.25,0.875"]))
+    assert [c.key() for c in cells(by_ratio)] == [c.key() for c in cells(by_budget)]  # the same cells
+    grid = SweepConfig.model_validate({"compression_ratios": [0.25, 0.875], "policies": ["snapkv"]})
+    assert grid.budgets == by_budget.budgets
+    with pytest.raises(ValidationError, match="budgets .* or compression_ratios .*not both"):
+        SweepConfig.model_validate({"budgets": [0.5], "compression_ratios": [0.5]})
+    with pytest.raises(SystemExit):  # one or the other on the command line too
+        build_parser().parse_args(["sweep", "--budgets", "0.5", "--compression-ratios", "0.5"])
+
+
 def test_the_sweep_command_keeps_every_spec_of_a_policy_and_never_merges_two(tmp_path):
     from kvpolicies.cli import build_parser
     from kvpolicies.cli.sweeps import sweep_config
@@ -290,18 +305,20 @@ def test_leaderboard_ranks_each_task_and_budget_with_the_right_direction(saved_r
     rows, failures = load_rows(load_results(saved_results))
     assert len(rows) == 10 and len(failures) == 1
     tables = {title.split(" — ")[0] + "@" + title.split(" — ")[1]: body for title, _, body in task_tables(rows)}
-    assert [r[1] for r in tables["acc@budget 0.25"]] == ["b", "a", "full (no eviction)"]
-    assert [r[1] for r in tables["ppl@budget 0.25"]] == ["b", "a", "full (no eviction)"]  # lower perplexity first
-    assert [r[1] for r in tables["ppl@budget 0.5"]][:2] == ["a", "b"]
+    assert [r[1] for r in tables["acc@budget 0.25 (compression ratio 0.75)"]] == ["b", "a", "full (no eviction)"]
+    # lower perplexity first
+    assert [r[1] for r in tables["ppl@budget 0.25 (compression ratio 0.75)"]] == ["b", "a", "full (no eviction)"]
+    assert [r[1] for r in tables["ppl@budget 0.5 (compression ratio 0.5)"]][:2] == ["a", "b"]
 
 
 def test_overall_table_compares_with_the_full_cache_and_integrates_over_budgets(saved_results):
     _, headers, body = overall_table(load_rows(load_results(saved_results))[0])
     by_policy = {row[0]: dict(zip(headers, row)) for row in body}
     # a: acc 0.5 and 1.0 of full; ppl 10/20 = 0.5 and 1.0 -> means 0.5 @0.25 and 1.0 @0.5, AUC 0.75
-    assert by_policy["a"]["@0.25"] == "0.500" and by_policy["a"]["@0.5"] == "1.000" and by_policy["a"]["AUC"] == "0.750"
+    a = by_policy["a"]
+    assert a["@0.25 (cr 0.75)"] == "0.500" and a["@0.5 (cr 0.5)"] == "1.000" and a["AUC"] == "0.750"
     # b: acc 0.75, ppl 0.8 at both budgets
-    assert by_policy["b"]["@0.25"] == "0.775" and by_policy["b"]["AUC"] == "0.775"
+    assert by_policy["b"]["@0.25 (cr 0.75)"] == "0.775" and by_policy["b"]["AUC"] == "0.775"
     assert [row[0] for row in body] == ["b", "a"]
 
 
@@ -312,7 +329,7 @@ def test_leaderboard_renders_every_format_and_reports_failures(saved_results, fm
     if fmt == "html":
         assert "<table>" in text
     if fmt == "csv":
-        assert "policy,@0.25,@0.5,AUC,model" in text
+        assert "policy,@0.25 (cr 0.75),@0.5 (cr 0.5),AUC,model" in text
     if fmt != "csv":
         assert "RuntimeError: boom" in text
 

@@ -24,6 +24,8 @@ Model args of `--model kvpolicies` (comma-separated key=value):
   pretrained=ID|FOLDER|FILE.gguf   the model (default: the embedded SmolLM2-135M-Instruct)
   policy=NAME                      eviction policy (default: the full cache); see `kvpolicies list`
   budget=SPEC                      0.5 | 25% | 512tokens | 64MiB (default: 1.0, keep everything)
+  compression_ratio=R              kvpress's convention instead of budget=: the fraction removed (0.75 =
+                                   budget=0.25)
   slack_tokens=N                   decode-time growth per head before eviction runs again (default: 16)
   budget_windows=share|keep        sliding-window layers share the budget, or keep their whole window
                                    (default: share)

@@ -110,7 +110,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> 
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="l2norm", help="policy name (see `kvpolicies list`)")
-    parser.add_argument("--budget", default="0.5", help="0.5 | 50%% | '512 tokens' | 64MiB (default: 0.5)")
+    add_budget_arguments(parser)
     parser.add_argument("--budget-slack", type=non_negative_int, metavar="N",
                         help="entries a head may grow past its share while generating before eviction runs again "
                              "(default: 16; 0 evicts at every step)")
@@ -124,6 +124,25 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="policy option (JSON value), repeatable"
     )
     add_model_arguments(parser)
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser, default: str = "0.5", help_tail: str = "") -> None:
+    """``--budget`` (the kept share, or tokens, or bytes) or, as kvpress writes it, ``--compression-ratio``."""
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument("--budget", help=f"0.5 | 50%% | '512 tokens' | 64MiB (default: {default}){help_tail}")
+    given.add_argument("--compression-ratio", metavar="R",
+                       help="kvpress's convention instead of --budget: the fraction removed, 0.75 = --budget 0.25")
+    parser.set_defaults(budget_default=default)
+
+
+def budget_of(args: argparse.Namespace, slack_tokens: int | None = None, windows: str | None = None):
+    """The Budget that ``--budget`` or ``--compression-ratio`` names (the default budget when neither is given)."""
+    from kvpolicies.engine.budget import Budget
+
+    if args.compression_ratio is not None:
+        return Budget.from_compression_ratio(args.compression_ratio, slack_tokens=slack_tokens, windows=windows)
+    return Budget.parse(args.budget if args.budget is not None else args.budget_default, slack_tokens=slack_tokens,
+                        windows=windows)
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:

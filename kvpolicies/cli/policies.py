@@ -16,6 +16,7 @@ from tabulate import tabulate
 from kvpolicies.cli.options import (
     add_model_arguments,
     add_policy_arguments,
+    budget_of,
     parse_options,
     path,
     positive_int,
@@ -122,7 +123,6 @@ def codecs_text(codecs, width: int) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from kvpolicies.engine.budget import Budget
     from kvpolicies.engine.cache import CompressedCache
     from kvpolicies.integrations.models import load_model
     from kvpolicies.integrations.protocol import question_start, split_cache
@@ -142,7 +142,7 @@ def run_generate(args: argparse.Namespace) -> int:
     marker = None if args.question is None else "\n" + args.question
     prompt = prompt if marker is None else prompt + marker
     policy = get_policy(args.policy, **parse_options(args.set))
-    budget = Budget.parse(args.budget, slack_tokens=args.budget_slack, windows=args.budget_windows)
+    budget = budget_of(args, slack_tokens=args.budget_slack, windows=args.budget_windows)
     codec = get_codec(args.codec)  # an unknown name fails before the model loads
 
     print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
@@ -182,7 +182,9 @@ def run_generate(args: argparse.Namespace) -> int:
     stats = cache.stats()
     rows = [
         ["policy", f"{policy.name} {json.dumps(policy.config.model_dump(mode='json'))}"],
-        ["budget", f"{budget}" + (f" (each head may grow {budget.slack_tokens} entries past it while generating "
+        ["budget", f"{budget}" + (f" (compression ratio {budget.compression_ratio:g})"
+                                  if budget.compression_ratio is not None else "")
+                   + (f" (each head may grow {budget.slack_tokens} entries past it while generating "
                                    "before eviction runs again: --budget-slack 0 evicts at every step)"
                                    if budget.slack_tokens else "")
                    + (f"; sliding windows: {budget.windows} (--budget-windows)" if cache.shape.sliding_layers else "")],
@@ -208,14 +210,13 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     import torch
 
-    from kvpolicies.engine.budget import Budget
     from kvpolicies.engine.cache import CompressedCache
     from kvpolicies.engine.policy import Policy
     from kvpolicies.integrations.models import load_model
     from kvpolicies.registry import get_codec, get_policy
 
     policy = get_policy(args.policy, **parse_options(args.set))
-    budget = Budget.parse(args.budget, slack_tokens=args.budget_slack, windows=args.budget_windows)
+    budget = budget_of(args, slack_tokens=args.budget_slack, windows=args.budget_windows)
     codec = get_codec(args.codec)
     text = None if args.file is None else read_text_file(args.file, "prompt file")
     if text is not None and not text.strip():

@@ -46,8 +46,11 @@ def add_commands(commands) -> None:
     bench.add_argument("--contexts", type=whole_numbers(1), default=[1024, 2048, 4096, 8192], help="comma-separated prompt lengths in tokens")
     bench.add_argument("--policies", type=comma_separated("policy names"),
                        help="comma-separated policy names (default: every registered policy)")
-    bench.add_argument("--budgets", type=comma_separated("budgets"), default=["0.5", "0.25", "0.1"],
-                       help="comma-separated budgets (default: 0.5,0.25,0.1)")
+    budgets = bench.add_mutually_exclusive_group()
+    budgets.add_argument("--budgets", type=comma_separated("budgets"), default=["0.5", "0.25", "0.1"],
+                         help="comma-separated budgets, the kept fraction (default: 0.5,0.25,0.1)")
+    budgets.add_argument("--compression-ratios", type=comma_separated("compression ratios"), metavar="RATIOS",
+                         help="kvpress's convention instead of --budgets: the fractions removed (0.75 = budget 0.25)")
     bench.add_argument("--decode", type=positive_int, default=32, help="decoded tokens per run (default: 32)")
     bench.add_argument("--repeats", type=positive_int, default=3, help="interleaved runs per cell, medians reported")
     bench.add_argument("--prefill-chunk", type=whole_number(2), metavar="N",
@@ -152,6 +155,10 @@ def run_bench(args: argparse.Namespace) -> int:
         headers, results = load(args.from_json)
         print("\n".join(headers) + "\n\n" + tables(results))
         return 0
+    if args.compression_ratios is not None:
+        from kvpolicies.engine.budget import Budget
+
+        args.budgets = [Budget.from_compression_ratio(ratio) for ratio in args.compression_ratios]
     if args.step_costs:
         from kvpolicies.experiments.bench import _checked, _load
         from kvpolicies.experiments.step_costs import step_costs

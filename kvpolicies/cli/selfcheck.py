@@ -6,7 +6,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvpolicies.cli.options import DTYPE_CHOICES, comma_separated, non_negative_int, positive_int, whole_number
+from kvpolicies.cli.options import (
+    DTYPE_CHOICES,
+    add_budget_arguments,
+    budget_of,
+    comma_separated,
+    non_negative_int,
+    positive_int,
+    whole_number,
+)
 from kvpolicies.errors import UsageError
 
 DEFAULT_POLICIES = ["snapkv", "headkv"]
@@ -33,9 +41,8 @@ def add_commands(commands) -> None:
     selfcheck.add_argument("--policies", type=comma_separated("policy names"), default=DEFAULT_POLICIES,
                            help="comma-separated compressing policies; checks 1-4 run for each, the speed and long "
                                 f"context checks for the first (default: {','.join(DEFAULT_POLICIES)})")
-    selfcheck.add_argument("--budget", default="0.25",
-                           help="budget of the sync, speed and long-context checks (default: 0.25; the batch check "
-                                "uses 0.5 and evicts at every step)")
+    add_budget_arguments(selfcheck, "0.25", help_tail="; of the sync, speed and long-context checks, the batch "
+                         "check using 0.5 and evicting at every step")
     selfcheck.add_argument("--context", type=whole_number(64), default=DEFAULT_CONTEXT, metavar="N",
                            help=f"prompt tokens of the short checks (default: {DEFAULT_CONTEXT})")
     selfcheck.add_argument("--decode", type=positive_int, default=4, metavar="N",
@@ -56,7 +63,6 @@ def run_selfcheck(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    from kvpolicies.engine.budget import Budget
     from kvpolicies.experiments.bench import _load
     from kvpolicies.experiments.selfcheck import SelfCheckSettings, failed, run_selfcheck, table
     from kvpolicies.integrations.models import resolve_device
@@ -66,7 +72,7 @@ def run_selfcheck(args: argparse.Namespace) -> int:
         if not get_policy(name).compresses:
             raise UsageError(f"policy {name!r} keeps the whole cache, so there is nothing to check; give compressing "
                              f"policies, e.g. --policies {','.join(DEFAULT_POLICIES)}")
-    budget = Budget.parse(args.budget)
+    budget = budget_of(args)
     if budget.unit == "fraction" and budget.value >= 1:
         raise UsageError("--budget 1 keeps the whole cache, so nothing is evicted to check; give a smaller one, e.g. "
                          "--budget 0.25")

@@ -27,8 +27,12 @@ def add_commands(commands) -> None:
                        help="results folder (default: results/quick, results/PRESET or results/default)")
     sweep.add_argument("--policies", type=comma_separated("policy names"),
                        help="comma-separated policy names (default: every registered policy)")
-    sweep.add_argument("--budgets", type=comma_separated("budgets"),
-                       help="comma-separated budgets (default: 0.1,0.25,0.5,0.75)")
+    budgets = sweep.add_mutually_exclusive_group()
+    budgets.add_argument("--budgets", type=comma_separated("budgets"),
+                         help="comma-separated budgets, the kept fraction (default: 0.1,0.25,0.5,0.75)")
+    budgets.add_argument("--compression-ratios", type=comma_separated("compression ratios"), metavar="RATIOS",
+                         help="kvpress's convention instead of --budgets: the fractions removed, e.g. "
+                              "0.25,0.5,0.75,0.875 (= --budgets 0.75,0.5,0.25,0.125)")
     sweep.add_argument("--tasks", type=comma_separated("task names"),
                        help="comma-separated task names (default: kvp_passkey,kvp_niah,kvp_ppl); they replace the "
                             "grid's tasks, its full-cache-only tasks included")
@@ -103,6 +107,10 @@ def sweep_config(args: argparse.Namespace):
                                for spec in ([s for s in config.policies if s.name == name] or [name])]
     if args.budgets is not None:
         updates["budgets"] = args.budgets
+    if getattr(args, "compression_ratios", None) is not None:
+        from kvpolicies.engine.budget import Budget
+
+        updates["budgets"] = [Budget.from_compression_ratio(ratio) for ratio in args.compression_ratios]
     if args.tasks is not None:
         known = {task.name: task for task in config.reference_tasks + config.tasks}
         updates["tasks"] = [known.get(name, TaskSpec(name=name)) for name in args.tasks]

@@ -207,6 +207,30 @@ class Budget(BaseModel):
         return budget
 
     @classmethod
+    def from_compression_ratio(cls, ratio: float | str, slack_tokens: int | None = None,
+                               windows: str | None = None) -> Budget:
+        """The budget kvpress calls ``compression_ratio``: the fraction of the cache *removed*, in [0, 1), so
+        ``0.75`` keeps a quarter (budget 0.25). The kept fraction is what kvpolicies stores and shows first."""
+        name = "compression_ratio"
+        unreadable = BudgetError(f"cannot read {name} {ratio!r}: give the fraction of the cache removed, in [0, 1)")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float, str)):
+            raise unreadable
+        try:
+            value = float(ratio)
+        except ValueError:
+            raise unreadable from None
+        if not (math.isfinite(value) and 0 <= value < 1):
+            raise BudgetError(f"{name} {ratio!r} is not in [0, 1): it is the fraction of the cache removed "
+                              "(kvpress's convention; 0.75 keeps a quarter), so 1 would keep nothing; for the kept "
+                              "fraction use a budget instead")
+        return cls.parse(round(1 - value, 12), slack_tokens=slack_tokens, windows=windows)  # 1 - 0.9 is 0.0999...
+
+    @property
+    def compression_ratio(self) -> float | None:
+        """kvpress's name for this budget, the fraction removed (None for a budget in tokens or bytes)."""
+        return round(1 - self.value, 12) if self.unit == "fraction" else None
+
+    @classmethod
     def _read(cls, spec: float | int | str) -> tuple[BudgetUnit, float]:
         if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
             raise BudgetError(f"cannot read budget {spec!r}: {FORMS}")

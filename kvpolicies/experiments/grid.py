@@ -133,6 +133,20 @@ class SweepConfig(BaseModel):
     def _executor_name(cls, value):
         return {"executor": value} if isinstance(value, str) else value  # `execution: ray` is the Ray defaults
 
+    @model_validator(mode="before")
+    @classmethod
+    def _compression_ratios(cls, data):
+        """``compression_ratios: [0.25, 0.5]``, kvpress's way to write budgets (the fraction removed), becomes the
+        budgets they mean (0.75, 0.5): a cell is the same cell however its budget was written."""
+        if not isinstance(data, dict) or data.get("compression_ratios") is None:
+            return data
+        if data.get("budgets") is not None:
+            raise ValueError("give budgets (the kept fraction) or compression_ratios (kvpress's: the fraction "
+                             "removed), not both")
+        ratios = data["compression_ratios"]
+        rest = {name: value for name, value in data.items() if name != "compression_ratios"}
+        return rest | {"budgets": [Budget.from_compression_ratio(ratio) for ratio in _as_list(ratios)]}
+
     @field_validator("budgets", mode="before")
     @classmethod
     def _parse_budgets(cls, value):

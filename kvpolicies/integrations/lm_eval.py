@@ -63,7 +63,8 @@ class KVPoliciesLM(HFLM):
         self,
         pretrained: str | torch.nn.Module | None = None,
         policy: str | None = None,
-        budget: Budget | float | str = 1.0,
+        budget: Budget | float | str | None = None,
+        compression_ratio: float | str | None = None,
         slack_tokens: int | str | None = None,
         budget_windows: str | None = None,
         codec: str | None = None,
@@ -77,7 +78,8 @@ class KVPoliciesLM(HFLM):
         policy = policy or policy_with_role(Role.REFERENCE)  # no policy: keep everything, like lm-eval's own model
         if policy is None:
             raise UsageError("no policy= given and no installed policy keeps the whole cache; name a policy")
-        adapter_args = dict(pretrained=pretrained, budget=budget, slack_tokens=slack_tokens,
+        adapter_args = dict(pretrained=pretrained, budget=budget, compression_ratio=compression_ratio,
+                            slack_tokens=slack_tokens,
                             budget_windows=budget_windows, codec=codec, stream_chunk=stream_chunk,
                             prefill_chunk=prefill_chunk, protocol=protocol, device=device, dtype=dtype)
         options = _policy_options(policy, kwargs, adapter_args)  # takes the policy's own args out of kwargs
@@ -91,8 +93,16 @@ class KVPoliciesLM(HFLM):
                 f"{', '.join(sorted(_HFLM_ARGUMENTS))}"
             ) from None
         slack = None if slack_tokens is None else _count("slack_tokens", slack_tokens, minimum=0)
-        # The budget's own slack (16) and window rule (share) unless given.
-        self.kv_budget = Budget.parse(budget, slack_tokens=slack, windows=budget_windows or None)
+        # The budget's own slack (16) and window rule (share) unless given; no budget keeps everything.
+        windows = budget_windows or None
+        if compression_ratio not in (None, "") and budget not in (None, ""):
+            raise UsageError(f"budget={budget} and compression_ratio={compression_ratio} both say how much to keep; "
+                             "give one (compression_ratio is kvpress's: the fraction removed, so 0.75 = budget=0.25)")
+        if compression_ratio not in (None, ""):
+            self.kv_budget = Budget.from_compression_ratio(compression_ratio, slack_tokens=slack, windows=windows)
+        else:
+            self.kv_budget = Budget.parse(1.0 if budget in (None, "") else budget, slack_tokens=slack,
+                                          windows=windows)
         self.kv_codec = get_codec(codec or "full")  # an unknown name fails here, before the model loads
         self.stream_chunk = _count("stream_chunk", stream_chunk)
         self.prefill_chunk = None if prefill_chunk in (None, "", "None") else _count("prefill_chunk", prefill_chunk, minimum=2)
@@ -301,6 +311,7 @@ class KVPoliciesLM(HFLM):
             **self.kv_policy.identity(),
             "config_hash": self.kv_policy.config_hash(),
             "budget": self.kv_budget.model_dump(),
+            "compression_ratio": self.kv_budget.compression_ratio,  # kvpress's name for it: the fraction removed
             "codec": self.kv_codec.name,
             "stream_chunk": self.stream_chunk,
             "protocol": self.protocol.value,

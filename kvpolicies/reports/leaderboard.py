@@ -125,11 +125,17 @@ def task_tables(rows: list[Row]) -> list[tuple[str, list[str], list[list[Any]]]]
             body += [["ref", f"{r.policy} (no eviction)", f"{r.score:.3f}", _mib(r.resident_bytes), "100%",
                       _rate(r.prefill_tps), _rate(r.decode_tps), _mib(r.peak_memory_bytes), _load(r.load), r.samples]
                      for r in reference]
-            title = f"{task} — budget {budget} — {members[0].metric} ({'higher' if members[0].higher_is_better else 'lower'} is better) — {model}"
+            title = f"{task} — budget {budget_title(budget)} — {members[0].metric} ({'higher' if members[0].higher_is_better else 'lower'} is better) — {model}"
             headers = ["#", "policy", "score", "KV MiB", "of full", "prefill tok/s", "decode tok/s",
                        "peak +MiB", "load", "n"]
             tables.append((title, headers, body))
     return tables
+
+
+def budget_title(budget: float | str) -> str:
+    """A budget as the pages name it: the kept fraction, and kvpress's compression ratio (the fraction removed)
+    beside it, so that numbers read side by side with kvpress's; a budget in tokens or bytes as written."""
+    return f"{budget:g} (compression ratio {1 - budget:g})" if isinstance(budget, float) else str(budget)
 
 
 def overall_table(rows: list[Row]) -> tuple[str, list[str], list[list[Any]]]:
@@ -153,8 +159,10 @@ def overall_table(rows: list[Row]) -> tuple[str, list[str], list[list[Any]]]:
         means = {b: statistics.fmean(v) for b, v in per_budget.items()}
         body.append([policy, *(f"{means[b]:.3f}" if b in means else "" for b in budgets), _area(means), model])
     body.sort(key=lambda row: -float(row[-2]) if row[-2] != "" else 0)
-    headers = ["policy", *(f"@{b}" for b in budgets), "AUC", "model"]
-    title = "overall — mean over tasks of score relative to the full cache (1.0 = no loss)"
+    headers = ["policy", *(f"@{b}" + (f" (cr {1 - b:g})" if isinstance(b, float) else "") for b in budgets), "AUC",
+               "model"]
+    title = ("overall — mean over tasks of score relative to the full cache (1.0 = no loss), per budget (the kept "
+             "fraction; cr: kvpress's compression ratio, the fraction removed)")
     return title, headers, body
 
 
