@@ -165,7 +165,10 @@ def test_unknown_model_args_are_rejected_with_the_valid_options(tiny_pretrained)
         KVPoliciesLM(pretrained=tiny_pretrained, policy="l2norm", colour="red")
 
 
-def test_drop_in_command_passes_arguments_to_lm_eval_unchanged(tiny_pretrained, tmp_path, monkeypatch):
+def test_drop_in_command_passes_arguments_to_lm_eval_unchanged(tiny_pretrained, tmp_path, monkeypatch, capsys):
+    import lm_eval.utils
+
+    make_table = lm_eval.utils.make_table
     monkeypatch.chdir(tmp_path)  # relative paths resolve like lm_eval's own
     main([
         "lm-eval", "--model", "kvpolicies",
@@ -179,6 +182,17 @@ def test_drop_in_command_passes_arguments_to_lm_eval_unchanged(tiny_pretrained, 
     assert results["config"]["kvpolicies"]["policy"] == "random"
     assert results["config"]["kvpolicies"]["kv_memory"]["sequences"] == 1
     assert list(Path("out").rglob("samples_kvp_passkey_*.jsonl"))
+    # Under lm-eval's table of scores, the KV cache they were measured with, as the results file has it.
+    out = capsys.readouterr().out
+    memory = results["config"]["kvpolicies"]["kv_memory"]
+    header = next(line for line in out.splitlines() if line.startswith("| kvpolicies"))
+    row = out.splitlines()[out.splitlines().index(header) + 2]
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
+    assert out.index("exact_match") < out.index("| kvpolicies")
+    assert cells["kvpolicies"] == "random" and cells["budget"] == "0.5" and cells["compression ratio"] == "0.5"
+    assert cells["kept (mean)"] == f"{memory['resident_fraction_mean']:.1%}"
+    assert cells["KV MiB (peak)"] == f"{memory['resident_bytes_peak'] / 2**20:.2f}" and cells["sequences"] == "1"
+    assert lm_eval.utils.make_table is make_table  # lm-eval's own again once the command is done
 
 
 @pytest.mark.slow

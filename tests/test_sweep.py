@@ -221,6 +221,9 @@ def test_a_killed_sweep_resumes_and_ends_with_identical_results(tiny_pretrained,
     resumed = subprocess.run(sweep_command(config, interrupted), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{len(done_before)} already done" in resumed.stderr
+    # lm-eval's wrong --metadata hint is corrected, once, and HFLM's warnings on the model a sweep reuses are gone.
+    assert "Custom kwargs" not in resumed.stderr and "not of type `str`" not in resumed.stderr
+    assert resumed.stderr.count("kvp_passkey: its data parameters go in --metadata") <= 1
     subprocess.run(sweep_command(config, reference), capture_output=True, text=True, timeout=300, check=True)
 
     after, expected = finished(interrupted), finished(reference)

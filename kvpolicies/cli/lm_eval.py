@@ -3,13 +3,15 @@
 ``lm_eval`` discovers no models from plugins, so this command registers ours and hands every argument to lm-eval's
 parser unchanged. It adds what lm-eval cannot know: our help, a results folder named after the embedded model
 when ``pretrained=`` is not given (lm-eval would invent a random name), the device this machine has (lm-eval
-would pick ``cuda:0`` on any machine), and a check of ``--limit``.
+would pick ``cuda:0`` on any machine), a check of ``--limit``, and, under lm-eval's table of scores, the KV memory
+they were measured at.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from kvpolicies.errors import UsageError
 
@@ -59,6 +61,7 @@ def run_lm_eval(argv: Sequence[str]) -> int:
     from lm_eval.utils import setup_logging
 
     import kvpolicies.integrations.lm_eval  # noqa: F401  registers the model `kvpolicies`
+    from kvpolicies.integrations.lm_eval_logging import quiet_lm_eval
     from kvpolicies.integrations.models import EMBEDDED_MODEL, default_device
 
     argv = list(argv)
@@ -67,6 +70,7 @@ def run_lm_eval(argv: Sequence[str]) -> int:
         argv = ["run", "--help"] if not argv or argv[0] != "run" else argv
     sys.argv = ["lm_eval", *argv]
     setup_logging()
+    quiet_lm_eval()
     cli = HarnessCLI()
     args = cli.parse_args()
     if getattr(args, "model", None) == "kvpolicies":
@@ -81,5 +85,45 @@ def run_lm_eval(argv: Sequence[str]) -> int:
     if limit is not None and limit <= 0:
         raise UsageError(f"--limit {limit:g} would run no sample (lm-eval would run the whole task instead); give a "
                          "count >= 1, or a fraction in (0, 1)")
-    cli.execute(args)
+    import lm_eval.utils
+
+    # lm-eval's console table shows the scores; the KV memory they were measured at goes right under it.
+    original = lm_eval.utils.make_table
+    lm_eval.utils.make_table = with_kv_table(original)  # read by lm-eval's run command when it prints
+    try:
+        cli.execute(args)
+    finally:
+        lm_eval.utils.make_table = original
     return 0
+
+
+def with_kv_table(make_table: Callable[..., str]) -> Callable[..., str]:
+    """lm-eval's ``make_table``, followed by :func:`kv_table` under the results of a ``kvpolicies`` run."""
+
+    def table(result_dict: dict, column: str = "results", *args: Any, **kwargs: Any) -> str:
+        text = make_table(result_dict, column, *args, **kwargs)
+        info = (result_dict.get("config") or {}).get("kvpolicies")
+        return text if column != "results" or not info else f"{text}\n{kv_table(info)}\n"
+
+    return table
+
+
+def kv_table(info: dict[str, Any]) -> str:
+    """The KV cache the scores above were measured with: the policy, its budget (and kvpress's compression ratio),
+    and the bytes its sequences held, over every request of the run (``config.kvpolicies`` of the results file)."""
+    from tabulate import tabulate
+
+    from kvpolicies.engine.budget import Budget
+
+    budget = Budget.model_validate(info["budget"])
+    memory, speed = info.get("kv_memory") or {}, info.get("speed") or {}
+    mib = lambda value: "" if value is None else f"{value / 2**20:.2f}"  # noqa: E731
+    kept = memory.get("resident_fraction_mean")
+    rate = speed.get("decode_tokens_per_s")
+    row = [info.get("policy"), str(budget), "" if budget.compression_ratio is None else f"{budget.compression_ratio:g}",
+           info.get("codec", ""), info.get("protocol", ""), "" if kept is None else f"{kept:.1%}",
+           mib(memory.get("resident_bytes_peak")), mib(memory.get("full_bytes_peak")),
+           mib(memory.get("auxiliary_bytes_peak")), memory.get("sequences", ""), "" if rate is None else f"{rate:.1f}"]
+    headers = ["kvpolicies", "budget", "compression ratio", "codec", "protocol", "kept (mean)", "KV MiB (peak)",
+               "full MiB (peak)", "aux MiB (peak)", "sequences", "decode tok/s"]
+    return tabulate([row], headers=headers, tablefmt="pipe", disable_numparse=True)

@@ -63,6 +63,9 @@ class SweepWorker:
 
     def evaluate(self, cell_json: str) -> str:
         from kvpolicies.experiments.runner import evaluate
+        from kvpolicies.integrations.lm_eval_logging import quiet_lm_eval
+
+        quiet_lm_eval()
 
         record = evaluate(Cell.model_validate_json(cell_json))
         context = ray.get_runtime_context()

@@ -44,7 +44,9 @@ class LocalExecutor:
 
     def run(self, todo: Iterable[Cell], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]:
         from kvpolicies.experiments.runner import evaluate  # torch and lm-eval: only once a cell runs here
+        from kvpolicies.integrations.lm_eval_logging import quiet_lm_eval
 
+        quiet_lm_eval()
         for cell in todo:
             show(f"{cell.task.name} {cell.title} @ {cell.budget}")
             yield cell, evaluate(cell)
