@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from kvpolicies import get_policy
@@ -18,6 +19,7 @@ from kvpolicies.engine.budget import Budget
 from kvpolicies.errors import UsageError
 from kvpolicies.experiments.code_version import code_version
 from kvpolicies.experiments.grid import SweepConfig, cells
+from kvpolicies.integrations.loading import Loading
 from kvpolicies.experiments.sweep import run_sweep
 from kvpolicies.experiments.results import ResultRecord, load_results, write_record
 from kvpolicies.integrations.protocol import Protocol
@@ -413,7 +415,9 @@ def test_cells_of_one_model_share_its_loaded_weights(tiny_pretrained, tmp_path, 
     assert str(first.kv_budget) == "0.25" and str(second.kv_budget) == "0.5"
     copy = str(shutil.copytree(tiny_pretrained, tmp_path / "copy"))
     other = runner.cell_model(grid[0].model_copy(update={"model": copy}))
-    assert other.model is not first.model and list(runner._loaded) == [copy]  # one model in memory at a time
+    assert other.model is not first.model and [model for model, _ in runner._loaded] == [copy]  # one at a time
+    recast = runner.cell_model(grid[0].model_copy(update={"model": copy, "loading": Loading(dtype="bfloat16")}))
+    assert recast.model is not other.model and recast.model.dtype == torch.bfloat16  # loaded as its cell says
 
 
 def test_ray_options_without_the_ray_executor_are_refused(capsys):

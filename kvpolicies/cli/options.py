@@ -102,10 +102,14 @@ def fraction(text: str) -> float:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+    """``--model`` and how it is loaded (:class:`~kvpolicies.integrations.loading.Loading`)."""
+    from kvpolicies.integrations.loading import add_loading_arguments
+
     parser.add_argument("--model", help="model id, folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     if dtype:
         parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: bfloat16 on CUDA, float32 on CPU")
+    add_loading_arguments(parser, device_and_dtype=False)
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:

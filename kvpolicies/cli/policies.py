@@ -24,6 +24,7 @@ from kvpolicies.cli.options import (
     whole_number,
 )
 from kvpolicies.errors import UsageError
+from kvpolicies.integrations.loading import loading_of
 from kvpolicies.integrations.protocol import Protocol
 
 if TYPE_CHECKING:
@@ -146,7 +147,7 @@ def run_generate(args: argparse.Namespace) -> int:
     codec = get_codec(args.codec)  # an unknown name fails before the model loads
 
     print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, **loading_of(args).given())
     if args.raw or not getattr(tokenizer, "chat_template", None):
         inputs = tokenizer(prompt, return_tensors="pt")
     else:
@@ -222,7 +223,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     if text is not None and not text.strip():
         raise UsageError(f"the prompt in {args.file} is empty; give some text")
     print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, **loading_of(args).given())
     cache = CompressedCache(model, policy, budget, codec=codec)
     if args.file is None:
         tokens = cache.allocation(args.tokens).tokens
@@ -263,7 +264,7 @@ def run_head_scores(args: argparse.Namespace) -> int:
     from kvpolicies.integrations.models import EMBEDDED_MODEL, load_model
 
     print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, **loading_of(args).given())
     print(f"kvpolicies: probing {args.samples} passkey prompts of ~{args.tokens} tokens ...", file=sys.stderr)
     scores = retrieval_scores(model, tokenizer, samples=args.samples, context_tokens=args.tokens, seed=args.seed)
     save_head_scores(

@@ -20,6 +20,7 @@ from kvpolicies.cli.options import (
     write_or_print,
 )
 from kvpolicies.errors import UsageError
+from kvpolicies.integrations.loading import add_loading_arguments, loading_of
 
 
 def add_commands(commands) -> None:
@@ -62,6 +63,7 @@ def add_commands(commands) -> None:
                        help="decode N copies of the prompt together, row b left-padded (ragged layers everywhere)")
     bench.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     bench.add_argument("--dtype", help="float32, bfloat16, ... (default: bfloat16 on CUDA, float32 on CPU)")
+    add_loading_arguments(bench, device_and_dtype=False)
     bench.add_argument("--json", type=path, help="also write every measurement to this JSON file")
     bench.add_argument("--profile", action="store_true",
                        help="instead of the tables: where each run's time goes (torch profiler, top operators)")
@@ -164,18 +166,18 @@ def run_bench(args: argparse.Namespace) -> int:
         from kvpolicies.experiments.step_costs import step_costs
 
         policies, budgets = _checked(args.policies, args.budgets)
-        model, tokenizer = _load(args.model, args.device, args.dtype, args.random_model)
+        model, tokenizer = _load(args.model, args.device, args.dtype, args.random_model, loading_of(args).given())
         print(step_costs(model, tokenizer, args.contexts[0], policies, budgets, codec=args.codec))
         return 0
     if args.profile:
         print(profiles(args.model, args.contexts, args.policies, args.budgets, args.decode, args.prefill_chunk,
-                       args.device, args.dtype, args.random_model, codec=args.codec))
+                       args.device, args.dtype, args.random_model, codec=args.codec, loading=loading_of(args).given()))
         return 0
     header, results = benchmark(
         args.model, args.contexts, args.policies, args.budgets, args.decode, args.repeats, args.prefill_chunk,
         args.device, args.dtype, args.random_model, args.json,
         progress=lambda message: print(f"kvpolicies bench: {message}", file=sys.stderr), batch=args.batch,
-        codec=args.codec,
+        codec=args.codec, loading=loading_of(args).given(),
     )
     print(header + "\n\n" + tables(results))
     if args.json:

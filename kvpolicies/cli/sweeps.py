@@ -10,6 +10,7 @@ from typing import Any
 
 from kvpolicies.cli.options import comma_separated, path, text, write_or_print
 from kvpolicies.errors import UsageError
+from kvpolicies.integrations.loading import add_loading_arguments, loading_of
 
 GRID_HELP = "see README.md, 'Sweeps and leaderboards'"
 
@@ -45,6 +46,9 @@ def add_commands(commands) -> None:
     sweep.add_argument("--codec", type=text("a codec name"),
                        help="how every evicting policy stores its kept entries: full, int8, int4, ... (see "
                             "`kvpolicies list`; the full cache, the reference, stays at full precision)")
+    loading = sweep.add_argument_group("how the models load (a grid file's loading: section; dtype and revision "
+                                       "are part of each cell's key)")
+    add_loading_arguments(loading)
     sweep.add_argument("--limit", type=int, help="samples per task, at least 1 (default: the task's whole data)")
     sweep.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     cluster = sweep.add_argument_group("where cells run (README.md, 'Sweeps on a Ray cluster')")
@@ -135,6 +139,9 @@ def sweep_config(args: argparse.Namespace):
             raise UsageError(f"--codec {args.codec} turns two of the grid's policies into one ({merged[0].title}): "
                              "the grid already compares codecs; leave --codec out, or name the policies")
         updates["policies"] = coded
+    loading = loading_of(args).given()
+    if loading:  # flags override the file's loading section one by one
+        updates["loading"] = config.loading.model_dump(exclude_none=True) | loading
     given = {name: getattr(args, name) for name in ("executor", "address", "cpus_per_cell", "gpus_per_cell",
                                                     "max_retries") if getattr(args, name) is not None}
     if given:  # flags override the file's execution section one by one; --executor local drops its Ray settings

@@ -313,7 +313,7 @@ def benchmark(model_name: str | None = None, contexts: Sequence[int] = (2048,), 
               budgets: Sequence[str | float] = ("0.25",), decode_tokens: int = 32, repeats: int = 3,
               prefill_chunk: int | None = None, device: str | None = None, dtype: str | None = None,
               random_model: str | None = None, json_path=None, progress=None, batch: int = 1,
-              codec: str = "full") -> tuple[str, list[Measurement]]:
+              codec: str = "full", loading: dict | None = None) -> tuple[str, list[Measurement]]:
     """Load the model, measure every policy (default: every registered one) and describe the setting in a header;
     with ``json_path``, also save ``{"header", "results"}`` there (what the generated pages read)."""
     import json
@@ -325,7 +325,7 @@ def benchmark(model_name: str | None = None, contexts: Sequence[int] = (2048,), 
 
     policies, budgets = _checked(policies, budgets)
     get_codec(codec)  # an unknown name fails before the model loads
-    model, tokenizer = _load(model_name, device, dtype, random_model)
+    model, tokenizer = _load(model_name, device, dtype, random_model, loading)
     results = run_benchmark(model, tokenizer, list(contexts), policies, budgets, decode_tokens, repeats,
                             prefill_chunk, progress, batch, codec)
     where = (torch.cuda.get_device_name(model.device) if model.device.type == "cuda"
@@ -345,14 +345,14 @@ def benchmark(model_name: str | None = None, contexts: Sequence[int] = (2048,), 
 def profiles(model_name: str | None = None, contexts: Sequence[int] = (2048,), policies: Sequence[str] | None = None,
              budgets: Sequence[str | float] = ("0.25",), decode_tokens: int = 32, prefill_chunk: int | None = None,
              device: str | None = None, dtype: str | None = None, random_model: str | None = None,
-             rows: int = 12, codec: str = "full") -> str:
+             rows: int = 12, codec: str = "full", loading: dict | None = None) -> str:
     """``profile`` of the full cache (at full precision, the reference) and every policy × budget (storing its
     entries with ``codec``) at every context, as one text."""
     from kvpolicies.registry import get_codec
 
     policies, budgets = _checked(policies, budgets)
     get_codec(codec)  # an unknown name fails before the model loads
-    model, tokenizer = _load(model_name, device, dtype, random_model)
+    model, tokenizer = _load(model_name, device, dtype, random_model, loading)
     out = []
     for tokens in contexts:
         ids = prompt_ids(tokenizer, tokens, model.device, model.config.vocab_size)
@@ -395,12 +395,18 @@ def _checked(policies: Sequence[str] | None, budgets: Sequence[str | float]) -> 
     return names, [Budget.parse(budget) for budget in budgets]
 
 
-def _load(model_name: str | None, device: str | None, dtype: str | None, random_model: str | None):
-    """``(model, tokenizer)``; random-weight models have no tokenizer (their prompts are random ids)."""
+def _load(model_name: str | None, device: str | None, dtype: str | None, random_model: str | None,
+          loading: dict | None = None):
+    """``(model, tokenizer)``; random-weight models have no tokenizer (their prompts are random ids). ``loading``:
+    the other options of :class:`~kvpolicies.integrations.loading.Loading` (device map, attention, revision)."""
+    loading = {name: value for name, value in (loading or {}).items() if name not in ("device", "dtype")}
     if random_model:
         from kvpolicies.integrations.models import random_model as build
 
+        if loading:
+            raise UsageError(f"--random-model builds its weights here: {', '.join(sorted(loading))} apply to "
+                             "--model only")
         return build(random_model, device=device, dtype=dtype), None
     from kvpolicies.integrations.models import load_model
 
-    return load_model(model_name, device=device, dtype=dtype)
+    return load_model(model_name, device=device, dtype=dtype, **loading)

@@ -20,6 +20,7 @@ from kvpolicies.engine.policy import Role
 from kvpolicies.errors import UsageError, describe
 from kvpolicies.experiments.code_version import code_version
 from kvpolicies.experiments.execution import Execution
+from kvpolicies.integrations.loading import Loading
 from kvpolicies.integrations.models import EMBEDDED_MODEL
 from kvpolicies.integrations.protocol import Protocol
 from kvpolicies.registry import get_policy, list_policies, policy_with_role
@@ -112,6 +113,8 @@ class SweepConfig(BaseModel):
                                       description="query_aware and/or query_agnostic (kvpolicies.integrations.protocol)")
     execution: Execution = Field(default_factory=Execution, description="where cells run (local or Ray); never "
                                  "part of a cell's key")
+    loading: Loading = Field(default_factory=Loading, description="how every model of the grid is loaded: dtype "
+                             "and revision are part of each cell's key, the rest recorded with its result")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -267,6 +270,7 @@ class Cell(BaseModel):
     seed: int
     batch_size: int = 1
     protocol: Protocol = Protocol.QUERY_AWARE
+    loading: Loading = Field(default_factory=Loading)
 
     @property
     def title(self) -> str:
@@ -293,7 +297,7 @@ class Cell(BaseModel):
             "batch_size": self.batch_size,
             "protocol": self.protocol.value,
             "code_version": code_version(policy, self.task.name, codec),
-        } | ({"codec": codec} if codec else {})
+        } | ({"codec": codec} if codec else {}) | self.loading.identity()
 
     def key(self) -> str:
         text = json.dumps(self.identity(), sort_keys=True, default=str)
@@ -309,7 +313,7 @@ def cells(config: SweepConfig) -> list[Cell]:
         for task in config.reference_tasks:
             for spec in reference:
                 cell = Cell(model=model, task=task, policy=spec, budget=1.0, seed=config.seed,
-                            batch_size=config.batch_size)
+                            batch_size=config.batch_size, loading=config.loading)
                 grid.setdefault(cell.key(), cell)
         for task in config.tasks:
             for spec in config.resolved_policies():
@@ -319,6 +323,6 @@ def cells(config: SweepConfig) -> list[Cell]:
                     protocols = spec.protocols or config.protocols
                     for protocol in protocols if compresses else [Protocol.QUERY_AWARE]:
                         cell = Cell(model=model, task=task, policy=spec, budget=budget, seed=config.seed,
-                                    batch_size=config.batch_size, protocol=protocol)
+                                    batch_size=config.batch_size, protocol=protocol, loading=config.loading)
                         grid.setdefault(cell.key(), cell)
     return list(grid.values())

@@ -158,6 +158,8 @@ class ResultRecord(BaseModel):
     """Peak memory the cell needed above what the process held when it started."""
     wall_s: Amount | None = None
     device: str | None = None
+    loading: dict[str, Any] | None = None
+    """How the model was loaded where the cell ran (``runner.loaded_as``): dtype, attention, devices, revision."""
     worker: Worker | None = None
 
     error: str | None = None

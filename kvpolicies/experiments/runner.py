@@ -42,8 +42,9 @@ def _task_manager(metadata_json: str):
     return TaskManager(include_path=str(tasks_dir()), metadata=json.loads(metadata_json))
 
 
-_loaded: dict[str | None, tuple[Any, Any]] = {}
-"""The model (and tokenizer) of the last cell, by model name: the next cell of the same model reuses it."""
+_loaded: dict[tuple[str | None, Any], tuple[Any, Any]] = {}
+"""The model (and tokenizer) of the last cell, by model name and loading options: the next cell of the same model,
+loaded the same way, reuses it."""
 
 
 def cell_model(cell: Cell):
@@ -57,17 +58,18 @@ def cell_model(cell: Cell):
     options = dict(policy=cell.policy.name, budget=cell.budget, codec=cell.policy.codec, batch_size=cell.batch_size,
                    protocol=cell.protocol.value,  # the policy's options by name: none is mistaken for a model arg
                    **{f"policy.{name}": value for name, value in cell.policy.options.items()})
-    if cell.model in _loaded:
-        model, tokenizer = _loaded[cell.model]
+    loaded = (cell.model, cell.loading)
+    if loaded in _loaded:
+        model, tokenizer = _loaded[loaded]
         return KVPoliciesLM(pretrained=model, tokenizer=tokenizer, **options)
     _loaded.clear()
     try:
-        lm = KVPoliciesLM(pretrained=cell.model, **options)
+        lm = KVPoliciesLM(pretrained=cell.model, **cell.loading.given(), **options)
     except KVPoliciesError:  # named already (a bad path, an option of ours)
         raise
     except (OSError, ValueError) as error:  # transformers' (or lm-eval's) word for a model it cannot load
         raise load_failure(cell.model, error) from None
-    _loaded[cell.model] = (lm.model, lm.tokenizer)
+    _loaded[loaded] = (lm.model, lm.tokenizer)
     return lm
 
 
@@ -110,6 +112,19 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         "peak_memory_growth_bytes": peak.growth_bytes,
         "wall_s": time.perf_counter() - started,
         "device": str(lm.device) + (f" ({torch.cuda.get_device_name(lm.device)})" if lm.device.type == "cuda" else ""),
+        "loading": loaded_as(lm.model, cell),
+    }
+
+
+def loaded_as(model, cell: Cell) -> dict[str, Any]:
+    """How the cell's model was really loaded, the defaults resolved where it ran: its dtype, attention, placement
+    (one device, or the devices accelerate spread it over) and revision."""
+    return {
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "attn_implementation": model.config._attn_implementation,
+        "device_map": cell.loading.device_map,
+        "devices": sorted({str(parameter.device) for parameter in model.parameters()}),
+        "revision": cell.loading.revision,
     }
 
 

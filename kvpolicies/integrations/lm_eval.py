@@ -73,6 +73,8 @@ class KVPoliciesLM(HFLM):
         protocol: str | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        device_map: str | None = None,
+        attn_implementation: str | None = None,
         **kwargs: Any,
     ) -> None:
         policy = policy or policy_with_role(Role.REFERENCE)  # no policy: keep everything, like lm-eval's own model
@@ -81,7 +83,8 @@ class KVPoliciesLM(HFLM):
         adapter_args = dict(pretrained=pretrained, budget=budget, compression_ratio=compression_ratio,
                             slack_tokens=slack_tokens,
                             budget_windows=budget_windows, codec=codec, stream_chunk=stream_chunk,
-                            prefill_chunk=prefill_chunk, protocol=protocol, device=device, dtype=dtype)
+                            prefill_chunk=prefill_chunk, protocol=protocol, device=device, dtype=dtype,
+                            device_map=device_map, attn_implementation=attn_implementation)
         options = _policy_options(policy, kwargs, adapter_args)  # takes the policy's own args out of kwargs
         try:
             # One instance per model, built from its own args; policies keep no state, so its caches share it.
@@ -115,9 +118,16 @@ class KVPoliciesLM(HFLM):
             super().__init__(pretrained=pretrained, **kwargs)
         else:
             source, _ = resolve_source(pretrained)
-            resolved = resolve_device(device)
-            dtype = str(resolve_dtype(dtype, resolved)).removeprefix("torch.")
-            super().__init__(pretrained=source, device=str(resolved), dtype=dtype, **kwargs)
+            if device_map not in (None, ""):
+                placement = _spread(device_map, device)
+            else:
+                resolved = resolve_device(device)
+                placement = {"device": str(resolved)}
+            first = torch.device(placement.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
+            dtype = str(resolve_dtype(dtype, first)).removeprefix("torch.")
+            if attn_implementation not in (None, ""):
+                kwargs["attn_implementation"] = attn_implementation
+            super().__init__(pretrained=source, dtype=dtype, **placement, **kwargs)
         if self.backend != "causal":
             raise ModelLoadError("kvpolicies evaluates decoder-only (causal) models")
         prepare_model(self.model)
@@ -447,6 +457,19 @@ class Timings:
             "prefill_s": self.prefill_s,
             "decode_s": self.decode_s,
         }
+
+
+def _spread(device_map: str, device: str | None) -> dict[str, Any]:
+    """HFLM's arguments for ``device_map=auto``: its own ``parallelize`` (accelerate spreads the model over every
+    visible GPU); on a machine without one, the CPU holds it all, as accelerate would place it."""
+    if device_map != "auto":
+        raise UsageError(f"device_map={device_map}: give device_map=auto (accelerate spreads the model over every "
+                         "visible GPU) or leave it out and give device=")
+    if device not in (None, ""):
+        raise UsageError(f"device_map=auto places the model itself; give it or device={device}, not both")
+    if not torch.cuda.is_available():
+        return {"device": "cpu"}
+    return {"parallelize": True}
 
 
 def _count(name: str, value: Any, minimum: int = 1) -> int:

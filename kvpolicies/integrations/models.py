@@ -94,26 +94,37 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
+    revision: str | None = None,
+    device_map: str | None = None,
 ):
     """Load ``(model, tokenizer)``; ``None`` or ``"smollm2-135m-instruct"`` is the embedded model.
 
     ``name_or_path`` may be a transformers model id, a local folder, or a ``.gguf`` file. Device defaults to CUDA
-    (bf16) when present, else CPU (fp32).
+    (bf16) when present, else CPU (fp32); ``device_map="auto"`` lets accelerate spread the model over every visible
+    GPU instead (its dtype then defaults by the first GPU). The options are those of
+    :class:`~kvpolicies.integrations.loading.Loading`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    if device_map is not None and device is not None:
+        raise UsageError(f"device_map={device_map} places the model itself; give it or device={device}, not both")
+    placed = resolve_device(device)
+    dtype = resolve_dtype(dtype, placed)
     source, options = resolve_source(name_or_path)
+    if revision is not None:
+        options = options | {"revision": revision}
+    placement = {"device_map": device_map} if device_map is not None else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn_implementation, **options
+            source, dtype=dtype, attn_implementation=attn_implementation or "sdpa", **placement, **options
         )
     except (OSError, ValueError) as error:  # transformers reports a missing or unreadable model as either
         raise load_failure(name_or_path, error) from None
-    model.to(device).eval()
+    if device_map is None:
+        model.to(placed)
+    model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
