@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvpolicies.cli.options import comma_separated, path, text, write_or_print
+from kvpolicies.cli.options import comma_separated, path, text, whole_number, write_or_print
 from kvpolicies.errors import UsageError
 from kvpolicies.integrations.loading import add_loading_arguments, loading_of
 
@@ -50,7 +50,15 @@ def add_commands(commands) -> None:
                                        "are part of each cell's key)")
     add_loading_arguments(loading)
     sweep.add_argument("--limit", type=int, help="samples per task, at least 1 (default: the task's whole data)")
+    sweep.add_argument("--prefill-chunk", type=whole_number(2), metavar="N",
+                       help="prefill prompts N tokens at a time, evicting between chunks: memory follows the budget "
+                            "(part of each cell's key; --dry-run says which N fits the device)")
     sweep.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="run nothing, load no model: the cells, samples, and per cell an estimate of peak memory "
+                            "and time on this device, with the prefill chunk that fits")
+    sweep.add_argument("--memory", type=float, metavar="GIB",
+                       help="with --dry-run: the memory to fit in, GiB (default: this GPU's, or this machine's RAM)")
     cluster = sweep.add_argument_group("where cells run (README.md, 'Sweeps on a Ray cluster')")
     cluster.add_argument("--executor", choices=["local", "ray"],
                          help="local: one cell after another in this process (default); ray: each cell on a Ray "
@@ -147,6 +155,8 @@ def sweep_config(args: argparse.Namespace):
     if given:  # flags override the file's execution section one by one; --executor local drops its Ray settings
         from_file = {} if given.get("executor") == "local" else config.execution.model_dump(exclude_none=True)
         updates["execution"] = from_file | given
+    if getattr(args, "prefill_chunk", None) is not None:
+        updates["prefill_chunk"] = args.prefill_chunk
     config = SweepConfig.model_validate(config.model_dump() | updates)
     if args.limit is not None:  # validated copies: model_copy(update=...) would skip the check on limit
         config.tasks = [TaskSpec.model_validate(task.model_dump() | {"limit": args.limit}) for task in config.tasks]
@@ -167,6 +177,13 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     config = sweep_config(args)
     results = args.results or Path("results") / ("quick" if args.quick else args.preset or "default")
+    if args.dry_run:
+        from kvpolicies.experiments.dry_run import dry_run, finished_keys
+
+        print(dry_run(config, finished_keys(config, results), memory_gib=args.memory))
+        return 0
+    if args.memory is not None:
+        raise UsageError("--memory sizes the estimate of --dry-run; give --dry-run too, or leave --memory out")
     try:
         failed = sum(record.status != "ok" for record in run_sweep(config, results, executor=executor(config)))
     except KeyboardInterrupt:

@@ -115,6 +115,9 @@ class SweepConfig(BaseModel):
                                  "part of a cell's key")
     loading: Loading = Field(default_factory=Loading, description="how every model of the grid is loaded: dtype "
                              "and revision are part of each cell's key, the rest recorded with its result")
+    prefill_chunk: StrictInt | None = Field(None, ge=2, description="prefill generation prompts this many tokens "
+                                            "at a time, evicting between chunks (memory follows the budget, and "
+                                            "results may change: part of each cell's key)")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -271,6 +274,7 @@ class Cell(BaseModel):
     batch_size: int = 1
     protocol: Protocol = Protocol.QUERY_AWARE
     loading: Loading = Field(default_factory=Loading)
+    prefill_chunk: int | None = None
 
     @property
     def title(self) -> str:
@@ -297,7 +301,8 @@ class Cell(BaseModel):
             "batch_size": self.batch_size,
             "protocol": self.protocol.value,
             "code_version": code_version(policy, self.task.name, codec),
-        } | ({"codec": codec} if codec else {}) | self.loading.identity()
+        } | ({"codec": codec} if codec else {}) | self.loading.identity() | (
+            {"prefill_chunk": self.prefill_chunk} if self.prefill_chunk else {})
 
     def key(self) -> str:
         text = json.dumps(self.identity(), sort_keys=True, default=str)
@@ -313,7 +318,7 @@ def cells(config: SweepConfig) -> list[Cell]:
         for task in config.reference_tasks:
             for spec in reference:
                 cell = Cell(model=model, task=task, policy=spec, budget=1.0, seed=config.seed,
-                            batch_size=config.batch_size, loading=config.loading)
+                            batch_size=config.batch_size, loading=config.loading, prefill_chunk=config.prefill_chunk)
                 grid.setdefault(cell.key(), cell)
         for task in config.tasks:
             for spec in config.resolved_policies():
@@ -323,6 +328,7 @@ def cells(config: SweepConfig) -> list[Cell]:
                     protocols = spec.protocols or config.protocols
                     for protocol in protocols if compresses else [Protocol.QUERY_AWARE]:
                         cell = Cell(model=model, task=task, policy=spec, budget=budget, seed=config.seed,
-                                    batch_size=config.batch_size, protocol=protocol, loading=config.loading)
+                                    batch_size=config.batch_size, protocol=protocol, loading=config.loading,
+                                    prefill_chunk=config.prefill_chunk)
                         grid.setdefault(cell.key(), cell)
     return list(grid.values())

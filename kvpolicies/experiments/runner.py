@@ -56,7 +56,8 @@ def cell_model(cell: Cell):
     from kvpolicies.integrations.models import load_failure
 
     options = dict(policy=cell.policy.name, budget=cell.budget, codec=cell.policy.codec, batch_size=cell.batch_size,
-                   protocol=cell.protocol.value,  # the policy's options by name: none is mistaken for a model arg
+                   protocol=cell.protocol.value, prefill_chunk=cell.prefill_chunk,
+                   # the policy's options by name: none is mistaken for a model arg
                    **{f"policy.{name}": value for name, value in cell.policy.options.items()})
     loaded = (cell.model, cell.loading)
     if loaded in _loaded:

@@ -237,6 +237,11 @@ RANDOM_SHAPES: dict[str, dict] = {
         "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     },
+    "qwen3-8b": {  # Qwen3's QK-norm adds 2 · head_dim weights per layer, nothing a cost depends on
+        "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+    },
 }
 """Architectures benchmarked with random weights: the cost of a policy depends on shapes, not on training."""
 

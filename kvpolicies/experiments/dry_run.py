@@ -1,0 +1,297 @@
+"""What a sweep will cost, said before it starts (``kvpolicies sweep --dry-run``): its cells, models, tasks and samples,
+and per cell an estimate of peak memory and time for the model's real shape on this device, with the prefill chunk
+that fits.
+
+Nothing is loaded: a model's shape comes from its config (the local cache, or the hub where it is reachable), else
+from a table of known shapes, and its parameters are counted on the meta device. The estimate is a roofline:
+
+- **memory** = weights + the KV cache at the cell's budget (while a layer is prefilled it holds the whole prompt
+  before its cut, so one layer counts in full) + a prefill chunk's activations (hidden states, the MLP's
+  intermediate rows, the attention's output) + the policy's scoring buffer (float32 attention of a block of 256
+  queries over the prompt, the largest signal a built-in computes);
+- **time** = per sample, the prefill's FLOPs (``2 · parameters · tokens`` plus causal attention) at the device's
+  measured matrix-multiply rate, and per generated token the larger of its FLOPs at that rate and the bytes it must
+  read (weights and kept KV) at the device's measured copy bandwidth.
+
+Both rates are measured on the device in a second before the estimate. Generation is counted at each task's
+``max_gen_toks`` (an answer that stops sooner costs less); the policies' scoring and eviction and lm-eval's own work
+are not counted: docs/performance.md compares the estimate with measured sweeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+
+from kvpolicies.errors import UsageError
+from kvpolicies.experiments.grid import Cell, SweepConfig, cells
+
+KNOWN_SHAPES = {
+    "meta-llama/Llama-3.1-8B-Instruct": "llama3-8b", "meta-llama/Llama-3.1-8B": "llama3-8b",
+    "meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b", "meta-llama/Meta-Llama-3-8B": "llama3-8b",
+    "Qwen/Qwen3-8B": "qwen3-8b",
+}
+"""Hub ids whose shape is known here without their config (``RANDOM_SHAPES`` in integrations.models)."""
+
+SCORING_QUERIES = 256
+"""Queries per block when a signal computes attention (``signals.attention_received``'s chunk)."""
+CHUNKS = (None, 16384, 8192, 4096, 2048, 1024, 512)
+"""Prefill chunks tried, largest first (None: the whole prompt in one pass)."""
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate reads of a model."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    parameters: int
+    source: str
+    """Where the shape came from: its config, or the table of known shapes."""
+
+    def kv_bytes(self, tokens: float, dtype_bytes: int) -> float:
+        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes * tokens
+
+
+@dataclass(frozen=True)
+class Device:
+    """The device the estimate is for, with the rates measured on it."""
+
+    name: str
+    flops: float
+    """Matrix-multiply rate measured in the sweep's dtype, per second."""
+    bandwidth: float
+    """Copy bandwidth measured, bytes per second (read and write counted)."""
+    memory: int
+    """Memory the sweep can use: the GPU's, or the machine's RAM on a CPU."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One task of the grid: its samples and their token lengths."""
+
+    task: str
+    samples: int | None
+    """Samples per cell (None: unknown, a task of lm-eval's that the estimate cannot size)."""
+    lengths: tuple[tuple[int, int], ...]
+    """``(prompt tokens, samples)`` per length."""
+    generated: int
+
+
+def model_shape(model: str | None) -> Shape:
+    """The shape of ``model`` without loading it (see the module's docstring)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvpolicies.integrations.models import random_config, resolve_source
+
+    source, options = resolve_source(model)
+    try:  # the local cache first, then the known shapes: a hub that cannot be reached costs retries
+        config, where = AutoConfig.from_pretrained(source, **options | {"local_files_only": True}), "its config"
+    except (OSError, ValueError):
+        if model in KNOWN_SHAPES:
+            config = random_config(KNOWN_SHAPES[model])
+            where = f"the known shape of {model}; its config is not in the local cache"
+        else:
+            try:
+                config, where = AutoConfig.from_pretrained(source, **options), "its config, from the hub"
+            except (OSError, ValueError):
+                raise UsageError(f"cannot read the config of model {model!r} (not in the local cache, and the hub "
+                                 "not reachable) and its shape is not among the known ones "
+                                 f"({', '.join(KNOWN_SHAPES)}); run the dry run where the hub is reachable, or "
+                                 f"download the model's config first (`hf download {model} config.json`)") from None
+    text = config.get_text_config(decoder=True)
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    heads = text.num_attention_heads
+    return Shape(layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
+                 heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+                 head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
+                 parameters=parameters, source=where)
+
+
+def measure_device(device: torch.device, dtype: torch.dtype) -> Device:
+    """Matrix-multiply rate and copy bandwidth of ``device``, measured in about a second, and its memory."""
+    import psutil
+
+    from kvpolicies.engine.clock import clock
+
+    size = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    block = torch.empty((256 if device.type == "cuda" else 64) * 2**20, dtype=torch.uint8, device=device)
+
+    def rate(run, work: float, repeats: int = 5) -> float:
+        run()  # warm-up
+        started = clock(device)
+        for _ in range(repeats):
+            run()
+        return work * repeats / max(clock(device) - started, 1e-9)
+
+    flops = rate(lambda: a @ b, 2 * size**3)
+    bandwidth = rate(lambda: block.clone(), 2 * block.numel())
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+        name = torch.cuda.get_device_name(device)
+    else:
+        memory = psutil.virtual_memory().total
+        name = f"CPU, {torch.get_num_threads()} threads"
+    return Device(name=name, flops=flops, bandwidth=bandwidth, memory=memory)
+
+
+def workload(cell: Cell) -> Workload:
+    """The samples of ``cell``'s task and their prompt lengths, from its metadata and limit."""
+    from kvpolicies_evals.data import DEFAULT_DEPTHS, DEFAULT_PER_CELL
+    from kvpolicies_evals.metadata import schema
+    from kvpolicies_evals.tasks import generated_tokens
+
+    task, metadata, limit = cell.task.name, cell.task.metadata, cell.task.limit
+    kind = schema(task)
+    generated = generated_tokens(task)
+    if kind is None:  # lm-eval's own task: only a limit says how many samples; their lengths are unknown here
+        return Workload(task=task, samples=None, lengths=(), generated=generated)
+    lengths = list(metadata.get(kind.LENGTHS) or kind.DEFAULT_LENGTHS)
+    if kind.LENGTHS_INCLUDE_GENERATION:
+        lengths = [length - generated for length in lengths]
+        per_length = 500  # lm-eval's RULER draws 500 samples per length
+    else:
+        per_length = kind.samples_per_length(metadata) or len(DEFAULT_DEPTHS) * DEFAULT_PER_CELL
+    counted, left = [], limit
+    for length in lengths:  # lm-eval takes the first `limit` samples: shortest lengths first
+        take = per_length if left is None else min(per_length, left)
+        if take > 0:
+            counted.append((length, take))
+        left = None if left is None else left - take
+    return Workload(task=task, samples=sum(n for _, n in counted), lengths=tuple(counted), generated=generated)
+
+
+def cell_memory(shape: Shape, cell: Cell, length: int, generated: int, dtype_bytes: int,
+                chunk: int | None) -> dict[str, float]:
+    """Peak bytes of one cell's sample of ``length`` prompt tokens, by part."""
+    from kvpolicies.registry import get_policy
+
+    policy = get_policy(cell.policy.name, **cell.policy.options)
+    kept = 1.0 if not policy.compresses or cell.budget.unit != "fraction" else cell.budget.value
+    total = length + generated
+    one_layer = shape.kv_bytes(length, dtype_bytes) / shape.layers  # the layer being prefilled, before its cut
+    kv = shape.kv_bytes(total * kept + cell.budget.slack_tokens, dtype_bytes) + (one_layer if kept < 1 else 0)
+    rows = min(chunk or length, length) * cell.batch_size
+    activations = rows * dtype_bytes * (4 * shape.hidden + 3 * shape.intermediate + 2 * shape.heads * shape.head_dim)
+    scoring = (4 * shape.heads * min(SCORING_QUERIES, length) * length * cell.batch_size) if kept < 1 else 0
+    return {"weights": shape.parameters * dtype_bytes, "kv": kv, "activations": activations, "scoring": scoring}
+
+
+def cell_seconds(shape: Shape, device: Device, work: Workload, budget: float, dtype_bytes: int) -> float | None:
+    """Estimated seconds of one cell (None where the task's samples are unknown)."""
+    if work.samples is None:
+        return None
+    seconds = 0.0
+    attention = 2 * shape.layers * shape.heads * shape.head_dim  # FLOPs per (query, key) pair, q·k and p·v
+    for length, samples in work.lengths:
+        prefill = 2 * shape.parameters * length + attention * length * length / 2
+        kept = length * budget
+        per_token = max((2 * shape.parameters + attention * kept) / device.flops,
+                        (shape.parameters * dtype_bytes + shape.kv_bytes(kept, dtype_bytes)) / device.bandwidth)
+        seconds += samples * (prefill / device.flops + work.generated * per_token)
+    return seconds
+
+
+def dry_run(config: SweepConfig, done: set[str] | None = None, device: str | None = None,
+            memory_gib: float | None = None) -> str:
+    """The plan of ``config``'s sweep as text: cells to run (``done`` keys skipped), then per model and task the
+    samples, the estimated peak memory and time of a cell, and the prefill chunk that fits the device."""
+    from tabulate import tabulate
+
+    from kvpolicies.integrations.models import resolve_device, resolve_dtype
+
+    grid = cells(config)
+    todo = [cell for cell in grid if cell.key() not in (done or set())]
+    placed = resolve_device(device or config.loading.device)
+    dtype = resolve_dtype(config.loading.dtype, placed)
+    dtype_bytes = torch.empty(0, dtype=dtype).element_size()
+    measured = measure_device(placed, dtype)
+    memory = int(memory_gib * GIB) if memory_gib is not None else measured.memory
+    lines = [f"{len(grid)} cells, {len(grid) - len(todo)} already done, {len(todo)} to run; device: {placed} "
+             f"({measured.name}; measured {measured.flops / 1e12:.2f} TFLOP/s in {str(dtype).removeprefix('torch.')}, "
+             f"{measured.bandwidth / 1e9:.0f} GB/s; {memory / GIB:.0f} GiB"
+             + (" as given" if memory_gib is not None else "") + ")"]
+    total_s, unknown = 0.0, 0
+    rows = []
+    for model in dict.fromkeys(cell.model for cell in todo):
+        shape = model_shape(model)
+        lines.append(f"model {model or 'the embedded model'}: {shape.parameters / 1e9:.2f} B parameters, "
+                     f"{shape.layers} layers, {shape.heads} query heads, {shape.kv_heads} KV heads of "
+                     f"{shape.head_dim} (from {shape.source})")
+        tasks = {cell.task.model_dump_json(): cell.task for cell in todo if cell.model == model}
+        for task in tasks.values():
+            ran = [cell for cell in todo if cell.model == model and cell.task == task]
+            work = workload(ran[0])
+            seconds = [cell_seconds(shape, measured, work, _kept(cell), dtype_bytes) for cell in ran]
+            if any(s is None for s in seconds):
+                unknown += len(ran)
+            else:
+                total_s += sum(seconds)
+            longest = max((length for length, _ in work.lengths), default=None)
+            peak, fits = _peak_and_chunk(shape, ran, longest, work.generated, dtype_bytes, memory)
+            rows.append([model or "embedded", task.name, len(ran), "?" if work.samples is None else work.samples,
+                         "?" if longest is None else longest, "?" if peak is None else f"{peak / GIB:.1f}",
+                         fits, "?" if None in seconds else _duration(max(seconds))])
+    lines.append(tabulate(rows, headers=["model", "task", "cells", "samples/cell", "longest prompt",
+                                         "peak GiB (worst cell)", "prefill chunk that fits", "time (longest cell)"],
+                          tablefmt="simple"))
+    lines.append(f"estimated total: {_duration(total_s)}" + (f", plus {unknown} cells of tasks whose samples are "
+                                                            "unknown here (give them a limit)" if unknown else "")
+                 + "; generation counted at each task's max_gen_toks, the policies' scoring and eviction and "
+                   "lm-eval's own work not counted (docs/performance.md compares it with measured sweeps)")
+    return "\n".join(lines)
+
+
+def _kept(cell: Cell) -> float:
+    from kvpolicies.registry import get_policy
+
+    compresses = get_policy(cell.policy.name, **cell.policy.options).compresses
+    return cell.budget.value if compresses and cell.budget.unit == "fraction" else 1.0
+
+
+def _peak_and_chunk(shape: Shape, ran: Sequence[Cell], longest: int | None, generated: int, dtype_bytes: int,
+                    memory: int) -> tuple[float | None, str]:
+    """The worst cell's peak without chunking, and the largest prefill chunk with which every cell fits."""
+    if longest is None:
+        return None, "?"
+
+    def peak(chunk: int | None) -> float:
+        return max(sum(cell_memory(shape, cell, longest, generated, dtype_bytes, chunk).values()) for cell in ran)
+
+    for chunk in CHUNKS:
+        if chunk is not None and chunk >= longest:
+            continue
+        if peak(chunk) <= memory * 0.9:  # a tenth kept for the allocator, CUDA's context and lm-eval
+            return peak(None), "none needed" if chunk is None else f"--prefill-chunk {chunk}"
+    return peak(None), f"none: over {memory / GIB:.0f} GiB even at {CHUNKS[-1]}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def finished_keys(config: SweepConfig, results: Path) -> set[str]:
+    """Keys of ``config``'s cells already finished in ``results`` (read only: nothing is claimed or written)."""
+    from kvpolicies.experiments.store import ResultsStore
+
+    if not results.is_dir():
+        return set()
+    with ResultsStore(results) as store:
+        return {cell.key() for cell in cells(config) if store.finished(cell) is not None}

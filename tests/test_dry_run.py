@@ -1,0 +1,73 @@
+"""`kvpolicies sweep --dry-run`: the plan of a sweep, without loading a model, with estimates that rest on the
+model's real shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kvpolicies.cli import main
+from kvpolicies.engine.cache import CompressedCache
+from kvpolicies.experiments.dry_run import cell_memory, model_shape, workload
+from kvpolicies.experiments.grid import SweepConfig, cells
+from kvpolicies.integrations.models import load_model
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """A dry run loads no model: any attempt to load weights fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dry run loaded a model")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_the_gpu_presets_dry_run_prints_an_8b_grid_without_loading_it(no_weights, capsys, tmp_path):
+    assert main(["sweep", "--preset", "ruler-gpu", "--dry-run", "--results", str(tmp_path / "none"),
+                 "--memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2730 cells, 0 already done, 2730 to run")  # 26 tasks x (13 policies x 4 x 2 + full)
+    assert "Qwen/Qwen3-8B: 8.19 B parameters, 36 layers, 32 query heads, 8 KV heads of 128" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("Qwen/Qwen3-8B  kvp_ruler_")]
+    assert len(rows) == 26 and all(row[2:4] == ["105", "500"] for row in rows)
+    assert {row[4] for row in rows} >= {"3968", "8064"}  # 4k and 8k, the answer's tokens taken out
+    assert all(row[6:8] == ["none", "needed"] for row in rows)  # 80 GiB hold 8k of an 8B model in bf16
+    assert "estimated total:" in out
+
+
+def test_a_small_memory_asks_for_a_prefill_chunk(no_weights, capsys, tmp_path):
+    """Weights of 15.3 GiB and a 16 GiB device leave too little for 8k tokens' activations in one pass."""
+    assert main(["sweep", "--preset", "ruler-gpu", "--dry-run", "--results", str(tmp_path), "--memory", "18.5"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Qwen/Qwen3-8B  kvp_ruler_")]
+    assert all("--prefill-chunk" in row for row in rows[13:])
+
+
+def test_the_shape_counts_the_real_models_parameters_and_the_kv_estimate_is_the_caches_own(tiny_pretrained):
+    model, _ = load_model(tiny_pretrained, device="cpu", dtype="float32")
+    shape = model_shape(tiny_pretrained)
+    assert shape.parameters == sum(p.numel() for p in model.parameters()) and shape.source == "its config"
+    config = SweepConfig.model_validate({"models": [tiny_pretrained], "policies": ["full"],
+                                         "tasks": [{"name": "kvp_passkey", "metadata": {"lengths": [200]}}]})
+    [cell] = cells(config)
+    cache = CompressedCache(model, "full", 1.0)
+    with torch.no_grad():
+        model(torch.randint(3, 100, (1, 200)), cache=cache)
+    memory = cell_memory(shape, cell, 200, 0, 4, None)
+    assert memory["kv"] == cache.stats().full_bytes + shape.kv_bytes(cell.budget.slack_tokens, 4)
+    assert memory["weights"] == shape.parameters * 4 and memory["scoring"] == 0  # the full cache scores nothing
+
+
+def test_samples_follow_the_tasks_metadata_and_the_limit():
+    config = SweepConfig.model_validate({"policies": ["full"], "tasks": [
+        {"name": "kvp_passkey", "metadata": {"lengths": [1024, 2048], "depths": [0.5], "per_cell": 3}, "limit": 4},
+        {"name": "kvp_ruler_vt", "metadata": {"max_seq_lengths": [4096]}}]})
+    passkey, ruler = (workload(cell) for cell in cells(config))
+    assert passkey.samples == 4 and passkey.lengths == ((1024, 3), (2048, 1))  # the first 4: shortest first
+    assert ruler.samples == 500 and ruler.lengths[0][0] == 4096 - ruler.generated
+
+
+def test_memory_without_a_dry_run_is_refused(capsys):
+    assert main(["sweep", "--quick", "--memory", "80"]) == 2
+    assert "--memory sizes the estimate of --dry-run" in capsys.readouterr().err
