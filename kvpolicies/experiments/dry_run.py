@@ -128,12 +128,18 @@ def measure_device(device: torch.device, dtype: torch.dtype) -> Device:
     b = torch.randn(size, size, device=device).to(dtype)
     block = torch.empty((256 if device.type == "cuda" else 64) * 2**20, dtype=torch.uint8, device=device)
 
-    def rate(run, work: float, repeats: int = 5) -> float:
+    def rate(run, work: float, rounds: int = 3, seconds: float = 0.15) -> float:
+        """The best of ``rounds`` timed rounds of at least ``seconds`` each: a round that a thread pool's start or
+        a neighbour's burst slowed says nothing about the device."""
         run()  # warm-up
-        started = clock(device)
-        for _ in range(repeats):
-            run()
-        return work * repeats / max(clock(device) - started, 1e-9)
+        best = 0.0
+        for _ in range(rounds):
+            count, started = 0, clock(device)
+            while (elapsed := clock(device) - started) < seconds:
+                run()
+                count += 1
+            best = max(best, work * count / elapsed)
+        return best
 
     flops = rate(lambda: a @ b, 2 * size**3)
     bandwidth = rate(lambda: block.clone(), 2 * block.numel())
