@@ -49,6 +49,12 @@ class ModelLoadError(KVPoliciesError, OSError):
     """A model that cannot be found or loaded, or an architecture kvpolicies cannot compress."""
 
 
+class ModelUnavailable(ModelLoadError):
+    """A model that could not be loaded at all (missing, unreachable, unsupported): every cell of it would fail
+    alike, so a sweep stops at the first. A policy that cannot run on a model raises a plain ModelLoadError: that
+    policy's cells fail, the others run."""
+
+
 class PluginError(KVPoliciesError):
     """A policy plugin's own code raised inside a hook the engine called (``score``, ``allocate``, ...), or a hook
     returned something that breaks its contract (scores of the wrong shape or with NaN, an allocation that adds

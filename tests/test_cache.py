@@ -68,15 +68,20 @@ def test_query_window_holds_only_its_window_not_the_prompts_queries(tiny_model):
     assert cache.auxiliary_bytes() == config.num_hidden_layers * ring  # packed layers: no padding mask left
 
 
-@pytest.mark.parametrize("window", [1, 4, 7])
-def test_query_ring_reads_the_last_queries_in_order(window):
+@pytest.mark.parametrize("window, steps", [
+    (1, (3, 1, 1, 5, 1, 2, 9, 1, 1, 1, 4, 1)), (4, (3, 1, 1, 5, 1, 2, 9, 1, 1, 1, 4, 1)),
+    (7, (3, 1, 1, 5, 1, 2, 9, 1, 1, 1, 4, 1)),
+    (4, (4, 1, 1, 1, 2, 3, 1, 3)),  # several rows written across the ring's end, twice
+    (5, (2, 2, 2, 1, 4, 1, 1, 3, 2)),  # filling from a short prompt, then wrapping
+])
+def test_query_ring_reads_the_last_queries_in_order(window, steps):
     """The ring written in place reads back as the last ``window`` queries, oldest first, whatever mix of prompt
     lengths, chunks and single decoding steps brought them."""
     from kvpolicies.engine.storage import CompressedLayer
 
     layer = CompressedLayer(0)
     seen = []
-    for q_len in (3, 1, 1, 5, 1, 2, 9, 1, 1, 1, 4, 1):
+    for q_len in steps:
         query = torch.randn(2, 3, q_len, 8)
         seen.append(query)
         layer.remember_queries(query, window)

@@ -3,6 +3,7 @@ model's real shape."""
 
 from __future__ import annotations
 
+import huggingface_hub
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -21,7 +22,7 @@ def no_weights(monkeypatch):
         raise AssertionError("the dry run loaded a model")
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: the env is too late
 
 
 def test_the_gpu_presets_dry_run_prints_an_8b_grid_without_loading_it(no_weights, capsys, tmp_path):
@@ -38,10 +39,11 @@ def test_the_gpu_presets_dry_run_prints_an_8b_grid_without_loading_it(no_weights
 
 
 def test_a_small_memory_asks_for_a_prefill_chunk(no_weights, capsys, tmp_path):
-    """Weights of 15.3 GiB and a 16 GiB device leave too little for 8k tokens' activations in one pass."""
+    """Weights of 15.3 GiB on a device of 18.5 GiB (16.6 usable) leave too little for 8k tokens' activations in one
+    pass, and enough for 4k."""
     assert main(["sweep", "--preset", "ruler-gpu", "--dry-run", "--results", str(tmp_path), "--memory", "18.5"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Qwen/Qwen3-8B  kvp_ruler_")]
-    assert all("--prefill-chunk" in row for row in rows[13:])
+    assert all("none needed" in row for row in rows[:13]) and all("--prefill-chunk" in row for row in rows[13:])
 
 
 def test_the_shape_counts_the_real_models_parameters_and_the_kv_estimate_is_the_caches_own(tiny_pretrained):
@@ -55,7 +57,7 @@ def test_the_shape_counts_the_real_models_parameters_and_the_kv_estimate_is_the_
     with torch.no_grad():
         model(torch.randint(3, 100, (1, 200)), cache=cache)
     memory = cell_memory(shape, cell, 200, 0, 4, None)
-    assert memory["kv"] == cache.stats().full_bytes + shape.kv_bytes(cell.budget.slack_tokens, 4)
+    assert memory["kv"] == cache.stats().full_bytes  # nothing evicted: no slack, no layer held whole apart
     assert memory["weights"] == shape.parameters * 4 and memory["scoring"] == 0  # the full cache scores nothing
 
 
@@ -68,6 +70,14 @@ def test_samples_follow_the_tasks_metadata_and_the_limit():
     assert ruler.samples == 500 and ruler.lengths[0][0] == 4096 - ruler.generated
 
 
-def test_memory_without_a_dry_run_is_refused(capsys):
+def test_memory_without_a_dry_run_or_below_zero_is_refused(capsys):
     assert main(["sweep", "--quick", "--memory", "80"]) == 2
     assert "--memory sizes the estimate of --dry-run" in capsys.readouterr().err
+    for wrong in ("0", "-8", "nan"):
+        with pytest.raises(SystemExit):
+            main(["sweep", "--quick", "--dry-run", "--memory", wrong])
+
+
+def test_a_group_or_ruler_without_lengths_is_not_sized():
+    config = SweepConfig.model_validate({"policies": ["full"], "tasks": ["kvp_ruler", "kvp_ruler_vt"]})
+    assert [workload(cell).samples for cell in cells(config)] == [None, None]

@@ -8,8 +8,8 @@ import pytest
 
 from kvpolicies.integrations.lm_eval_logging import OnPurpose, TaskHints
 
-HINT = "{}: Custom kwargs can be passed to `--metadata` in console (as json string) or to the TaskManager.\nFor example " \
-       "--metadata='{{\"max_seq_lengths\":[4096, 8192]}}'. For details see task Readme."
+HINT = ("{}: Custom kwargs can be passed to `--metadata` in console (as json string) or to the TaskManager.\n"
+        "For example --metadata='{{\"max_seq_lengths\":[4096, 8192]}}'. For details see task Readme.")
 
 
 @pytest.fixture

@@ -113,3 +113,17 @@ def test_generate_takes_the_loading_flags(tiny_pretrained, capsys):
                  "auto", "--dtype", "bfloat16", "--attn-implementation", "eager", "--max-new-tokens", "4",
                  "The KV cache of a transformer holds"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_the_lm_eval_command_takes_device_map_without_a_device(tiny_pretrained, tmp_path, monkeypatch):
+    """`kvpolicies lm-eval` gives lm-eval this machine's device when none is given, but not beside device_map."""
+    from tests.helpers import TASKS
+    from tests.test_lm_eval import PASSKEY
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["lm-eval", "--model", "kvpolicies", "--model_args",
+                 f"pretrained={tiny_pretrained},policy=snapkv,compression_ratio=0.5,device_map=auto,dtype=bfloat16",
+                 "--tasks", "kvp_passkey", "--include_path", TASKS, "--limit", "1",
+                 "--metadata", json.dumps(PASSKEY), "--output_path", "out"]) == 0
+    [written] = (tmp_path / "out").rglob("results_*.json")
+    assert json.loads(written.read_text())["config"]["kvpolicies"]["kv_memory"]["sequences"] == 1

@@ -98,6 +98,23 @@ def test_runs_of_one_task_name_with_other_data_limits_or_seeds_are_tasks_of_thei
     assert dict(zip(headers, row))["@0.5 (cr 0.5)"] == "0.700"
 
 
+def test_runs_in_other_dtypes_revisions_or_prefill_chunks_are_points_of_their_own():
+    """dtype, revision and prefill chunk are in a cell's key: a page must not fold one run into another's row."""
+    def run(record, **extra):
+        return record.model_copy(update={"identity": record.identity.model_copy(update=extra)})
+
+    records = [full(), cell(score=0.8), run(full(score=0.5), dtype="bfloat16"), run(cell(score=0.25), dtype="bfloat16"),
+               run(full(score=0.9), revision="v2"), run(cell(score=0.45), revision="v2"),
+               run(cell(score=0.6), prefill_chunk=64)]
+    rows, _ = load_rows(records)
+    assert scores(rows) == {
+        ("kvp_passkey", "full", None): 1.0, ("kvp_passkey", "snapkv", 0.5): 0.8,
+        ("kvp_passkey", "snapkv (prefill chunk 64)", 0.5): 0.6,  # compared with the same full cache
+        ("kvp_passkey (bfloat16)", "full", None): 0.5, ("kvp_passkey (bfloat16)", "snapkv", 0.5): 0.25,
+        ("kvp_passkey (revision v2)", "full", None): 0.9, ("kvp_passkey (revision v2)", "snapkv", 0.5): 0.45,
+    }
+
+
 def test_names_are_unchanged_where_nothing_collides():
     rows, failures = load_rows([full(), cell(label="fast"), cell(protocol="query_agnostic"),
                                 cell("kvp_niah", status="error")])

@@ -257,7 +257,10 @@ def test_a_model_missing_offline_stops_the_sweep_before_its_first_cell(tiny_pret
     The grid's good model comes first: the missing one must stop the sweep before any cell, not after hours."""
     from kvpolicies.cli import main
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what the message reads
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what the hub client read at import
     config = tmp_path / "grid.json"
     config.write_text(tiny_grid(tiny_pretrained, "nobody/no-such-model").model_dump_json())
     assert main(["sweep", "--config", str(config), "--results", str(tmp_path / "out"), "--no-plots"]) == 2
@@ -266,6 +269,27 @@ def test_a_model_missing_offline_stops_the_sweep_before_its_first_cell(tiny_pret
     assert len(errors) == 1 and "cannot load model 'nobody/no-such-model'" in errors[0]
     assert "HF_HUB_OFFLINE is set" in errors[0] and "hf download nobody/no-such-model" in errors[0]
     assert not list((tmp_path / "out").glob("*.json"))
+
+
+def test_a_policy_that_cannot_run_on_a_model_fails_its_cells_and_the_sweep_goes_on(tiny_pretrained, monkeypatch):
+    """A plain ModelLoadError mid-cell (expected_attention on interleaved RoPE, say) is that policy's failure; only a
+    model that cannot be loaded at all (ModelUnavailable) stops the sweep."""
+    from kvpolicies.errors import ModelLoadError, ModelUnavailable
+    from kvpolicies.experiments import runner
+
+    [cell] = [c for c in cells(tiny_grid(tiny_pretrained)) if c.policy.name == "random"]
+
+    def refuse(what):
+        def run_cell(cell):
+            raise what("nothing here")
+        return run_cell
+
+    monkeypatch.setattr(runner, "run_cell", refuse(ModelLoadError))
+    record = runner.evaluate(cell)
+    assert record.status == "error" and record.error == "ModelLoadError: nothing here"
+    monkeypatch.setattr(runner, "run_cell", refuse(ModelUnavailable))
+    with pytest.raises(ModelUnavailable):
+        runner.evaluate(cell)
 
 
 def test_a_model_that_fails_to_load_stops_the_sweep_at_its_first_cell_and_keeps_the_finished_ones(

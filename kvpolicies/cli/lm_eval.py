@@ -38,8 +38,12 @@ Model args of `--model kvpolicies` (comma-separated key=value):
   any policy option                e.g. window_tokens=8, uncompressed_layers=[], scorer=l2norm
   policy.NAME=VALUE                the policy's option NAME, needed where HFLM or kvpolicies takes NAME too
                                    (a plain NAME= that both take is an error saying so)
-  any of HFLM's args               dtype, max_length, ... (device= and batch_size= act as --device and
-                                   --batch_size)
+  device_map=auto                  accelerate spreads a model too large for one GPU over every visible GPU
+                                   (give no device= then)
+  attn_implementation=NAME         attention of the layers not yet compressed: sdpa (default), eager,
+                                   flash_attention_2, ...
+  any of HFLM's args               dtype, revision, max_length, ... (device= and batch_size= act as --device
+                                   and --batch_size)
 An unknown key is an error that lists the valid ones.
 
 ---------------------------------------------------------------- lm-eval's help
@@ -79,8 +83,9 @@ def run_lm_eval(argv: Sequence[str]) -> int:
         for key in ("device", "batch_size", "max_batch_size"):  # lm-eval passes these itself: one place only
             if key in args.model_args:
                 setattr(args, key, args.model_args.pop(key))
-        if getattr(args, "device", None) is None:  # lm-eval would default to cuda:0, even on a CPU-only machine
-            args.device = str(default_device())
+        if getattr(args, "device", None) is None:  # lm-eval's default: cuda:0, even on a CPU-only machine
+            placed = args.model_args.get("device_map") not in (None, "")  # device_map=auto places the model itself
+            args.device = "auto" if placed else str(default_device())
     limit = getattr(args, "limit", None)
     if limit is not None and limit <= 0:
         raise UsageError(f"--limit {limit:g} would run no sample (lm-eval would run the whole task instead); give a "

@@ -20,7 +20,7 @@ from kvpolicies.cli.options import (
     write_or_print,
 )
 from kvpolicies.errors import UsageError
-from kvpolicies.integrations.loading import add_loading_arguments, loading_of
+from kvpolicies.integrations.loading import EXTRAS, add_loading_arguments, loading_of
 
 
 def add_commands(commands) -> None:
@@ -157,6 +157,7 @@ def run_bench(args: argparse.Namespace) -> int:
         headers, results = load(args.from_json)
         print("\n".join(headers) + "\n\n" + tables(results))
         return 0
+    loading = loading_of(args, EXTRAS).given()  # device and dtype are bench's own flags
     if args.compression_ratios is not None:
         from kvpolicies.engine.budget import Budget
 
@@ -166,18 +167,18 @@ def run_bench(args: argparse.Namespace) -> int:
         from kvpolicies.experiments.step_costs import step_costs
 
         policies, budgets = _checked(args.policies, args.budgets)
-        model, tokenizer = _load(args.model, args.device, args.dtype, args.random_model, loading_of(args).given())
+        model, tokenizer = _load(args.model, args.device, args.dtype, args.random_model, loading)
         print(step_costs(model, tokenizer, args.contexts[0], policies, budgets, codec=args.codec))
         return 0
     if args.profile:
         print(profiles(args.model, args.contexts, args.policies, args.budgets, args.decode, args.prefill_chunk,
-                       args.device, args.dtype, args.random_model, codec=args.codec, loading=loading_of(args).given()))
+                       args.device, args.dtype, args.random_model, codec=args.codec, loading=loading))
         return 0
     header, results = benchmark(
         args.model, args.contexts, args.policies, args.budgets, args.decode, args.repeats, args.prefill_chunk,
         args.device, args.dtype, args.random_model, args.json,
         progress=lambda message: print(f"kvpolicies bench: {message}", file=sys.stderr), batch=args.batch,
-        codec=args.codec, loading=loading_of(args).given(),
+        codec=args.codec, loading=loading,
     )
     print(header + "\n\n" + tables(results))
     if args.json:

@@ -74,8 +74,9 @@ def run_selfcheck(args: argparse.Namespace) -> int:
                              f"policies, e.g. --policies {','.join(DEFAULT_POLICIES)}")
     budget = budget_of(args)
     if budget.unit == "fraction" and budget.value >= 1:
-        raise UsageError("--budget 1 keeps the whole cache, so nothing is evicted to check; give a smaller one, e.g. "
-                         "--budget 0.25")
+        given = "--compression-ratio 0" if args.compression_ratio is not None else "--budget 1"
+        raise UsageError(f"{given} keeps the whole cache, so nothing is evicted to check; give a smaller budget, e.g. "
+                         "--budget 0.25 (--compression-ratio 0.75)")
     resolve_device(args.device)  # `--device cuda` without CUDA: said now, not after loading
     what = f"random-weight {args.random_model}" if args.random_model else args.model or "the embedded model"
     print(f"kvpolicies: loading {what} ...", file=sys.stderr)

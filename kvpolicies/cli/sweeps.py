@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvpolicies.cli.options import comma_separated, path, text, whole_number, write_or_print
+from kvpolicies.cli.options import comma_separated, path, positive_number, text, whole_number, write_or_print
 from kvpolicies.errors import UsageError
 from kvpolicies.integrations.loading import add_loading_arguments, loading_of
 
@@ -20,8 +20,9 @@ def add_commands(commands) -> None:
                                 description=f"Run a grid of cells, resumable, then rank them ({GRID_HELP}). The full "
                                 "cache is always part of the grid, as the reference of every budget.")
     sweep.add_argument("--config", type=path, help=f"YAML or TOML grid ({GRID_HELP})")
-    sweep.add_argument("--quick", action="store_true", help="small grid: passkey at 2k tokens, 4 policies (l2norm, random, "
-                       "streaming, snapkv) and the full cache, 2 budgets")
+    sweep.add_argument("--quick", action="store_true",
+                       help="small grid: passkey at 2k tokens, 4 policies (l2norm, random, streaming, snapkv) and the "
+                            "full cache, 2 budgets")
     sweep.add_argument("--preset", help=f"a grid shipped with kvpolicies ({', '.join(presets())}; "
                                         "README.md, 'RULER leaderboard')")
     sweep.add_argument("--results", type=path,
@@ -57,7 +58,7 @@ def add_commands(commands) -> None:
     sweep.add_argument("--dry-run", action="store_true",
                        help="run nothing, load no model: the cells, samples, and per cell an estimate of peak memory "
                             "and time on this device, with the prefill chunk that fits")
-    sweep.add_argument("--memory", type=float, metavar="GIB",
+    sweep.add_argument("--memory", type=positive_number, metavar="GIB",
                        help="with --dry-run: the memory to fit in, GiB (default: this GPU's, or this machine's RAM)")
     cluster = sweep.add_argument_group("where cells run (README.md, 'Sweeps on a Ray cluster')")
     cluster.add_argument("--executor", choices=["local", "ray"],

@@ -5,9 +5,9 @@ that fits.
 Nothing is loaded: a model's shape comes from its config (the local cache, or the hub where it is reachable), else
 from a table of known shapes, and its parameters are counted on the meta device. The estimate is a roofline:
 
-- **memory** = weights + the KV cache at the cell's budget (while a layer is prefilled it holds the whole prompt
-  before its cut, so one layer counts in full) + a prefill chunk's activations (hidden states, the MLP's
-  intermediate rows, the attention's output) + the policy's scoring buffer (float32 attention of a block of 256
+- **memory** = weights + the KV cache at the cell's budget (while a layer is prefilled it holds the chunk's tokens,
+  the whole prompt without chunks, before its cut: one layer counts them in full) + a prefill chunk's activations
+  (hidden states, the MLP's intermediate rows, the attention's output) + the policy's scoring buffer (float32 attention of a block of 256
   queries over the prompt, the largest signal a built-in computes);
 - **time** = per sample, the prefill's FLOPs (``2 · parameters · tokens`` plus causal attention) at the device's
   measured matrix-multiply rate, and per generated token the larger of its FLOPs at that rate and the bytes it must
@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 
 from kvpolicies.errors import UsageError
@@ -35,6 +36,8 @@ KNOWN_SHAPES = {
 }
 """Hub ids whose shape is known here without their config (``RANDOM_SHAPES`` in integrations.models)."""
 
+GROUPS = ("kvp_ruler",)
+"""Task groups of ours: a dry run sizes their tasks listed one by one, not the group."""
 SCORING_QUERIES = 256
 """Queries per block when a signal computes attention (``signals.attention_received``'s chunk)."""
 CHUNKS = (None, 16384, 8192, 4096, 2048, 1024, 512)
@@ -66,11 +69,11 @@ class Device:
     """The device the estimate is for, with the rates measured on it."""
 
     name: str
-    flops: float
-    """Matrix-multiply rate measured in the sweep's dtype, per second."""
-    bandwidth: float
-    """Copy bandwidth measured, bytes per second (read and write counted)."""
-    memory: int
+    flops_per_s: float
+    """Matrix-multiply rate measured in the sweep's dtype."""
+    bandwidth_bytes_per_s: float
+    """Copy bandwidth measured (bytes read and written)."""
+    memory_bytes: int
     """Memory the sweep can use: the GPU's, or the machine's RAM on a CPU."""
 
 
@@ -149,7 +152,7 @@ def measure_device(device: torch.device, dtype: torch.dtype) -> Device:
     else:
         memory = psutil.virtual_memory().total
         name = f"CPU, {torch.get_num_threads()} threads"
-    return Device(name=name, flops=flops, bandwidth=bandwidth, memory=memory)
+    return Device(name=name, flops_per_s=flops, bandwidth_bytes_per_s=bandwidth, memory_bytes=memory)
 
 
 def workload(cell: Cell) -> Workload:
@@ -164,6 +167,8 @@ def workload(cell: Cell) -> Workload:
     if kind is None:  # lm-eval's own task: only a limit says how many samples; their lengths are unknown here
         return Workload(task=task, samples=None, lengths=(), generated=generated)
     lengths = list(metadata.get(kind.LENGTHS) or kind.DEFAULT_LENGTHS)
+    if not lengths or task in GROUPS:  # lengths lm-eval picks, or a group of tasks: not sized here
+        return Workload(task=task, samples=None, lengths=(), generated=generated)
     if kind.LENGTHS_INCLUDE_GENERATION:
         lengths = [length - generated for length in lengths]
         per_length = 500  # lm-eval's RULER draws 500 samples per length
@@ -184,14 +189,17 @@ def cell_memory(shape: Shape, cell: Cell, length: int, generated: int, dtype_byt
     from kvpolicies.registry import get_policy
 
     policy = get_policy(cell.policy.name, **cell.policy.options)
-    kept = 1.0 if not policy.compresses or cell.budget.unit != "fraction" else cell.budget.value
+    kept = _kept(cell)  # a budget in tokens or bytes is counted as the whole cache: an upper bound
     total = length + generated
-    one_layer = shape.kv_bytes(length, dtype_bytes) / shape.layers  # the layer being prefilled, before its cut
-    kv = shape.kv_bytes(total * kept + cell.budget.slack_tokens, dtype_bytes) + (one_layer if kept < 1 else 0)
-    rows = min(chunk or length, length) * cell.batch_size
+    rows = min(chunk or length, length)
+    # The layer being prefilled holds the chunk's tokens before its cut (all of the prompt without chunks).
+    one_layer = shape.kv_bytes(rows, dtype_bytes) / shape.layers if policy.compresses else 0
+    kv = shape.kv_bytes(total * kept + (cell.budget.slack_tokens if kept < 1 else 0), dtype_bytes) + one_layer
     activations = rows * dtype_bytes * (4 * shape.hidden + 3 * shape.intermediate + 2 * shape.heads * shape.head_dim)
-    scoring = (4 * shape.heads * min(SCORING_QUERIES, length) * length * cell.batch_size) if kept < 1 else 0
-    return {"weights": shape.parameters * dtype_bytes, "kv": kv, "activations": activations, "scoring": scoring}
+    scoring = 4 * shape.heads * min(SCORING_QUERIES, rows) * length if policy.compresses else 0
+    batch = cell.batch_size
+    return {"weights": shape.parameters * dtype_bytes, "kv": kv * batch, "activations": activations * batch,
+            "scoring": scoring * batch}
 
 
 def cell_seconds(shape: Shape, device: Device, work: Workload, budget: float, dtype_bytes: int) -> float | None:
@@ -199,13 +207,14 @@ def cell_seconds(shape: Shape, device: Device, work: Workload, budget: float, dt
     if work.samples is None:
         return None
     seconds = 0.0
-    attention = 2 * shape.layers * shape.heads * shape.head_dim  # FLOPs per (query, key) pair, q·k and p·v
+    attention = 4 * shape.layers * shape.heads * shape.head_dim  # FLOPs per (query, key) pair: q·k, then p·v
     for length, samples in work.lengths:
         prefill = 2 * shape.parameters * length + attention * length * length / 2
         kept = length * budget
-        per_token = max((2 * shape.parameters + attention * kept) / device.flops,
-                        (shape.parameters * dtype_bytes + shape.kv_bytes(kept, dtype_bytes)) / device.bandwidth)
-        seconds += samples * (prefill / device.flops + work.generated * per_token)
+        per_token = max((2 * shape.parameters + attention * kept) / device.flops_per_s,
+                        (shape.parameters * dtype_bytes + shape.kv_bytes(kept, dtype_bytes))
+                        / device.bandwidth_bytes_per_s)
+        seconds += samples * (prefill / device.flops_per_s + work.generated * per_token)
     return seconds
 
 
@@ -223,10 +232,11 @@ def dry_run(config: SweepConfig, done: set[str] | None = None, device: str | Non
     dtype = resolve_dtype(config.loading.dtype, placed)
     dtype_bytes = torch.empty(0, dtype=dtype).element_size()
     measured = measure_device(placed, dtype)
-    memory = int(memory_gib * GIB) if memory_gib is not None else measured.memory
+    memory = int(memory_gib * GIB) if memory_gib is not None else measured.memory_bytes
     lines = [f"{len(grid)} cells, {len(grid) - len(todo)} already done, {len(todo)} to run; device: {placed} "
-             f"({measured.name}; measured {measured.flops / 1e12:.2f} TFLOP/s in {str(dtype).removeprefix('torch.')}, "
-             f"{measured.bandwidth / 1e9:.0f} GB/s; {memory / GIB:.0f} GiB"
+             f"({measured.name}; measured {measured.flops_per_s / 1e12:.2f} TFLOP/s in "
+             f"{str(dtype).removeprefix('torch.')}, {measured.bandwidth_bytes_per_s / 1e9:.0f} GB/s; "
+             f"{memory / GIB:.0f} GiB"
              + (" as given" if memory_gib is not None else "") + ")"]
     total_s, unknown = 0.0, 0
     rows = []
@@ -245,15 +255,17 @@ def dry_run(config: SweepConfig, done: set[str] | None = None, device: str | Non
             else:
                 total_s += sum(seconds)
             longest = max((length for length, _ in work.lengths), default=None)
-            peak, fits = _peak_and_chunk(shape, ran, longest, work.generated, dtype_bytes, memory)
+            peak, fits = _peak_and_chunk(shape, ran, longest, work.generated, dtype_bytes, memory,
+                                         config.prefill_chunk)
             rows.append([model or "embedded", task.name, len(ran), "?" if work.samples is None else work.samples,
                          "?" if longest is None else longest, "?" if peak is None else f"{peak / GIB:.1f}",
                          fits, "?" if None in seconds else _duration(max(seconds))])
     lines.append(tabulate(rows, headers=["model", "task", "cells", "samples/cell", "longest prompt",
                                          "peak GiB (worst cell)", "prefill chunk that fits", "time (longest cell)"],
                           tablefmt="simple"))
-    lines.append(f"estimated total: {_duration(total_s)}" + (f", plus {unknown} cells of tasks whose samples are "
-                                                            "unknown here (give them a limit)" if unknown else "")
+    lines.append(f"estimated total: {_duration(total_s)}" + (f", plus {unknown} cells of tasks not sized here "
+                                                            "(lm-eval's own, a group: list its tasks one by one, or "
+                                                            "RULER without max_seq_lengths)" if unknown else "")
                  + "; generation counted at each task's max_gen_toks, the policies' scoring and eviction and "
                    "lm-eval's own work not counted (docs/performance.md compares it with measured sweeps)")
     return "\n".join(lines)
@@ -267,14 +279,18 @@ def _kept(cell: Cell) -> float:
 
 
 def _peak_and_chunk(shape: Shape, ran: Sequence[Cell], longest: int | None, generated: int, dtype_bytes: int,
-                    memory: int) -> tuple[float | None, str]:
-    """The worst cell's peak without chunking, and the largest prefill chunk with which every cell fits."""
+                    memory: int, given: int | None) -> tuple[float | None, str]:
+    """The worst cell's peak (at the grid's prefill chunk, ``given``), and the largest prefill chunk with which
+    every cell fits."""
     if longest is None:
         return None, "?"
 
     def peak(chunk: int | None) -> float:
         return max(sum(cell_memory(shape, cell, longest, generated, dtype_bytes, chunk).values()) for cell in ran)
 
+    if given is not None:
+        fits = peak(given) <= memory * 0.9
+        return peak(given), f"{given} (given): {'fits' if fits else f'over {memory / GIB:.0f} GiB'}"
     for chunk in CHUNKS:
         if chunk is not None and chunk >= longest:
             continue

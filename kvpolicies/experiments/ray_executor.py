@@ -29,7 +29,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayError, RayTaskError
 
-from kvpolicies.errors import ModelLoadError, UsageError
+from kvpolicies.errors import ModelUnavailable, UsageError
 from kvpolicies.experiments.execution import Execution
 from kvpolicies.experiments.grid import Cell
 from kvpolicies.experiments.results import ResultRecord
@@ -281,8 +281,8 @@ class RayExecutor:
         try:
             text = ray.get(ref)
         except RayTaskError as error:  # the worker is alive but the call failed around evaluate(): record it
-            if isinstance(error.cause, ModelLoadError):  # no cell of that model can run: the sweep stops
-                raise ModelLoadError(f"{error.cause} (on a Ray worker)") from None
+            if isinstance(error.cause, ModelUnavailable):  # no cell of that model can run: the sweep stops
+                raise ModelUnavailable(f"{error.cause} (on a Ray worker)") from None
             yield cell, _failed(cell, f"{type(error.cause).__name__}: {error.cause}", started_at)
             return
         except RayError as error:  # the worker died: replace it, and run its cell again (bounded)

@@ -51,7 +51,7 @@ def cell_model(cell: Cell):
     """The lm-eval model of ``cell``. Weights are loaded once per model, not once per cell (an 8B model takes
     minutes to load on a GPU node); a grid runs model by model, so only the current model is kept in memory. The
     first load is lm-eval's own, so results are those of a fresh process (a resumed sweep checks this)."""
-    from kvpolicies.errors import KVPoliciesError
+    from kvpolicies.errors import KVPoliciesError, ModelLoadError, ModelUnavailable
     from kvpolicies.integrations.lm_eval import KVPoliciesLM
     from kvpolicies.integrations.models import load_failure
 
@@ -66,7 +66,9 @@ def cell_model(cell: Cell):
     _loaded.clear()
     try:
         lm = KVPoliciesLM(pretrained=cell.model, **cell.loading.given(), **options)
-    except KVPoliciesError:  # named already (a bad path, an option of ours)
+    except ModelLoadError as error:  # a bad path, an architecture refused: no cell of this model can run
+        raise ModelUnavailable(str(error)) from None
+    except KVPoliciesError:  # an option of ours, named already
         raise
     except (OSError, ValueError) as error:  # transformers' (or lm-eval's) word for a model it cannot load
         raise load_failure(cell.model, error) from None
@@ -122,10 +124,11 @@ def loaded_as(model, cell: Cell) -> dict[str, Any]:
     (one device, or the devices accelerate spread it over) and revision."""
     return {
         "dtype": str(model.dtype).removeprefix("torch."),
-        "attn_implementation": model.config._attn_implementation,
+        "attn_implementation": model.config._attn_implementation.removeprefix("kvpolicies-"),  # ours wraps it
         "device_map": cell.loading.device_map,
         "devices": sorted({str(parameter.device) for parameter in model.parameters()}),
         "revision": cell.loading.revision,
+        "commit": getattr(model.config, "_commit_hash", None),  # the hub commit the weights came from, if any
     }
 
 
@@ -139,10 +142,11 @@ def versions() -> dict[str, str]:
 
 def evaluate(cell: Cell) -> ResultRecord:
     """The record of ``cell``, computed here: ``ok`` with its measurements, or ``error`` with what it raised (one
-    broken cell must not stop a sweep). A model that cannot be loaded or compressed raises its ModelLoadError
-    instead: that is no cell's result, and every other cell of the model would fail the same way. The key is computed here too, from this machine's code, so a driver can tell
+    broken cell must not stop a sweep). A model that cannot be loaded raises its ModelUnavailable instead: that is
+    no cell's result, and every other cell of the model would fail the same way (a policy that cannot run on the
+    model fails its own cells only). The key is computed here too, from this machine's code, so a driver can tell
     a worker that runs other code than its own."""
-    from kvpolicies.errors import ModelLoadError
+    from kvpolicies.errors import ModelUnavailable
     from kvpolicies.experiments.results import ResultRecord
 
     provenance = {"key": cell.key(), "cell": cell, "identity": cell.identity(), "versions": versions(),
@@ -152,7 +156,7 @@ def evaluate(cell: Cell) -> ResultRecord:
         measured = run_cell(cell)
         return ResultRecord(**provenance, status="ok", **measured, finished_at=datetime.now(timezone.utc),
                             load_average_end=_load_average())
-    except ModelLoadError:  # every cell of the model would fail alike: the sweep stops, with no record of it
+    except ModelUnavailable:  # every cell of the model would fail alike: the sweep stops, with no record of it
         raise
     except Exception as error:
         return ResultRecord(**provenance, status="error", error=f"{type(error).__name__}: {error}",

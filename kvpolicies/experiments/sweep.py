@@ -77,8 +77,8 @@ def check_models(todo: Iterable[Cell]) -> None:
     its first cell with one error naming the model: a model missing here would fail each of its cells alike."""
     from kvpolicies.integrations.models import check_loadable
 
-    for model in dict.fromkeys(cell.model for cell in todo):
-        check_loadable(model)
+    for model, revision in dict.fromkeys((cell.model, cell.loading.revision) for cell in todo):
+        check_loadable(model, revision)
 
 
 def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True,
@@ -88,9 +88,9 @@ def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True,
     them). A results folder that cannot be written, or is too full for a record, raises
     :class:`~kvpolicies.experiments.results.ResultsError` before any cell runs.
 
-    A model that cannot be loaded or compressed stops the sweep with its
-    :class:`~kvpolicies.errors.ModelLoadError`: run here, before the first cell (its config is read); on Ray, at the
-    first cell a worker cannot load it. The cells finished before are saved; none is written for that model.
+    A model that cannot be loaded stops the sweep with its :class:`~kvpolicies.errors.ModelUnavailable`: run here,
+    before the first cell (its config is read); on Ray, at the first cell a worker cannot load it. The cells
+    finished before are saved; none is written for that model.
 
     A record that cannot be written (a full disk) is kept and written as soon as the folder takes a file again;
     once a second record cannot be written either, or the last one at the end, the sweep stops with a ResultsError

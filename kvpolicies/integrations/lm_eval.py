@@ -465,7 +465,7 @@ def _spread(device_map: str, device: str | None) -> dict[str, Any]:
     if device_map != "auto":
         raise UsageError(f"device_map={device_map}: give device_map=auto (accelerate spreads the model over every "
                          "visible GPU) or leave it out and give device=")
-    if device not in (None, ""):
+    if device not in (None, "", "auto"):
         raise UsageError(f"device_map=auto places the model itself; give it or device={device}, not both")
     if not torch.cuda.is_available():
         return {"device": "cpu"}

@@ -60,7 +60,11 @@ def add_loading_arguments(parser, device_and_dtype: bool = True) -> None:
     parser.add_argument("--revision", help="hub branch, tag or commit of --model (default: main)")
 
 
-def loading_of(args) -> Loading:
-    """The :class:`Loading` a command's flags name."""
-    return Loading(**{name: value for name in Loading.model_fields
+EXTRAS = ("device_map", "attn_implementation", "revision")
+"""The options beyond device and dtype, for a command that reads those two its own way (``bench``)."""
+
+
+def loading_of(args, names: tuple[str, ...] | None = None) -> Loading:
+    """The :class:`Loading` a command's flags name (only ``names`` of them, where given)."""
+    return Loading(**{name: value for name in names or tuple(Loading.model_fields)
                       if (value := getattr(args, name, None)) is not None})

