@@ -2,13 +2,14 @@
 and per cell an estimate of peak memory and time for the model's real shape on this device, with the prefill chunk
 that fits.
 
-Nothing is loaded: a model's shape comes from its config (the local cache, or the hub where it is reachable), else
-from a table of known shapes, and its parameters are counted on the meta device. The estimate is a roofline:
+Nothing is loaded (but for the embedded model's one-time conversion on a fresh machine, which any use of it makes):
+a model's shape comes from its config (the local cache, or the hub where it is reachable), else from a table of
+known shapes, and its parameters are counted on the meta device. The estimate is a roofline:
 
 - **memory** = weights + the KV cache at the cell's budget (while a layer is prefilled it holds the chunk's tokens,
   the whole prompt without chunks, before its cut: one layer counts them in full) + a prefill chunk's activations
-  (hidden states, the MLP's intermediate rows, the attention's output) + the policy's scoring buffer (float32 attention of a block of 256
-  queries over the prompt, the largest signal a built-in computes);
+  (hidden states, the MLP's intermediate rows, the attention's output) + the policy's scoring buffer (float32
+  attention of a block of 256 queries over the prompt, the largest signal a built-in computes);
 - **time** = per sample, the prefill's FLOPs (``2 · parameters · tokens`` plus causal attention) at the device's
   measured matrix-multiply rate, and per generated token the larger of its FLOPs at that rate and the bytes it must
   read (weights and kept KV) at the device's measured copy bandwidth.
