@@ -127,3 +127,17 @@ def test_the_lm_eval_command_takes_device_map_without_a_device(tiny_pretrained, 
                  "--metadata", json.dumps(PASSKEY), "--output_path", "out"]) == 0
     [written] = (tmp_path / "out").rglob("results_*.json")
     assert json.loads(written.read_text())["config"]["kvpolicies"]["kv_memory"]["sequences"] == 1
+
+
+def test_an_attention_kernel_not_installed_is_one_error_naming_the_fix(tiny_pretrained, capsys):
+    """transformers raises ImportError for flash_attention_2 without flash-attn: a load failure like any other."""
+    pytest.importorskip("transformers")
+    try:
+        import flash_attn  # noqa: F401
+        pytest.skip("flash-attn is installed here")
+    except ImportError:
+        pass
+    assert main(["generate", "--model", tiny_pretrained, "--attn-implementation", "flash_attention_2",
+                 "--max-new-tokens", "2", "hello"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot load model '{tiny_pretrained}'" in err and "leave --attn-implementation at sdpa" in err

@@ -237,7 +237,7 @@ def dry_run(config: SweepConfig, done: set[str] | None = None, device: str | Non
     lines = [f"{len(grid)} cells, {len(grid) - len(todo)} already done, {len(todo)} to run; device: {placed} "
              f"({measured.name}; measured {measured.flops_per_s / 1e12:.2f} TFLOP/s in "
              f"{str(dtype).removeprefix('torch.')}, {measured.bandwidth_bytes_per_s / 1e9:.0f} GB/s; "
-             f"{memory / GIB:.0f} GiB"
+             f"{memory / GIB:.3g} GiB"
              + (" as given" if memory_gib is not None else "") + ")"]
     total_s, unknown = 0.0, 0
     rows = []
@@ -291,13 +291,13 @@ def _peak_and_chunk(shape: Shape, ran: Sequence[Cell], longest: int | None, gene
 
     if given is not None:
         fits = peak(given) <= memory * 0.9
-        return peak(given), f"{given} (given): {'fits' if fits else f'over {memory / GIB:.0f} GiB'}"
+        return peak(given), f"{given} (given): {'fits' if fits else f'over {memory / GIB:.3g} GiB'}"
     for chunk in CHUNKS:
         if chunk is not None and chunk >= longest:
             continue
         if peak(chunk) <= memory * 0.9:  # a tenth kept for the allocator, CUDA's context and lm-eval
             return peak(None), "none needed" if chunk is None else f"--prefill-chunk {chunk}"
-    return peak(None), f"none: over {memory / GIB:.0f} GiB even at {CHUNKS[-1]}"
+    return peak(None), f"none: over {memory / GIB:.3g} GiB even at {CHUNKS[-1]}"
 
 
 def _duration(seconds: float) -> str:

@@ -302,7 +302,7 @@ class Cell(BaseModel):
             "protocol": self.protocol.value,
             "code_version": code_version(policy, self.task.name, codec),
         } | ({"codec": codec} if codec else {}) | self.loading.identity() | (
-            {"prefill_chunk": self.prefill_chunk} if self.prefill_chunk and policy.compresses else {})
+            {"prefill_chunk": self.prefill_chunk} if self.prefill_chunk else {})
 
     def key(self) -> str:
         text = json.dumps(self.identity(), sort_keys=True, default=str)
@@ -311,15 +311,15 @@ class Cell(BaseModel):
 
 def cells(config: SweepConfig) -> list[Cell]:
     """The grid in a stable order, one cell per key (``0.5`` and ``50%`` are one cell); the full cache runs once
-    per model and task, whatever the budgets, and alone on the reference tasks, prefilled whole (a chunk changes
-    nothing it keeps)."""
+    per model and task, whatever the budgets, and alone on the reference tasks. A prefill chunk applies to every
+    cell, the full cache's too: it keeps the reference within the same memory."""
     grid: dict[str, Cell] = {}
     reference = [spec for spec in config.resolved_policies() if not get_policy(spec.name, **spec.options).compresses]
     for model in config.models:
         for task in config.reference_tasks:
             for spec in reference:
                 cell = Cell(model=model, task=task, policy=spec, budget=1.0, seed=config.seed,
-                            batch_size=config.batch_size, loading=config.loading)
+                            batch_size=config.batch_size, loading=config.loading, prefill_chunk=config.prefill_chunk)
                 grid.setdefault(cell.key(), cell)
         for task in config.tasks:
             for spec in config.resolved_policies():
@@ -330,6 +330,6 @@ def cells(config: SweepConfig) -> list[Cell]:
                     for protocol in protocols if compresses else [Protocol.QUERY_AWARE]:
                         cell = Cell(model=model, task=task, policy=spec, budget=budget, seed=config.seed,
                                     batch_size=config.batch_size, protocol=protocol, loading=config.loading,
-                                    prefill_chunk=config.prefill_chunk if compresses else None)
+                                    prefill_chunk=config.prefill_chunk)
                         grid.setdefault(cell.key(), cell)
     return list(grid.values())

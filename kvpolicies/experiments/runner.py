@@ -54,6 +54,7 @@ def cell_model(cell: Cell):
     from kvpolicies.errors import KVPoliciesError, ModelLoadError, ModelUnavailable
     from kvpolicies.integrations.lm_eval import KVPoliciesLM
     from kvpolicies.integrations.models import load_failure
+    from kvpolicies.registry import get_policy
 
     options = dict(policy=cell.policy.name, budget=cell.budget, codec=cell.policy.codec, batch_size=cell.batch_size,
                    protocol=cell.protocol.value, prefill_chunk=cell.prefill_chunk,
@@ -64,13 +65,14 @@ def cell_model(cell: Cell):
         model, tokenizer = _loaded[loaded]
         return KVPoliciesLM(pretrained=model, tokenizer=tokenizer, **options)
     _loaded.clear()
+    get_policy(cell.policy.name, **cell.policy.options)  # the policy's own errors fail its cell, never the sweep
     try:
         lm = KVPoliciesLM(pretrained=cell.model, **cell.loading.given(), **options)
     except ModelLoadError as error:  # a bad path, an architecture refused: no cell of this model can run
         raise ModelUnavailable(str(error)) from None
     except KVPoliciesError:  # an option of ours, named already
         raise
-    except (OSError, ValueError) as error:  # transformers' (or lm-eval's) word for a model it cannot load
+    except Exception as error:  # not found, unreachable, a kernel not installed, out of memory: load fails alike
         raise load_failure(cell.model, error) from None
     _loaded[loaded] = (lm.model, lm.tokenizer)
     return lm

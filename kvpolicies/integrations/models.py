@@ -120,7 +120,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation=attn_implementation or "sdpa", **placement, **options
         )
-    except (OSError, ValueError) as error:  # transformers reports a missing or unreadable model as either
+    except (OSError, ValueError, ImportError) as error:  # missing, unreadable, or a kernel not installed
         raise load_failure(name_or_path, error) from None
     if device_map is None:
         model.to(placed)
@@ -170,7 +170,9 @@ def load_failure(name_or_path, error: BaseException) -> ModelUnavailable:
     name = EMBEDDED_MODEL if name_or_path is None else str(name_or_path)
     said = _first_line(error)
     text = str(error).lower()
-    if "gated" in text:
+    if isinstance(error, ImportError):  # flash_attention_2 without flash-attn, say
+        fix = "; install what it names, or leave --attn-implementation at sdpa"
+    elif "gated" in text:
         fix = "; the model is gated: request access on its hub page, then log in (`hf auth login`)"
     elif any(words in text for words in HUB_TROUBLE) and not Path(name).expanduser().exists():
         fix = (f"; give a hub id this machine can reach, or download the model where the hub is reachable "
@@ -186,7 +188,10 @@ def check_loadable(name_or_path, revision: str | None = None) -> None:
     so a model missing offline stops it at once rather than after hours of another model's cells."""
     from transformers import AutoConfig
 
-    source, options = resolve_source(name_or_path)
+    try:
+        source, options = resolve_source(name_or_path)
+    except ModelLoadError as error:  # a path that is no model: said as resolve_source says it
+        raise ModelUnavailable(str(error)) from None
     try:
         AutoConfig.from_pretrained(source, **options | ({"revision": revision} if revision else {}))
     except (OSError, ValueError) as error:

@@ -9,8 +9,8 @@ policies one label or two runs of a task one name: a page keeps them apart, and 
 the fewest words that do it (none where nothing collides, so the page of a single grid reads as it always did).
 
 Budgets stay numbers (a plot's x, an area's width), so what tells two budgets of one value apart, their slack, is
-said in the policy's name: ``snapkv`` and ``snapkv (slack 0)`` are two lines, as is a prefill chunk. Seed, batch size,
-dtype and model revision go with the task, whose full-cache row each policy is compared with.
+said in the policy's name: ``snapkv`` and ``snapkv (slack 0)`` are two lines. Seed, batch size, dtype, model
+revision and prefill chunk go with the task, whose full-cache row each policy is compared with.
 """
 
 from __future__ import annotations
@@ -147,8 +147,8 @@ def shown(records: Sequence[ResultRecord]) -> list[Shown]:
 
 
 def _task_facets(record: ResultRecord) -> list[Facet]:
-    """What can tell apart two runs of one task: its spec, then the run's seed, batch size, dtype and model revision
-    (each policy is compared with the full cache of the same run, so they go with the task)."""
+    """What can tell apart two runs of one task: its spec, then the run's seed, batch size, dtype, model revision and
+    prefill chunk (each policy is compared with the full cache of the same run, so they go with the task)."""
     task, cell, run = record.cell.task, record.cell, _run_options(record)
     return [
         _unless(None, "limit", task.limit, f"limit {task.limit}"),
@@ -157,6 +157,7 @@ def _task_facets(record: ResultRecord) -> list[Facet]:
         _unless(1, "batch_size", cell.batch_size, f"batch {cell.batch_size}"),
         _unless(None, "dtype", run.get("dtype"), str(run.get("dtype"))),
         _unless(None, "revision", run.get("revision"), f"revision {run.get('revision')}"),
+        _unless(None, "prefill_chunk", run.get("prefill_chunk"), f"prefill chunk {run.get('prefill_chunk')}"),
     ]
 
 
@@ -170,9 +171,7 @@ def _policy_facets(record: ResultRecord) -> list[Facet]:
     options = sorted(config.items()) if isinstance(config, dict) else []
     slack = [] if budget is None else [_unless(DEFAULT_SLACK, "slack", budget.slack_tokens,
                                                f"slack {budget.slack_tokens}")]
-    chunk = _run_options(record).get("prefill_chunk")  # only a policy that evicts has one: the full cache is alike
-    return [("policy", name, str(name)), *((f"option.{k}", v, f"{k}={_value(v)}") for k, v in options), *slack,
-            _unless(None, "prefill_chunk", chunk, f"prefill chunk {chunk}")]
+    return [("policy", name, str(name)), *((f"option.{k}", v, f"{k}={_value(v)}") for k, v in options), *slack]
 
 
 def _unless(default: Any, what: str, value: Any, words: str) -> Facet:
