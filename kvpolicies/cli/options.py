@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kvpolicies.errors import PolicyConfigError, UsageError
-
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+from kvpolicies.integrations.loading import DTYPE_NAMES as DTYPE_CHOICES  # the one list of dtypes
 
 
 def whole_number(minimum: int):

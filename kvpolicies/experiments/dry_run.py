@@ -190,7 +190,7 @@ def cell_memory(shape: Shape, cell: Cell, length: int, generated: int, dtype_byt
     from kvpolicies.registry import get_policy
 
     policy = get_policy(cell.policy.name, **cell.policy.options)
-    kept = _kept(cell)  # a budget in tokens or bytes is counted as the whole cache: an upper bound
+    kept = _kept(cell, policy)  # a budget in tokens or bytes is counted as the whole cache: an upper bound
     total = length + generated
     rows = min(chunk or length, length)
     # The layer being prefilled holds the chunk's tokens before its cut (all of the prompt without chunks).
@@ -272,10 +272,11 @@ def dry_run(config: SweepConfig, done: set[str] | None = None, device: str | Non
     return "\n".join(lines)
 
 
-def _kept(cell: Cell) -> float:
+def _kept(cell: Cell, policy=None) -> float:
+    """The share of the cache ``cell`` keeps (1 for the full cache, or a budget that is no fraction)."""
     from kvpolicies.registry import get_policy
 
-    compresses = get_policy(cell.policy.name, **cell.policy.options).compresses
+    compresses = (policy or get_policy(cell.policy.name, **cell.policy.options)).compresses
     return cell.budget.value if compresses and cell.budget.unit == "fraction" else 1.0
 
 
