@@ -339,14 +339,14 @@ def test_codes_and_the_working_copy_hold_the_same_entries_through_eviction_and_p
     checked = []
     settle = CompressedLayer.settle
 
-    def compare(layer):
+    def compare(layer, **options):
         if layer.codes is not None and layer.keys is not None:
             keys, values = layer.codec.decode(layer.codes, layer.dtype)
             for got, want in ((keys, layer.keys), (values, layer.values)):
                 step = (want.amax(-1, keepdim=True) - want.amin(-1, keepdim=True)) / 255
                 assert got.shape == want.shape and bool(((got - want).abs() <= step / 2 + 1e-6).all())
             checked.append(layer.packed and not layer.uniform)
-        settle(layer)
+        settle(layer, **options)
 
     model = tiny_llama()
     ids = prompt(3, 60)

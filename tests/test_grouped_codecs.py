@@ -157,9 +157,9 @@ def test_what_is_stored_reads_back_as_the_working_copy_through_eviction_padding_
     checked = []
     settle = CompressedLayer.settle
 
-    def compare(layer):
+    def compare(layer, **options):
         working = (layer.keys, layer.values)
-        settle(layer)
+        settle(layer, **options)
         if layer.residual is not None and working[0] is not None:
             stored = layer._keys_values()
             for got, want in zip(stored, working):
@@ -401,6 +401,35 @@ class GlobalNorm(kvpolicies.Policy):
 
     def after_prefill(self, prefilled):
         return [None if layer is None else -layer.keys.float().norm(dim=-1) for layer in prefilled.layers]
+
+
+@torch.no_grad()
+def test_what_an_after_prefill_stage_keeps_is_encoded_once_from_full_precision():
+    """The prompt waits at full precision for the stage: encoded before it, the entries after each cut would be
+    read back from their codes and quantized again in shifted groups."""
+    model = tiny_llama()
+    Counting.encoded_groups = 0
+    cache = CompressedCache(model, GlobalNorm(), 0.4, codec=Counting())
+    ids = prompt(1, 40)
+    model(ids, cache=cache)
+    assert Counting.encoded_groups == 2  # the trial's: the prompt waits as computed
+    assert all(not any(layer.residual.encoded.host) for layer in cache.layers)
+    model(torch.tensor([[3]]), cache=cache)  # the stage runs before this pass, and cuts
+    encoded = sum(sum(layer.residual.encoded.host) for layer in cache.layers)
+    assert encoded > 0 and Counting.encoded_groups - 2 == encoded // 4  # every group once
+    own = model(ids, use_cache=True).past_key_values.layers
+    for layer, computed in zip(cache.layers, own):  # each kept group is the codec's reading of the model's keys
+        kept = layer.residual
+        runs = kept.encoded.host[0]  # entries, a multiple of the group
+        if not runs:
+            continue
+        keys, _ = kept.codec.decode(kept.groups, torch.float32, {})
+        first = keys.reshape(-1, 16)[:runs]  # run 0's encoded entries
+        rows = [int((computed.keys[0, 0] - row).abs().amax(-1).argmin()) for row in first]
+        original = computed.keys[0, 0, rows]
+        again, _ = kept.codec.decode(kept.codec.encode(original.view(-1, 4, 16), original.view(-1, 4, 16), {}),
+                                     torch.float32, {})
+        torch.testing.assert_close(first, again.reshape(-1, 16), atol=0, rtol=0)
 
 
 @torch.no_grad()

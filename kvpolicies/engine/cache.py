@@ -228,7 +228,7 @@ class CompressedCache(Cache):
             layer.drop_slid_out()  # no cut came (a question kept whole, a stage): a run outgrew what its window sees
         if layer.window is not None:  # a window the policy chooses in: what slid out goes once the pass has read it
             layer.slide()
-        layer.settle()
+        layer.settle(hold=self.policy.has_stage and not self._stage_ran)  # a stage keeps entries encoded once
         if started is not None:
             watch.stop(started)
 

@@ -21,7 +21,7 @@ and drops it when the pass is done (:meth:`~kvpolicies.engine.storage.Compressed
   cut removed, and every entry after them is grouped and encoded afresh from the working copy
   (:meth:`Residual.relaid`): those were read back from their codes, so they are quantized a second time, in
   shifted groups. Compression at prefill, the common case, evicts before anything is encoded, so the kept entries
-  are encoded once, from full precision.
+  are encoded once, from full precision; an after-prefill stage's prompt waits for it unencoded, for the same end.
 
 A codec that ``fits`` (ThinK) chooses its parameters for every run once, in the first pass that holds a real token
 of every sequence (the prompt's, or its first chunk's): the layer fits them from its working copy and the pass's
@@ -114,7 +114,8 @@ class Residual:
     def held(self, keys: torch.Tensor, values: torch.Tensor, lengths: Counts) -> Residual:
         """Every entry of ``keys`` and ``values`` (``[sum(lengths), head_dim]``, runs of ``lengths``) held as
         computed, for a pass that cannot encode yet: a batch whose shortest prompt has not begun (its groups and a
-        fitting codec's parameters would not be its own). Only before anything was encoded."""
+        fitting codec's parameters would not be its own), or a prompt an after-prefill stage has yet to choose from.
+        Only before anything was encoded."""
         return dataclasses.replace(self, tails=lengths, tail_keys=keys, tail_values=values)
 
     def with_fitted(self, fitted: dict[str, torch.Tensor]) -> Residual:

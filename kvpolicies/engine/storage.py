@@ -237,17 +237,23 @@ class CompressedLayer(CacheLayerMixin):
             self._places = (q_len, old, new.flatten())
         return self._places[1], self._places[2]
 
-    def settle(self, encode: bool = True) -> None:
+    def settle(self, encode: bool = True, hold: bool = False) -> None:
         """Drop the working copy of a lossy codec's layer: between forward passes only its codes are resident. A
         grouped codec first encodes what the pass brought (see :mod:`kvpolicies.engine.residual`), unless the pass
-        is to be forgotten (``encode=False``: an after-prefill probe, whose state is restored after)."""
+        is to be forgotten (``encode=False``: an after-prefill probe, whose state is restored after).
+
+        ``hold``: a choice is still to come over every entry (an after-prefill stage): hold them all as computed,
+        so that what it keeps is encoded once, from full precision, and not read back from codes and encoded again
+        in shifted groups. The stage decodes every layer at once to score them, so holding them costs no peak.
+        Only while nothing is encoded (a stage run by hand between chunks finds earlier survivors encoded)."""
         if self.residual is not None and self.keys is not None and encode:
             begun = all(self.seen)  # every sequence holds a real token
             if self.fit_queries is not None and not self.residual.fitted and begun:
                 self.residual = self.residual.with_fitted(self._fit())  # the first pass with every prompt begun
             padded = not self.packed and any(n < self.keys.shape[2] for n in self.seen)
             unfitted = self.codec.fits and not self.residual.fitted
-            if not begun and (padded or unfitted):  # nothing can be grouped or fitted yet: hold it all as computed
+            hold = hold and not any(self.residual.encoded.host)
+            if hold or (not begun and (padded or unfitted)):  # nothing to group or fit yet: hold it all as computed
                 self.residual = self.residual.held(*self._flat_working_copy())
             else:
                 if padded:
