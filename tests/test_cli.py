@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import kvpolicies
 from kvpolicies.cli import main, parse_options
 
 
@@ -61,6 +62,34 @@ def test_list_json_is_machine_readable(capsys):
     free = {name for name, row in rows.items() if row["attention_free"]}
     assert {"l2norm", "keydiff", "lagkv", "expected_attention", "random", "streaming"} <= free
     assert not free & {"h2o", "snapkv", "tova", "criticalkv"}
+
+
+def test_list_codecs_json_gives_what_a_budget_buys_entries_at_and_names_a_broken_codec(capsys, fresh_registry):
+    class Broken(kvpolicies.Codec):
+        name = "broken-price-test"
+
+        def entry_bytes(self, head_dim, dtype):
+            raise ValueError("no price")
+
+    class Plugin:
+        @kvpolicies.hookimpl
+        def register_codecs(self, register):
+            register(Broken)
+
+    kvpolicies.registry.registry().register_plugin(Plugin(), name="broken-price-plugin")
+    assert main(["list", "--codecs", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert {"full", "int8", "int4", "kivi4", "kivi2", "think"} <= set(rows)  # codecs only: no policy rows
+    assert "snapkv" not in rows
+    assert rows["full"]["entry_bytes_bfloat16"] == {"64": 256, "128": 512} and rows["full"]["lossless"]
+    assert rows["kivi4"]["entry_bytes_bfloat16"]["64"] == 80 and rows["kivi4"]["group"] == 32
+    assert rows["kivi4"]["full_precision_newest"] == [128, 159] and not rows["kivi4"]["fitted_per_head"]
+    assert rows["think"]["fitted_per_head"] and rows["think"]["entry_bytes_bfloat16"]["64"] == 192
+    assert rows["broken-price-test"]["plugin"] == "broken-price-plugin"
+    assert rows["broken-price-test"]["error"] == "ValueError: no price"
+    assert main(["list", "--codecs"]) == 0
+    listed = capsys.readouterr().out
+    assert "kivi4  (80 B / 160 B)" in listed and "broken: ValueError" in listed and "l2norm" not in listed
 
 
 @pytest.mark.parametrize(

@@ -32,8 +32,10 @@ if TYPE_CHECKING:
 
 
 def add_commands(commands) -> None:
-    listing = commands.add_parser("list", help="show the registered policies and their options")
+    listing = commands.add_parser("list", help="show the registered policies, their options, and the codecs")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.add_argument("--codecs", action="store_true",
+                         help="only the storage codecs (with --json: their rows instead of the policies')")
     listing.set_defaults(run=run_list)
 
     generate = commands.add_parser("generate", help="generate text with a compressed KV cache")
@@ -71,6 +73,12 @@ def add_commands(commands) -> None:
 def run_list(args: argparse.Namespace) -> int:
     from kvpolicies.registry import list_codecs, list_policies
 
+    if args.codecs:
+        if args.json:
+            print(json.dumps([codec_row(info) for info in list_codecs()], indent=2))
+        else:
+            print(codecs_text(list_codecs(), min(shutil.get_terminal_size((100, 24)).columns, 100)))
+        return 0
     policies = list_policies()
     if args.json:
         rows = [
@@ -99,9 +107,35 @@ def run_list(args: argparse.Namespace) -> int:
     print("\n\n".join(blocks))
     print(f"\n{len(policies)} policies; --set KEY=VALUE passes an option, --json shows each option's description.")
     intro = ("Storage codecs: how kept entries are stored (--codec NAME, codec=NAME in lm-eval); a budget in bytes "
-             "buys entries at the codec's price, shown for an entry of 64 and 128 channels in bfloat16.")
+             "buys entries at the codec's price, shown for an entry of 64 and 128 channels in bfloat16 (list "
+             "--codecs --json: as data).")
     print("\n" + "\n".join(textwrap.wrap(intro, width)) + "\n\n" + codecs_text(list_codecs(), width))
     return 0
+
+
+PRICED_AT = (64, 128)
+"""Head sizes a codec's price per entry is shown for (in bfloat16): a small model's and a large one's."""
+
+
+def codec_row(info) -> dict:
+    """One codec as ``list --codecs --json`` shows it: what the budget needs to know to buy its entries."""
+    import torch
+
+    from kvpolicies.engine.codecs import GroupedCodec
+
+    row = {"name": info.name, "plugin": info.plugin, "summary": info.summary}
+    try:
+        codec = info.codec_class()
+        row["entry_bytes_bfloat16"] = {str(head_dim): codec.entry_bytes(head_dim, torch.bfloat16)
+                                      for head_dim in PRICED_AT}
+        row["lossless"] = codec.lossless
+        grouped = isinstance(codec, GroupedCodec)
+        row["group"] = codec.group if grouped else 1
+        row["full_precision_newest"] = [codec.residual, codec.most_at_full_precision] if grouped else [0, 0]
+        row["fitted_per_head"] = grouped and codec.fits
+    except Exception as error:  # a broken plugin is named, not fatal
+        row["error"] = f"{type(error).__name__}: {error}"
+    return row
 
 
 def codecs_text(codecs, width: int) -> str:
@@ -112,7 +146,7 @@ def codecs_text(codecs, width: int) -> str:
     for info in codecs:
         try:
             codec = info.codec_class()
-            price = " / ".join(f"{codec.entry_bytes(head_dim, torch.bfloat16)} B" for head_dim in (64, 128))
+            price = " / ".join(f"{codec.entry_bytes(head_dim, torch.bfloat16)} B" for head_dim in PRICED_AT)
         except Exception as error:  # a broken plugin is named, not fatal
             price = f"broken: {type(error).__name__}"
         lines = [f"{info.name}  ({price})"]
