@@ -83,6 +83,9 @@ def add_commands(commands) -> None:
     board.add_argument("--suite", action="store_true",
                        help="one benchmark suite in kvpress's shape (RULER): the mean over tasks per policy, keep "
                             "ratio and protocol, per-task columns, the full cache per task")
+    board.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                       help="only the paired comparison of two policies as the tables name them (full: the full "
+                            "cache), or one policy at two budgets: NAME[@BUDGET], e.g. snapkv@0.25 snapkv@0.5")
     board.set_defaults(run=run_leaderboard)
 
 
@@ -220,6 +223,11 @@ def run_leaderboard(args: argparse.Namespace) -> int:
         what = "is not a folder" if args.results.exists() else "does not exist"
         raise ResultsError(f"results folder {args.results} {what}; run `kvpolicies sweep` first")
     records = load_results(args.results)
+    if args.compare:
+        if args.suite or args.plots:
+            raise UsageError("--compare prints one comparison; leave out --suite and --plots")
+        write_or_print(render(args.results, args.format, records=records, compared=tuple(args.compare)), args.output)
+        return 0
     images = []
     if args.plots:
         paths = plot_suite(records, args.plots) if args.suite else plot(args.results, args.plots, records=records)

@@ -35,6 +35,7 @@ from pydantic import (
 from kvpolicies.engine.budget import Budget
 from kvpolicies.errors import UsageError, describe
 from kvpolicies.experiments.grid import Cell
+from kvpolicies.experiments.outcomes import Statistic
 from kvpolicies.files import staged
 
 
@@ -98,6 +99,34 @@ class Speed(_Measured):
     decode_s: Amount | None = None
 
 
+class Outcomes(BaseModel):
+    """Each sample's outcome of the primary metric: what a page's intervals and paired tests are computed from (see
+    :mod:`kvpolicies.reports.statistics`), since a score alone cannot be bootstrapped afterwards. ``doc_ids`` pair
+    the samples of two cells of one task (same docs, same seed); ``weights`` are a perplexity's words or bytes per
+    document. The runner keeps them only where they give back the score exactly as lm-eval aggregated it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    statistic: Statistic
+    doc_ids: list[Count]
+    values: list[Finite]
+    weights: list[Amount] | None = None
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Outcomes:
+        lengths = {len(self.doc_ids), len(self.values)} | ({len(self.weights)} if self.weights is not None else set())
+        if len(lengths) != 1:
+            raise ValueError("outcomes need one doc id, value (and weight) per sample")
+        if (self.weights is None) != (self.statistic == "mean"):
+            raise ValueError(f"outcomes of a {self.statistic} {'need' if self.weights is None else 'take no'} weights")
+        return self
+
+    def by_doc(self) -> dict[int, tuple[float, float | None]]:
+        """``{doc_id: (value, weight or None)}``, as :func:`kvpolicies.reports.statistics.compare` pairs them."""
+        weights = self.weights or [None] * len(self.values)
+        return {doc: (value, weight) for doc, value, weight in zip(self.doc_ids, self.values, weights)}
+
+
 class Identity(BaseModel):
     """A copy of what the cell's key hashes (``Cell.identity()``), kept for provenance; ``budget`` is None for a
     policy that does not compress, which is how pages find the reference row without knowing its name."""
@@ -151,6 +180,11 @@ class ResultRecord(BaseModel):
     score: Finite | None = None
     higher_is_better: bool | None = None
     samples: Count = 0
+    outcomes: Outcomes | None = None
+    """Each sample's outcome of the primary metric (absent in files written before they were kept, and where they
+    do not give back the score: a metric lm-eval aggregates in another way)."""
+    stderr: dict[str, Amount] = {}
+    """lm-eval's standard error of each metric that has one in closed form (the mean's), by metric name."""
     kv_memory: KVMemory | None = None
     speed: Speed | None = None
     peak_memory_bytes: Count | None = None

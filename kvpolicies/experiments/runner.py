@@ -23,6 +23,7 @@ import torch
 
 from kvpolicies.experiments.grid import Cell
 from kvpolicies.experiments.memory import PeakMemory
+from kvpolicies.experiments.outcomes import outcomes, stderrs
 
 if TYPE_CHECKING:
     from kvpolicies.experiments.results import ResultRecord
@@ -86,7 +87,9 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     started = time.perf_counter()  # the evaluation, not the one cell that happened to load the weights
     with PeakMemory(lm.device) as peak:
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=[cell.task.name], limit=cell.task.limit, bootstrap_iters=0,
+            # No bootstrap in lm-eval (a process pool for some metrics): each sample's outcome is kept instead, and
+            # the pages compute intervals and paired tests from them (kvpolicies.reports.statistics).
+            model=lm, tasks=[cell.task.name], limit=cell.task.limit, bootstrap_iters=0, log_samples=True,
             # Tasks that size their samples in tokens (RULER) need the model's tokenizer: lm-eval's own command
             # passes the model args as metadata, a TaskManager of ours must say it.
             task_manager=_task_manager(json.dumps({"pretrained": cell.model, **cell.task.metadata}, sort_keys=True)),
@@ -105,12 +108,15 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     primary = next(iter(metrics))
     higher_is_better = results["higher_is_better"][cell.task.name].get(primary.split(",")[0], True)
     info = results["config"]["kvpolicies"]
+    samples = results.get("samples", {}).get(cell.task.name, [])
     return {
         "metrics": metrics,
         "primary_metric": primary,
         "score": metrics[primary],
         "higher_is_better": bool(higher_is_better),
         "samples": int(task_results.get("sample_len", 0)),
+        "outcomes": outcomes(samples, primary, metrics[primary]),
+        "stderr": stderrs(samples, metrics),
         "kv_memory": info["kv_memory"],
         "speed": info["speed"],
         "peak_memory_bytes": peak.peak_bytes,

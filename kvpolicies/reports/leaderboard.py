@@ -27,16 +27,22 @@ from typing import Any
 
 from tabulate import tabulate
 
-from kvpolicies.experiments.results import ResultRecord, budget_key, load_results
+from kvpolicies.errors import UsageError
+from kvpolicies.experiments.results import Outcomes, ResultRecord, budget_key, load_results
 from kvpolicies.reports.figures import plots_folder, pyplot, save
 from kvpolicies.reports.points import Shown, shown
+from kvpolicies.reports.statistics import Interval, compare, interval, p_text
 
 COLUMNS = (
     "Columns: *KV MiB* is the mean resident KV cache per sequence, counted from the cache's tensors, and *of full* "
     "its share of the full cache's bytes; *prefill/decode tok/s* are measured inside lm-eval's requests; *peak "
     "+MiB* is the cell's peak memory above what the process held when it started (CUDA allocator peak, or sampled "
     "RSS growth on CPU); *load* is the highest 1-minute load average at the cell's start or end: timings from "
-    "cells whose load exceeds the machine's cores shared the CPU with other work; *n* is the number of samples."
+    "cells whose load exceeds the machine's cores shared the CPU with other work; *n* is the number of samples. "
+    "*score [95% CI]*: the interval is Wilson's for an accuracy (every sample right or wrong), else a bootstrap over "
+    "the samples; *vs full*: the policy's score minus the full cache's over the samples both ran, with the p-value "
+    "of a paired test (exact McNemar for an accuracy, a paired bootstrap otherwise), marked * where p < 0.05: a "
+    "difference without * is not told apart from no difference at this n. Policies with equal scores share a rank."
 )
 
 FORMATS = {"terminal": "simple_grid", "markdown": "github", "html": "html", "csv": "csv"}
@@ -60,6 +66,37 @@ class Row:
     model: str
     load: float | None = None
     """Highest 1-minute load average seen at the cell's start or end: timings from a busy machine show it."""
+    outcomes: Outcomes | None = None
+    """Each sample's outcome, for intervals and paired tests (None in records written before they were kept)."""
+
+    @property
+    def interval(self) -> Interval | None:
+        kept = self.outcomes
+        return None if kept is None else interval(kept.statistic, kept.values, kept.weights)
+
+    def score_text(self) -> str:
+        """The score with its interval where the record kept its samples' outcomes."""
+        found = self.interval
+        return f"{self.score:.3f}" if found is None else found.text()
+
+    def versus(self, other: Row | None) -> str:
+        """This row's score minus ``other``'s over the samples both ran, and the paired test's p-value."""
+        if other is None or self.outcomes is None or other.outcomes is None:
+            return ""
+        if self.outcomes.statistic != other.outcomes.statistic:
+            return ""
+        found = compare(self.outcomes.statistic, self.outcomes.by_doc(), other.outcomes.by_doc())
+        if found is None:
+            return ""
+        return f"{found.difference:+.3f}, p {p_text(found.p_value)}{' *' if found.significant else ''}"
+
+
+def ranks(scores: Sequence[float]) -> list[int]:
+    """Competition ranks of scores already sorted best first: equal scores share a rank (1, 1, 3)."""
+    found = []
+    for index, score in enumerate(scores):
+        found.append(found[-1] if index and score == scores[index - 1] else index + 1)
+    return found
 
 
 def load_rows(records: Sequence[ResultRecord]) -> tuple[list[Row], list[Shown]]:
@@ -87,6 +124,7 @@ def load_rows(records: Sequence[ResultRecord]) -> tuple[list[Row], list[Shown]]:
             peak_memory_bytes=record.peak_memory_bytes if peak is None else peak,
             model=record.identity.model,
             load=record.load,
+            outcomes=record.outcomes,
         ))
     return rows, failures
 
@@ -116,21 +154,92 @@ def task_tables(rows: list[Row]) -> list[tuple[str, list[str], list[list[Any]]]]
         for budget in budgets:
             ranked = sorted((r for r in members if r.budget == budget), key=lambda r: r.score,
                             reverse=members[0].higher_is_better)
+            full = reference[0] if len(reference) == 1 else None
             body = [
-                [rank, r.policy, f"{r.score:.3f}", _mib(r.resident_bytes),
+                [rank, r.policy, r.score_text(), r.versus(full), _mib(r.resident_bytes),
                  f"{r.resident_bytes / r.full_bytes:.1%}" if r.resident_bytes and r.full_bytes else "",
                  _rate(r.prefill_tps), _rate(r.decode_tps), _mib(r.peak_memory_bytes), _load(r.load), r.samples]
-                for rank, r in enumerate(ranked, 1)
+                for rank, r in zip(ranks([r.score for r in ranked]), ranked)
             ]
-            body += [["ref", f"{r.policy} (no eviction)", f"{r.score:.3f}", _mib(r.resident_bytes), "100%",
+            body += [["ref", f"{r.policy} (no eviction)", r.score_text(), "", _mib(r.resident_bytes), "100%",
                       _rate(r.prefill_tps), _rate(r.decode_tps), _mib(r.peak_memory_bytes), _load(r.load), r.samples]
                      for r in reference]
             better = "higher" if members[0].higher_is_better else "lower"
             title = f"{task} — budget {budget_title(budget)} — {members[0].metric} ({better} is better) — {model}"
-            headers = ["#", "policy", "score", "KV MiB", "of full", "prefill tok/s", "decode tok/s",
-                       "peak +MiB", "load", "n"]
+            headers = ["#", "policy", "score [95% CI]", "vs full", "KV MiB", "of full", "prefill tok/s",
+                       "decode tok/s", "peak +MiB", "load", "n"]
             tables.append((title, headers, body))
     return tables
+
+
+def _picked(spec: str, rows: list[Row]) -> tuple[str, str | None]:
+    """``NAME`` or ``NAME@BUDGET`` as ``--compare`` takes it: a policy as the tables name it (``full`` is the full
+    cache), at one budget or at each."""
+    name, _, budget = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    names = sorted({r.policy for r in rows})
+    if name not in names:
+        raise UsageError(f"--compare {spec!r}: no policy {name!r} in these results; the tables name "
+                         f"{', '.join(names)} (add @BUDGET to pick one budget, e.g. {names[0]}@0.25)")
+    if budget and not any(_budget_text(r.budget) == _budget_text(_number_or_text(budget)) for r in rows
+                          if r.policy == name):
+        found = sorted({_budget_text(r.budget) for r in rows if r.policy == name})
+        raise UsageError(f"--compare {spec!r}: {name} ran at budget {', '.join(found)}, not {budget}")
+    return name, budget or None
+
+
+def _number_or_text(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _budget_text(budget: float | str | None) -> str:
+    return "full" if budget is None else f"{budget:g}" if isinstance(budget, float) else str(budget)
+
+
+def comparison_table(rows: list[Row], a: str, b: str) -> tuple[str, list[str], list[list[Any]]]:
+    """``--compare A B``: per task (and budget, where neither names one), A's score minus B's over the samples both
+    ran, its interval, and a paired test's p-value; A and B are ``NAME`` or ``NAME@BUDGET``."""
+    (name_a, budget_a), (name_b, budget_b) = _picked(a, rows), _picked(b, rows)
+
+    def side(name: str, budget: str | None) -> tuple[list[Row], bool]:
+        """The rows of one side, and whether they pair with the other side's at any budget (a budget was named,
+        or this is the full cache) rather than at their own."""
+        found = [r for r in rows if r.policy == name
+                 and (budget is None or _budget_text(r.budget) == _budget_text(_number_or_text(budget)))]
+        return found, budget is not None or all(r.budget is None for r in found)
+
+    (left, any_a), (right, any_b) = side(name_a, budget_a), side(name_b, budget_b)
+    pairs = sorted(((first, second) for first in left for second in right
+                    if (first.model, first.task) == (second.model, second.task)
+                    and (any_a or any_b or first.budget == second.budget)),
+                   key=lambda pair: (pair[0].model, pair[0].task, _budget_text(pair[0].budget),
+                                     _budget_text(pair[1].budget)))
+    body = []
+    for first, second in pairs:
+        found = None
+        if first.outcomes and second.outcomes and first.outcomes.statistic == second.outcomes.statistic:
+            found = compare(first.outcomes.statistic, first.outcomes.by_doc(), second.outcomes.by_doc())
+        model, task = first.model, first.task
+        budgets = [_budget_text(r.budget) for r in (first, second)]
+        shown_budget = budgets[0] if budgets[0] == budgets[1] else " vs ".join(budgets)
+        if found is None:
+            body.append([task, shown_budget, first.score_text(), second.score_text(),
+                         f"{first.score - second.score:+.3f}", "", "", "", "no samples kept: no test", model])
+            continue
+        verdict = "significant" if found.significant else "not significant"
+        better = found.difference > 0 if first.higher_is_better else found.difference < 0
+        if found.significant:
+            verdict += f" ({a if better else b} better)"
+        body.append([task, shown_budget, first.score_text(), second.score_text(),
+                     f"{found.difference:+.3f} [{found.low:+.3f}, {found.high:+.3f}]", p_text(found.p_value),
+                     found.method, found.n, verdict, model])
+    if not body:
+        raise UsageError(f"--compare {a} {b}: they ran on no common task and budget; pick budgets with NAME@BUDGET")
+    title = (f"{a} vs {b} — difference A − B over the samples both ran, 95% interval, paired test (p < 0.05 is "
+             "significant)")
+    return title, ["task", "budget", f"A: {a}", f"B: {b}", "A − B [95% CI]", "p", "test", "n", "verdict", "model"], body
 
 
 def budget_title(budget: float | str) -> str:
@@ -251,14 +360,22 @@ def failed_cells(failures: Sequence[Shown], fmt: str) -> str:
 
 def render(
     results_dir: Path, fmt: str = "terminal", with_provenance: bool = False, images: list[str] | None = None,
-    records: Sequence[ResultRecord] | None = None,
+    records: Sequence[ResultRecord] | None = None, compared: tuple[str, str] | None = None,
 ) -> str:
     """The leaderboard of ``results_dir`` in ``fmt``; ``records``, if given, are its records already loaded (so a
-    command that also plots warns about each skipped file once)."""
+    command that also plots warns about each skipped file once); ``compared``: only the paired comparison of two
+    policies (``--compare A B``)."""
     records = load_results(results_dir) if records is None else records
     rows, failures = load_rows(records)
     if not rows:
         return escaped(f"no finished results in {results_dir}", fmt)
+    if compared is not None:
+        title, headers, body = comparison_table(rows, *compared)
+        if fmt == "csv":
+            buffer = io.StringIO()
+            csv.writer(buffer).writerows([[title], headers, *body])
+            return buffer.getvalue()
+        return section(title, headers, body, fmt, numbers=False) + "\n"
     tables = [overall_table(rows), *task_tables(rows)]
     notes = missing_references(rows)
     if fmt == "csv":

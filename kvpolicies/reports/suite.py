@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvpolicies.experiments.results import ResultRecord
+from kvpolicies.experiments.results import Outcomes, ResultRecord
 from kvpolicies.integrations.protocol import Protocol
 from kvpolicies.reports.figures import plots_folder, pyplot, save
 from kvpolicies.reports.leaderboard import escaped, failed_cells, provenance_parts, section
 from kvpolicies.reports.points import shown
+from kvpolicies.reports.statistics import Comparison, Interval, compare_pooled, interval, p_text, pooled
 
 SCALE = 100.0
 """kvpress reports RULER scores in percent."""
@@ -46,6 +47,8 @@ class Point:
     keep: float | None
     score: float
     samples: int
+    outcomes: Outcomes | None = None
+    """Each sample's outcome (None in records written before they were kept)."""
 
 
 def points(records: Sequence[ResultRecord]) -> list[Point]:
@@ -63,7 +66,7 @@ def points(records: Sequence[ResultRecord]) -> list[Point]:
         found.append(Point(
             model=record.identity.model, task=point.task, policy=point.policy,
             protocol=record.cell.protocol, keep=None if budget is None else budget.value,
-            score=record.score * SCALE, samples=record.samples,
+            score=record.score * SCALE, samples=record.samples, outcomes=record.outcomes,
         ))
     return found
 
@@ -122,10 +125,19 @@ class Suite:
         values = [self.full[task].score for task in self.tasks if task in self.full]
         return statistics.fmean(values) if len(values) == len(self.tasks) and values else None
 
-    def cell(self, value: float | None, covered: int) -> str:
+    def full_points(self) -> list[Point]:
+        """The full cache's cells on the policies' tasks (all of them, or none: a partial mean is no reference)."""
+        found = [self.full[task] for task in self.tasks if task in self.full]
+        return found if len(found) == len(self.tasks) else []
+
+    def cell(self, value: float | None, covered: int, behind: list[Point] | None = None) -> str:
+        """A mean as the tables print it: with its interval where every cell behind it kept its samples' outcomes,
+        and the tasks it covers where it covers fewer than all."""
         if value is None:
             return ""
-        return _number(value) + ("" if covered == len(self.tasks) else f" ({covered}/{len(self.tasks)} tasks)")
+        found = mean_interval(behind or [])
+        text = _number(value) if found is None else f"{_number(value)} [{_number(found.low)}, {_number(found.high)}]"
+        return text + ("" if covered == len(self.tasks) else f" ({covered}/{len(self.tasks)} tasks)")
 
     def samples(self, protocol: Protocol) -> str:
         """Samples per task behind a protocol's cells: one number, or a range where cells of different limits
@@ -134,24 +146,47 @@ class Suite:
         return "" if not found else str(found[0]) if len(found) == 1 else f"{found[0]}-{found[-1]}"
 
 
+def mean_interval(behind: list[Point]) -> Interval | None:
+    """The interval (x100) on the mean over tasks of ``behind``'s scores: a bootstrap stratified by task."""
+    kept = [p.outcomes for p in behind]
+    if not kept or any(o is None for o in kept) or len({o.statistic for o in kept}) != 1:
+        return None
+    found = (interval(kept[0].statistic, kept[0].values, kept[0].weights) if len(kept) == 1 else  # Wilson, where
+             pooled(kept[0].statistic, [(o.values, o.weights) for o in kept]))                     # it applies
+    return None if found is None else Interval(found.score * SCALE, found.low * SCALE, found.high * SCALE,
+                                               found.n, found.method)
+
+
+def task_cell(point: Point | None) -> str:
+    """One task's score x100, with its interval where the record kept its samples' outcomes."""
+    if point is None:
+        return ""
+    found = mean_interval([point])
+    return _number(point.score) if found is None else f"{_number(point.score)} [{_number(found.low)}, " \
+                                                      f"{_number(found.high)}]"
+
+
 def full_cache_table(suite: Suite) -> Table:
     """What the model does with everything kept, on every task of the folder: where eviction has anything to lose."""
     tasks = sorted(set(suite.full) | set(suite.tasks))
-    body = [[short(task), _number(suite.full[task].score) if task in suite.full else "",
+    body = [[short(task), task_cell(suite.full.get(task)),
              suite.full[task].samples if task in suite.full else "",
              "yes" if task in suite.tasks else "no (full cache only)"] for task in tasks]
-    every = [suite.full[task].score for task in tasks if task in suite.full]
+    every = [suite.full[task] for task in tasks if task in suite.full]
     if every:
-        body.append([f"mean of {len(every)} tasks", _number(statistics.fmean(every)), "", ""])
+        body.append([f"mean of {len(every)} tasks", suite.cell(statistics.fmean(p.score for p in every), len(
+            suite.tasks), every), "", ""])
     return f"full cache per task — score x100 — {suite.model}", ["task", "full cache", "n", "policies run"], body
 
 
 def average_table(suite: Suite, protocol: Protocol) -> Table:
     """kvpress's headline: the mean over tasks per policy and keep ratio, the full cache's beside it."""
     headers = ["policy", *(_keep_header(keep) for keep in suite.keeps)]
-    body = [[name, *(suite.cell(*suite.average(name, protocol, keep)) for keep in suite.keeps)]
+    body = [[name, *(suite.cell(*suite.average(name, protocol, keep), suite.covered(name, protocol, keep))
+                     for keep in suite.keeps)]
             for name in suite.policies(protocol)]
-    body.append(["full cache (no eviction)", *[_number(suite.full_average())] * len(suite.keeps)])
+    full = suite.cell(suite.full_average(), len(suite.tasks), suite.full_points())
+    body.append(["full cache (no eviction)", *[full] * len(suite.keeps)])
     title = (f"{protocol.value} — mean score x100 over {len(suite.tasks)} tasks "
              f"({', '.join(short(t) for t in suite.tasks)}), n = {suite.samples(protocol)} per task — {suite.model}")
     return title, headers, body
@@ -165,10 +200,11 @@ def task_table(suite: Suite, protocol: Protocol) -> Table:
         for keep in suite.keeps:
             row = [suite.score.get((name, protocol, keep, task)) for task in suite.tasks]
             if any(row):
-                body.append([name, f"{keep:g}", suite.cell(*suite.average(name, protocol, keep)),
-                             *(_number(p.score) if p else "" for p in row)])
-    body.append(["full cache", "1", _number(suite.full_average()),
-                 *(_number(suite.full[task].score) if task in suite.full else "" for task in suite.tasks)])
+                body.append([name, f"{keep:g}", suite.cell(*suite.average(name, protocol, keep),
+                                                            suite.covered(name, protocol, keep)),
+                             *(task_cell(p) for p in row)])
+    body.append(["full cache", "1", suite.cell(suite.full_average(), len(suite.tasks), suite.full_points()),
+                 *(task_cell(suite.full.get(task)) for task in suite.tasks)])
     return f"{protocol.value} — per task, score x100 — {suite.model}", headers, body
 
 
@@ -185,15 +221,34 @@ def protocol_gap_table(suite: Suite) -> Table | None:
         for keep in suite.keeps:
             with_question, without = suite.covered(name, aware, keep), suite.covered(name, agnostic, keep)
             same_tasks = [p.task for p in with_question] == [p.task for p in without] and with_question
-            gaps.append(statistics.fmean(p.score for p in with_question) - statistics.fmean(p.score for p in without)
-                        if same_tasks else None)
-        present = [g for g in gaps if g is not None]
+            gaps.append((statistics.fmean(p.score for p in with_question) - statistics.fmean(p.score for p in without),
+                         paired_gap(with_question, without)) if same_tasks else None)
+        present = [gap for gap, _ in filter(None, gaps)]
         mean = statistics.fmean(present) if present else None
-        ranked.append((mean is None, -(mean or 0.0), [name, *("" if g is None else f"{g:+.1f}" for g in gaps),
+        ranked.append((mean is None, -(mean or 0.0), [name, *(gap_cell(g) for g in gaps),
                                                        "" if mean is None else f"{mean:+.1f}"]))
     headers = ["policy", *(_keep_header(keep) for keep in suite.keeps), "mean"]
     return (f"query-aware minus query-agnostic — mean score x100 — {suite.model}", headers,
             [row for *_, row in sorted(ranked, key=lambda item: item[:2])])
+
+
+def paired_gap(with_question: list[Point], without: list[Point]) -> Comparison | None:
+    """The paired test of query-aware against query-agnostic over the tasks and samples both ran, where every
+    cell kept its samples' outcomes."""
+    kept = [(a.outcomes, b.outcomes) for a, b in zip(with_question, without)]
+    if any(a is None or b is None for a, b in kept) or len({o.statistic for pair in kept for o in pair}) != 1:
+        return None
+    return compare_pooled(kept[0][0].statistic, [(a.by_doc(), b.by_doc()) for a, b in kept])
+
+
+def gap_cell(gap: tuple[float, Comparison | None] | None) -> str:
+    """A protocol gap x100 with its paired test's p-value, marked * where p < 0.05."""
+    if gap is None:
+        return ""
+    value, test = gap
+    if test is None:
+        return f"{value:+.1f}"
+    return f"{value:+.1f} (p {p_text(test.p_value)}){' *' if test.significant else ''}"
 
 
 def suites(records: Sequence[ResultRecord]) -> list[Suite]:
@@ -220,7 +275,10 @@ HEADER = (
     "question is seen, then the question is prefilled on the compressed cache (kvpress's protocol); *query_aware*: "
     "the question is in view while the context is compressed (the question's own entries are kept whole under both "
     "protocols). Averages are over the tasks the policies ran on; a cell that covers fewer says so. *n* is the "
-    "number of samples per task: one sample moves a task's score by 100/n."
+    "number of samples per task: one sample moves a task's score by 100/n. Brackets hold a 95% interval: Wilson's "
+    "for a task whose every sample is right or wrong, else a bootstrap over samples (stratified by task for a mean "
+    "over tasks). A protocol gap carries the p-value of a paired bootstrap over the samples both protocols ran, "
+    "marked * where p < 0.05; a gap without * is not told apart from none at this n."
 )
 
 

@@ -1,0 +1,220 @@
+"""Intervals on scores and paired tests on differences, from each sample's outcome kept in the record."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import random
+
+import pytest
+from pydantic import ValidationError
+
+from kvpolicies.experiments.grid import SweepConfig, cells
+from kvpolicies.experiments.outcomes import outcomes, score_of, stderrs
+from kvpolicies.experiments.results import Outcomes
+from kvpolicies.reports.statistics import compare, interval, mcnemar, newcombe, wilson
+
+
+def test_wilson_matches_the_published_interval_and_stays_inside_zero_and_one():
+    low, high = wilson(8, 10)
+    assert (round(low, 3), round(high, 3)) == (0.490, 0.943)  # Newcombe (1998), table I: 0.4902, 0.9433
+    assert wilson(0, 10)[0] == pytest.approx(0.0, abs=1e-12) and round(wilson(0, 10)[1], 4) == 0.2775
+    assert wilson(10, 10)[1] == 1.0 and round(wilson(10, 10)[0], 4) == 0.7225
+
+
+def test_wilson_covers_the_true_rate_about_95_times_in_100():
+    rng = random.Random(1)
+    for rate, n in ((0.3, 30), (0.9, 20)):
+        covered = 0
+        for _ in range(2000):
+            successes = sum(rng.random() < rate for _ in range(n))
+            low, high = wilson(successes, n)
+            covered += low <= rate <= high
+        assert 0.92 <= covered / 2000 <= 0.99
+
+
+def test_mcnemar_counts_only_the_samples_where_two_cells_disagree():
+    assert mcnemar(6, 0) == pytest.approx(2 / 64)
+    assert mcnemar(9, 1) == pytest.approx(2 * 11 / 1024)
+    assert mcnemar(5, 5) == 1.0 and mcnemar(0, 0) == 1.0
+    # 20 samples, A right on 10 and B on 9, but they disagree on 19 of them: no evidence of a difference
+    a = {i: (float(i < 10), None) for i in range(20)}
+    b = {i: (float(i >= 10 and i < 19), None) for i in range(20)}
+    result = compare("mean", a, b)
+    assert result.method == "mcnemar" and (result.a_only, result.b_only) == (10, 9) and not result.significant
+    assert result.difference == pytest.approx(0.05) and result.low < 0 < result.high
+
+
+def test_a_consistent_difference_is_significant_and_a_tie_is_not():
+    a = {i: (1.0, None) for i in range(12)}
+    b = {i: (float(i < 2), None) for i in range(12)}
+    result = compare("mean", a, b)
+    assert result.significant and result.difference == pytest.approx(10 / 12) and result.low > 0
+    same = compare("mean", a, dict(a))
+    assert same.difference == 0 and same.p_value == 1.0 and same.low < 0 < same.high  # an interval, not a point
+    assert compare("mean", a, {100: (1.0, None)}) is None  # no sample in common: nothing to compare
+
+
+def test_newcombes_paired_interval_keeps_a_width_with_no_discordant_sample():
+    low, high = newcombe((5, 0, 0, 5))
+    assert low < 0 < high and high - low > 0.2
+    low, high = newcombe((0, 10, 0, 0))
+    assert 0.5 < low < 1 and high == 1.0
+
+
+def test_partial_credit_and_perplexity_take_a_bootstrap_interval_around_their_score():
+    credit = [0.5, 0.25, 1.0, 0.0, 0.75] * 4
+    found = interval("mean", credit)
+    assert found.method == "bootstrap" and found.n == 20 and found.low < 0.5 < found.high
+    assert interval("mean", credit) == found  # deterministic: one page, one interval
+    lls, words = [-100.0, -120.0, -90.0, -300.0], [50.0, 60.0, 40.0, 100.0]
+    ppl = interval("weighted_perplexity", lls, words)
+    assert ppl.score == pytest.approx(math.exp(610 / 250)) and ppl.low <= ppl.score <= ppl.high
+    better = {i: (-100.0 - i, 50.0) for i in range(10)}
+    worse = {i: (-110.0 - i, 50.0) for i in range(10)}
+    result = compare("weighted_perplexity", better, worse)
+    assert result.method == "paired bootstrap" and result.significant and result.difference < 0  # lower is better
+    assert interval("mean", []) is None
+
+
+def logged(metric: str, items: list, filter_name: str = "none") -> list[dict]:
+    return [{"doc_id": i, "filter": filter_name, metric: item} for i, item in enumerate(items)]
+
+
+def test_outcomes_are_kept_only_where_they_give_back_the_score():
+    samples = logged("exact_match", [1.0, 0.0, 1.0, 1.0]) + logged("exact_match", [0.0] * 4, "other")
+    kept = outcomes(samples, "exact_match,none", 0.75)
+    assert kept == {"statistic": "mean", "doc_ids": [0, 1, 2, 3], "values": [1.0, 0.0, 1.0, 1.0]}
+    assert outcomes(samples, "exact_match,none", 0.5) is None  # another aggregation: no interval on the wrong score
+    ruler = logged("4096", [1.0, 0.5, -1.0, 0.0])  # RULER: -1 marks a sample of another length
+    assert outcomes(ruler, "4096,none", 0.5)["doc_ids"] == [0, 1, 3]
+    rolling = logged("word_perplexity", [(-100.0, 50), (-120.0, 60)])
+    kept = outcomes(rolling, "word_perplexity,none", math.exp(220 / 110))
+    assert kept["statistic"] == "weighted_perplexity" and kept["weights"] == [50.0, 60.0]
+    assert outcomes(logged("bleu", [("a", "b")]), "bleu,none", 1.0) is None
+    assert stderrs(samples, {"exact_match,none": 0.75}) == {"exact_match,none": pytest.approx(0.25)}  # lm-eval's
+
+
+def test_a_record_refuses_outcomes_that_do_not_line_up():
+    with pytest.raises(ValidationError, match="one doc id, value"):
+        Outcomes(statistic="mean", doc_ids=[0, 1], values=[1.0])
+    with pytest.raises(ValidationError, match="need weights"):
+        Outcomes(statistic="weighted_perplexity", doc_ids=[0], values=[-1.0])
+    with pytest.raises(ValidationError):
+        Outcomes(statistic="mean", doc_ids=[0], values=[float("nan")])
+
+
+@pytest.mark.slow
+def test_a_cells_record_keeps_each_samples_outcome_and_they_give_back_its_score(tiny_pretrained):
+    from kvpolicies.experiments.runner import evaluate
+
+    grid = cells(SweepConfig.model_validate({
+        "models": [tiny_pretrained], "policies": ["snapkv"], "budgets": [0.5],
+        "tasks": [{"name": "kvp_passkey", "metadata": {"lengths": [120], "depths": [0.5], "per_cell": 3}},
+                  {"name": "kvp_ppl", "limit": 2, "metadata": {"lengths": [200], "per_length": 2}}]}))
+    for cell in grid:
+        record = evaluate(cell)
+        assert record.status == "ok", record.error
+        kept = record.outcomes
+        assert kept is not None and len(kept.doc_ids) == record.samples
+        assert score_of(kept.statistic, kept.values, kept.weights) == pytest.approx(record.score, rel=1e-9)
+        if cell.task.name == "kvp_passkey":
+            assert kept.statistic == "mean" and set(record.stderr) == {record.primary_metric}
+        else:
+            assert kept.statistic == "weighted_perplexity" and record.stderr == {}
+
+
+def binary(*right: int, n: int = 20) -> dict:
+    """Outcomes of an accuracy over ``n`` samples, right on the docs listed."""
+    return {"statistic": "mean", "doc_ids": list(range(n)), "values": [float(i in right) for i in range(n)]}
+
+
+def test_the_leaderboard_shows_intervals_paired_tests_and_shared_ranks(tmp_path):
+    from kvpolicies.experiments.results import load_results
+    from kvpolicies.reports.leaderboard import load_rows, render, task_tables
+    from tests.helpers import make_record, write_records
+
+    everything = range(20)
+    records = [
+        make_record("acc", "full", 1.0, 1.0, outcomes=binary(*everything), samples=20),
+        make_record("acc", "near", 0.5, 0.9, outcomes=binary(*range(18)), samples=20),  # 2 lost: not significant
+        make_record("acc", "far", 0.5, 0.3, outcomes=binary(*range(6)), samples=20),    # 14 lost: significant
+        make_record("acc", "twin", 0.5, 0.9, outcomes=binary(*range(2, 20)), samples=20),
+        make_record("acc", "old", 0.5, 0.5, samples=20),  # written before outcomes were kept
+    ]
+    folder = write_records(tmp_path / "results", records)
+    rows, _ = load_rows(load_results(folder))
+    (title, headers, body), = task_tables(rows)
+    table = {row[1]: dict(zip(headers, row)) for row in body}
+    assert table["near"]["#"] == table["twin"]["#"] == 1 and table["old"]["#"] == 3 and table["far"]["#"] == 4
+    assert table["near"]["score [95% CI]"] == "0.900 [0.699, 0.972]"  # Wilson, 18 of 20
+    assert table["near"]["vs full"] == "-0.100, p 0.500" and table["far"]["vs full"] == "-0.700, p < 0.001 *"
+    assert table["old"]["score [95% CI]"] == "0.500" and table["old"]["vs full"] == ""  # no samples: no interval
+    assert table["full (no eviction)"]["score [95% CI]"] == "1.000 [0.839, 1.000]"
+    page = render(folder, "markdown", with_provenance=True)
+    assert "marked * where p < 0.05" in page and "| n" in page
+
+
+def test_leaderboard_compare_pairs_two_policies_or_one_policy_at_two_budgets(tmp_path, capsys):
+    from kvpolicies.cli import main
+    from tests.helpers import make_record, write_records
+
+    folder = write_records(tmp_path / "results", [
+        make_record("acc", "full", 1.0, 1.0, outcomes=binary(*range(20)), samples=20),
+        make_record("acc", "a", 0.25, 0.3, outcomes=binary(*range(6)), samples=20),
+        make_record("acc", "a", 0.5, 0.9, outcomes=binary(*range(18)), samples=20),
+        make_record("acc", "b", 0.25, 0.35, outcomes=binary(*range(1, 8)), samples=20),
+        make_record("acc", "b", 0.5, 0.85, outcomes=binary(*range(17)), samples=20),
+    ])
+    def compared(*specs: str) -> list[list[str]]:
+        assert main(["leaderboard", str(folder), "--compare", *specs, "--format", "csv"]) == 0
+        return [row for row in csv.reader(io.StringIO(capsys.readouterr().out)) if row][2:]
+
+    rows = compared("a", "b")
+    assert [(row[0], row[1], row[7]) for row in rows] == [("acc", "0.25", "20"), ("acc", "0.5", "20")]
+    assert all(row[8] == "not significant" for row in rows)  # a sample or two apart: no verdict
+    (row,) = compared("a@0.25", "a@0.5")
+    assert row[1] == "0.25 vs 0.5" and row[4].startswith("-0.600 [") and row[5] == "< 0.001"
+    assert row[6] == "mcnemar" and row[8] == "significant (a@0.5 better)"
+    rows = compared("full", "a")  # the full cache against a at each budget a ran
+    assert [row[1] for row in rows] == ["full vs 0.25", "full vs 0.5"]
+    assert [row[8] for row in rows] == ["significant (full better)", "not significant"]
+    assert main(["leaderboard", str(folder), "--compare", "c", "a"]) == 2
+    assert "no policy 'c' in these results; the tables name a, b, full" in capsys.readouterr().err
+    assert main(["leaderboard", str(folder), "--compare", "a@0.1", "b"]) == 2
+    assert "a ran at budget 0.25, 0.5, not 0.1" in capsys.readouterr().err
+
+
+def test_pooled_means_resample_each_task_apart_and_a_paired_gap_is_tested(tmp_path):
+    from kvpolicies.experiments.results import load_results
+    from kvpolicies.reports.statistics import compare_pooled, pooled
+    from kvpolicies.reports.suite import suites, tables
+    from tests.helpers import make_record, write_records
+
+    found = pooled("mean", [([1.0] * 4, None), ([0.0, 1.0] * 50, None)])
+    assert found.score == pytest.approx(0.75) and found.n == 104 and found.low < 0.75 < found.high
+    assert found.high - found.low < 0.2  # task 1's four right answers are certain; only task 2's half varies
+    same = {i: (float(i % 2), None) for i in range(40)}
+    better = {i: (1.0, None) for i in range(40)}
+    assert compare_pooled("mean", [(better, same), (better, same)]).significant
+    assert compare_pooled("mean", [(better, {100: (1.0, None)})]) is None
+
+    def partial(task, policy, keep, protocol, values):
+        statistic = {"statistic": "mean", "doc_ids": list(range(len(values))), "values": values}
+        return make_record(task, policy, 1.0 if policy == "full" else keep, sum(values) / len(values),
+                           protocol=protocol, samples=len(values), outcomes=statistic)
+
+    records = [partial(t, "full", None, "query_aware", [1.0] * 20) for t in ("kvp_ruler_a", "kvp_ruler_b")]
+    for task in ("kvp_ruler_a", "kvp_ruler_b"):
+        records += [partial(task, "snapkv", 0.5, "query_aware", [1.0, 0.5] * 10),
+                    partial(task, "snapkv", 0.5, "query_agnostic", [0.0, 0.5] * 10),
+                    partial(task, "keydiff", 0.5, "query_aware", [0.5, 0.5] * 10),
+                    partial(task, "keydiff", 0.5, "query_agnostic", [0.0, 1.0, 0.5, 0.5] * 5)]
+    [suite] = suites(load_results(write_records(tmp_path / "r", records)))
+    found = {title.split(" — ")[0]: body for title, _, body in tables(suite) if "per task," not in title}
+    aware = {row[0]: row[1] for row in found["query_aware"]}
+    assert aware["snapkv"].startswith("75.0 [") and aware["full cache (no eviction)"] == "100.0 [100.0, 100.0]"
+    gaps = {row[0]: row[1] for row in found["query-aware minus query-agnostic"]}
+    assert gaps["snapkv"] == "+50.0 (p < 0.001) *"
+    assert gaps["keydiff"] == "+0.0 (p 1.000)"  # its samples move both ways: no gap
