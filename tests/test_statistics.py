@@ -6,6 +6,7 @@ import csv
 import io
 import math
 import random
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -218,3 +219,33 @@ def test_pooled_means_resample_each_task_apart_and_a_paired_gap_is_tested(tmp_pa
     gaps = {row[0]: row[1] for row in found["query-aware minus query-agnostic"]}
     assert gaps["snapkv"] == "+50.0 (p < 0.001) *"
     assert gaps["keydiff"] == "+0.0 (p 1.000)"  # its samples move both ways: no gap
+
+
+def test_score_plots_draw_each_points_interval_and_say_so(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from kvpolicies.reports.leaderboard import plot
+    from kvpolicies.reports.suite import plot_suite
+    from kvpolicies.experiments.results import load_results
+    from tests.helpers import make_record, write_records
+
+    figures = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda figure, path, **kwargs: figures.update({Path(path).stem: figure}))
+    records = [make_record("kvp_ruler_a", "full", 1.0, 1.0, outcomes=binary(*range(20)), samples=20,
+                           protocol="query_agnostic"),
+               make_record("kvp_ruler_a", "a", 0.5, 0.5, outcomes=binary(*range(10)), samples=20,
+                           protocol="query_agnostic")]
+    folder = write_records(tmp_path / "results", records)
+    plot(folder, tmp_path / "plots")
+    axis = figures["score_vs_budget"].axes[0]
+    (bars,) = [c for c in axis.containers if type(c).__name__ == "ErrorbarContainer"]
+    low, high = wilson(10, 20)
+    segment = bars.lines[2][0].get_segments()[0]
+    assert [round(y, 6) for _, y in segment] == [round(low, 6), round(high, 6)]
+    assert "95% intervals." in " ".join(t.get_text() for t in figures["score_vs_budget"].texts)
+    plot_suite(load_results(folder), tmp_path / "suite")
+    axis = figures["mean_vs_keep"].axes[0]
+    assert any(type(c).__name__ == "ErrorbarContainer" for c in axis.containers)
+    assert "n = 20 per task" in axis.get_title() and "smollm2-135m-instruct" in axis.get_title()
+    assert "shifted sideways" in " ".join(t.get_text() for t in figures["mean_vs_keep"].texts)

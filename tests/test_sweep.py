@@ -423,8 +423,14 @@ def test_plots_keep_equal_lines_apart_and_speed_and_memory_from_zero(tmp_path, m
     assert list(a.get_ydata()) == list(b.get_ydata())  # equal results ...
     assert list(a.get_xdata()) != list(b.get_xdata()) and a.get_linestyle() != b.get_linestyle()  # ... both visible
     assert max(abs(x - budget) for x, budget in zip(a.get_xdata(), (0.25, 0.5))) < 0.25 / 3
+    said = " ".join(text.get_text() for text in figures["score_vs_budget"].texts)
+    assert "shifted sideways" in said and "intervals" not in said  # the figure says where its points sit
+    assert figures["score_vs_budget"].axes[0].get_title() == "acc\nsmollm2-135m-instruct, n = 10 per cell"
     for name in ("decode_speed_vs_budget", "kv_memory_vs_budget"):
         assert figures[name].axes[0].get_ylim()[0] == 0
+        memory = {line.get_label(): line for line in figures[name].axes[0].get_lines()}
+        assert list(memory["a"].get_xdata()) == [0.25, 0.5]  # no shift where no bar is drawn: on its budget
+    assert figures["decode_speed_vs_budget"].axes[0].get_ylabel() == "decode tokens/s"
 
 
 def test_cells_of_one_model_share_its_loaded_weights(tiny_pretrained, tmp_path, monkeypatch):

@@ -48,16 +48,23 @@ def plots_folder(out_dir: Path) -> Path:
     return out_dir
 
 
-def save(fig: Any, out_dir: Path, name: str, model: str, models: Collection[str]) -> Path:
+def save(fig: Any, out_dir: Path, name: str, model: str, models: Collection[str], note: str = "") -> Path:
     """Write ``fig``, one of ``model``'s figures, as ``name``.png in ``out_dir`` and close it; where the page has
-    several ``models``, the figure is titled with its model and its file name starts with it."""
+    several ``models``, the figure is titled with its model and its file name starts with it. ``note``: what the
+    figure must say about how it is drawn (error bars, points shifted), in small print under the panels."""
     import matplotlib.pyplot as plt
+    import textwrap
 
     path = out_dir / f"{_prefix(model, models)}{name}.png"
     try:
         if len(models) > 1:
             fig.suptitle(model)
-        fig.tight_layout()
+        if note:
+            lines = textwrap.wrap(note, max(60, int(fig.get_figwidth() * 17)))
+            fig.tight_layout(rect=(0, 0.035 * len(lines) + 0.01, 1, 1))
+            fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, ha="left", va="bottom")
+        else:
+            fig.tight_layout()
         _write(fig, path)
     except OSError as error:
         raise _unwritable(out_dir, error, path) from None

@@ -418,42 +418,68 @@ def plot(results_dir: Path, out_dir: Path, records: Sequence[ResultRecord] | Non
     plots_folder(out_dir)
     written: list[Path] = []
 
-    def figure(name: str, ylabel: str, value, mine: list[Row], tasks: list[str], from_zero: bool = False) -> None:
-        fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks) + 1.8, 4), squeeze=False)
+    def figure(name: str, ylabel: str, value, mine: list[Row], tasks: list[str], from_zero: bool = False,
+               spread=None, note: str = "") -> None:
+        """One panel per task; ``spread(row)`` gives a point's error bar ``(low, high)`` (None: none). Equal results
+        would draw one line over another, so where bars are drawn each policy is shifted sideways by a sliver of
+        the smallest budget gap (at most a third of it), and the figure says so; elsewhere points sit on their
+        budgets, and line styles and markers tell equal lines apart."""
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks) + 1.8, 4.4), squeeze=False)
+        dodged, barred = spread is not None, False
         for axis, task in zip(axes[0], tasks):
             axis.set_prop_cycle(color=plt.cm.tab20.colors, marker=["o", "s", "^", "D", "v"] * 4,
                                 linestyle=["-", "--", ":", "-."] * 5)
             members = [r for r in mine if r.task == task]
             policies = sorted({r.policy for r in members if r.budget is not None})
             budgets = sorted({r.budget for r in members if r.budget is not None})
-            # Equal results would draw one line over another: shift each policy by a sliver of the smallest budget
-            # gap, so every line stays visible without moving a point off its budget by more than 1/3 of a gap.
             gap = min((b - a for a, b in zip(budgets, budgets[1:])), default=0.1)
             for index, policy in enumerate(policies):
-                dodge = (index - (len(policies) - 1) / 2) * gap / (3 * max(len(policies), 1))
-                points = sorted((r.budget + dodge, value(r)) for r in members if r.policy == policy
+                dodge = (index - (len(policies) - 1) / 2) * gap / (3 * max(len(policies), 1)) if dodged else 0.0
+                points = sorted((r.budget, r) for r in members if r.policy == policy
                                 and r.budget is not None and value(r) is not None)
-                if points:
-                    axis.plot(*zip(*points), label=policy, alpha=0.85)
+                if not points:
+                    continue
+                xs, ys = [b + dodge for b, _ in points], [value(r) for _, r in points]
+                line, = axis.plot(xs, ys, label=policy, alpha=0.85)
+                bars = [spread(r) if dodged else None for _, r in points]
+                if any(bar is not None for bar in bars):
+                    barred = True
+                    below = [0.0 if bar is None else y - bar[0] for y, bar in zip(ys, bars)]
+                    above = [0.0 if bar is None else bar[1] - y for y, bar in zip(ys, bars)]
+                    axis.errorbar(xs, ys, yerr=[below, above], fmt="none", ecolor=line.get_color(), alpha=0.5,
+                                  capsize=2)
             for r in members:
                 if r.budget is None and value(r) is not None:
                     axis.axhline(value(r), color="black", linestyle="--", linewidth=1, label=f"{r.policy} (no eviction)")
-            axis.set_title(task)
+                    band = spread(r) if dodged else None
+                    if band is not None:  # the full cache's own interval, as a band
+                        axis.axhspan(*band, color="black", alpha=0.07, linewidth=0)
+                        barred = True
+            counts = sorted({r.samples for r in members})
+            n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+            axis.set_title(f"{task}\n{mine[0].model}, n = {n} per cell", fontsize=9)
             axis.set_xlabel("budget (fraction of the KV cache kept)")
             axis.set_ylabel(ylabel if ylabel != "score" else members[0].metric.split(",")[0])
             axis.grid(alpha=0.3)
             if from_zero:  # a bar of 12 vs 13 tok/s must not look like a doubling
                 axis.set_ylim(bottom=0)
         axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-        written.append(save(fig, out_dir, name, mine[0].model, models))
+        notes = [note] if note else []
+        if barred:
+            notes.append("Bars (and the grey band around the full cache): 95% intervals.")
+        if dodged:
+            notes.append("Policies are shifted sideways by up to a third of the smallest budget gap so that equal "
+                         "results stay visible; each point belongs to the budget nearest it.")
+        written.append(save(fig, out_dir, name, mine[0].model, models, note=" ".join(notes)))
 
     for model in models:  # one set per model: a line joining two models' scores would compare nothing
         mine = [r for r in rows if r.model == model]
         tasks = sorted({r.task for r in mine})
-        figure("score_vs_budget", "score", lambda r: r.score, mine, tasks)
+        figure("score_vs_budget", "score", lambda r: r.score, mine, tasks,
+               spread=lambda r: None if r.interval is None else (r.interval.low, r.interval.high))
         figure("kv_memory_vs_budget", "resident KV MiB per sequence",
                lambda r: None if r.resident_bytes is None else r.resident_bytes / 2**20, mine, tasks, from_zero=True)
-        figure("decode_speed_vs_budget", "decode tokens/s (one run per cell: differences under ~15% are noise)",
+        figure("decode_speed_vs_budget", "decode tokens/s",
                lambda r: r.decode_tps, mine, [t for t in tasks if any(r.decode_tps for r in mine if r.task == t)]
-               or tasks, from_zero=True)
+               or tasks, from_zero=True, note="One run per cell: speed differences under about 15% are noise.")
     return written

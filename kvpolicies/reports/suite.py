@@ -324,16 +324,26 @@ def plot_suite(records: Sequence[ResultRecord], out_dir: Path) -> list[Path]:
         axis.set_ylim(-2, 102)
         axis.grid(alpha=0.3)
 
-    def draw(axis, suite: Suite, name: str, points: list[tuple[float, float]]) -> None:
-        """One policy's line, in its colour and marker on every panel; equal scores would draw one line over
-        another, so each policy is shifted by a sliver of the smallest keep gap (at most a third of it)."""
+    def draw(axis, suite: Suite, name: str, points: list[tuple[float, float, Interval | None]]) -> None:
+        """One policy's line, in its colour and marker on every panel, with each point's 95% interval; equal
+        scores would draw one line over another, so each policy is shifted by a sliver of the smallest keep gap
+        (at most a third of it), which the figure says."""
         names = sorted({p.policy for p in suite.compressed})
         index = names.index(name)
         gap = min((b - a for a, b in zip(suite.keeps[::-1], suite.keeps[::-1][1:])), default=0.1)
         dodge = (index - (len(names) - 1) / 2) * gap / (3 * len(names))
-        axis.plot([keep + dodge for keep, _ in points], [value for _, value in points], label=name, alpha=0.85,
-                  color=plt.cm.tab20.colors[index % 20], marker="osD^v<>ph*"[index % 10],
+        colour = plt.cm.tab20.colors[index % 20]
+        xs, ys = [keep + dodge for keep, _, _ in points], [value for _, value, _ in points]
+        axis.plot(xs, ys, label=name, alpha=0.85, color=colour, marker="osD^v<>ph*"[index % 10],
                   linestyle=["-", "--", ":", "-."][index % 4])
+        if any(found is not None for _, _, found in points):
+            below = [0.0 if f is None else y - f.low for y, (_, _, f) in zip(ys, points)]
+            above = [0.0 if f is None else f.high - y for y, (_, _, f) in zip(ys, points)]
+            axis.errorbar(xs, ys, yerr=[below, above], fmt="none", ecolor=colour, alpha=0.5, capsize=2)
+
+    note = ("Bars: 95% intervals (for a mean over tasks, a bootstrap stratified by task). Policies are shifted "
+            "sideways by up to a third of the smallest keep gap so that equal results stay visible; each point "
+            "belongs to the keep ratio nearest it.")
 
     def legend(axis) -> None:
         axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
@@ -347,29 +357,32 @@ def plot_suite(records: Sequence[ResultRecord], out_dir: Path) -> list[Path]:
         for axis, protocol in zip(axes[0], suite.protocols):
             style(axis)
             for name in suite.policies(protocol):
-                line = [(keep, suite.average(name, protocol, keep)[0]) for keep in suite.keeps]
-                line = [(k, v) for k, v in line if v is not None]
+                line = [(keep, suite.average(name, protocol, keep)[0],
+                         mean_interval(suite.covered(name, protocol, keep))) for keep in suite.keeps
+                        if suite.average(name, protocol, keep)[1] == len(suite.tasks)]  # a partial mean is no point
                 if line:
                     draw(axis, suite, name, line)
             if suite.full_average() is not None:
                 axis.axhline(suite.full_average(), color="black", linestyle="--", linewidth=1, label="full cache")
-            axis.set_title(f"{protocol.value}: mean over {len(suite.tasks)} tasks")
+            axis.set_title(f"{protocol.value}: mean over {len(suite.tasks)} tasks\n{suite.model}, n = "
+                           f"{suite.samples(protocol)} per task", fontsize=9)
             axis.set_ylabel("score x100")
             legend(axis)
-        written.append(save(fig, out_dir, "mean_vs_keep", suite.model, models))
+        written.append(save(fig, out_dir, "mean_vs_keep", suite.model, models, note=note))
         for protocol in suite.protocols:
             fig, axes = plt.subplots(1, len(suite.tasks), figsize=(4 * len(suite.tasks) + 2, 4), squeeze=False)
             for axis, task in zip(axes[0], suite.tasks):
                 style(axis)
                 for name in suite.policies(protocol):
-                    line = [(keep, suite.score[(name, protocol, keep, task)].score) for keep in suite.keeps
-                            if (name, protocol, keep, task) in suite.score]
-                    if line:
-                        draw(axis, suite, name, line)
+                    cells = [(keep, suite.score[(name, protocol, keep, task)]) for keep in suite.keeps
+                             if (name, protocol, keep, task) in suite.score]
+                    if cells:
+                        draw(axis, suite, name, [(keep, p.score, mean_interval([p])) for keep, p in cells])
                 if task in suite.full:
                     axis.axhline(suite.full[task].score, color="black", linestyle="--", linewidth=1,
                                  label="full cache")
-                axis.set_title(f"{short(task)} ({protocol.value})")
+                axis.set_title(f"{short(task)} ({protocol.value})\n{suite.model}, n = {suite.samples(protocol)}",
+                               fontsize=9)
             legend(axes[0][-1])
-            written.append(save(fig, out_dir, f"tasks_{protocol.value}", suite.model, models))
+            written.append(save(fig, out_dir, f"tasks_{protocol.value}", suite.model, models, note=note))
     return written
