@@ -205,7 +205,7 @@ def test_the_catalogue_shows_its_own_cell_not_a_newer_variant_or_another_models(
         cell(policy="keydiff", budget=Budget.parse(0.5, slack_tokens=0), score=0.1, finished_at=at(23)),
         cell(policy="keydiff", model="org/other", score=0.2, finished_at=at(24))])
     rows = {line.split("|")[1].strip(): line for line in policies_page(results).splitlines() if line.startswith("| `")}
-    assert "0.90 ▲" in rows["`keydiff`"] and "0.10" not in rows["`keydiff`"] and "0.20" not in rows["`keydiff`"]
+    assert "0.90 △" in rows["`keydiff`"] and "0.10" not in rows["`keydiff`"] and "0.20" not in rows["`keydiff`"]
 
 
 # -- one plot set per model --------------------------------------------------------------------------------------

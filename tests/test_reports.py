@@ -24,11 +24,17 @@ def test_decode_behaviour_follows_what_each_policy_reads():
 
 
 def test_policy_catalogue_marks_scores_above_random_and_lists_missing_cells(tmp_path):
+    def right(*docs: int) -> dict:
+        return {"statistic": "mean", "doc_ids": list(range(20)), "values": [float(i in docs) for i in range(20)]}
+
     results = write_records(tmp_path / "results", [
-        make_record("kvp_passkey", "full", 1.0, 1.0),
-        make_record("kvp_passkey", "random", 0.5, 0.4),
-        make_record("kvp_passkey", "keydiff", 0.5, 0.9),
-        make_record("kvp_passkey", "l2norm", 0.5, 0.4),
+        make_record("kvp_passkey", "full", 1.0, 1.0, outcomes=right(*range(20))),
+        make_record("kvp_passkey", "random", 0.5, 0.4, outcomes=right(*range(8))),
+        make_record("kvp_passkey", "keydiff", 0.5, 0.9, outcomes=right(*range(18))),  # 10 more right: p 0.002
+        make_record("kvp_passkey", "l2norm", 0.5, 0.4, outcomes=right(*range(8))),
+        make_record("kvp_passkey", "snapkv", 0.5, 0.55, outcomes=right(*range(11))),  # 3 more right: p 0.25
+        make_record("kvp_niah", "random", 0.5, 0.1),
+        make_record("kvp_niah", "snapkv", 0.5, 0.3),  # no outcomes kept: higher, but untested
     ])
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"header": "test bench", "results": [
@@ -39,6 +45,7 @@ def test_policy_catalogue_marks_scores_above_random_and_lists_missing_cells(tmp_
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| `")}
     assert "0.90 ▲" in rows["`keydiff`"] and "2.0%" in rows["`keydiff`"] and "1.20×" in rows["`keydiff`"]
     assert "0.40 ▲" not in rows["`l2norm`"] and "0.40" in rows["`l2norm`"]  # a tie with chance is not a win
+    assert "0.55  " in rows["`snapkv`"] and "0.30 △" in rows["`snapkv`"]  # not significant; untested
     assert "arXiv 2504.15364" in rows["`keydiff`"]
     assert "Missing cells" in text and "keydiff kvp_niah @0.5" in text
     assert "benchmark: test bench" in text
@@ -88,7 +95,7 @@ def test_policy_catalogue_counts_cells_swept_at_50_percent_as_half_the_cache(tmp
     results = write_records(tmp_path / "results", [make_record("kvp_passkey", "keydiff", "50%", 0.9),
                                            make_record("kvp_passkey", "random", 0.5, 0.4)])
     rows = {line.split("|")[1].strip(): line for line in policies_page(results).splitlines() if line.startswith("| `")}
-    assert "0.90 ▲" in rows["`keydiff`"]
+    assert "0.90 △" in rows["`keydiff`"]  # higher than random, untested: the records kept no samples
 
 
 def test_policy_catalogue_reads_benchmark_budgets_as_budgets(tmp_path):
@@ -108,3 +115,22 @@ def test_pages_render_when_the_benchmark_file_is_damaged(tmp_path, capsys):
     bench.write_text('{"header": "h", "resu')
     assert "benchmark: none" in policies_page(tmp_path / "none", bench)
     assert f"skipped {bench}" in capsys.readouterr().err
+
+
+def test_a_no_loss_verdict_beyond_its_tolerance_stands_only_where_a_paired_test_says_so():
+    def right(*docs: int, n: int = 10) -> dict:
+        return {"statistic": "mean", "doc_ids": list(range(n)), "values": [float(i in docs) for i in range(n)]}
+
+    def verdict_for(ours: dict, full: dict):
+        latest = {("kvp_niah", "full", 1.0): make_record("kvp_niah", "full", 1.0, sum(full["values"]) / 10,
+                                                         outcomes=full),
+                  ("kvp_niah", "l2norm", 0.5): make_record("kvp_niah", "l2norm", 0.5, sum(ours["values"]) / 10,
+                                                           outcomes=ours)}
+        return verdicts(latest, None)[2]
+
+    lost = verdict_for(right(), right(*range(9)))  # 9 samples lost: p 0.004
+    assert lost.holds is False and "paired: -0.90" in lost.measured and "significant" in lost.measured
+    unsure = verdict_for(right(*range(5)), right(*range(9)))  # 4 lost, beyond the 0.1 tolerance: p 0.125
+    assert unsure.holds is None and unsure.undecided and unsure.row()[2] == "undecided at this n"
+    kept = verdict_for(right(*range(9)), right(*range(9)))
+    assert kept.holds is True and "not significant" in kept.measured

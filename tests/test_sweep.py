@@ -358,7 +358,7 @@ def test_leaderboard_renders_every_format_and_reports_failures(saved_results, fm
     if fmt == "html":
         assert "<table>" in text
     if fmt == "csv":
-        assert "policy,@0.25 (cr 0.75),@0.5 (cr 0.5),AUC,model" in text
+        assert "policy,@0.25 (cr 0.75),@0.5 (cr 0.5),AUC,n tasks,model" in text
     if fmt != "csv":
         assert "RuntimeError: boom" in text
 

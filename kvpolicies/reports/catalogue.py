@@ -145,6 +145,18 @@ def _catalogue_model() -> str:
     return model or EMBEDDED_MODEL
 
 
+def above_chance(mine: ResultRecord, floor: ResultRecord) -> str:
+    """`` ▲`` where ``mine`` beats the chance baseline's cell by a paired test, `` △`` where it scores higher but
+    the records kept no per-sample outcomes to test it with, else nothing."""
+    from kvpolicies.reports.statistics import compare
+
+    if mine.outcomes is None or floor.outcomes is None or mine.outcomes.statistic != floor.outcomes.statistic:
+        return " △" if mine.score > floor.score else ""
+    found = compare(mine.outcomes.statistic, mine.outcomes.by_doc(), floor.outcomes.by_doc())
+    better = found is not None and (found.difference > 0) == mine.higher_is_better and found.difference != 0
+    return " ▲" if better and found.significant else ""
+
+
 def policies_page(results_dir: Path, bench_json: Path | None = None, today: date | None = None) -> str:
     """Markdown of every registered policy: paper, signals, cost, decode behaviour, scores next to chance."""
     from kvpolicies.reports.leaderboard import provenance
@@ -159,12 +171,15 @@ def policies_page(results_dir: Path, bench_json: Path | None = None, today: date
 
     on_page: dict[int, ResultRecord] = {}  # the records the table shows, for the provenance
 
-    def score(task: str, policy: str | None, budget: float) -> float | None:
+    def cell(task: str, policy: str | None, budget: float) -> ResultRecord | None:
         record = latest.get((task, policy, 1.0 if policy == reference else budget))
-        if record is None:
-            return None
-        on_page[id(record)] = record
-        return record.score
+        if record is not None:
+            on_page[id(record)] = record
+        return record
+
+    def score(task: str, policy: str | None, budget: float) -> float | None:
+        record = cell(task, policy, budget)
+        return None if record is None else record.score
 
     infos: list[PolicyInfo] = list_policies()
     order = baselines + sorted(i.name for i in infos if i.name not in baselines)
@@ -177,11 +192,9 @@ def policies_page(results_dir: Path, bench_json: Path | None = None, today: date
         cells = []
         for task in CATALOGUE_TASKS:
             for budget in CATALOGUE_BUDGETS:
-                value = score(task, name, budget)
-                floor = score(task, chance, budget)
-                beats = value is not None and floor is not None and name not in baselines and value > floor
-                mark = " ▲" if beats else ""
-                cells.append("" if value is None else f"{value:.2f}{mark}")
+                mine, floor = cell(task, name, budget), cell(task, chance, budget)
+                mark = "" if mine is None or floor is None or name in baselines else above_chance(mine, floor)
+                cells.append("" if mine is None else f"{mine.score:.2f}{mark}")
         measured = bench.get(name)
         cost = decode = ""
         if measured and measured["prefill_s"]:
@@ -217,9 +230,9 @@ def policies_page(results_dir: Path, bench_json: Path | None = None, today: date
         "- **passkey / niah @budget**: exact-match accuracy on the offline tasks at ~2k tokens (`kvp_passkey`: passkey "
         "in repeated filler; `kvp_niah`: a magic number in natural documentation text), fraction of the cache kept. "
         f"Samples per cell: {', '.join(f'{t} {sorted(n)}' for t, n in sorted(samples.items())) or 'none yet'}. "
-        f"▲ marks a score above `{chance}` (the chance baseline) at the same task and budget; with 10 samples one "
-        "case is 0.1, so "
-        "differences of 0.1–0.2 are within noise.",
+        f"▲ marks a score above `{chance}` (the chance baseline) at the same task and budget by a paired test over "
+        "the same samples (exact McNemar, p < 0.05); △ a higher score from a record that kept no per-sample "
+        "outcomes, so untested. With 10 samples one case is 0.1, and a gap of 0.3 can still be chance.",
         "",
         tabulate(rows, headers=headers, tablefmt="github"),
         "",

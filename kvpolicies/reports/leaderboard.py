@@ -267,10 +267,12 @@ def overall_table(rows: list[Row]) -> tuple[str, list[str], list[list[Any]]]:
     body = []
     for (model, policy), per_budget in ratios.items():
         means = {b: statistics.fmean(v) for b, v in per_budget.items()}
-        body.append([policy, *(f"{means[b]:.3f}" if b in means else "" for b in budgets), _area(means), model])
-    body.sort(key=lambda row: -float(row[-2]) if row[-2] != "" else 0)
+        counts = sorted({len(v) for v in per_budget.values()})
+        tasks = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+        body.append([policy, *(f"{means[b]:.3f}" if b in means else "" for b in budgets), _area(means), tasks, model])
+    body.sort(key=lambda row: -float(row[-3]) if row[-3] != "" else 0)
     headers = ["policy", *(f"@{b}" + (f" (cr {1 - b:g})" if isinstance(b, float) else "") for b in budgets), "AUC",
-               "model"]
+               "n tasks", "model"]
     title = ("overall — mean over tasks of score relative to the full cache (1.0 = no loss), per budget (the kept "
              "fraction; cr: kvpress's compression ratio, the fraction removed)")
     return title, headers, body

@@ -23,6 +23,7 @@ from tabulate import tabulate
 from kvpolicies.engine.policy import Role
 from kvpolicies.experiments.grid import PolicySpec, SweepConfig, default_tasks
 from kvpolicies.registry import policy_with_role
+from kvpolicies.reports.statistics import compare
 
 if TYPE_CHECKING:
     from kvpolicies.experiments.results import ResultRecord
@@ -114,20 +115,33 @@ def selection_agreement(model_name: str | None, ids: torch.Tensor, policies: lis
 class Verdict:
     claim: str
     measured: str
-    holds: bool | None  # None: not measured
+    holds: bool | None  # None: not measured, or undecided
+    undecided: bool = False
+    """Beyond the tolerance, but not told apart from the full cache by a paired test at this n."""
 
     def row(self) -> list[str]:
-        mark = {True: "holds", False: "does not hold", None: "not measured"}[self.holds]
+        mark = "undecided at this n" if self.undecided else {True: "holds", False: "does not hold",
+                                                              None: "not measured"}[self.holds]
         return [self.claim, self.measured, mark]
+
+
+def paired_loss(ours: ResultRecord, full: ResultRecord) -> tuple[str, bool | None]:
+    """The paired test of a policy's cell against the full cache's: its words for the page, and whether the
+    difference is significant (None: the records kept no per-sample outcomes to test)."""
+    if ours.outcomes is None or full.outcomes is None or ours.outcomes.statistic != full.outcomes.statistic:
+        return "", None
+    found = compare(ours.outcomes.statistic, ours.outcomes.by_doc(), full.outcomes.by_doc())
+    if found is None:
+        return "", None
+    return f"; paired: {found.text(2)}", found.significant
 
 
 def verdicts(latest: Latest, correlation: dict[str, Any] | None) -> list[Verdict]:
     """The paper's claims against the measurements, with the tolerances stated in this module."""
     reference = policy_with_role(Role.REFERENCE)
 
-    def get(task: str, policy: str | None, budget: float) -> float | None:
-        record = latest.get((task, policy, 1.0 if policy == reference else budget))
-        return None if record is None else record.score
+    def get(task: str, policy: str | None, budget: float) -> ResultRecord | None:
+        return latest.get((task, policy, 1.0 if policy == reference else budget))
 
     found = []
     if correlation:
@@ -142,15 +156,21 @@ def verdicts(latest: Latest, correlation: dict[str, Any] | None) -> list[Verdict
     for task, budget, label in (("kvp_ppl", 0.5, "language modelling at 50% compression"),
                                 ("kvp_niah", 0.5, "needle in a haystack at 50% compression"),
                                 ("kvp_passkey", 0.1, "passkey retrieval at 90% compression")):
-        ours, full = get(task, "l2norm", budget), get(task, reference, 1.0)
-        if ours is None or full is None:
+        mine, reference_cell = get(task, "l2norm", budget), get(task, reference, 1.0)
+        if mine is None or reference_cell is None:
             found.append(Verdict(f"no loss: {label}", "", None))
-        elif task == "kvp_ppl":
-            found.append(Verdict(f"no loss: {label}", f"perplexity {ours:.2f} vs {full:.2f} with the full cache "
-                                 f"(tolerance +{PERPLEXITY_TOLERANCE:.0%})", ours <= full * (1 + PERPLEXITY_TOLERANCE)))
+            continue
+        ours, full = mine.score, reference_cell.score
+        tested, significant = paired_loss(mine, reference_cell)
+        if task == "kvp_ppl":
+            measured = f"perplexity {ours:.2f} vs {full:.2f} with the full cache (tolerance +{PERPLEXITY_TOLERANCE:.0%})"
+            within = ours <= full * (1 + PERPLEXITY_TOLERANCE)
         else:
-            found.append(Verdict(f"no loss: {label}", f"accuracy {ours:.2f} vs {full:.2f} with the full cache "
-                                 f"(tolerance {ACCURACY_TOLERANCE})", ours >= full - ACCURACY_TOLERANCE))
+            measured = f"accuracy {ours:.2f} vs {full:.2f} with the full cache (tolerance {ACCURACY_TOLERANCE})"
+            within = ours >= full - ACCURACY_TOLERANCE
+        # A loss beyond the tolerance that a paired test cannot tell from chance decides nothing at this n.
+        undecided = not within and significant is False
+        found.append(Verdict(f"no loss: {label}", measured + tested, None if undecided else within, undecided))
     return found
 
 
