@@ -79,7 +79,7 @@ def test_budgets_that_differ_only_in_slack_are_two_lines_with_numeric_budgets():
     _, headers, body = overall_table(rows)
     by_policy = {row[0]: dict(zip(headers, row)) for row in body}
     # One column per budget value, as before, with kvpress's compression ratio beside it.
-    assert headers == ["policy", "@0.25 (cr 0.75)", "@0.5 (cr 0.5)", "AUC", "model"]
+    assert headers == ["policy", "@0.25 (cr 0.75)", "@0.5 (cr 0.5)", "AUC", "n tasks", "model"]
     assert by_policy["snapkv"]["AUC"] == "0.600" and by_policy["snapkv (slack 0)"]["@0.5 (cr 0.5)"] == "0.600"
 
 

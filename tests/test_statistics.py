@@ -249,3 +249,28 @@ def test_score_plots_draw_each_points_interval_and_say_so(tmp_path, monkeypatch)
     assert any(type(c).__name__ == "ErrorbarContainer" for c in axis.containers)
     assert "n = 20 per task" in axis.get_title() and "smollm2-135m-instruct" in axis.get_title()
     assert "shifted sideways" in " ".join(t.get_text() for t in figures["mean_vs_keep"].texts)
+
+
+def test_an_interval_always_holds_its_score_even_at_zero_and_one():
+    """Wilson's bounds at 0 and 1 round a hair inside; a plot's error bar below zero length is an error."""
+    for n in range(1, 80):
+        for values in ([1.0] * n, [0.0] * n):
+            found = interval("mean", values)
+            assert found.low <= found.score <= found.high
+
+
+def test_timings_from_a_machine_busier_than_its_cores_are_marked_and_scores_keep_their_digits(tmp_path):
+    from kvpolicies.reports.leaderboard import render
+    from tests.helpers import make_record, write_records
+
+    folder = write_records(tmp_path / "results", [
+        make_record("acc", "full", 1.0, 1.0, cpu_count=2, load_average_start=1.0),
+        make_record("acc", "a", 0.5, 0.5, cpu_count=2, load_average_start=3.2),  # shared the CPU
+        make_record("acc", "b", 0.5, 0.25, load_average_start=3.2),  # cores unknown: not judged
+    ])
+    page = render(folder, "csv")
+    rows = {row[1]: row for row in csv.reader(io.StringIO(page)) if len(row) > 2}
+    assert rows["a"][7] == "20.0 †" and rows["b"][7] == "20.0" and rows["full (no eviction)"][7] == "20.0"
+    overall = render(folder, "terminal").split("— budget")[0]  # the overall table, before the task tables
+    (line,) = [line for line in overall.splitlines() if line.startswith("│ a ")]
+    assert "│ 0.500 " in line  # a's ratio to the full cache with its digits, never "0.5"

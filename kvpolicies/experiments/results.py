@@ -189,7 +189,11 @@ class ResultRecord(BaseModel):
     speed: Speed | None = None
     peak_memory_bytes: Count | None = None
     peak_memory_growth_bytes: Count | None = None
-    """Peak memory the cell needed above what the process held when it started."""
+    """Peak memory the cell needed: the largest of its requests' peaks above what the process held when each
+    request began (files written before 2026-12-06 measured it over the whole evaluation, so it swung with what
+    ran before the cell: the first cell of a task paid lm-eval's set-up)."""
+    cpu_count: Count | None = None
+    """Cores of the machine that ran the cell: a load average above it says the timings shared the CPU."""
     wall_s: Amount | None = None
     device: str | None = None
     loading: dict[str, Any] | None = None
@@ -213,6 +217,11 @@ class ResultRecord(BaseModel):
     def is_reference(self) -> bool:
         """Whether this is the full cache's row (a policy that keeps everything, so no budget applies)."""
         return self.identity.budget is None
+
+    @property
+    def busy(self) -> bool:
+        """Whether the machine was busier than its cores during the cell, so its timings are not comparable."""
+        return self.load is not None and self.cpu_count is not None and self.load > self.cpu_count
 
     @property
     def load(self) -> float | None:

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvpolicies.experiments.grid import Cell
-from kvpolicies.experiments.memory import PeakMemory
 from kvpolicies.experiments.outcomes import outcomes, stderrs
 
 if TYPE_CHECKING:
@@ -85,17 +84,18 @@ def run_cell(cell: Cell) -> dict[str, Any]:
 
     lm = cell_model(cell)
     started = time.perf_counter()  # the evaluation, not the one cell that happened to load the weights
-    with PeakMemory(lm.device) as peak:
-        results = lm_eval.simple_evaluate(
-            # No bootstrap in lm-eval (a process pool for some metrics): each sample's outcome is kept instead, and
-            # the pages compute intervals and paired tests from them (kvpolicies.reports.statistics).
-            model=lm, tasks=[cell.task.name], limit=cell.task.limit, bootstrap_iters=0, log_samples=True,
-            # Tasks that size their samples in tokens (RULER) need the model's tokenizer: lm-eval's own command
-            # passes the model args as metadata, a TaskManager of ours must say it.
-            task_manager=_task_manager(json.dumps({"pretrained": cell.model, **cell.task.metadata}, sort_keys=True)),
-            random_seed=cell.seed, numpy_random_seed=cell.seed, torch_random_seed=cell.seed,
-            fewshot_random_seed=cell.seed,
-        )
+    # Memory is measured request by request inside the model (KVPoliciesLM.request_memory): the cell's own peak,
+    # above what the process held at each request's start, whatever ran before it (task set-up, other cells).
+    results = lm_eval.simple_evaluate(
+        # No bootstrap in lm-eval (a process pool for some metrics): each sample's outcome is kept instead, and
+        # the pages compute intervals and paired tests from them (kvpolicies.reports.statistics).
+        model=lm, tasks=[cell.task.name], limit=cell.task.limit, bootstrap_iters=0, log_samples=True,
+        # Tasks that size their samples in tokens (RULER) need the model's tokenizer: lm-eval's own command
+        # passes the model args as metadata, a TaskManager of ours must say it.
+        task_manager=_task_manager(json.dumps({"pretrained": cell.model, **cell.task.metadata}, sort_keys=True)),
+        random_seed=cell.seed, numpy_random_seed=cell.seed, torch_random_seed=cell.seed,
+        fewshot_random_seed=cell.seed,
+    )
     task_results = results["results"][cell.task.name]
     metrics = {
         name: float(value) for name, value in task_results.items()
@@ -119,8 +119,8 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         "stderr": stderrs(samples, metrics),
         "kv_memory": info["kv_memory"],
         "speed": info["speed"],
-        "peak_memory_bytes": peak.peak_bytes,
-        "peak_memory_growth_bytes": peak.growth_bytes,
+        "peak_memory_bytes": info["request_memory"]["peak_bytes"],
+        "peak_memory_growth_bytes": info["request_memory"]["growth_bytes"],
         "wall_s": time.perf_counter() - started,
         "device": str(lm.device) + (f" ({torch.cuda.get_device_name(lm.device)})" if lm.device.type == "cuda" else ""),
         "loading": loaded_as(lm.model, cell),
@@ -159,7 +159,7 @@ def evaluate(cell: Cell) -> ResultRecord:
 
     provenance = {"key": cell.key(), "cell": cell, "identity": cell.identity(), "versions": versions(),
                   "started_at": datetime.now(timezone.utc), "load_average_start": _load_average(),
-                  "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
+                  "worker": {"host": socket.gethostname(), "pid": os.getpid()}, "cpu_count": os.cpu_count()}
     try:
         measured = run_cell(cell)
         return ResultRecord(**provenance, status="ok", **measured, finished_at=datetime.now(timezone.utc),

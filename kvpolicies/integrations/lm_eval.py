@@ -24,6 +24,7 @@ its question (:mod:`kvpolicies.integrations.protocol`); the task names where its
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import statistics
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ from kvpolicies.engine.cache import CacheStats, CompressedCache
 from kvpolicies.engine.clock import clock
 from kvpolicies.engine.policy import Role, coerce_option
 from kvpolicies.errors import ModelLoadError, PolicyConfigError, UsageError
+from kvpolicies.experiments.memory import PeakMemory
 from kvpolicies.integrations.models import resolve_device, resolve_dtype, resolve_source
 from kvpolicies.integrations.protocol import QUESTION_MARKER, Protocol, missing_split, question_start, split_cache
 from kvpolicies.registry import get_codec, get_policy, policy_with_role, registry
@@ -50,6 +52,34 @@ from kvpolicies.registry import get_codec, get_policy, policy_with_role, registr
 _HFLM_ARGUMENTS = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
 POLICY_PREFIX = "policy."
 """``policy.NAME=VALUE`` sets the policy's option NAME whatever else is called NAME."""
+
+
+@dataclasses.dataclass
+class RequestMemory:
+    """The largest peak of any one request (a batch's prefill and decoding), and its growth above what the process
+    held when the request began: a cell's own memory, whichever cells, tasks or warm-up ran before it."""
+
+    peak_bytes: int = 0
+    growth_bytes: int = 0
+    requests: int = 0
+
+    def add(self, peak: PeakMemory) -> None:
+        self.peak_bytes = max(self.peak_bytes, peak.peak_bytes)
+        self.growth_bytes = max(self.growth_bytes, peak.growth_bytes)
+        self.requests += 1
+
+
+def _measured(method):
+    """Run a request's method inside its own :class:`~kvpolicies.experiments.memory.PeakMemory`."""
+
+    @functools.wraps(method)
+    def measured(self, *args, **kwargs):
+        with PeakMemory(self.device) as peak:
+            result = method(self, *args, **kwargs)
+        self.request_memory.add(peak)
+        return result
+
+    return measured
 
 
 @register_model("kvpolicies")
@@ -134,6 +164,7 @@ class KVPoliciesLM(HFLM):
         self.kv_measurements: list[CacheStats] = []  # one per sequence, at the end of its request
         self.kv_padding_bytes = 0  # largest padding a batch stored next to its sequences' entries
         self.timings = Timings()
+        self.request_memory = RequestMemory()
 
     def new_cache(self) -> CompressedCache:
         return CompressedCache(self.model, self.kv_policy, self.kv_budget, codec=self.kv_codec)
@@ -155,6 +186,7 @@ class KVPoliciesLM(HFLM):
             marked.append(request)
         return super().generate_until(marked, disable_tqdm=disable_tqdm)
 
+    @_measured
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
         marker = generation_kwargs.pop(QUESTION_MARKER, None)
         cache = self.new_cache()
@@ -191,6 +223,7 @@ class KVPoliciesLM(HFLM):
 
     # -- loglikelihood -------------------------------------------------------------------------------------------
     @torch.no_grad()
+    @_measured
     def _continuation_logprobs(self, batch: list[tuple[list[int], int]]) -> list[torch.Tensor]:
         """Per request ``(tokens, continuation)``, log-probs ``[continuation, vocab]`` of its last ``continuation``
         tokens, every context compressed first; the requests run as one batch.
@@ -279,6 +312,7 @@ class KVPoliciesLM(HFLM):
         return results
 
     @torch.no_grad()
+    @_measured
     def _streamed_logprob(self, context: list[int], continuation: list[int]) -> float:
         """Sum of log-probs of ``continuation``, streamed in chunks with the cache cut to budget after each.
 
@@ -327,6 +361,7 @@ class KVPoliciesLM(HFLM):
             "protocol": self.protocol.value,
             "kv_memory": self.kv_memory(),
             "speed": self.timings.summary(),
+            "request_memory": dataclasses.asdict(self.request_memory),
         }
         return info
 

@@ -35,10 +35,11 @@ from kvpolicies.reports.statistics import Interval, compare, interval, p_text
 
 COLUMNS = (
     "Columns: *KV MiB* is the mean resident KV cache per sequence, counted from the cache's tensors, and *of full* "
-    "its share of the full cache's bytes; *prefill/decode tok/s* are measured inside lm-eval's requests; *peak "
-    "+MiB* is the cell's peak memory above what the process held when it started (CUDA allocator peak, or sampled "
-    "RSS growth on CPU); *load* is the highest 1-minute load average at the cell's start or end: timings from "
-    "cells whose load exceeds the machine's cores shared the CPU with other work; *n* is the number of samples. "
+    "its share of the full cache's bytes; *prefill/decode tok/s* are measured inside lm-eval's requests, one run "
+    "per cell (differences under about 15% are noise on a shared machine), marked † where the load exceeded the "
+    "machine's cores; *peak +MiB* is the largest peak of one request of the cell above what the process held when "
+    "the request began (CUDA allocator peak, or the kernel's resident high-water mark on CPU); *load* is the "
+    "highest 1-minute load average at the cell's start or end; *n* is the number of samples. "
     "*score [95% CI]*: the interval is Wilson's for an accuracy (every sample right or wrong), else a bootstrap over "
     "the samples; *vs full*: the policy's score minus the full cache's over the samples both ran, with the p-value "
     "of a paired test (exact McNemar for an accuracy, a paired bootstrap otherwise), marked * where p < 0.05: a "
@@ -66,6 +67,8 @@ class Row:
     model: str
     load: float | None = None
     """Highest 1-minute load average seen at the cell's start or end: timings from a busy machine show it."""
+    busy: bool = False
+    """The load exceeded the machine's cores: the timings are not comparable."""
     outcomes: Outcomes | None = None
     """Each sample's outcome, for intervals and paired tests (None in records written before they were kept)."""
 
@@ -124,6 +127,7 @@ def load_rows(records: Sequence[ResultRecord]) -> tuple[list[Row], list[Shown]]:
             peak_memory_bytes=record.peak_memory_bytes if peak is None else peak,
             model=record.identity.model,
             load=record.load,
+            busy=record.busy,
             outcomes=record.outcomes,
         ))
     return rows, failures
@@ -133,9 +137,12 @@ def _mib(value: float | None) -> str:
     return "" if value is None else f"{value / 2**20:.1f}"
 
 
-def _rate(value: float | None) -> str:
-    """Three significant figures or more: decode speeds of 12.4 and 13.1 tok/s must not both read 12 and 13."""
-    return "" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+def _rate(value: float | None, busy: bool = False) -> str:
+    """Three significant figures or more: decode speeds of 12.4 and 13.1 tok/s must not both read 12 and 13;
+    marked † when the machine was busier than its cores."""
+    if value is None:
+        return ""
+    return (f"{value:.1f}" if value < 100 else f"{value:.0f}") + (" †" if busy else "")
 
 
 def _load(value: float | None) -> str:
@@ -158,11 +165,13 @@ def task_tables(rows: list[Row]) -> list[tuple[str, list[str], list[list[Any]]]]
             body = [
                 [rank, r.policy, r.score_text(), r.versus(full), _mib(r.resident_bytes),
                  f"{r.resident_bytes / r.full_bytes:.1%}" if r.resident_bytes and r.full_bytes else "",
-                 _rate(r.prefill_tps), _rate(r.decode_tps), _mib(r.peak_memory_bytes), _load(r.load), r.samples]
+                 _rate(r.prefill_tps, r.busy), _rate(r.decode_tps, r.busy), _mib(r.peak_memory_bytes), _load(r.load),
+                 r.samples]
                 for rank, r in zip(ranks([r.score for r in ranked]), ranked)
             ]
             body += [["ref", f"{r.policy} (no eviction)", r.score_text(), "", _mib(r.resident_bytes), "100%",
-                      _rate(r.prefill_tps), _rate(r.decode_tps), _mib(r.peak_memory_bytes), _load(r.load), r.samples]
+                      _rate(r.prefill_tps, r.busy), _rate(r.decode_tps, r.busy), _mib(r.peak_memory_bytes),
+                      _load(r.load), r.samples]
                      for r in reference]
             better = "higher" if members[0].higher_is_better else "lower"
             title = f"{task} — budget {budget_title(budget)} — {members[0].metric} ({better} is better) — {model}"
@@ -400,7 +409,7 @@ def render(
         ))
         parts.append(COLUMNS)
     for index, (title, headers, body) in enumerate(tables):
-        parts.append(section(title, headers, body, fmt))
+        parts.append(section(title, headers, body, fmt, numbers=False))  # 1.000 stays 1.000, never 1
         if index == 0 and notes:
             parts.append("\n".join(f"<p>{escaped(note, fmt)}</p>" if fmt == "html" else note for note in notes))
     if images and fmt == "markdown":
@@ -446,8 +455,8 @@ def plot(results_dir: Path, out_dir: Path, records: Sequence[ResultRecord] | Non
                 bars = [spread(r) if dodged else None for _, r in points]
                 if any(bar is not None for bar in bars):
                     barred = True
-                    below = [0.0 if bar is None else y - bar[0] for y, bar in zip(ys, bars)]
-                    above = [0.0 if bar is None else bar[1] - y for y, bar in zip(ys, bars)]
+                    below = [0.0 if bar is None else max(0.0, y - bar[0]) for y, bar in zip(ys, bars)]
+                    above = [0.0 if bar is None else max(0.0, bar[1] - y) for y, bar in zip(ys, bars)]
                     axis.errorbar(xs, ys, yerr=[below, above], fmt="none", ecolor=line.get_color(), alpha=0.5,
                                   capsize=2)
             for r in members:

@@ -56,8 +56,8 @@ def interval(statistic: Statistic, values: Sequence[float], weights: Sequence[fl
         return None
     score = score_of(statistic, values, weights)
     if statistic == "mean" and is_binary(values):
-        low, high = wilson(sum(values), n, level)
-        return Interval(score, low, high, n, "wilson")
+        low, high = wilson(sum(values), n, level)  # contains the score, up to rounding at 0 and 1
+        return Interval(score, min(low, score), max(high, score), n, "wilson")
     draws = _scores(statistic, [_array(values)], [_array(weights)], _picks([n]))
     low, high = _percentiles(draws, level)
     return Interval(score, min(low, score), max(high, score), n, "bootstrap")

@@ -337,8 +337,8 @@ def plot_suite(records: Sequence[ResultRecord], out_dir: Path) -> list[Path]:
         axis.plot(xs, ys, label=name, alpha=0.85, color=colour, marker="osD^v<>ph*"[index % 10],
                   linestyle=["-", "--", ":", "-."][index % 4])
         if any(found is not None for _, _, found in points):
-            below = [0.0 if f is None else y - f.low for y, (_, _, f) in zip(ys, points)]
-            above = [0.0 if f is None else f.high - y for y, (_, _, f) in zip(ys, points)]
+            below = [0.0 if f is None else max(0.0, y - f.low) for y, (_, _, f) in zip(ys, points)]
+            above = [0.0 if f is None else max(0.0, f.high - y) for y, (_, _, f) in zip(ys, points)]
             axis.errorbar(xs, ys, yerr=[below, above], fmt="none", ecolor=colour, alpha=0.5, capsize=2)
 
     note = ("Bars: 95% intervals (for a mean over tasks, a bootstrap stratified by task). Policies are shifted "
