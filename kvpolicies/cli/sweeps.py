@@ -55,6 +55,9 @@ def add_commands(commands) -> None:
                        help="prefill prompts N tokens at a time, evicting between chunks: memory follows the budget "
                             "(part of each cell's key; --dry-run says which N fits the device)")
     sweep.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    sweep.add_argument("--no-shared-prefill", action="store_true",
+                       help="prefill every prompt once per cell, not once for all the cells of a task (the records "
+                            "are the same; sharing is faster, and holds one prompt's full prefill in memory)")
     sweep.add_argument("--dry-run", action="store_true",
                        help="run nothing, load no model: the cells, samples, and per cell an estimate of peak memory "
                             "and time on this device, with the prefill chunk that fits")
@@ -189,7 +192,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     if args.memory is not None:
         raise UsageError("--memory sizes the estimate of --dry-run; give --dry-run too, or leave --memory out")
     try:
-        failed = sum(record.status != "ok" for record in run_sweep(config, results, executor=executor(config)))
+        chosen = executor(config, shared_prefill=not args.no_shared_prefill)
+        failed = sum(record.status != "ok" for record in run_sweep(config, results, executor=chosen))
     except KeyboardInterrupt:
         print(f"kvpolicies: interrupted; every finished cell is saved in {results}: run the same command to resume",
               file=sys.stderr)
@@ -202,10 +206,13 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def executor(config):
-    """The executor the grid asks for: None (the local one) or Ray's, which needs the ``ray`` extra."""
+def executor(config, shared_prefill: bool = True):
+    """The executor the grid asks for: the local one (sharing each prompt's prefill between a task's cells unless
+    told not to) or Ray's, which needs the ``ray`` extra and runs each cell on its own."""
     if config.execution.executor == "local":
-        return None
+        from kvpolicies.experiments.sweep import LocalExecutor
+
+        return LocalExecutor(share_prefill=shared_prefill)
     try:
         from kvpolicies.experiments.ray_executor import RayExecutor
     except ImportError as error:

@@ -49,14 +49,18 @@ class Prefill:
 
     passes: tuple[LayerPass, ...]
     ids: torch.Tensor | None
-    logits: torch.Tensor
-    """``[batch, 1, vocab]``: the logits of the prompt's last position, as the forward returned them."""
+    logits: torch.Tensor | None = None
+    """``[batch, 1, vocab]``: the logits of the prompt's last position, as the forward returned them (None when
+    ``generate`` ran the forward: then ``sequence`` holds its first token)."""
+    sequence: torch.Tensor | None = None
+    """``[batch, seq + 1]``: the prompt and the first token ``generate`` chose from it (None for a plain forward)."""
 
     @property
     def nbytes(self) -> int:
         """Bytes the capture holds (keys, values and queries of every layer, the logits)."""
-        tensors = [t for p in self.passes for t in (p.keys, p.values, p.query, p.new_valid) if t is not None]
-        return sum(t.numel() * t.element_size() for t in (*tensors, self.logits))
+        tensors = [t for p in self.passes for t in (p.keys, p.values, p.query, p.new_valid, self.logits)
+                   if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class Capture(CompressedCache):
@@ -73,6 +77,20 @@ class Capture(CompressedCache):
         self.passes[layer.layer_idx] = LayerPass(layer.keys, layer.values, query, new_valid, scale, module)
         super().after_attention(layer, query, new_valid, scale, module)
 
+    def prefill(self, sequence: torch.Tensor) -> Prefill:
+        """What ``generate`` recorded here in one forward pass (``max_new_tokens=1``), whose output is ``sequence``
+        (the prompt and its first token)."""
+        self._check()
+        return Prefill(self._passes(), sequence[:, :-1], sequence=sequence)
+
+    def _passes(self) -> tuple[LayerPass, ...]:
+        return tuple(self.passes[i] for i in range(len(self.layers)))
+
+    def _check(self) -> None:
+        if len(self.passes) != len(self.layers):
+            raise RuntimeError(f"the forward pass reached {len(self.passes)} of {len(self.layers)} layers through "
+                               "the kvpolicies attention; this model cannot share its prefill")
+
 
 @torch.no_grad()
 def capture(model, ids: torch.Tensor, **forward: object) -> Prefill:
@@ -80,10 +98,8 @@ def capture(model, ids: torch.Tensor, **forward: object) -> Prefill:
     shared (``attention_mask``, ``position_ids``, ...), recording every layer's pass."""
     cache = Capture(model)
     output = model(ids, cache=cache, logits_to_keep=1, **forward)
-    if len(cache.passes) != len(cache.layers):
-        raise RuntimeError(f"the forward pass reached {len(cache.passes)} of {len(cache.layers)} layers through the "
-                           "kvpolicies attention; this model cannot share its prefill")
-    return Prefill(tuple(cache.passes[i] for i in range(len(cache.layers))), ids, output.logits)
+    cache._check()
+    return Prefill(cache._passes(), ids, output.logits)
 
 
 def replay(prefill: Prefill, cache: CompressedCache) -> None:

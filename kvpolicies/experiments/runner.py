@@ -17,6 +17,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -78,11 +79,12 @@ def cell_model(cell: Cell):
     return lm
 
 
-def run_cell(cell: Cell) -> dict[str, Any]:
-    """Evaluate one cell with lm-eval and return the measured fields of its record (metrics, memory, speed)."""
+def run_cell(cell: Cell, lm=None) -> dict[str, Any]:
+    """Evaluate one cell with lm-eval and return the measured fields of its record (metrics, memory, speed); ``lm``:
+    the cell's lm-eval model if built already (a cell of a group that shares its prefills)."""
     import lm_eval
 
-    lm = cell_model(cell)
+    lm = lm or cell_model(cell)
     started = time.perf_counter()  # the evaluation, not the one cell that happened to load the weights
     # Memory is measured request by request inside the model (KVPoliciesLM.request_memory): the cell's own peak,
     # above what the process held at each request's start, whatever ran before it (task set-up, other cells).
@@ -148,7 +150,37 @@ def versions() -> dict[str, str]:
     }
 
 
-def evaluate(cell: Cell) -> ResultRecord:
+def share_key(cell: Cell) -> str | None:
+    """What cells must have in common to share each prompt's prefill (the model as loaded, the task's samples and
+    their batching); None for a cell that prefills in chunks, which cannot share."""
+    if cell.prefill_chunk:
+        return None
+    return json.dumps([cell.model, cell.loading.model_dump(mode="json"), cell.task.model_dump(mode="json"),
+                       cell.seed, cell.batch_size], sort_keys=True, default=str)
+
+
+def evaluate_group(cells: list[Cell]) -> Iterator[ResultRecord]:
+    """The records of ``cells`` (one :func:`share_key`), in order, each as soon as it is finished: every prompt is
+    prefilled once for all of them (:mod:`kvpolicies.integrations.shared`), each cell's record being the one it
+    writes alone. A cell whose model cannot be built (its policy's options) fails alone, as alone."""
+    from kvpolicies.errors import ModelUnavailable
+    from kvpolicies.integrations.shared import SharedPrefill
+
+    models: dict[int, Any] = {}
+    for index, cell in enumerate(cells):
+        try:
+            models[index] = cell_model(cell)
+        except ModelUnavailable:
+            raise
+        except Exception:  # evaluate() builds it again, and records why it fails
+            pass
+    if len(models) > 1:
+        SharedPrefill(list(models.values()))
+    for index, cell in enumerate(cells):
+        yield evaluate(cell, models.get(index))
+
+
+def evaluate(cell: Cell, lm=None) -> ResultRecord:
     """The record of ``cell``, computed here: ``ok`` with its measurements, or ``error`` with what it raised (one
     broken cell must not stop a sweep). A model that cannot be loaded raises its ModelUnavailable instead: that is
     no cell's result, and every other cell of the model would fail the same way (a policy that cannot run on the
@@ -161,7 +193,7 @@ def evaluate(cell: Cell) -> ResultRecord:
                   "started_at": datetime.now(timezone.utc), "load_average_start": _load_average(),
                   "worker": {"host": socket.gethostname(), "pid": os.getpid()}, "cpu_count": os.cpu_count()}
     try:
-        measured = run_cell(cell)
+        measured = run_cell(cell, lm)
         return ResultRecord(**provenance, status="ok", **measured, finished_at=datetime.now(timezone.utc),
                             load_average_end=_load_average())
     except ModelUnavailable:  # every cell of the model would fail alike: the sweep stops, with no record of it

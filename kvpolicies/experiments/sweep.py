@@ -40,16 +40,44 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """One cell after another in this process: the default, and all a single machine needs."""
+    """One cell after another in this process: the default, and all a single machine needs.
+
+    With ``share_prefill`` (the default), consecutive cells of one model and task are taken together and every
+    prompt is prefilled once for all of them (:func:`~kvpolicies.experiments.runner.evaluate_group`); each record
+    is written as soon as its cell is done, so an interrupted group loses none of its finished cells."""
+
+    def __init__(self, share_prefill: bool = True) -> None:
+        self.share_prefill = share_prefill
 
     def run(self, todo: Iterable[Cell], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]:
-        from kvpolicies.experiments.runner import evaluate  # torch and lm-eval: only once a cell runs here
+        from kvpolicies.experiments.runner import evaluate, evaluate_group, share_key  # torch and lm-eval
         from kvpolicies.integrations.lm_eval_logging import quiet_lm_eval
 
         quiet_lm_eval()
-        for cell in todo:
-            show(f"{cell.task.name} {cell.title} @ {cell.budget}")
-            yield cell, evaluate(cell)
+        groups = shared_groups(todo, share_key) if self.share_prefill else ([cell] for cell in todo)
+        for group in groups:
+            if len(group) == 1:
+                show(f"{group[0].task.name} {group[0].title} @ {group[0].budget}")
+                yield group[0], evaluate(group[0])
+                continue
+            show(f"{group[0].task.name}: {len(group)} cells sharing each prefill")
+            yield from zip(group, evaluate_group(group))
+
+
+def shared_groups(todo: Iterable[Cell], key: Callable[[Cell], str | None]) -> Iterator[list[Cell]]:
+    """Runs of consecutive cells with one ``key`` (a cell whose key is None alone), taken as they come: a group
+    is claimed only when the sweep reaches it."""
+    group: list[Cell] = []
+    for cell in todo:
+        if group and (key(cell) is None or key(cell) != key(group[0])):
+            yield group
+            group = []
+        group.append(cell)
+        if key(cell) is None:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def check_tasks(config: SweepConfig) -> None:

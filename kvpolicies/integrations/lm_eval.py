@@ -42,11 +42,13 @@ from kvpolicies.engine.attention import prepare_model
 from kvpolicies.engine.budget import Budget
 from kvpolicies.engine.cache import CacheStats, CompressedCache
 from kvpolicies.engine.clock import clock
+from kvpolicies.engine.replay import Prefill, replay
 from kvpolicies.engine.policy import Role, coerce_option
 from kvpolicies.errors import ModelLoadError, PolicyConfigError, UsageError
 from kvpolicies.experiments.memory import PeakMemory
 from kvpolicies.integrations.models import resolve_device, resolve_dtype, resolve_source
 from kvpolicies.integrations.protocol import QUESTION_MARKER, Protocol, missing_split, question_start, split_cache
+from kvpolicies.integrations.shared import SharedPrefill
 from kvpolicies.registry import get_codec, get_policy, policy_with_role, registry
 
 _HFLM_ARGUMENTS = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
@@ -165,6 +167,10 @@ class KVPoliciesLM(HFLM):
         self.kv_padding_bytes = 0  # largest padding a batch stored next to its sequences' entries
         self.timings = Timings()
         self.request_memory = RequestMemory()
+        self.shared: SharedPrefill | None = None
+        """Set when this cell shares each prompt's prefill with others (:mod:`kvpolicies.integrations.shared`)."""
+        self.answers: dict[str, Any] = {}
+        """This cell's outputs computed with the others', waiting for lm-eval to ask for them."""
 
     def new_cache(self) -> CompressedCache:
         return CompressedCache(self.model, self.kv_policy, self.kv_budget, codec=self.kv_codec)
@@ -186,30 +192,93 @@ class KVPoliciesLM(HFLM):
             marked.append(request)
         return super().generate_until(marked, disable_tqdm=disable_tqdm)
 
-    @_measured
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        if self.shared is not None:  # a cell of a group that shares each prompt's prefill
+            return self.shared.answer(self, context, max_length, stop, generation_kwargs)
+        return self._generate(context, max_length, stop, **generation_kwargs)
+
+    @_measured
+    def _generate(self, context, max_length: int, stop: list[str], prefill: Prefill | None = None,
+                  shared: tuple[float, int] | None = None, **generation_kwargs):
+        """This cell's output for one ``generate`` call of lm-eval: its own prefill, or, with ``prefill``, its
+        cache replayed from the one its group shares (``shared``: that prefill's seconds and how many cells share
+        it, each charged an equal part)."""
         marker = generation_kwargs.pop(QUESTION_MARKER, None)
         cache = self.new_cache()
         steps = StepClock(self.device)
         if self.prefill_chunk:
             generation_kwargs["prefill_chunk_size"] = self.prefill_chunk
         prefilled = 0
+        share = 0.0 if shared is None else shared[0] / shared[1]
+        if shared is not None:
+            self.timings.add_shared(*shared)
         if marker is None and self.protocol is Protocol.QUERY_AGNOSTIC:
             raise missing_split()
+        started = clock(self.device)
         if marker is not None:
-            mask = generation_kwargs.get("attention_mask")
-            starts = [self._question_start(row if mask is None else row[mask[i].bool()], marker)
-                      for i, row in enumerate(context)]
-            started = clock(self.device)
-            prefilled = split_cache(self.model, cache, context, starts, self.protocol, self.prefill_chunk)
+            starts = self.question_starts(context, marker, generation_kwargs.get("attention_mask"))
+            if prefill is not None and self.protocol is Protocol.QUERY_AGNOSTIC:
+                replay(prefill, cache)  # the context, compressed as its own forward would have
+                cache.context_lengths = list(starts)
+                prefilled = starts[0]
+            else:
+                prefilled = split_cache(self.model, cache, context, starts, self.protocol, self.prefill_chunk)
             if prefilled:
-                self.timings.add_prefill(prefilled, _synchronized(self.device, started))
+                self.timings.add_prefill(prefilled, share + _synchronized(self.device, started))
+        if prefill is not None and prefill.sequence is not None:  # query-aware: the prompt and its first token
+            replay(prefill, cache)
+            self.timings.add_prefill(context.numel(), share + _synchronized(self.device, started))
+            output = self._continue(prefill.sequence, cache, context.shape[1], max_length, stop, steps,
+                                    **generation_kwargs)
+            self._measure(cache)
+            self.timings.add_decoding(context.shape[0], steps)
+            return output
         output = super()._model_generate(
             context, max_length, stop, cache=cache, streamer=steps, **generation_kwargs
         )
         self._measure(cache)
         self.timings.add_generation(context.numel() - prefilled, context.shape[0], steps)
         return output
+
+    def plain_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        """HFLM's own ``generate`` call (its defaults for greedy decoding, its stop sequences), on the cache given."""
+        return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    def _continue(self, sequence: torch.Tensor, cache: CompressedCache, prompt_length: int, max_length: int,
+                  stop: list[str], steps: StepClock, **generation_kwargs) -> torch.Tensor:
+        """Decode on from ``sequence`` (a prompt of ``prompt_length`` tokens and its first token, which ``cache``
+        holds the prompt of) as the single ``generate`` call of a cell alone would: it stops where that call
+        would have stopped after the first token (an end-of-sequence token, a stop sequence, the length), and its
+        stop sequences are looked for from the prompt's end, the first token included."""
+        from lm_eval.models.utils_hf import stop_sequences_criteria
+
+        first = sequence[:, -1]
+        ends = self.model.generation_config.eos_token_id
+        ends = set(ends if isinstance(ends, list) else [] if ends is None else [ends])
+        if first.item() in ends or sequence.shape[1] >= max_length:
+            return sequence
+        if bool(stop_sequences_criteria(self.tokenizer, stop, prompt_length, 1)(sequence, None).all()):
+            return sequence
+        mask = generation_kwargs.pop("attention_mask", None)
+        if mask is not None:
+            generation_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        generation_kwargs["temperature"] = generation_kwargs.get("temperature", 0.0)
+        if generation_kwargs["temperature"] == 0.0 and generation_kwargs.get("do_sample") is None:
+            generation_kwargs["do_sample"] = False
+        if generation_kwargs.get("do_sample") is False and generation_kwargs["temperature"] == 0.0:
+            generation_kwargs.pop("temperature")
+        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                            enabled=self.mixed_precision_dtype is not None):
+            return self.model.generate(
+                input_ids=sequence, max_length=max_length, cache=cache, streamer=steps, use_cache=True,
+                stopping_criteria=stop_sequences_criteria(self.tokenizer, stop, prompt_length, sequence.shape[0]),
+                pad_token_id=self.tokenizer.pad_token_id, **generation_kwargs,
+            )
+
+    def question_starts(self, context: torch.Tensor, marker: str, mask: torch.Tensor | None) -> list[int]:
+        """Real tokens before each prompt's question (``context`` ``[batch, seq]``, left-padded by ``mask``)."""
+        return [self._question_start(row if mask is None else row[mask[i].bool()], marker)
+                for i, row in enumerate(context)]
 
     def _question_start(self, ids: torch.Tensor, marker: str) -> int:
         """Real tokens before the question: the context the budget is a fraction of."""
@@ -474,10 +543,25 @@ class Timings:
     def __init__(self) -> None:
         self.prefill_tokens = self.decode_tokens = 0
         self.prefill_s = self.decode_s = 0.0
+        self.shared_prefill_s = 0.0
+        self.shared_prefills = self.shared_by = 0
 
     def add_prefill(self, tokens: int, seconds: float) -> None:
         self.prefill_tokens += tokens
         self.prefill_s += seconds
+
+    def add_shared(self, seconds: float, cells: int) -> None:
+        """A prefill this cell shared with ``cells`` cells in all, which took ``seconds``: each is charged an
+        equal part in ``prefill_s``; the whole is said apart."""
+        self.shared_prefill_s += seconds
+        self.shared_prefills += 1
+        self.shared_by = max(self.shared_by, cells)
+
+    def add_decoding(self, batch: int, clock: StepClock) -> None:
+        """Decoding that began after a shared prefill: every stamp after the first is a decoded token."""
+        if len(clock.stamps) >= 2:
+            self.decode_tokens += (len(clock.stamps) - 1) * batch
+            self.decode_s += clock.stamps[-1] - clock.stamps[0]
 
     def add_generation(self, prompt_tokens: int, batch: int, clock: StepClock) -> None:
         if len(clock.stamps) >= 2:  # stamps: before prefill, after the first token, after each further one
@@ -491,6 +575,8 @@ class Timings:
             "decode_tokens_per_s": self.decode_tokens / self.decode_s if self.decode_s else None,
             "prefill_s": self.prefill_s,
             "decode_s": self.decode_s,
+            **({"shared_prefill_s": self.shared_prefill_s, "shared_prefills": self.shared_prefills,
+                "shared_by": self.shared_by} if self.shared_prefills else {}),
         }
 
 

@@ -1,0 +1,171 @@
+"""Cells that share each prompt's prefill: one capture per request, every cell's cache replayed from it.
+
+Why: for compression after the prompt (or its context) is prefilled in one pass, the prefill is the same for every
+policy, budget and codec (see :mod:`kvpolicies.engine.replay`), and on a long prompt it is most of a cell's time.
+A group of cells of one model and one task (same samples, same seed, same batching) is evaluated by lm-eval cell
+by cell as always, each with its own :class:`~kvpolicies.integrations.lm_eval.KVPoliciesLM`; the first request that
+one of them receives is served for all of them at once: the prompt is prefilled once per protocol (``query_aware``:
+the whole prompt, and the first token, by ``generate`` itself; ``query_agnostic``: the context alone), each cell's
+cache is replayed from it, and each cell generates the rest on its own cache. The other cells find their answers
+waiting when lm-eval asks them for the same request. So every cell's record is the one it writes alone: same key,
+same kept entries, same generated tokens, the same scores (tested); its timing fields say what was shared.
+
+What does not share, and runs per cell as alone: a batch of several prompts, sampling, a prefill in chunks, beam
+search, a minimum length, and log-likelihood requests (perplexity streams its documents through the cache).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvpolicies.engine.clock import clock
+from kvpolicies.engine.replay import Capture, Prefill, capture
+from kvpolicies.integrations.protocol import QUESTION_MARKER, Protocol
+
+if TYPE_CHECKING:
+    from kvpolicies.integrations.lm_eval import KVPoliciesLM
+
+
+class Failed:
+    """A cell's answer that raised: raised again when that cell asks for it, so it fails its own cell only."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class SharedPrefill:
+    """Serves the ``generate`` calls of a group of cells (``members``) from one prefill per request and protocol."""
+
+    def __init__(self, members: Sequence[KVPoliciesLM]) -> None:
+        models = {id(member.model) for member in members}
+        if len(models) != 1:
+            raise ValueError("the cells of a shared prefill must run on one loaded model")
+        self.members = list(members)
+        for member in self.members:
+            member.shared = self
+            member.answers = {}
+        self.served = self.alone = 0
+        """Requests served from one prefill, and requests each cell ran alone (see :func:`shareable`)."""
+        self.said: set[str] = set()
+
+    def answer(self, caller: KVPoliciesLM, context: torch.Tensor, max_length: int, stop: list[str],
+               generation_kwargs: dict[str, Any]) -> torch.Tensor:
+        """``caller``'s output for this ``generate`` call, computed now for every member if not yet."""
+        key = request_key(context, max_length, stop, generation_kwargs)
+        if key not in caller.answers:
+            self._serve(key, context, max_length, stop, generation_kwargs)
+        found = caller.answers.pop(key)
+        if isinstance(found, Failed):
+            raise found.error
+        return found
+
+    def _serve(self, key: str, context: torch.Tensor, max_length: int, stop: list[str],
+               generation_kwargs: dict[str, Any]) -> None:
+        waiting = [member for member in self.members if key not in member.answers]
+        why_not = shareable(waiting[0], context, generation_kwargs)
+        if why_not:
+            self.alone += 1
+            if why_not not in self.said:  # said once per reason, not per request
+                self.said.add(why_not)
+                print(f"kvpolicies: note: each cell prefills its own prompts here: {why_not}", file=sys.stderr)
+            for member in waiting:
+                member.answers[key] = _computed(lambda m=member: m._generate(context, max_length, stop,
+                                                                             **dict(generation_kwargs)))
+            return
+        self.served += 1
+        for protocol in (Protocol.QUERY_AWARE, Protocol.QUERY_AGNOSTIC):
+            group = [member for member in waiting if member.protocol is protocol]
+            if not group:
+                continue
+            try:
+                prefill, seconds = self._capture(group[0], protocol, context, max_length, stop, generation_kwargs)
+            except Exception as error:  # e.g. no question to split at: every cell of the protocol fails alike
+                for member in group:
+                    member.answers[key] = Failed(error)
+                continue
+            for member in group:
+                member.answers[key] = _computed(lambda m=member: m._generate(
+                    context, max_length, stop, prefill=prefill, shared=(seconds, len(group)),
+                    **dict(generation_kwargs)))
+
+    @torch.no_grad()
+    def _capture(self, first: KVPoliciesLM, protocol: Protocol, context: torch.Tensor, max_length: int,
+                 stop: list[str], generation_kwargs: dict[str, Any]) -> tuple[Prefill, float]:
+        """The prefill the cells of ``protocol`` share, and its seconds: ``query_agnostic``, the context alone, as
+        :func:`~kvpolicies.integrations.protocol.split_cache` runs it; ``query_aware``, the whole prompt and its
+        first token, by ``generate`` with the same arguments as each cell's own call (so the same forward, and the
+        same first token, logits processors included)."""
+        started = clock(first.device)
+        marker = generation_kwargs.get(QUESTION_MARKER)
+        if protocol is Protocol.QUERY_AGNOSTIC:
+            starts = first.question_starts(context, marker, generation_kwargs.get("attention_mask"))
+            prefill = capture(first.model, context[:, : starts[0]])
+        else:
+            cache = Capture(first.model)
+            kwargs = {name: value for name, value in generation_kwargs.items() if name != QUESTION_MARKER}
+            sequence = first.plain_generate(context, context.shape[1] + 1, stop, cache=cache, **kwargs)
+            prefill = cache.prefill(sequence)
+        return prefill, clock(first.device) - started
+
+
+def shareable(member: KVPoliciesLM, context: torch.Tensor, generation_kwargs: dict[str, Any]) -> str:
+    """Why this request cannot share its prefill ("" if it can)."""
+    if context.shape[0] != 1:
+        return "a batch of several prompts"
+    if member.prefill_chunk:
+        return "a prefill in chunks"
+    if generation_kwargs.get("do_sample") or (generation_kwargs.get("temperature") or 0.0) > 0.0:
+        return "sampling"
+    config = member.model.generation_config
+    if (generation_kwargs.get("num_beams") or config.num_beams or 1) > 1:
+        return "beam search"
+    if generation_kwargs.get("min_new_tokens") or generation_kwargs.get("min_length") or config.min_new_tokens \
+            or (config.min_length or 0) > 0:
+        return "a minimum length"
+    needed, free = capture_bytes(member.model, context.shape[1]), free_bytes(member.device)
+    if free is not None and needed > free / 2:
+        return (f"one prompt's captured prefill ({needed / 2**20:,.0f} MiB: every layer's keys, values and "
+                f"queries) would take more than half the free memory ({free / 2**20:,.0f} MiB)")
+    return ""
+
+
+def capture_bytes(model, tokens: int) -> int:
+    """What a capture of a ``tokens``-token prompt holds (:attr:`~kvpolicies.engine.replay.Prefill.nbytes`):
+    every layer's keys and values (the full cache) and its queries."""
+    config = model.config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    size = torch.empty((), dtype=model.dtype).element_size()
+    return tokens * config.num_hidden_layers * (2 * kv_heads + heads) * head_dim * size
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free for a capture on ``device`` (None where it cannot be read)."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        import psutil
+
+        return psutil.virtual_memory().available
+    except Exception:
+        return None
+
+
+def request_key(context: torch.Tensor, max_length: int, stop: list[str], generation_kwargs: dict[str, Any]) -> str:
+    """What identifies one ``generate`` call among a group's: its tokens and every argument."""
+    arguments = {name: value for name, value in generation_kwargs.items() if not isinstance(value, torch.Tensor)}
+    tensors = {name: value.tolist() for name, value in generation_kwargs.items() if isinstance(value, torch.Tensor)}
+    return json.dumps([context.tolist(), max_length, list(stop), arguments, tensors], sort_keys=True, default=str)
+
+
+def _computed(compute) -> torch.Tensor | Failed:
+    try:
+        return compute()
+    except Exception as error:
+        return Failed(error)

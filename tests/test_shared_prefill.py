@@ -1,0 +1,73 @@
+"""One prefill, many cells: a sweep that prefills each prompt once for a task's cells writes the records each cell
+writes alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvpolicies.experiments.grid import SweepConfig
+from kvpolicies.experiments.results import load_results
+from kvpolicies.experiments.sweep import LocalExecutor, run_sweep
+
+SAME = ("metrics", "primary_metric", "score", "samples", "outcomes", "stderr", "higher_is_better", "status",
+        "error")
+"""What a record computes, as opposed to how long and in how much memory (timings, peaks, provenance)."""
+
+
+def grid(model: str, **extra) -> SweepConfig:
+    return SweepConfig.model_validate({
+        "models": [model], "budgets": [0.25, 0.5], "protocols": ["query_aware", "query_agnostic"],
+        "policies": ["full", "snapkv", "streaming", "h2o", "keydiff", "headkv",
+                     {"name": "snapkv", "codec": "int4", "label": "snapkv int4"}],
+        "tasks": [{"name": "kvp_passkey", "metadata": {"lengths": [160], "depths": [0.3, 0.7], "per_cell": 2}}],
+        **extra})
+
+
+def computed(records) -> dict[str, dict]:
+    found = {}
+    for record in records:
+        fields = record.model_dump(mode="json", include=set(SAME))
+        fields["kv_memory"] = record.kv_memory.model_dump(mode="json") if record.kv_memory else None
+        found[record.key] = fields
+    return found
+
+
+@pytest.mark.slow
+def test_cells_that_share_each_prefill_write_what_each_writes_alone(tiny_pretrained, tmp_path):
+    config = grid(tiny_pretrained)
+    alone = list(run_sweep(config, tmp_path / "alone", progress=False, executor=LocalExecutor(share_prefill=False)))
+    shared = list(run_sweep(config, tmp_path / "shared", progress=False))
+    assert len(alone) == len(shared) == 1 + 6 * 2 * 2 and all(r.status == "ok" for r in shared)
+    assert computed(shared) == computed(alone)  # same keys, same scores, same samples, same kept bytes
+    for record in shared:
+        speed = record.speed.model_extra
+        assert speed["shared_by"] == (1 + 6 * 2 if record.cell.protocol.value == "query_aware" else 6 * 2)
+        assert speed["shared_prefills"] == record.samples == 4 and speed["shared_prefill_s"] > 0  # one per prompt
+    assert all("shared_by" not in (r.speed.model_extra or {}) for r in alone)
+    assert {r.key for r in load_results(tmp_path / "shared")} == {r.key for r in alone}
+
+
+def test_a_request_that_cannot_share_runs_per_cell_and_says_why(tiny_pretrained, monkeypatch, capsys):
+    import torch
+
+    from kvpolicies.experiments.grid import cells
+    from kvpolicies.experiments.runner import cell_model
+    from kvpolicies.integrations import shared
+    from kvpolicies.integrations.shared import SharedPrefill, capture_bytes, shareable
+
+    aware = [cell for cell in cells(grid(tiny_pretrained)) if cell.protocol.value == "query_aware"]
+    members = [cell_model(cell) for cell in aware[:3]]
+    group = SharedPrefill(members)
+    one = torch.ones(1, 100, dtype=torch.long)
+    assert shareable(members[0], one, {"do_sample": False}) == ""
+    assert shareable(members[0], torch.ones(2, 100, dtype=torch.long), {}) == "a batch of several prompts"
+    assert shareable(members[0], one, {"do_sample": True}) == "sampling"
+    config = members[0].model.config
+    expected = 100 * config.num_hidden_layers * (2 * config.num_key_value_heads + config.num_attention_heads) * (
+        config.hidden_size // config.num_attention_heads) * 4
+    assert capture_bytes(members[0].model, 100) == expected
+    monkeypatch.setattr(shared, "free_bytes", lambda device: expected)  # the capture would take all of it
+    assert "would take more than half the free memory" in shareable(members[0], one, {})
+    outputs = [member._model_generate(one, 103, ["\n"], do_sample=False) for member in members]
+    assert group.alone == 1 and group.served == 0 and all(o.shape[1] > 100 for o in outputs)
+    assert capsys.readouterr().err.count("each cell prefills its own prompts here") == 1
