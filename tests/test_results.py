@@ -50,7 +50,7 @@ GRID = {"policies": ["full", "random"], "budgets": [0.5],
 
 
 def fake_run_cell(calls: list):
-    def run_cell(cell):
+    def run_cell(cell, lm=None):
         calls.append(cell)
         return {"metrics": {"exact_match,first_key": 1.0}, "primary_metric": "exact_match,first_key", "score": 1.0,
                 "higher_is_better": True, "samples": 1, "kv_memory": {"requests": 1}, "speed": {},

@@ -43,7 +43,8 @@ def test_cells_that_share_each_prefill_write_what_each_writes_alone(tiny_pretrai
         speed = record.speed.model_extra
         assert speed["shared_by"] == (1 + 6 * 2 if record.cell.protocol.value == "query_aware" else 6 * 2)
         assert speed["shared_prefills"] == record.samples == 4 and speed["shared_prefill_s"] > 0  # one per prompt
-    assert all("shared_by" not in (r.speed.model_extra or {}) for r in alone)
+    assert all("shared_by" not in (r.speed.model_extra or {}) and r.shared_capture_bytes is None for r in alone)
+    assert all(r.shared_capture_bytes > r.kv_memory.full_bytes_peak for r in shared)  # keys, values and queries
     assert {r.key for r in load_results(tmp_path / "shared")} == {r.key for r in alone}
 
 

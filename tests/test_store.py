@@ -22,7 +22,7 @@ from kvpolicies.cli import main
 from kvpolicies.experiments.grid import SweepConfig, cells
 from kvpolicies.experiments.results import ResultsError, load_results, read_record, write_record
 from kvpolicies.experiments.store import ResultsStore
-from kvpolicies.experiments.sweep import run_sweep
+from kvpolicies.experiments.sweep import LocalExecutor, run_sweep
 from tests.test_results import fake_run_cell, saved_record
 
 GRID = {"policies": ["full", "random"], "budgets": [0.25, 0.5, 0.75],
@@ -38,7 +38,7 @@ from kvpolicies.experiments.grid import SweepConfig
 
 folder, log, seconds, outcome, go, grid = sys.argv[1:7]
 
-def run_cell(cell):
+def run_cell(cell, lm=None):
     time.sleep(float(seconds))
     with open(log, "a") as handle:
         handle.write(f"{os.getpid()} {cell.key()}\\n")
@@ -126,7 +126,7 @@ def test_a_claimed_cell_is_left_to_its_holder_and_one_finished_meanwhile_is_not_
     calls: list = []
     compute = fake_run_cell(calls)
 
-    def run_cell(cell):  # while computing its first cell, "another sweep" finishes one this sweep has not reached
+    def run_cell(cell, lm=None):  # while computing its first cell, "another sweep" finishes one this sweep has not reached
         if not calls:
             write_record(tmp_path / f"{finished_meanwhile.key()}.json",
                          kvpolicies.experiments.results.ResultRecord.model_validate(saved_record(finished_meanwhile)))
@@ -137,7 +137,9 @@ def test_a_claimed_cell_is_left_to_its_holder_and_one_finished_meanwhile_is_not_
     assert other.claim(held)
     with ResultsStore(tmp_path) as store:
         assert not store.claim(held)
-    records = list(run_sweep(SweepConfig.model_validate(GRID), tmp_path, progress=False))
+    # One cell at a time (a sweep that shares prefills claims a task's cells together, when it reaches them).
+    records = list(run_sweep(SweepConfig.model_validate(GRID), tmp_path, progress=False,
+                             executor=LocalExecutor(share_prefill=False)))
     assert {c.key() for c in calls} == {c.key() for c in grid} - {held.key(), finished_meanwhile.key()}
     assert len(records) == len(grid) - 2 and not (tmp_path / f"{held.key()}.json").exists()
     assert "1 cells were being computed by another sweep" in capsys.readouterr().err

@@ -280,7 +280,7 @@ def test_a_policy_that_cannot_run_on_a_model_fails_its_cells_and_the_sweep_goes_
     [cell] = [c for c in cells(tiny_grid(tiny_pretrained)) if c.policy.name == "random"]
 
     def refuse(what):
-        def run_cell(cell):
+        def run_cell(cell, lm=None):
             raise what("nothing here")
         return run_cell
 
@@ -485,7 +485,11 @@ def test_the_ray_executor_without_ray_names_the_extra_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "kvpolicies.experiments.ray_executor", raising=False)
     with pytest.raises(UsageError, match=r"needs Ray .*pip install 'kvpolicies\[ray\]'"):
         executor(SweepConfig(execution="ray"))
-    assert executor(SweepConfig()) is None  # the local executor needs nothing
+    from kvpolicies.experiments.sweep import LocalExecutor
+
+    local = executor(SweepConfig())  # the local executor needs nothing
+    assert isinstance(local, LocalExecutor) and local.share_prefill
+    assert not executor(SweepConfig(), shared_prefill=False).share_prefill
 
 
 def test_a_record_computed_by_other_code_is_written_as_a_failure_saying_so(tmp_path):

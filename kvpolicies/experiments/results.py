@@ -192,6 +192,9 @@ class ResultRecord(BaseModel):
     """Peak memory the cell needed: the largest of its requests' peaks above what the process held when each
     request began (files written before 2026-12-06 measured it over the whole evaluation, so it swung with what
     ran before the cell: the first cell of a task paid lm-eval's set-up)."""
+    shared_capture_bytes: Count | None = None
+    """The largest captured prefill the cell's caches were replayed from (held once for all the cells of its task
+    that shared it: every layer's keys, values and queries); None for a cell that prefilled its own prompts."""
     cpu_count: Count | None = None
     """Cores of the machine that ran the cell: a load average above it says the timings shared the CPU."""
     wall_s: Amount | None = None

@@ -123,6 +123,7 @@ def run_cell(cell: Cell, lm=None) -> dict[str, Any]:
         "speed": info["speed"],
         "peak_memory_bytes": info["request_memory"]["peak_bytes"],
         "peak_memory_growth_bytes": info["request_memory"]["growth_bytes"],
+        "shared_capture_bytes": info["request_memory"]["shared_capture_bytes"] or None,
         "wall_s": time.perf_counter() - started,
         "device": str(lm.device) + (f" ({torch.cuda.get_device_name(lm.device)})" if lm.device.type == "cuda" else ""),
         "loading": loaded_as(lm.model, cell),

@@ -64,6 +64,9 @@ class RequestMemory:
     peak_bytes: int = 0
     growth_bytes: int = 0
     requests: int = 0
+    shared_capture_bytes: int = 0
+    """The largest captured prefill this cell was replayed from (every layer's keys, values and queries, held once
+    for all the cells sharing it, outside any one cell's peak)."""
 
     def add(self, peak: PeakMemory) -> None:
         self.peak_bytes = max(self.peak_bytes, peak.peak_bytes)
@@ -212,6 +215,7 @@ class KVPoliciesLM(HFLM):
         share = 0.0 if shared is None else shared[0] / shared[1]
         if shared is not None:
             self.timings.add_shared(*shared)
+            self.request_memory.shared_capture_bytes = max(self.request_memory.shared_capture_bytes, prefill.nbytes)
         if marker is None and self.protocol is Protocol.QUERY_AGNOSTIC:
             raise missing_split()
         started = clock(self.device)

@@ -37,7 +37,8 @@ COLUMNS = (
     "Columns: *KV MiB* is the mean resident KV cache per sequence, counted from the cache's tensors, and *of full* "
     "its share of the full cache's bytes; *prefill/decode tok/s* are measured inside lm-eval's requests, one run "
     "per cell (differences under about 15% are noise on a shared machine), marked † where the load exceeded the "
-    "machine's cores; *peak +MiB* is the largest peak of one request of the cell above what the process held when "
+    "machine's cores; a prefill rate marked (1/N) is that of a prefill the cell shared with N cells of its task, "
+    "each charged 1/N of its time (so it reads N times the rate of a prefill of its own); *peak +MiB* is the largest peak of one request of the cell above what the process held when "
     "the request began (CUDA allocator peak, or the kernel's resident high-water mark on CPU); *load* is the "
     "highest 1-minute load average at the cell's start or end; *n* is the number of samples. "
     "*score [95% CI]*: the interval is Wilson's for an accuracy (every sample right or wrong), else a bootstrap over "
@@ -69,6 +70,8 @@ class Row:
     """Highest 1-minute load average seen at the cell's start or end: timings from a busy machine show it."""
     busy: bool = False
     """The load exceeded the machine's cores: the timings are not comparable."""
+    shared_by: int = 0
+    """Cells that shared each prompt's prefill with this one (0: its own), each charged an equal part of it."""
     outcomes: Outcomes | None = None
     """Each sample's outcome, for intervals and paired tests (None in records written before they were kept)."""
 
@@ -128,6 +131,7 @@ def load_rows(records: Sequence[ResultRecord]) -> tuple[list[Row], list[Shown]]:
             model=record.identity.model,
             load=record.load,
             busy=record.busy,
+            shared_by=int((record.speed.model_extra or {}).get("shared_by") or 0),
             outcomes=record.outcomes,
         ))
     return rows, failures
@@ -137,12 +141,14 @@ def _mib(value: float | None) -> str:
     return "" if value is None else f"{value / 2**20:.1f}"
 
 
-def _rate(value: float | None, busy: bool = False) -> str:
+def _rate(value: float | None, busy: bool = False, shared_by: int = 0) -> str:
     """Three significant figures or more: decode speeds of 12.4 and 13.1 tok/s must not both read 12 and 13;
-    marked † when the machine was busier than its cores."""
+    marked † when the machine was busier than its cores, and, for a prefill shared by ``shared_by`` cells, with
+    the share the cell was charged."""
     if value is None:
         return ""
-    return (f"{value:.1f}" if value < 100 else f"{value:.0f}") + (" †" if busy else "")
+    shared = f" (1/{shared_by})" if shared_by > 1 else ""
+    return (f"{value:.1f}" if value < 100 else f"{value:.0f}") + shared + (" †" if busy else "")
 
 
 def _load(value: float | None) -> str:
@@ -165,12 +171,12 @@ def task_tables(rows: list[Row]) -> list[tuple[str, list[str], list[list[Any]]]]
             body = [
                 [rank, r.policy, r.score_text(), r.versus(full), _mib(r.resident_bytes),
                  f"{r.resident_bytes / r.full_bytes:.1%}" if r.resident_bytes and r.full_bytes else "",
-                 _rate(r.prefill_tps, r.busy), _rate(r.decode_tps, r.busy), _mib(r.peak_memory_bytes), _load(r.load),
+                 _rate(r.prefill_tps, r.busy, r.shared_by), _rate(r.decode_tps, r.busy), _mib(r.peak_memory_bytes), _load(r.load),
                  r.samples]
                 for rank, r in zip(ranks([r.score for r in ranked]), ranked)
             ]
             body += [["ref", f"{r.policy} (no eviction)", r.score_text(), "", _mib(r.resident_bytes), "100%",
-                      _rate(r.prefill_tps, r.busy), _rate(r.decode_tps, r.busy), _mib(r.peak_memory_bytes),
+                      _rate(r.prefill_tps, r.busy, r.shared_by), _rate(r.decode_tps, r.busy), _mib(r.peak_memory_bytes),
                       _load(r.load), r.samples]
                      for r in reference]
             better = "higher" if members[0].higher_is_better else "lower"
