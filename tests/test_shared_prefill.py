@@ -72,3 +72,21 @@ def test_a_request_that_cannot_share_runs_per_cell_and_says_why(tiny_pretrained,
     outputs = [member._model_generate(one, 103, ["\n"], do_sample=False) for member in members]
     assert group.alone == 1 and group.served == 0 and all(o.shape[1] > 100 for o in outputs)
     assert capsys.readouterr().err.count("each cell prefills its own prompts here") == 1
+
+
+@pytest.mark.slow
+def test_a_group_with_finished_cells_computes_only_the_missing_ones_alike(tiny_pretrained, tmp_path):
+    import shutil
+
+    config = grid(tiny_pretrained, protocols=["query_aware"])
+    alone = {r.key: r for r in run_sweep(config, tmp_path / "alone", progress=False,
+                                         executor=LocalExecutor(share_prefill=False))}
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    kept = sorted(alone)[::2]  # every other cell finished before the interruption
+    for key in kept:
+        shutil.copy(tmp_path / "alone" / f"{key}.json", resumed / f"{key}.json")
+    computed_now = {r.key: r for r in run_sweep(config, resumed, progress=False)}
+    assert set(computed_now) == set(alone) - set(kept)  # only the missing cells ran, sharing their prefills
+    assert all(r.speed.model_extra["shared_by"] == len(computed_now) for r in computed_now.values())
+    assert computed(computed_now.values()) == computed(alone[key] for key in computed_now)

@@ -25,7 +25,7 @@ import torch
 
 from kvpolicies.engine.clock import clock
 from kvpolicies.engine.replay import Capture, Prefill, capture
-from kvpolicies.integrations.protocol import QUESTION_MARKER, Protocol
+from kvpolicies.integrations.protocol import QUESTION_MARKER, Protocol, missing_split
 
 if TYPE_CHECKING:
     from kvpolicies.integrations.lm_eval import KVPoliciesLM
@@ -103,6 +103,8 @@ class SharedPrefill:
         started = clock(first.device)
         marker = generation_kwargs.get(QUESTION_MARKER)
         if protocol is Protocol.QUERY_AGNOSTIC:
+            if marker is None:
+                raise missing_split()  # as each cell alone would
             starts = first.question_starts(context, marker, generation_kwargs.get("attention_mask"))
             prefill = capture(first.model, context[:, : starts[0]])
         else:
