@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from kvpolicies.experiments.memory import PeakMemory, _malloc_trim
+from kvpolicies.engine.memory import PeakMemory, _malloc_trim
 
 MiB = 2**20
 
@@ -38,7 +38,7 @@ def test_a_block_reads_its_own_growth_after_an_earlier_block_freed_more():
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the sampling fallback is what other systems use")
 def test_falls_back_to_sampling_when_the_high_water_mark_cannot_be_reset(monkeypatch):
-    import kvpolicies.experiments.memory as memory
+    import kvpolicies.engine.memory as memory
 
     monkeypatch.setattr(memory, "reset_high_water_mark", lambda: False)
     with PeakMemory(torch.device("cpu")) as peak:

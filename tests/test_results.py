@@ -49,6 +49,14 @@ GRID = {"policies": ["full", "random"], "budgets": [0.5],
         "tasks": [{"name": "kvp_passkey", "metadata": {"lengths": [200], "per_cell": 1}}]}
 
 
+def per_cell(cells):
+    """``evaluate_group`` with no model to build: each cell through the (patched) ``run_cell``, in order, as a
+    group's cells are run. A sweep still takes a task's cells together; only the computing is stubbed."""
+    import kvpolicies.experiments.runner as runner
+
+    return (runner.evaluate(cell) for cell in cells)
+
+
 def fake_run_cell(calls: list):
     def run_cell(cell, lm=None):
         calls.append(cell)
@@ -179,6 +187,7 @@ def test_sweep_recomputes_invalid_finished_files_and_renders_despite_stray_ones(
     (results / f"{grid[1].key()}.json").write_text(json.dumps({"status": "ok"}))
     calls: list = []
     monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "evaluate_group", per_cell)
     assert main(["sweep", "--config", str(config), "--results", str(results), "--no-plots"]) == 0
     out, err = capsys.readouterr()
     assert {c.key() for c in calls} == {c.key() for c in grid}  # both invalid files were computed again
@@ -210,6 +219,7 @@ def test_an_unwritable_results_folder_fails_before_any_cell_runs(tmp_path, capsy
     config.write_text(json.dumps(GRID))
     calls: list = []
     monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "evaluate_group", per_cell)
     assert main(["sweep", "--config", str(config), "--results", str(results), "--no-plots"]) == 2
     err = capsys.readouterr().err
     assert "kvpolicies: error: " in err and str(results) in err and "--results" in err

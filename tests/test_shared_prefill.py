@@ -90,3 +90,39 @@ def test_a_group_with_finished_cells_computes_only_the_missing_ones_alike(tiny_p
     assert set(computed_now) == set(alone) - set(kept)  # only the missing cells ran, sharing their prefills
     assert all(r.speed.model_extra["shared_by"] == len(computed_now) for r in computed_now.values())
     assert computed(computed_now.values()) == computed(alone[key] for key in computed_now)
+
+
+@pytest.mark.slow
+def test_a_shared_generation_stops_where_a_single_generate_call_stops(tiny_pretrained):
+    """After the first token: an end-of-sequence token, a stop sequence that the first token completes, the
+    length; and otherwise the same tokens to the end."""
+    import torch
+
+    from kvpolicies.experiments.grid import cells
+    from kvpolicies.experiments.runner import cell_model
+    from kvpolicies.integrations.shared import SharedPrefill
+
+    chosen = [cell for cell in cells(grid(tiny_pretrained)) if cell.protocol.value == "query_aware"][:3]
+    context = torch.randint(3, 1000, (1, 60), generator=torch.Generator().manual_seed(4))
+
+    def outputs(max_length: int, stop: list[str], shared: bool) -> list[torch.Tensor]:
+        members = [cell_model(cell) for cell in chosen]
+        if shared:
+            SharedPrefill(members)
+        return [member._model_generate(context, max_length, stop, do_sample=False) for member in members]
+
+    alone = outputs(90, [], shared=False)
+    first = int(alone[0][0, 60])
+    tokenizer = cell_model(chosen[0]).tokenizer
+    model = cell_model(chosen[0]).model
+    for max_length, stop in ((90, []), (61, []), (62, []), (90, [tokenizer.decode([first])])):
+        expected = outputs(max_length, stop, shared=False)
+        assert [o.tolist() for o in outputs(max_length, stop, shared=True)] == [o.tolist() for o in expected]
+    saved = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = first  # the first token ends the generation
+        expected = outputs(90, [], shared=False)
+        assert expected[0].shape[1] == 61
+        assert [o.tolist() for o in outputs(90, [], shared=True)] == [o.tolist() for o in expected]
+    finally:
+        model.generation_config.eos_token_id = saved

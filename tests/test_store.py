@@ -23,7 +23,7 @@ from kvpolicies.experiments.grid import SweepConfig, cells
 from kvpolicies.experiments.results import ResultsError, load_results, read_record, write_record
 from kvpolicies.experiments.store import ResultsStore
 from kvpolicies.experiments.sweep import LocalExecutor, run_sweep
-from tests.test_results import fake_run_cell, saved_record
+from tests.test_results import fake_run_cell, per_cell, saved_record
 
 GRID = {"policies": ["full", "random"], "budgets": [0.25, 0.5, 0.75],
         "tasks": [{"name": "kvp_passkey", "metadata": {"lengths": [200], "per_cell": 1}}]}
@@ -49,6 +49,7 @@ def run_cell(cell, lm=None):
             "peak_memory_bytes": 0, "peak_memory_growth_bytes": 0, "wall_s": float(seconds), "device": "cpu"}
 
 runner.run_cell = run_cell
+runner.evaluate_group = lambda cells: (runner.evaluate(cell) for cell in cells)  # no model to build
 config = SweepConfig.model_validate(json.loads(grid))
 sweep.cells(config)  # keys hashed (and cached) before the start, so both sweeps reach their first claim together
 Path(f"{go}.{os.getpid()}.ready").touch()
@@ -133,6 +134,7 @@ def test_a_claimed_cell_is_left_to_its_holder_and_one_finished_meanwhile_is_not_
         return compute(cell)
 
     monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", run_cell)
+    monkeypatch.setattr(kvpolicies.experiments.runner, "evaluate_group", per_cell)
     other = ResultsStore(tmp_path)  # another open file description: a flock held elsewhere
     assert other.claim(held)
     with ResultsStore(tmp_path) as store:
@@ -173,6 +175,7 @@ def test_resume_reruns_a_cell_whose_file_holds_another_cells_record(tmp_path, mo
     (tmp_path / f"{misplaced.key()}.json").write_text(json.dumps(saved_record(owner)))  # copied over by hand
     calls: list = []
     monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "evaluate_group", per_cell)
     list(run_sweep(SweepConfig.model_validate(GRID), tmp_path, progress=False))
     assert misplaced.key() in {c.key() for c in calls}
     assert read_record(tmp_path / f"{misplaced.key()}.json").key == misplaced.key()
@@ -181,6 +184,7 @@ def test_resume_reruns_a_cell_whose_file_holds_another_cells_record(tmp_path, mo
 def test_renaming_a_label_reaches_the_page_without_recomputing(tmp_path, monkeypatch, capsys):
     calls: list = []
     monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "evaluate_group", per_cell)
     grid = GRID | {"policies": ["full", {"name": "random", "label": "coin"}]}
     list(run_sweep(SweepConfig.model_validate(grid), tmp_path, progress=False))
     computed = len(calls)
@@ -219,6 +223,7 @@ def test_a_full_disk_is_a_clean_error_naming_the_folder_and_leaves_no_staging_fi
 def test_a_sweep_keeps_a_record_it_could_not_write_and_writes_it_once_there_is_room(tmp_path, monkeypatch):
     calls: list = []
     monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "evaluate_group", per_cell)
     full_disk(monkeypatch, 1)  # the first write fails, then room is made
     records = list(run_sweep(SweepConfig.model_validate(GRID), tmp_path, progress=False))
     assert len(records) == len(calls) == len(cells(SweepConfig.model_validate(GRID)))
@@ -230,6 +235,7 @@ def test_a_sweep_on_a_disk_that_stays_full_stops_with_a_clean_error(tmp_path, mo
     config.write_text(json.dumps(GRID))
     calls: list = []
     monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "evaluate_group", per_cell)
     full_disk(monkeypatch, 10**6)
     results = tmp_path / "results"
     assert main(["sweep", "--config", str(config), "--results", str(results), "--no-plots"]) == 2
@@ -259,6 +265,7 @@ def test_a_folder_without_file_locks_still_runs_with_a_warning(tmp_path, monkeyp
     monkeypatch.setattr(fcntl, "flock", no_locks)
     calls: list = []
     monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "evaluate_group", per_cell)
     records = list(run_sweep(SweepConfig.model_validate(GRID), tmp_path, progress=False))
     assert len(records) == len(calls) == len(cells(SweepConfig.model_validate(GRID)))
     assert capsys.readouterr().err.count("does not support file locks") == 1
@@ -290,6 +297,7 @@ def failing_renames(monkeypatch, which: set[int]) -> None:
 def test_a_last_record_saved_only_at_the_end_is_reported_like_every_other(tmp_path, monkeypatch, capsys):
     calls: list = []
     monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "evaluate_group", per_cell)
     grid = cells(SweepConfig.model_validate(GRID))
     failing_renames(monkeypatch, {len(grid)})  # the last cell's write fails; the retry at the end succeeds
     records = list(run_sweep(SweepConfig.model_validate(GRID), tmp_path, progress=False))
@@ -304,6 +312,7 @@ def test_a_folder_too_full_for_one_record_stops_before_any_cell_is_computed(tmp_
     config.write_text(json.dumps(GRID))
     calls: list = []
     monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "evaluate_group", per_cell)
 
     def full(handle):  # an empty file fits on a full disk; its data does not
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -334,6 +343,7 @@ def test_a_claim_that_cannot_be_created_is_a_clean_error(tmp_path, monkeypatch, 
     config.write_text(json.dumps(GRID))
     calls: list = []
     monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "evaluate_group", per_cell)
     claim_files_fail(monkeypatch, errno.ENOSPC, 10**6)
     results = tmp_path / "results"
     assert main(["sweep", "--config", str(config), "--results", str(results), "--no-plots"]) == 2
@@ -352,6 +362,7 @@ def test_a_stale_network_file_handle_on_a_claim_is_tried_again(tmp_path, monkeyp
 def test_only_a_new_label_rewrites_a_finished_record_and_a_failed_rewrite_is_a_warning(tmp_path, monkeypatch, capsys):
     calls: list = []
     monkeypatch.setattr(kvpolicies.experiments.runner, "run_cell", fake_run_cell(calls))
+    monkeypatch.setattr(kvpolicies.experiments.runner, "evaluate_group", per_cell)
     list(run_sweep(SweepConfig.model_validate(GRID), tmp_path, progress=False))
     before = {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("*.json")}
     from kvpolicies.integrations.models import EMBEDDED_MODEL

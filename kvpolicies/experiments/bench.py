@@ -9,7 +9,7 @@ alike) and reduced to medians. What is reported, and why:
   over-allocation. Index overhead of the ragged layout is per-head run lengths kept as Python ints, not tensors;
   other per-policy state (query buffers, attention tracks, padding masks) is reported apart as auxiliary bytes;
 - peak memory: CUDA's peak allocated bytes, or on CPU the growth of the process's resident high-water mark
-  (:class:`~kvpolicies.experiments.memory.PeakMemory`: the kernel's ``VmHWM``, reset on entry), which includes
+  (:class:`~kvpolicies.engine.memory.PeakMemory`: the kernel's ``VmHWM``, reset on entry), which includes
   activations, logits and allocator behaviour, not only the cache;
 - prefill time, time to first token (prefill plus choosing the first token) and decode tokens/s;
 - the policy's own time (signals, scoring, selection, packing) as a share of prefill, and per decoding step;
@@ -112,7 +112,7 @@ def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
             prefill_chunk: int | None = None, mask: torch.Tensor | None = None, codec: str = "full") -> Measurement:
     """One prefill of ``ids`` (``[batch, tokens]``, left-padded where ``mask`` is 0) and ``decode_tokens`` greedy
     steps on a fresh cache that stores its entries with ``codec``."""
-    from kvpolicies.experiments.memory import PeakMemory
+    from kvpolicies.engine.memory import PeakMemory
 
     cache = CompressedCache(model, policy, budget, codec=codec)
     cache.policy_time = Stopwatch(model.device)  # CUDA events: timing the policy does not slow the run down

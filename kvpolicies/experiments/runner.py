@@ -175,10 +175,11 @@ def evaluate_group(cells: list[Cell]) -> Iterator[ResultRecord]:
             raise
         except Exception:  # evaluate() builds it again, and records why it fails
             pass
-    if len(models) > 1:
-        SharedPrefill(list(models.values()))
+    shared = SharedPrefill(list(models.values())) if len(models) > 1 else None
     for index, cell in enumerate(cells):
         yield evaluate(cell, models.get(index))
+        if shared is not None and index in models:
+            shared.leave(models[index])  # done: nothing more computed for it, nothing kept for it
 
 
 def evaluate(cell: Cell, lm=None) -> ResultRecord:

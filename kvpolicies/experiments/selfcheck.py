@@ -333,7 +333,7 @@ def check_long_context(model, tokenizer, tokens: int, policy: str, budget: Budge
     the cache holds no more than the budget allows for the tokens seen so far (and no padding), and reports the
     peak memory (the allocator's peak on CUDA; the growth of the resident set on CPU)."""
     from kvpolicies.experiments.bench import prompt_ids
-    from kvpolicies.experiments.memory import PeakMemory
+    from kvpolicies.engine.memory import PeakMemory
 
     chunk = chunk or min(2048, max(2, tokens // 4))
     name = f"chunked prefill of {tokens} tokens ({policy} @ {budget}, chunks of {chunk})"

@@ -45,7 +45,7 @@ from kvpolicies.engine.clock import clock
 from kvpolicies.engine.replay import Prefill, replay
 from kvpolicies.engine.policy import Role, coerce_option
 from kvpolicies.errors import ModelLoadError, PolicyConfigError, UsageError
-from kvpolicies.experiments.memory import PeakMemory
+from kvpolicies.engine.memory import PeakMemory
 from kvpolicies.integrations.models import resolve_device, resolve_dtype, resolve_source
 from kvpolicies.integrations.protocol import QUESTION_MARKER, Protocol, missing_split, question_start, split_cache
 from kvpolicies.integrations.shared import SharedPrefill
@@ -75,7 +75,7 @@ class RequestMemory:
 
 
 def _measured(method):
-    """Run a request's method inside its own :class:`~kvpolicies.experiments.memory.PeakMemory`."""
+    """Run a request's method inside its own :class:`~kvpolicies.engine.memory.PeakMemory`."""
 
     @functools.wraps(method)
     def measured(self, *args, **kwargs):

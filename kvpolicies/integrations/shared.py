@@ -25,6 +25,7 @@ import torch
 
 from kvpolicies.engine.clock import clock
 from kvpolicies.engine.replay import Capture, Prefill, capture
+from kvpolicies.errors import UsageError
 from kvpolicies.integrations.protocol import QUESTION_MARKER, Protocol, missing_split
 
 if TYPE_CHECKING:
@@ -32,10 +33,11 @@ if TYPE_CHECKING:
 
 
 class Failed:
-    """A cell's answer that raised: raised again when that cell asks for it, so it fails its own cell only."""
+    """A cell's answer that raised: raised again when that cell asks for it, so it fails its own cell only. Kept
+    without its traceback, whose frames would hold a captured prefill alive until the group ends."""
 
     def __init__(self, error: BaseException) -> None:
-        self.error = error
+        self.error = error.with_traceback(None)
 
 
 class SharedPrefill:
@@ -52,30 +54,48 @@ class SharedPrefill:
         self.served = self.alone = 0
         """Requests served from one prefill, and requests each cell ran alone (see :func:`shareable`)."""
         self.said: set[str] = set()
+        self.failed: set[int] = set()
+        """Members (by ``id``) whose answer raised: their cell fails when it asks for it, and nothing more is
+        computed for it."""
 
     def answer(self, caller: KVPoliciesLM, context: torch.Tensor, max_length: int, stop: list[str],
                generation_kwargs: dict[str, Any]) -> torch.Tensor:
         """``caller``'s output for this ``generate`` call, computed now for every member if not yet."""
         key = request_key(context, max_length, stop, generation_kwargs)
         if key not in caller.answers:
-            self._serve(key, context, max_length, stop, generation_kwargs)
+            self._serve(caller, key, context, max_length, stop, generation_kwargs)
         found = caller.answers.pop(key)
         if isinstance(found, Failed):
             raise found.error
-        return found
+        return torch.cat([context, found.to(context.device)], dim=1)
 
-    def _serve(self, key: str, context: torch.Tensor, max_length: int, stop: list[str],
+    def leave(self, member: KVPoliciesLM) -> None:
+        """``member``'s cell is done (finished or failed): nothing more is computed for it, and what waits for it
+        is dropped."""
+        if member in self.members:
+            self.members.remove(member)
+        member.answers.clear()
+        member.shared = None
+
+    def _store(self, member: KVPoliciesLM, key: str, context: torch.Tensor, compute) -> None:
+        """Compute ``member``'s answer and keep it until lm-eval asks: only the generated tokens, on the host (the
+        prompt is the request's own), so that a group's waiting answers take no device memory. A member whose
+        answer raised gets no more answers computed: its cell fails at that request, as alone."""
+        try:
+            member.answers[key] = compute()[:, context.shape[1]:].cpu()
+        except Exception as error:
+            member.answers[key] = Failed(error)
+            self.failed.add(id(member))
+
+    def _serve(self, caller: KVPoliciesLM, key: str, context: torch.Tensor, max_length: int, stop: list[str],
                generation_kwargs: dict[str, Any]) -> None:
-        waiting = [member for member in self.members if key not in member.answers]
+        waiting = [member for member in self.members
+                   if key not in member.answers and id(member) not in self.failed]
+        if caller not in waiting:  # asked again (a task's repeats): computed for it alone
+            waiting = [caller]
         why_not = shareable(waiting[0], context, generation_kwargs)
         if why_not:
-            self.alone += 1
-            if why_not not in self.said:  # said once per reason, not per request
-                self.said.add(why_not)
-                print(f"kvpolicies: note: each cell prefills its own prompts here: {why_not}", file=sys.stderr)
-            for member in waiting:
-                member.answers[key] = _computed(lambda m=member: m._generate(context, max_length, stop,
-                                                                             **dict(generation_kwargs)))
+            self._alone(waiting, key, context, max_length, stop, generation_kwargs, why_not)
             return
         self.served += 1
         for protocol in (Protocol.QUERY_AWARE, Protocol.QUERY_AGNOSTIC):
@@ -84,14 +104,31 @@ class SharedPrefill:
                 continue
             try:
                 prefill, seconds = self._capture(group[0], protocol, context, max_length, stop, generation_kwargs)
-            except Exception as error:  # e.g. no question to split at: every cell of the protocol fails alike
+            except UsageError as error:  # no question to split at: every cell of the protocol fails alike, as alone
                 for member in group:
                     member.answers[key] = Failed(error)
+                    self.failed.add(id(member))
+                continue
+            except Exception as error:  # out of memory, a model that cannot share: each cell runs its own
+                self._alone(group, key, context, max_length, stop, generation_kwargs,
+                            f"the shared prefill failed ({type(error).__name__}: {error})")
                 continue
             for member in group:
-                member.answers[key] = _computed(lambda m=member: m._generate(
+                self._store(member, key, context, lambda m=member: m._generate(
                     context, max_length, stop, prefill=prefill, shared=(seconds, len(group)),
                     **dict(generation_kwargs)))
+            del prefill  # before the next protocol's capture: one held at a time
+
+    def _alone(self, members: list[KVPoliciesLM], key: str, context: torch.Tensor, max_length: int,
+               stop: list[str], generation_kwargs: dict[str, Any], why: str) -> None:
+        """Each of ``members`` computes this request with its own prefill, as alone; ``why`` said once."""
+        self.alone += 1
+        if why not in self.said:  # said once per reason, not per request
+            self.said.add(why)
+            print(f"kvpolicies: note: each cell prefills its own prompts here: {why}", file=sys.stderr)
+        for member in members:
+            self._store(member, key, context, lambda m=member: m._generate(context, max_length, stop,
+                                                                           **dict(generation_kwargs)))
 
     @torch.no_grad()
     def _capture(self, first: KVPoliciesLM, protocol: Protocol, context: torch.Tensor, max_length: int,
@@ -166,8 +203,3 @@ def request_key(context: torch.Tensor, max_length: int, stop: list[str], generat
     return json.dumps([context.tolist(), max_length, list(stop), arguments, tensors], sort_keys=True, default=str)
 
 
-def _computed(compute) -> torch.Tensor | Failed:
-    try:
-        return compute()
-    except Exception as error:
-        return Failed(error)

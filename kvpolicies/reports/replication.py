@@ -117,7 +117,7 @@ class Verdict:
     measured: str
     holds: bool | None  # None: not measured, or undecided
     undecided: bool = False
-    """Beyond the tolerance, but not told apart from the full cache by a paired test at this n."""
+    """A loss beyond the tolerance whose paired 95% interval still reaches back within it: not decided at this n."""
 
     def row(self) -> list[str]:
         mark = "undecided at this n" if self.undecided else {True: "holds", False: "does not hold",
@@ -125,15 +125,18 @@ class Verdict:
         return [self.claim, self.measured, mark]
 
 
-def paired_loss(ours: ResultRecord, full: ResultRecord) -> tuple[str, bool | None]:
-    """The paired test of a policy's cell against the full cache's: its words for the page, and whether the
-    difference is significant (None: the records kept no per-sample outcomes to test)."""
+def paired_loss(ours: ResultRecord, full: ResultRecord, allowed: float) -> tuple[str, bool | None]:
+    """The paired comparison of a policy's cell with the full cache's: its words for the page, and whether the
+    loss exceeds ``allowed`` (in the score's units, a positive number) over all of its 95% interval (None: the
+    records kept no per-sample outcomes to compare)."""
     if ours.outcomes is None or full.outcomes is None or ours.outcomes.statistic != full.outcomes.statistic:
         return "", None
     found = compare(ours.outcomes.statistic, ours.outcomes.by_doc(), full.outcomes.by_doc())
     if found is None:
         return "", None
-    return f"; paired: {found.text(2)}", found.significant
+    # A loss is a lower score for an accuracy, a higher one for a perplexity.
+    beyond = found.high < -allowed if ours.higher_is_better else found.low > allowed
+    return f"; paired: {found.text(2)}", beyond
 
 
 def verdicts(latest: Latest, correlation: dict[str, Any] | None) -> list[Verdict]:
@@ -161,15 +164,17 @@ def verdicts(latest: Latest, correlation: dict[str, Any] | None) -> list[Verdict
             found.append(Verdict(f"no loss: {label}", "", None))
             continue
         ours, full = mine.score, reference_cell.score
-        tested, significant = paired_loss(mine, reference_cell)
         if task == "kvp_ppl":
             measured = f"perplexity {ours:.2f} vs {full:.2f} with the full cache (tolerance +{PERPLEXITY_TOLERANCE:.0%})"
             within = ours <= full * (1 + PERPLEXITY_TOLERANCE)
+            allowed = full * PERPLEXITY_TOLERANCE
         else:
             measured = f"accuracy {ours:.2f} vs {full:.2f} with the full cache (tolerance {ACCURACY_TOLERANCE})"
             within = ours >= full - ACCURACY_TOLERANCE
-        # A loss beyond the tolerance that a paired test cannot tell from chance decides nothing at this n.
-        undecided = not within and significant is False
+            allowed = ACCURACY_TOLERANCE
+        tested, beyond = paired_loss(mine, reference_cell, allowed)
+        # A loss beyond the tolerance whose interval still reaches back within it decides nothing at this n.
+        undecided = not within and beyond is False
         found.append(Verdict(f"no loss: {label}", measured + tested, None if undecided else within, undecided))
     return found
 

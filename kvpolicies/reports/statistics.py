@@ -175,8 +175,8 @@ def mcnemar(a_only: int, b_only: int) -> float:
 def newcombe(table: tuple[int, int, int, int], level: float = LEVEL) -> tuple[float, float]:
     """Newcombe's interval for the difference of two paired proportions, from the 2×2 table ``(both right, only A
     right, only B right, both wrong)``: Wilson intervals of the two proportions, combined with the correlation of
-    the pairs, continuity-adjusted where it is positive (his method 11's φ*; with the plain φ, a table with no
-    discordant sample has φ = 1 and an interval of zero width). It stays within [-1, 1] and keeps a width at 0
+    the pairs, continuity-adjusted where it is positive (the φ* Newcombe gives with his method 10; with the plain φ,
+    a table with no discordant sample has φ = 1 and an interval of zero width). It stays within [-1, 1] and keeps a width at 0
     discordant samples, where a bootstrap would collapse to a point."""
     both, a_only, b_only, neither = table
     n = sum(table)
