@@ -151,7 +151,8 @@ def test_ray_fills_the_same_files_as_the_local_executor_and_shares_a_folder_with
     assert len(by_ray) == 4 and all(r["worker"]["node_id"] for r in by_ray)  # computed on Ray workers
 
 
-def test_a_worker_killed_mid_cell_loses_only_that_cell_which_is_retried(local_reference, two_cpus, tmp_path):
+def test_a_worker_killed_mid_group_loses_only_its_unfinished_cells_which_are_retried(local_reference, two_cpus,
+                                                                                     tmp_path):
     config, expected = local_reference
     with started_sweep(config, tmp_path / "retried", "--executor", "ray", "--address", two_cpus) as driver:
         kill_a_worker_mid_cell()
@@ -168,20 +169,23 @@ def test_a_cell_whose_worker_dies_past_the_retries_is_recorded_and_rerun_next_ti
     with started_sweep(config, results, "--executor", "ray", "--address", two_cpus, "--max-retries", "0") as driver:
         kill_a_worker_mid_cell()
         _, stderr = driver.communicate(timeout=900)
-    assert driver.returncode == 1  # a failed cell, as locally
+    assert driver.returncode == 1  # failed cells, as locally
     failed = {key: r for key, r in records(results).items() if r["status"] == "error"}
-    assert len(failed) == 1 and "worker lost 1 times" in next(iter(failed.values()))["error"]
+    assert 1 <= len(failed) < 7  # the killed worker's cells; the other worker's half of the task is done
+    assert all("worker lost 1 times" in r["error"] for r in failed.values())
     assert len(records(results)) == 7
 
     rerun = sweep(config, results, "--executor", "ray", "--address", two_cpus)
-    assert rerun.returncode == 0 and "6 already done, 1 to run" in rerun.stderr
+    assert rerun.returncode == 0 and f"{7 - len(failed)} already done, {len(failed)} to run" in rerun.stderr
     assert outcome(records(results)) == outcome(expected)
 
 
 def test_a_killed_driver_loses_no_finished_cell_and_the_rerun_resumes(local_reference, two_cpus, tmp_path):
+    """Cell by cell (--no-shared-prefill), so that records come one at a time and the driver dies between them."""
     config, expected = local_reference
     results = tmp_path / "resumed"
-    with started_sweep(config, results, "--executor", "ray", "--address", two_cpus) as driver:
+    alone = ("--executor", "ray", "--address", two_cpus, "--no-shared-prefill")
+    with started_sweep(config, results, *alone) as driver:
         deadline = time.time() + 600
         while len(list(results.glob("*.json"))) < 2 and time.time() < deadline and driver.poll() is None:
             time.sleep(0.05)
@@ -190,7 +194,7 @@ def test_a_killed_driver_loses_no_finished_cell_and_the_rerun_resumes(local_refe
     before = records(results)
     assert 2 <= len(before) < 7 and all(read_record(path) for path in results.glob("*.json"))
 
-    rerun = sweep(config, results, "--executor", "ray", "--address", two_cpus)
+    rerun = sweep(config, results, *alone)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"{len(before)} already done" in rerun.stderr
     after = records(results)
@@ -240,7 +244,9 @@ def test_cells_spread_over_gpu_nodes_one_gpu_each_and_a_late_node_gets_work(tiny
     executor = RayExecutor(Execution(executor="ray", gpus_per_cell=1, cpus_per_cell=0.5))
     late_node = None
     done = []
-    for record in run_sweep(config, tmp_path / "cluster", progress=False, executor=executor):
+    # Cell by cell: a task's cells shared as one group would be split between the first node's two workers before
+    # the late node joins, leaving it nothing to take.
+    for record in run_sweep(config, tmp_path / "cluster", progress=False, executor=executor, share_prefill=False):
         done.append(record)
         if late_node is None:  # the sweep is under way: a second node joins
             late_node = cluster.add_node(num_cpus=2, num_gpus=2)
@@ -285,24 +291,53 @@ def test_the_quick_grid_through_ray_gives_the_local_executors_files(tmp_path):
 
 
 
+def stand_in_slots(count: int) -> list:
+    """Started workers whose calls go nowhere: the driver's dispatch without a cluster."""
+    from types import SimpleNamespace
+
+    from kvpolicies.experiments.ray_executor import _Slot
+
+    call = SimpleNamespace(remote=lambda cells_json: object())
+    worker = SimpleNamespace(evaluate=SimpleNamespace(options=lambda **options: call))
+    return [_Slot(actor=worker, started=True) for _ in range(count)]
+
+
 def test_the_driver_claims_cells_as_workers_take_them_not_all_at_the_start():
     """Each taken cell holds a claim (an open file): a grid of thousands must not hold thousands, nor keep a second
     sweep on the folder from sharing the work. No cluster needed: the driver's dispatch with two stand-in workers."""
-    from types import SimpleNamespace
-
-    from kvpolicies.experiments.ray_executor import RayExecutor, _Slot, _State
+    from kvpolicies.experiments.ray_executor import RayExecutor, _State
 
     grid_cells = cells(SweepConfig.model_validate(grid("m", policies=("random",), budgets=[i / 20 for i in range(1, 20)])))
     taken: list = []
 
     def todo():
-        for cell in grid_cells:
+        for cell in grid_cells:  # one cell at a time, as with --no-shared-prefill
             taken.append(cell)  # taking a cell is claiming it (run_sweep's generator)
-            yield cell
+            yield [cell]
 
-    worker = SimpleNamespace(evaluate=SimpleNamespace(remote=lambda text: object()))
     state = _State(todo=todo())
-    state.slots = [_Slot(actor=worker, started=True), _Slot(actor=worker, started=True)]
+    state.slots = stand_in_slots(2)
     RayExecutor(Execution(executor="ray"))._dispatch(state)
-    assert len(state.running) == 2  # each worker got a cell
+    assert [len(slot.busy) for slot in state.slots] == [1, 1]  # each worker got a cell
     assert len(taken) <= 4 < len(grid_cells)  # and at most a worker's worth more is held ahead
+
+
+def test_a_task_shared_by_fewer_groups_than_workers_is_split_between_them():
+    """One task's cells share each prefill as one group; with two free workers it is split in two halves (the
+    records are the same apart), never left to one worker while the other idles. Groups enough for every worker
+    are left whole."""
+    from kvpolicies.experiments.ray_executor import RayExecutor, _State
+
+    config = SweepConfig.model_validate(grid("m", policies=("random",), budgets=[i / 20 for i in range(1, 20)]))
+    one_task = cells(config)
+    state = _State(todo=iter([one_task]))
+    state.slots = stand_in_slots(2)
+    RayExecutor(Execution(executor="ray"))._dispatch(state)
+    halves = [slot.busy for slot in state.slots]
+    assert len(one_task) == 20 and [len(half) for half in halves] == [10, 10] and halves[0] + halves[1] == one_task
+
+    state = _State(todo=iter([one_task[:5], one_task[5:12], one_task[12:]]))
+    state.slots = stand_in_slots(2)
+    RayExecutor(Execution(executor="ray"))._dispatch(state)
+    assert [slot.busy for slot in state.slots] == [one_task[:5], one_task[5:12]]
+    assert list(state.queue) == [one_task[12:]]

@@ -35,7 +35,7 @@ def computed(records) -> dict[str, dict]:
 @pytest.mark.slow
 def test_cells_that_share_each_prefill_write_what_each_writes_alone(tiny_pretrained, tmp_path):
     config = grid(tiny_pretrained)
-    alone = list(run_sweep(config, tmp_path / "alone", progress=False, executor=LocalExecutor(share_prefill=False)))
+    alone = list(run_sweep(config, tmp_path / "alone", progress=False, share_prefill=False))
     shared = list(run_sweep(config, tmp_path / "shared", progress=False))
     assert len(alone) == len(shared) == 1 + 6 * 2 * 2 and all(r.status == "ok" for r in shared)
     assert computed(shared) == computed(alone)  # same keys, same scores, same samples, same kept bytes
@@ -80,7 +80,7 @@ def test_a_group_with_finished_cells_computes_only_the_missing_ones_alike(tiny_p
 
     config = grid(tiny_pretrained, protocols=["query_aware"])
     alone = {r.key: r for r in run_sweep(config, tmp_path / "alone", progress=False,
-                                         executor=LocalExecutor(share_prefill=False))}
+                                         share_prefill=False)}
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     kept = sorted(alone)[::2]  # every other cell finished before the interruption

@@ -36,7 +36,7 @@ import kvpolicies.experiments.runner as runner
 import kvpolicies.experiments.sweep as sweep
 from kvpolicies.experiments.grid import SweepConfig
 
-folder, log, seconds, outcome, go, grid = sys.argv[1:7]
+folder, log, seconds, outcome, go, grid, share = sys.argv[1:8]
 
 def run_cell(cell, lm=None):
     time.sleep(float(seconds))
@@ -55,18 +55,20 @@ sweep.cells(config)  # keys hashed (and cached) before the start, so both sweeps
 Path(f"{go}.{os.getpid()}.ready").touch()
 while not Path(go).exists():
     time.sleep(0.02)
-for _ in sweep.run_sweep(config, Path(folder), progress=False):
+for _ in sweep.run_sweep(config, Path(folder), progress=False, share_prefill=share == "share"):
     pass
 """
 
 
-def two_sweeps(tmp_path: Path, first: tuple[float, str], second: tuple[float, str]) -> tuple[Path, list[str]]:
+def two_sweeps(tmp_path: Path, first: tuple[float, str], second: tuple[float, str], grid: dict = GRID,
+               share: bool = False) -> tuple[Path, list[str]]:
     """Two real processes sweeping one folder, started together; each computes a cell in ``seconds`` with the given
-    outcome. Returns the folder and the log of computations (``pid key``)."""
+    outcome. Returns the folder and the log of computations (``pid key``). Without ``share`` each cell is claimed
+    alone, so the two sweeps interleave cell by cell (with it, a task's cells are claimed together)."""
     folder, log, go = tmp_path / "results", tmp_path / "computed.log", tmp_path / "go"
     env = os.environ | {"OMP_NUM_THREADS": "1", "KVPOLICIES_PLUGINS": "full,random"}
     processes = [subprocess.Popen([sys.executable, "-c", STAND_IN, str(folder), str(log), str(seconds), outcome,
-                                   str(go), json.dumps(GRID)], env=env, cwd=Path(__file__).parent.parent,
+                                   str(go), json.dumps(grid), "share" if share else "alone"], env=env, cwd=Path(__file__).parent.parent,
                                   stderr=subprocess.PIPE, text=True)
                  for seconds, outcome in (first, second)]
     try:
@@ -92,6 +94,18 @@ def test_two_sweeps_on_one_folder_share_the_cells_and_compute_each_once(tmp_path
     keys = [line.split()[1] for line in computed]
     assert sorted(keys) == sorted(cell.key() for cell in grid)  # every cell exactly once, across both
     assert all(read_record(folder / f"{cell.key()}.json").status == "ok" for cell in grid)
+    assert not list(folder.glob(".*.claim")) and not list(folder.glob("*.tmp"))
+
+
+def test_two_sharing_sweeps_on_one_folder_compute_each_cell_once(tmp_path):
+    """A sweep that shares prefills claims a task's cells when it reaches the task; two such sweeps reaching it
+    together may split its cells between them (each shares what it holds), and still compute every cell once."""
+    tasks = [{"name": "kvp_passkey", "metadata": {"lengths": [length], "per_cell": 1}} for length in (200, 300)]
+    grid = GRID | {"tasks": tasks}
+    folder, computed = two_sweeps(tmp_path, (0.5, "ok"), (0.5, "ok"), grid=grid, share=True)
+    keys = [cell.key() for cell in cells(SweepConfig.model_validate(grid))]
+    assert len(keys) == 8 and sorted(line.split()[1] for line in computed) == sorted(keys)
+    assert all(read_record(folder / f"{key}.json").status == "ok" for key in keys)
     assert not list(folder.glob(".*.claim")) and not list(folder.glob("*.tmp"))
 
 
@@ -141,7 +155,7 @@ def test_a_claimed_cell_is_left_to_its_holder_and_one_finished_meanwhile_is_not_
         assert not store.claim(held)
     # One cell at a time (a sweep that shares prefills claims a task's cells together, when it reaches them).
     records = list(run_sweep(SweepConfig.model_validate(GRID), tmp_path, progress=False,
-                             executor=LocalExecutor(share_prefill=False)))
+                             share_prefill=False))
     assert {c.key() for c in calls} == {c.key() for c in grid} - {held.key(), finished_meanwhile.key()}
     assert len(records) == len(grid) - 2 and not (tmp_path / f"{held.key()}.json").exists()
     assert "1 cells were being computed by another sweep" in capsys.readouterr().err

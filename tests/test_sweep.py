@@ -376,7 +376,7 @@ def test_the_sweep_command_logs_plot_paths_to_stderr_as_leaderboard_does(saved_r
     from kvpolicies.experiments import sweep
     from kvpolicies.reports import leaderboard
 
-    monkeypatch.setattr(sweep, "run_sweep", lambda config, results, executor=None: [])  # the cells are saved
+    monkeypatch.setattr(sweep, "run_sweep", lambda config, results, executor=None, share_prefill=True: [])  # the cells are saved
     monkeypatch.setattr(leaderboard, "plot", lambda results, folder, records=None: [folder / "score.png"])
     assert main(["sweep", "--quick", "--results", str(saved_results)]) == 0
     out, err = capsys.readouterr()
@@ -487,9 +487,7 @@ def test_the_ray_executor_without_ray_names_the_extra_to_install(monkeypatch):
         executor(SweepConfig(execution="ray"))
     from kvpolicies.experiments.sweep import LocalExecutor
 
-    local = executor(SweepConfig())  # the local executor needs nothing
-    assert isinstance(local, LocalExecutor) and local.share_prefill
-    assert not executor(SweepConfig(), shared_prefill=False).share_prefill
+    assert isinstance(executor(SweepConfig()), LocalExecutor)  # the local executor needs nothing
 
 
 def test_a_record_computed_by_other_code_is_written_as_a_failure_saying_so(tmp_path):
@@ -497,7 +495,7 @@ def test_a_record_computed_by_other_code_is_written_as_a_failure_saying_so(tmp_p
 
     class OtherCode:  # a worker whose kvpolicies computes another key for the cell
         def run(self, todo, show):
-            for cell in todo:
+            for cell in (cell for group in todo for cell in group):
                 yield cell, make_record("kvp_passkey", cell.policy.name, cell.budget, 1.0, key="0" * 20,
                                         worker={"host": "node-7", "pid": 1})
 

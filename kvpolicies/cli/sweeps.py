@@ -192,8 +192,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     if args.memory is not None:
         raise UsageError("--memory sizes the estimate of --dry-run; give --dry-run too, or leave --memory out")
     try:
-        chosen = executor(config, shared_prefill=not args.no_shared_prefill)
-        failed = sum(record.status != "ok" for record in run_sweep(config, results, executor=chosen))
+        failed = sum(record.status != "ok" for record in run_sweep(config, results, executor=executor(config),
+                                                                   share_prefill=not args.no_shared_prefill))
     except KeyboardInterrupt:
         print(f"kvpolicies: interrupted; every finished cell is saved in {results}: run the same command to resume",
               file=sys.stderr)
@@ -206,13 +206,12 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def executor(config, shared_prefill: bool = True):
-    """The executor the grid asks for: the local one (sharing each prompt's prefill between a task's cells unless
-    told not to) or Ray's, which needs the ``ray`` extra and runs each cell on its own."""
+def executor(config):
+    """The executor the grid asks for: the local one, or Ray's, which needs the ``ray`` extra."""
     if config.execution.executor == "local":
         from kvpolicies.experiments.sweep import LocalExecutor
 
-        return LocalExecutor(share_prefill=shared_prefill)
+        return LocalExecutor()
     try:
         from kvpolicies.experiments.ray_executor import RayExecutor
     except ImportError as error:

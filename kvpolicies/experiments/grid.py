@@ -308,6 +308,14 @@ class Cell(BaseModel):
         text = json.dumps(self.identity(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
+    def share_key(self) -> str | None:
+        """What cells must have in common to share each prompt's prefill (the model as loaded, the task's samples and
+        their batching); None for a cell that prefills in chunks, which cannot share."""
+        if self.prefill_chunk:
+            return None
+        return json.dumps([self.model, self.loading.model_dump(mode="json"), self.task.model_dump(mode="json"),
+                           self.seed, self.batch_size], sort_keys=True, default=str)
+
 
 def cells(config: SweepConfig) -> list[Cell]:
     """The grid in a stable order, one cell per key (``0.5`` and ``50%`` are one cell); the full cache runs once

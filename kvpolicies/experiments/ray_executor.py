@@ -4,8 +4,14 @@ Why actors and not Ray tasks: a worker keeps the model of its last cell loaded, 
 that model first; Ray runs a task that asks for GPUs in a fresh process each time, which would load an 8B model
 per cell. Why the driver writes every file: nodes need not share a folder, a file is written by one process only,
 and the results folder works exactly as for a local sweep (atomic files, resumable). Why the driver retries: a
-worker that dies (killed, out of memory, its node lost) loses only the cell it held, which goes back to the queue
-up to ``max_retries`` times before it is recorded as failed; a cell that raises is recorded at once, as locally.
+worker that dies (killed, out of memory, its node lost) loses only the cells it held unfinished, which go back to
+the queue up to ``max_retries`` times before they are recorded as failed; a cell that raises is recorded at once,
+as locally.
+
+A worker is handed a group of cells that share each prompt's prefill
+(:func:`~kvpolicies.experiments.runner.evaluate_group`) and streams back each record as its cell finishes (a Ray
+streaming generator), so the driver writes it at once. Where fewer groups wait than there are workers, the largest
+is split: its cells give the same records apart, and idle workers would share nothing.
 
 The number of workers follows the cluster: each node holds as many as its CPUs and GPUs fit at the requested
 resources per cell, counted again every few seconds, so a node that joins late gets workers and cells. A worker is
@@ -61,17 +67,18 @@ class SweepWorker:
         """The node this worker runs on; answering at all says it has started."""
         return ray.get_runtime_context().get_node_id()
 
-    def evaluate(self, cell_json: str) -> str:
-        from kvpolicies.experiments.runner import evaluate
+    def evaluate(self, cells_json: list[str]) -> Iterator[str]:
+        """The record of each cell of the group, in order, as each finishes (called as a streaming generator)."""
+        from kvpolicies.experiments.runner import evaluate, evaluate_group
         from kvpolicies.integrations.lm_eval_logging import quiet_lm_eval
 
         quiet_lm_eval()
-
-        record = evaluate(Cell.model_validate_json(cell_json))
+        group = [Cell.model_validate_json(text) for text in cells_json]
         context = ray.get_runtime_context()
-        place = record.worker.model_copy(update={"node_id": context.get_node_id(),
-                                                 "gpu_ids": [str(i) for i in context.get_accelerator_ids()["GPU"]]})
-        return record.model_copy(update={"worker": place}).model_dump_json()
+        gpu_ids = [str(i) for i in context.get_accelerator_ids()["GPU"]]
+        for record in evaluate_group(group) if len(group) > 1 else [evaluate(group[0])]:
+            place = record.worker.model_copy(update={"node_id": context.get_node_id(), "gpu_ids": gpu_ids})
+            yield record.model_copy(update={"worker": place}).model_dump_json()
 
 
 _RemoteWorker = ray.remote(SweepWorker)
@@ -85,16 +92,17 @@ class _Slot:
     model: str | None = NOTHING_LOADED
     """The model the worker loaded last (its next cells are of that model when there are any); None is the embedded
     model."""
-    busy: Cell | None = None
+    busy: list[Cell] | None = None
+    """The cells of its group not finished yet, in the order their records come."""
 
 
 @dataclass
 class _State:
-    todo: Iterator[Cell]
-    """The cells not taken yet: taking one claims it, so the driver takes them only as workers need them."""
-    queue: deque[Cell] = field(default_factory=deque)
-    """Taken cells waiting for a worker: a few taken ahead (so a worker can be given its model's next cell) and the
-    cells of lost workers, run again."""
+    todo: Iterator[list[Cell]]
+    """The groups not taken yet: taking one claims its cells, so the driver takes them only as workers need them."""
+    queue: deque[list[Cell]] = field(default_factory=deque)
+    """Taken groups waiting for a worker: a few taken ahead (so a worker can be given its model's next group), the
+    halves of split groups and the unfinished cells of lost workers, run again."""
     taken_all: bool = False
     slots: list[_Slot] = field(default_factory=list)
     starting: dict[Any, _Slot] = field(default_factory=dict)
@@ -112,7 +120,7 @@ class RayExecutor:
     def __init__(self, execution: Execution) -> None:
         self.execution = execution
 
-    def run(self, todo: Iterable[Cell], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]:
+    def run(self, todo: Iterable[list[Cell]], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]:
         state = _State(todo=iter(todo))
         self._take(state, 1)
         if not state.queue:  # nothing to run: no cluster to start
@@ -150,7 +158,8 @@ class RayExecutor:
         if not state.slots:
             return f"waiting for a node that fits a cell ({len(state.queue)} queued)"
         starting = sum(not slot.started for slot in state.slots)
-        parts = [f"{len(state.running)} running on {len(state.slots) - starting} workers"]
+        cells = sum(len(slot.busy) for slot in state.running.values() if slot.busy)
+        parts = [f"{cells} cells running on {len(state.slots) - starting} workers"]
         parts += [f"{starting} starting"] if starting else []
         parts += [f"{state.lost_workers} lost"] if state.lost_workers else []
         return ", ".join(parts)
@@ -208,7 +217,8 @@ class RayExecutor:
         for slot in [slot for slot in state.slots if not slot.started][:max(0, len(state.slots) - capacity)]:
             self._drop(state, slot)
         self._take(state, capacity - len(state.running))  # as many as the cluster runs at once, no more: a 1-cell
-        wanted = min(capacity, len(state.queue) + len(state.running))  # sweep reserves one worker, not every GPU
+        queued = sum(len(group) for group in state.queue)  # sweep reserves one worker, not every GPU
+        wanted = min(capacity, queued + len(state.running))
         while len(state.slots) < wanted:
             actor = _RemoteWorker.options(
                 num_cpus=self.execution.cpus, num_gpus=self.execution.gpus, scheduling_strategy="SPREAD",
@@ -250,58 +260,92 @@ class RayExecutor:
 
     @staticmethod
     def _take(state: _State, wanted: int) -> None:
-        """Take cells until ``wanted`` wait in the queue, or none is left. Why not all at the start: each taken cell
+        """Take groups until ``wanted`` wait in the queue, or none is left. Why not all at the start: each taken cell
         holds a claim (an open file), so a grid of thousands of cells would hold thousands of files, and keep
         another sweep on the same folder from sharing the work."""
         while len(state.queue) < wanted and not state.taken_all:
-            cell = next(state.todo, None)
-            if cell is None:
+            group = next(state.todo, None)
+            if group is None:
                 state.taken_all = True
             else:
-                state.queue.append(cell)
+                state.queue.append(group)
+
+    @staticmethod
+    def _spread(state: _State) -> None:
+        """Split the largest queued group in two while fewer groups wait than workers are free or starting."""
+        free = sum(slot.busy is None for slot in state.slots)
+        while len(state.queue) < free:
+            largest = max(state.queue, key=len, default=[])
+            if len(largest) < 2:
+                return
+            at = state.queue.index(largest)
+            half = (len(largest) + 1) // 2
+            state.queue[at] = largest[:half]
+            state.queue.insert(at + 1, largest[half:])
 
     def _dispatch(self, state: _State) -> None:
-        """Give each idle started worker a cell, of the model it holds when one is queued."""
+        """Give each idle started worker a group, of the model it holds when one is queued."""
         idle = [slot for slot in state.slots if slot.started and slot.busy is None]
-        if idle:  # a few ahead, so that a worker most often gets the next cell of the model it holds
+        if idle:  # a few ahead, so that a worker most often gets the next group of the model it holds
             self._take(state, len(idle) + len(state.slots))
+        self._spread(state)
         for slot in idle:
             if not state.queue:
                 break
-            cell = next((c for c in state.queue if c.model == slot.model), state.queue[0])
-            state.queue.remove(cell)
-            state.first_started.setdefault(cell.key(), datetime.now(timezone.utc))
-            slot.busy, slot.model = cell, cell.model
-            state.running[slot.actor.evaluate.remote(cell.model_dump_json())] = slot
+            group = next((g for g in state.queue if g[0].model == slot.model), state.queue[0])
+            state.queue.remove(group)
+            now = datetime.now(timezone.utc)
+            for cell in group:
+                state.first_started.setdefault(cell.key(), now)
+            slot.busy, slot.model = list(group), group[0].model
+            call = slot.actor.evaluate.options(num_returns="streaming")
+            state.running[call.remote([cell.model_dump_json() for cell in group])] = slot
 
-    def _collect(self, state: _State, ref: Any) -> Iterator[tuple[Cell, ResultRecord]]:
-        slot = state.running.pop(ref)
-        cell, slot.busy = slot.busy, None
-        started_at = state.first_started[cell.key()]
+    def _collect(self, state: _State, stream: Any) -> Iterator[tuple[Cell, ResultRecord]]:
+        """The next record of a worker's group, or the group's end; a worker lost or a call that failed ends it."""
+        slot = state.running[stream]
         try:
-            text = ray.get(ref)
+            text = ray.get(next(stream))
+        except StopIteration:  # every record of the group came
+            del state.running[stream]
+            slot.busy = None
+            return
         except RayTaskError as error:  # the worker is alive but the call failed around evaluate(): record it
             if isinstance(error.cause, ModelUnavailable):  # no cell of that model can run: the sweep stops
                 raise ModelUnavailable(f"{error.cause} (on a Ray worker)") from None
-            yield cell, _failed(cell, f"{type(error.cause).__name__}: {error.cause}", started_at)
+            del state.running[stream]
+            unfinished, slot.busy = slot.busy or [], None
+            for cell in unfinished:  # the call has ended: none of them will come
+                yield cell, _failed(cell, f"{type(error.cause).__name__}: {error.cause}",
+                                    state.first_started[cell.key()])
             return
-        except RayError as error:  # the worker died: replace it, and run its cell again (bounded)
+        except RayError as error:  # the worker died: replace it, and run its unfinished cells again (bounded)
+            unfinished = slot.busy or []
             self._drop(state, slot)
             state.lost_workers += 1
-            tries = state.tries[cell.key()] = state.tries.get(cell.key(), 0) + 1
             reason = _summary(error)
-            if tries <= self.execution.retries:
-                print(f"kvpolicies: worker lost during cell ({cell.task.name}, {cell.title}, {cell.budget}), "
-                      f"running it again ({tries}/{self.execution.retries}): {reason}", file=sys.stderr)
-                state.queue.appendleft(cell)
-            else:
-                yield cell, _failed(cell, f"worker lost {tries} times ({type(error).__name__}): {reason}", started_at)
+            again = []
+            for cell in unfinished:
+                tries = state.tries[cell.key()] = state.tries.get(cell.key(), 0) + 1
+                if tries <= self.execution.retries:
+                    print(f"kvpolicies: worker lost during cell ({cell.task.name}, {cell.title}, {cell.budget}), "
+                          f"running it again ({tries}/{self.execution.retries}): {reason}", file=sys.stderr)
+                    again.append(cell)
+                else:
+                    yield cell, _failed(cell, f"worker lost {tries} times ({type(error).__name__}): {reason}",
+                                        state.first_started[cell.key()])
+            if again:
+                state.queue.appendleft(again)
             return
+        cell = slot.busy.pop(0) if slot.busy else None
+        if cell is None:  # more records than cells: not this code's worker
+            raise UsageError("a Ray worker returned more records than it was given cells; install the same "
+                             "kvpolicies on every node")
         try:
             yield cell, ResultRecord.model_validate_json(text)
         except ValueError as error:  # a worker whose kvpolicies writes other records
             yield cell, _failed(cell, f"the worker's record does not validate here ({' '.join(str(error).split())}"
-                                      "); install the same kvpolicies on every node", started_at)
+                                      "); install the same kvpolicies on every node", state.first_started[cell.key()])
 
 
 def probe(address: str, timeout_s: float = PROBE_S) -> None:

@@ -151,19 +151,11 @@ def versions() -> dict[str, str]:
     }
 
 
-def share_key(cell: Cell) -> str | None:
-    """What cells must have in common to share each prompt's prefill (the model as loaded, the task's samples and
-    their batching); None for a cell that prefills in chunks, which cannot share."""
-    if cell.prefill_chunk:
-        return None
-    return json.dumps([cell.model, cell.loading.model_dump(mode="json"), cell.task.model_dump(mode="json"),
-                       cell.seed, cell.batch_size], sort_keys=True, default=str)
-
-
 def evaluate_group(cells: list[Cell]) -> Iterator[ResultRecord]:
-    """The records of ``cells`` (one :func:`share_key`), in order, each as soon as it is finished: every prompt is
-    prefilled once for all of them (:mod:`kvpolicies.integrations.shared`), each cell's record being the one it
-    writes alone. A cell whose model cannot be built (its policy's options) fails alone, as alone."""
+    """The records of ``cells`` (one :meth:`~kvpolicies.experiments.grid.Cell.share_key`), in order, each as soon as
+    it is finished: every prompt is prefilled once for all of them (:mod:`kvpolicies.integrations.shared`), each
+    cell's record being the one it writes alone. A cell whose model cannot be built (its policy's options) fails
+    alone, as alone."""
     from kvpolicies.errors import ModelUnavailable
     from kvpolicies.integrations.shared import SharedPrefill
 

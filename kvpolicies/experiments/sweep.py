@@ -27,35 +27,31 @@ if TYPE_CHECKING:
 
 
 class Executor(Protocol):
-    """Runs cells somewhere and hands back their records as they finish, in any order; the sweep writes them.
+    """Runs groups of cells somewhere and hands back their records as they finish, in any order; the sweep writes them.
 
-    ``todo`` claims each cell as it is taken (:class:`~kvpolicies.experiments.store.ResultsStore`), so an executor
-    takes a cell when it is about to run it (or a few ahead), never all at its start: every taken cell holds an open
-    file and keeps other sweeps on the folder from it. Cells another sweep holds are never handed out.
+    ``todo`` yields groups: the cells of one :meth:`~kvpolicies.experiments.grid.Cell.share_key`, which can share
+    each prompt's prefill (:func:`~kvpolicies.experiments.runner.evaluate_group`), or one cell alone. Each group is
+    claimed as it is taken (:class:`~kvpolicies.experiments.store.ResultsStore`), so an executor takes a group when
+    it is about to run it (or a few ahead), never all at its start: every taken cell holds an open file and keeps
+    other sweeps on the folder from it. Cells another sweep holds are never handed out. An executor may split a
+    group (its cells give the same records apart) to keep more workers busy.
     ``show`` takes one line on what is running now, for the progress bar. An executor never writes result files:
     the sweep does, one at a time, so the folder needs to be reachable from the driver only.
     """
 
-    def run(self, todo: Iterable[Cell], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]: ...
+    def run(self, todo: Iterable[list[Cell]], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]: ...
 
 
 class LocalExecutor:
-    """One cell after another in this process: the default, and all a single machine needs.
+    """One group after another in this process: the default, and all a single machine needs. Each record is
+    written as soon as its cell is done, so an interrupted group loses none of its finished cells."""
 
-    With ``share_prefill`` (the default), consecutive cells of one model and task are taken together and every
-    prompt is prefilled once for all of them (:func:`~kvpolicies.experiments.runner.evaluate_group`); each record
-    is written as soon as its cell is done, so an interrupted group loses none of its finished cells."""
-
-    def __init__(self, share_prefill: bool = True) -> None:
-        self.share_prefill = share_prefill
-
-    def run(self, todo: Iterable[Cell], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]:
-        from kvpolicies.experiments.runner import evaluate, evaluate_group, share_key  # torch and lm-eval
+    def run(self, todo: Iterable[list[Cell]], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]:
+        from kvpolicies.experiments.runner import evaluate, evaluate_group  # torch and lm-eval
         from kvpolicies.integrations.lm_eval_logging import quiet_lm_eval
 
         quiet_lm_eval()
-        groups = shared_groups(todo, share_key) if self.share_prefill else ([cell] for cell in todo)
-        for group in groups:
+        for group in todo:
             if len(group) == 1:
                 show(f"{group[0].task.name} {group[0].title} @ {group[0].budget}")
                 yield group[0], evaluate(group[0])
@@ -64,20 +60,14 @@ class LocalExecutor:
             yield from zip(group, evaluate_group(group))
 
 
-def shared_groups(todo: Iterable[Cell], key: Callable[[Cell], str | None]) -> Iterator[list[Cell]]:
-    """Runs of consecutive cells with one ``key`` (a cell whose key is None alone), taken as they come: a group
-    is claimed only when the sweep reaches it."""
-    group: list[Cell] = []
-    for cell in todo:
-        if group and (key(cell) is None or key(cell) != key(group[0])):
-            yield group
-            group = []
-        group.append(cell)
-        if key(cell) is None:
-            yield group
-            group = []
-    if group:
-        yield group
+def shared_groups(todo: Iterable[Cell]) -> list[list[Cell]]:
+    """The cells of ``todo`` by :meth:`~kvpolicies.experiments.grid.Cell.share_key`, each group where its first
+    cell stands; a cell that cannot share (its key is None) alone."""
+    groups: dict[str | int, list[Cell]] = {}
+    for index, cell in enumerate(todo):
+        key = cell.share_key()
+        groups.setdefault(index if key is None else key, []).append(cell)
+    return list(groups.values())
 
 
 def check_tasks(config: SweepConfig) -> None:
@@ -109,11 +99,12 @@ def check_models(todo: Iterable[Cell]) -> None:
         check_loadable(model, revision)
 
 
-def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True,
-              executor: Executor | None = None) -> Iterator[ResultRecord]:
+def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True, executor: Executor | None = None,
+              share_prefill: bool = True) -> Iterator[ResultRecord]:
     """Run every missing cell (on ``executor``, default :class:`LocalExecutor`), yielding each record as it is
     written. Finished cells are skipped, and so are cells another sweep on the same folder is computing (it writes
-    them). A results folder that cannot be written, or is too full for a record, raises
+    them). With ``share_prefill`` (the default) the cells of one model and task are handed out together, each
+    prompt prefilled once for all of them; without, one by one. A results folder that cannot be written, or is too full for a record, raises
     :class:`~kvpolicies.experiments.results.ResultsError` before any cell runs.
 
     A model that cannot be loaded stops the sweep with its :class:`~kvpolicies.errors.ModelUnavailable`: run here,
@@ -143,17 +134,22 @@ def run_sweep(config: SweepConfig, results_dir: Path, progress: bool = True,
         unsaved: list[tuple[Cell, ResultRecord]] = []
         failed = 0
 
-        def claimed() -> Iterator[Cell]:
-            for cell in todo:
-                if not store.claim(cell):
-                    elsewhere.append(cell)
-                    bar.total -= 1  # neither done nor this sweep's to do
-                    bar.refresh()
-                elif store.finished(cell) is not None:  # another sweep finished it since this one started
-                    store.release(cell.key())
-                    bar.update(1)
-                else:
-                    yield cell
+        def claimed() -> Iterator[list[Cell]]:
+            """Each group as it is taken, claimed then, less the cells another sweep holds or has finished."""
+            for group in shared_groups(todo) if share_prefill else ([cell] for cell in todo):
+                taken = []
+                for cell in group:
+                    if not store.claim(cell):
+                        elsewhere.append(cell)
+                        bar.total -= 1  # neither done nor this sweep's to do
+                        bar.refresh()
+                    elif store.finished(cell) is not None:  # another sweep finished it since this one started
+                        store.release(cell.key())
+                        bar.update(1)
+                    else:
+                        taken.append(cell)
+                if taken:
+                    yield taken
 
         def save(at_end: bool = False) -> Iterator[ResultRecord]:
             nonlocal failed
