@@ -13,6 +13,7 @@ from kvpolicies.engine.cache import CompressedCache
 from kvpolicies.experiments.dry_run import cell_memory, model_shape, workload
 from kvpolicies.experiments.grid import SweepConfig, cells
 from kvpolicies.integrations.models import load_model
+from kvpolicies.integrations.protocol import Protocol
 
 
 @pytest.fixture
@@ -29,10 +30,10 @@ def test_the_gpu_presets_dry_run_prints_an_8b_grid_without_loading_it(no_weights
     assert main(["sweep", "--preset", "ruler-gpu", "--dry-run", "--results", str(tmp_path / "none"),
                  "--memory", "80"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("2730 cells, 0 already done, 2730 to run")  # 26 tasks x (13 policies x 4 x 2 + full)
+    assert out.startswith("2938 cells, 0 already done, 2938 to run")  # 26 tasks x (14 policies x 4 x 2 + full)
     assert "Qwen/Qwen3-8B: 8.19 B parameters, 36 layers, 32 query heads, 8 KV heads of 128" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("Qwen/Qwen3-8B  kvp_ruler_")]
-    assert len(rows) == 26 and all(row[2:4] == ["105", "500"] for row in rows)
+    assert len(rows) == 26 and all(row[2:4] == ["113", "500"] for row in rows)
     assert {row[4] for row in rows} >= {"3968", "8064"}  # 4k and 8k, the answer's tokens taken out
     assert all(row[6:8] == ["none", "needed"] for row in rows)  # 80 GiB hold 8k of an 8B model in bf16
     assert "estimated total:" in out
@@ -81,3 +82,46 @@ def test_memory_without_a_dry_run_or_below_zero_is_refused(capsys):
 def test_a_group_or_ruler_without_lengths_is_not_sized():
     config = SweepConfig.model_validate({"policies": ["full"], "tasks": ["kvp_ruler", "kvp_ruler_vt"]})
     assert [workload(cell).samples for cell in cells(config)] == [None, None]
+
+
+def plan_rows(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("Qwen/Qwen3-8B  kvp_ruler_")]
+
+
+def test_a_task_shares_each_prompts_prefill_unless_told_not_to_or_the_capture_does_not_fit(no_weights, capsys,
+                                                                                            tmp_path):
+    """As the sweep runs it: one prefill per prompt and protocol for a task's 113 cells (each protocol's capture
+    on 80 GiB: 1.63 GiB at 4k, 3.32 at 8k, added to the worst cell's peak), one per cell with --no-shared-prefill or
+    where the capture takes more than half of what the weights leave free (18.5 GiB: 3.2 left)."""
+    plan = ["sweep", "--preset", "ruler-gpu", "--dry-run", "--results", str(tmp_path)]
+    assert main([*plan, "--memory", "80"]) == 0
+    shared = plan_rows(capsys.readouterr().out)
+    assert main([*plan, "--memory", "80", "--no-shared-prefill"]) == 0
+    alone = plan_rows(capsys.readouterr().out)
+    assert main([*plan, "--memory", "18.5"]) == 0
+    tight = plan_rows(capsys.readouterr().out)
+    assert len(shared) == len(alone) == len(tight) == 26
+    assert all("2 for 113 cells" in row for row in shared)
+    assert all("1 per cell" in row and " for " not in row for row in alone + tight)
+    added = [float(s.split()[5]) - float(a.split()[5]) for a, s in zip(alone, shared)]  # printed to 0.1 GiB
+    assert all(abs(gib - 1.63) <= 0.1 for gib in added[:13]) and all(abs(gib - 3.32) <= 0.1 for gib in added[13:])
+
+
+def test_a_groups_time_counts_one_prefill_per_prompt_and_protocol_and_every_cells_generation():
+    from kvpolicies.experiments.dry_run import Device, Shape, _task_seconds, generation_seconds, prefill_seconds
+
+    shape = Shape(layers=4, hidden=256, intermediate=1024, heads=4, kv_heads=2, head_dim=64, vocab=1000,
+                  parameters=10**7, source="a test")
+    device = Device(name="a test", flops_per_s=1e11, bandwidth_bytes_per_s=1e10, memory_bytes=2**34)
+    config = SweepConfig.model_validate({
+        "policies": ["full", "random", {"name": "snapkv", "protocols": ["query_agnostic", "query_aware"]}],
+        "budgets": [0.25, 0.5], "tasks": [{"name": "kvp_passkey", "metadata": {"lengths": [1024, 2048]}}]})
+    grid = cells(config)
+    work = workload(grid[0])
+    prefill = prefill_seconds(shape, device, work)
+    generation = sum(generation_seconds(shape, device, work, cell.budget.value if cell.policy.name != "full" else 1,
+                                        4) for cell in grid)
+    assert len(grid) == 7 and {cell.protocol for cell in grid} == {Protocol.QUERY_AWARE, Protocol.QUERY_AGNOSTIC}
+    assert _task_seconds(shape, device, work, [grid], 4) == pytest.approx(2 * prefill + generation)
+    assert _task_seconds(shape, device, work, [[cell] for cell in grid], 4) == pytest.approx(7 * prefill + generation)
+    assert generation < prefill  # a 12-token answer after a 2k prompt: the prefill is what sharing saves

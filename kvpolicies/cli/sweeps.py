@@ -187,7 +187,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         from kvpolicies.experiments.dry_run import dry_run, finished_keys
 
-        print(dry_run(config, finished_keys(config, results), memory_gib=args.memory))
+        print(dry_run(config, finished_keys(config, results), memory_gib=args.memory,
+                      share_prefill=not args.no_shared_prefill))
         return 0
     if args.memory is not None:
         raise UsageError("--memory sizes the estimate of --dry-run; give --dry-run too, or leave --memory out")

@@ -14,6 +14,12 @@ known shapes, and its parameters are counted on the meta device. The estimate is
   measured matrix-multiply rate, and per generated token the larger of its FLOPs at that rate and the bytes it must
   read (weights and kept KV) at the device's measured copy bandwidth.
 
+A sweep prefills each prompt once for all the cells of a task (:mod:`kvpolicies.integrations.shared`; not for
+log-likelihood tasks, chunked prefills or ``--no-shared-prefill``), so a task's time counts one prefill per sample
+and protocol and each cell's generation, and its peak adds the capture (every layer's keys, values and queries) to
+the worst cell's. Where the capture would take more than half of what the weights leave free, the sweep runs each
+cell alone, and so does the estimate.
+
 Both rates are measured on the device in a second before the estimate. Generation is counted at each task's
 ``max_gen_toks`` (an answer that stops sooner costs less); the policies' scoring and eviction and lm-eval's own work
 are not counted: docs/performance.md compares the estimate with measured sweeps.
@@ -204,25 +210,46 @@ def cell_memory(shape: Shape, cell: Cell, length: int, generated: int, dtype_byt
 
 
 def cell_seconds(shape: Shape, device: Device, work: Workload, budget: float, dtype_bytes: int) -> float | None:
-    """Estimated seconds of one cell (None where the task's samples are unknown)."""
+    """Estimated seconds of one cell run alone (None where the task's samples are unknown)."""
+    prefill = prefill_seconds(shape, device, work)
+    return None if prefill is None else prefill + generation_seconds(shape, device, work, budget, dtype_bytes)
+
+
+def prefill_seconds(shape: Shape, device: Device, work: Workload) -> float | None:
+    """Estimated seconds of prefilling every prompt of a cell once (None where the samples are unknown)."""
     if work.samples is None:
         return None
-    seconds = 0.0
     attention = 4 * shape.layers * shape.heads * shape.head_dim  # FLOPs per (query, key) pair: q·k, then p·v
+    return sum(samples * (2 * shape.parameters * length + attention * length * length / 2) / device.flops_per_s
+               for length, samples in work.lengths)
+
+
+def generation_seconds(shape: Shape, device: Device, work: Workload, budget: float, dtype_bytes: int) -> float:
+    """Estimated seconds of a cell's generated tokens, each the larger of its FLOPs and the bytes it reads."""
+    attention = 4 * shape.layers * shape.heads * shape.head_dim
+    seconds = 0.0
     for length, samples in work.lengths:
-        prefill = 2 * shape.parameters * length + attention * length * length / 2
         kept = length * budget
         per_token = max((2 * shape.parameters + attention * kept) / device.flops_per_s,
                         (shape.parameters * dtype_bytes + shape.kv_bytes(kept, dtype_bytes))
                         / device.bandwidth_bytes_per_s)
-        seconds += samples * (prefill / device.flops_per_s + work.generated * per_token)
+        seconds += samples * work.generated * per_token
     return seconds
 
 
+def capture_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> float:
+    """What one prompt's shared prefill holds (:func:`kvpolicies.integrations.shared.capture_bytes`): every layer's
+    keys and values and its queries."""
+    return tokens * shape.layers * (2 * shape.kv_heads + shape.heads) * shape.head_dim * dtype_bytes
+
+
 def dry_run(config: SweepConfig, done: set[str] | None = None, device: str | None = None,
-            memory_gib: float | None = None) -> str:
+            memory_gib: float | None = None, share_prefill: bool = True) -> str:
     """The plan of ``config``'s sweep as text: cells to run (``done`` keys skipped), then per model and task the
-    samples, the estimated peak memory and time of a cell, and the prefill chunk that fits the device."""
+    samples, the estimated peak memory of its worst cell, the prefill chunk that fits the device, how many prefills
+    each prompt takes (one for all the cells that share it) and the task's time."""
+    from kvpolicies.experiments.sweep import shared_groups
+
     from tabulate import tabulate
 
     from kvpolicies.integrations.models import resolve_device, resolve_dtype
@@ -250,26 +277,52 @@ def dry_run(config: SweepConfig, done: set[str] | None = None, device: str | Non
         for task in tasks.values():
             ran = [cell for cell in todo if cell.model == model and cell.task == task]
             work = workload(ran[0])
-            seconds = [cell_seconds(shape, measured, work, _kept(cell), dtype_bytes) for cell in ran]
-            if any(s is None for s in seconds):
-                unknown += len(ran)
-            else:
-                total_s += sum(seconds)
             longest = max((length for length, _ in work.lengths), default=None)
             peak, fits = _peak_and_chunk(shape, ran, longest, work.generated, dtype_bytes, memory,
                                          config.prefill_chunk)
+            capture = capture_bytes(shape, longest or 0, dtype_bytes)
+            # As the sweep decides: generation, one prompt at a time, a capture within half of what the weights
+            # leave free (the sweep judges each prompt; this, the longest).
+            shares = (share_prefill and work.generated > 0 and ran[0].batch_size == 1
+                      and capture <= (memory - shape.parameters * dtype_bytes) / 2)
+            groups = shared_groups(ran) if shares else [[cell] for cell in ran]
+            seconds, prefills = _task_seconds(shape, measured, work, groups, dtype_bytes), []
+            for group in groups:
+                passes = len({cell.protocol for cell in group}) if len(group) > 1 else 1
+                prefills.append(f"{passes} for {len(group)} cells" if len(group) > 1 else "1 per cell")
+            if seconds is None:
+                unknown += len(ran)
+            else:
+                total_s += seconds
+            if peak is not None and any(len(group) > 1 for group in groups):
+                peak += capture
             rows.append([model or "embedded", task.name, len(ran), "?" if work.samples is None else work.samples,
-                         "?" if longest is None else longest, "?" if peak is None else f"{peak / GIB:.1f}",
-                         fits, "?" if None in seconds else _duration(max(seconds))])
+                         "?" if longest is None else longest, "?" if peak is None else f"{peak / GIB:.1f}", fits,
+                         ", ".join(sorted(set(prefills))), "?" if seconds is None else _duration(seconds)])
     lines.append(tabulate(rows, headers=["model", "task", "cells", "samples/cell", "longest prompt",
-                                         "peak GiB (worst cell)", "prefill chunk that fits", "time (longest cell)"],
-                          tablefmt="simple"))
+                                         "peak GiB (worst cell)", "prefill chunk that fits",
+                                         "prefills of a prompt", "time (all cells)"], tablefmt="simple"))
     lines.append(f"estimated total: {_duration(total_s)}" + (f", plus {unknown} cells of tasks not sized here "
                                                             "(lm-eval's own, a group: list its tasks one by one, or "
                                                             "RULER without max_seq_lengths)" if unknown else "")
                  + "; generation counted at each task's max_gen_toks, the policies' scoring and eviction and "
                    "lm-eval's own work not counted (docs/performance.md compares it with measured sweeps)")
     return "\n".join(lines)
+
+
+def _task_seconds(shape: Shape, device: Device, work: Workload, groups: Sequence[Sequence[Cell]],
+                  dtype_bytes: int) -> float | None:
+    """Estimated seconds of a task's cells run in ``groups``: a group of several prefills each prompt once per
+    protocol (the question's own prefill on a compressed context is left out), then generates for each cell."""
+    prefill = prefill_seconds(shape, device, work)
+    if prefill is None:
+        return None
+    seconds = 0.0
+    for group in groups:
+        passes = len({cell.protocol for cell in group}) if len(group) > 1 else len(group)
+        seconds += passes * prefill + sum(generation_seconds(shape, device, work, _kept(cell), dtype_bytes)
+                                          for cell in group)
+    return seconds
 
 
 def _kept(cell: Cell, policy=None) -> float:
