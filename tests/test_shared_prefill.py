@@ -7,7 +7,7 @@ import pytest
 
 from kvpolicies.experiments.grid import SweepConfig
 from kvpolicies.experiments.results import load_results
-from kvpolicies.experiments.sweep import LocalExecutor, run_sweep
+from kvpolicies.experiments.sweep import run_sweep
 
 SAME = ("metrics", "primary_metric", "score", "samples", "outcomes", "stderr", "higher_is_better", "status",
         "error")
@@ -126,3 +126,64 @@ def test_a_shared_generation_stops_where_a_single_generate_call_stops(tiny_pretr
         assert [o.tolist() for o in outputs(90, [], shared=True)] == [o.tolist() for o in expected]
     finally:
         model.generation_config.eos_token_id = saved
+
+
+def test_a_task_built_once_is_copied_and_leaves_the_generators_as_a_build_of_its_own():
+    """The cells of a task share one build of it (RULER makes 500 samples per build), each with its own copy; tasks
+    may draw from the global generators, which lm-eval seeds just before it loads them, so every copy leaves them
+    where a fresh build would, and what runs next draws the same."""
+    import random
+
+    import numpy
+    import torch
+
+    from kvpolicies.experiments.runner import BuiltOnce
+
+    builds = []
+
+    class Drawing:  # a task manager whose tasks draw their samples from the global generators
+        def load(self, names):
+            builds.append(names)
+            return {"tasks": {name: [random.random(), numpy.random.rand(), torch.rand(1).item()] for name in names}}
+
+        def described(self):
+            return "the manager's own"
+
+    def seeded_load(manager, names, seed=0):
+        random.seed(seed), numpy.random.seed(seed), torch.manual_seed(seed)
+        loaded = manager.load(names)
+        return loaded, (random.random(), numpy.random.rand(), torch.rand(1).item())
+
+    fresh, after_fresh = seeded_load(Drawing(), ["a"])
+    once = BuiltOnce(Drawing())
+    first, after_first = seeded_load(once, ["a"])
+    first["tasks"]["a"].append("answers")  # an evaluation writes into its copy
+    second, after_second = seeded_load(once, ["a"])
+    assert len(builds) == 2  # the plain manager's build, the wrapped one's: the second load built nothing
+    assert first["tasks"]["a"][:3] == second["tasks"]["a"] == fresh["tasks"]["a"]
+    assert after_first == after_second == after_fresh
+    reseeded, _ = seeded_load(once, ["a"], seed=1)  # another seed: another build, as lm-eval's own would be
+    assert len(builds) == 3 and reseeded == seeded_load(Drawing(), ["a"], seed=1)[0] != fresh
+    seeded_load(once, ["b"])
+    assert builds[-1] == ["b"] and once.described() == "the manager's own"
+
+
+def test_the_environment_is_described_once_per_process(monkeypatch):
+    import lm_eval.evaluator
+
+    from kvpolicies.experiments import runner
+
+    calls = []
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda storage: calls.append(1) or storage.update(
+        {"pretty_env_info": "pip list", "transformers_version": "5"}))
+    runner._environment_described_once.cache_clear()
+    try:
+        runner._environment_described_once()
+        first, second = {}, {}
+        lm_eval.evaluator.add_env_info(first)
+        lm_eval.evaluator.add_env_info(second)
+        assert calls == [1] and first == second == {"pretty_env_info": "pip list", "transformers_version": "5"}
+        first["pretty_env_info"] = "changed"  # each result holds its own copy
+        assert second["pretty_env_info"] == "pip list"
+    finally:
+        runner._environment_described_once.cache_clear()  # the next cell installs it over lm-eval's own again

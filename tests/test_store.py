@@ -22,7 +22,7 @@ from kvpolicies.cli import main
 from kvpolicies.experiments.grid import SweepConfig, cells
 from kvpolicies.experiments.results import ResultsError, load_results, read_record, write_record
 from kvpolicies.experiments.store import ResultsStore
-from kvpolicies.experiments.sweep import LocalExecutor, run_sweep
+from kvpolicies.experiments.sweep import run_sweep
 from tests.test_results import fake_run_cell, per_cell, saved_record
 
 GRID = {"policies": ["full", "random"], "budgets": [0.25, 0.5, 0.75],

@@ -7,6 +7,7 @@ sweep (claims, progress, checks of a grid's inputs): editing those keeps every f
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -40,7 +41,99 @@ def _task_manager(metadata_json: str):
     """Indexing lm-eval's task folders takes seconds: one manager per distinct task metadata per process."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(tasks_dir()), metadata=json.loads(metadata_json))
+    return BuiltOnce(TaskManager(include_path=str(tasks_dir()), metadata=json.loads(metadata_json)))
+
+
+def _manager_of(cell: Cell):
+    # Tasks that size their samples in tokens (RULER) need the model's tokenizer: lm-eval's own command passes the
+    # model args as metadata, a TaskManager of ours must say it.
+    return _task_manager(json.dumps({"pretrained": cell.model, **cell.task.metadata}, sort_keys=True))
+
+
+class BuiltOnce:
+    """A TaskManager that builds the tasks of the last list asked for once, and hands each caller a fresh copy.
+
+    Why: building a task makes its samples (RULER generates 500 per length, seconds on 2 cores), the same for every
+    cell of a task. A copy per call, since an evaluation stores its requests and answers in the task. Tasks may draw
+    their samples from the global random generators, which ``simple_evaluate`` seeds just before it loads them: the
+    generators' states after the build are kept and set again with every copy, so whatever runs next draws what it
+    would have drawn after a build of its own."""
+
+    def __init__(self, manager) -> None:
+        self._manager = manager
+        self._built: tuple[str, Any, tuple] | None = None
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the manager's
+        if name == "_manager":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
+        return getattr(self._manager, name)
+
+    def load(self, task_list) -> Any:
+        # The generators' states at the call are part of the key: a task built after another seed is another task.
+        key = repr(task_list) + _fingerprint(_generator_states())
+        if self._built is None or self._built[0] != key:
+            self._built = None  # the last list only: a grid runs task by task
+            loaded = self._manager.load(task_list)
+            self._built = (key, loaded, _generator_states())
+            try:
+                return copy.deepcopy(loaded)
+            except Exception:  # a task holding what cannot be copied (a lock, an open file): built each time
+                self._built = None
+                return loaded
+        _, loaded, states = self._built
+        _set_generator_states(states)
+        return copy.deepcopy(loaded)
+
+
+def _generator_states() -> tuple:
+    import random
+
+    import numpy
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return random.getstate(), numpy.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _fingerprint(states: tuple) -> str:
+    import hashlib
+    import pickle
+
+    python, numpy_state, torch_state, cuda = states
+    digest = hashlib.sha256(pickle.dumps((python, numpy_state)))
+    digest.update(torch_state.numpy().tobytes())
+    for state in cuda or []:
+        digest.update(state.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _set_generator_states(states: tuple) -> None:
+    import random
+
+    import numpy
+
+    python, numpy_state, torch_state, cuda = states
+    random.setstate(python)
+    numpy.random.set_state(numpy_state)
+    torch.set_rng_state(torch_state)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+@functools.lru_cache(maxsize=1)
+def _environment_described_once() -> None:
+    """lm-eval describes the environment in every result it returns (``pip list`` and the like in subprocesses:
+    half a second a cell on 2 cores, more than a shared cell's decoding); nothing of it changes within a process,
+    so it is computed for the first cell and copied for the others."""
+    import lm_eval.evaluator
+
+    describe, first = lm_eval.evaluator.add_env_info, {}
+
+    def add_env_info(storage: dict[str, Any]) -> None:
+        if not first:
+            describe(first)
+        storage.update(copy.deepcopy(first))
+
+    lm_eval.evaluator.add_env_info = add_env_info
 
 
 _loaded: dict[tuple[str | None, Any], tuple[Any, Any]] = {}
@@ -85,6 +178,7 @@ def run_cell(cell: Cell, lm=None) -> dict[str, Any]:
     import lm_eval
 
     lm = lm or cell_model(cell)
+    _environment_described_once()
     started = time.perf_counter()  # the evaluation, not the one cell that happened to load the weights
     # Memory is measured request by request inside the model (KVPoliciesLM.request_memory): the cell's own peak,
     # above what the process held at each request's start, whatever ran before it (task set-up, other cells).
@@ -92,9 +186,7 @@ def run_cell(cell: Cell, lm=None) -> dict[str, Any]:
         # No bootstrap in lm-eval (a process pool for some metrics): each sample's outcome is kept instead, and
         # the pages compute intervals and paired tests from them (kvpolicies.reports.statistics).
         model=lm, tasks=[cell.task.name], limit=cell.task.limit, bootstrap_iters=0, log_samples=True,
-        # Tasks that size their samples in tokens (RULER) need the model's tokenizer: lm-eval's own command
-        # passes the model args as metadata, a TaskManager of ours must say it.
-        task_manager=_task_manager(json.dumps({"pretrained": cell.model, **cell.task.metadata}, sort_keys=True)),
+        task_manager=_manager_of(cell),
         random_seed=cell.seed, numpy_random_seed=cell.seed, torch_random_seed=cell.seed,
         fewshot_random_seed=cell.seed,
     )
