@@ -127,7 +127,9 @@ def register_policies(register: RegisterPolicy) -> None:
 
     ``prefilled.attention_from(ids, reduce="max")`` runs the model on ``ids`` as if they followed the prompt and
     returns the attention each entry receives from them (KVzip's reconstruction pass, with ``prefilled.ids``, the
-    prompt's own tokens, repeated), leaving the cache as it was.
+    prompt's own tokens, repeated), leaving the cache as it was; ``mask=`` right-pads ``ids`` so that each prompt of
+    a batch probes with its own tokens, and ``prefilled.encode(text)`` gives the model's tokens for a prompt of the
+    policy's own (None where the cache was built without ``tokenizer=``). The built-in ``kvzip`` is the full case.
     """
 
 

@@ -109,8 +109,12 @@ def test_a_quarter_budget_holds_every_head_to_its_allocation_and_the_bytes_to_th
     chosen = policy(name)
     cache = CompressedCache(model, chosen, Budget(value=0.25, slack_tokens=0))
     model(ids, cache=cache)
+    if chosen.has_stage:  # it would run before the first decoding step
+        cache.after_prefill(model)
     kept = cache.kept_per_head()[:, 0]
-    if chosen.compresses:
+    if chosen.has_stage:  # one choice over every layer and head: the budget in all, layers and heads compete
+        assert int(kept.sum()) == int(cache.allocation(64).tokens.sum())
+    elif chosen.compresses:
         allocation = cache.allocation(64).tokens
         torch.testing.assert_close(kept.sum(-1), allocation.sum(-1))  # every layer holds its allocation ...
         if type(chosen).reallocate_heads is Policy.reallocate_heads:  # ... and each head, unless moved
@@ -187,6 +191,8 @@ def test_a_left_padded_batch_keeps_for_each_prompt_what_it_keeps_alone(architect
         cache = CompressedCache(model, policy(name), Budget(value=fraction, slack_tokens=0))
         model(ids, attention_mask=attention_mask, position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
               cache=cache)
+        if cache.policy.has_stage:  # it would run before the first decoding step
+            cache.after_prefill(model)
         return cache
 
     batched = prefill(batch, mask)

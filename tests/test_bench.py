@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -27,6 +29,22 @@ def test_benchmark_measures_memory_against_the_physical_limit_and_policy_time(ti
     ratio = by_policy["snapkv"].dense_kept_decode_ms_per_token / by_policy["snapkv"].decode_ms_per_token
     assert "vs dense of kept size" in text and f"| {ratio:.2f}x" in row
     assert "context: 96 tokens" in text and "| snapkv" in text and "1.000" in text
+
+
+def test_repeats_give_medians_with_the_range_they_came_from(tiny_model):
+    """A median of three runs is shown with the fastest and slowest: on a machine whose speed drifts, the range says
+    how far two rows may be compared. One run shows none."""
+    from kvpolicies.experiments.bench import median_measurement
+
+    (one,) = run_benchmark(tiny_model, None, [64], [], [0.5], decode_tokens=2, repeats=1)
+    runs = [replace(one, prefill_s=s, decode_ms_per_token=ms) for s, ms in ((0.3, 50.0), (0.1, 100.0), (0.2, 40.0))]
+    median = median_measurement(runs)
+    assert median.prefill_s == 0.2 and median.prefill_s_range == (0.1, 0.3)
+    assert median.decode_ms_per_token == 50.0 and median.decode_ms_per_token_range == (40.0, 100.0)
+    row = next(line for line in tables([median]).splitlines() if line.startswith("| full"))
+    cells = [cell.strip() for cell in row.split("|")]
+    assert "0.20 (0.10–0.30)" in cells and "20.0 (10.0–25.0)" in cells  # steps/s: 1000 / 100 to 1000 / 40
+    assert one.prefill_s_range is None and "–" not in tables([one])
 
 
 def test_chunked_prefill_in_the_benchmark_keeps_the_same_budget(tiny_model):

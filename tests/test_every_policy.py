@@ -9,6 +9,9 @@ import kvpolicies
 from kvpolicies import Budget, CompressedCache
 
 COMPRESSING = [info.name for info in kvpolicies.list_policies() if info.policy_class.compresses]
+SCORING = [name for name in COMPRESSING if not kvpolicies.get_policy(name).has_stage]
+"""Policies that evict while decoding. An after-prefill stage (KVzip) chooses once, before the first decoding
+step, and keeps what follows whole and uncharged, as kvpress's protocol does (tests/test_stages.py)."""
 
 
 def options_for(name: str) -> dict:
@@ -16,7 +19,7 @@ def options_for(name: str) -> dict:
     return {"uncompressed_layers": []} if name == "l2norm" else {}
 
 
-@pytest.mark.parametrize("name", COMPRESSING)
+@pytest.mark.parametrize("name", SCORING)
 def test_decode_time_eviction_holds_every_head_to_its_allocation(tiny_model, name):
     budget = Budget(unit="tokens", value=12, slack_tokens=2)
     cache = CompressedCache(tiny_model, kvpolicies.get_policy(name, **options_for(name)), budget)
@@ -47,6 +50,8 @@ def test_left_padded_batch_keeps_the_same_entries_as_each_sequence_alone(tiny_mo
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             tiny_model(ids, attention_mask=attention_mask, position_ids=positions, cache=cache)
+            if cache.policy.has_stage:  # it would run before the first decoding step
+                cache.after_prefill(tiny_model)
         return cache
 
     batched = prefill(batch, mask)
@@ -97,12 +102,14 @@ def test_equal_budget_across_every_policy_on_the_embedded_model(real_model, with
     for info in kvpolicies.list_policies():
         if not info.policy_class.compresses:
             continue
-        cache = CompressedCache(model, info.policy_class(), budget)
+        cache = CompressedCache(model, info.policy_class(), budget, tokenizer=tokenizer)
         with torch.no_grad():
             model(**inputs, cache=cache)
+            if cache.policy.has_stage:  # it would run before the first decoding step
+                cache.after_prefill(model)
         stats = cache.stats()
         measured[info.name] = (stats.kept_entries, stats.resident_bytes)
-    assert "every-other" in measured and {"l2norm", "h2o", "snapkv", "pyramidkv", "headkv"} <= set(measured)
+    assert "every-other" in measured and {"l2norm", "h2o", "snapkv", "pyramidkv", "headkv", "kvzip"} <= set(measured)
     target_entries = budget.total_entries(tokens, cache.shape)
     target_bytes = target_entries * cache.shape.entry_bytes
     for name, (entries, resident) in measured.items():

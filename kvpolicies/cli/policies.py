@@ -191,7 +191,7 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     inputs = inputs.to(model.device)
     prompt_tokens = inputs["input_ids"].shape[1]
-    cache = CompressedCache(model, policy, budget, codec=codec)
+    cache = CompressedCache(model, policy, budget, codec=codec, tokenizer=tokenizer)
     print(f"kvpolicies: generating with {policy!r} at budget {budget} ...", file=sys.stderr)
     started = time.perf_counter()
     if marker is not None:
@@ -258,7 +258,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise UsageError(f"the prompt in {args.file} is empty; give some text")
     print(f"kvpolicies: loading {args.model or 'the embedded model'} ...", file=sys.stderr)
     model, tokenizer = load_model(args.model, **loading_of(args).given())
-    cache = CompressedCache(model, policy, budget, codec=codec)
+    cache = CompressedCache(model, policy, budget, codec=codec, tokenizer=tokenizer)
     if args.file is None:
         tokens = cache.allocation(args.tokens).tokens
         seq_len = args.tokens

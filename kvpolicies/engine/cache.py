@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache
 
 from kvpolicies.engine.attention import prepare_model
 from kvpolicies.engine.budget import Allocation, Budget, CacheShape
-from kvpolicies.engine.clock import Stopwatch
+from kvpolicies.engine.clock import Stopwatch, clock
 from kvpolicies.engine.codecs import Codec, FullPrecision, GroupedCodec, checked_entry_bytes
 from kvpolicies.engine.layer_view import LayerView
 from kvpolicies.engine.layout import layer_windows
@@ -102,13 +102,14 @@ class CompressedCache(Cache):
 
     ``codec`` (a registered name or a :class:`~kvpolicies.engine.codecs.Codec`; default full precision) sets what
     an entry costs, so the budget, in bytes, buys more entries from a codec that stores them for less.
+    ``tokenizer`` (the model's, optional) lets an after-prefill stage write prompts of its own (KVzip's).
 
     Construction switches the model to the kvpolicies attention (which runs the model's own attention for layers
     that still hold every token), see :func:`kvpolicies.engine.attention.prepare_model`.
     """
 
     def __init__(self, model, policy: Policy | str, budget: Budget | float | str,
-                 codec: Codec | str | None = None) -> None:
+                 codec: Codec | str | None = None, tokenizer=None) -> None:
         from kvpolicies.registry import (  # the registry imports the plugins, which import the engine
             get_codec,
             get_policy,
@@ -147,6 +148,11 @@ class CompressedCache(Cache):
         self._allocations: dict[int, list[list[int]]] = {}
         self._layer_views: dict[int, LayerView] = {}
         self._scales: dict[int, LogitScale] = {}  # each layer's logit scale, as its attention last reported it
+        self.tokenizer = tokenizer
+        self.stage_s = 0.0
+        """Seconds the after-prefill stages took, their second passes included: a cost the method's users pay."""
+        self.probe_tokens = 0
+        """Tokens the stages' second passes ran through the model (real tokens, summed over the batch)."""
         self.probing: dict | None = None
         """Set while an after-prefill stage runs the model over this cache (see :mod:`kvpolicies.engine.stages`):
         layers then record the attention their entries receive instead of storing the new tokens for good."""
@@ -194,10 +200,10 @@ class CompressedCache(Cache):
         """
         q_len = query.shape[-2]
         if self.probing is not None:  # an after-prefill stage runs the model: record, keep nothing
-            layer.record_probe(q_len)
+            layer.record_probe(q_len, new_valid)
             if layer.scored:
                 self.probing["received"][layer.layer_idx] = layer.received_by_old(query, scale,
-                                                                                  self.probing["reduce"])
+                                                                                  self.probing["reduce"], new_valid)
             layer.settle(encode=False)  # the probe restores the layer's state: nothing to store
             return
         watch = self.policy_time if layer.scored else None
@@ -409,6 +415,13 @@ class CompressedCache(Cache):
         entries held, earlier survivors included)."""
         if not self.layers[0].is_initialized:  # nothing prefilled yet: nothing to choose from
             return
+        started = clock(self.layers[0].device)
+        try:
+            self._run_stage(model)
+        finally:
+            self.stage_s += clock(self.layers[0].device) - started
+
+    def _run_stage(self, model) -> None:
         if self._stage_split:  # a previous stage's split: everything held is context now
             self.context_lengths, self._stage_split = None, False
         seen = list(self.layers[0].seen)
@@ -437,7 +450,9 @@ class CompressedCache(Cache):
             held.append((dense, newest))
         prefilled = Prefilled(layers=views, budget=[allocation.free_total for allocation in allocations],
                               ids=torch.cat(self._prompt_ids, dim=1) if self._prompt_ids else None,
-                              _probe=lambda ids, reduce: probe(self, model, ids, reduce))
+                              context_tokens=[n - a for n, a in zip(seen, appended)], first=self.cuts == 0,
+                              encode=None if self.tokenizer is None else self._encode,
+                              _probe=self._prober(model))
         versions = [tensor_versions(inputs) if inputs else None for inputs in views]
         try:
             returned = self.policy.after_prefill(prefilled)
@@ -466,6 +481,16 @@ class CompressedCache(Cache):
         self._stage_ran = True
         if self.context_lengths is None:  # what follows the prompt is kept whole and not charged
             self.context_lengths, self._stage_split = seen, True
+
+    def _prober(self, model):
+        def attention_from(ids: torch.Tensor, reduce, mask: torch.Tensor | None) -> list[torch.Tensor | None]:
+            self.probe_tokens += ids.numel() if mask is None else int(mask.sum())
+            return probe(self, model, ids, reduce, mask)
+
+        return attention_from
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def _plugin_error(self, hook: str, error: Exception) -> Exception:
         """What to raise for ``error`` from the policy's ``hook``: a PluginError naming the plugin (see

@@ -52,16 +52,30 @@ class Prefilled:
     """Per sequence: entries the compressible layers may keep in all (the budget less any windows held whole)."""
     ids: torch.Tensor | None
     """``[batch, seq]`` the token ids prefilled so far, left-padded (None if the model was given embeddings)."""
-    _probe: Callable[[torch.Tensor, Reduce], list[torch.Tensor | None]] = field(repr=False, default=None)
+    context_tokens: list[int] = field(default_factory=list)
+    """Per sequence: the real tokens of the context being chosen from, the oldest first (``ids``' last
+    ``seen_tokens``, less a question kept whole that follows them)."""
+    first: bool = True
+    """Whether this is the first stage over the prompt. False where an earlier stage cut it already (a
+    log-likelihood streamed in chunks runs one after every chunk): the survivors are no longer every token, so an
+    entry's age rank is not its place among the context's tokens."""
+    encode: Callable[[str], list[int]] | None = None
+    """Text to the model's token ids, without special tokens (a prompt of the policy's own, as KVzip's "repeat the
+    context"); None where the cache was built without the tokenizer."""
+    _probe: Callable[[torch.Tensor, Reduce, torch.Tensor | None], list[torch.Tensor | None]] = field(
+        repr=False, default=None)
 
-    def attention_from(self, ids: torch.Tensor, reduce: Reduce = "max") -> list[torch.Tensor | None]:
-        """Run the model on ``ids`` (``[batch, n]``, all real tokens) as if they followed the prompt, and return per
+    def attention_from(self, ids: torch.Tensor, reduce: Reduce = "max",
+                       mask: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+        """Run the model on ``ids`` (``[batch, n]``; right-padded where ``mask`` is 0, so that each sequence may
+        probe with its own number of tokens) as if they followed the prompt, and return per
         layer the attention each cached entry receives from them, ``[batch, kv_heads, seq]`` float32 aligned with
         ``layers[i].valid`` (None for windows held whole; a window that shares the budget reports what its entries
         would receive with the window ignored: the new tokens, past the prompt, would see few of them): the maximum (``"max"``, KVzip's reduction) or the
         sum (``"sum"``) over the new queries and the query heads sharing the KV head. The cache is left exactly as
-        it was; the new tokens are not kept. Costs one forward pass of ``n`` tokens over the whole prompt."""
-        return self._probe(ids, reduce)
+        it was; the new tokens are not kept. Costs one forward pass of ``n`` tokens over the whole prompt. A padded
+        probe needs every layer uncompressed (the stage's first run; not one that follows an earlier stage's cut)."""
+        return self._probe(ids, reduce, mask)
 
 
 def select_across_layers(scores: list[torch.Tensor], valid: list[torch.Tensor], totals: list[int],
@@ -120,7 +134,8 @@ def _before_forward(model, args: tuple, kwargs: dict) -> None:
     cache.record_ids(ids)
 
 
-def probe(cache: CompressedCache, model, ids: torch.Tensor, reduce: Reduce) -> list[torch.Tensor | None]:
+def probe(cache: CompressedCache, model, ids: torch.Tensor, reduce: Reduce,
+          mask: torch.Tensor | None = None) -> list[torch.Tensor | None]:
     """:meth:`Prefilled.attention_from`: run ``model`` on ``ids`` over ``cache`` and restore the cache after."""
     layers = cache.layers
     saved = [dict(vars(layer)) for layer in layers]
@@ -128,15 +143,21 @@ def probe(cache: CompressedCache, model, ids: torch.Tensor, reduce: Reduce) -> l
         if state.get("tracked"):
             state["tracked"] = {name: t.clone() for name, t in state["tracked"].items()}
     batch, new = ids.shape
+    real = torch.ones(batch, new, dtype=torch.bool, device=ids.device) if mask is None else mask.bool()
+    # Right-padded: each sequence's real tokens follow its prompt at once. Padding between them would shift a
+    # sliding window, which counts places, not positions.
+    if real.shape != ids.shape or not new or not bool(real[:, 0].all()) or bool((real[:, 1:] > real[:, :-1]).any()):
+        raise ValueError(f"attention_from(ids, mask=...): the mask must have the ids' shape {tuple(ids.shape)} and "
+                         "mark each sequence's real tokens, right-padded (its real tokens first, at least one)")
     seen = torch.tensor(layers[0].seen, device=ids.device)
     past = layers[0].logical_length
-    mask = torch.cat([torch.arange(past, device=ids.device) >= past - seen[:, None],  # left padding first
-                      torch.ones(batch, new, dtype=torch.bool, device=ids.device)], dim=1).long()
-    positions = seen[:, None] + torch.arange(new, device=ids.device)
+    attention_mask = torch.cat([torch.arange(past, device=ids.device) >= past - seen[:, None],  # left padding first
+                                real], dim=1).long()
+    positions = seen[:, None] + (real.long().cumsum(1) - 1).clamp(min=0)
     cache.probing = {"reduce": reduce, "received": {}}
     try:
         with torch.no_grad():
-            model(ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
+            model(ids, attention_mask=attention_mask, position_ids=positions, cache=cache, logits_to_keep=1)
         received = cache.probing["received"]
     finally:
         cache.probing = None

@@ -299,12 +299,17 @@ class CompressedLayer(CacheLayerMixin):
             return keys.view(shape), values.view(shape)
         return self.keys, self.values
 
-    def record_probe(self, q_len: int) -> None:
-        """The attention of an after-prefill probe has read the layer: mark its ``q_len`` new tokens real (the stage
-        restores the layer's state after the pass)."""
+    def record_probe(self, q_len: int, new_valid: torch.Tensor | None = None) -> None:
+        """The attention of an after-prefill probe has read the layer: mark its ``q_len`` new tokens real, or those
+        ``new_valid`` (``[batch, q_len]``) says are (a right-padded probe). The stage restores the layer's state
+        after the pass."""
         self.awaiting_attention = False
         if not self.packed:
-            self.valid = torch.cat([self.valid, self.valid.new_ones(self.batch_size, q_len)], dim=1)
+            new = self.valid.new_ones(self.batch_size, q_len) if new_valid is None else new_valid
+            self.valid = torch.cat([self.valid, new], dim=1)
+        elif new_valid is not None and not bool(new_valid.all()):
+            raise ValueError("a padded probe runs over layers the stage has not compressed yet; this layer was "
+                             "compressed by an earlier stage: probe with every sequence's tokens real")
 
     def record(self, step: Step) -> None:
         """The attention has read the layer: count the pass's real new tokens, and keep its padding out of a packed
@@ -452,15 +457,28 @@ class CompressedLayer(CacheLayerMixin):
             return received.flatten()
         return received.flatten().index_select(0, self._padded_slots(valid.shape[-1]))
 
-    def received_by_old(self, query: torch.Tensor, scale: LogitScale, reduce: str) -> torch.Tensor:
+    def received_by_old(self, query: torch.Tensor, scale: LogitScale, reduce: str,
+                        new_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Attention the entries held before this forward receive from its ``query`` (``[batch, heads, n, dim]``),
-        ``[batch, kv_heads, seq]`` aligned with the layer's ``dense_view()`` before the ``n`` new entries came."""
+        ``[batch, kv_heads, seq]`` aligned with the layer's ``dense_view()`` before the ``n`` new entries came.
+        ``new_valid`` (``[batch, n]``, a right-padded probe over an uncompressed layer): only each sequence's real
+        queries count, one sequence at a time."""
         keys, _, valid = self.dense_view(tracks=False)  # the window is not applied: see stages.probe
         new = query.shape[-2]
+        if new_valid is None or bool(new_valid.all()):
+            return self._received(query, keys, valid, scale, reduce, new)[..., : keys.shape[2] - new]
+        rows = []
+        for row, real in enumerate(new_valid.sum(1).tolist()):  # a probe, not the decoding path: one read
+            one = slice(row, row + 1)
+            rows.append(self._received(query[one, :, :real], keys[one], valid[one], scale, reduce, real))
+        return torch.cat(rows)[..., : keys.shape[2] - new]
+
+    @staticmethod
+    def _received(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scale: LogitScale, reduce: str,
+                  new: int) -> torch.Tensor:
         order = age_order(valid)
         received = attention_received(query, keys, valid, order, scale, reduce=reduce)
-        old = order < valid.sum(-1, keepdim=True) - new
-        return received.masked_fill(~old, 0.0)[..., : keys.shape[2] - new]
+        return received.masked_fill(~(order < valid.sum(-1, keepdim=True) - new), 0.0)
 
     def runs(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """``(sequence, kv_head, keys, values)`` of every run of a packed layer, ``[entries, head_dim]`` views in age

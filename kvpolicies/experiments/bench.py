@@ -47,7 +47,8 @@ class Measurement:
     ttft_s: float
     decode_ms_per_token: float
     policy_prefill_s: float
-    """Time inside the policy during prefill (signals, scores, selection, packing)."""
+    """Time inside the policy during prefill (signals, scores, selection, packing; an after-prefill stage whole,
+    its second passes of the model included)."""
     policy_decode_ms_per_token: float
     resident_bytes: int
     physical_bytes: int
@@ -65,6 +66,11 @@ class Measurement:
     dense_kept_decode_ms_per_token: float | None = None
     """Decode time of the plain full cache on a prompt of ``kept_per_head`` tokens (rounded): a dense cache of the
     kept size. None for the full cache itself, and in files written before it was measured."""
+    prefill_s_range: tuple[float, float] | None = None
+    """The fastest and slowest prefill over the repeats (None for one run, and in files written before): how far
+    the median can be trusted on a machine whose speed drifts."""
+    decode_ms_per_token_range: tuple[float, float] | None = None
+    """The fastest and slowest decoding step over the repeats, as ``prefill_s_range``."""
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -109,12 +115,14 @@ def padded_batch(ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens: int,
-            prefill_chunk: int | None = None, mask: torch.Tensor | None = None, codec: str = "full") -> Measurement:
+            prefill_chunk: int | None = None, mask: torch.Tensor | None = None, codec: str = "full",
+            tokenizer=None) -> Measurement:
     """One prefill of ``ids`` (``[batch, tokens]``, left-padded where ``mask`` is 0) and ``decode_tokens`` greedy
-    steps on a fresh cache that stores its entries with ``codec``."""
+    steps on a fresh cache that stores its entries with ``codec`` (and writes a stage's prompts with
+    ``tokenizer``)."""
     from kvpolicies.engine.memory import PeakMemory
 
-    cache = CompressedCache(model, policy, budget, codec=codec)
+    cache = CompressedCache(model, policy, budget, codec=codec, tokenizer=tokenizer)
     cache.policy_time = Stopwatch(model.device)  # CUDA events: timing the policy does not slow the run down
     chunk = prefill_chunk or ids.shape[1]
     batch = ids.shape[0]
@@ -123,10 +131,12 @@ def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
         for start in range(0, ids.shape[1], chunk):
             seen = None if mask is None else mask[:, : start + chunk]
             logits = model(ids[:, start : start + chunk], attention_mask=seen, cache=cache, logits_to_keep=1).logits
+        if cache.policy.has_stage:  # an after-prefill stage is part of the prefill (it runs before any decoding)
+            cache.after_prefill(model)
         prefilled = clock(model.device)
         token = logits[:, -1:].argmax(-1)
         first_token = clock(model.device)
-        policy_prefill = cache.policy_time.seconds
+        policy_prefill = cache.policy_time.seconds + cache.stage_s
         cache.policy_time.reset()
         prefilled_stats = cache.stats()
         decoding = clock(model.device)
@@ -185,7 +195,9 @@ def median_measurement(runs: list[Measurement]) -> Measurement:
              "peak_bytes", "dense_kept_decode_ms_per_token")
     medians = {name: statistics.median(getattr(run, name) for run in runs) if getattr(runs[-1], name) is not None
                else None for name in timed}
-    return Measurement(**(asdict(runs[-1]) | medians))
+    spread = {f"{name}_range": (min(getattr(run, name) for run in runs), max(getattr(run, name) for run in runs))
+              if len(runs) > 1 else None for name in ("prefill_s", "decode_ms_per_token")}
+    return Measurement(**(asdict(runs[-1]) | medians | spread))
 
 
 def run_benchmark(model, tokenizer, contexts: list[int], policies: list[str], budgets: list[str | float],
@@ -208,7 +220,7 @@ def run_benchmark(model, tokenizer, contexts: list[int], policies: list[str], bu
                     continue
                 try:
                     run = measure(model, ids, name, budget, decode_tokens, prefill_chunk, mask,
-                                  codec if i > 0 else "full")
+                                  codec if i > 0 else "full", tokenizer)
                 except BudgetError as error:  # e.g. l2norm's whole layers do not fit a small budget
                     skipped.setdefault(tokens, {})[i] = f"{name} @ {budget}: {error}"
                     continue
@@ -243,23 +255,32 @@ def tables(results: list[Measurement], tablefmt: str = "github") -> str:
                 r.policy, "-" if r.policy == reference else r.budget,
                 f"{r.resident_bytes / 2**20:.1f}", f"{r.resident_bytes / r.physical_bytes:.3f}" if r.physical_bytes else "",
                 f"{r.auxiliary_bytes / 2**20:.2f}", f"{r.peak_bytes / 2**20:.0f}",
-                f"{r.prefill_s:.2f}", f"{r.prefill_s / full.prefill_s:.2f}x", f"{r.ttft_s:.2f}",
-                f"{r.policy_prefill_s / r.prefill_s:.1%}",
-                f"{r.decode_tokens_per_s:.1f}", f"{r.decode_tokens_per_s / full.decode_tokens_per_s:.2f}x",
+                f"{r.prefill_s:.2f}" + _range(r.prefill_s_range, "{:.2f}"), f"{r.prefill_s / full.prefill_s:.2f}x",
+                f"{r.ttft_s:.2f}", f"{r.policy_prefill_s / r.prefill_s:.1%}",
+                f"{r.decode_tokens_per_s:.1f}" + _range(r.decode_ms_per_token_range, "{:.1f}", per_s=True),
+                f"{r.decode_tokens_per_s / full.decode_tokens_per_s:.2f}x",
                 f"{r.dense_kept_decode_ms_per_token / r.decode_ms_per_token:.2f}x"
                 if r.dense_kept_decode_ms_per_token else "-",
                 f"{r.policy_decode_ms_per_token:.2f}",
             ]
             for r in rows
         ]
-        headers = ["policy", "budget", "KV MiB", "KV / physical", "aux MiB", "peak +MiB", "prefill s", "vs full",
-                   "TTFT s", "policy share of prefill", "decode tok/s", "vs full", "vs dense of kept size",
-                   "policy ms/step"]
+        headers = ["policy", "budget", "KV MiB", "KV / physical", "aux MiB", "peak +MiB", "prefill s (range)",
+                   "vs full", "TTFT s", "policy share of prefill", "decode tok/s (range)", "vs full",
+                   "vs dense of kept size", "policy ms/step"]
         table = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
         out.append(f"context: {tokens} tokens\n\n" + table)
     if len({r.context_tokens for r in results}) > 1:
         out.append(scaling(results, tablefmt))
     return "\n\n".join(out)
+
+
+def _range(bounds: Sequence[float] | None, form: str, per_s: bool = False) -> str:
+    """`` (low–high)`` over the repeats, empty for one run; ``per_s`` turns milliseconds per step into steps/s."""
+    if bounds is None:
+        return ""
+    low, high = sorted(1000.0 / value if per_s else value for value in bounds)
+    return f" ({form.format(low)}–{form.format(high)})"
 
 
 def scaling(results: list[Measurement], tablefmt: str = "github") -> str:

@@ -176,10 +176,12 @@ class KVPoliciesLM(HFLM):
         """This cell's outputs computed with the others', waiting for lm-eval to ask for them."""
 
     def new_cache(self) -> CompressedCache:
-        return CompressedCache(self.model, self.kv_policy, self.kv_budget, codec=self.kv_codec)
+        return CompressedCache(self.model, self.kv_policy, self.kv_budget, codec=self.kv_codec,
+                               tokenizer=self.tokenizer)
 
     def _measure(self, cache: CompressedCache) -> None:
         self.kv_measurements += cache.sequence_stats()
+        self.timings.add_stage(cache.stage_s, cache.probe_tokens)
         self.kv_padding_bytes = max(self.kv_padding_bytes, cache.stats().padding_bytes)
 
     # -- generate_until ------------------------------------------------------------------------------------------
@@ -549,6 +551,7 @@ class Timings:
         self.prefill_s = self.decode_s = 0.0
         self.shared_prefill_s = 0.0
         self.shared_prefills = self.shared_by = 0
+        self.stage_s, self.probe_tokens = 0.0, 0
 
     def add_prefill(self, tokens: int, seconds: float) -> None:
         self.prefill_tokens += tokens
@@ -560,6 +563,12 @@ class Timings:
         self.shared_prefill_s += seconds
         self.shared_prefills += 1
         self.shared_by = max(self.shared_by, cells)
+
+    def add_stage(self, seconds: float, probe_tokens: int) -> None:
+        """An after-prefill stage's time and its second passes' tokens (KVzip's repetition), counted within the
+        prefill or the first decoding step where it ran, and said apart."""
+        self.stage_s += seconds
+        self.probe_tokens += probe_tokens
 
     def add_decoding(self, batch: int, clock: StepClock) -> None:
         """Decoding that began after a shared prefill: every stamp after the first is a decoded token."""
@@ -581,6 +590,7 @@ class Timings:
             "decode_s": self.decode_s,
             **({"shared_prefill_s": self.shared_prefill_s, "shared_prefills": self.shared_prefills,
                 "shared_by": self.shared_by} if self.shared_prefills else {}),
+            **({"stage_s": self.stage_s, "stage_probe_tokens": self.probe_tokens} if self.stage_s else {}),
         }
 
 
