@@ -76,10 +76,16 @@ class PolicyInfo:
         return sorted(self.needs) + sorted(self.tracks)
 
     @property
+    def stage(self) -> bool:
+        """Whether the policy chooses in an after-prefill stage (once, seeing every layer, free to run the model
+        again) rather than in ``score()``."""
+        return self.policy_class.after_prefill is not Policy.after_prefill
+
+    @property
     def attention_free(self) -> bool:
         """True when scoring reads no attention weights, so it runs next to SDPA/FlashAttention at no extra q·Kᵀ
-        (every track accumulates attention)."""
-        return not self.needs & {Signal.ATTENTION, Signal.CUMULATIVE_ATTENTION} and not self.tracks
+        (every track accumulates attention; a stage may run the model again, which this cannot see)."""
+        return not self.needs & {Signal.ATTENTION, Signal.CUMULATIVE_ATTENTION} and not self.tracks and not self.stage
 
     def config_fields(self) -> dict[str, Any]:
         """Option name → default value."""

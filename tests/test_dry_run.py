@@ -92,7 +92,7 @@ def test_a_task_shares_each_prompts_prefill_unless_told_not_to_or_the_capture_do
                                                                                             tmp_path):
     """As the sweep runs it: one prefill per prompt and protocol for a task's 113 cells (each protocol's capture
     on 80 GiB: 1.63 GiB at 4k, 3.32 at 8k, added to the worst cell's peak), one per cell with --no-shared-prefill or
-    where the capture takes more than half of what the weights leave free (18.5 GiB: 3.2 left)."""
+    where the capture takes more than half of what the worst cell leaves free (18.5 GiB: 2.2 left at 4k)."""
     plan = ["sweep", "--preset", "ruler-gpu", "--dry-run", "--results", str(tmp_path)]
     assert main([*plan, "--memory", "80"]) == 0
     shared = plan_rows(capsys.readouterr().out)

@@ -97,8 +97,8 @@ def test_a_sweep_cell_with_a_codec_runs_it_and_records_its_bytes(tiny_pretrained
 
     built = []
 
-    def recording(model, policy, budget, codec=None):
-        cache = CompressedCache(model, policy, budget, codec=codec)
+    def recording(model, policy, budget, codec=None, tokenizer=None):
+        cache = CompressedCache(model, policy, budget, codec=codec, tokenizer=tokenizer)
         built.append((policy.name, cache.codec.name))
         return cache
 

@@ -90,6 +90,7 @@ def run_list(args: argparse.Namespace) -> int:
                 "needs": sorted(p.needs),
                 "tracks": list(p.tracks),
                 "attention_free": p.attention_free,
+                "after_prefill_stage": p.stage,
                 "options": p.policy_class.Config.model_json_schema()["properties"],
             }
             for p in policies
@@ -99,7 +100,7 @@ def run_list(args: argparse.Namespace) -> int:
     width = min(shutil.get_terminal_size((100, 24)).columns, 100)
     blocks = []
     for p in policies:
-        reads = ", ".join(p.reads) or "nothing"
+        reads = ", ".join(p.reads) or ("what its after-prefill stage computes" if p.stage else "nothing")
         lines = [f"{p.name}  (reads {reads}{'; attention-free' if p.attention_free else ''})"]
         for text in (p.summary, p.paper, "options: " + ", ".join(f"{k}={v!r}" for k, v in p.config_fields().items())):
             lines += textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False)

@@ -161,7 +161,7 @@ def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
 
 @torch.no_grad()
 def profile(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens: int,
-            prefill_chunk: int | None = None, rows: int = 12, codec: str = "full") -> str:
+            prefill_chunk: int | None = None, rows: int = 12, codec: str = "full", tokenizer=None) -> str:
     """Where one run's time goes: the operators with the most self time, prefill and decode profiled apart.
 
     The benchmark says how fast; this says why, e.g. whether a slow decode is the model's linear layers, the
@@ -174,8 +174,8 @@ def profile(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
     cuda = model.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    measure(model, ids, policy, budget, 2, prefill_chunk, codec=codec)  # warm-up outside the profile
-    cache = CompressedCache(model, policy, budget, codec=codec)
+    measure(model, ids, policy, budget, 2, prefill_chunk, codec=codec, tokenizer=tokenizer)  # warm-up, unprofiled
+    cache = CompressedCache(model, policy, budget, codec=codec, tokenizer=tokenizer)
     chunk = prefill_chunk or ids.shape[1]
     with torch_profile(activities=activities) as prefill:
         for start in range(0, ids.shape[1], chunk):
@@ -381,7 +381,7 @@ def profiles(model_name: str | None = None, contexts: Sequence[int] = (2048,), p
         for i, (name, budget) in enumerate(grid):
             try:
                 out.append(profile(model, ids, name, budget, decode_tokens, prefill_chunk, rows,
-                                   codec if i > 0 else "full"))
+                                   codec if i > 0 else "full", tokenizer))
             except BudgetError as error:
                 out.append(f"{name} @ {budget}, {tokens} tokens: skipped: {error}")
     return "\n\n".join(out)

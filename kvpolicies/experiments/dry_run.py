@@ -17,8 +17,8 @@ known shapes, and its parameters are counted on the meta device. The estimate is
 A sweep prefills each prompt once for all the cells of a task (:mod:`kvpolicies.integrations.shared`; not for
 log-likelihood tasks, chunked prefills or ``--no-shared-prefill``), so a task's time counts one prefill per sample
 and protocol and each cell's generation, and its peak adds the capture (every layer's keys, values and queries) to
-the worst cell's. Where the capture would take more than half of what the weights leave free, the sweep runs each
-cell alone, and so does the estimate.
+the worst cell's. Where the capture would take more than half of what is free, the sweep runs each cell alone, and
+so does the estimate (judging the longest prompt beside the worst cell's peak).
 
 Both rates are measured on the device in a second before the estimate. Generation is counted at each task's
 ``max_gen_toks`` (an answer that stops sooner costs less); the policies' scoring and eviction and lm-eval's own work
@@ -281,10 +281,10 @@ def dry_run(config: SweepConfig, done: set[str] | None = None, device: str | Non
             peak, fits = _peak_and_chunk(shape, ran, longest, work.generated, dtype_bytes, memory,
                                          config.prefill_chunk)
             capture = capture_bytes(shape, longest or 0, dtype_bytes)
-            # As the sweep decides: generation, one prompt at a time, a capture within half of what the weights
-            # leave free (the sweep judges each prompt; this, the longest).
+            # As the sweep decides: generation, one prompt at a time, a capture within half of what is free (the
+            # sweep judges each prompt as it comes; this, the longest, beside the worst cell's peak).
             shares = (share_prefill and work.generated > 0 and ran[0].batch_size == 1
-                      and capture <= (memory - shape.parameters * dtype_bytes) / 2)
+                      and capture <= (memory - (peak if peak is not None else shape.parameters * dtype_bytes)) / 2)
             groups = shared_groups(ran) if shares else [[cell] for cell in ran]
             seconds, prefills = _task_seconds(shape, measured, work, groups, dtype_bytes), []
             for group in groups:

@@ -343,7 +343,7 @@ def check_long_context(model, tokenizer, tokens: int, policy: str, budget: Budge
         return CheckResult(name, f"needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free",
                            "finishes at budget", Verdict.SKIPPED)
     ids = prompt_ids(tokenizer, tokens, model.device, model.config.vocab_size)
-    cache = CompressedCache(model, policy, budget)
+    cache = CompressedCache(model, policy, budget, tokenizer=tokenizer)
     worst = 0.0
     started = clock(model.device)
     try:

@@ -21,14 +21,14 @@ from kvpolicies.experiments.device_work import DeviceWork
 
 @torch.no_grad()
 def count_steps(model, ids: torch.Tensor, policy: str, budget: Budget, steps: int,
-                codec: str = "full") -> tuple[float, float, int]:
+                codec: str = "full", tokenizer=None) -> tuple[float, float, int]:
     """``(launches, syncs, evictions)`` per decoding step, means over ``steps`` steps after the prefill of ``ids``
     (``[batch, tokens]``, row ``b`` left-padded by ``b * 7`` tokens), the kept entries stored with ``codec``."""
     batch, tokens = ids.shape
     mask = torch.ones_like(ids)
     for row in range(1, batch):
         mask[row, : min(row * 7, tokens - 1)] = 0
-    cache = CompressedCache(model, policy, budget, codec=codec)
+    cache = CompressedCache(model, policy, budget, codec=codec, tokenizer=tokenizer)
     with DeviceWork().on_device(model, ids, mask) as work:
         token = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
         work.step()
@@ -61,7 +61,7 @@ def step_costs(model, tokenizer, tokens: int, policies: Sequence[str], budgets: 
                     launches, syncs, cuts = count_steps(
                         model, prompt.expand(batch, -1).clone(), name,
                         budget if slack is None else budget.model_copy(update={"slack_tokens": slack}), steps,
-                        codec="full" if slack is None else codec)
+                        codec="full" if slack is None else codec, tokenizer=tokenizer)
                 except BudgetError as error:
                     row.append(f"skipped: {error}")
                     continue
