@@ -41,10 +41,16 @@ def test_the_gpu_presets_dry_run_prints_an_8b_grid_without_loading_it(no_weights
 
 def test_a_small_memory_asks_for_a_prefill_chunk(no_weights, capsys, tmp_path):
     """Weights of 15.3 GiB on a device of 18.5 GiB (16.6 usable) leave too little for 8k tokens' activations in one
-    pass, and enough for 4k."""
-    assert main(["sweep", "--preset", "ruler-gpu", "--dry-run", "--results", str(tmp_path), "--memory", "18.5"]) == 0
+    pass, and enough for 4k. A policy that holds the whole prompt until it chooses (KVzip) is not helped by chunks:
+    at 8k it does not fit at all."""
+    plan = ["sweep", "--preset", "ruler-gpu", "--dry-run", "--results", str(tmp_path), "--memory", "18.5"]
+    assert main([*plan, "--policies", "snapkv,streaming"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Qwen/Qwen3-8B  kvp_ruler_")]
     assert all("none needed" in row for row in rows[:13]) and all("--prefill-chunk" in row for row in rows[13:])
+    assert main([*plan, "--policies", "kvzip"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Qwen/Qwen3-8B  kvp_ruler_")]
+    assert all("none needed" in row for row in rows[:13])
+    assert all("none: over 18.5 GiB even at 512" in row for row in rows[13:])
 
 
 def test_the_shape_counts_the_real_models_parameters_and_the_kv_estimate_is_the_caches_own(tiny_pretrained):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvpolicies import CompressedCache, Policy, get_policy
+from kvpolicies import Budget, CompressedCache, Policy, get_policy
 from kvpolicies.engine.stages import Prefilled
 from kvpolicies.errors import PluginError
 from tests.helpers import tiny_llama
@@ -227,3 +227,39 @@ def test_a_prompt_cut_by_an_earlier_stage_is_refused_with_the_reason():
     prefill(model, cache, ids[:, 20:])
     with pytest.raises(PluginError, match="cut by an earlier stage.*evaluate it on generation tasks"):
         cache.after_prefill(model)
+
+
+def test_a_cache_reset_for_the_next_prompt_lets_kvzip_choose_again():
+    model = tiny_llama()
+    cache = CompressedCache(model, get_policy("kvzip"), 0.25, tokenizer=Letters())
+    for seed in (8, 9):  # the second prompt is a first stage of its own, not a second cut of the first
+        cache.reset()
+        prefill(model, cache, torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(seed)))
+        cache.after_prefill(model)
+        assert cache.kept_per_head().sum() == 160
+
+
+def test_the_dry_run_counts_kvzips_whole_prompt_and_its_second_pass():
+    from kvpolicies.experiments.dry_run import (Device, Shape, _task_seconds, cell_memory, generation_seconds,
+                                                prefill_seconds, workload)
+    from kvpolicies.experiments.grid import SweepConfig, cells
+
+    shape = Shape(layers=4, hidden=256, intermediate=1024, heads=4, kv_heads=2, head_dim=64, vocab=1000,
+                  parameters=10**7, source="a test")
+    device = Device(name="a test", flops_per_s=1e11, bandwidth_bytes_per_s=1e10, memory_bytes=2**34)
+    config = SweepConfig.model_validate({"policies": ["snapkv", "kvzip"], "budgets": [0.25],
+                                         "tasks": [{"name": "kvp_passkey", "metadata": {"lengths": [1024]}}]})
+    full, snapkv, kvzip = sorted(cells(config), key=lambda cell: ["full", "snapkv", "kvzip"].index(cell.policy.name))
+    work = workload(full)
+    assert cell_memory(shape, kvzip, 1024, 12, 4, None)["kv"] == shape.kv_bytes(1036, 4)  # the whole prompt
+    assert cell_memory(shape, snapkv, 1024, 12, 4, None)["kv"] < shape.kv_bytes(1036, 4) * 0.6  # a quarter + a layer
+    prefill = prefill_seconds(shape, device, work)
+    generation = sum(generation_seconds(shape, device, work, kept, 4) for kept in (1.0, 0.25, 0.25))
+    assert _task_seconds(shape, device, work, [[full, snapkv, kvzip]], 4) == pytest.approx(2 * prefill + generation)
+
+
+def test_the_selfchecks_chunked_prefill_is_skipped_for_a_stage_that_holds_the_prompt_until_it_chooses():
+    from kvpolicies.experiments.selfcheck import Verdict, check_long_context
+
+    result = check_long_context(tiny_llama(), None, 64, "kvzip", Budget.parse(0.25), chunk=16)
+    assert result.verdict is Verdict.SKIPPED and "holding all of it" in result.measured

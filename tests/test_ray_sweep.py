@@ -235,7 +235,9 @@ def cluster(monkeypatch):
 def test_cells_spread_over_gpu_nodes_one_gpu_each_and_a_late_node_gets_work(tiny_pretrained, cluster, tmp_path,
                                                                             monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    first_node = cluster.add_node(num_cpus=2, num_gpus=2)
+    # One GPU on the first node: its one worker is still busy with the grid when the late node's workers have
+    # started (a new node's worker takes seconds to start, a tiny model's cell less than one).
+    first_node = cluster.add_node(num_cpus=2, num_gpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
     config = SweepConfig.model_validate(grid(tiny_pretrained, policies=("full", "random", "streaming", "snapkv"),
                                              budgets=[i / 10 for i in range(1, 10)]))
@@ -244,25 +246,24 @@ def test_cells_spread_over_gpu_nodes_one_gpu_each_and_a_late_node_gets_work(tiny
     executor = RayExecutor(Execution(executor="ray", gpus_per_cell=1, cpus_per_cell=0.5))
     late_node = None
     done = []
-    # Cell by cell: a task's cells shared as one group would be split between the first node's two workers before
-    # the late node joins, leaving it nothing to take.
+    # Cell by cell: a task's cells shared as one group would all go to the first node's worker before the late
+    # node joins, leaving it nothing to take.
     for record in run_sweep(config, tmp_path / "cluster", progress=False, executor=executor, share_prefill=False):
         done.append(record)
         if late_node is None:  # the sweep is under way: a second node joins
             late_node = cluster.add_node(num_cpus=2, num_gpus=2)
 
-    # 28 cells: enough left, after the first, for the late node's workers to start and take some (cells of a tiny
-    # model take a second or less, a new node's worker several).
     assert len(done) == len(cells(config)) == 28 and all(r.status == "ok" for r in done)
     nodes = {r.worker.node_id for r in done}
     assert nodes == {first_node.node_id, late_node.node_id}  # the late node ran cells; the GPU-less head none
     assert all(len(r.worker.gpu_ids) == 1 for r in done)  # --gpus-per-cell 1
-    for node in nodes:  # at most 2 cells at once on a node with 2 GPUs, each on its own GPU
+    for node in nodes:  # at most as many cells at once on a node as it has GPUs, each on its own GPU
         ran = [r for r in done if r.worker.node_id == node]
-        assert {gpu for r in ran for gpu in r.worker.gpu_ids} <= {"0", "1"}
+        gpus = 1 if node == first_node.node_id else 2
+        assert {gpu for r in ran for gpu in r.worker.gpu_ids} <= {str(gpu) for gpu in range(gpus)}
         for moment in (r.started_at for r in ran):
             running = [r for r in ran if r.started_at <= moment < r.finished_at]
-            assert len(running) <= 2 and len({r.worker.gpu_ids[0] for r in running}) == len(running)
+            assert len(running) <= gpus and len({r.worker.gpu_ids[0] for r in running}) == len(running)
 
 
 def test_a_cluster_that_fits_no_cell_is_refused_with_the_fix(tiny_pretrained, cluster, tmp_path):

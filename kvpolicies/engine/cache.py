@@ -391,6 +391,11 @@ class CompressedCache(Cache):
         self._stage_split = False  # context_lengths were set by the stage, not by a protocol
         self._prompt_ids: list[torch.Tensor] = []
 
+    @property
+    def stage_ran(self) -> bool:
+        """Whether an after-prefill stage has chosen from this prompt already."""
+        return self._stage_ran
+
     def stage_due(self, new_tokens: int) -> bool:
         """Whether the after-prefill stage must run before a forward pass of ``new_tokens`` tokens: the prompt is
         in (a decoding step), or every sequence has reached its context's end."""
@@ -450,7 +455,7 @@ class CompressedCache(Cache):
             held.append((dense, newest))
         prefilled = Prefilled(layers=views, budget=[allocation.free_total for allocation in allocations],
                               ids=torch.cat(self._prompt_ids, dim=1) if self._prompt_ids else None,
-                              context_tokens=[n - a for n, a in zip(seen, appended)], first=self.cuts == 0,
+                              context_tokens=[n - a for n, a in zip(seen, appended)], first=not self._stage_ran,
                               encode=None if self.tokenizer is None else self._encode,
                               _probe=self._prober(model))
         versions = [tensor_versions(inputs) if inputs else None for inputs in views]

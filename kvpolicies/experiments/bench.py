@@ -131,7 +131,7 @@ def measure(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
         for start in range(0, ids.shape[1], chunk):
             seen = None if mask is None else mask[:, : start + chunk]
             logits = model(ids[:, start : start + chunk], attention_mask=seen, cache=cache, logits_to_keep=1).logits
-        if cache.policy.has_stage:  # an after-prefill stage is part of the prefill (it runs before any decoding)
+        if cache.policy.has_stage and not cache.stage_ran:  # a stage is part of the prefill (before any decoding)
             cache.after_prefill(model)
         prefilled = clock(model.device)
         token = logits[:, -1:].argmax(-1)
@@ -180,6 +180,8 @@ def profile(model, ids: torch.Tensor, policy: str, budget: Budget, decode_tokens
     with torch_profile(activities=activities) as prefill:
         for start in range(0, ids.shape[1], chunk):
             logits = model(ids[:, start : start + chunk], cache=cache, logits_to_keep=1).logits
+        if cache.policy.has_stage and not cache.stage_ran:  # the stage belongs to the prefill
+            cache.after_prefill(model)
     token = logits[:, -1:].argmax(-1)
     with torch_profile(activities=activities) as decode:
         for _ in range(decode_tokens):

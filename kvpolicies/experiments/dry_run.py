@@ -9,7 +9,9 @@ known shapes, and its parameters are counted on the meta device. The estimate is
 - **memory** = weights + the KV cache at the cell's budget (while a layer is prefilled it holds the chunk's tokens,
   the whole prompt without chunks, before its cut: one layer counts them in full) + a prefill chunk's activations
   (hidden states, the MLP's intermediate rows, the attention's output) + the policy's scoring buffer (float32
-  attention of a block of 256 queries over the prompt, the largest signal a built-in computes);
+  attention of a block of 256 queries over the prompt, the largest signal a built-in computes); a policy that
+  chooses in an after-prefill stage (KVzip) holds the whole prompt in every layer until then, and pays one more
+  prefill of its own;
 - **time** = per sample, the prefill's FLOPs (``2 · parameters · tokens`` plus causal attention) at the device's
   measured matrix-multiply rate, and per generated token the larger of its FLOPs at that rate and the bytes it must
   read (weights and kept KV) at the device's measured copy bandwidth.
@@ -202,6 +204,8 @@ def cell_memory(shape: Shape, cell: Cell, length: int, generated: int, dtype_byt
     # The layer being prefilled holds the chunk's tokens before its cut (all of the prompt without chunks).
     one_layer = shape.kv_bytes(rows, dtype_bytes) / shape.layers if policy.compresses else 0
     kv = shape.kv_bytes(total * kept + (cell.budget.slack_tokens if kept < 1 else 0), dtype_bytes) + one_layer
+    if policy.has_stage:  # an after-prefill stage holds the whole prompt in every layer until it chooses
+        kv = shape.kv_bytes(total, dtype_bytes)
     activations = rows * dtype_bytes * (4 * shape.hidden + 3 * shape.intermediate + 2 * shape.heads * shape.head_dim)
     scoring = 4 * shape.heads * min(SCORING_QUERIES, rows) * length if policy.compresses else 0
     batch = cell.batch_size
@@ -313,7 +317,9 @@ def dry_run(config: SweepConfig, done: set[str] | None = None, device: str | Non
 def _task_seconds(shape: Shape, device: Device, work: Workload, groups: Sequence[Sequence[Cell]],
                   dtype_bytes: int) -> float | None:
     """Estimated seconds of a task's cells run in ``groups``: a group of several prefills each prompt once per
-    protocol (the question's own prefill on a compressed context is left out), then generates for each cell."""
+    protocol (the question's own prefill on a compressed context is left out), then generates for each cell. A
+    policy with an after-prefill stage pays one more prefill of its own per cell (KVzip's repetition of the
+    context; an upper bound for a stage that runs no second pass)."""
     prefill = prefill_seconds(shape, device, work)
     if prefill is None:
         return None
@@ -321,8 +327,14 @@ def _task_seconds(shape: Shape, device: Device, work: Workload, groups: Sequence
     for group in groups:
         passes = len({cell.protocol for cell in group}) if len(group) > 1 else len(group)
         seconds += passes * prefill + sum(generation_seconds(shape, device, work, _kept(cell), dtype_bytes)
-                                          for cell in group)
+                                          + (prefill if _has_stage(cell) else 0.0) for cell in group)
     return seconds
+
+
+def _has_stage(cell: Cell) -> bool:
+    from kvpolicies.registry import get_policy
+
+    return get_policy(cell.policy.name, **cell.policy.options).has_stage
 
 
 def _kept(cell: Cell, policy=None) -> float:

@@ -335,8 +335,13 @@ def check_long_context(model, tokenizer, tokens: int, policy: str, budget: Budge
     from kvpolicies.experiments.bench import prompt_ids
     from kvpolicies.engine.memory import PeakMemory
 
+    from kvpolicies.registry import get_policy
+
     chunk = chunk or min(2048, max(2, tokens // 4))
     name = f"chunked prefill of {tokens} tokens ({policy} @ {budget}, chunks of {chunk})"
+    if get_policy(policy).has_stage:
+        return CheckResult(name, f"{policy} chooses once the prompt is in, holding all of it until then: chunks "
+                                 "cannot bound its memory", "finishes at budget", Verdict.SKIPPED)
     needed = memory_needed_bytes(model, tokens, chunk, budget)
     free = _free_bytes(model.device)
     if needed > 0.9 * free:

@@ -31,6 +31,8 @@ def count_steps(model, ids: torch.Tensor, policy: str, budget: Budget, steps: in
     cache = CompressedCache(model, policy, budget, codec=codec, tokenizer=tokenizer)
     with DeviceWork().on_device(model, ids, mask) as work:
         token = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        if cache.policy.has_stage:  # the stage belongs to the prefill, not to the first decoding step
+            cache.after_prefill(model)
         work.step()
         prefill_cuts = cache.cuts
         for _ in range(steps):
