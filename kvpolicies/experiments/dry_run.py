@@ -290,10 +290,9 @@ def dry_run(config: SweepConfig, done: set[str] | None = None, device: str | Non
             shares = (share_prefill and work.generated > 0 and ran[0].batch_size == 1
                       and capture <= (memory - (peak if peak is not None else shape.parameters * dtype_bytes)) / 2)
             groups = shared_groups(ran) if shares else [[cell] for cell in ran]
-            seconds, prefills = _task_seconds(shape, measured, work, groups, dtype_bytes), []
-            for group in groups:
-                passes = len({cell.protocol for cell in group}) if len(group) > 1 else 1
-                prefills.append(f"{passes} for {len(group)} cells" if len(group) > 1 else "1 per cell")
+            seconds = _task_seconds(shape, measured, work, groups, dtype_bytes)
+            prefills = [f"{_passes(group)} for {len(group)} cells" if len(group) > 1 else "1 per cell"
+                        for group in groups]
             if seconds is None:
                 unknown += len(ran)
             else:
@@ -325,10 +324,14 @@ def _task_seconds(shape: Shape, device: Device, work: Workload, groups: Sequence
         return None
     seconds = 0.0
     for group in groups:
-        passes = len({cell.protocol for cell in group}) if len(group) > 1 else len(group)
-        seconds += passes * prefill + sum(generation_seconds(shape, device, work, _kept(cell), dtype_bytes)
+        seconds += _passes(group) * prefill + sum(generation_seconds(shape, device, work, _kept(cell), dtype_bytes)
                                           + (prefill if _has_stage(cell) else 0.0) for cell in group)
     return seconds
+
+
+def _passes(group: Sequence[Cell]) -> int:
+    """Prefills of each prompt for ``group``: one per protocol when its cells share them, one per cell alone."""
+    return len({cell.protocol for cell in group}) if len(group) > 1 else 1
 
 
 def _has_stage(cell: Cell) -> bool:
