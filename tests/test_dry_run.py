@@ -97,24 +97,38 @@ def plan_rows(out: str) -> list[str]:
 def test_a_task_shares_each_prompts_prefill_unless_told_not_to_or_the_capture_does_not_fit(no_weights, capsys,
                                                                                             tmp_path):
     """As the sweep runs it: one prefill per prompt and protocol for a task's 113 cells (each protocol's capture
-    on 80 GiB: 1.63 GiB at 4k, 3.32 at 8k, added to the worst cell's peak), one per cell with --no-shared-prefill or
-    where the capture takes more than half of what the worst cell leaves free (18.5 GiB: 2.2 left at 4k)."""
+    on 80 GiB: 1.63 GiB at 4k, 3.32 at 8k, added to the worst cell's peak; decoded together, the caches of a
+    protocol's cells too, within half of what is left), one per cell with --no-shared-prefill or where the capture
+    takes more than half of what the worst cell leaves free (18.5 GiB: 2.2 left at 4k)."""
     plan = ["sweep", "--preset", "ruler-gpu", "--dry-run", "--results", str(tmp_path)]
-    assert main([*plan, "--memory", "80"]) == 0
+    assert main([*plan, "--memory", "80", "--decode-alone"]) == 0
     shared = plan_rows(capsys.readouterr().out)
     assert main([*plan, "--memory", "80", "--no-shared-prefill"]) == 0
     alone = plan_rows(capsys.readouterr().out)
     assert main([*plan, "--memory", "18.5"]) == 0
     tight = plan_rows(capsys.readouterr().out)
-    assert len(shared) == len(alone) == len(tight) == 26
-    assert all("2 for 113 cells" in row for row in shared)
+    assert main([*plan, "--memory", "80"]) == 0
+    together = plan_rows(capsys.readouterr().out)
+    assert len(shared) == len(alone) == len(tight) == len(together) == 26
+    assert all("2 for 113 cells" in row for row in shared + together)
     assert all("1 per cell" in row and " for " not in row for row in alone + tight)
     added = [float(s.split()[5]) - float(a.split()[5]) for a, s in zip(alone, shared)]  # printed to 0.1 GiB
     assert all(abs(gib - 1.63) <= 0.1 for gib in added[:13]) and all(abs(gib - 3.32) <= 0.1 for gib in added[13:])
+    held = [float(t.split()[5]) - float(s.split()[5]) for s, t in zip(shared, together)]
+    left = [(80 - float(s.split()[5])) / 2 for s in shared]
+    assert all(0.5 < gib <= room + 0.1 for gib, room in zip(held, left))
+    assert all(float(t.split()[5]) <= 80 for t in together)
 
 
 def test_a_groups_time_counts_one_prefill_per_prompt_and_protocol_and_every_cells_generation():
-    from kvpolicies.experiments.dry_run import Device, Shape, _task_seconds, generation_seconds, prefill_seconds
+    from kvpolicies.experiments.dry_run import (
+        Device,
+        Shape,
+        _task_seconds,
+        generation_seconds,
+        prefill_seconds,
+        together_seconds,
+    )
 
     shape = Shape(layers=4, hidden=256, intermediate=1024, heads=4, kv_heads=2, head_dim=64, vocab=1000,
                   parameters=10**7, source="a test")
@@ -128,6 +142,11 @@ def test_a_groups_time_counts_one_prefill_per_prompt_and_protocol_and_every_cell
     generation = sum(generation_seconds(shape, device, work, cell.budget.value if cell.policy.name != "full" else 1,
                                         4) for cell in grid)
     assert len(grid) == 7 and {cell.protocol for cell in grid} == {Protocol.QUERY_AWARE, Protocol.QUERY_AGNOSTIC}
-    assert _task_seconds(shape, device, work, [grid], 4) == pytest.approx(2 * prefill + generation)
+    assert _task_seconds(shape, device, work, [grid], 4, together=False) == pytest.approx(2 * prefill + generation)
     assert _task_seconds(shape, device, work, [[cell] for cell in grid], 4) == pytest.approx(7 * prefill + generation)
     assert generation < prefill  # a 12-token answer after a 2k prompt: the prefill is what sharing saves
+    kept = {protocol: [cell.budget.value if cell.policy.name != "full" else 1 for cell in grid
+                       if cell.protocol == protocol] for protocol in Protocol}
+    batched = sum(together_seconds(shape, device, work, budgets, 4) for budgets in kept.values())
+    assert _task_seconds(shape, device, work, [grid], 4) == pytest.approx(2 * prefill + batched)
+    assert batched < generation / 2  # the weights read once per step for every row of a protocol

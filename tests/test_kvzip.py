@@ -255,7 +255,8 @@ def test_the_dry_run_counts_kvzips_whole_prompt_and_its_second_pass():
     assert cell_memory(shape, snapkv, 1024, 12, 4, None)["kv"] < shape.kv_bytes(1036, 4) * 0.6  # a quarter + a layer
     prefill = prefill_seconds(shape, device, work)
     generation = sum(generation_seconds(shape, device, work, kept, 4) for kept in (1.0, 0.25, 0.25))
-    assert _task_seconds(shape, device, work, [[full, snapkv, kvzip]], 4) == pytest.approx(2 * prefill + generation)
+    group = [[full, snapkv, kvzip]]
+    assert _task_seconds(shape, device, work, group, 4, together=False) == pytest.approx(2 * prefill + generation)
 
 
 def test_the_selfchecks_chunked_prefill_is_skipped_for_a_stage_that_holds_the_prompt_until_it_chooses():

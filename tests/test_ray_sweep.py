@@ -300,7 +300,7 @@ def stand_in_slots(count: int) -> list:
 
     from kvpolicies.experiments.ray_executor import _Slot
 
-    call = SimpleNamespace(remote=lambda cells_json: object())
+    call = SimpleNamespace(remote=lambda cells_json, together=True: object())
     worker = SimpleNamespace(evaluate=SimpleNamespace(options=lambda **options: call))
     return [_Slot(actor=worker, started=True) for _ in range(count)]
 

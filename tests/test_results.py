@@ -49,7 +49,7 @@ GRID = {"policies": ["full", "random"], "budgets": [0.5],
         "tasks": [{"name": "kvp_passkey", "metadata": {"lengths": [200], "per_cell": 1}}]}
 
 
-def per_cell(cells):
+def per_cell(cells, together=True):
     """``evaluate_group`` with no model to build: each cell through the (patched) ``run_cell``, in order, as a
     group's cells are run. A sweep still takes a task's cells together; only the computing is stubbed."""
     import kvpolicies.experiments.runner as runner

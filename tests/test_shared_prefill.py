@@ -34,15 +34,27 @@ def computed(records) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_cells_that_share_each_prefill_write_what_each_writes_alone(tiny_pretrained, tmp_path):
+    """Decoded one cell after another, bit for bit; decoded as one batch, the same records here too (this model's
+    batched forward picks the tokens its single forward picks: a near tie could go the other way elsewhere)."""
+    from kvpolicies.experiments.sweep import LocalExecutor
+
     config = grid(tiny_pretrained)
     alone = list(run_sweep(config, tmp_path / "alone", progress=False, share_prefill=False))
+    apart = list(run_sweep(config, tmp_path / "apart", progress=False, executor=LocalExecutor(decode_together=False)))
     shared = list(run_sweep(config, tmp_path / "shared", progress=False))
-    assert len(alone) == len(shared) == 1 + 6 * 2 * 2 and all(r.status == "ok" for r in shared)
-    assert computed(shared) == computed(alone)  # same keys, same scores, same samples, same kept bytes
-    for record in shared:
+    assert len(alone) == len(shared) == len(apart) == 1 + 6 * 2 * 2 and all(r.status == "ok" for r in shared)
+    assert computed(apart) == computed(alone)  # same keys, same scores, same samples, same kept bytes
+    assert computed(shared) == computed(alone)
+    for record in shared + apart:
         speed = record.speed.model_extra
-        assert speed["shared_by"] == (1 + 6 * 2 if record.cell.protocol.value == "query_aware" else 6 * 2)
+        cells = 1 + 6 * 2 if record.cell.protocol.value == "query_aware" else 6 * 2
+        assert speed["shared_by"] == cells
         assert speed["shared_prefills"] == record.samples == 4 and speed["shared_prefill_s"] > 0  # one per prompt
+        if record in shared:  # each answer decoded with its prompt's other cells (none stops at its first token)
+            assert speed["decoded_together"] == cells and record.decoded_together_bytes > 0
+            assert record.speed.decode_tokens_per_s > 0
+        else:
+            assert "decoded_together" not in speed and record.decoded_together_bytes is None
     assert all("shared_by" not in (r.speed.model_extra or {}) and r.shared_capture_bytes is None for r in alone)
     assert all(r.shared_capture_bytes > r.kv_memory.full_bytes_peak for r in shared)  # keys, values and queries
     assert {r.key for r in load_results(tmp_path / "shared")} == {r.key for r in alone}
@@ -93,7 +105,8 @@ def test_a_group_with_finished_cells_computes_only_the_missing_ones_alike(tiny_p
 
 
 @pytest.mark.slow
-def test_a_shared_generation_stops_where_a_single_generate_call_stops(tiny_pretrained):
+@pytest.mark.parametrize("together", [True, False], ids=["decoded together", "decoded apart"])
+def test_a_shared_generation_stops_where_a_single_generate_call_stops(tiny_pretrained, together):
     """After the first token: an end-of-sequence token, a stop sequence that the first token completes, the
     length; and otherwise the same tokens to the end."""
     import torch
@@ -108,7 +121,7 @@ def test_a_shared_generation_stops_where_a_single_generate_call_stops(tiny_pretr
     def outputs(max_length: int, stop: list[str], shared: bool) -> list[torch.Tensor]:
         members = [cell_model(cell) for cell in chosen]
         if shared:
-            SharedPrefill(members)
+            SharedPrefill(members, together=together)
         return [member._model_generate(context, max_length, stop, do_sample=False) for member in members]
 
     alone = outputs(90, [], shared=False)
@@ -126,6 +139,68 @@ def test_a_shared_generation_stops_where_a_single_generate_call_stops(tiny_pretr
         assert [o.tolist() for o in outputs(90, [], shared=True)] == [o.tolist() for o in expected]
     finally:
         model.generation_config.eos_token_id = saved
+
+
+def test_cells_decode_apart_where_generate_would_change_the_logits_or_the_batch_fails(tiny_pretrained,
+                                                                                     monkeypatch, capsys):
+    """A request that ``generate`` would treat otherwise than by the argmax decodes cell by cell, and says why; a
+    batch that raises gives way to each cell decoding alone, so that only a broken cell fails."""
+    import torch
+
+    from kvpolicies.experiments.grid import cells
+    from kvpolicies.experiments.runner import cell_model
+    from kvpolicies.integrations import shared
+    from kvpolicies.integrations.shared import SharedPrefill, apart
+
+    chosen = [cell for cell in cells(grid(tiny_pretrained)) if cell.protocol.value == "query_aware"][:3]
+    members = [cell_model(cell) for cell in chosen]
+    assert apart(members[0], {"do_sample": False, "attention_mask": None}) == ""
+    assert apart(members[0], {"do_sample": False, "repetition_penalty": 1.3}) == \
+        "the task passes repetition_penalty to generate"
+    config = members[0].model.generation_config
+    monkeypatch.setattr(config, "no_repeat_ngram_size", 3)
+    assert apart(members[0], {}) == "the model's generation config sets no_repeat_ngram_size"
+    monkeypatch.setattr(config, "no_repeat_ngram_size", 0)
+
+    context = torch.randint(3, 1000, (1, 60), generator=torch.Generator().manual_seed(5))
+    expected = [cell_model(cell)._model_generate(context, 80, [], do_sample=False) for cell in chosen]
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("a policy broke mid-batch (a stand-in)")
+
+    monkeypatch.setattr(shared, "decode_together", broken)
+    group = SharedPrefill(members)
+    found = [member._model_generate(context, 80, [], do_sample=False) for member in members]
+    assert calls == [1] and [f.tolist() for f in found] == [e.tolist() for e in expected]
+    assert "decoding the cells of a request together failed (RuntimeError" in capsys.readouterr().err
+    assert all(member.timings.decoded_together == 0 and member.timings.shared_prefills == 1 for member in members)
+    assert all(member.request_memory.requests == 1 for member in members)  # the failed batch's request undone
+    assert group.served == 1
+
+
+def test_cells_decode_in_batches_that_fit_the_free_memory(tiny_pretrained, monkeypatch):
+    """Every cell's cache is held while the batch decodes: where they would take more than the room, the cells
+    decode in several batches, with the same answers."""
+    import torch
+
+    from kvpolicies.experiments.grid import cells
+    from kvpolicies.experiments.runner import cell_model
+    from kvpolicies.integrations import shared
+    from kvpolicies.integrations.shared import SharedPrefill
+
+    chosen = [cell for cell in cells(grid(tiny_pretrained)) if cell.protocol.value == "query_aware"][:5]
+    context = torch.randint(3, 1000, (1, 60), generator=torch.Generator().manual_seed(6))
+    expected = [cell_model(cell)._model_generate(context, 90, [], do_sample=False) for cell in chosen]
+    members = [cell_model(cell) for cell in chosen]
+    one_cache = 60 * 2 * 4 * 2 * 16 * 4  # a prompt's keys and values, every layer (4) and KV head (2), float32
+    monkeypatch.setattr(shared, "decoding_room", lambda device: 3 * one_cache)  # about two caches and their growth
+    SharedPrefill(members)
+    found = [member._model_generate(context, 90, [], do_sample=False) for member in members]
+    assert [f.tolist() for f in found] == [e.tolist() for e in expected]
+    rows = [member.timings.decoded_together for member in members]
+    assert 1 < max(rows) < len(members), rows
 
 
 def test_a_task_built_once_is_copied_and_leaves_the_generators_as_a_build_of_its_own():

@@ -49,7 +49,7 @@ def run_cell(cell, lm=None):
             "peak_memory_bytes": 0, "peak_memory_growth_bytes": 0, "wall_s": float(seconds), "device": "cpu"}
 
 runner.run_cell = run_cell
-runner.evaluate_group = lambda cells: (runner.evaluate(cell) for cell in cells)  # no model to build
+runner.evaluate_group = lambda cells, together=True: (runner.evaluate(cell) for cell in cells)  # no model to build
 config = SweepConfig.model_validate(json.loads(grid))
 sweep.cells(config)  # keys hashed (and cached) before the start, so both sweeps reach their first claim together
 Path(f"{go}.{os.getpid()}.ready").touch()

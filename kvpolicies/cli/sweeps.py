@@ -58,6 +58,10 @@ def add_commands(commands) -> None:
     sweep.add_argument("--no-shared-prefill", action="store_true",
                        help="prefill every prompt once per cell, not once for all the cells of a task (the records "
                             "are the same; sharing is faster, and holds one prompt's full prefill in memory)")
+    sweep.add_argument("--decode-alone", action="store_true",
+                       help="with a shared prefill, decode each cell's answers on its own, not the cells of a prompt "
+                            "as one batch: each record is then bit for bit what the cell writes alone (batched, a "
+                            "near-tie between two tokens may go the other way; docs/performance.md says how often)")
     sweep.add_argument("--dry-run", action="store_true",
                        help="run nothing, load no model: the cells, samples, and per cell an estimate of peak memory "
                             "and time on this device, with the prefill chunk that fits")
@@ -188,13 +192,14 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         from kvpolicies.experiments.dry_run import dry_run, finished_keys
 
         print(dry_run(config, finished_keys(config, results), memory_gib=args.memory,
-                      share_prefill=not args.no_shared_prefill))
+                      share_prefill=not args.no_shared_prefill, decode_together=not args.decode_alone))
         return 0
     if args.memory is not None:
         raise UsageError("--memory sizes the estimate of --dry-run; give --dry-run too, or leave --memory out")
     try:
-        failed = sum(record.status != "ok" for record in run_sweep(config, results, executor=executor(config),
-                                                                   share_prefill=not args.no_shared_prefill))
+        records = run_sweep(config, results, executor=executor(config, not args.decode_alone),
+                            share_prefill=not args.no_shared_prefill)
+        failed = sum(record.status != "ok" for record in records)
     except KeyboardInterrupt:
         print(f"kvpolicies: interrupted; every finished cell is saved in {results}: run the same command to resume",
               file=sys.stderr)
@@ -207,18 +212,18 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def executor(config):
+def executor(config, decode_together: bool = True):
     """The executor the grid asks for: the local one, or Ray's, which needs the ``ray`` extra."""
     if config.execution.executor == "local":
         from kvpolicies.experiments.sweep import LocalExecutor
 
-        return LocalExecutor()
+        return LocalExecutor(decode_together)
     try:
         from kvpolicies.experiments.ray_executor import RayExecutor
     except ImportError as error:
         raise UsageError(f"the Ray executor needs Ray ({error}); install it with pip install 'kvpolicies[ray]' (or "
                          "pip install -e '.[ray]' in a checkout)") from None
-    return RayExecutor(config.execution)
+    return RayExecutor(config.execution, decode_together)
 
 
 def run_leaderboard(args: argparse.Namespace) -> int:

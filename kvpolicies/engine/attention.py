@@ -20,7 +20,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvpolicies.engine.paths import launch_bound
 from kvpolicies.engine.signals import LogitScale
-from kvpolicies.engine.storage import CompressedLayer, claim_layer
+from kvpolicies.engine.storage import CompressedLayer, RowLayers, claim_layer
 from kvpolicies.errors import ModelLoadError
 
 PREFIX = "kvpolicies-"
@@ -74,6 +74,17 @@ def kvpolicies_attention(inner: Callable, module, query, key, value, attention_m
     if claimed is None:
         return inner(module, query, key, value, attention_mask, **kwargs)
     cache, layer = claimed
+    if isinstance(layer, RowLayers):  # caches decoded as one batch, one token each: each row reads its own
+        return torch.cat([attend(inner, module, query[row : row + 1], keys, values, None, owner, own, **kwargs)[0]
+                          for row, (owner, own, keys, values)
+                          in enumerate(zip(layer.owners, layer.layers, layer.keys, layer.values))]), None
+    return attend(inner, module, query, key, value, attention_mask, cache, layer, **kwargs)
+
+
+def attend(inner: Callable, module, query, key, value, attention_mask, cache, layer: CompressedLayer, **kwargs):
+    """The attention of ``layer`` of ``cache``, which its update just returned ``key`` and ``value`` from; then the
+    cache decides what the layer keeps. A row decoded with others (:mod:`kvpolicies.engine.rows`) comes without a
+    mask: its one new token sees every entry its layer holds, as it would alone."""
     if kwargs.get("s_aux") is not None:  # GPT-OSS: a learned sink logit per head joins every softmax
         raise ModelLoadError(f"{type(module).__name__} adds learned attention sinks (s_aux) to its softmax, which "
                              "kvpolicies' attention over compressed layers does not compute; this model is not "

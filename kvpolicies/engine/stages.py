@@ -123,13 +123,20 @@ def install(model) -> None:
 
 def _before_forward(model, args: tuple, kwargs: dict) -> None:
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if not hasattr(cache, "stage_due") or not cache.policy.has_stage:  # another cache, or no stage: nothing to do
+    if not hasattr(cache, "stage_due"):  # another cache (rows decoded together call before_forward row by row)
         return
     ids = kwargs.get("input_ids", args[0] if args else None)
     new = ids if ids is not None else kwargs.get("inputs_embeds")
-    if new is None:
+    if new is not None:
+        before_forward(cache, model, ids, new.shape[1])
+
+
+def before_forward(cache: CompressedCache, model, ids: torch.Tensor | None, new_tokens: int) -> None:
+    """What ``cache`` does before a forward pass of ``new_tokens`` tokens (``ids``, None for embeddings) runs over
+    it: its policy's stage if due, and the ids kept for a stage."""
+    if not cache.policy.has_stage:  # no stage: nothing to do
         return
-    if cache.stage_due(new.shape[1]):
+    if cache.stage_due(new_tokens):
         cache.after_prefill(model)
     cache.record_ids(ids)
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,12 +64,12 @@ CODE, TRACK = "code:", "track:"
 ``keys``)."""
 
 
-def hand_over(owner: Any, layer: CompressedLayer, keys: torch.Tensor) -> None:
+def hand_over(owner: Any, layer: CompressedLayer | RowLayers, keys: torch.Tensor) -> None:
     """Leave ``layer`` of ``owner`` (its cache), which just returned ``keys``, for the attention to claim."""
     _pending.owner, _pending.layer, _pending.keys = owner, layer, keys
 
 
-def claim_layer(keys: torch.Tensor) -> tuple[Any, CompressedLayer] | None:
+def claim_layer(keys: torch.Tensor) -> tuple[Any, CompressedLayer | RowLayers] | None:
     """``(cache, layer)`` whose update just returned ``keys``, or None for any other cache."""
     layer = getattr(_pending, "layer", None)
     if layer is None or getattr(_pending, "keys", None) is not keys:
@@ -76,6 +77,18 @@ def claim_layer(keys: torch.Tensor) -> tuple[Any, CompressedLayer] | None:
     owner = _pending.owner
     _pending.owner = _pending.layer = _pending.keys = None
     return owner, layer
+
+
+@dataclass(frozen=True)
+class RowLayers:
+    """One layer of several caches decoded as the rows of one batch (:mod:`kvpolicies.engine.rows`): row ``i`` is
+    ``owners[i]``'s ``layers[i]``, whose update returned ``keys[i]`` and ``values[i]`` (``[1, kv_heads, seq,
+    head_dim]``)."""
+
+    owners: tuple[Any, ...]
+    layers: tuple[CompressedLayer, ...]
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
 
 
 def held_bytes(*tensors: torch.Tensor | None) -> int:

@@ -230,14 +230,20 @@ def prefill_seconds(shape: Shape, device: Device, work: Workload) -> float | Non
 
 def generation_seconds(shape: Shape, device: Device, work: Workload, budget: float, dtype_bytes: int) -> float:
     """Estimated seconds of a cell's generated tokens, each the larger of its FLOPs and the bytes it reads."""
+    return together_seconds(shape, device, work, [budget], dtype_bytes)
+
+
+def together_seconds(shape: Shape, device: Device, work: Workload, budgets: Sequence[float],
+                     dtype_bytes: int) -> float:
+    """Estimated seconds of generating for cells decoded as one batch, one row each (row ``i`` keeping
+    ``budgets[i]`` of its prompt): each step the larger of every row's FLOPs and the bytes it reads, the weights
+    once and every row's cache."""
     attention = 4 * shape.layers * shape.heads * shape.head_dim
     seconds = 0.0
     for length, samples in work.lengths:
-        kept = length * budget
-        per_token = max((2 * shape.parameters + attention * kept) / device.flops_per_s,
-                        (shape.parameters * dtype_bytes + shape.kv_bytes(kept, dtype_bytes))
-                        / device.bandwidth_bytes_per_s)
-        seconds += samples * work.generated * per_token
+        flops = sum(2 * shape.parameters + attention * length * budget for budget in budgets)
+        read = shape.parameters * dtype_bytes + sum(shape.kv_bytes(length * budget, dtype_bytes) for budget in budgets)
+        seconds += samples * work.generated * max(flops / device.flops_per_s, read / device.bandwidth_bytes_per_s)
     return seconds
 
 
@@ -248,10 +254,11 @@ def capture_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> float:
 
 
 def dry_run(config: SweepConfig, done: set[str] | None = None, device: str | None = None,
-            memory_gib: float | None = None, share_prefill: bool = True) -> str:
+            memory_gib: float | None = None, share_prefill: bool = True, decode_together: bool = True) -> str:
     """The plan of ``config``'s sweep as text: cells to run (``done`` keys skipped), then per model and task the
     samples, the estimated peak memory of its worst cell, the prefill chunk that fits the device, how many prefills
-    each prompt takes (one for all the cells that share it) and the task's time."""
+    each prompt takes (one for all the cells that share it) and the task's time, with the cells of a prompt
+    decoding its answers as one batch (``decode_together``) or one after another."""
     from kvpolicies.experiments.sweep import shared_groups
 
     from tabulate import tabulate
@@ -290,7 +297,7 @@ def dry_run(config: SweepConfig, done: set[str] | None = None, device: str | Non
             shares = (share_prefill and work.generated > 0 and ran[0].batch_size == 1
                       and capture <= (memory - (peak if peak is not None else shape.parameters * dtype_bytes)) / 2)
             groups = shared_groups(ran) if shares else [[cell] for cell in ran]
-            seconds = _task_seconds(shape, measured, work, groups, dtype_bytes)
+            seconds = _task_seconds(shape, measured, work, groups, dtype_bytes, decode_together)
             prefills = [f"{_passes(group)} for {len(group)} cells" if len(group) > 1 else "1 per cell"
                         for group in groups]
             if seconds is None:
@@ -299,6 +306,11 @@ def dry_run(config: SweepConfig, done: set[str] | None = None, device: str | Non
                 total_s += seconds
             if peak is not None and any(len(group) > 1 for group in groups):
                 peak += capture
+                if decode_together:  # a protocol's caches, held at once while they decode: at most half the rest
+                    caches = max(sum(cell_memory(shape, cell, longest, work.generated, dtype_bytes, None)["kv"]
+                                     for cell in group if cell.protocol == protocol)
+                                 for group in groups for protocol in {cell.protocol for cell in group})
+                    peak += min(caches, max(memory - peak, 0) / 2)
             rows.append([model or "embedded", task.name, len(ran), "?" if work.samples is None else work.samples,
                          "?" if longest is None else longest, "?" if peak is None else f"{peak / GIB:.1f}", fits,
                          ", ".join(sorted(set(prefills))), "?" if seconds is None else _duration(seconds)])
@@ -314,18 +326,24 @@ def dry_run(config: SweepConfig, done: set[str] | None = None, device: str | Non
 
 
 def _task_seconds(shape: Shape, device: Device, work: Workload, groups: Sequence[Sequence[Cell]],
-                  dtype_bytes: int) -> float | None:
+                  dtype_bytes: int, together: bool = True) -> float | None:
     """Estimated seconds of a task's cells run in ``groups``: a group of several prefills each prompt once per
-    protocol (the question's own prefill on a compressed context is left out), then generates for each cell. A
-    policy with an after-prefill stage pays one more prefill of its own per cell (KVzip's repetition of the
-    context; an upper bound for a stage that runs no second pass)."""
+    protocol (the question's own prefill on a compressed context is left out), then generates for its cells, the
+    cells of a protocol as one batch (``together``) or one after another. A policy with an after-prefill stage pays
+    one more prefill of its own per cell (KVzip's repetition of the context; an upper bound for a stage that runs
+    no second pass)."""
     prefill = prefill_seconds(shape, device, work)
     if prefill is None:
         return None
     seconds = 0.0
     for group in groups:
-        seconds += _passes(group) * prefill + sum(generation_seconds(shape, device, work, _kept(cell), dtype_bytes)
-                                          + (prefill if _has_stage(cell) else 0.0) for cell in group)
+        seconds += _passes(group) * prefill + sum(prefill for cell in group if _has_stage(cell))
+        if together and len(group) > 1:
+            for protocol in {cell.protocol for cell in group}:
+                budgets = [_kept(cell) for cell in group if cell.protocol == protocol]
+                seconds += together_seconds(shape, device, work, budgets, dtype_bytes)
+        else:
+            seconds += sum(generation_seconds(shape, device, work, _kept(cell), dtype_bytes) for cell in group)
     return seconds
 
 

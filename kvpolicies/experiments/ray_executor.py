@@ -67,8 +67,9 @@ class SweepWorker:
         """The node this worker runs on; answering at all says it has started."""
         return ray.get_runtime_context().get_node_id()
 
-    def evaluate(self, cells_json: list[str]) -> Iterator[str]:
-        """The record of each cell of the group, in order, as each finishes (called as a streaming generator)."""
+    def evaluate(self, cells_json: list[str], together: bool = True) -> Iterator[str]:
+        """The record of each cell of the group, in order, as each finishes (called as a streaming generator);
+        ``together``: its requests' answers decoded as one batch."""
         from kvpolicies.experiments.runner import evaluate, evaluate_group
         from kvpolicies.integrations.lm_eval_logging import quiet_lm_eval
 
@@ -76,7 +77,7 @@ class SweepWorker:
         group = [Cell.model_validate_json(text) for text in cells_json]
         context = ray.get_runtime_context()
         gpu_ids = [str(i) for i in context.get_accelerator_ids()["GPU"]]
-        for record in evaluate_group(group) if len(group) > 1 else [evaluate(group[0])]:
+        for record in evaluate_group(group, together) if len(group) > 1 else [evaluate(group[0])]:
             place = record.worker.model_copy(update={"node_id": context.get_node_id(), "gpu_ids": gpu_ids})
             yield record.model_copy(update={"worker": place}).model_dump_json()
 
@@ -115,10 +116,12 @@ class _State:
 
 
 class RayExecutor:
-    """Runs cells on Ray workers of ``execution.cpus``/``execution.gpus`` each, as many as the cluster fits."""
+    """Runs cells on Ray workers of ``execution.cpus``/``execution.gpus`` each, as many as the cluster fits; a
+    worker's group decodes each request's answers as one batch (``decode_together``), or one cell after another."""
 
-    def __init__(self, execution: Execution) -> None:
+    def __init__(self, execution: Execution, decode_together: bool = True) -> None:
         self.execution = execution
+        self.decode_together = decode_together
 
     def run(self, todo: Iterable[list[Cell]], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]:
         state = _State(todo=iter(todo))
@@ -299,7 +302,7 @@ class RayExecutor:
                 state.first_started.setdefault(cell.key(), now)
             slot.busy, slot.model = list(group), group[0].model
             call = slot.actor.evaluate.options(num_returns="streaming")
-            state.running[call.remote([cell.model_dump_json() for cell in group])] = slot
+            state.running[call.remote([cell.model_dump_json() for cell in group], self.decode_together)] = slot
 
     def _collect(self, state: _State, stream: Any) -> Iterator[tuple[Cell, ResultRecord]]:
         """The next record of a worker's group, or the group's end; a worker lost or a call that failed ends it."""

@@ -216,6 +216,7 @@ def run_cell(cell: Cell, lm=None) -> dict[str, Any]:
         "peak_memory_bytes": info["request_memory"]["peak_bytes"],
         "peak_memory_growth_bytes": info["request_memory"]["growth_bytes"],
         "shared_capture_bytes": info["request_memory"]["shared_capture_bytes"] or None,
+        "decoded_together_bytes": info["request_memory"]["decoded_together_bytes"] or None,
         "wall_s": time.perf_counter() - started,
         "device": str(lm.device) + (f" ({torch.cuda.get_device_name(lm.device)})" if lm.device.type == "cuda" else ""),
         "loading": loaded_as(lm.model, cell),
@@ -243,11 +244,11 @@ def versions() -> dict[str, str]:
     }
 
 
-def evaluate_group(cells: list[Cell]) -> Iterator[ResultRecord]:
+def evaluate_group(cells: list[Cell], together: bool = True) -> Iterator[ResultRecord]:
     """The records of ``cells`` (one :meth:`~kvpolicies.experiments.grid.Cell.share_key`), in order, each as soon as
-    it is finished: every prompt is prefilled once for all of them (:mod:`kvpolicies.integrations.shared`), each
-    cell's record being the one it writes alone. A cell whose model cannot be built (its policy's options) fails
-    alone, as alone."""
+    it is finished: every prompt is prefilled once for all of them (:mod:`kvpolicies.integrations.shared`), and
+    their answers decoded as one batch (``together``) or one cell after another, each record then being the one
+    the cell writes alone. A cell whose model cannot be built (its policy's options) fails alone, as alone."""
     from kvpolicies.errors import ModelUnavailable
     from kvpolicies.integrations.shared import SharedPrefill
 
@@ -259,7 +260,7 @@ def evaluate_group(cells: list[Cell]) -> Iterator[ResultRecord]:
             raise
         except Exception:  # evaluate() builds it again, and records why it fails
             pass
-    shared = SharedPrefill(list(models.values())) if len(models) > 1 else None
+    shared = SharedPrefill(list(models.values()), together=together) if len(models) > 1 else None
     for index, cell in enumerate(cells):
         yield evaluate(cell, models.get(index))
         if shared is not None and index in models:

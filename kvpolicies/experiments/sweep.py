@@ -44,7 +44,11 @@ class Executor(Protocol):
 
 class LocalExecutor:
     """One group after another in this process: the default, and all a single machine needs. Each record is
-    written as soon as its cell is done, so an interrupted group loses none of its finished cells."""
+    written as soon as its cell is done, so an interrupted group loses none of its finished cells. A group's cells
+    decode each request's answers as one batch (``decode_together``), or one cell after another."""
+
+    def __init__(self, decode_together: bool = True) -> None:
+        self.decode_together = decode_together
 
     def run(self, todo: Iterable[list[Cell]], show: Callable[[str], None]) -> Iterator[tuple[Cell, ResultRecord]]:
         from kvpolicies.experiments.runner import evaluate, evaluate_group  # torch and lm-eval
@@ -57,7 +61,7 @@ class LocalExecutor:
                 yield group[0], evaluate(group[0])
                 continue
             show(f"{group[0].task.name}: {len(group)} cells sharing each prefill")
-            yield from zip(group, evaluate_group(group))
+            yield from zip(group, evaluate_group(group, together=self.decode_together))
 
 
 def shared_groups(todo: Iterable[Cell]) -> list[list[Cell]]:

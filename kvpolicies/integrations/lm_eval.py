@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import inspect
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -67,6 +67,10 @@ class RequestMemory:
     shared_capture_bytes: int = 0
     """The largest captured prefill this cell was replayed from (every layer's keys, values and queries, held once
     for all the cells sharing it, outside any one cell's peak)."""
+    decoded_together_bytes: int = 0
+    """The largest growth of a decoding run this cell's answers shared with other cells' (every row's cache and
+    activations; :mod:`kvpolicies.engine.rows`), outside this cell's own peak, which then covers its replay, its
+    question and its first token."""
 
     def add(self, peak: PeakMemory) -> None:
         self.peak_bytes = max(self.peak_bytes, peak.peak_bytes)
@@ -208,6 +212,47 @@ class KVPoliciesLM(HFLM):
         """This cell's output for one ``generate`` call of lm-eval: its own prefill, or, with ``prefill``, its
         cache replayed from the one its group shares (``shared``: that prefill's seconds and how many cells share
         it, each charged an equal part)."""
+        cache, steps, prefilled, generation_kwargs = self._prefilled(context, prefill, shared, generation_kwargs)
+        if prefill is not None and prefill.sequence is not None:  # query-aware: the prompt and its first token
+            output = self._continue(prefill.sequence, cache, context.shape[1], max_length, stop, steps,
+                                    **generation_kwargs)
+            self._measure(cache)
+            self.timings.add_decoding(context.shape[0], steps)
+            return output
+        output = super()._model_generate(
+            context, max_length, stop, cache=cache, streamer=steps, **generation_kwargs
+        )
+        self._measure(cache)
+        self.timings.add_generation(context.numel() - prefilled, context.shape[0], steps)
+        return output
+
+    @_measured
+    def first_token(self, context, max_length: int, stop: list[str], prefill: Prefill, shared: tuple[float, int],
+                    **generation_kwargs) -> tuple[CompressedCache, torch.Tensor]:
+        """This cell's cache replayed from the prefill its group shares, the question prefilled on it (query-
+        agnostic) and its first token chosen, as its own ``generate`` call would: ``(cache, prompt and first
+        token)``. The rest is decoded with the other cells of the request (:mod:`kvpolicies.engine.rows`), and
+        counted by :meth:`decoded`."""
+        cache, steps, prefilled, generation_kwargs = self._prefilled(context, prefill, shared, generation_kwargs)
+        if prefill.sequence is not None:  # query-aware: the capture chose it
+            return cache, prefill.sequence
+        sequence = super()._model_generate(context, context.shape[1] + 1, stop, cache=cache, streamer=steps,
+                                           **generation_kwargs)
+        self.timings.add_generation(context.numel() - prefilled, context.shape[0], steps)
+        return cache, sequence
+
+    def decoded(self, cache: CompressedCache, tokens: int, seconds: float, rows: int) -> None:
+        """This cell's share of a decoding run with others: ``tokens`` of its own in ``seconds`` (each step's time
+        split equally among the rows it decoded), in batches of up to ``rows``."""
+        self._measure(cache)
+        self.timings.add_together(tokens, seconds, rows)
+
+    def _prefilled(self, context, prefill: Prefill | None, shared: tuple[float, int] | None,
+                   generation_kwargs: dict[str, Any]
+                   ) -> tuple[CompressedCache, StepClock, int, dict[str, Any]]:
+        """A new cache for this request, with what this cell prefills before ``generate``: the context alone
+        (query-agnostic), or, with ``prefill``, the prompt (query-aware) or its context (query-agnostic) replayed.
+        Returns the cache, the clock of the steps to come, the tokens prefilled, and the arguments for ``generate``."""
         marker = generation_kwargs.pop(QUESTION_MARKER, None)
         cache = self.new_cache()
         steps = StepClock(self.device)
@@ -234,17 +279,7 @@ class KVPoliciesLM(HFLM):
         if prefill is not None and prefill.sequence is not None:  # query-aware: the prompt and its first token
             replay(prefill, cache)
             self.timings.add_prefill(context.numel(), share + _synchronized(self.device, started))
-            output = self._continue(prefill.sequence, cache, context.shape[1], max_length, stop, steps,
-                                    **generation_kwargs)
-            self._measure(cache)
-            self.timings.add_decoding(context.shape[0], steps)
-            return output
-        output = super()._model_generate(
-            context, max_length, stop, cache=cache, streamer=steps, **generation_kwargs
-        )
-        self._measure(cache)
-        self.timings.add_generation(context.numel() - prefilled, context.shape[0], steps)
-        return output
+        return cache, steps, prefilled, generation_kwargs
 
     def plain_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
         """HFLM's own ``generate`` call (its defaults for greedy decoding, its stop sequences), on the cache given."""
@@ -258,12 +293,7 @@ class KVPoliciesLM(HFLM):
         stop sequences are looked for from the prompt's end, the first token included."""
         from lm_eval.models.utils_hf import stop_sequences_criteria
 
-        first = sequence[:, -1]
-        ends = self.model.generation_config.eos_token_id
-        ends = set(ends if isinstance(ends, list) else [] if ends is None else [ends])
-        if first.item() in ends or sequence.shape[1] >= max_length:
-            return sequence
-        if bool(stop_sequences_criteria(self.tokenizer, stop, prompt_length, 1)(sequence, None).all()):
+        if sequence.shape[1] >= max_length or self.stopper(prompt_length, stop)(sequence):
             return sequence
         mask = generation_kwargs.pop("attention_mask", None)
         if mask is not None:
@@ -280,6 +310,18 @@ class KVPoliciesLM(HFLM):
                 stopping_criteria=stop_sequences_criteria(self.tokenizer, stop, prompt_length, sequence.shape[0]),
                 pad_token_id=self.tokenizer.pad_token_id, **generation_kwargs,
             )
+
+    def stopper(self, prompt_length: int, stop: list[str]) -> Callable[[torch.Tensor], bool]:
+        """Whether a sequence (``[1, length]``) of a prompt of ``prompt_length`` tokens is done after its newest
+        token, as one ``generate`` call stops: an end-of-sequence token, or one of lm-eval's ``stop`` sequences
+        looked for from the prompt's end. Each stopper follows one sequence, token after token (lm-eval's criteria
+        remember what they saw)."""
+        from lm_eval.models.utils_hf import stop_sequences_criteria
+
+        ends = self.model.generation_config.eos_token_id
+        ends = set(ends if isinstance(ends, list) else [] if ends is None else [ends])
+        criteria = stop_sequences_criteria(self.tokenizer, stop, prompt_length, 1)
+        return lambda sequence: sequence[0, -1].item() in ends or bool(criteria(sequence, None).all())
 
     def question_starts(self, context: torch.Tensor, marker: str, mask: torch.Tensor | None) -> list[int]:
         """Real tokens before each prompt's question (``context`` ``[batch, seq]``, left-padded by ``mask``)."""
@@ -552,6 +594,7 @@ class Timings:
         self.shared_prefill_s = 0.0
         self.shared_prefills = self.shared_by = 0
         self.stage_s, self.probe_tokens = 0.0, 0
+        self.decoded_together = 0
 
     def add_prefill(self, tokens: int, seconds: float) -> None:
         self.prefill_tokens += tokens
@@ -576,6 +619,13 @@ class Timings:
             self.decode_tokens += (len(clock.stamps) - 1) * batch
             self.decode_s += clock.stamps[-1] - clock.stamps[0]
 
+    def add_together(self, tokens: int, seconds: float, rows: int) -> None:
+        """Decoding with other cells' rows (:mod:`kvpolicies.engine.rows`): ``tokens`` of this cell's, its share
+        of the time, in batches of up to ``rows`` rows."""
+        self.decode_tokens += tokens
+        self.decode_s += seconds
+        self.decoded_together = max(self.decoded_together, rows)
+
     def add_generation(self, prompt_tokens: int, batch: int, clock: StepClock) -> None:
         if len(clock.stamps) >= 2:  # stamps: before prefill, after the first token, after each further one
             self.add_prefill(prompt_tokens, clock.stamps[1] - clock.stamps[0])
@@ -591,6 +641,7 @@ class Timings:
             **({"shared_prefill_s": self.shared_prefill_s, "shared_prefills": self.shared_prefills,
                 "shared_by": self.shared_by} if self.shared_prefills else {}),
             **({"stage_s": self.stage_s, "stage_probe_tokens": self.probe_tokens} if self.stage_s else {}),
+            **({"decoded_together": self.decoded_together} if self.decoded_together else {}),
         }
 
 

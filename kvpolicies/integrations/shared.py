@@ -7,15 +7,26 @@ by cell as always, each with its own :class:`~kvpolicies.integrations.lm_eval.KV
 one of them receives is served for all of them at once: the prompt is prefilled once per protocol (``query_aware``:
 the whole prompt, and the first token, by ``generate`` itself; ``query_agnostic``: the context alone), each cell's
 cache is replayed from it, and each cell generates the rest on its own cache. The other cells find their answers
-waiting when lm-eval asks them for the same request. So every cell's record is the one it writes alone: same key,
-same kept entries, same generated tokens, the same scores (tested); its timing fields say what was shared.
+waiting when lm-eval asks them for the same request.
+
+The answers are decoded as one batch by default, each row on its own cell's cache (:mod:`kvpolicies.engine.rows`):
+one forward per step for all the cells of the request, which is where a shared run spends most of its time
+otherwise. A batch's forward may round differently from a forward of one row, so a cell's answer agrees with its
+answer alone as often as the model's batched and single forwards choose the same tokens (measured in
+docs/performance.md). Decoded one cell after another (``together=False``, ``kvpolicies sweep --decode-alone``),
+every cell's record is the one it writes alone: same key, same kept entries, same generated tokens, the same scores
+(tested). Either way its timing fields say what was shared (``shared_by``, ``decoded_together``).
 
 What does not share, and runs per cell as alone: a batch of several prompts, sampling, a prefill in chunks, beam
-search, a minimum length, and log-likelihood requests (perplexity streams its documents through the cache).
+search, a minimum length, and log-likelihood requests (perplexity streams its documents through the cache). What
+shares its prefill but decodes per cell: a request whose logits ``generate`` would change before its argmax (a
+repetition penalty, banned words, ...: :func:`apart`).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -24,7 +35,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvpolicies.engine.clock import clock
+from kvpolicies.engine.memory import PeakMemory
 from kvpolicies.engine.replay import Capture, Prefill, capture
+from kvpolicies.engine.rows import decode_together
 from kvpolicies.errors import UsageError
 from kvpolicies.integrations.protocol import QUESTION_MARKER, Protocol, missing_split
 
@@ -40,10 +53,22 @@ class Failed:
         self.error = error.with_traceback(None)
 
 
+@dataclasses.dataclass
+class Begun:
+    """A cell whose answer is to be decoded with others: its cache and its sequence so far (the prompt and its
+    first token), and its timings and memory as they were before the request (restored if the batch fails)."""
+
+    member: KVPoliciesLM
+    cache: Any
+    sequence: torch.Tensor | None
+    timings: Any
+    memory: Any
+
+
 class SharedPrefill:
     """Serves the ``generate`` calls of a group of cells (``members``) from one prefill per request and protocol."""
 
-    def __init__(self, members: Sequence[KVPoliciesLM]) -> None:
+    def __init__(self, members: Sequence[KVPoliciesLM], together: bool = True) -> None:
         models = {id(member.model) for member in members}
         if len(models) != 1:
             raise ValueError("the cells of a shared prefill must run on one loaded model")
@@ -51,6 +76,9 @@ class SharedPrefill:
         for member in self.members:
             member.shared = self
             member.answers = {}
+        self.together = together
+        """Whether the cells of a request decode their answers as one batch (:mod:`kvpolicies.engine.rows`), or one
+        after another (each bit for bit what it writes alone)."""
         self.served = self.alone = 0
         """Requests served from one prefill, and requests each cell ran alone (see :func:`shareable`)."""
         self.said: set[str] = set()
@@ -113,19 +141,105 @@ class SharedPrefill:
                 self._alone(group, key, context, max_length, stop, generation_kwargs,
                             f"the shared prefill failed ({type(error).__name__}: {error})")
                 continue
-            for member in group:
-                self._store(member, key, context, lambda m=member: m._generate(
-                    context, max_length, stop, prefill=prefill, shared=(seconds, len(group)),
-                    **dict(generation_kwargs)))
+            why_apart = "" if len(group) == 1 or not self.together else apart(group[0], generation_kwargs)
+            if why_apart:
+                self._say(f"each cell decodes its own answers here: {why_apart}")
+            if len(group) > 1 and self.together and not why_apart:
+                self._together(group, key, context, max_length, stop, generation_kwargs, prefill, seconds)
+            else:
+                for member in group:
+                    self._store(member, key, context, lambda m=member: m._generate(
+                        context, max_length, stop, prefill=prefill, shared=(seconds, len(group)),
+                        **dict(generation_kwargs)))
             del prefill  # before the next protocol's capture: one held at a time
+
+    def _together(self, group: list[KVPoliciesLM], key: str, context: torch.Tensor, max_length: int,
+                  stop: list[str], generation_kwargs: dict[str, Any], prefill: Prefill, seconds: float) -> None:
+        """Every cell of ``group`` replayed from ``prefill`` and given its first token, then their answers decoded
+        as one batch, each row on its own cache; in several batches where the caches would hold more than half of
+        the memory free now (each counted with room for every token it may still generate). A cell whose first
+        steps raise fails alone."""
+        prompt = context.shape[1]
+        room = decoding_room(group[0].device)
+        batch: list[Begun] = []
+        held = 0
+        for member in group:
+            before = Begun(member, None, None, copy.deepcopy(member.timings), copy.deepcopy(member.request_memory))
+            try:
+                cache, sequence = member.first_token(context, max_length, stop, prefill=prefill,
+                                                     shared=(seconds, len(group)), **dict(generation_kwargs))
+            except Exception as error:
+                member.answers[key] = Failed(error)
+                self.failed.add(id(member))
+                continue
+            if sequence.shape[1] >= max_length or member.stopper(prompt, stop)(sequence):
+                member.decoded(cache, 0, 0.0, 1)  # done at its first token, as its own generate call would be
+                member.answers[key] = sequence[:, prompt:].cpu()
+                continue
+            needed = cache.resident_bytes() + (max_length - sequence.shape[1]) * cache.shape.entry_bytes * \
+                cache.shape.cells
+            if batch and room is not None and held + needed > room:
+                self._decode(batch, key, context, max_length, stop, generation_kwargs, prefill, (seconds, len(group)))
+                batch, held = [], 0
+            batch.append(dataclasses.replace(before, cache=cache, sequence=sequence))
+            held += needed
+        if batch:
+            self._decode(batch, key, context, max_length, stop, generation_kwargs, prefill, (seconds, len(group)))
+
+    def _decode(self, batch: list[Begun], key: str, context: torch.Tensor, max_length: int, stop: list[str],
+                generation_kwargs: dict[str, Any], prefill: Prefill, shared: tuple[float, int]) -> None:
+        """The answers of ``batch`` decoded as one batch, each cell charged its own tokens and an equal share of
+        each step it took part in. If the batch raises, which row broke is unknown: each of its cells decodes
+        alone from a fresh replay (its timings and memory as if the batch had not run), and only a broken one
+        fails."""
+        prompt = context.shape[1]
+        stoppers = [begun.member.stopper(prompt, stop) for begun in batch]
+        spent, tokens = [0.0] * len(batch), [0] * len(batch)
+
+        def step_done(rows: list[int], step_s: float) -> None:
+            for row in rows:  # a step's time, split equally among the rows it decoded
+                spent[row] += step_s / len(rows)
+                tokens[row] += 1
+
+        first = batch[0].member
+        try:
+            with PeakMemory(first.device) as peak, torch.autocast(
+                    device_type=first.device.type, dtype=first.mixed_precision_dtype,
+                    enabled=first.mixed_precision_dtype is not None):
+                sequences = decode_together(first.model, [begun.cache for begun in batch],
+                                            [begun.sequence for begun in batch], max_length,
+                                            lambda row, sequence: stoppers[row](sequence), step_done,
+                                            clock=lambda: clock(first.device))
+        except Exception as error:
+            members = []
+            for begun in batch:
+                begun.member.timings, begun.member.request_memory = begun.timings, begun.memory
+                members.append(begun.member)
+            batch.clear()  # the caches go before the cells decode again
+            self._say(f"decoding the cells of a request together failed ({type(error).__name__}: {error}); "
+                      "each decodes its own answer instead")
+            for member in members:
+                self._store(member, key, context, lambda m=member: m._generate(
+                    context, max_length, stop, prefill=prefill, shared=shared, **dict(generation_kwargs)))
+            return
+        for row, begun in enumerate(batch):
+            member = begun.member
+            member.decoded(begun.cache, tokens[row], spent[row], len(batch))
+            member.request_memory.decoded_together_bytes = max(member.request_memory.decoded_together_bytes,
+                                                               peak.growth_bytes)
+            member.answers[key] = sequences[row][:, prompt:].cpu()
+
+    def _say(self, note: str) -> None:
+        """``note`` on stderr, once per run whatever the requests it applies to."""
+        if note not in self.said:
+            self.said.add(note)
+            print(f"kvpolicies: note: {note}", file=sys.stderr)
 
     def _alone(self, members: list[KVPoliciesLM], key: str, context: torch.Tensor, max_length: int,
                stop: list[str], generation_kwargs: dict[str, Any], why: str) -> None:
         """Each of ``members`` computes this request with its own prefill, as alone; ``why`` said once."""
         self.alone += 1
-        if why not in self.said:  # said once per reason, not per request
-            self.said.add(why)
-            print(f"kvpolicies: note: each cell prefills its own prompts here: {why}", file=sys.stderr)
+        self._say(f"each cell prefills its own prompts here: {why}")  # once per reason, not per request
         for member in members:
             self._store(member, key, context, lambda m=member: m._generate(context, max_length, stop,
                                                                            **dict(generation_kwargs)))
@@ -173,6 +287,32 @@ def shareable(member: KVPoliciesLM, context: torch.Tensor, generation_kwargs: di
     return ""
 
 
+GREEDY_ARGUMENTS = {"attention_mask", "do_sample", "temperature", "top_k", "top_p", QUESTION_MARKER}
+"""The ``generate`` arguments a greedy request may carry for its cells to decode together (top-k and top-p act
+only when sampling, which does not share)."""
+
+LOGITS_PROCESSING = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+                     "sequence_bias": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+                     "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+                     "remove_invalid_values": (None, False), "exponential_decay_length_penalty": (None,),
+                     "guidance_scale": (None, 1.0), "watermarking_config": (None,), "max_new_tokens": (None,)}
+"""Generation settings that make ``generate`` change the logits before its argmax (or its length), with the
+values that leave them alone: decoding together chooses the argmax itself, so it runs only where all are so."""
+
+
+def apart(member: KVPoliciesLM, generation_kwargs: dict[str, Any]) -> str:
+    """Why the cells of this (shareable) request cannot decode as one batch ("" if they can): a ``generate``
+    argument or a generation setting of the model that decoding together does not apply."""
+    unknown = sorted(set(generation_kwargs) - GREEDY_ARGUMENTS)
+    if unknown:
+        return f"the task passes {', '.join(unknown)} to generate"
+    config = member.model.generation_config
+    changed = [name for name, neutral in LOGITS_PROCESSING.items() if getattr(config, name, None) not in neutral]
+    if changed:
+        return f"the model's generation config sets {', '.join(changed)}"
+    return ""
+
+
 def capture_bytes(model, tokens: int) -> int:
     """What a capture of a ``tokens``-token prompt holds (:attr:`~kvpolicies.engine.replay.Prefill.nbytes`):
     every layer's keys and values (the full cache) and its queries."""
@@ -182,6 +322,12 @@ def capture_bytes(model, tokens: int) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     size = torch.empty((), dtype=model.dtype).element_size()
     return tokens * config.num_hidden_layers * (2 * kv_heads + heads) * head_dim * size
+
+
+def decoding_room(device: torch.device) -> float | None:
+    """Bytes the caches of cells decoded together may hold at once: half the memory free now (None: unknown)."""
+    free = free_bytes(device)
+    return None if free is None else free / 2
 
 
 def free_bytes(device: torch.device) -> int | None:
