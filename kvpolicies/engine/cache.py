@@ -447,6 +447,7 @@ class CompressedCache(Cache):
             views.append(ScoreInputs(
                 layer_idx=layer.layer_idx, valid=context, order=age_order(context), seen_tokens=seen, keep=keep,
                 keys=dense["keys"], values=dense["values"], scaling=scale.scaling, softcap=scale.softcap,
+                queries=layer.recent_queries if self.policy.query_window else None,
                 layer=self._layer_views.get(layer.layer_idx),
                 cumulative_attention=(dense[TRACK + CumulativeAttention.name][..., 0] * context
                                       if TRACK + CumulativeAttention.name in dense else None),

@@ -45,7 +45,8 @@ class Prefilled:
     layers: list[ScoreInputs | None]
     """Per layer: its entries as ``ScoreInputs`` (``keys``, ``values``, ``valid``, ``order``, ``seen_tokens``,
     ``keep``: the uniform allocation per head, ``layer``: the model facts, the policy's tracks and
-    ``cumulative_attention`` if it declares them), or None for a sliding-window layer held whole (a budget with
+    ``cumulative_attention`` if it declares them, and ``queries``, the last ``query_window`` queries of the
+    prompt's forward, if it sets one), or None for a sliding-window layer held whole (a budget with
     ``windows="keep"``), which holds its window whatever the policy says. ``valid`` marks the context's entries, the
     ones to score (in a window, those the model can still attend to)."""
     budget: list[int]
