@@ -53,7 +53,8 @@ class DuoAttention(Policy):
         views = [inputs for inputs in prefilled.layers if inputs is not None]
         if not views:  # every layer a window held whole: nothing to choose
             return [None] * len(prefilled.layers)
-        shares = [None if inputs is None else self._lost_by_streaming(inputs) for inputs in prefilled.layers]
+        shares = [None if inputs is None else self._lost_by_streaming(inputs, prefilled.context_tokens)
+                  for inputs in prefilled.layers]
         # Heads ranked per sequence over every layer: an integer rank per head, then the entry's recency within
         # its head (below 1), so a top-k over all entries fills whole heads in order, the newest first.
         found = torch.stack([share for share in shares if share is not None])  # [layers, batch, kv_heads]
@@ -72,27 +73,33 @@ class DuoAttention(Policy):
             index += 1
         return scores
 
-    def _lost_by_streaming(self, inputs) -> torch.Tensor:
+    def _lost_by_streaming(self, inputs, context_tokens: list[int], chunk: int = 16) -> torch.Tensor:
         """``[batch, kv_heads]``: the share of the observing queries' attention that lands on entries a streaming
-        head drops. The queries follow the entries they see (the context's own last queries, causally, or a
-        question's after the whole context)."""
+        head drops. The queries are the context's own last ones (each sees the entries up to itself), or, where a
+        question follows the context, the question's (they see the whole context). Queries run ``chunk`` at a time,
+        so memory stays O(chunk × seq)."""
         queries = inputs.queries
         if queries is None:
             raise ValueError("duoattention classifies heads by their last queries, and none were kept for this "
                              "layer; it needs the queries of the prompt's forward pass")
         batch, kv_heads, seq, head_dim = inputs.keys.shape
-        grouped = queries.float().view(batch, kv_heads, -1, queries.shape[-2], head_dim)
-        logits = torch.einsum("bhgqd,bhsd->bhgqs", grouped, inputs.keys.float()) * inputs.scaling
-        if inputs.softcap:
-            logits = torch.tanh(logits / inputs.softcap) * inputs.softcap
-        held = inputs.valid.sum(-1, keepdim=True)  # [batch, kv_heads, 1]
         window = queries.shape[-2]
-        own = torch.tensor(inputs.seen_tokens, device=held.device)[:, None, None] <= held  # the context's queries
-        # Query j of the window sees entries up to age rank held - window + j when it is the context's own.
-        limit = torch.where(own, held - window, held) + torch.arange(window, device=held.device)  # [b, h, window]
-        visible = inputs.valid[:, :, None, :] & (inputs.order[:, :, None, :] <= limit[..., None])
-        probs = logits.masked_fill(~visible[:, :, None], float("-inf")).softmax(dim=-1).nan_to_num(0.0)
-        received = probs.sum(dim=(2, 3))  # [batch, kv_heads, seq]
+        grouped = queries.view(batch, kv_heads, -1, window, head_dim)
+        keys = inputs.keys.float()
+        held = inputs.valid.sum(-1, keepdim=True)  # [batch, kv_heads, 1]
+        after = torch.tensor([seen > context for seen, context in zip(inputs.seen_tokens, context_tokens)],
+                             device=held.device)[:, None, None]  # a question's queries, past the context
+        first = torch.where(after, held, held - window)  # query j of the window sees age ranks up to first + j
+        received = torch.zeros(batch, kv_heads, seq, dtype=torch.float32, device=keys.device)
+        for start in range(0, window, chunk):
+            stop = min(start + chunk, window)
+            logits = torch.einsum("bhgqd,bhsd->bhgqs", grouped[:, :, :, start:stop].float(), keys) * inputs.scaling
+            if inputs.softcap:
+                logits = torch.tanh(logits / inputs.softcap) * inputs.softcap
+            limit = first + torch.arange(start, stop, device=held.device)  # [batch, kv_heads, queries]
+            visible = inputs.valid[:, :, None, :] & (inputs.order[:, :, None, :] <= limit[..., None])
+            probs = logits.masked_fill_(~visible[:, :, None], float("-inf")).softmax(dim=-1).nan_to_num_(0.0)
+            received += probs.sum(dim=(2, 3))
         sinks, recent = self.protected
         kept = (inputs.order < sinks) | (inputs.order >= held - recent)
         lost = received.masked_fill(kept | ~inputs.valid, 0.0).sum(-1)

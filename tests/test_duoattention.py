@@ -40,7 +40,7 @@ def test_the_head_whose_queries_look_past_its_sinks_and_window_ranks_first():
     assert ranks[1][1] == 3  # the retrieval head ranks above every other
     within = scores[1][0, 1]
     assert torch.equal(within.argsort(), torch.arange(40))  # inside a head, the newest entries first
-    shares = [policy._lost_by_streaming(inputs) for inputs in layers]
+    shares = [policy._lost_by_streaming(inputs, [40]) for inputs in layers]
     assert shares[1][0, 1] > 0.9 and max(shares[0].max(), shares[1][0, 0]) < 0.05
 
 

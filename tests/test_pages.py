@@ -63,6 +63,19 @@ def test_policies_under_one_label_are_rows_of_their_own_named_by_policy_then_opt
                                         "mine (l2norm)", "full (no eviction)"]
 
 
+def test_rates_of_shared_work_say_the_share_each_cell_was_charged(tmp_path):
+    """A prefill shared by 9 cells reads 9 times a prefill of its own, and decoding steps shared with up to 8 rows
+    about 8 times: both marked, so that no one reads them as a cell's own speed."""
+    shared = {"prefill_tokens_per_s": 9000.0, "decode_tokens_per_s": 160.0, "shared_by": 9, "decoded_together": 8}
+    records = [full(), cell(policy="snapkv", speed=shared), cell(policy="l2norm", score=0.3)]
+    rows, _ = load_rows(load_results(write_records(tmp_path / "r", records)))
+    [(_, headers, body)] = task_tables(rows)
+    prefill, decode = headers.index("prefill tok/s"), headers.index("decode tok/s")
+    by_policy = {row[1]: row for row in body}
+    assert (by_policy["snapkv"][prefill], by_policy["snapkv"][decode]) == ("9000 (1/9)", "160 (1/8)")
+    assert (by_policy["l2norm"][prefill], by_policy["l2norm"][decode]) == ("1000", "20.0")
+
+
 def test_policies_no_option_tells_apart_are_named_by_a_short_hash():
     rows, _ = load_rows([cell(label="mine", options={"x": 1}, score=0.9),
                          cell(label="mine", options={"x": "1"}, score=0.1)])

@@ -62,7 +62,7 @@ def test_rows_decoded_together_choose_and_keep_what_each_chooses_and_keeps_alone
     caches = [build() for build in builds]
     steps = []
     together = decode_together(model, caches, [start] * len(caches), limit, lambda row, s: False,
-                               lambda rows, seconds: steps.append(list(rows)))
+                               lambda rows, seconds, own: steps.append(list(rows)))
     for (single, expected), cache, found in zip(singles, caches, together):
         assert torch.equal(found, expected)
         assert_alike(state(cache), state(single))  # decode-time eviction, tracks and the stage alike
@@ -83,7 +83,8 @@ def test_a_row_that_stops_leaves_the_batch_and_its_cache_ends_where_it_stopped()
 
     caches = [replayed(model, prefill, policy) for policy in ("snapkv", "h2o", "tova")]
     steps = []
-    found = decode_together(model, caches, [start] * 3, limit, stops, lambda rows, seconds: steps.append(rows))
+    found = decode_together(model, caches, [start] * 3, limit, stops,
+                           lambda rows, seconds, own: steps.append(rows))
     for row, policy in enumerate(("snapkv", "h2o", "tova")):
         single = replayed(model, prefill, policy)
         expected = alone(model, single, start, limit, lambda s, r=row: stops(r, s))
@@ -92,6 +93,24 @@ def test_a_row_that_stops_leaves_the_batch_and_its_cache_ends_where_it_stopped()
     assert [len(rows) for rows in steps] == [3] * 3 + [2] * 4 + [1] * 9
     done = decode_together(model, caches, [found[1]] * 3, limit, stops)  # at the length already: nothing runs
     assert all(torch.equal(s, found[1]) for s in done)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # kvzip without a tokenizer repeats its context bare
+def test_a_rows_after_prefill_stage_is_charged_to_that_row_alone():
+    """KVzip's stage runs before the first step, for its own row: its time is that row's, not the batch's."""
+    import time
+
+    model = tiny_llama()
+    ids = prompt(length=48)
+    prefill = capture(model, ids)
+    start = torch.cat([ids, prefill.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    caches = [replayed(model, prefill, policy) for policy in ("snapkv", "kvzip", "h2o")]
+    charged = []
+    decode_together(model, caches, [start] * 3, start.shape[1] + 3, lambda row, s: False,
+                    lambda rows, seconds, own: charged.append((seconds, dict(own))), clock=time.perf_counter)
+    assert [sorted(own) for _, own in charged] == [[1], [], []]  # the stage ran once, before the first step
+    assert charged[0][1][1] > 0 and all(seconds > 0 for seconds, _ in charged)
+    assert caches[1].stage_ran and caches[1].probe_tokens > 0
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))

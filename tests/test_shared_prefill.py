@@ -202,6 +202,24 @@ def test_cells_decode_in_batches_that_fit_the_free_memory(tiny_pretrained, monke
     rows = [member.timings.decoded_together for member in members]
     assert 1 < max(rows) < len(members), rows
 
+    # Out of memory for its first token while two caches wait: the batch is decoded, then the cell tries again.
+    members = [cell_model(cell) for cell in chosen]
+    SharedPrefill(members)
+    monkeypatch.setattr(shared, "decoding_room", lambda device: None)  # no limit: only memory running out splits
+    real, calls = type(members[2]).first_token, []
+
+    def short_of_memory(self, *args, **kwargs):
+        calls.append(self is members[2])
+        if self is members[2] and calls.count(True) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(members[2]), "first_token", short_of_memory)
+    found = [member._model_generate(context, 90, [], do_sample=False) for member in members]
+    assert [f.tolist() for f in found] == [e.tolist() for e in expected]
+    assert calls.count(True) == 2 and [m.timings.decoded_together for m in members] == [2, 2, 3, 3, 3]
+    assert all(m.timings.shared_prefills == 1 and m.request_memory.requests == 1 for m in members)
+
 
 def test_a_task_built_once_is_copied_and_leaves_the_generators_as_a_build_of_its_own():
     """The cells of a task share one build of it (RULER makes 500 samples per build), each with its own copy; tasks

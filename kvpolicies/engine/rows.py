@@ -61,14 +61,15 @@ class CacheRows(Cache):
 @torch.no_grad()
 def decode_together(model, caches: Sequence[CompressedCache], sequences: Sequence[torch.Tensor], max_length: int,
                     stops: Callable[[int, torch.Tensor], bool],
-                    step_done: Callable[[list[int], float], None] | None = None,
+                    step_done: Callable[[list[int], float, dict[int, float]], None] | None = None,
                     clock: Callable[[], float] | None = None) -> list[torch.Tensor]:
     """Greedy decoding of every ``sequences[i]`` (``[1, length]``: a prompt and the tokens chosen so far, all but
     the last in ``caches[i]``) until ``stops(i, sequence)`` says it is done after a new token, or it reaches
     ``max_length`` tokens. Returns the sequences, each as long as it grew.
 
-    ``step_done(rows, seconds)`` is told, after each step, which rows it decoded and how long it took (read with
-    ``clock``, which must wait for the device's queued work)."""
+    ``step_done(rows, seconds, own)`` is told, after each step, which rows it decoded, how long the step's forward
+    took for all of them, and, per row, the seconds of work that row's cache did alone before it (an after-prefill
+    stage, a cost of its policy only); read with ``clock``, which must wait for the device's queued work."""
     sequences = list(sequences)
     if len(sequences) != len(caches):
         raise ValueError(f"{len(sequences)} sequences for {len(caches)} caches: give one cache per sequence")
@@ -76,8 +77,14 @@ def decode_together(model, caches: Sequence[CompressedCache], sequences: Sequenc
     started = clock() if clock is not None else 0.0
     while active:
         ids = torch.cat([sequences[row][:, -1:] for row in active])
+        own: dict[int, float] = {}
         for row, new in zip(active, ids):
-            before_forward(caches[row], model, new[None], 1)
+            if clock is not None and caches[row].policy.has_stage and caches[row].stage_due(1):
+                before_forward(caches[row], model, new[None], 1)
+                now = clock()
+                own[row], started = now - started, now
+            else:
+                before_forward(caches[row], model, new[None], 1)
         positions = torch.tensor([[caches[row].get_seq_length()] for row in active], device=ids.device)
         output = model(ids, cache=CacheRows([caches[row] for row in active]), position_ids=positions, use_cache=True,
                        logits_to_keep=1)
@@ -88,6 +95,6 @@ def decode_together(model, caches: Sequence[CompressedCache], sequences: Sequenc
         active = [row for row in active if sequences[row].shape[1] < max_length and not stops(row, sequences[row])]
         if step_done is not None:
             now = clock() if clock is not None else 0.0
-            step_done(decoded, now - started)
+            step_done(decoded, now - started, own)
             started = now
     return sequences

@@ -196,9 +196,11 @@ class ResultRecord(BaseModel):
     """The largest captured prefill the cell's caches were replayed from (held once for all the cells of its task
     that shared it: every layer's keys, values and queries); None for a cell that prefilled its own prompts."""
     decoded_together_bytes: Count | None = None
-    """The largest growth of a decoding run the cell's answers shared with its task's other cells (one batch,
-    each row on its own cache: every row's cache and activations), outside ``peak_memory_*``, which then covers the
-    cell's replay, question and first token; None for a cell that decoded its answers alone."""
+    """The most memory a decoding run the cell's answers shared with its task's other cells took (one batch, each
+    row on its own cache): every row's cache, held as the batch began, and the run's growth above that. Outside
+    ``peak_memory_*``, which then covers the cell's replay, question and first token (and, absolute, whatever the
+    process held then, other cells' caches waiting for the batch included); None for a cell that decoded its
+    answers alone."""
     cpu_count: Count | None = None
     """Cores of the machine that ran the cell: a load average above it says the timings shared the CPU."""
     wall_s: Amount | None = None

@@ -68,9 +68,9 @@ class RequestMemory:
     """The largest captured prefill this cell was replayed from (every layer's keys, values and queries, held once
     for all the cells sharing it, outside any one cell's peak)."""
     decoded_together_bytes: int = 0
-    """The largest growth of a decoding run this cell's answers shared with other cells' (every row's cache and
-    activations; :mod:`kvpolicies.engine.rows`), outside this cell's own peak, which then covers its replay, its
-    question and its first token."""
+    """The most memory a decoding run this cell's answers shared with other cells' took (:mod:`kvpolicies.engine.rows`):
+    every row's cache, held as the batch began, and the run's growth above that; outside this cell's own peak, which
+    then covers its replay, its question and its first token."""
 
     def add(self, peak: PeakMemory) -> None:
         self.peak_bytes = max(self.peak_bytes, peak.peak_bytes)

@@ -158,50 +158,70 @@ class SharedPrefill:
         """Every cell of ``group`` replayed from ``prefill`` and given its first token, then their answers decoded
         as one batch, each row on its own cache; in several batches where the caches would hold more than half of
         the memory free now (each counted with room for every token it may still generate). A cell whose first
-        steps raise fails alone."""
+        steps raise fails alone; out of memory while others' caches wait, it tries again once they are decoded."""
         prompt = context.shape[1]
         room = decoding_room(group[0].device)
         batch: list[Begun] = []
         held = 0
+        arguments = dict(max_length=max_length, stop=stop, prefill=prefill, shared=(seconds, len(group)))
         for member in group:
             before = Begun(member, None, None, copy.deepcopy(member.timings), copy.deepcopy(member.request_memory))
-            try:
-                cache, sequence = member.first_token(context, max_length, stop, prefill=prefill,
-                                                     shared=(seconds, len(group)), **dict(generation_kwargs))
-            except Exception as error:
-                member.answers[key] = Failed(error)
+            begun = self._first_token(before, context, arguments, generation_kwargs)
+            if isinstance(begun, Exception) and batch and out_of_memory(begun):
+                self._decode(batch, key, context, max_length, stop, generation_kwargs, prefill, (seconds, len(group)))
+                batch, held = [], 0
+                begun = self._first_token(before, context, arguments, generation_kwargs)
+            if isinstance(begun, Exception):
+                member.answers[key] = Failed(begun)
                 self.failed.add(id(member))
                 continue
-            if sequence.shape[1] >= max_length or member.stopper(prompt, stop)(sequence):
-                member.decoded(cache, 0, 0.0, 1)  # done at its first token, as its own generate call would be
-                member.answers[key] = sequence[:, prompt:].cpu()
+            if begun.sequence.shape[1] >= max_length or member.stopper(prompt, stop)(begun.sequence):
+                member.decoded(begun.cache, 0, 0.0, 0)  # done at its first token, as its own generate call would be
+                member.answers[key] = begun.sequence[:, prompt:].cpu()
                 continue
-            needed = cache.resident_bytes() + (max_length - sequence.shape[1]) * cache.shape.entry_bytes * \
-                cache.shape.cells
+            shape = begun.cache.shape
+            needed = begun.cache.resident_bytes() + (max_length - begun.sequence.shape[1]) * shape.entry_bytes * \
+                shape.cells
             if batch and room is not None and held + needed > room:
                 self._decode(batch, key, context, max_length, stop, generation_kwargs, prefill, (seconds, len(group)))
                 batch, held = [], 0
-            batch.append(dataclasses.replace(before, cache=cache, sequence=sequence))
+            batch.append(begun)
             held += needed
+            del begun  # the batch holds the cache now, and lets it go when it is decoded
         if batch:
             self._decode(batch, key, context, max_length, stop, generation_kwargs, prefill, (seconds, len(group)))
 
+    @staticmethod
+    def _first_token(before: Begun, context: torch.Tensor, arguments: dict[str, Any],
+                     generation_kwargs: dict[str, Any]) -> Begun | Exception:
+        """``before``'s cell replayed and given its first token, or what it raised (its timings and memory then as
+        they were before, without the traceback's frames, which would hold the cache)."""
+        member = before.member
+        try:
+            cache, sequence = member.first_token(context, **arguments, **dict(generation_kwargs))
+        except Exception as error:
+            member.timings, member.request_memory = copy.deepcopy(before.timings), copy.deepcopy(before.memory)
+            return error.with_traceback(None)
+        return dataclasses.replace(before, cache=cache, sequence=sequence)
+
     def _decode(self, batch: list[Begun], key: str, context: torch.Tensor, max_length: int, stop: list[str],
                 generation_kwargs: dict[str, Any], prefill: Prefill, shared: tuple[float, int]) -> None:
-        """The answers of ``batch`` decoded as one batch, each cell charged its own tokens and an equal share of
-        each step it took part in. If the batch raises, which row broke is unknown: each of its cells decodes
-        alone from a fresh replay (its timings and memory as if the batch had not run), and only a broken one
-        fails."""
+        """The answers of ``batch`` decoded as one batch, each cell charged its own tokens, an equal share of each
+        step it took part in, and what its own cache did alone (a stage). If the batch raises, which row broke is
+        unknown: once the batch and its memory are let go, each of its cells decodes alone from a fresh replay (its
+        timings and memory as if the batch had not run), and only a broken one fails."""
         prompt = context.shape[1]
         stoppers = [begun.member.stopper(prompt, stop) for begun in batch]
         spent, tokens = [0.0] * len(batch), [0] * len(batch)
 
-        def step_done(rows: list[int], step_s: float) -> None:
+        def step_done(rows: list[int], step_s: float, own: dict[int, float]) -> None:
             for row in rows:  # a step's time, split equally among the rows it decoded
-                spent[row] += step_s / len(rows)
+                spent[row] += step_s / len(rows) + own.get(row, 0.0)
                 tokens[row] += 1
 
         first = batch[0].member
+        caches_bytes = sum(begun.cache.resident_bytes() for begun in batch)  # held already as the batch begins
+        failure = ""
         try:
             with PeakMemory(first.device) as peak, torch.autocast(
                     device_type=first.device.type, dtype=first.mixed_precision_dtype,
@@ -210,14 +230,16 @@ class SharedPrefill:
                                             [begun.sequence for begun in batch], max_length,
                                             lambda row, sequence: stoppers[row](sequence), step_done,
                                             clock=lambda: clock(first.device))
-        except Exception as error:
+        except Exception as error:  # handled below, once the traceback (and the batch's frames) is gone
+            failure = f"{type(error).__name__}: {error}"
+        if failure:
             members = []
             for begun in batch:
                 begun.member.timings, begun.member.request_memory = begun.timings, begun.memory
                 members.append(begun.member)
             batch.clear()  # the caches go before the cells decode again
-            self._say(f"decoding the cells of a request together failed ({type(error).__name__}: {error}); "
-                      "each decodes its own answer instead")
+            self._say(f"decoding the cells of a request together failed ({failure}); each decodes its own answer "
+                      "instead")
             for member in members:
                 self._store(member, key, context, lambda m=member: m._generate(
                     context, max_length, stop, prefill=prefill, shared=shared, **dict(generation_kwargs)))
@@ -226,7 +248,7 @@ class SharedPrefill:
             member = begun.member
             member.decoded(begun.cache, tokens[row], spent[row], len(batch))
             member.request_memory.decoded_together_bytes = max(member.request_memory.decoded_together_bytes,
-                                                               peak.growth_bytes)
+                                                               caches_bytes + peak.growth_bytes)
             member.answers[key] = sequences[row][:, prompt:].cpu()
 
     def _say(self, note: str) -> None:
@@ -322,6 +344,11 @@ def capture_bytes(model, tokens: int) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     size = torch.empty((), dtype=model.dtype).element_size()
     return tokens * config.num_hidden_layers * (2 * kv_heads + heads) * head_dim * size
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says the device ran out of memory."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
 
 
 def decoding_room(device: torch.device) -> float | None:

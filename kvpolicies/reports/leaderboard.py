@@ -38,9 +38,11 @@ COLUMNS = (
     "its share of the full cache's bytes; *prefill/decode tok/s* are measured inside lm-eval's requests, one run "
     "per cell (differences under about 15% are noise on a shared machine), marked † where the load exceeded the "
     "machine's cores; a prefill rate marked (1/N) is that of a prefill the cell shared with N cells of its task, "
-    "each charged 1/N of its time (so it reads N times the rate of a prefill of its own); *peak +MiB* is the largest peak of one request of the cell above what the process held when "
+    "each charged 1/N of its time (so it reads N times the rate of a prefill of its own), and a decode rate marked "
+    "(1/N) that of decoding steps the cell shared with up to N cells' rows in one batch, each charged an equal part "
+    "of each step; *peak +MiB* is the largest peak of one request of the cell above what the process held when "
     "the request began (CUDA allocator peak, or the kernel's resident high-water mark on CPU; a cell that shared "
-    "its prefill leaves the shared capture out); *load* is the "
+    "its prefill leaves the shared capture out, and one decoded with others the batch's decoding); *load* is the "
     "highest 1-minute load average at the cell's start or end; *n* is the number of samples. "
     "*score [95% CI]*: the interval is Wilson's for an accuracy (every sample right or wrong), else a bootstrap over "
     "the samples; *vs full*: the policy's score minus the full cache's over the samples both ran, with the p-value "
@@ -73,6 +75,9 @@ class Row:
     """The load exceeded the machine's cores: the timings are not comparable."""
     shared_by: int = 0
     """Cells that shared each prompt's prefill with this one (0: its own), each charged an equal part of it."""
+    decoded_together: int = 0
+    """The most cells whose answers were decoded in one batch with this one's (0: on its own), each charged an
+    equal part of each step."""
     outcomes: Outcomes | None = None
     """Each sample's outcome, for intervals and paired tests (None in records written before they were kept)."""
 
@@ -133,6 +138,7 @@ def load_rows(records: Sequence[ResultRecord]) -> tuple[list[Row], list[Shown]]:
             load=record.load,
             busy=record.busy,
             shared_by=int((record.speed.model_extra or {}).get("shared_by") or 0),
+            decoded_together=int((record.speed.model_extra or {}).get("decoded_together") or 0),
             outcomes=record.outcomes,
         ))
     return rows, failures
@@ -144,8 +150,8 @@ def _mib(value: float | None) -> str:
 
 def _rate(value: float | None, busy: bool = False, shared_by: int = 0) -> str:
     """Three significant figures or more: decode speeds of 12.4 and 13.1 tok/s must not both read 12 and 13;
-    marked † when the machine was busier than its cores, and, for a prefill shared by ``shared_by`` cells, with
-    the share the cell was charged."""
+    marked † when the machine was busier than its cores, and, for work shared by ``shared_by`` cells (a prefill, or
+    decoding steps of that many rows), with the share the cell was charged."""
     if value is None:
         return ""
     shared = f" (1/{shared_by})" if shared_by > 1 else ""
@@ -172,12 +178,12 @@ def task_tables(rows: list[Row]) -> list[tuple[str, list[str], list[list[Any]]]]
             body = [
                 [rank, r.policy, r.score_text(), r.versus(full), _mib(r.resident_bytes),
                  f"{r.resident_bytes / r.full_bytes:.1%}" if r.resident_bytes and r.full_bytes else "",
-                 _rate(r.prefill_tps, r.busy, r.shared_by), _rate(r.decode_tps, r.busy), _mib(r.peak_memory_bytes), _load(r.load),
+                 _rate(r.prefill_tps, r.busy, r.shared_by), _rate(r.decode_tps, r.busy, r.decoded_together), _mib(r.peak_memory_bytes), _load(r.load),
                  r.samples]
                 for rank, r in zip(ranks([r.score for r in ranked]), ranked)
             ]
             body += [["ref", f"{r.policy} (no eviction)", r.score_text(), "", _mib(r.resident_bytes), "100%",
-                      _rate(r.prefill_tps, r.busy, r.shared_by), _rate(r.decode_tps, r.busy), _mib(r.peak_memory_bytes),
+                      _rate(r.prefill_tps, r.busy, r.shared_by), _rate(r.decode_tps, r.busy, r.decoded_together), _mib(r.peak_memory_bytes),
                       _load(r.load), r.samples]
                      for r in reference]
             better = "higher" if members[0].higher_is_better else "lower"
