@@ -44,6 +44,23 @@ def test_the_head_whose_queries_look_past_its_sinks_and_window_ranks_first():
     assert shares[1][0, 1] > 0.9 and max(shares[0].max(), shares[1][0, 0]) < 0.05
 
 
+def test_a_questions_queries_see_the_whole_context_and_the_contexts_own_see_up_to_themselves():
+    """Queries pointing at the context's last entry: the context's own last queries, but the newest, cannot see
+    it and spread their attention outside the sinks and window; a question's queries, after the context, all
+    see it, inside the window. Computed in chunks of two queries or all at once, the same."""
+    torch.manual_seed(1)
+    policy = get_policy("duoattention", sink_tokens=4, window_tokens=8, observation_tokens=4)
+    keys = torch.randn(1, 1, 40, 16) * 0.1
+    keys[0, 0, 39] += torch.eye(16)[0] * 8
+    queries = torch.zeros(1, 2, 4, 16)
+    queries[..., 0] = 1.0
+    own = view(keys, queries)
+    asked = ScoreInputs(**{**vars(own), "seen_tokens": [50]})  # a 10-token question follows the context
+    lost_own, lost_asked = policy._lost_by_streaming(own, [40]), policy._lost_by_streaming(asked, [40])
+    assert lost_own[0, 0] > 0.5 and lost_asked[0, 0] < 0.05
+    assert torch.allclose(policy._lost_by_streaming(own, [40], chunk=2), lost_own)
+
+
 @torch.no_grad()
 def test_retrieval_heads_keep_everything_streaming_heads_their_sinks_and_window_within_the_budget():
     model = tiny_llama()

@@ -178,6 +178,7 @@ class SharedPrefill:
             if begun.sequence.shape[1] >= max_length or member.stopper(prompt, stop)(begun.sequence):
                 member.decoded(begun.cache, 0, 0.0, 0)  # done at its first token, as its own generate call would be
                 member.answers[key] = begun.sequence[:, prompt:].cpu()
+                del begun  # its cache is done with
                 continue
             shape = begun.cache.shape
             needed = begun.cache.resident_bytes() + (max_length - begun.sequence.shape[1]) * shape.entry_bytes * \
@@ -220,7 +221,8 @@ class SharedPrefill:
                 tokens[row] += 1
 
         first = batch[0].member
-        caches_bytes = sum(begun.cache.resident_bytes() for begun in batch)  # held already as the batch begins
+        caches_bytes = sum(begun.cache.resident_bytes() + begun.cache.auxiliary_bytes()  # held as the batch begins
+                           for begun in batch)
         failure = ""
         try:
             with PeakMemory(first.device) as peak, torch.autocast(
@@ -233,10 +235,9 @@ class SharedPrefill:
         except Exception as error:  # handled below, once the traceback (and the batch's frames) is gone
             failure = f"{type(error).__name__}: {error}"
         if failure:
-            members = []
-            for begun in batch:
-                begun.member.timings, begun.member.request_memory = begun.timings, begun.memory
-                members.append(begun.member)
+            members = [begun.member for begun in batch]
+            for index, member in enumerate(members):
+                member.timings, member.request_memory = batch[index].timings, batch[index].memory
             batch.clear()  # the caches go before the cells decode again
             self._say(f"decoding the cells of a request together failed ({failure}); each decodes its own answer "
                       "instead")
@@ -347,8 +348,11 @@ def capture_bytes(model, tokens: int) -> int:
 
 
 def out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` says the device ran out of memory."""
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
+    """Whether ``error`` says the device ran out of memory: CUDA's error, Python's, or the CPU allocator's (a plain
+    RuntimeError)."""
+    text = str(error).lower()
+    return (isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
+            or "can't allocate memory" in text)
 
 
 def decoding_room(device: torch.device) -> float | None:

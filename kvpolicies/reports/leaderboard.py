@@ -505,5 +505,8 @@ def plot(results_dir: Path, out_dir: Path, records: Sequence[ResultRecord] | Non
                lambda r: None if r.resident_bytes is None else r.resident_bytes / 2**20, mine, tasks, from_zero=True)
         figure("decode_speed_vs_budget", "decode tokens/s",
                lambda r: r.decode_tps, mine, [t for t in tasks if any(r.decode_tps for r in mine if r.task == t)]
-               or tasks, from_zero=True, note="One run per cell: speed differences under about 15% are noise.")
+               or tasks, from_zero=True, note="One run per cell: speed differences under about 15% are noise."
+               + (" Cells decoded together with others (a shared prefill's rows) show their share of each step: "
+                  "about N times a decoding of their own (the tables mark them 1/N)."
+                  if any(r.decoded_together > 1 for r in mine) else ""))
     return written
