@@ -44,6 +44,7 @@ class DuoAttention(Policy):
 
     name = "duoattention"
     Config = DuoAttentionConfig
+    stage_ignores_budget = True  # the scores rank entries whatever the budget
 
     @property
     def query_window(self) -> int:

@@ -49,6 +49,7 @@ class KVzip(Policy):
 
     name = "kvzip"
     Config = KVzipConfig
+    stage_ignores_budget = True  # the scores rank entries whatever the budget
     _warned = False
 
     def after_prefill(self, prefilled: Prefilled) -> list[torch.Tensor | None]:

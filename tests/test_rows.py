@@ -18,15 +18,21 @@ POLICIES = ["full", "snapkv", "h2o", "streaming", "keydiff", "headkv", "pyramidk
 after-prefill stage that runs at the first decoding step."""
 
 
-def assert_alike(first: list[dict], second: list[dict]) -> None:
+def assert_alike(first: list[dict], second: list[dict], flips: float = 0.0) -> None:
     """Two caches' layers hold the same entries (lengths, positions seen, logical lengths exactly) with the same
-    keys, values and tracks to rounding: a batch's projections may round differently from one row's."""
+    keys, values and tracks to rounding: a batch's projections may round differently from one row's.
+
+    ``flips``: the share of a quantizing codec's stored numbers that may read back a level apart. A key that
+    differs in its last float bit can cross a level's boundary (or move a group's range), so where the rounding of
+    batched kernels differs from a row's alone (it does on some CPUs), a few entries land a level away."""
     assert len(first) == len(second)
     for one, other in zip(first, second):
         assert one.keys() == other.keys()
         for name, value in one.items():
             if isinstance(value, torch.Tensor):
-                assert value.shape == other[name].shape and torch.allclose(value, other[name], atol=1e-4), name
+                assert value.shape == other[name].shape, name
+                apart = ~torch.isclose(value, other[name], atol=1e-4)
+                assert apart.float().mean() <= flips, (name, int(apart.sum()))
             else:
                 assert value == other[name], name
 
@@ -63,9 +69,11 @@ def test_rows_decoded_together_choose_and_keep_what_each_chooses_and_keeps_alone
     steps = []
     together = decode_together(model, caches, [start] * len(caches), limit, lambda row, s: False,
                                lambda rows, seconds, own: steps.append(list(rows)))
-    for (single, expected), cache, found in zip(singles, caches, together):
+    lossy = len(POLICIES)  # the builds from here on quantize
+    for index, ((single, expected), cache, found) in enumerate(zip(singles, caches, together)):
         assert torch.equal(found, expected)
-        assert_alike(state(cache), state(single))  # decode-time eviction, tracks and the stage alike
+        assert_alike(state(cache), state(single), flips=0.01 if index >= lossy else 0.0)  # decode-time eviction,
+        # tracks and the stage alike
         assert cache.stats().resident_bytes == single.stats().resident_bytes
     assert steps == [list(range(len(caches)))] * 24  # one forward per step for every row
 

@@ -281,3 +281,46 @@ def test_the_environment_is_described_once_per_process(monkeypatch):
         assert second["pretty_env_info"] == "pip list"
     finally:
         runner._environment_described_once.cache_clear()  # the next cell installs it over lm-eval's own again
+
+
+@pytest.mark.slow
+def test_a_stage_that_ignores_the_budget_scores_each_prompt_once_for_every_budget(tiny_pretrained, tmp_path,
+                                                                                   monkeypatch):
+    """KVzip's second pass and DuoAttention's head scores do not depend on the budget: cells that differ only in
+    budget score each prompt once, select their own budgets from the same scores, and write what they write
+    alone; each is charged an equal part of the scoring and told its whole time."""
+    from kvpolicies.registry import get_policy
+
+    calls = []
+    for name in ("kvzip", "duoattention"):
+        kind = type(get_policy(name))
+        real = kind.after_prefill
+        monkeypatch.setattr(kind, "after_prefill",
+                            lambda self, prefilled, real=real: calls.append(self.name) or real(self, prefilled))
+    config = grid(tiny_pretrained, budgets=[0.25, 0.5, 0.75], policies=["kvzip", "duoattention"])
+    alone = list(run_sweep(config, tmp_path / "alone", progress=False, share_prefill=False))
+    scored_alone = len(calls)
+    calls.clear()
+    shared = list(run_sweep(config, tmp_path / "shared", progress=False))
+    assert len(shared) == 1 + 2 * 3 * 2 and all(r.status == "ok" for r in shared + alone)
+    assert computed(shared) == computed(alone)  # same kept entries, answers and scores
+    prompts, protocols = 4, 2
+    assert scored_alone == prompts * protocols * 2 * 3  # every cell scores every prompt
+    assert sorted(calls) == sorted(["kvzip", "duoattention"] * prompts * protocols)  # once per prompt and protocol
+    by_key = {r.key: r for r in alone}
+    for record in shared:
+        if record.identity.policy["policy"] == "full":
+            continue
+        speed, own = record.speed.model_extra, by_key[record.key].speed.model_extra
+        assert speed["stage_shared_by"] == 3 and speed["stage_s"] > 0
+        assert speed["stage_probe_tokens"] == own["stage_probe_tokens"]  # the method's second pass, as alone
+        assert "stage_shared_by" not in own
+
+    # A stage that may read the budget is scored by every cell, shared prefill or not.
+    monkeypatch.setattr(type(get_policy("duoattention")), "stage_ignores_budget", False)
+    calls.clear()
+    again = list(run_sweep(config, tmp_path / "again", progress=False))
+    assert computed(again) == computed(alone)
+    assert calls.count("duoattention") == prompts * protocols * 3 and calls.count("kvzip") == prompts * protocols
+    assert all("stage_shared_by" not in r.speed.model_extra for r in again if r.identity.policy["policy"] ==
+               "duoattention")

@@ -27,7 +27,7 @@ from kvpolicies.engine.layout import layer_windows
 from kvpolicies.engine.policy import Policy, ScoreInputs, Signal, tracks_of
 from kvpolicies.engine.selection import age_order, select
 from kvpolicies.engine.signals import CumulativeAttention, LogitScale, Track, attention_received
-from kvpolicies.engine.stages import Prefilled, probe, select_across_layers
+from kvpolicies.engine.stages import Prefilled, SharedScores, probe, select_across_layers
 from kvpolicies.engine.stages import install as install_stage
 from kvpolicies.engine.step import Step
 from kvpolicies.engine.storage import TRACK, CompressedLayer, hand_over
@@ -153,6 +153,11 @@ class CompressedCache(Cache):
         """Seconds the after-prefill stages took, their second passes included: a cost the method's users pay."""
         self.probe_tokens = 0
         """Tokens the stages' second passes ran through the model (real tokens, summed over the batch)."""
+        self.shared_scores: SharedScores | None = None
+        """A stage's scores computed once for this cache and others that hold the same entries (set by whoever
+        shares them, see :class:`~kvpolicies.engine.stages.SharedScores`): its first stage selects from them
+        instead of running the policy's ``after_prefill``; ``used_shared_scores`` says whether it did."""
+        self.used_shared_scores = False
         self.probing: dict | None = None
         """Set while an after-prefill stage runs the model over this cache (see :mod:`kvpolicies.engine.stages`):
         layers then record the attention their entries receive instead of storing the new tokens for good."""
@@ -429,6 +434,50 @@ class CompressedCache(Cache):
     def _run_stage(self, model) -> None:
         if self._stage_split:  # a previous stage's split: everything held is context now
             self.context_lengths, self._stage_split = None, False
+        prefilled, held = self._stage_inputs(model)
+        views = prefilled.layers
+        if self.shared_scores is not None and not self._stage_ran and self.shared_scores.key == self.stage_key():
+            returned, self.used_shared_scores = self.shared_scores.scores, True
+        else:
+            returned = self.stage_scores(prefilled)
+        scored = [i for i, inputs in enumerate(views) if inputs is not None]
+        if not isinstance(returned, (list, tuple)) or len(returned) != len(views):
+            raise self._plugin_fault(
+                f"returned {type(returned).__name__} from after_prefill(); it must return a list of {len(views)} "
+                f"entries, one per layer: a [batch, kv_heads, seq] tensor of scores for layers {scored} and None "
+                "for the sliding-window layers held whole")
+        scores = [self._checked(returned[i], views[i].valid, "after_prefill") for i in scored]
+        per_layer = [self.protected(self.layers[i])[0] for i in scored]
+        counts = {count for row in per_layer for count in row}
+        sinks = (0 if not counts else counts.pop() if len(counts) == 1 else  # one count for all, or one upload
+                 torch.tensor(per_layer, device=views[scored[0]].valid.device)[..., None, None])  # [layers, b, 1, 1]
+        keeps = select_across_layers(scores, [views[i].valid for i in scored], prefilled.budget, sinks,
+                                     self.policy.protected[1])
+        for i, keep in zip(scored, keeps):
+            dense, newest = held[i]
+            self.layers[i].store(dense, keep if newest is None else keep | newest)
+            self.cuts += 1
+        self._stage_ran = True
+        if self.context_lengths is None:  # what follows the prompt is kept whole and not charged
+            self.context_lengths, self._stage_split = list(self.layers[0].seen), True
+
+    def share_stage(self, model, cells: int) -> SharedScores:
+        """This cache's first stage scored now, over what it holds, for ``cells`` caches to select from (this one
+        is left as it was, its stage still due): see :class:`~kvpolicies.engine.stages.SharedScores`."""
+        if self._stage_ran or not self.layers[0].is_initialized:
+            raise ValueError("share_stage() scores a prompt's first stage: call it once the prompt (or its context) "
+                             "is in and before the stage runs")
+        started = clock(self.layers[0].device)
+        probed = self.probe_tokens
+        prefilled, _ = self._stage_inputs(model)
+        scores = self.stage_scores(prefilled)
+        seconds = clock(self.layers[0].device) - started
+        tokens, self.probe_tokens = self.probe_tokens - probed, probed
+        return SharedScores(self.stage_key(), list(scores), seconds, tokens, cells)
+
+    def _stage_inputs(self, model) -> tuple[Prefilled, list]:
+        """The stage's view of every layer, and per scored layer its dense entries and newest-entry mask (what the
+        selection stores from), or None."""
         seen = list(self.layers[0].seen)
         appended = self.appended(seen)
         allocations = [self.allocation(max(n - a, 1)) for n, a in zip(seen, appended)]
@@ -459,7 +508,11 @@ class CompressedCache(Cache):
                               context_tokens=[n - a for n, a in zip(seen, appended)], first=not self._stage_ran,
                               encode=None if self.tokenizer is None else self._encode,
                               _probe=self._prober(model))
-        versions = [tensor_versions(inputs) if inputs else None for inputs in views]
+        return prefilled, held
+
+    def stage_scores(self, prefilled: Prefilled) -> list[torch.Tensor | None]:
+        """What the policy's ``after_prefill`` returns for ``prefilled``, its inputs checked unedited after."""
+        versions = [tensor_versions(inputs) if inputs else None for inputs in prefilled.layers]
         try:
             returned = self.policy.after_prefill(prefilled)
         except Exception as error:
@@ -467,26 +520,15 @@ class CompressedCache(Cache):
         for version in versions:
             if version is not None:
                 self._unchanged(version, "after_prefill")
-        scored = [i for i, inputs in enumerate(views) if inputs is not None]
-        if not isinstance(returned, (list, tuple)) or len(returned) != len(views):
-            raise self._plugin_fault(
-                f"returned {type(returned).__name__} from after_prefill(); it must return a list of {len(views)} "
-                f"entries, one per layer: a [batch, kv_heads, seq] tensor of scores for layers {scored} and None "
-                "for the sliding-window layers held whole")
-        scores = [self._checked(returned[i], views[i].valid, "after_prefill") for i in scored]
-        per_layer = [self.protected(self.layers[i])[0] for i in scored]
-        counts = {count for row in per_layer for count in row}
-        sinks = (0 if not counts else counts.pop() if len(counts) == 1 else  # one count for all, or one upload
-                 torch.tensor(per_layer, device=views[scored[0]].valid.device)[..., None, None])  # [layers, b, 1, 1]
-        keeps = select_across_layers(scores, [views[i].valid for i in scored], prefilled.budget, sinks,
-                                     self.policy.protected[1])
-        for i, keep in zip(scored, keeps):
-            dense, newest = held[i]
-            self.layers[i].store(dense, keep if newest is None else keep | newest)
-            self.cuts += 1
-        self._stage_ran = True
-        if self.context_lengths is None:  # what follows the prompt is kept whole and not charged
-            self.context_lengths, self._stage_split = seen, True
+        return returned
+
+    def stage_key(self) -> tuple:
+        """What a stage whose scores ignore the budget (``Policy.stage_ignores_budget``) scores from, besides the
+        prefill: the policy's config, the codec the entries are held in, the window rule, and each sequence's
+        tokens seen and appended after its context. Two caches of one prefill with equal keys get equal scores."""
+        seen = tuple(self.layers[0].seen)
+        return (self.policy.config_hash(), self.codec.name, self.budget.windows, seen,
+                tuple(self.appended(list(seen))))
 
     def _prober(self, model):
         def attention_from(ids: torch.Tensor, reduce, mask: torch.Tensor | None) -> list[torch.Tensor | None]:

@@ -173,6 +173,11 @@ class Policy:
     """False only for the reference full cache: the cache then never evicts, whatever the budget."""
     role: ClassVar[Role | None] = None
     """The baseline this policy stands for in comparisons, if any (see :class:`Role`)."""
+    stage_ignores_budget: ClassVar[bool] = False
+    """Set True by a policy whose :meth:`after_prefill` scores do not depend on the budget (it reads neither
+    ``prefilled.budget`` nor a layer's ``keep``): cells that differ only in budget and share a prompt's prefill
+    then run its stage once for all of them (:mod:`kvpolicies.integrations.shared`); KVzip's second pass is the
+    costliest thing such a cell does. Its scores must then follow from the prefilled entries alone."""
 
     def __init__(self, config: PolicyConfig | None = None, **options: Any) -> None:
         if config is not None and options:

@@ -79,6 +79,25 @@ class Prefilled:
         return self._probe(ids, reduce, mask)
 
 
+@dataclass(frozen=True)
+class SharedScores:
+    """A stage's scores computed once over a prompt for several caches that would each compute the same ones:
+    their policy's ``stage_ignores_budget`` says the scores follow from the prefilled entries alone, and they
+    hold the same entries (one prefill, one policy config, one codec, one window rule), whatever their budgets.
+
+    A cache given them (``CompressedCache.shared_scores``) uses them at its first stage if its :meth:`key
+    <kvpolicies.engine.cache.CompressedCache.stage_key>` matches, and selects its own budget's entries from them,
+    exactly as from scores of its own."""
+
+    key: tuple
+    scores: list[torch.Tensor | None]
+    seconds: float
+    """What computing them took (the policy's ``after_prefill``, second passes included)."""
+    probe_tokens: int
+    cells: int
+    """How many caches share them: each is charged an equal part of ``seconds``."""
+
+
 def select_across_layers(scores: list[torch.Tensor], valid: list[torch.Tensor], totals: list[int],
                          sink_tokens: int | torch.Tensor = 0, window_tokens: int = 0) -> list[torch.Tensor]:
     """Keep, per sequence, ``totals[b]`` entries over all the given layers and heads: each head's newest entry

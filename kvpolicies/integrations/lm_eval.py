@@ -46,6 +46,7 @@ from kvpolicies.engine.replay import Prefill, replay
 from kvpolicies.engine.policy import Role, coerce_option
 from kvpolicies.errors import ModelLoadError, PolicyConfigError, UsageError
 from kvpolicies.engine.memory import PeakMemory
+from kvpolicies.engine.stages import SharedScores
 from kvpolicies.integrations.models import resolve_device, resolve_dtype, resolve_source
 from kvpolicies.integrations.protocol import QUESTION_MARKER, Protocol, missing_split, question_start, split_cache
 from kvpolicies.integrations.shared import SharedPrefill
@@ -72,10 +73,12 @@ class RequestMemory:
     every row's cache, held as the batch began, and the run's growth above that; outside this cell's own peak, which
     then covers its replay, its question and its first token."""
 
-    def add(self, peak: PeakMemory) -> None:
+    def add(self, peak: PeakMemory, request: bool = True) -> None:
+        """A request's peak; or (``request=False``) a peak of work done for this cell and others outside its
+        requests (a stage's scoring shared by cells of one prompt), which it would reach in a request of its own."""
         self.peak_bytes = max(self.peak_bytes, peak.peak_bytes)
         self.growth_bytes = max(self.growth_bytes, peak.growth_bytes)
-        self.requests += 1
+        self.requests += request
 
 
 def _measured(method):
@@ -178,14 +181,23 @@ class KVPoliciesLM(HFLM):
         """Set when this cell shares each prompt's prefill with others (:mod:`kvpolicies.integrations.shared`)."""
         self.answers: dict[str, Any] = {}
         """This cell's outputs computed with the others', waiting for lm-eval to ask for them."""
+        self.shared_scores: SharedScores | None = None
+        """Set while this cell computes a request whose stage scores it shares with others (see
+        :class:`~kvpolicies.engine.stages.SharedScores`): the caches it builds select from them."""
 
     def new_cache(self) -> CompressedCache:
-        return CompressedCache(self.model, self.kv_policy, self.kv_budget, codec=self.kv_codec,
-                               tokenizer=self.tokenizer)
+        cache = CompressedCache(self.model, self.kv_policy, self.kv_budget, codec=self.kv_codec,
+                                tokenizer=self.tokenizer)
+        cache.shared_scores = self.shared_scores
+        return cache
 
     def _measure(self, cache: CompressedCache) -> None:
         self.kv_measurements += cache.sequence_stats()
-        self.timings.add_stage(cache.stage_s, cache.probe_tokens)
+        if cache.used_shared_scores:  # the stage ran where the question is prefilled, or at the first step
+            self.timings.add_shared_stage(cache.stage_s, cache.shared_scores,
+                                          in_prefill=self.protocol is Protocol.QUERY_AGNOSTIC)
+        else:
+            self.timings.add_stage(cache.stage_s, cache.probe_tokens)
         self.kv_padding_bytes = max(self.kv_padding_bytes, cache.stats().padding_bytes)
 
     # -- generate_until ------------------------------------------------------------------------------------------
@@ -240,6 +252,29 @@ class KVPoliciesLM(HFLM):
                                            **generation_kwargs)
         self.timings.add_generation(context.numel() - prefilled, context.shape[0], steps)
         return cache, sequence
+
+    @torch.no_grad()
+    def share_stage(self, context, prefill: Prefill, cells: int, **generation_kwargs) -> tuple[SharedScores,
+                                                                                                PeakMemory]:
+        """This cell's stage scored once for ``cells`` cells of its group (same policy config, codec and window
+        rule; any budgets): its cache replayed from ``prefill`` as for its own request, up to where its stage
+        would run, scored, and dropped. Returns the scores and the work's peak memory."""
+        marker = generation_kwargs.get(QUESTION_MARKER)
+        with PeakMemory(self.device) as peak, torch.autocast(
+                device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None):
+            cache = CompressedCache(self.model, self.kv_policy, self.kv_budget, codec=self.kv_codec,
+                                    tokenizer=self.tokenizer)
+            starts = None if marker is None else self.question_starts(context, marker,
+                                                                      generation_kwargs.get("attention_mask"))
+            if prefill.sequence is not None:  # query-aware: the whole prompt, its question kept whole
+                cache.context_lengths = starts
+            replay(prefill, cache)
+            if prefill.sequence is None:  # query-agnostic: the context alone, its question to follow
+                cache.context_lengths = starts
+            shared = cache.share_stage(self.model, cells)
+            del cache
+        return shared, peak
 
     def decoded(self, cache: CompressedCache, tokens: int, seconds: float, rows: int) -> None:
         """This cell's share of a decoding run with others: ``tokens`` of its own in ``seconds`` (each step's time
@@ -594,6 +629,7 @@ class Timings:
         self.shared_prefill_s = 0.0
         self.shared_prefills = self.shared_by = 0
         self.stage_s, self.probe_tokens = 0.0, 0
+        self.stage_shared_by = 0
         self.decoded_together = 0
 
     def add_prefill(self, tokens: int, seconds: float) -> None:
@@ -612,6 +648,19 @@ class Timings:
         prefill or the first decoding step where it ran, and said apart."""
         self.stage_s += seconds
         self.probe_tokens += probe_tokens
+
+    def add_shared_stage(self, own_s: float, shared: SharedScores, in_prefill: bool) -> None:
+        """A stage whose scores this cell shared with ``shared.cells`` cells in all: ``stage_s`` says its whole
+        time, as a cell alone pays it (plus this cell's own selection, ``own_s``), and an equal part is charged
+        where the cell's own stage would have run: with the question's prefill (``in_prefill``, query-agnostic)
+        or at the first decoding step."""
+        self.stage_s += shared.seconds + own_s
+        self.probe_tokens += shared.probe_tokens
+        self.stage_shared_by = max(self.stage_shared_by, shared.cells)
+        if in_prefill:
+            self.prefill_s += shared.seconds / shared.cells
+        else:
+            self.decode_s += shared.seconds / shared.cells
 
     def add_decoding(self, batch: int, clock: StepClock) -> None:
         """Decoding that began after a shared prefill: every stamp after the first is a decoded token."""
@@ -641,6 +690,7 @@ class Timings:
             **({"shared_prefill_s": self.shared_prefill_s, "shared_prefills": self.shared_prefills,
                 "shared_by": self.shared_by} if self.shared_prefills else {}),
             **({"stage_s": self.stage_s, "stage_probe_tokens": self.probe_tokens} if self.stage_s else {}),
+            **({"stage_shared_by": self.stage_shared_by} if self.stage_shared_by else {}),
             **({"decoded_together": self.decoded_together} if self.decoded_together else {}),
         }
 

@@ -17,6 +17,12 @@ docs/performance.md). Decoded one cell after another (``together=False``, ``kvpo
 every cell's record is the one it writes alone: same key, same kept entries, same generated tokens, the same scores
 (tested). Either way its timing fields say what was shared (``shared_by``, ``decoded_together``).
 
+A policy whose after-prefill stage ignores the budget (``Policy.stage_ignores_budget``: KVzip, DuoAttention)
+scores each prompt once for all its cells that differ only in budget, and each selects its own budget's entries
+from those scores (:class:`~kvpolicies.engine.stages.SharedScores`): KVzip's second pass, which costs more than the
+prefill, runs once per prompt and protocol instead of once per budget. Each such cell's ``stage_s`` is the whole
+scoring's time, as alone, ``stage_shared_by`` says how many shared it, and an equal part is charged to each.
+
 What does not share, and runs per cell as alone: a batch of several prompts, sampling, a prefill in chunks, beam
 search, a minimum length, and log-likelihood requests (perplexity streams its documents through the cache). What
 shares its prefill but decodes per cell: a request whose logits ``generate`` would change before its argmax (a
@@ -144,14 +150,44 @@ class SharedPrefill:
             why_apart = "" if len(group) == 1 or not self.together else apart(group[0], generation_kwargs)
             if why_apart:
                 self._say(f"each cell decodes its own answers here: {why_apart}")
-            if len(group) > 1 and self.together and not why_apart:
-                self._together(group, key, context, max_length, stop, generation_kwargs, prefill, seconds)
-            else:
+            self._share_stages(group, context, prefill, generation_kwargs)
+            try:
+                if len(group) > 1 and self.together and not why_apart:
+                    self._together(group, key, context, max_length, stop, generation_kwargs, prefill, seconds)
+                else:
+                    for member in group:
+                        self._store(member, key, context, lambda m=member: m._generate(
+                            context, max_length, stop, prefill=prefill, shared=(seconds, len(group)),
+                            **dict(generation_kwargs)))
+            finally:
                 for member in group:
-                    self._store(member, key, context, lambda m=member: m._generate(
-                        context, max_length, stop, prefill=prefill, shared=(seconds, len(group)),
-                        **dict(generation_kwargs)))
+                    member.shared_scores = None
             del prefill  # before the next protocol's capture: one held at a time
+
+    def _share_stages(self, group: list[KVPoliciesLM], context: torch.Tensor, prefill: Prefill,
+                      generation_kwargs: dict[str, Any]) -> None:
+        """Score once the stage of cells that would score the same (a policy whose stage ignores the budget, one
+        config, one codec, one window rule: they differ in budget only) and hand every one of them the scores,
+        each charged an equal part of their time. A scoring that raises is dropped: each cell then runs its own
+        stage, and fails alone if it fails."""
+        alike: dict[tuple, list[KVPoliciesLM]] = {}
+        for member in group:
+            policy = member.kv_policy
+            if policy.has_stage and policy.stage_ignores_budget:
+                kind = (policy.config_hash(), member.kv_codec.name, member.kv_budget.windows)
+                alike.setdefault(kind, []).append(member)
+        for members in alike.values():
+            if len(members) < 2:
+                continue
+            try:
+                shared, peak = members[0].share_stage(context, prefill, len(members), **dict(generation_kwargs))
+            except Exception as error:
+                self._say(f"a stage's scores could not be shared ({type(error).__name__}: {error}); each cell "
+                          "runs its own")
+                continue
+            for member in members:
+                member.shared_scores = shared
+                member.request_memory.add(peak, request=False)
 
     def _together(self, group: list[KVPoliciesLM], key: str, context: torch.Tensor, max_length: int,
                   stop: list[str], generation_kwargs: dict[str, Any], prefill: Prefill, seconds: float) -> None:
