@@ -324,3 +324,20 @@ def test_a_stage_that_ignores_the_budget_scores_each_prompt_once_for_every_budge
     assert calls.count("duoattention") == prompts * protocols * 3 and calls.count("kvzip") == prompts * protocols
     assert all("stage_shared_by" not in r.speed.model_extra for r in again if r.identity.policy["policy"] ==
                "duoattention")
+
+
+def test_a_shared_stage_is_charged_in_equal_parts_where_each_cell_s_own_stage_runs():
+    """Query-agnostic cells run their stage with the question's prefill, query-aware ones at the first decoding
+    step: each is charged its part of the shared scoring there, and told the whole and its own selection."""
+    from kvpolicies.engine.stages import SharedScores
+    from kvpolicies.integrations.lm_eval import Timings
+
+    shared = SharedScores(key=(), scores=[], seconds=6.0, probe_tokens=40)
+    agnostic, aware = Timings(), Timings()
+    agnostic.add_stage(0.5, 0)  # its own inputs and selection
+    agnostic.add_shared_stage(shared, 3, in_prefill=True)
+    aware.add_shared_stage(shared, 3, in_prefill=False)
+    assert (agnostic.prefill_s, agnostic.decode_s) == (2.0, 0.0)
+    assert (aware.prefill_s, aware.decode_s) == (0.0, 2.0)
+    summary = agnostic.summary()
+    assert (summary["stage_s"], summary["stage_probe_tokens"], summary["stage_shared_by"]) == (6.5, 40, 3)

@@ -260,3 +260,43 @@ def test_no_head_is_left_empty_however_high_a_stage_scores_one_layer():
     kept = cache.kept_per_head()[:, 0]
     # 480 entries score +inf, more than the 160 kept: still every head keeps its newest entry, then layers in order.
     assert kept.min() >= 1 and kept.sum() == 160 and (kept[0] == 40).all() and (kept[6:] == 1).all()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # kvzip without a tokenizer repeats its context bare
+@pytest.mark.parametrize("policy", ["kvzip", "duoattention"])
+def test_caches_given_a_stage_s_shared_scores_keep_what_each_keeps_scoring_alone(policy):
+    """A stage that ignores the budget scored once (``share_stage``) serves caches of any budget: each keeps
+    exactly what it keeps scoring alone; a cache over another prompt, or another window rule, scores its own."""
+    from kvpolicies.engine.budget import Budget
+    from kvpolicies.engine.replay import capture, replay
+    from tests.test_replay import assert_same, prompt, state
+
+    model = tiny_llama()
+    prefill = capture(model, prompt(length=64))
+
+    def replayed(budget, captured=prefill) -> CompressedCache:
+        cache = CompressedCache(model, policy, budget)
+        cache.context_lengths = [52]  # the last 12 tokens a question, kept whole
+        replay(captured, cache)
+        return cache
+
+    scorer = replayed(0.5)
+    shared = scorer.share_stage(model)
+    assert not scorer.stage_ran and (shared.probe_tokens > 0) == (policy == "kvzip") and scorer.probe_tokens == 0
+    kept = []
+    for budget in (0.25, 0.5):
+        alone, given = replayed(budget), replayed(budget)
+        given.shared_scores = shared
+        alone.after_prefill(model)
+        given.after_prefill(model)
+        assert given.used_shared_scores and not alone.used_shared_scores
+        assert_same(state(given), state(alone))
+        kept.append(given.stats().resident_bytes)
+    assert kept[0] < kept[1]
+
+    other_prompt = replayed(0.25, capture(model, prompt(length=64, seed=4)))
+    other_windows = replayed(Budget.parse(0.25).model_copy(update={"windows": "keep"}))
+    for cache in (other_prompt, other_windows):
+        cache.shared_scores = shared
+        cache.after_prefill(model)
+        assert cache.stage_ran and not cache.used_shared_scores

@@ -156,7 +156,8 @@ class CompressedCache(Cache):
         self.shared_scores: SharedScores | None = None
         """A stage's scores computed once for this cache and others that hold the same entries (set by whoever
         shares them, see :class:`~kvpolicies.engine.stages.SharedScores`): its first stage selects from them
-        instead of running the policy's ``after_prefill``; ``used_shared_scores`` says whether it did."""
+        instead of running the policy's ``after_prefill`` if its :meth:`stage_key` matches theirs;
+        ``used_shared_scores`` says whether it did."""
         self.used_shared_scores = False
         self.probing: dict | None = None
         """Set while an after-prefill stage runs the model over this cache (see :mod:`kvpolicies.engine.stages`):
@@ -461,19 +462,20 @@ class CompressedCache(Cache):
         if self.context_lengths is None:  # what follows the prompt is kept whole and not charged
             self.context_lengths, self._stage_split = list(self.layers[0].seen), True
 
-    def share_stage(self, model, cells: int) -> SharedScores:
-        """This cache's first stage scored now, over what it holds, for ``cells`` caches to select from (this one
-        is left as it was, its stage still due): see :class:`~kvpolicies.engine.stages.SharedScores`."""
+    def share_stage(self, model) -> SharedScores:
+        """This cache's first stage scored now, over what it holds, for other caches to select from (this one is
+        left as it was, its stage still due): see :class:`~kvpolicies.engine.stages.SharedScores`. Timed from the
+        policy's call on: each cache builds its own inputs to select from, and counts that itself."""
         if self._stage_ran or not self.layers[0].is_initialized:
             raise ValueError("share_stage() scores a prompt's first stage: call it once the prompt (or its context) "
                              "is in and before the stage runs")
-        started = clock(self.layers[0].device)
         probed = self.probe_tokens
         prefilled, _ = self._stage_inputs(model)
+        started = clock(self.layers[0].device)
         scores = self.stage_scores(prefilled)
         seconds = clock(self.layers[0].device) - started
         tokens, self.probe_tokens = self.probe_tokens - probed, probed
-        return SharedScores(self.stage_key(), list(scores), seconds, tokens, cells)
+        return SharedScores(self.stage_key(), scores, seconds, tokens)
 
     def _stage_inputs(self, model) -> tuple[Prefilled, list]:
         """The stage's view of every layer, and per scored layer its dense entries and newest-entry mask (what the
@@ -524,11 +526,13 @@ class CompressedCache(Cache):
 
     def stage_key(self) -> tuple:
         """What a stage whose scores ignore the budget (``Policy.stage_ignores_budget``) scores from, besides the
-        prefill: the policy's config, the codec the entries are held in, the window rule, and each sequence's
-        tokens seen and appended after its context. Two caches of one prefill with equal keys get equal scores."""
+        prompt: the policy's config, the codec the entries are held in, the window rule, each sequence's tokens
+        seen and appended after its context, and the prompt's ids. Two caches of one prefill with equal keys get
+        equal scores."""
         seen = tuple(self.layers[0].seen)
+        ids = tuple(torch.cat(self._prompt_ids, dim=1).flatten().tolist()) if self._prompt_ids else None
         return (self.policy.config_hash(), self.codec.name, self.budget.windows, seen,
-                tuple(self.appended(list(seen))))
+                tuple(self.appended(list(seen))), ids)
 
     def _prober(self, model):
         def attention_from(ids: torch.Tensor, reduce, mask: torch.Tensor | None) -> list[torch.Tensor | None]:

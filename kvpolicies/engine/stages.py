@@ -90,12 +90,11 @@ class SharedScores:
     exactly as from scores of its own."""
 
     key: tuple
-    scores: list[torch.Tensor | None]
+    scores: object
+    """What the policy's ``after_prefill`` returned, as it returned it (each cache checks the contract itself)."""
     seconds: float
     """What computing them took (the policy's ``after_prefill``, second passes included)."""
     probe_tokens: int
-    cells: int
-    """How many caches share them: each is charged an equal part of ``seconds``."""
 
 
 def select_across_layers(scores: list[torch.Tensor], valid: list[torch.Tensor], totals: list[int],

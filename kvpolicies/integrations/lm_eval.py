@@ -184,6 +184,9 @@ class KVPoliciesLM(HFLM):
         self.shared_scores: SharedScores | None = None
         """Set while this cell computes a request whose stage scores it shares with others (see
         :class:`~kvpolicies.engine.stages.SharedScores`): the caches it builds select from them."""
+        self.stage_shared: SharedScores | None = None
+        """The shared scores this cell's cache selected from in the request under way, until the group charges
+        their scoring (:class:`~kvpolicies.integrations.shared.SharedPrefill`)."""
 
     def new_cache(self) -> CompressedCache:
         cache = CompressedCache(self.model, self.kv_policy, self.kv_budget, codec=self.kv_codec,
@@ -193,9 +196,9 @@ class KVPoliciesLM(HFLM):
 
     def _measure(self, cache: CompressedCache) -> None:
         self.kv_measurements += cache.sequence_stats()
-        if cache.used_shared_scores:  # the stage ran where the question is prefilled, or at the first step
-            self.timings.add_shared_stage(cache.stage_s, cache.shared_scores,
-                                          in_prefill=self.protocol is Protocol.QUERY_AGNOSTIC)
+        if cache.used_shared_scores:  # its own part now; the scoring's once the cells that shared it are known
+            self.timings.add_stage(cache.stage_s, 0)
+            self.stage_shared = cache.shared_scores
         else:
             self.timings.add_stage(cache.stage_s, cache.probe_tokens)
         self.kv_padding_bytes = max(self.kv_padding_bytes, cache.stats().padding_bytes)
@@ -254,11 +257,10 @@ class KVPoliciesLM(HFLM):
         return cache, sequence
 
     @torch.no_grad()
-    def share_stage(self, context, prefill: Prefill, cells: int, **generation_kwargs) -> tuple[SharedScores,
-                                                                                                PeakMemory]:
-        """This cell's stage scored once for ``cells`` cells of its group (same policy config, codec and window
-        rule; any budgets): its cache replayed from ``prefill`` as for its own request, up to where its stage
-        would run, scored, and dropped. Returns the scores and the work's peak memory."""
+    def share_stage(self, context, prefill: Prefill, **generation_kwargs) -> tuple[SharedScores, PeakMemory]:
+        """This cell's stage scored once for the cells of its group that would score the same (same policy config,
+        codec and window rule; any budgets): its cache replayed from ``prefill`` as for its own request, up to
+        where its stage would run, scored, and dropped. Returns the scores and the work's peak memory."""
         marker = generation_kwargs.get(QUESTION_MARKER)
         with PeakMemory(self.device) as peak, torch.autocast(
                 device_type=self.device.type, dtype=self.mixed_precision_dtype,
@@ -272,7 +274,7 @@ class KVPoliciesLM(HFLM):
             replay(prefill, cache)
             if prefill.sequence is None:  # query-agnostic: the context alone, its question to follow
                 cache.context_lengths = starts
-            shared = cache.share_stage(self.model, cells)
+            shared = cache.share_stage(self.model)
             del cache
         return shared, peak
 
@@ -649,18 +651,18 @@ class Timings:
         self.stage_s += seconds
         self.probe_tokens += probe_tokens
 
-    def add_shared_stage(self, own_s: float, shared: SharedScores, in_prefill: bool) -> None:
-        """A stage whose scores this cell shared with ``shared.cells`` cells in all: ``stage_s`` says its whole
-        time, as a cell alone pays it (plus this cell's own selection, ``own_s``), and an equal part is charged
-        where the cell's own stage would have run: with the question's prefill (``in_prefill``, query-agnostic)
+    def add_shared_stage(self, shared: SharedScores, cells: int, in_prefill: bool) -> None:
+        """A stage's scoring this cell shared with ``cells`` cells in all (its own inputs and selection came in
+        :meth:`add_stage`): ``stage_s`` says the scoring's whole time, as a cell alone pays it, and an equal part
+        is charged where the cell's own stage ran: with the question's prefill (``in_prefill``, query-agnostic)
         or at the first decoding step."""
-        self.stage_s += shared.seconds + own_s
+        self.stage_s += shared.seconds
         self.probe_tokens += shared.probe_tokens
-        self.stage_shared_by = max(self.stage_shared_by, shared.cells)
+        self.stage_shared_by = max(self.stage_shared_by, cells)
         if in_prefill:
-            self.prefill_s += shared.seconds / shared.cells
+            self.prefill_s += shared.seconds / cells
         else:
-            self.decode_s += shared.seconds / shared.cells
+            self.decode_s += shared.seconds / cells
 
     def add_decoding(self, batch: int, clock: StepClock) -> None:
         """Decoding that began after a shared prefill: every stamp after the first is a decoded token."""

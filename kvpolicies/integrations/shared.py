@@ -44,7 +44,7 @@ from kvpolicies.engine.clock import clock
 from kvpolicies.engine.memory import PeakMemory
 from kvpolicies.engine.replay import Capture, Prefill, capture
 from kvpolicies.engine.rows import decode_together
-from kvpolicies.errors import UsageError
+from kvpolicies.errors import BudgetError, UsageError
 from kvpolicies.integrations.protocol import QUESTION_MARKER, Protocol, missing_split
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ class SharedPrefill:
         self.served = self.alone = 0
         """Requests served from one prefill, and requests each cell ran alone (see :func:`shareable`)."""
         self.said: set[str] = set()
+        self._stage_peaks: dict[int, PeakMemory] = {}  # a shared stage scoring's peak, by id of its scores
         self.failed: set[int] = set()
         """Members (by ``id``) whose answer raised: their cell fails when it asks for it, and nothing more is
         computed for it."""
@@ -150,8 +151,11 @@ class SharedPrefill:
             why_apart = "" if len(group) == 1 or not self.together else apart(group[0], generation_kwargs)
             if why_apart:
                 self._say(f"each cell decodes its own answers here: {why_apart}")
-            self._share_stages(group, context, prefill, generation_kwargs)
+            answered = prefill.sequence is not None and (  # query-aware: the capture's first token ends it
+                prefill.sequence.shape[1] >= max_length or group[0].stopper(context.shape[1], stop)(prefill.sequence))
             try:
+                if not answered:  # else no cell's stage runs (it would at the first decoding step)
+                    self._share_stages(group, context, prefill, generation_kwargs)
                 if len(group) > 1 and self.together and not why_apart:
                     self._together(group, key, context, max_length, stop, generation_kwargs, prefill, seconds)
                 else:
@@ -159,17 +163,20 @@ class SharedPrefill:
                         self._store(member, key, context, lambda m=member: m._generate(
                             context, max_length, stop, prefill=prefill, shared=(seconds, len(group)),
                             **dict(generation_kwargs)))
+                self._charge_stages(group)
             finally:
                 for member in group:
-                    member.shared_scores = None
+                    member.shared_scores = member.stage_shared = None
+                self._stage_peaks.clear()
             del prefill  # before the next protocol's capture: one held at a time
 
     def _share_stages(self, group: list[KVPoliciesLM], context: torch.Tensor, prefill: Prefill,
                       generation_kwargs: dict[str, Any]) -> None:
         """Score once the stage of cells that would score the same (a policy whose stage ignores the budget, one
-        config, one codec, one window rule: they differ in budget only) and hand every one of them the scores,
-        each charged an equal part of their time. A scoring that raises is dropped: each cell then runs its own
-        stage, and fails alone if it fails."""
+        config, one codec, one window rule: they differ in budget only) and hand every one of them the scores
+        (:meth:`_charge_stages` charges them). The first cell whose budget allocates scores (a refused budget fails
+        its own cell only); a scoring that raises otherwise is dropped: each cell then runs its own stage, and
+        fails alone if it fails."""
         alike: dict[tuple, list[KVPoliciesLM]] = {}
         for member in group:
             policy = member.kv_policy
@@ -179,15 +186,36 @@ class SharedPrefill:
         for members in alike.values():
             if len(members) < 2:
                 continue
-            try:
-                shared, peak = members[0].share_stage(context, prefill, len(members), **dict(generation_kwargs))
-            except Exception as error:
-                self._say(f"a stage's scores could not be shared ({type(error).__name__}: {error}); each cell "
-                          "runs its own")
-                continue
+            for scorer in members:
+                try:
+                    shared, peak = scorer.share_stage(context, prefill, **dict(generation_kwargs))
+                except BudgetError:
+                    continue
+                except Exception as error:
+                    self._say(f"a stage's scores could not be shared ({type(error).__name__}: {error}); each cell "
+                              "runs its own")
+                    break
+                self._stage_peaks[id(shared)] = peak
+                for member in members:
+                    member.shared_scores = shared
+                break
+
+    def _charge_stages(self, group: list[KVPoliciesLM]) -> None:
+        """Each cell whose cache selected from shared stage scores is charged an equal part of their scoring,
+        among the cells that did (not those that failed first or finished at their first token), and the
+        scoring's peak memory, which it would reach alone."""
+        users: dict[int, list[KVPoliciesLM]] = {}
+        for member in group:
+            if member.stage_shared is not None:
+                users.setdefault(id(member.stage_shared), []).append(member)
+        for members in users.values():
+            shared, peak = members[0].stage_shared, self._stage_peaks.get(id(members[0].stage_shared))
             for member in members:
-                member.shared_scores = shared
-                member.request_memory.add(peak, request=False)
+                member.timings.add_shared_stage(shared, len(members),
+                                                in_prefill=member.protocol is Protocol.QUERY_AGNOSTIC)
+                if peak is not None:
+                    member.request_memory.add(peak, request=False)
+                member.stage_shared = None
 
     def _together(self, group: list[KVPoliciesLM], key: str, context: torch.Tensor, max_length: int,
                   stop: list[str], generation_kwargs: dict[str, Any], prefill: Prefill, seconds: float) -> None:
