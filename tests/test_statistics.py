@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from kvpolicies.experiments.grid import SweepConfig, cells
 from kvpolicies.experiments.outcomes import outcomes, score_of, stderrs
 from kvpolicies.experiments.results import Outcomes
-from kvpolicies.reports.statistics import compare, interval, mcnemar, newcombe, wilson
+from kvpolicies.reports.statistics import compare, interval, mcnemar, newcombe, pooled, wilson
 
 
 def test_wilson_matches_the_published_interval_and_stays_inside_zero_and_one():
@@ -195,7 +195,9 @@ def test_pooled_means_resample_each_task_apart_and_a_paired_gap_is_tested(tmp_pa
 
     found = pooled("mean", [([1.0] * 4, None), ([0.0, 1.0] * 50, None)])
     assert found.score == pytest.approx(0.75) and found.n == 104 and found.low < 0.75 < found.high
-    assert found.high - found.low < 0.2  # task 1's four right answers are certain; only task 2's half varies
+    assert found.method == "mover-wilson" and found.high - found.low > 0.2  # four of four right is not certainty
+    credit = pooled("mean", [([1.0] * 4, None), ([0.0, 0.5, 1.0] * 30, None)])  # partial credit: a bootstrap,
+    assert credit.method == "bootstrap" and credit.high - credit.low < 0.2  # resampling each task apart
     same = {i: (float(i % 2), None) for i in range(40)}
     better = {i: (1.0, None) for i in range(40)}
     assert compare_pooled("mean", [(better, same), (better, same)]).significant
@@ -215,7 +217,8 @@ def test_pooled_means_resample_each_task_apart_and_a_paired_gap_is_tested(tmp_pa
     [suite] = suites(load_results(write_records(tmp_path / "r", records)))
     found = {title.split(" — ")[0]: body for title, _, body in tables(suite) if "per task," not in title}
     aware = {row[0]: row[1] for row in found["query_aware"]}
-    assert aware["snapkv"].startswith("75.0 [") and aware["full cache (no eviction)"] == "100.0 [100.0, 100.0]"
+    assert aware["snapkv"].startswith("75.0 [")
+    assert aware["full cache (no eviction)"] == "100.0 [88.6, 100.0]"  # 40 of 40 right: not a point
     gaps = {row[0]: row[1] for row in found["query-aware minus query-agnostic"]}
     assert gaps["snapkv"] == "+50.0 (p < 0.001) *"
     assert gaps["keydiff"] == "+0.0 (p 1.000)"  # its samples move both ways: no gap
@@ -274,3 +277,15 @@ def test_timings_from_a_machine_busier_than_its_cores_are_marked_and_scores_keep
     overall = render(folder, "terminal").split("— budget")[0]  # the overall table, before the task tables
     (line,) = [line for line in overall.splitlines() if line.startswith("│ a ")]
     assert "│ 0.500 " in line  # a's ratio to the full cache with its digits, never "0.5"
+
+
+def test_a_mean_of_accuracies_over_tasks_keeps_a_width_where_each_task_s_samples_agree():
+    """3 of 3 right on one task and 0 of 3 on three others: a bootstrap over samples would draw 0.25 every time
+    (no sample varies within its task), a point; the tasks' Wilson intervals combined keep the width that three
+    samples per task leave, and narrow with more samples."""
+    few = pooled("mean", [([1.0] * 3, None)] + [([0.0] * 3, None)] * 3)
+    assert few.method == "mover-wilson" and few.score == 0.25 and few.n == 12
+    assert few.low < 0.15 and few.high > 0.45
+    many = pooled("mean", [([1.0] * 30, None)] + [([0.0] * 30, None)] * 3)
+    assert few.low < many.low < 0.25 < many.high < few.high
+    assert pooled("mean", [([0.5, 1.0], None), ([0.0, 1.0], None)]).method == "bootstrap"  # partial credit

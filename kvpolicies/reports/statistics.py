@@ -7,7 +7,9 @@ from them what it shows:
 
 - an interval on a score: Wilson's for an accuracy (every outcome 0 or 1: exact matches, passkeys), which stays
   inside [0, 1] and is honest at 10 samples and at 0 or 100%; else a percentile bootstrap over samples (RULER's
-  partial credit, perplexities);
+  partial credit, perplexities). For a mean of accuracies over tasks, the tasks' Wilson intervals combined by
+  MOVER (Zou & Donner 2008): a bootstrap there collapses to a point where each task's few samples agree (3 of 3
+  right, 0 of 3 right), which says nothing about how sure the mean is;
 - a test on a difference between two cells over the samples they share (same task, same docs): exact McNemar for
   accuracies (only the samples where the two disagree count), else a paired bootstrap of the difference.
 
@@ -38,7 +40,7 @@ class Interval:
     low: float
     high: float
     n: int
-    method: Literal["wilson", "bootstrap"]
+    method: Literal["wilson", "mover-wilson", "bootstrap"]
 
     def text(self, digits: int = 3) -> str:
         return f"{self.score:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
@@ -120,15 +122,33 @@ def compare(statistic: Statistic, a: dict[int, tuple[float, float | None]], b: d
 
 def pooled(statistic: Statistic, groups: Sequence[tuple[Sequence[float], Sequence[float] | None]],
            level: float = LEVEL) -> Interval | None:
-    """The mean over groups (a suite's tasks) of each group's score, and its interval: a bootstrap that resamples
-    each group's samples apart (stratified), so every task keeps its weight of one."""
+    """The mean over groups (a suite's tasks) of each group's score, and its interval, every task with its weight
+    of one: for accuracies, the groups' Wilson intervals combined (:func:`mover_wilson`); else a bootstrap that
+    resamples each group's samples apart (stratified)."""
     if not groups or not all(len(values) for values, _ in groups):
         return None
     score = math.fsum(score_of(statistic, values, weights) for values, weights in groups) / len(groups)
+    samples = sum(len(values) for values, _ in groups)
+    if statistic == "mean" and all(is_binary(values) for values, _ in groups):
+        low, high = mover_wilson([(sum(values), len(values)) for values, _ in groups], level)
+        return Interval(score, min(low, score), max(high, score), samples, "mover-wilson")
     picks = _picks([len(values) for values, _ in groups])
     draws = _scores(statistic, [_array(v) for v, _ in groups], [_array(w) for _, w in groups], picks)
     low, high = _percentiles(draws, level)
-    return Interval(score, min(low, score), max(high, score), sum(len(values) for values, _ in groups), "bootstrap")
+    return Interval(score, min(low, score), max(high, score), samples, "bootstrap")
+
+
+def mover_wilson(groups: Sequence[tuple[float, int]], level: float = LEVEL) -> tuple[float, float]:
+    """An interval on the mean of independent proportions (``(successes, n)`` per group): each group's Wilson
+    interval, its distances from the group's proportion combined in quadrature (MOVER, Zou & Donner 2008). Never
+    a point: a group of 3 right out of 3 still spans [0.44, 1]."""
+    k = len(groups)
+    shares = [successes / n for successes, n in groups]
+    bounds = [wilson(successes, n, level) for successes, n in groups]
+    mean = math.fsum(shares) / k
+    below = math.sqrt(math.fsum((p - low) ** 2 for p, (low, _) in zip(shares, bounds))) / k
+    above = math.sqrt(math.fsum((high - p) ** 2 for p, (_, high) in zip(shares, bounds))) / k
+    return max(0.0, mean - below), min(1.0, mean + above)
 
 
 def compare_pooled(statistic: Statistic, pairs: Sequence[tuple[dict, dict]], level: float = LEVEL

@@ -147,7 +147,8 @@ class Suite:
 
 
 def mean_interval(behind: list[Point]) -> Interval | None:
-    """The interval (x100) on the mean over tasks of ``behind``'s scores: a bootstrap stratified by task."""
+    """The interval (x100) on the mean over tasks of ``behind``'s scores (see
+    :func:`~kvpolicies.reports.statistics.pooled`)."""
     kept = [p.outcomes for p in behind]
     if not kept or any(o is None for o in kept) or len({o.statistic for o in kept}) != 1:
         return None
@@ -276,8 +277,9 @@ HEADER = (
     "the question is in view while the context is compressed (the question's own entries are kept whole under both "
     "protocols). Averages are over the tasks the policies ran on; a cell that covers fewer says so. *n* is the "
     "number of samples per task: one sample moves a task's score by 100/n. Brackets hold a 95% interval: Wilson's "
-    "for a task whose every sample is right or wrong, else a bootstrap over samples (stratified by task for a mean "
-    "over tasks). A protocol gap carries the p-value of a paired bootstrap over the samples both protocols ran, "
+    "for a task whose every sample is right or wrong, else a bootstrap over samples; for a mean over tasks, the "
+    "tasks' Wilson intervals combined (MOVER), or a bootstrap stratified by task where a task gives partial credit. "
+    "A protocol gap carries the p-value of a paired bootstrap over the samples both protocols ran, "
     "marked * where p < 0.05; a gap without * is not told apart from none at this n."
 )
 
@@ -341,7 +343,7 @@ def plot_suite(records: Sequence[ResultRecord], out_dir: Path) -> list[Path]:
             above = [0.0 if f is None else max(0.0, f.high - y) for y, (_, _, f) in zip(ys, points)]
             axis.errorbar(xs, ys, yerr=[below, above], fmt="none", ecolor=colour, alpha=0.5, capsize=2)
 
-    note = ("Bars: 95% intervals (for a mean over tasks, a bootstrap stratified by task). Policies are shifted "
+    note = ("Bars: 95% intervals (for a mean over tasks, the tasks' Wilson intervals combined). Policies are shifted "
             "sideways by up to a third of the smallest keep gap so that equal results stay visible; each point "
             "belongs to the keep ratio nearest it.")
 
