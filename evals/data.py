@@ -106,10 +106,12 @@ def passkey_samples(
 
 
 def haystack_text() -> str:
-    """Natural English prose from the Python documentation bundled with CPython, in a fixed order."""
-    from pydoc_data.topics import topics
+    """Natural English prose from the Python documentation bundled with CPython, in a fixed order. Its last third is
+    the policies' calibration text (:mod:`kvpolicies.engine.calibration`), which no haystack of up to 8k tokens
+    reaches: a slice starts in the first half and spans at most 8 characters a token."""
+    from kvpolicies.engine.calibration import python_documentation
 
-    return "\n\n".join(topics[key].strip() for key in sorted(topics))
+    return python_documentation()
 
 
 def niah_samples(

@@ -29,6 +29,7 @@ _LAZY = {
     "CacheShape": "kvpolicies.engine.budget",
     "distribute": "kvpolicies.engine.budget",
     "CacheStats": "kvpolicies.engine.cache",
+    "Calibration": "kvpolicies.engine.calibration",
     "CompressedCache": "kvpolicies.engine.cache",
     "Codec": "kvpolicies.engine.codecs",
     "GroupedCodec": "kvpolicies.engine.codecs",
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from kvpolicies.engine.attention import prepare_model
     from kvpolicies.engine.budget import Allocation, Budget, CacheShape, distribute
     from kvpolicies.engine.cache import CacheStats, CompressedCache
+    from kvpolicies.engine.calibration import Calibration
     from kvpolicies.engine.codecs import Codec, GroupedCodec
     from kvpolicies.engine.composition import ScorerWrapper, WrapperConfig
     from kvpolicies.engine.layer_view import LayerView
@@ -88,6 +90,7 @@ __all__ = [
     "BudgetError",
     "CacheShape",
     "CacheStats",
+    "Calibration",
     "Codec",
     "CodecInfo",
     "CompressedCache",

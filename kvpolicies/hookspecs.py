@@ -104,7 +104,12 @@ def register_policies(register: RegisterPolicy) -> None:
       layer after scoring (AdaKV), at most the same row sums, at least one entry and at most what it holds per head;
     - ``query_window`` (a property): how many recent queries the ``QUERIES`` and ``ATTENTION`` signals cover (None:
       the triggering forward's);
-    - ``protected`` (a property): ``(sink_tokens, window_tokens)``, read from the config by default.
+    - ``protected`` (a property): ``(sink_tokens, window_tokens)``, read from the config by default;
+    - ``calibrate(calibration) -> object``: fit to the model what ``score()`` needs, once per model and config,
+      before the first cache uses the policy; ``calibration.queries(sequences, tokens, samples)`` runs the model on
+      bundled calibration text and returns each layer's queries, and what ``calibrate`` returns is set as
+      ``self.calibrated`` (:mod:`kvpolicies.engine.calibration`; the built-in ``qfilters`` fits its filters so).
+      Its time is recorded with every result as ``calibration_s``.
 
     The framework owns selection, protected tokens, storage and accounting, so a policy never slices tensors
     itself. What a hook returns is checked: a broken contract (scores of the wrong shape, NaN, an allocation that

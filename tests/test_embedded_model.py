@@ -147,7 +147,7 @@ def test_every_policy_generates_and_evaluates_through_lm_eval_on_the_embedded_mo
     model, tokenizer = real_model
     inputs = chat_ids(tokenizer, LONG_PROMPT).to(model.device)
     for name in ZOO:
-        cache = CompressedCache(model, kvpolicies.get_policy(name), 0.5)
+        cache = CompressedCache(model, kvpolicies.get_policy(name), 0.5, tokenizer=tokenizer)
         assert len(generate(model, inputs, cache, tokens=4)) == 4, name
         assert 0.5 <= cache.stats().kept_fraction < 0.52, name  # half, plus what 4 tokens add within the slack
 

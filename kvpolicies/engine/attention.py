@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -66,6 +67,31 @@ def inner_function(inner: str, module) -> Callable:
         # Eager attention is defined per model family, next to the attention module.
         return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
     return ALL_ATTENTION_FUNCTIONS[inner]
+
+
+RECORDER = "kvpolicies_recorder"  # not PREFIX: a model recording is not one prepared for compressed caches
+
+
+@contextmanager
+def recording_queries(model, pick: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[dict[int, torch.Tensor]]:
+    """While inside, each layer's forward stores ``pick(query)`` (the post-RoPE ``[batch, heads, q_len, head_dim]``)
+    under its layer index; a temporary attention implementation wraps the model's own, so the forward computes
+    exactly what it always does. Meant for a forward over an ordinary cache (or none), never a compressed one."""
+    previous = model.config._attn_implementation
+    inner = previous.removeprefix(PREFIX)
+    queries: dict[int, torch.Tensor] = {}
+
+    def record(module, query, key, value, attention_mask, **kwargs):
+        queries[module.layer_idx] = pick(query).detach()
+        return inner_function(inner, module)(module, query, key, value, attention_mask, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS.register(RECORDER, record)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(RECORDER, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    model.set_attn_implementation(RECORDER)
+    try:
+        yield queries
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def kvpolicies_attention(inner: Callable, module, query, key, value, attention_mask, **kwargs):

@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache
 
 from kvpolicies.engine.attention import prepare_model
 from kvpolicies.engine.budget import Allocation, Budget, CacheShape
+from kvpolicies.engine.calibration import calibrate
 from kvpolicies.engine.clock import Stopwatch, clock
 from kvpolicies.engine.codecs import Codec, FullPrecision, GroupedCodec, checked_entry_bytes
 from kvpolicies.engine.layer_view import LayerView
@@ -149,6 +150,9 @@ class CompressedCache(Cache):
         self._layer_views: dict[int, LayerView] = {}
         self._scales: dict[int, LogitScale] = {}  # each layer's logit scale, as its attention last reported it
         self.tokenizer = tokenizer
+        self.calibration_s = calibrate(self.policy, model, tokenizer)
+        """Seconds the policy's calibration on this model took (:mod:`kvpolicies.engine.calibration`), paid once per
+        model and process by its first cache; 0 for a policy that does not calibrate."""
         self.stage_s = 0.0
         """Seconds the after-prefill stages took, their second passes included: a cost the method's users pay."""
         self.probe_tokens = 0

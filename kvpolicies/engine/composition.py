@@ -7,7 +7,7 @@ budget's shape.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
@@ -18,6 +18,9 @@ from kvpolicies.engine.policy import (
     PolicyConfigError,
     ScoreInputs,
 )
+
+if TYPE_CHECKING:
+    from kvpolicies.engine.calibration import Calibration
 
 
 class WrapperConfig(PolicyConfig):
@@ -53,3 +56,18 @@ class ScorerWrapper(Policy):
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         return self.scorer.score(inputs)
+
+    def calibrate(self, calibration: Calibration) -> Any:
+        return self.scorer.calibrate(calibration)
+
+    @property
+    def calibrates(self) -> bool:
+        return self.scorer.calibrates
+
+    @property
+    def calibrated(self) -> Any:
+        return self.scorer.calibrated
+
+    @calibrated.setter
+    def calibrated(self, value: Any) -> None:  # the scorer's score() reads it
+        self.scorer.calibrated = value

@@ -22,6 +22,7 @@ from kvpolicies.engine.layer_view import LayerView
 from kvpolicies.engine.signals import Track
 
 if TYPE_CHECKING:
+    from kvpolicies.engine.calibration import Calibration
     from kvpolicies.engine.stages import Prefilled
 from kvpolicies.errors import PolicyConfigError, describe
 
@@ -173,6 +174,8 @@ class Policy:
     """False only for the reference full cache: the cache then never evicts, whatever the budget."""
     role: ClassVar[Role | None] = None
     """The baseline this policy stands for in comparisons, if any (see :class:`Role`)."""
+    calibrated: Any = None
+    """What :meth:`calibrate` returned for the model in use (None for a policy that does not calibrate)."""
     stage_ignores_budget: ClassVar[bool] = False
     """Set True by a policy whose :meth:`after_prefill` scores do not depend on the budget (it reads neither
     ``prefilled.budget`` nor a layer's ``keep``): cells that differ only in budget and share a prompt's prefill
@@ -249,6 +252,18 @@ class Policy:
         for the sliding-window layers held whole (``prefilled.layers[i] is None``, a budget with
         ``windows="keep"``)."""
         raise NotImplementedError(f"policy {self.name!r} has no after-prefill stage")
+
+    def calibrate(self, calibration: Calibration) -> Any:
+        """Optional: fit to the model what ``score()`` needs, before the policy's first cache on a model is used
+        (see :mod:`kvpolicies.engine.calibration`): ``calibration.queries(...)`` runs the model on calibration text
+        and returns its queries. Return the fit; the framework sets it as ``self.calibrated``, and calibrates once
+        per model and config in a process. Q-Filters fits its filters here."""
+        raise NotImplementedError(f"policy {self.name!r} does not calibrate")
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether this policy implements :meth:`calibrate`."""
+        return type(self).calibrate is not Policy.calibrate
 
     @property
     def has_stage(self) -> bool:

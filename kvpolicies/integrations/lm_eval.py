@@ -41,6 +41,7 @@ from tqdm import tqdm
 from kvpolicies.engine.attention import prepare_model
 from kvpolicies.engine.budget import Budget
 from kvpolicies.engine.cache import CacheStats, CompressedCache
+from kvpolicies.engine.calibration import calibrate
 from kvpolicies.engine.clock import clock
 from kvpolicies.engine.replay import Prefill, replay
 from kvpolicies.engine.policy import Role, coerce_option
@@ -129,7 +130,8 @@ class KVPoliciesLM(HFLM):
                             device_map=device_map, attn_implementation=attn_implementation)
         options = _policy_options(policy, kwargs, adapter_args)  # takes the policy's own args out of kwargs
         try:
-            # One instance per model, built from its own args; policies keep no state, so its caches share it.
+            # One instance per model, built from its own args; a policy keeps no state but what it calibrated on
+            # this model, so its caches share it.
             self.kv_policy = get_policy(policy, **options)
         except PolicyConfigError as error:
             raise PolicyConfigError(
@@ -176,6 +178,8 @@ class KVPoliciesLM(HFLM):
         self.kv_measurements: list[CacheStats] = []  # one per sequence, at the end of its request
         self.kv_padding_bytes = 0  # largest padding a batch stored next to its sequences' entries
         self.timings = Timings()
+        # Before any request: a policy fitted to the model (Q-Filters) is fitted now, outside every timed prefill.
+        self.timings.calibration_s = calibrate(self.kv_policy, self.model, self.tokenizer)
         self.request_memory = RequestMemory()
         self.shared: SharedPrefill | None = None
         """Set when this cell shares each prompt's prefill with others (:mod:`kvpolicies.integrations.shared`)."""
@@ -194,7 +198,12 @@ class KVPoliciesLM(HFLM):
         cache.shared_scores = self.shared_scores
         return cache
 
-    def _measure(self, cache: CompressedCache) -> None:
+    def _measure(self, cache: CompressedCache, generated: bool = False) -> None:
+        if generated and cache.policy.has_stage and not cache.stage_ran:
+            # The answer ended at its first token, which comes from the prompt's own forward (for every policy, as
+            # in kvpress), so the stage, due before the next step, never ran. A deployment compresses whatever the
+            # answer turns out to be: run it now, or the record would count the whole prompt as kept.
+            cache.after_prefill(self.model)
         self.kv_measurements += cache.sequence_stats()
         if cache.used_shared_scores:  # its own part now; the scoring's once the cells that shared it are known
             self.timings.add_stage(cache.stage_s, 0)
@@ -231,13 +240,13 @@ class KVPoliciesLM(HFLM):
         if prefill is not None and prefill.sequence is not None:  # query-aware: the prompt and its first token
             output = self._continue(prefill.sequence, cache, context.shape[1], max_length, stop, steps,
                                     **generation_kwargs)
-            self._measure(cache)
+            self._measure(cache, generated=True)
             self.timings.add_decoding(context.shape[0], steps)
             return output
         output = super()._model_generate(
             context, max_length, stop, cache=cache, streamer=steps, **generation_kwargs
         )
-        self._measure(cache)
+        self._measure(cache, generated=True)
         self.timings.add_generation(context.numel() - prefilled, context.shape[0], steps)
         return output
 
@@ -281,7 +290,7 @@ class KVPoliciesLM(HFLM):
     def decoded(self, cache: CompressedCache, tokens: int, seconds: float, rows: int) -> None:
         """This cell's share of a decoding run with others: ``tokens`` of its own in ``seconds`` (each step's time
         split equally among the rows it decoded), in batches of up to ``rows``."""
-        self._measure(cache)
+        self._measure(cache, generated=True)
         self.timings.add_together(tokens, seconds, rows)
 
     def _prefilled(self, context, prefill: Prefill | None, shared: tuple[float, int] | None,
@@ -538,6 +547,8 @@ def kv_memory_record(sequences: Sequence[CacheStats], padding_bytes: int = 0) ->
         "full_bytes_peak": max(full),
         "full_bytes_mean": statistics.fmean(full),
         "resident_fraction_mean": statistics.fmean(r / f for r, f in zip(resident, full) if f) if any(full) else 1.0,
+        # Entries, not bytes: with a codec, what eviction kept (1.0: quantization alone), bytes being the codec's.
+        "kept_fraction_mean": statistics.fmean(s.kept_fraction for s in sequences),
         "padding_bytes_peak": padding_bytes,
         "context_bytes_peak": max(context),
         "context_bytes_mean": statistics.fmean(context),
@@ -632,6 +643,9 @@ class Timings:
         self.shared_prefills = self.shared_by = 0
         self.stage_s, self.probe_tokens = 0.0, 0
         self.stage_shared_by = 0
+        self.calibration_s = 0.0
+        """The policy's calibration on the model (Q-Filters' filters): paid once per model, before any prompt, so
+        counted in neither prefill nor decoding, and said apart."""
         self.decoded_together = 0
 
     def add_prefill(self, tokens: int, seconds: float) -> None:
@@ -694,6 +708,7 @@ class Timings:
             **({"stage_s": self.stage_s, "stage_probe_tokens": self.probe_tokens} if self.stage_s else {}),
             **({"stage_shared_by": self.stage_shared_by} if self.stage_shared_by else {}),
             **({"decoded_together": self.decoded_together} if self.decoded_together else {}),
+            **({"calibration_s": self.calibration_s} if self.calibration_s else {}),
         }
 
 

@@ -1,0 +1,143 @@
+"""Calibration: what a policy learns from the model itself, once per model, before it compresses anything.
+
+Why a step apart: some methods are fitted to a model, not to a prompt. Q-Filters ranks keys by their projection on
+one direction per head, the main direction of that head's queries over ordinary text; its published filters are
+downloads for a few models, neither made for ours nor to be had offline, so they are computed here, from the
+model's own queries. ``score()`` runs inside a forward pass and cannot run the model, so a policy that implements
+``calibrate(calibration)`` is handed a :class:`Calibration` when its first cache on a model is built, and what it
+returns is set as ``policy.calibrated`` for ``score()`` to read.
+
+Cost: a calibration runs once per model and policy config in a process (the first cell pays it; another cell of the
+same sweep finds it done), before any prompt, and its time is recorded next to every result (``calibration_s``),
+since that is what a user pays once per model.
+
+The text: the last third of the Python documentation that ships with CPython. The tasks' haystacks are slices of
+the same documentation that start in its first half and span at most 8 characters a token, so no task of up to
+8k tokens reaches this part: the filters are never fitted on a prompt they are scored on.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvpolicies.engine.attention import recording_queries
+from kvpolicies.engine.clock import clock
+from kvpolicies.errors import UsageError
+
+if TYPE_CHECKING:
+    from kvpolicies.engine.policy import Policy
+
+
+def python_documentation() -> str:
+    """Natural English prose from the Python documentation bundled with CPython, in a fixed order, offline
+    everywhere (the tasks' haystack is the same text)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key].strip() for key in sorted(topics))
+
+
+def calibration_text() -> str:
+    """The documentation's last third, from the first paragraph that starts there."""
+    text = python_documentation()
+    start = text.index("\n\n", 2 * len(text) // 3) + 2
+    return text[start:]
+
+
+class CalibratedWithoutText(UserWarning):
+    """A calibration ran without the model's tokenizer, on random token ids instead of text."""
+
+
+@dataclass
+class Calibration:
+    """What a policy's ``calibrate()`` may ask of the model."""
+
+    model: object = field(repr=False)
+    tokenizer: object | None = field(repr=False, default=None)
+
+    def queries(self, sequences: int, tokens: int, samples: int, seed: int = 0) -> list[torch.Tensor | None]:
+        """Per layer, ``[heads, samples, head_dim]`` in the model's dtype: post-RoPE queries of the model's own
+        forward over ``sequences`` consecutive pieces of the calibration text, ``tokens`` tokens each (the model's
+        context if shorter, and its tokenizer's BOS first where it has one), at ``samples`` places drawn at random
+        (``seed``) among all the pieces' tokens, the same places in every layer. None for a layer whose attention
+        did not run through the model's attention interface. The queries are held until returned: ``samples`` ×
+        heads × head_dim per layer.
+
+        Without a tokenizer (a cache built without one) the pieces are random token ids, with a warning: the
+        policy then runs, but not as published."""
+        return _queries(self.model, self.tokenizer, sequences, tokens, samples, seed)
+
+
+_FITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Per model, what each policy config's calibration returned in this process, and its seconds: one calibration per
+model and config, whatever the number of cells that use it."""
+
+
+def calibrate(policy: Policy, model, tokenizer=None) -> float:
+    """Set ``policy.calibrated`` to what its ``calibrate()`` returns on ``model``, calibrating once per model and
+    policy config in this process (a no-op for a policy without ``calibrate``); return the calibration's seconds as
+    it took when it ran (the forward passes it asked for and its own fitting), 0 for none. A failing ``calibrate``
+    is a PluginError naming the plugin."""
+    if not policy.calibrates:
+        return 0.0
+    key = (json.dumps(policy.identity(), sort_keys=True), tokenizer is not None)
+    fitted = _FITTED.setdefault(model, {})
+    if key not in fitted:
+        device = next(model.parameters()).device
+        started = clock(device)
+        try:
+            value = policy.calibrate(Calibration(model, tokenizer))
+        except Exception as error:  # a bug in the plugin is named, as for every hook; our own errors pass as they are
+            from kvpolicies.registry import plugin_error  # the registry imports the plugins, which import the engine
+
+            raise plugin_error(type(policy), "calibrate", error)
+        fitted[key] = (value, clock(device) - started)
+    policy.calibrated, seconds = fitted[key]
+    return seconds
+
+
+@torch.no_grad()
+def _queries(model, tokenizer, sequences: int, tokens: int, samples: int, seed: int) -> list[torch.Tensor | None]:
+    config = model.config.get_text_config(decoder=True)
+    device = next(model.parameters()).device
+    longest = getattr(config, "max_position_embeddings", None) or tokens
+    tokens = min(tokens, longest)
+    pieces = _pieces(tokenizer, config.vocab_size, sequences, tokens, seed)
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(len(piece) for piece in pieces)
+    chosen = torch.randperm(total, generator=generator)[:samples].sort().values
+    gathered: dict[int, list[torch.Tensor]] = {}
+    offset = 0
+    for piece in pieces:
+        places = chosen[(chosen >= offset) & (chosen < offset + len(piece))] - offset
+        offset += len(piece)
+        if not len(places):
+            continue
+        index = places.to(device)
+        with recording_queries(model, lambda query: query[0, :, index]) as queries:
+            model(torch.tensor([piece], device=device), use_cache=False, logits_to_keep=1)
+        for layer, found in queries.items():
+            gathered.setdefault(layer, []).append(found)
+    return [torch.cat(gathered[i], dim=1) if i in gathered else None for i in range(config.num_hidden_layers)]
+
+
+def _pieces(tokenizer, vocab_size: int, sequences: int, tokens: int, seed: int) -> list[list[int]]:
+    if tokenizer is None:
+        warnings.warn("the cache has no tokenizer, so the policy calibrated on random token ids instead of text; "
+                      "build it with CompressedCache(model, policy, budget, tokenizer=tokenizer) for the method as "
+                      "published", CalibratedWithoutText, stacklevel=4)
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randint(0, vocab_size, (sequences, tokens), generator=generator).tolist()
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    ids = tokenizer(calibration_text(), add_special_tokens=False)["input_ids"]
+    size = tokens - len(bos)
+    if len(ids) < sequences * size:
+        raise UsageError(f"the calibration text holds {len(ids)} tokens of this model's tokenizer, fewer than "
+                         f"{sequences} pieces of {tokens}; ask for at most {len(ids) // size} pieces of {tokens} "
+                         "tokens, or shorter pieces")
+    return [bos + ids[start * size:(start + 1) * size] for start in range(sequences)]
