@@ -341,3 +341,26 @@ def test_a_shared_stage_is_charged_in_equal_parts_where_each_cell_s_own_stage_ru
     assert (aware.prefill_s, aware.decode_s) == (0.0, 2.0)
     summary = agnostic.summary()
     assert (summary["stage_s"], summary["stage_probe_tokens"], summary["stage_shared_by"]) == (6.5, 40, 3)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_stage_keeps_its_budget_where_the_answer_ends_at_its_first_token(tiny_pretrained, shared):
+    """The first token comes from the prompt's own forward, before a stage's turn (the next step): the stage then
+    runs when the answer is done, so the record counts what the policy keeps, not the whole prompt."""
+    import torch
+
+    from kvpolicies.integrations.lm_eval import KVPoliciesLM
+    from kvpolicies.integrations.shared import SharedPrefill
+
+    context = torch.randint(3, 1000, (1, 60), generator=torch.Generator().manual_seed(4))
+    first = KVPoliciesLM(pretrained=tiny_pretrained, policy="kvzip", budget=0.25)
+    members = [first, KVPoliciesLM(pretrained=first.model, tokenizer=first.tokenizer, policy="kvzip", budget=0.5)]
+    if shared:
+        SharedPrefill(members)
+    for member in members:
+        assert member._model_generate(context, 61, [], do_sample=False).shape[1] == 61  # one token, no step
+    kept = [member.kv_memory()["resident_fraction_mean"] for member in members]
+    assert 0.2 < kept[0] <= 0.3 and 0.45 < kept[1] <= 0.55, kept
+    assert all(member.timings.summary()["stage_s"] > 0 for member in members)
+    if shared:  # scored once for both budgets, each charged its part
+        assert [member.timings.summary()["stage_shared_by"] for member in members] == [2, 2]

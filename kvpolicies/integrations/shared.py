@@ -151,11 +151,10 @@ class SharedPrefill:
             why_apart = "" if len(group) == 1 or not self.together else apart(group[0], generation_kwargs)
             if why_apart:
                 self._say(f"each cell decodes its own answers here: {why_apart}")
-            answered = prefill.sequence is not None and (  # query-aware: the capture's first token ends it
-                prefill.sequence.shape[1] >= max_length or group[0].stopper(context.shape[1], stop)(prefill.sequence))
             try:
-                if not answered:  # else no cell's stage runs (it would at the first decoding step)
-                    self._share_stages(group, context, prefill, generation_kwargs)
+                # Also where the capture's first token ends the answer: each cell's stage then runs when its answer
+                # is done, so that its record counts what it keeps (KVPoliciesLM._measure).
+                self._share_stages(group, context, prefill, generation_kwargs)
                 if len(group) > 1 and self.together and not why_apart:
                     self._together(group, key, context, max_length, stop, generation_kwargs, prefill, seconds)
                 else:
@@ -202,8 +201,8 @@ class SharedPrefill:
 
     def _charge_stages(self, group: list[KVPoliciesLM]) -> None:
         """Each cell whose cache selected from shared stage scores is charged an equal part of their scoring,
-        among the cells that did (not those that failed first or finished at their first token), and the
-        scoring's peak memory, which it would reach alone."""
+        among the cells that did (not those that failed first), and the scoring's peak memory, which it would reach
+        alone."""
         users: dict[int, list[KVPoliciesLM]] = {}
         for member in group:
             if member.stage_shared is not None:
