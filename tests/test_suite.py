@@ -73,7 +73,7 @@ def test_preset_overrides_apply_to_the_full_cache_tasks_too():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--preset", "nope"], "no preset named 'nope'; choose one of: ruler"),
+    (["--preset", "nope"], "no preset named 'nope'; choose one of: frontier, ruler, ruler-gpu"),
     (["--preset", "ruler", "--quick"], "use one of --quick and --preset: each names a whole grid"),
 ])
 def test_preset_mistakes_are_clear_errors(capsys, args, message):

@@ -6,11 +6,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvpolicies.cli.options import comma_separated, path, positive_number, text, whole_number, write_or_print
 from kvpolicies.errors import UsageError
 from kvpolicies.integrations.loading import add_loading_arguments, loading_of
+
+if TYPE_CHECKING:
+    from kvpolicies.experiments.results import ResultRecord
 
 GRID_HELP = "see README.md, 'Sweeps and leaderboards'"
 
@@ -93,6 +96,11 @@ def add_commands(commands) -> None:
     board.add_argument("--compare", nargs=2, metavar=("A", "B"),
                        help="only the paired comparison of two policies as the tables name them (full: the full "
                             "cache), or one policy at two budgets: NAME[@BUDGET], e.g. snapkv@0.25 snapkv@0.5")
+    board.add_argument("--frontier", action="store_true",
+                       help="eviction versus precision (the frontier preset's page): per task and protocol, score "
+                            "against the bytes each cell held (log axis) for eviction only, quantization only and "
+                            "both, the Pareto front marked, and per budget the best quantized point tested against "
+                            "the best eviction-only one")
     board.set_defaults(run=run_leaderboard)
 
 
@@ -101,7 +109,8 @@ def presets() -> dict[str, Path]:
     from importlib import resources
 
     folder = resources.files("kvpolicies_evals") / "presets"
-    return {Path(item.name).stem: Path(str(item)) for item in folder.iterdir() if item.name.endswith(".yaml")}
+    found = {Path(item.name).stem: Path(str(item)) for item in folder.iterdir() if item.name.endswith(".yaml")}
+    return dict(sorted(found.items()))
 
 
 def sweep_config(args: argparse.Namespace):
@@ -231,10 +240,15 @@ def run_leaderboard(args: argparse.Namespace) -> int:
     from kvpolicies.reports.leaderboard import plot, render
     from kvpolicies.reports.suite import plot_suite, render_suite
 
+    if args.frontier and (args.suite or args.compare):
+        given = " and ".join(flag for flag, on in (("--suite", args.suite), ("--compare", args.compare)) if on)
+        raise UsageError(f"--frontier and {given} are pages of their own; give one of them")
     if not args.results.is_dir():
         what = "is not a folder" if args.results.exists() else "does not exist"
         raise ResultsError(f"results folder {args.results} {what}; run `kvpolicies sweep` first")
     records = load_results(args.results)
+    if args.frontier:
+        return frontier_page(args, records)
     if args.compare:
         if args.suite or args.plots:
             raise UsageError("--compare prints one comparison; leave out --suite and --plots")
@@ -252,4 +266,23 @@ def run_leaderboard(args: argparse.Namespace) -> int:
     else:
         text = render(args.results, args.format, with_provenance=args.provenance, images=images, records=records)
     write_or_print(text, args.output)
+    return 0
+
+
+def frontier_page(args: argparse.Namespace, records: list[ResultRecord]) -> int:
+    """``leaderboard --frontier``: the eviction-versus-precision page, and its figures with ``--plots``."""
+    from kvpolicies.reports.frontier import plot_frontier, render_frontier
+
+    images = []
+    if args.plots:
+        try:
+            paths = plot_frontier(records, args.plots)
+        except ImportError as error:
+            raise UsageError(f"{error}; or leave out --plots") from None
+        base = args.output.parent if args.output else Path.cwd()
+        for path in paths:
+            print(f"plot: {path}", file=sys.stderr)
+            images.append(os.path.relpath(path, base))
+    write_or_print(render_frontier(args.results, records, args.format, with_provenance=args.provenance,
+                                   images=images), args.output)
     return 0

@@ -77,6 +77,9 @@ class KVMemory(_Measured):
     full_bytes_peak: Amount | None = None
     full_bytes_mean: Amount | None = None
     resident_fraction_mean: Amount | None = None
+    kept_fraction_mean: Amount | None = None
+    """Entries kept as a share of the full cache's, whatever their codec: 1.0 where a codec alone made the bytes
+    (absent from files written before it was recorded)."""
     padding_bytes_peak: Amount | None = None
     """Largest padding a batch stored next to its sequences' entries (reported apart, never as resident bytes)."""
     context_bytes_peak: Amount | None = None
