@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvpolicies import Policy, PolicyConfig, hookimpl
+from kvpolicies import Policy, PolicyConfig, UsageError, hookimpl
 from kvpolicies.engine.stages import Prefilled
 
 
@@ -54,10 +54,10 @@ class KVzip(Policy):
 
     def after_prefill(self, prefilled: Prefilled) -> list[torch.Tensor | None]:
         if prefilled.ids is None:
-            raise ValueError("KVzip repeats the prompt's tokens, and the model was given embeddings: give it "
+            raise UsageError("KVzip repeats the prompt's tokens, and the model was given embeddings: give it "
                              "input_ids")
         if not prefilled.first:
-            raise ValueError("KVzip scores a context once, every token in place; this prompt was cut by an "
+            raise UsageError("KVzip scores a context once, every token in place; this prompt was cut by an "
                              "earlier stage (a log-likelihood streamed in chunks, as perplexity tasks run), which "
                              "KVzip does not define: evaluate it on generation tasks")
         encode = prefilled.encode

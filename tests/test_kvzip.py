@@ -8,7 +8,7 @@ import torch
 
 from kvpolicies import Budget, CompressedCache, Policy, get_policy
 from kvpolicies.engine.stages import Prefilled
-from kvpolicies.errors import PluginError
+from kvpolicies.errors import PluginError, UsageError
 from tests.helpers import tiny_llama
 
 
@@ -225,8 +225,9 @@ def test_a_prompt_cut_by_an_earlier_stage_is_refused_with_the_reason():
     prefill(model, cache, ids[:, :20])
     cache.after_prefill(model)  # as a log-likelihood streamed in chunks does after each chunk
     prefill(model, cache, ids[:, 20:])
-    with pytest.raises(PluginError, match="cut by an earlier stage.*evaluate it on generation tasks"):
+    with pytest.raises(UsageError, match="cut by an earlier stage.*evaluate it on generation tasks") as raised:
         cache.after_prefill(model)
+    assert not isinstance(raised.value, PluginError)  # the user's choice of task, not a fault of the plugin
 
 
 def test_a_cache_reset_for_the_next_prompt_lets_kvzip_choose_again():
