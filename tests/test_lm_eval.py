@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
@@ -343,3 +344,13 @@ def test_a_sweep_cell_hands_its_policy_options_by_name_so_none_is_taken_for_a_mo
                 policy=PolicySpec(name="revisioned", options={"revision": "second", "dtype": "values"}))
     lm = cell_model(cell)
     assert (lm.kv_policy.config.revision, lm.kv_policy.config.dtype) == ("second", "values")
+
+
+def test_a_stage_streamed_in_chunks_ends_its_document_at_its_budget(tiny_pretrained):
+    """A document streamed in chunks: a stage chooses after every chunk, the last one too, so the record holds what
+    the policy keeps, as a scoring policy's does (the last chunk was kept whole before)."""
+    lm = KVPoliciesLM(pretrained=tiny_pretrained, policy="duoattention", budget=0.25, stream_chunk=32,
+                      sink_tokens=4, window_tokens=4, observation_tokens=8)
+    document = torch.randint(3, 1000, (200,), generator=torch.Generator().manual_seed(3)).tolist()
+    assert math.isfinite(lm._streamed_logprob(document[:1], document[1:]))
+    assert 0.2 < lm.kv_memory()["resident_fraction_mean"] <= 0.27

@@ -198,11 +198,11 @@ class KVPoliciesLM(HFLM):
         cache.shared_scores = self.shared_scores
         return cache
 
-    def _measure(self, cache: CompressedCache, generated: bool = False) -> None:
-        if generated and cache.policy.has_stage and not cache.stage_ran:
-            # The answer ended at its first token, which comes from the prompt's own forward (for every policy, as
-            # in kvpress), so the stage, due before the next step, never ran. A deployment compresses whatever the
-            # answer turns out to be: run it now, or the record would count the whole prompt as kept.
+    def _measure(self, cache: CompressedCache) -> None:
+        if cache.policy.has_stage and not cache.stage_ran:
+            # The request ended before the stage's turn (the next forward): an answer done at its first token, which
+            # comes from the prompt's own forward (for every policy, as in kvpress), or a one-token continuation. A
+            # deployment compresses whatever follows: run it now, or the record would count the whole prompt kept.
             cache.after_prefill(self.model)
         self.kv_measurements += cache.sequence_stats()
         if cache.used_shared_scores:  # its own part now; the scoring's once the cells that shared it are known
@@ -240,13 +240,13 @@ class KVPoliciesLM(HFLM):
         if prefill is not None and prefill.sequence is not None:  # query-aware: the prompt and its first token
             output = self._continue(prefill.sequence, cache, context.shape[1], max_length, stop, steps,
                                     **generation_kwargs)
-            self._measure(cache, generated=True)
+            self._measure(cache)
             self.timings.add_decoding(context.shape[0], steps)
             return output
         output = super()._model_generate(
             context, max_length, stop, cache=cache, streamer=steps, **generation_kwargs
         )
-        self._measure(cache, generated=True)
+        self._measure(cache)
         self.timings.add_generation(context.numel() - prefilled, context.shape[0], steps)
         return output
 
@@ -290,7 +290,7 @@ class KVPoliciesLM(HFLM):
     def decoded(self, cache: CompressedCache, tokens: int, seconds: float, rows: int) -> None:
         """This cell's share of a decoding run with others: ``tokens`` of its own in ``seconds`` (each step's time
         split equally among the rows it decoded), in batches of up to ``rows``."""
-        self._measure(cache, generated=True)
+        self._measure(cache)
         self.timings.add_together(tokens, seconds, rows)
 
     def _prefilled(self, context, prefill: Prefill | None, shared: tuple[float, int] | None,
@@ -492,8 +492,8 @@ class KVPoliciesLM(HFLM):
             stop = min(start + self.stream_chunk, ids.shape[1])
             scored = stop - max(start, first_scored)  # the chunk's last rows; 0 keeps all in transformers, so 1
             logits = self.model(ids[:, start:stop], cache=cache, logits_to_keep=max(scored, 1)).logits
-            if cache.policy.has_stage and stop < ids.shape[1]:  # it chooses between chunks, over all it holds
-                cache.after_prefill(self.model)
+            if cache.policy.has_stage:  # it chooses after every chunk, over all it holds; after the last one too,
+                cache.after_prefill(self.model)  # so that the record holds what it keeps, as a scoring policy's does
             if scored > 0:
                 rows = targets[stop - scored - first_scored : stop - first_scored, None]
                 picked.append(F.log_softmax(logits[0].float(), dim=-1).gather(1, rows))
