@@ -44,6 +44,11 @@ class QFilters(Policy):
     Config = QFiltersConfig
     needs = frozenset({Signal.KEYS})
 
+    def __init__(self, config: PolicyConfig | None = None, **options) -> None:
+        super().__init__(config, **options)
+        self._groups: dict[tuple, torch.Tensor] = {}
+        self._groups_of: object = None
+
     def calibrate(self, calibration: Calibration) -> list[torch.Tensor | None]:
         """Per layer, ``[heads, head_dim]``: each query head's oriented main direction."""
         queries = calibration.queries(self.config.calibration_sequences, self.config.calibration_tokens,
@@ -59,9 +64,18 @@ class QFilters(Policy):
         if found is None:
             raise ValueError(f"qfilters has no filter for layer {inputs.layer_idx}: its attention did not run "
                              "while the model read the calibration text")
-        batch, kv_heads, seq, head_dim = inputs.keys.shape
-        direction = found.to(inputs.keys.device).view(kv_heads, -1, head_dim).mean(1)  # the KV group's filter
-        return torch.einsum("bhsd,hd->bhs", inputs.keys.float(), direction)
+        return torch.einsum("bhsd,hd->bhs", inputs.keys.float(), self._group_filters(inputs, found))
+
+    def _group_filters(self, inputs: ScoreInputs, found: torch.Tensor) -> torch.Tensor:
+        """``[kv_heads, head_dim]`` float32 on the keys' device: the mean of each KV group's query-head filters,
+        made once per fit and layer, not at every eviction (a decoding step would pay its launches)."""
+        if self._groups_of is not self.calibrated:
+            self._groups, self._groups_of = {}, self.calibrated
+        kv_heads, device = inputs.keys.shape[1], inputs.keys.device
+        key = (inputs.layer_idx, kv_heads, device)
+        if key not in self._groups:
+            self._groups[key] = found.to(device).float().view(kv_heads, -1, found.shape[-1]).mean(1)
+        return self._groups[key]
 
 
 def main_directions(queries: torch.Tensor) -> torch.Tensor:

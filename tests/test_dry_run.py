@@ -30,10 +30,10 @@ def test_the_gpu_presets_dry_run_prints_an_8b_grid_without_loading_it(no_weights
     assert main(["sweep", "--preset", "ruler-gpu", "--dry-run", "--results", str(tmp_path / "none"),
                  "--memory", "80"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("3146 cells, 0 already done, 3146 to run")  # 26 tasks x (15 policies x 4 x 2 + full)
+    assert out.startswith("3354 cells, 0 already done, 3354 to run")  # 26 tasks x (16 policies x 4 x 2 + full)
     assert "Qwen/Qwen3-8B: 8.19 B parameters, 36 layers, 32 query heads, 8 KV heads of 128" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("Qwen/Qwen3-8B  kvp_ruler_")]
-    assert len(rows) == 26 and all(row[2:4] == ["121", "500"] for row in rows)
+    assert len(rows) == 26 and all(row[2:4] == ["129", "500"] for row in rows)
     assert {row[4] for row in rows} >= {"3968", "8064"}  # 4k and 8k, the answer's tokens taken out
     assert all(row[6:8] == ["none", "needed"] for row in rows)  # 80 GiB hold 8k of an 8B model in bf16
     assert "estimated total:" in out
@@ -96,7 +96,7 @@ def plan_rows(out: str) -> list[str]:
 
 def test_a_task_shares_each_prompts_prefill_unless_told_not_to_or_the_capture_does_not_fit(no_weights, capsys,
                                                                                             tmp_path):
-    """As the sweep runs it: one prefill per prompt and protocol for a task's 121 cells (each protocol's capture
+    """As the sweep runs it: one prefill per prompt and protocol for a task's 129 cells (each protocol's capture
     on 80 GiB: 1.63 GiB at 4k, 3.32 at 8k, added to the worst cell's peak; decoded together, the caches of a
     protocol's cells too, within half of what is left), one per cell with --no-shared-prefill or where the capture
     takes more than half of what the worst cell leaves free (18.5 GiB: 2.2 left at 4k)."""
@@ -110,7 +110,7 @@ def test_a_task_shares_each_prompts_prefill_unless_told_not_to_or_the_capture_do
     assert main([*plan, "--memory", "80"]) == 0
     together = plan_rows(capsys.readouterr().out)
     assert len(shared) == len(alone) == len(tight) == len(together) == 26
-    assert all("2 for 121 cells" in row for row in shared + together)
+    assert all("2 for 129 cells" in row for row in shared + together)
     assert all("1 per cell" in row and " for " not in row for row in alone + tight)
     added = [float(s.split()[5]) - float(a.split()[5]) for a, s in zip(alone, shared)]  # printed to 0.1 GiB
     assert all(abs(gib - 1.63) <= 0.1 for gib in added[:13]) and all(abs(gib - 3.32) <= 0.1 for gib in added[13:])

@@ -39,6 +39,20 @@ def test_filters_come_from_an_svd_of_the_models_own_queries_on_the_calibration_p
     assert cache.calibration_s > 0
 
 
+def test_drawn_places_are_the_same_in_every_layer_and_come_from_every_piece(tiny_model):
+    options = {"calibration_sequences": 3, "calibration_tokens": 40, "calibration_samples": 50}
+    with pytest.warns(CalibratedWithoutText):
+        found = calibration.Calibration(tiny_model).queries(3, 40, 50, seed=2)
+    pieces = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(2))
+    chosen = torch.randperm(120, generator=torch.Generator().manual_seed(2))[:50].sort().values
+    recorded = [queries_and_keys(tiny_model, piece[None], rows=40)[0] for piece in pieces]
+    for layer in (0, 7):
+        every = torch.cat([found_in[layer][0] for found_in in recorded], dim=1)  # [heads, 120, head_dim]
+        torch.testing.assert_close(found[layer], every[:, chosen], atol=1e-5, rtol=1e-5)
+    assert len(found) == 8 and all(q.shape == (6, 50, 16) for q in found)
+    assert kvpolicies.get_policy("qfilters", **options).config.calibration_samples == 50
+
+
 def test_each_head_keeps_the_keys_that_project_furthest_on_its_groups_filter(tiny_model):
     with pytest.warns(CalibratedWithoutText):
         cache = CompressedCache(tiny_model, kvpolicies.get_policy("qfilters", **FEW), "10 tokens")

@@ -361,6 +361,8 @@ def test_a_stage_keeps_its_budget_where_the_answer_ends_at_its_first_token(tiny_
         assert member._model_generate(context, 61, [], do_sample=False).shape[1] == 61  # one token, no step
     kept = [member.kv_memory()["resident_fraction_mean"] for member in members]
     assert 0.2 < kept[0] <= 0.3 and 0.45 < kept[1] <= 0.55, kept
-    assert all(member.timings.summary()["stage_s"] > 0 for member in members)
+    for member in members:  # charged to the stage alone, alike in both ways: nothing was decoded after it
+        summary = member.timings.summary()
+        assert summary["stage_s"] > 0 and summary["decode_s"] == 0.0 and member.stage_after
     if shared:  # scored once for both budgets, each charged its part
         assert [member.timings.summary()["stage_shared_by"] for member in members] == [2, 2]

@@ -151,8 +151,9 @@ class CompressedCache(Cache):
         self._scales: dict[int, LogitScale] = {}  # each layer's logit scale, as its attention last reported it
         self.tokenizer = tokenizer
         self.calibration_s = calibrate(self.policy, model, tokenizer)
-        """Seconds the policy's calibration on this model took (:mod:`kvpolicies.engine.calibration`), paid once per
-        model and process by its first cache; 0 for a policy that does not calibrate."""
+        """Seconds the policy's calibration on this model took when it ran (:mod:`kvpolicies.engine.calibration`):
+        paid once per model and config in a process, by the first cache, and reported by every cache that uses it;
+        0 for a policy that does not calibrate."""
         self.stage_s = 0.0
         """Seconds the after-prefill stages took, their second passes included: a cost the method's users pay."""
         self.probe_tokens = 0

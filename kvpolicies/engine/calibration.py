@@ -28,7 +28,7 @@ import torch
 
 from kvpolicies.engine.attention import recording_queries
 from kvpolicies.engine.clock import clock
-from kvpolicies.errors import UsageError
+from kvpolicies.errors import ModelLoadError, UsageError
 
 if TYPE_CHECKING:
     from kvpolicies.engine.policy import Policy
@@ -118,11 +118,15 @@ def _queries(model, tokenizer, sequences: int, tokens: int, samples: int, seed: 
         offset += len(piece)
         if not len(places):
             continue
-        index = places.to(device)
-        with recording_queries(model, lambda query: query[0, :, index]) as queries:
+        # CPU indices are valid on any device: a model split over several finds each layer's queries where they are
+        with recording_queries(model, lambda query, index=places: query[0, :, index]) as queries:
             model(torch.tensor([piece], device=device), use_cache=False, logits_to_keep=1)
         for layer, found in queries.items():
             gathered.setdefault(layer, []).append(found)
+    if not gathered:
+        raise ModelLoadError(f"{type(model).__name__} does not run its attention through transformers' "
+                             "AttentionInterface, so its queries cannot be read to calibrate a policy; kvpolicies "
+                             "supports models written with it (Llama, Qwen2, Mistral, ...)")
     return [torch.cat(gathered[i], dim=1) if i in gathered else None for i in range(config.num_hidden_layers)]
 
 

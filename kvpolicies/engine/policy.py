@@ -175,7 +175,8 @@ class Policy:
     role: ClassVar[Role | None] = None
     """The baseline this policy stands for in comparisons, if any (see :class:`Role`)."""
     calibrated: Any = None
-    """What :meth:`calibrate` returned for the model in use (None for a policy that does not calibrate)."""
+    """What :meth:`calibrate` returned for the model in use (None for a policy that does not calibrate). An instance
+    serves one model at a time: building a cache on another model binds that model's fit."""
     stage_ignores_budget: ClassVar[bool] = False
     """Set True by a policy whose :meth:`after_prefill` scores do not depend on the budget (it reads neither
     ``prefilled.budget`` nor a layer's ``keep``): cells that differ only in budget and share a prompt's prefill

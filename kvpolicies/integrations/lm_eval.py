@@ -191,6 +191,9 @@ class KVPoliciesLM(HFLM):
         self.stage_shared: SharedScores | None = None
         """The shared scores this cell's cache selected from in the request under way, until the group charges
         their scoring (:class:`~kvpolicies.integrations.shared.SharedPrefill`)."""
+        self.stage_after = False
+        """Whether the last request's stage ran after it ended (its answer done at the first token), so that its
+        time is charged to ``stage_s`` alone."""
 
     def new_cache(self) -> CompressedCache:
         cache = CompressedCache(self.model, self.kv_policy, self.kv_budget, codec=self.kv_codec,
@@ -199,11 +202,15 @@ class KVPoliciesLM(HFLM):
         return cache
 
     def _measure(self, cache: CompressedCache) -> None:
-        if cache.policy.has_stage and not cache.stage_ran:
+        self.stage_after = cache.policy.has_stage and not cache.stage_ran
+        if self.stage_after:
             # The request ended before the stage's turn (the next forward): an answer done at its first token, which
             # comes from the prompt's own forward (for every policy, as in kvpress), or a one-token continuation. A
             # deployment compresses whatever follows: run it now, or the record would count the whole prompt kept.
-            cache.after_prefill(self.model)
+            # Its time goes to stage_s only: nothing was prefilled or decoded after it.
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                                 enabled=self.mixed_precision_dtype is not None):
+                cache.after_prefill(self.model)
         self.kv_measurements += cache.sequence_stats()
         if cache.used_shared_scores:  # its own part now; the scoring's once the cells that shared it are known
             self.timings.add_stage(cache.stage_s, 0)
@@ -661,18 +668,21 @@ class Timings:
 
     def add_stage(self, seconds: float, probe_tokens: int) -> None:
         """An after-prefill stage's time and its second passes' tokens (KVzip's repetition), counted within the
-        prefill or the first decoding step where it ran, and said apart."""
+        prefill or the first decoding step where it ran (in neither where it ran after the request ended, see
+        ``KVPoliciesLM._measure``), and said apart."""
         self.stage_s += seconds
         self.probe_tokens += probe_tokens
 
-    def add_shared_stage(self, shared: SharedScores, cells: int, in_prefill: bool) -> None:
+    def add_shared_stage(self, shared: SharedScores, cells: int, in_prefill: bool, after: bool = False) -> None:
         """A stage's scoring this cell shared with ``cells`` cells in all (its own inputs and selection came in
         :meth:`add_stage`): ``stage_s`` says the scoring's whole time, as a cell alone pays it, and an equal part
         is charged where the cell's own stage ran: with the question's prefill (``in_prefill``, query-agnostic)
-        or at the first decoding step."""
+        or at the first decoding step; nowhere else where it ran ``after`` the request ended, as alone."""
         self.stage_s += shared.seconds
         self.probe_tokens += shared.probe_tokens
         self.stage_shared_by = max(self.stage_shared_by, cells)
+        if after:
+            return
         if in_prefill:
             self.prefill_s += shared.seconds / cells
         else:

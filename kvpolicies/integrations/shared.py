@@ -211,7 +211,8 @@ class SharedPrefill:
             shared, peak = members[0].stage_shared, self._stage_peaks.get(id(members[0].stage_shared))
             for member in members:
                 member.timings.add_shared_stage(shared, len(members),
-                                                in_prefill=member.protocol is Protocol.QUERY_AGNOSTIC)
+                                                in_prefill=member.protocol is Protocol.QUERY_AGNOSTIC,
+                                                after=member.stage_after)
                 if peak is not None:
                     member.request_memory.add(peak, request=False)
                 member.stage_shared = None
@@ -239,8 +240,14 @@ class SharedPrefill:
                 self.failed.add(id(member))
                 continue
             if begun.sequence.shape[1] >= max_length or member.stopper(prompt, stop)(begun.sequence):
-                member.decoded(begun.cache, 0, 0.0, 0)  # done at its first token, as its own generate call would be
-                member.answers[key] = begun.sequence[:, prompt:].cpu()
+                try:  # done at its first token, as its own generate call would be; its stage runs now (_measure)
+                    member.decoded(begun.cache, 0, 0.0, 0)
+                except Exception as error:  # that cell fails alone, as it would in its own request
+                    member.timings, member.request_memory = copy.deepcopy(before.timings), copy.deepcopy(before.memory)
+                    member.answers[key] = Failed(error.with_traceback(None))
+                    self.failed.add(id(member))
+                else:
+                    member.answers[key] = begun.sequence[:, prompt:].cpu()
                 del begun  # its cache is done with
                 continue
             shape = begun.cache.shape
