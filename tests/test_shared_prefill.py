@@ -366,3 +366,27 @@ def test_a_stage_keeps_its_budget_where_the_answer_ends_at_its_first_token(tiny_
         assert summary["stage_s"] > 0 and summary["decode_s"] == 0.0 and member.stage_after
     if shared:  # scored once for both budgets, each charged its part
         assert [member.timings.summary()["stage_shared_by"] for member in members] == [2, 2]
+
+
+def test_a_stage_that_fails_after_a_first_token_answer_fails_its_own_cell_only(tiny_pretrained, monkeypatch):
+    """Decoded together, a cell done at its first token runs its stage then (to count what it keeps); if that
+    raises, only that cell fails, and the others keep their answers."""
+    import torch
+
+    from kvpolicies.integrations.lm_eval import KVPoliciesLM
+    from kvpolicies.integrations.shared import SharedPrefill
+
+    context = torch.randint(3, 1000, (1, 60), generator=torch.Generator().manual_seed(4))
+    first = KVPoliciesLM(pretrained=tiny_pretrained, policy="kvzip", budget=0.25)
+    members = [first, KVPoliciesLM(pretrained=first.model, tokenizer=first.tokenizer, policy="kvzip", budget=0.5)]
+    group = SharedPrefill(members, together=True)
+
+    def broken(cache):
+        raise RuntimeError("a stage broke after the answer (a stand-in)")
+
+    monkeypatch.setattr(members[1], "_measure", broken)
+    assert members[0]._model_generate(context, 61, [], do_sample=False).shape[1] == 61
+    with pytest.raises(RuntimeError, match="a stage broke after the answer"):
+        members[1]._model_generate(context, 61, [], do_sample=False)
+    assert id(members[1]) in group.failed and id(members[0]) not in group.failed
+    assert members[0].kv_memory()["resident_fraction_mean"] <= 0.3  # its own stage ran
