@@ -41,8 +41,8 @@ from kvpolicies.integrations.protocol import Protocol
 from kvpolicies.reports.figures import plots_folder, pyplot, save
 from kvpolicies.reports.leaderboard import escaped, failed_cells, provenance_parts, ranks, section
 from kvpolicies.reports.points import shown
-from kvpolicies.reports.statistics import Comparison, Interval, compare, interval, p_text
-from kvpolicies.reports.suite import short
+from kvpolicies.reports.statistics import Comparison, Interval, compare, interval_of, p_text
+from kvpolicies.reports.suite import Table, short
 
 REFERENCE = "full cache"
 EVICTION = "eviction only"
@@ -62,7 +62,6 @@ SAME_BYTES = 0.01
 bytes a little; a cell that let entries go holds visibly less)."""
 PROTOCOLS = (Protocol.QUERY_AGNOSTIC, Protocol.QUERY_AWARE)
 
-Table = tuple[str, list[str], list[list[Any]]]
 
 
 @dataclass(frozen=True)
@@ -89,8 +88,7 @@ class Point:
 
     @property
     def interval(self) -> Interval | None:
-        kept = self.outcomes
-        return None if kept is None else interval(kept.statistic, kept.values, kept.weights)
+        return interval_of(self.outcomes)
 
     def score_text(self) -> str:
         """The score with its 95% interval, or saying why there is none."""

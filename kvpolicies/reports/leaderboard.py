@@ -31,7 +31,7 @@ from kvpolicies.errors import UsageError
 from kvpolicies.experiments.results import Outcomes, ResultRecord, budget_key, load_results
 from kvpolicies.reports.figures import plots_folder, pyplot, save
 from kvpolicies.reports.points import Shown, shown
-from kvpolicies.reports.statistics import Interval, compare, interval, p_text
+from kvpolicies.reports.statistics import Interval, compare, interval_of, p_text
 
 COLUMNS = (
     "Columns: *KV MiB* is the mean resident KV cache per sequence, counted from the cache's tensors, and *of full* "
@@ -83,8 +83,7 @@ class Row:
 
     @property
     def interval(self) -> Interval | None:
-        kept = self.outcomes
-        return None if kept is None else interval(kept.statistic, kept.values, kept.weights)
+        return interval_of(self.outcomes)
 
     def score_text(self) -> str:
         """The score with its interval where the record kept its samples' outcomes."""

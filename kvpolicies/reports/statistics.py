@@ -21,9 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from kvpolicies.experiments.outcomes import Statistic, score_of
+
+if TYPE_CHECKING:
+    from kvpolicies.experiments.results import Outcomes
 
 LEVEL = 0.95
 RESAMPLES = 2000
@@ -48,6 +51,11 @@ class Interval:
 
 def is_binary(values: Sequence[float]) -> bool:
     return all(value in (0.0, 1.0) for value in values)
+
+
+def interval_of(outcomes: Outcomes | None) -> Interval | None:
+    """:func:`interval` of a record's kept outcomes (None where the record kept none)."""
+    return None if outcomes is None else interval(outcomes.statistic, outcomes.values, outcomes.weights)
 
 
 def interval(statistic: Statistic, values: Sequence[float], weights: Sequence[float] | None = None,
