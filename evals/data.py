@@ -107,9 +107,9 @@ def passkey_samples(
 
 def haystack_text() -> str:
     """Natural English prose from the Python documentation bundled with CPython, in a fixed order. Its last third is
-    the policies' calibration text (:mod:`kvpolicies.engine.calibration`), which no haystack of up to 8k tokens
-    reaches: a slice starts in the first half and spans at most 8 characters a token."""
-    from kvpolicies.engine.calibration import python_documentation
+    the policies' calibration text (:mod:`kvpolicies.corpus`), which no haystack of up to 8k tokens reaches: a
+    slice starts in the first half and spans at most 8 characters a token."""
+    from kvpolicies.corpus import python_documentation
 
     return python_documentation()
 

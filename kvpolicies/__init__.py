@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvpolicies.errors import (
     BudgetError,
+    CalibrationError,
     KVPoliciesError,
     ModelLoadError,
     PluginError,
@@ -91,6 +92,7 @@ __all__ = [
     "CacheShape",
     "CacheStats",
     "Calibration",
+    "CalibrationError",
     "Codec",
     "CodecInfo",
     "CompressedCache",

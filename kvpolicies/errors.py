@@ -55,6 +55,18 @@ class ModelUnavailable(ModelLoadError):
     policy's cells fail, the others run."""
 
 
+class CalibrationError(KVPoliciesError):
+    """A policy could not calibrate on a model (out of memory, attention it cannot read, a bug in its
+    ``calibrate``): that policy's cells fail, the model itself is fine for the others. It carries the model and
+    tokenizer already loaded, so a sweep keeps them for its next cell instead of loading them again; the cause is
+    chained as ``__cause__``."""
+
+    def __init__(self, message: str, model: object = None, tokenizer: object = None) -> None:
+        super().__init__(message)
+        self.model = model
+        self.tokenizer = tokenizer
+
+
 class PluginError(KVPoliciesError):
     """A policy plugin's own code raised inside a hook the engine called (``score``, ``allocate``, ...), or a hook
     returned something that breaks its contract (scores of the wrong shape or with NaN, an allocation that adds

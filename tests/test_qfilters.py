@@ -10,7 +10,8 @@ from transformers import DynamicCache
 import kvpolicies
 from kvpolicies import CompressedCache, Policy, PluginError, UsageError
 from kvpolicies.engine import calibration
-from kvpolicies.engine.calibration import CalibratedWithoutText, calibration_text, python_documentation
+from kvpolicies.corpus import calibration_text, python_documentation
+from kvpolicies.engine.calibration import CalibratedWithoutText
 from kvpolicies.experiments.probe import queries_and_keys
 from kvpolicies_plugins.qfilters import main_directions
 
@@ -136,3 +137,27 @@ def test_the_lm_eval_model_calibrates_on_text_before_any_request_and_records_its
     assert len(lm.kv_policy.calibrated) == 4
     assert lm.get_model_info()["kvpolicies"]["speed"]["calibration_s"] > 0
     assert lm.new_cache().policy.calibrated is lm.kv_policy.calibrated  # the caches find it done
+
+
+def test_query_recordings_nest_change_no_output_and_leave_nothing_registered(tiny_model):
+    """Was: a recording inside another called itself until Python's recursion limit."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from kvpolicies.engine.attention import RECORDER, recording_queries
+
+    ids = torch.randint(3, 100, (1, 12))
+    with torch.no_grad():
+        plain = tiny_model(ids).logits
+        before = tiny_model.config._attn_implementation
+        with recording_queries(tiny_model, lambda q: q[:, :, -1:].clone()) as outer:
+            with recording_queries(tiny_model, lambda q: q[:, :, :2].clone()) as inner:
+                nested = tiny_model(ids).logits
+            after_inner = tiny_model(ids).logits
+    assert torch.equal(nested, plain) and torch.equal(after_inner, plain)
+    assert sorted(inner) == sorted(outer) == list(range(8))
+    assert inner[3].shape[2] == 2 and outer[3].shape[2] == 1
+    with torch.no_grad(), recording_queries(tiny_model, lambda q: q.clone()) as alone:
+        tiny_model(ids)
+    assert torch.equal(inner[3], alone[3][:, :, :2]) and torch.equal(outer[3], alone[3][:, :, -1:])
+    assert tiny_model.config._attn_implementation == before
+    assert not [name for name in ALL_ATTENTION_FUNCTIONS._global_mapping if name.startswith(RECORDER)]

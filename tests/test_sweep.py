@@ -292,6 +292,30 @@ def test_a_policy_that_cannot_run_on_a_model_fails_its_cells_and_the_sweep_goes_
         runner.evaluate(cell)
 
 
+def test_a_calibration_out_of_memory_on_a_models_first_cell_fails_that_cell_and_keeps_the_model(tiny_pretrained,
+                                                                                                  monkeypatch):
+    """Was: Q-Filters out of memory while calibrating on the first cell of a model read as 'cannot load model' and
+    stopped the sweep. The model loaded; only the policy failed on it."""
+    from kvpolicies.engine import calibration
+    from kvpolicies.experiments import runner
+
+    grid = SweepConfig.model_validate({
+        "models": [tiny_pretrained], "policies": ["qfilters", "random"], "budgets": [0.5],
+        "tasks": [{"name": "kvp_passkey", "metadata": {"lengths": [200], "depths": [0.5], "per_cell": 1}}]})
+    by_policy = {c.policy.name: c for c in cells(grid)}
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(calibration, "_queries", out_of_memory)
+    monkeypatch.setattr(runner, "_loaded", {})
+    record = runner.evaluate(by_policy["qfilters"])
+    assert record.status == "error" and record.error.startswith("CalibrationError: policy 'qfilters' could not "
+                                                                "calibrate on this model: CUDA out of memory")
+    [(model, _)] = runner._loaded.values()  # kept for the next cell, not loaded again
+    assert runner.cell_model(by_policy["random"]).model is model
+
+
 def test_a_model_that_fails_to_load_stops_the_sweep_at_its_first_cell_and_keeps_the_finished_ones(
         tiny_pretrained, tmp_path):
     """Its config reads, so the check before the first cell passes; loading its weights fails: the first cell of

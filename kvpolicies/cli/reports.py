@@ -65,12 +65,18 @@ def add_commands(commands) -> None:
     bench.add_argument("--dtype", help="float32, bfloat16, ... (default: bfloat16 on CUDA, float32 on CPU)")
     add_loading_arguments(bench, device_and_dtype=False)
     bench.add_argument("--json", type=path, help="also write every measurement to this JSON file")
-    bench.add_argument("--profile", action="store_true",
+    modes = bench.add_mutually_exclusive_group()
+    modes.add_argument("--profile", action="store_true",
                        help="instead of the tables: where each run's time goes (torch profiler, top operators)")
-    bench.add_argument("--step-costs", action="store_true",
+    modes.add_argument("--step-costs", action="store_true",
                        help="instead of the tables: kernel launches and host-device syncs per decoding step, counted "
                             "(not timed) at batch 1, 4 and 16, as a GPU would pay them, at the first context")
-    bench.add_argument("--from-json", type=path, nargs="+", metavar="JSON",
+    modes.add_argument("--codec-error", action="store_true",
+                       help="instead of the tables: how far each codec's stored keys, values and last-query "
+                            "attention output are from the model's own at each context (--codec NAME: that codec "
+                            "only; default: every lossy one), next to transformers' QuantizedCache when "
+                            "optimum-quanto is installed")
+    modes.add_argument("--from-json", type=path, nargs="+", metavar="JSON",
                        help="measure nothing: print the tables of saved --json files (e.g. one run per context)")
     bench.set_defaults(run=run_bench)
 
@@ -170,6 +176,8 @@ def run_bench(args: argparse.Namespace) -> int:
         model, tokenizer = _load(args.model, args.device, args.dtype, args.random_model, loading)
         print(step_costs(model, tokenizer, args.contexts[0], policies, budgets, codec=args.codec))
         return 0
+    if args.codec_error:
+        return _codec_error(args, loading)
     if args.profile:
         print(profiles(args.model, args.contexts, args.policies, args.budgets, args.decode, args.prefill_chunk,
                        args.device, args.dtype, args.random_model, codec=args.codec, loading=loading))
@@ -181,6 +189,18 @@ def run_bench(args: argparse.Namespace) -> int:
         codec=args.codec, loading=loading,
     )
     print(header + "\n\n" + tables(results))
+    if args.json:
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _codec_error(args: argparse.Namespace, loading: dict) -> int:
+    from kvpolicies.experiments.codec_error import measure, table
+
+    header, rows = measure(args.model, args.contexts, None if args.codec == "full" else [args.codec], args.device,
+                           args.dtype, args.random_model, loading, args.json,
+                           progress=lambda message: print(f"kvpolicies bench: {message}", file=sys.stderr))
+    print(header + "\n\n" + table(rows))
     if args.json:
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

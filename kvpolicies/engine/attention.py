@@ -9,6 +9,7 @@ rather than from the model. After the attention has read a layer's keys, the lay
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -70,28 +71,38 @@ def inner_function(inner: str, module) -> Callable:
 
 
 RECORDER = "kvpolicies_recorder"  # not PREFIX: a model recording is not one prepared for compressed caches
+_RECORDINGS = itertools.count()
 
 
 @contextmanager
-def recording_queries(model, pick: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[dict[int, torch.Tensor]]:
+def recording_queries(model, pick: Callable[[torch.Tensor], torch.Tensor],
+                      scales: dict[int, LogitScale] | None = None) -> Iterator[dict[int, torch.Tensor]]:
     """While inside, each layer's forward stores ``pick(query)`` (the post-RoPE ``[batch, heads, q_len, head_dim]``)
-    under its layer index; a temporary attention implementation wraps the model's own, so the forward computes
-    exactly what it always does. Meant for a forward over an ordinary cache (or none), never a compressed one."""
+    under its layer index, and into ``scales`` how that layer turns ``q·k`` into logits, as the model passed it;
+    a temporary attention implementation wraps the model's own, so the forward computes exactly what it always
+    does. Meant for a forward over an ordinary cache (or none), never a compressed one. ``pick`` should copy what
+    it keeps (a slice would hold the whole query alive)."""
     previous = model.config._attn_implementation
-    inner = previous.removeprefix(PREFIX)
+    inner = previous.removeprefix(PREFIX)  # a recording inside another reads through the outer one
+    name = f"{RECORDER}-{next(_RECORDINGS)}"  # its own name: recordings nest, and none outlives its block
     queries: dict[int, torch.Tensor] = {}
 
     def record(module, query, key, value, attention_mask, **kwargs):
         queries[module.layer_idx] = pick(query).detach()
+        if scales is not None:
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            scales[module.layer_idx] = LogitScale(scaling, kwargs.get("softcap"))
         return inner_function(inner, module)(module, query, key, value, attention_mask, **kwargs)
 
-    ALL_ATTENTION_FUNCTIONS.register(RECORDER, record)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(RECORDER, ALL_MASK_ATTENTION_FUNCTIONS[inner])
-    model.set_attn_implementation(RECORDER)
+    ALL_ATTENTION_FUNCTIONS.register(name, record)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
     try:
+        model.set_attn_implementation(name)
         yield queries
     finally:
         model.set_attn_implementation(previous)
+        for functions in (ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS):
+            functions._global_mapping.pop(name, None)  # the closure holds what it recorded
 
 
 def kvpolicies_attention(inner: Callable, module, query, key, value, attention_mask, **kwargs):

@@ -11,9 +11,8 @@ Cost: a calibration runs once per model and policy config in a process (the firs
 same sweep finds it done), before any prompt, and its time is recorded next to every result (``calibration_s``),
 since that is what a user pays once per model.
 
-The text: the last third of the Python documentation that ships with CPython. The tasks' haystacks are slices of
-the same documentation that start in its first half and span at most 8 characters a token, so no task of up to
-8k tokens reaches this part: the filters are never fitted on a prompt they are scored on.
+The text: the last third of the Python documentation that ships with CPython (:mod:`kvpolicies.corpus`), which no
+task's haystack reaches: the filters are never fitted on a prompt they are scored on.
 """
 
 from __future__ import annotations
@@ -26,27 +25,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvpolicies.corpus import calibration_text
 from kvpolicies.engine.attention import recording_queries
 from kvpolicies.engine.clock import clock
 from kvpolicies.errors import ModelLoadError, UsageError
 
 if TYPE_CHECKING:
     from kvpolicies.engine.policy import Policy
-
-
-def python_documentation() -> str:
-    """Natural English prose from the Python documentation bundled with CPython, in a fixed order, offline
-    everywhere (the tasks' haystack is the same text)."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key].strip() for key in sorted(topics))
-
-
-def calibration_text() -> str:
-    """The documentation's last third, from the first paragraph that starts there."""
-    text = python_documentation()
-    start = text.index("\n\n", 2 * len(text) // 3) + 2
-    return text[start:]
 
 
 class CalibratedWithoutText(UserWarning):

@@ -96,7 +96,8 @@ def prompt_ids(tokenizer, tokens: int, device: torch.device, vocab_size: int = 3
     text, _, _ = passkey_prompt(random.Random(0), tokens * 2)
     ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens]
     if ids.shape[1] < tokens:
-        raise ValueError(f"the benchmark prompt has only {ids.shape[1]} tokens, {tokens} were asked")
+        raise UsageError(f"the benchmark prompt has only {ids.shape[1]} tokens and {tokens} were asked; give "
+                         f"--contexts of at most {ids.shape[1]}")
     return ids.to(device)
 
 
@@ -326,6 +327,10 @@ def load(paths: Sequence) -> tuple[list[str], list[Measurement]]:
     results: list[Measurement] = []
     for path in paths:
         data = json.loads(Path(path).read_text())
+        if "results" not in data:
+            what = "--codec-error" if "codec_errors" in data else "a command other than bench"
+            raise UsageError(f"{path} was written by {what}, not by bench's timing tables; give files that `kvpolicies "
+                             "bench --json` wrote")
         if data["header"] not in headers:
             headers.append(data["header"])
         results += [Measurement(**{k: v for k, v in row.items() if k in names}) for row in data["results"]]

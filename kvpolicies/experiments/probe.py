@@ -17,6 +17,6 @@ def queries_and_keys(model, ids: torch.Tensor, rows: int) -> tuple[dict[int, tor
     """Run ``ids`` (``[1, seq]``); return each layer's last ``rows`` queries ``[1, heads, rows, head_dim]`` and the
     filled cache (keys ``[1, kv_heads, seq, head_dim]`` per layer), both after RoPE."""
     cache = DynamicCache(config=model.config)
-    with recording_queries(model, lambda query: query[:, :, -rows:]) as queries:
+    with recording_queries(model, lambda query: query[:, :, -rows:].clone()) as queries:
         model(ids.to(model.device), cache=cache)
     return dict(queries), cache

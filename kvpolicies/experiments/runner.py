@@ -145,7 +145,7 @@ def cell_model(cell: Cell):
     """The lm-eval model of ``cell``. Weights are loaded once per model, not once per cell (an 8B model takes
     minutes to load on a GPU node); a grid runs model by model, so only the current model is kept in memory. The
     first load is lm-eval's own, so results are those of a fresh process (a resumed sweep checks this)."""
-    from kvpolicies.errors import KVPoliciesError, ModelLoadError, ModelUnavailable
+    from kvpolicies.errors import CalibrationError, KVPoliciesError, ModelLoadError, ModelUnavailable
     from kvpolicies.integrations.lm_eval import KVPoliciesLM
     from kvpolicies.integrations.models import load_failure
     from kvpolicies.registry import get_policy
@@ -162,6 +162,9 @@ def cell_model(cell: Cell):
     get_policy(cell.policy.name, **cell.policy.options)  # the policy's own errors fail its cell, never the sweep
     try:
         lm = KVPoliciesLM(pretrained=cell.model, **cell.loading.given(), **options)
+    except CalibrationError as error:  # the model loaded and the policy failed on it: its cell fails, not the sweep
+        _loaded[loaded] = (error.model, error.tokenizer)
+        raise
     except ModelLoadError as error:  # a bad path, an architecture refused: no cell of this model can run
         raise ModelUnavailable(str(error)) from None
     except KVPoliciesError:  # an option of ours, named already

@@ -139,14 +139,15 @@ def compare(reference: Decoded, row: int, other: Decoded, dtype: torch.dtype) ->
 
 
 def check_full_budget(model, prompt: torch.Tensor, policy: str, steps: int,
-                      reference: Decoded | None = None) -> CheckResult:
+                      reference: Decoded | None = None, tokenizer=None) -> CheckResult:
     """Check 1. At budget 1.0 a policy keeps every entry, so nothing may change: the kvpolicies attention must run
     the model's own attention, and the cache must hand back what a plain cache would. Any difference here is a bug
     in the layer between the model and its cache, which every compressed result would inherit."""
     name = f"budget 1.0 = model's own logits ({policy})"
     if reference is None:
         reference = decode(model, [prompt], DynamicCache(config=model.config), steps)
-    ours = decode(model, [prompt], CompressedCache(model, policy, 1.0), steps, forced=reference.tokens)
+    ours = decode(model, [prompt], CompressedCache(model, policy, 1.0, tokenizer=tokenizer), steps,
+                  forced=reference.tokens)
     difference, allowed, mismatches, ties = compare(reference, 0, ours, model.dtype)
     measured = (f"max abs logit diff {difference:.3g} over {steps + 1} steps of {len(prompt)} tokens"
                 + (f"; {mismatches} greedy token(s) differ" if mismatches else "")
@@ -165,7 +166,7 @@ def batch_prompts(prompt: torch.Tensor, count: int = 3) -> list[torch.Tensor]:
 
 
 def check_batch_equals_alone(model, prompts: Sequence[torch.Tensor], policy: str, steps: int, pad_id: int = 0,
-                             budget: Budget | None = None) -> tuple[CheckResult, Decoded]:
+                             budget: Budget | None = None, tokenizer=None) -> tuple[CheckResult, Decoded]:
     """Check 2. A left-padded batch must give each prompt what it gets alone: the cache judges every sequence on its
     own real length, never keeps padding, and a policy's scores must not mix sequences. Without it, lm-eval (which
     batches) would measure something else than ``kvpolicies generate``. Slack 0: every decoding step evicts, so
@@ -173,10 +174,10 @@ def check_batch_equals_alone(model, prompts: Sequence[torch.Tensor], policy: str
     subject)."""
     budget = budget or Budget(value=0.5, slack_tokens=0)
     name = f"left-padded batch = each prompt alone ({policy} @ {budget})"
-    batched = decode(model, prompts, CompressedCache(model, policy, budget), steps, pad_id)
+    batched = decode(model, prompts, CompressedCache(model, policy, budget, tokenizer=tokenizer), steps, pad_id)
     rows = []
     for row, prompt in enumerate(prompts):
-        alone = decode(model, [prompt], CompressedCache(model, policy, budget), steps,
+        alone = decode(model, [prompt], CompressedCache(model, policy, budget, tokenizer=tokenizer), steps,
                        forced=batched.tokens[row : row + 1])
         rows.append(compare(batched, row, alone, model.dtype))
     worst, allowed, _, _ = max(rows, key=lambda row: row[0] / row[1])  # the row nearest to (or past) its tolerance
@@ -232,7 +233,7 @@ def decode_work(model, prompt: torch.Tensor, cache, steps: int) -> tuple[float, 
 
 
 def check_step_syncs(model, prompt: torch.Tensor, policy: str, budget: Budget, steps: int,
-                     plain: tuple[float, float] | None = None) -> CheckResult:
+                     plain: tuple[float, float] | None = None, tokenizer=None) -> CheckResult:
     """Check 4. On a GPU a decoding step of a small model is short, and every wait for the device (a host read of a
     tensor) stalls the pipeline; between evictions the cache must add none to the model's own (the sampled token's
     read). Counted, not timed, so it holds on any device. The budget's slack is raised past ``steps`` so that no
@@ -240,7 +241,8 @@ def check_step_syncs(model, prompt: torch.Tensor, policy: str, budget: Budget, s
     no_eviction = budget.model_copy(update={"slack_tokens": max(budget.slack_tokens, steps + 1)})
     if plain is None:
         plain = decode_work(model, prompt, DynamicCache(config=model.config), steps)
-    launches, syncs = decode_work(model, prompt, CompressedCache(model, policy, no_eviction), steps)
+    launches, syncs = decode_work(model, prompt, CompressedCache(model, policy, no_eviction, tokenizer=tokenizer),
+                                  steps)
     measured = (f"{syncs:.2f} syncs, {launches:.0f} launches per step (plain model: {plain[1]:.2f}, "
                 f"{plain[0]:.0f})")
     limit = max(1.0, plain[1])
@@ -259,14 +261,14 @@ def _timed_steps(model, cache, token: torch.Tensor, steps: int) -> tuple[float, 
 
 @torch.no_grad()
 def check_decode_speed(model, prompt: torch.Tensor, policy: str, budget: Budget, steps: int,
-                       repeats: int = 3) -> CheckResult:
+                       repeats: int = 3, tokenizer=None) -> CheckResult:
     """Check 5. A compressed cache saves memory; it must not give the time back. Decoding with it is timed against
     a dense ``DynamicCache`` holding as many tokens as the compressed one keeps per head (the same attention work),
     in interleaved blocks (drift in machine speed hits both) between evictions; the median block times are
     compared. A timing, so a miss is a warning (:attr:`Verdict.SLOW`), not a failure."""
     ids = prompt[None].to(model.device)
     no_eviction = budget.model_copy(update={"slack_tokens": max(budget.slack_tokens, (repeats + 1) * steps + 1)})
-    compressed = CompressedCache(model, policy, no_eviction)
+    compressed = CompressedCache(model, policy, no_eviction, tokenizer=tokenizer)
     token = model(ids, cache=compressed, logits_to_keep=1).logits[:, -1:].argmax(-1)
     kept = max(1, round(float(compressed.kept_per_head().float().mean())))
     dense = DynamicCache(config=model.config)
@@ -406,11 +408,11 @@ def run_selfcheck(model, tokenizer, settings: SelfCheckSettings,
     reference = decode(model, [prompt], DynamicCache(config=model.config), steps)
     for policy in settings.policies:
         attempt(f"budget 1.0 = model's own logits ({policy})",
-                lambda: check_full_budget(model, prompt, policy, steps, reference))
+                lambda: check_full_budget(model, prompt, policy, steps, reference, tokenizer))
     prompts = batch_prompts(prompt)
     for policy in settings.policies:
         def batch_and_bytes(policy: str = policy) -> list[CheckResult]:
-            result, batched = check_batch_equals_alone(model, prompts, policy, steps, pad_id)
+            result, batched = check_batch_equals_alone(model, prompts, policy, steps, pad_id, tokenizer=tokenizer)
             return [result, check_resident_bytes(batched.cache, f"{policy}, the batch above")]
 
         attempt(f"left-padded batch = each prompt alone ({policy})", batch_and_bytes)
@@ -418,10 +420,10 @@ def run_selfcheck(model, tokenizer, settings: SelfCheckSettings,
     plain = decode_work(model, short, DynamicCache(config=model.config), steps)
     for policy in settings.policies:
         attempt(f"syncs per decoding step ({policy})",
-                lambda: check_step_syncs(model, short, policy, settings.budget, steps, plain))
+                lambda: check_step_syncs(model, short, policy, settings.budget, steps, plain, tokenizer))
     first = settings.policies[0]
     attempt(f"decode time vs dense cache ({first})",
-            lambda: check_decode_speed(model, prompt, first, settings.budget, steps, settings.repeats))
+            lambda: check_decode_speed(model, prompt, first, settings.budget, steps, settings.repeats, tokenizer))
     tokens = long_context_tokens(settings, model)
     if tokens:
         attempt(f"chunked prefill of {tokens} tokens ({first})",

@@ -45,7 +45,7 @@ from kvpolicies.engine.calibration import calibrate
 from kvpolicies.engine.clock import clock
 from kvpolicies.engine.replay import Prefill, replay
 from kvpolicies.engine.policy import Role, coerce_option
-from kvpolicies.errors import ModelLoadError, PolicyConfigError, UsageError
+from kvpolicies.errors import CalibrationError, ModelLoadError, PolicyConfigError, UsageError
 from kvpolicies.engine.memory import PeakMemory
 from kvpolicies.engine.stages import SharedScores
 from kvpolicies.integrations.models import resolve_device, resolve_dtype, resolve_source
@@ -179,7 +179,11 @@ class KVPoliciesLM(HFLM):
         self.kv_padding_bytes = 0  # largest padding a batch stored next to its sequences' entries
         self.timings = Timings()
         # Before any request: a policy fitted to the model (Q-Filters) is fitted now, outside every timed prefill.
-        self.timings.calibration_s = calibrate(self.kv_policy, self.model, self.tokenizer)
+        try:
+            self.timings.calibration_s = calibrate(self.kv_policy, self.model, self.tokenizer)
+        except Exception as error:  # the policy's failure on this model, not the model's: only its cells fail
+            raise CalibrationError(f"policy {policy!r} could not calibrate on this model: {error}",
+                                   model=self.model, tokenizer=self.tokenizer) from error
         self.request_memory = RequestMemory()
         self.shared: SharedPrefill | None = None
         """Set when this cell shares each prompt's prefill with others (:mod:`kvpolicies.integrations.shared`)."""
