@@ -240,12 +240,14 @@ def test_a_perplexity_page_tests_with_a_paired_bootstrap_and_lower_is_better(tmp
         score = score_of("weighted_perplexity", logs, weights)
         return made.model_copy(update={
             "score": score, "higher_is_better": False, "primary_metric": "word_perplexity,none",
-            "outcomes": Outcomes(statistic="weighted_perplexity", doc_ids=[0, 1, 2, 3], values=logs, weights=weights)})
+            "outcomes": Outcomes(statistic="weighted_perplexity", doc_ids=list(range(len(logs))), values=logs,
+                                 weights=weights)})
 
+    # 8 documents: with 5 or fewer no paired test can pass, however large the gap (statistics.sign_floor)
     folder = write_records(tmp_path / "r", [
-        perplexity("full", None, 1.0, [-200.0, -210.0, -190.0, -205.0]),
-        perplexity("keydiff", 0.25, 0.25, [-300.0, -320.0, -310.0, -305.0]),
-        perplexity("keydiff", 0.25, 0.16, [-220.0, -230.0, -215.0, -225.0], codec="int4"),
+        perplexity("full", None, 1.0, [-200.0, -210.0, -190.0, -205.0] * 2),
+        perplexity("keydiff", 0.25, 0.25, [-300.0, -320.0, -310.0, -305.0] * 2),
+        perplexity("keydiff", 0.25, 0.16, [-220.0, -230.0, -215.0, -225.0] * 2, codec="int4"),
     ])
     [panel], _ = panels(load_results(folder))
     [duel] = duels(panel)

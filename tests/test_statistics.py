@@ -79,6 +79,18 @@ def test_partial_credit_and_perplexity_take_a_bootstrap_interval_around_their_sc
     assert interval("mean", []) is None
 
 
+def test_a_bootstrap_over_a_handful_of_samples_claims_no_more_than_a_sign_test_could():
+    """Was: two perplexity documents that both favoured one cell gave p < 0.001 (every resample kept the sign)."""
+    better = {i: (-100.0 - i, 50.0) for i in range(2)}
+    worse = {i: (-150.0 - i, 50.0) for i in range(2)}
+    two = compare("weighted_perplexity", better, worse)
+    assert two.difference < 0 and two.p_value == 0.5 and not two.significant
+    five = compare("weighted_perplexity", {i: (-100.0, 50.0) for i in range(5)}, {i: (-150.0, 50.0) for i in range(5)})
+    assert five.p_value == pytest.approx(2 / 32) and not five.significant  # 5 samples: never below 0.0625
+    six = compare("weighted_perplexity", {i: (-100.0, 50.0) for i in range(6)}, {i: (-150.0, 50.0) for i in range(6)})
+    assert six.p_value == pytest.approx(2 / 64) and six.significant
+
+
 def logged(metric: str, items: list, filter_name: str = "none") -> list[dict]:
     return [{"doc_id": i, "filter": filter_name, metric: item} for i, item in enumerate(items)]
 

@@ -11,7 +11,8 @@ from them what it shows:
   MOVER (Zou & Donner 2008): a bootstrap there collapses to a point where each task's few samples agree (3 of 3
   right, 0 of 3 right), which says nothing about how sure the mean is;
 - a test on a difference between two cells over the samples they share (same task, same docs): exact McNemar for
-  accuracies (only the samples where the two disagree count), else a paired bootstrap of the difference.
+  accuracies (only the samples where the two disagree count), else a paired bootstrap of the difference, whose
+  p-value is never below what a sign test on that many samples could give (:func:`sign_floor`).
 
 Everything is deterministic (a fixed seed per call), so a page regenerated from the same files is the same page.
 """
@@ -187,8 +188,16 @@ def _paired_bootstrap(statistic: Statistic, groups, difference: float, n: int, l
              - _scores(statistic, [_array(g[2]) for g in groups], [_array(g[3]) for g in groups], picks))
     low, high = _percentiles(draws, level)
     below, above = float((draws <= 0).mean()), float((draws >= 0).mean())
-    p_value = 1.0 if difference == 0 else min(1.0, 2 * min(below, above))
+    p_value = 1.0 if difference == 0 else min(1.0, max(2 * min(below, above), sign_floor(n)))
     return Comparison(difference, min(low, difference), max(high, difference), p_value, n, "paired bootstrap")
+
+
+def sign_floor(n: int) -> float:
+    """The smallest two-sided p-value that ``n`` paired samples can give: every one of them on the same side, which
+    a fair coin does with probability ``2 / 2**n``. A bootstrap over very few samples has no such floor (2
+    documents that agree resample to a difference that never changes sign, p = 0), so its p-value is held above
+    it: with 5 samples or fewer no difference can pass at 0.05, however large."""
+    return min(1.0, 2.0 ** (1 - n))
 
 
 def mcnemar(a_only: int, b_only: int) -> float:
