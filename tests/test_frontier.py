@@ -243,7 +243,7 @@ def test_a_perplexity_page_tests_with_a_paired_bootstrap_and_lower_is_better(tmp
             "outcomes": Outcomes(statistic="weighted_perplexity", doc_ids=list(range(len(logs))), values=logs,
                                  weights=weights)})
 
-    # 8 documents: with 5 or fewer no paired test can pass, however large the gap (statistics.sign_floor)
+    # 8 documents: with 5 or fewer no paired test can pass, however large the gap (statistics.swap_p_value)
     folder = write_records(tmp_path / "r", [
         perplexity("full", None, 1.0, [-200.0, -210.0, -190.0, -205.0] * 2),
         perplexity("keydiff", 0.25, 0.25, [-300.0, -320.0, -310.0, -305.0] * 2),
@@ -251,7 +251,7 @@ def test_a_perplexity_page_tests_with_a_paired_bootstrap_and_lower_is_better(tmp
     ])
     [panel], _ = panels(load_results(folder))
     [duel] = duels(panel)
-    assert duel.test.method == "paired bootstrap" and duel.test.difference < 0 and duel.test.significant
+    assert duel.test.method == "paired swap test" and duel.test.difference < 0 and duel.test.significant
     assert panel.front == [True, False, True]  # int4 (fewest bytes, lower perplexity), keydiff beaten, the full cache
     text = render_frontier(folder, load_results(folder), "markdown")
     assert "significant: quantized better" in text and "(lower is better" in text

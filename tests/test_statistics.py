@@ -75,12 +75,13 @@ def test_partial_credit_and_perplexity_take_a_bootstrap_interval_around_their_sc
     better = {i: (-100.0 - i, 50.0) for i in range(10)}
     worse = {i: (-110.0 - i, 50.0) for i in range(10)}
     result = compare("weighted_perplexity", better, worse)
-    assert result.method == "paired bootstrap" and result.significant and result.difference < 0  # lower is better
+    assert result.method == "paired swap test" and result.significant and result.difference < 0  # lower is better
     assert interval("mean", []) is None
 
 
-def test_a_bootstrap_over_a_handful_of_samples_claims_no_more_than_a_sign_test_could():
-    """Was: two perplexity documents that both favoured one cell gave p < 0.001 (every resample kept the sign)."""
+def test_a_paired_test_over_a_handful_of_samples_cannot_pass_however_large_the_gap():
+    """Was: two perplexity documents that both favoured one cell gave p < 0.001 (a bootstrap over 2 samples: every
+    resample kept the sign). A swap test gives 2 / 2**n at best."""
     better = {i: (-100.0 - i, 50.0) for i in range(2)}
     worse = {i: (-150.0 - i, 50.0) for i in range(2)}
     two = compare("weighted_perplexity", better, worse)
@@ -89,6 +90,37 @@ def test_a_bootstrap_over_a_handful_of_samples_claims_no_more_than_a_sign_test_c
     assert five.p_value == pytest.approx(2 / 32) and not five.significant  # 5 samples: never below 0.0625
     six = compare("weighted_perplexity", {i: (-100.0, 50.0) for i in range(6)}, {i: (-150.0, 50.0) for i in range(6)})
     assert six.p_value == pytest.approx(2 / 64) and six.significant
+
+
+def test_a_pooled_gap_over_tasks_is_tested_by_its_pairs_that_differ():
+    """Was: RULER's mean over 4 tasks of 3 samples, A right on 4 samples where B is wrong and alike on the rest,
+    read p = 0.007 from a stratified bootstrap; 4 pairs that differ one way give 2 / 16 at best."""
+    from kvpolicies.reports.statistics import compare_pooled
+
+    a = [{i: (1.0, None) for i in range(3)} for _ in range(4)]
+    b = [{0: (0.0, None), 1: (1.0, None), 2: (1.0, None)}, {0: (0.0, None), 1: (1.0, None), 2: (1.0, None)},
+         {0: (0.0, None), 1: (0.0, None), 2: (1.0, None)}, {i: (1.0, None) for i in range(3)}]
+    gap = compare_pooled("mean", list(zip(a, b)))
+    assert gap.difference == pytest.approx(4 / 12) and gap.p_value == pytest.approx(2 / 16)
+    assert not gap.significant and gap.method == "paired swap test"
+    right, wrong = {i: (1.0, None) for i in range(6)}, {i: (0.0, None) for i in range(6)}
+    wide = compare_pooled("mean", [(right, wrong)] * 2)  # 12 pairs differ, all one way
+    assert wide.p_value == pytest.approx(2 / 4096) and wide.significant
+
+
+def test_a_swap_test_beyond_its_exact_range_draws_its_swaps_and_agrees():
+    from kvpolicies.reports import statistics
+
+    better = {i: (-100.0 - (i % 3), 50.0) for i in range(18)}
+    worse = {i: (-100.5 - (i % 3) + (1.0 if i % 4 == 0 else 0.0), 50.0) for i in range(18)}
+    drawn = compare("weighted_perplexity", better, worse)
+    assert 0 < drawn.p_value < 1 and drawn.p_value >= 1 / (1 + statistics.SWAPS)
+    exact = statistics.EXACT_SWAPS_UP_TO
+    try:
+        statistics.EXACT_SWAPS_UP_TO = 18  # the same test, every one of its 2**18 swaps
+        assert compare("weighted_perplexity", better, worse).p_value == pytest.approx(drawn.p_value, abs=0.02)
+    finally:
+        statistics.EXACT_SWAPS_UP_TO = exact
 
 
 def logged(metric: str, items: list, filter_name: str = "none") -> list[dict]:

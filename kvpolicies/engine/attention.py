@@ -100,9 +100,11 @@ def recording_queries(model, pick: Callable[[torch.Tensor], torch.Tensor],
         model.set_attn_implementation(name)
         yield queries
     finally:
-        model.set_attn_implementation(previous)
-        for functions in (ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS):
-            functions._global_mapping.pop(name, None)  # the closure holds what it recorded
+        try:
+            model.set_attn_implementation(previous)
+        finally:
+            for functions in (ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS):
+                functions._global_mapping.pop(name, None)  # the closure holds what it recorded
 
 
 def kvpolicies_attention(inner: Callable, module, query, key, value, attention_mask, **kwargs):

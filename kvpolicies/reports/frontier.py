@@ -19,7 +19,7 @@ page lets a results folder (the frontier preset's) answer that for its model, pe
   same score) are on it or off it together. The front is drawn through point estimates: a point off it may not be
   told apart from one on it, which is what the paired tests are for;
 - **per budget**, the best point of each shape (best score, then fewer bytes, then name) and one paired test over
-  the samples both ran (exact McNemar for an accuracy, a paired bootstrap otherwise): the best quantized point
+  the samples both ran (exact McNemar for an accuracy, a paired swap test otherwise): the best quantized point
   (either quantized shape) against the best eviction-only one. Both spent one budget; a quantization-only point may
   have spent less of it, and its bytes are shown beside it. One test per budget and no correction for the several:
   a p-value near 0.05 among many is weak evidence.
@@ -387,7 +387,7 @@ HEADER = (
     "Brackets hold a 95% interval: Wilson's for an accuracy (every sample right or wrong), else a bootstrap over "
     "samples. *n* is the number of samples; points with equal scores share a rank. Per budget, the best quantized "
     "point (either quantized shape) is tested against the best eviction-only one over the samples both ran (exact "
-    "McNemar for an accuracy, a paired bootstrap otherwise): significant where p < 0.05, one test per budget with "
+    "McNemar for an accuracy, a paired swap test otherwise): significant where p < 0.05, one test per budget with "
     "no correction for their number."
 )
 

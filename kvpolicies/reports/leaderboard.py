@@ -46,7 +46,7 @@ COLUMNS = (
     "highest 1-minute load average at the cell's start or end; *n* is the number of samples. "
     "*score [95% CI]*: the interval is Wilson's for an accuracy (every sample right or wrong), else a bootstrap over "
     "the samples; *vs full*: the policy's score minus the full cache's over the samples both ran, with the p-value "
-    "of a paired test (exact McNemar for an accuracy, a paired bootstrap otherwise), marked * where p < 0.05: a "
+    "of a paired test (exact McNemar for an accuracy, a paired swap test otherwise: every way of swapping each pair's two outcomes), marked * where p < 0.05: a "
     "difference without * is not told apart from no difference at this n. Policies with equal scores share a rank."
 )
 

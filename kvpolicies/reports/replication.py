@@ -134,8 +134,9 @@ def paired_loss(ours: ResultRecord, full: ResultRecord, allowed: float) -> tuple
     found = compare(ours.outcomes.statistic, ours.outcomes.by_doc(), full.outcomes.by_doc())
     if found is None:
         return "", None
-    # A loss is a lower score for an accuracy, a higher one for a perplexity.
-    beyond = found.high < -allowed if ours.higher_is_better else found.low > allowed
+    # A loss is a lower score for an accuracy, a higher one for a perplexity; one the paired test cannot tell from
+    # none (a bootstrap interval over 2 documents can exclude anything) decides nothing.
+    beyond = (found.high < -allowed if ours.higher_is_better else found.low > allowed) and found.significant
     return f"; paired: {found.text(2)}", beyond
 
 

@@ -11,8 +11,9 @@ from them what it shows:
   MOVER (Zou & Donner 2008): a bootstrap there collapses to a point where each task's few samples agree (3 of 3
   right, 0 of 3 right), which says nothing about how sure the mean is;
 - a test on a difference between two cells over the samples they share (same task, same docs): exact McNemar for
-  accuracies (only the samples where the two disagree count), else a paired bootstrap of the difference, whose
-  p-value is never below what a sign test on that many samples could give (:func:`sign_floor`).
+  accuracies (only the samples where the two disagree count), else a paired swap test (:func:`swap_p_value`)
+  with a paired bootstrap interval on the difference; a mean over tasks is tested the same way, its pairs swapped
+  within their task.
 
 Everything is deterministic (a fixed seed per call), so a page regenerated from the same files is the same page.
 """
@@ -34,6 +35,10 @@ RESAMPLES = 2000
 SEED = 0
 SIGNIFICANT = 0.05
 """The p-value below which a page calls a difference real."""
+EXACT_SWAPS_UP_TO = 16
+"""Pairs up to which a swap test enumerates every way of swapping them (65,536 at 16)."""
+SWAPS = 10_000
+"""Ways of swapping drawn at random beyond that."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ class Comparison:
     high: float
     p_value: float
     n: int
-    method: Literal["mcnemar", "paired bootstrap"]
+    method: Literal["mcnemar", "paired swap test"]
     a_only: int = 0
     """McNemar: samples A got right and B wrong."""
     b_only: int = 0
@@ -163,8 +168,8 @@ def mover_wilson(groups: Sequence[tuple[float, int]], level: float = LEVEL) -> t
 def compare_pooled(statistic: Statistic, pairs: Sequence[tuple[dict, dict]], level: float = LEVEL
                    ) -> Comparison | None:
     """Paired comparison of two mean-over-groups scores (:func:`pooled`), group by group over the sample ids both
-    sides have (``{doc_id: (value, weight or None)}`` per side and group): a paired bootstrap, stratified by
-    group. None if a group has no sample in common."""
+    sides have (``{doc_id: (value, weight or None)}`` per side and group): a paired swap test and bootstrap, both
+    stratified by group. None if a group has no sample in common."""
     groups = []
     for a, b in pairs:
         common = sorted(a.keys() & b.keys())
@@ -181,23 +186,61 @@ def compare_pooled(statistic: Statistic, pairs: Sequence[tuple[dict, dict]], lev
 
 
 def _paired_bootstrap(statistic: Statistic, groups, difference: float, n: int, level: float) -> Comparison:
-    """A paired bootstrap of the mean over ``groups`` of A's score minus B's, each group's samples resampled apart
-    and the same picks for both sides."""
+    """The difference of the mean over ``groups`` of A's score minus B's: its interval from a paired bootstrap
+    (each group's samples resampled apart, the same picks for both sides), its p-value from a paired swap test
+    (:func:`swap_p_value`)."""
     picks = _picks([len(group[0]) for group in groups])
     draws = (_scores(statistic, [_array(g[0]) for g in groups], [_array(g[1]) for g in groups], picks)
              - _scores(statistic, [_array(g[2]) for g in groups], [_array(g[3]) for g in groups], picks))
     low, high = _percentiles(draws, level)
-    below, above = float((draws <= 0).mean()), float((draws >= 0).mean())
-    p_value = 1.0 if difference == 0 else min(1.0, max(2 * min(below, above), sign_floor(n)))
-    return Comparison(difference, min(low, difference), max(high, difference), p_value, n, "paired bootstrap")
+    p_value = 1.0 if difference == 0 else swap_p_value(statistic, groups, difference)
+    return Comparison(difference, min(low, difference), max(high, difference), p_value, n, "paired swap test")
 
 
-def sign_floor(n: int) -> float:
-    """The smallest two-sided p-value that ``n`` paired samples can give: every one of them on the same side, which
-    a fair coin does with probability ``2 / 2**n``. A bootstrap over very few samples has no such floor (2
-    documents that agree resample to a difference that never changes sign, p = 0), so its p-value is held above
-    it: with 5 samples or fewer no difference can pass at 0.05, however large."""
-    return min(1.0, 2.0 ** (1 - n))
+def swap_p_value(statistic: Statistic, groups, difference: float) -> float:
+    """Two-sided p-value of a paired swap (randomisation) test of ``difference``, the mean over ``groups`` of A's
+    score minus B's (each group ``(values_a, weights_a, values_b, weights_b)``, paired by position).
+
+    Under "no difference", which of a pair's two outcomes came from A is a coin flip: the observed difference is
+    set among the differences of every way of swapping pairs (all ``2**n`` up to ``EXACT_SWAPS_UP_TO`` pairs,
+    else ``SWAPS`` drawn at random, seeded), each group's pairs swapped within it. Why not the bootstrap's own
+    tail: over a handful of samples a bootstrap has almost no resamples (2 documents that agree resample to a
+    difference that never changes sign, p = 0), while a pair that scores the same on both sides swaps to itself,
+    so here only the pairs that differ can make a difference: 2 documents give p ≥ 0.5, and with 5 pairs or fewer
+    nothing passes at 0.05, however large the gap."""
+    import numpy as np
+
+    n = sum(len(group[0]) for group in groups)
+    if n <= EXACT_SWAPS_UP_TO:
+        swapped = (np.arange(2**n)[:, None] >> np.arange(n)) & 1
+        drawn = False
+    else:
+        swapped = np.random.default_rng(SEED).integers(0, 2, size=(SWAPS, n))
+        drawn = True
+    total = 0.0
+    start = 0
+    for values_a, weights_a, values_b, weights_b in groups:
+        stop = start + len(values_a)
+        flips = swapped[:, start:stop].astype(np.float64)
+        start = stop
+        va, vb = _array(values_a), _array(values_b)
+        moved = flips @ (vb - va)  # what swapping moves from B's side to A's, per way of swapping
+        if statistic == "mean":
+            total = total + (2 * moved + va.sum() - vb.sum()) / len(va)
+            continue
+        wa, wb = _array(weights_a), _array(weights_b)
+        weight_moved = flips @ (wb - wa)
+        rate_a = (va.sum() + moved) / (wa.sum() + weight_moved)
+        rate_b = (vb.sum() - moved) / (wb.sum() - weight_moved)
+        if statistic == "weighted_perplexity":
+            total = total + np.exp(-rate_a) - np.exp(-rate_b)
+        else:
+            total = total + (rate_b - rate_a) / math.log(2)
+    found = np.abs(total / len(groups))
+    at_least = found >= abs(difference) * (1 - 1e-9)
+    if drawn:  # the observed swap (none) counted once, as every permutation test must
+        return float((1 + at_least.sum()) / (1 + len(found)))
+    return float(at_least.mean())
 
 
 def mcnemar(a_only: int, b_only: int) -> float:

@@ -279,7 +279,8 @@ HEADER = (
     "number of samples per task: one sample moves a task's score by 100/n. Brackets hold a 95% interval: Wilson's "
     "for a task whose every sample is right or wrong, else a bootstrap over samples; for a mean over tasks, the "
     "tasks' Wilson intervals combined (MOVER), or a bootstrap stratified by task where a task gives partial credit. "
-    "A protocol gap carries the p-value of a paired bootstrap over the samples both protocols ran, "
+    "A protocol gap carries the p-value of a paired swap test over the samples both protocols ran (every way "
+    "of swapping each pair's two outcomes, within its task), "
     "marked * where p < 0.05; a gap without * is not told apart from none at this n."
 )
 
