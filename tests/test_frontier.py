@@ -233,7 +233,7 @@ def test_the_paired_test_runs_over_the_samples_both_cells_ran(tmp_path):
     assert summary[1:7] == ["query_aware", "0.25", "none", "none", "none", "6-10"]
 
 
-def test_a_perplexity_page_tests_with_a_paired_bootstrap_and_lower_is_better(tmp_path):
+def test_a_perplexity_page_tests_with_a_paired_swap_test_and_lower_is_better(tmp_path):
     def perplexity(policy: str, budget: float | None, kept: float, logs: list[float], codec: str = "full"):
         made = record("kvp_ppl", policy, budget, kept, [1] * len(logs), codec=codec)
         weights = [100.0] * len(logs)

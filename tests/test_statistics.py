@@ -108,6 +108,40 @@ def test_a_pooled_gap_over_tasks_is_tested_by_its_pairs_that_differ():
     assert wide.p_value == pytest.approx(2 / 4096) and wide.significant
 
 
+@pytest.mark.parametrize("statistic", ["mean", "weighted_perplexity", "bits_per_byte"])
+def test_the_swap_test_equals_swapping_by_hand_with_unequal_weights_and_ties(statistic):
+    """Every way of swapping the pairs, each scored by ``score_of`` itself: the p-value is the share whose gap is at
+    least the observed one. Two pairs are ties and must change nothing."""
+    import itertools
+
+    from kvpolicies.reports.statistics import swap_p_value
+
+    rng = random.Random(7)
+    if statistic == "mean":
+        a = [rng.choice([0.0, 0.25, 0.5, 1.0]) for _ in range(7)]
+        b = [rng.choice([0.0, 0.5, 1.0]) for _ in range(7)]
+        wa = wb = None
+    else:
+        a = [-rng.uniform(50, 150) for _ in range(7)]
+        b = [x - rng.uniform(-5, 30) for x in a]
+        wa = [rng.uniform(20, 80) for _ in range(7)]
+        wb = [w + rng.uniform(-3, 3) for w in wa]
+    b[2], b[5] = a[2], a[5]  # ties
+    if wa is not None:
+        wb[2], wb[5] = wa[2], wa[5]
+    observed = score_of(statistic, a, wa) - score_of(statistic, b, wb)
+    gaps = []
+    for swaps in itertools.product([False, True], repeat=7):
+        sa = [y if swap else x for x, y, swap in zip(a, b, swaps)]
+        sb = [x if swap else y for x, y, swap in zip(a, b, swaps)]
+        swa = None if wa is None else [y if swap else x for x, y, swap in zip(wa, wb, swaps)]
+        swb = None if wb is None else [x if swap else y for x, y, swap in zip(wa, wb, swaps)]
+        gaps.append(abs(score_of(statistic, sa, swa) - score_of(statistic, sb, swb)))
+    by_hand = sum(gap >= abs(observed) * (1 - 1e-9) for gap in gaps) / len(gaps)
+    assert swap_p_value(statistic, [(a, wa, b, wb)]) == pytest.approx(by_hand)
+    assert swap_p_value(statistic, [(a, wa, a, wa)]) == 1.0  # every pair a tie: nothing to swap
+
+
 def test_a_swap_test_beyond_its_exact_range_draws_its_swaps_and_agrees():
     from kvpolicies.reports import statistics
 

@@ -117,7 +117,8 @@ class Verdict:
     measured: str
     holds: bool | None  # None: not measured, or undecided
     undecided: bool = False
-    """A loss beyond the tolerance whose paired 95% interval still reaches back within it: not decided at this n."""
+    """A loss beyond the tolerance that its paired 95% interval reaches back within, or that its paired test cannot
+    tell from none: not decided at this n."""
 
     def row(self) -> list[str]:
         mark = "undecided at this n" if self.undecided else {True: "holds", False: "does not hold",
@@ -127,8 +128,8 @@ class Verdict:
 
 def paired_loss(ours: ResultRecord, full: ResultRecord, allowed: float) -> tuple[str, bool | None]:
     """The paired comparison of a policy's cell with the full cache's: its words for the page, and whether the
-    loss exceeds ``allowed`` (in the score's units, a positive number) over all of its 95% interval (None: the
-    records kept no per-sample outcomes to compare)."""
+    loss exceeds ``allowed`` (in the score's units, a positive number) over all of its 95% interval and the paired
+    test tells it from none (None: the records kept no per-sample outcomes to compare)."""
     if ours.outcomes is None or full.outcomes is None or ours.outcomes.statistic != full.outcomes.statistic:
         return "", None
     found = compare(ours.outcomes.statistic, ours.outcomes.by_doc(), full.outcomes.by_doc())
@@ -174,7 +175,7 @@ def verdicts(latest: Latest, correlation: dict[str, Any] | None) -> list[Verdict
             within = ours >= full - ACCURACY_TOLERANCE
             allowed = ACCURACY_TOLERANCE
         tested, beyond = paired_loss(mine, reference_cell, allowed)
-        # A loss beyond the tolerance whose interval still reaches back within it decides nothing at this n.
+        # A loss beyond the tolerance that its interval or its paired test cannot confirm decides nothing at this n.
         undecided = not within and beyond is False
         found.append(Verdict(f"no loss: {label}", measured + tested, None if undecided else within, undecided))
     return found

@@ -193,43 +193,50 @@ def _paired_bootstrap(statistic: Statistic, groups, difference: float, n: int, l
     draws = (_scores(statistic, [_array(g[0]) for g in groups], [_array(g[1]) for g in groups], picks)
              - _scores(statistic, [_array(g[2]) for g in groups], [_array(g[3]) for g in groups], picks))
     low, high = _percentiles(draws, level)
-    p_value = 1.0 if difference == 0 else swap_p_value(statistic, groups, difference)
+    p_value = 1.0 if difference == 0 else swap_p_value(statistic, groups)
     return Comparison(difference, min(low, difference), max(high, difference), p_value, n, "paired swap test")
 
 
-def swap_p_value(statistic: Statistic, groups, difference: float) -> float:
-    """Two-sided p-value of a paired swap (randomisation) test of ``difference``, the mean over ``groups`` of A's
-    score minus B's (each group ``(values_a, weights_a, values_b, weights_b)``, paired by position).
+def swap_p_value(statistic: Statistic, groups) -> float:
+    """Two-sided p-value of a paired swap (randomisation) test of the mean over ``groups`` of A's score minus B's
+    (each group ``(values_a, weights_a, values_b, weights_b)``, paired by position).
 
     Under "no difference", which of a pair's two outcomes came from A is a coin flip: the observed difference is
     set among the differences of every way of swapping pairs (all ``2**n`` up to ``EXACT_SWAPS_UP_TO`` pairs,
-    else ``SWAPS`` drawn at random, seeded), each group's pairs swapped within it. Why not the bootstrap's own
-    tail: over a handful of samples a bootstrap has almost no resamples (2 documents that agree resample to a
-    difference that never changes sign, p = 0), while a pair that scores the same on both sides swaps to itself,
-    so here only the pairs that differ can make a difference: 2 documents give p ≥ 0.5, and with 5 pairs or fewer
-    nothing passes at 0.05, however large the gap."""
+    else ``SWAPS`` drawn at random, seeded, the observed one counted once), each group's pairs swapped within it.
+    Why not the bootstrap's own tail: over a handful of samples a bootstrap has almost no resamples (2 documents
+    that agree resample to a difference that never changes sign, p = 0), while a pair that scores the same on both
+    sides swaps to itself, so only the ``n`` pairs that differ count here (and only they are swapped): 2 documents
+    give p ≥ 0.5, and with 5 pairs or fewer that differ nothing passes at 0.05, however large the gap. The observed
+    difference is computed as the swapped ones are, so rounding never ranks it below its own mirror image."""
     import numpy as np
 
-    n = sum(len(group[0]) for group in groups)
-    if n <= EXACT_SWAPS_UP_TO:
-        swapped = (np.arange(2**n)[:, None] >> np.arange(n)) & 1
-        drawn = False
+    arrays = []
+    for values_a, weights_a, values_b, weights_b in groups:
+        va, vb = _array(values_a), _array(values_b)
+        wa = _array(weights_a) if weights_a is not None else np.zeros_like(va)
+        wb = _array(weights_b) if weights_b is not None else np.zeros_like(vb)
+        differs = (va != vb) | (wa != wb)
+        arrays.append((va, vb, wa, wb, differs))
+    n = sum(int(differs.sum()) for *_, differs in arrays)
+    if n == 0:
+        return 1.0
+    if n <= EXACT_SWAPS_UP_TO:  # row 0 swaps nothing: the observed difference
+        swapped = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1).astype(np.int8)
     else:
-        swapped = np.random.default_rng(SEED).integers(0, 2, size=(SWAPS, n))
-        drawn = True
+        drawn = np.random.default_rng(SEED).integers(0, 2, size=(SWAPS, n), dtype=np.int8)
+        swapped = np.vstack([np.zeros((1, n), dtype=np.int8), drawn])
     total = 0.0
     start = 0
-    for values_a, weights_a, values_b, weights_b in groups:
-        stop = start + len(values_a)
+    for va, vb, wa, wb, differs in arrays:
+        stop = start + int(differs.sum())
         flips = swapped[:, start:stop].astype(np.float64)
         start = stop
-        va, vb = _array(values_a), _array(values_b)
-        moved = flips @ (vb - va)  # what swapping moves from B's side to A's, per way of swapping
+        moved = flips @ (vb - va)[differs]  # what swapping moves from B's side to A's, per way of swapping
         if statistic == "mean":
             total = total + (2 * moved + va.sum() - vb.sum()) / len(va)
             continue
-        wa, wb = _array(weights_a), _array(weights_b)
-        weight_moved = flips @ (wb - wa)
+        weight_moved = flips @ (wb - wa)[differs]
         rate_a = (va.sum() + moved) / (wa.sum() + weight_moved)
         rate_b = (vb.sum() - moved) / (wb.sum() - weight_moved)
         if statistic == "weighted_perplexity":
@@ -237,10 +244,7 @@ def swap_p_value(statistic: Statistic, groups, difference: float) -> float:
         else:
             total = total + (rate_b - rate_a) / math.log(2)
     found = np.abs(total / len(groups))
-    at_least = found >= abs(difference) * (1 - 1e-9)
-    if drawn:  # the observed swap (none) counted once, as every permutation test must
-        return float((1 + at_least.sum()) / (1 + len(found)))
-    return float(at_least.mean())
+    return float((found >= found[0] * (1 - 1e-9)).mean())
 
 
 def mcnemar(a_only: int, b_only: int) -> float:
