@@ -7,6 +7,7 @@ the command line can catch these errors without loading torch.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
@@ -94,3 +95,17 @@ def describe(validation_error: Any, with_input: bool = False) -> str:
         + (f" (got {e['input']!r})" if with_input and e["type"] != "missing" else "")
         for e in validation_error.errors()
     )
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says the device ran out of memory: torch's error (CUDA's), Python's, or the CPU allocator's
+    (a plain RuntimeError). Such a failure is the machine's, not the input's or a plugin's, and a later try with
+    more memory free may pass. Reads torch's error class only if torch is imported already."""
+    if isinstance(error, KVPoliciesError):  # ours may speak of memory budgets: they are the input's
+        return False
+    torch = sys.modules.get("torch")
+    kind = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if isinstance(error, MemoryError) or (kind is not None and isinstance(error, kind)):
+        return True
+    text = str(error).lower()  # what torch's allocators raise as a plain RuntimeError
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

@@ -28,6 +28,7 @@ from kvpolicies.errors import (
     PolicyRegistryError,
     UnknownCodecError,
     UnknownPolicyError,
+    out_of_memory,
 )
 
 ENTRY_POINT_GROUP = "kvpolicies"
@@ -279,13 +280,6 @@ def get_codec(name: str) -> Codec:
         raise plugin_error(info.codec_class, "__init__", error)
 
 
-def _out_of_memory(error: Exception) -> bool:
-    """torch's out-of-memory error (a RuntimeError subclass, ``torch.OutOfMemoryError``), without importing torch."""
-    torch = sys.modules.get("torch")
-    kind = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    return kind is not None and isinstance(error, kind)
-
-
 def plugin_error(policy_class: type[Policy] | type[Codec], hook: str, error: Exception) -> Exception:
     """What to raise for ``error``, raised in ``hook`` of a policy (or codec) of ``policy_class``: a
     :class:`PluginError` naming the policy, its plugin and package and the original exception (chained as its cause), or ``error``
@@ -293,7 +287,7 @@ def plugin_error(policy_class: type[Policy] | type[Codec], hook: str, error: Exc
 
     Callers ``raise plugin_error(...)`` inside their ``except``: nothing is paid unless a hook raised.
     """
-    if isinstance(error, (KVPoliciesError, MemoryError)) or _out_of_memory(error):
+    if isinstance(error, KVPoliciesError) or out_of_memory(error):
         return error  # ours, or the machine's: no plugin's fault, and a caller may catch it by type to retry smaller
     message = " ".join(str(error).split()) or "(no message)"
     wrapped = plugin_fault(policy_class, f"raised {type(error).__name__} in {hook}(): {message}")

@@ -23,7 +23,10 @@ What we depart from, and why:
 
 What an entry costs: the kept key channels and the whole value, in the model's dtype: at ``head_dim`` 64 in
 bfloat16, 192 bytes against 256. The kept channels' indices are held per layer, sequence and KV head, beside the
-entries (the layer's auxiliary bytes).
+entries (the layer's auxiliary bytes). Decoding a layer expands them to one row per entry (int64 indices, since
+``gather`` and ``scatter`` take no other): a transient of 8 bytes a kept channel, 256 bytes an entry at ``head_dim``
+64, as large as the decoded keys in float32 and twice them in bfloat16, paid one layer at a time like the working
+copy itself.
 """
 
 from __future__ import annotations

@@ -147,3 +147,29 @@ def test_modes_of_bench_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--codec-error", "--step-costs"])
     assert "not allowed with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("mode", "flags", "named"), [
+    (["--codec-error"], ["--batch", "4"], "--batch"),
+    (["--codec-error"], ["--policies", "snapkv", "--decode", "8"], "--policies, --decode"),
+    (["--step-costs"], ["--repeats", "5"], "--repeats"),
+    (["--profile"], ["--batch", "2"], "--batch"),
+    (["--from-json", "saved.json"], ["--budgets", "0.5"], "--budgets"),
+    (["--profile"], ["--json", "out.json"], "--json"),
+])
+def test_a_timing_flag_a_mode_does_not_read_is_refused_before_any_model_loads(mode, flags, named, capsys):
+    from kvpolicies.cli import main
+
+    assert main(["bench", *mode, "--model", "/nonexistent", *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"kvpolicies: error: {mode[0]} does not read {named}," in err and "Traceback" not in err
+
+
+def test_a_mode_takes_the_timing_flags_it_reads_and_the_defaults_written_out():
+    from kvpolicies.cli import build_parser
+    from kvpolicies.cli.reports import _refuse_unread
+
+    parse = build_parser().parse_args
+    _refuse_unread(parse(["bench", "--step-costs", "--policies", "snapkv", "--budgets", "0.25"]))
+    _refuse_unread(parse(["bench", "--codec-error", "--batch", "1", "--decode", "32"]))  # the defaults, written out
+    _refuse_unread(parse(["bench", "--batch", "4", "--repeats", "5"]))  # the timing run reads every one

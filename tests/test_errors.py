@@ -254,3 +254,18 @@ def test_lm_eval_help_starts_with_ours(capsys):
         main(["lm-eval", "--help"])
     out = capsys.readouterr().out
     assert out.startswith("kvpolicies lm-eval") and "budget=SPEC" in out and "--model_args" in out
+
+
+@pytest.mark.parametrize(("error", "machine"), [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (MemoryError(), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), True),
+    (RuntimeError("CUDA error: out of memory"), True),
+    (RuntimeError("index out of range"), False),
+    (ValueError("the plugin's own words: out of memory"), False),
+    (BudgetError("budget of 64 tokens runs out of memory budget on this model"), False),
+])
+def test_out_of_memory_is_the_allocators_failure_and_never_a_message_of_ours(error, machine):
+    from kvpolicies.errors import out_of_memory
+
+    assert out_of_memory(error) is machine

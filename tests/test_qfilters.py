@@ -107,18 +107,34 @@ def test_a_calibration_longer_than_its_text_says_how_much_there_is(tiny_model):
         CompressedCache(tiny_model, policy, 0.5, tokenizer=default_tokenizer())
 
 
-def test_a_failing_calibration_names_the_plugin(tiny_model):
+def test_a_failing_calibration_names_the_plugin_and_is_not_run_again_unless_memory_ran_out(tiny_model):
+    calls = []
+
     class Broken(Policy):
         name = "broken-calibration"
 
         def calibrate(self, calibration):
+            calls.append(self.name)
             raise RuntimeError("no text")
 
         def score(self, inputs):
             return inputs.valid.float()
 
-    with pytest.raises(PluginError, match=r"raised RuntimeError in calibrate\(\): no text"):
-        CompressedCache(tiny_model, Broken(), 0.5)
+    class OutOfMemory(Broken):
+        name = "calibration-out-of-memory"
+
+        def calibrate(self, calibration):
+            calls.append(self.name)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    for _ in range(2):  # the second cache is told the same at once
+        with pytest.raises(PluginError, match=r"raised RuntimeError in calibrate\(\): no text"):
+            CompressedCache(tiny_model, Broken(), 0.5)
+    assert calls == ["broken-calibration"]
+    for _ in range(2):  # the machine's failure, not the plugin's: tried again, as more memory may be free
+        with pytest.raises(torch.OutOfMemoryError):
+            CompressedCache(tiny_model, OutOfMemory(), 0.5)
+    assert calls == ["broken-calibration", *2 * ["calibration-out-of-memory"]]
 
 
 def test_qfilters_without_a_calibration_refuses_to_score():

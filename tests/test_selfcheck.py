@@ -108,6 +108,45 @@ def test_a_policy_that_mixes_sequences_fails_the_batch_check_and_the_command_exi
     assert skipped[2] == "skipped" and "not run on cpu by default" in skipped[0]
 
 
+def test_the_architecture_matrix_runs_checks_1_to_4_on_each_family_named(capsys):
+    argv = ["selfcheck", "--architectures", "llama-gqa,gemma2,mistral-sliding-window", "--device", "cpu",
+            "--decode", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("models: the architecture matrix (3 tiny random-weight configs")
+    assert "dtype: torch.float32" in out and "context: 64 tokens" in out
+    table = rows(out)
+    assert len(table) == 3 * 8  # per family and policy: budget 1.0, batch, bytes, syncs; no speed or long context
+    assert all(verdict == "pass" for _, _, verdict in table.values()), table
+    assert {check.split(": ")[0] for check in table} == {"llama-gqa", "gemma2", "mistral-sliding-window"}
+    assert table["gemma2: resident bytes = physical limit (headkv, the batch above)"][0].split("= ")[1].startswith(
+        "1.000;")
+
+
+def test_the_architecture_matrix_reports_a_refused_family_and_checks_the_others(capsys):
+    argv = ["selfcheck", "--architectures", "cohere-interleaved-rope,llama-gqa", "--device", "cpu", "--decode", "2",
+            "--policies", "expected_attention"]
+    assert main(argv) == 0
+    table = rows(capsys.readouterr().out)
+    refused = table["cohere-interleaved-rope: refused (expected_attention)"]
+    assert refused[2] == "skipped" and "rotates interleaved dimension pairs" in refused[0]
+    assert table["llama-gqa: budget 1.0 = model's own logits (expected_attention)"][2] == "pass"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--architectures", "llama,gemma2"], "--architectures llama: not in the matrix"),
+    (["--architectures", "--long-context", "1024"], "drop --long-context"),
+    (["--architectures", "--context", "300"], "the matrix's models have 256 positions"),
+    (["--architectures", "gemma2", "--random-model", "tiny"], "not allowed with"),
+])
+def test_bad_input_to_the_architecture_matrix_names_the_fix(capsys, argv, message):
+    try:
+        assert main(["selfcheck", "--device", "cpu", *argv]) == 2
+    except SystemExit as exit:  # argparse's own refusal of two sources
+        assert exit.code == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("verdicts", "strict", "status"), [
     (["pass", "slow", "skipped"], False, 0), (["pass", "slow"], True, 1), (["pass", "fail"], False, 1),
     (["pass", "pass"], True, 0),

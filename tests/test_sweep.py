@@ -164,6 +164,31 @@ def test_the_core_version_follows_the_runners_imports_not_a_list_of_file_names()
     assert {"kvp_passkey.yaml", "utils.py", "data.py"} <= passkey and "kvp_ppl.yaml" not in passkey
 
 
+def test_a_comment_docstring_or_layout_edit_keeps_the_version_and_a_code_edit_changes_it(tmp_path):
+    from kvpolicies.experiments import code_version as versions
+
+    source = Path(versions.__file__).parent.parent / "engine" / "budget.py"  # a core file, as it is
+    original = source.read_text()
+    assert '"""' in original and "# " in original
+
+    def version_of(text: str, name: str) -> str:
+        copy = tmp_path / name / "budget.py"  # same label, another file
+        copy.parent.mkdir()
+        copy.write_text(text)
+        return versions.digest([copy])
+
+    first = version_of(original, "original")
+    documented = original.replace('"""One memory budget', '"""Reworded: one memory budget', 1)
+    documented = documented.replace("# ", "#  reworded ", 3)
+    assert documented != original and version_of(documented, "documented") == first
+    assert version_of(original.replace("\n\n\n", "\n\n\n\n"), "spaced") == first
+    edited = original.replace('WINDOW_RULES: tuple[WindowRule, ...] = ("share", "keep")',
+                              'WINDOW_RULES: tuple[WindowRule, ...] = ("keep", "share")')
+    assert edited != original and version_of(edited, "edited") != first
+    message = original.replace("cannot read budget", "cannot parse budget", 1)  # what a user reads counts too
+    assert message != original and version_of(message, "message") != first
+
+
 def test_default_grid_is_every_policy_at_four_budgets_on_the_offline_tasks():
     config = SweepConfig()
     assert config.budgets == [Budget.parse(b) for b in (0.1, 0.25, 0.5, 0.75)]

@@ -22,6 +22,17 @@ from kvpolicies.cli.options import (
 from kvpolicies.errors import UsageError
 from kvpolicies.integrations.loading import EXTRAS, add_loading_arguments, loading_of
 
+BENCH_TIMING: dict[str, object] = {"policies": None, "budgets": ["0.5", "0.25", "0.1"], "compression_ratios": None,
+                                   "decode": 32, "repeats": 3, "prefill_chunk": None, "batch": 1, "json": None}
+"""The timing run's flags and their defaults: ``bench``'s other modes read some of them, and refuse the rest."""
+BENCH_MODE_READS: dict[str, tuple[str, ...]] = {
+    "from_json": (),
+    "codec_error": ("json",),
+    "step_costs": ("policies", "budgets", "compression_ratios"),
+    "profile": ("policies", "budgets", "compression_ratios", "decode", "prefill_chunk"),
+}
+"""Which of :data:`BENCH_TIMING` each of ``bench``'s other modes reads."""
+
 
 def add_commands(commands) -> None:
     analyze = commands.add_parser("analyze", help="measurements behind the policies (norms vs attention)")
@@ -48,18 +59,20 @@ def add_commands(commands) -> None:
     bench.add_argument("--policies", type=comma_separated("policy names"),
                        help="comma-separated policy names (default: every registered policy)")
     budgets = bench.add_mutually_exclusive_group()
-    budgets.add_argument("--budgets", type=comma_separated("budgets"), default=["0.5", "0.25", "0.1"],
+    budgets.add_argument("--budgets", type=comma_separated("budgets"), default=BENCH_TIMING["budgets"],
                          help="comma-separated budgets, the kept fraction (default: 0.5,0.25,0.1)")
     budgets.add_argument("--compression-ratios", type=comma_separated("compression ratios"), metavar="RATIOS",
                          help="kvpress's convention instead of --budgets: the fractions removed (0.75 = budget 0.25)")
-    bench.add_argument("--decode", type=positive_int, default=32, help="decoded tokens per run (default: 32)")
-    bench.add_argument("--repeats", type=positive_int, default=3, help="interleaved runs per cell, medians reported")
+    bench.add_argument("--decode", type=positive_int, default=BENCH_TIMING["decode"],
+                       help="decoded tokens per run (default: 32)")
+    bench.add_argument("--repeats", type=positive_int, default=BENCH_TIMING["repeats"],
+                       help="interleaved runs per cell, medians reported")
     bench.add_argument("--prefill-chunk", type=whole_number(2), metavar="N",
                        help="prefill N >= 2 tokens at a time, evicting between")
     bench.add_argument("--codec", default="full",
                        help="how the policies store kept entries: full, int8, int4, ... (the full cache, the "
                             "reference, stays at full precision; default: full)")
-    bench.add_argument("--batch", type=positive_int, default=1,
+    bench.add_argument("--batch", type=positive_int, default=BENCH_TIMING["batch"],
                        help="decode N copies of the prompt together, row b left-padded (ragged layers everywhere)")
     bench.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     bench.add_argument("--dtype", help="float32, bfloat16, ... (default: bfloat16 on CUDA, float32 on CPU)")
@@ -159,6 +172,7 @@ def run_analyze_norms(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     from kvpolicies.experiments.bench import benchmark, load, profiles, tables
 
+    _refuse_unread(args)
     if args.from_json:
         headers, results = load(args.from_json)
         print("\n".join(headers) + "\n\n" + tables(results))
@@ -192,6 +206,21 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def _refuse_unread(args: argparse.Namespace) -> None:
+    """A timing flag that the chosen mode does not read is refused: run as asked but without it, the output would
+    look like an answer to a question that was not put."""
+    mode = next((name for name in BENCH_MODE_READS if getattr(args, name)), None)
+    if mode is None:
+        return
+    unread = [name for name, default in BENCH_TIMING.items()
+              if name not in BENCH_MODE_READS[mode] and getattr(args, name) != default]
+    if unread:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unread)
+        reads = ", ".join("--" + name.replace("_", "-") for name in BENCH_MODE_READS[mode]) or "none of them"
+        raise UsageError(f"--{mode.replace('_', '-')} does not read {flags}, so it would run as if not given; "
+                         f"drop {'it' if len(unread) == 1 else 'them'} (of the timing run's flags it reads {reads})")
 
 
 def _codec_error(args: argparse.Namespace, loading: dict) -> int:

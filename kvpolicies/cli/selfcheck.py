@@ -19,6 +19,8 @@ from kvpolicies.errors import UsageError
 
 DEFAULT_POLICIES = ["snapkv", "headkv"]
 DEFAULT_CONTEXT = 512
+MATRIX_CONTEXT = 64
+"""Prompt tokens of the architecture matrix's checks: its models have 256 positions and windows of 8."""
 
 
 def add_commands(commands) -> None:
@@ -36,6 +38,10 @@ def add_commands(commands) -> None:
     source.add_argument("--model", help="model id, folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     source.add_argument("--random-model", metavar="SHAPE[:LAYERS]",
                         help="random weights of a real architecture, e.g. llama3-8b:2 (prompts: random ids)")
+    source.add_argument("--architectures", nargs="?", const=["all"], type=comma_separated("architecture names"),
+                        metavar="NAMES",
+                        help="instead of one model, the architecture matrix: a tiny random-weight model of every "
+                             "family kvpolicies supports (or of those named), checks 1-4 on each")
     selfcheck.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     selfcheck.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: bfloat16 on CUDA, float32 on CPU")
     selfcheck.add_argument("--policies", type=comma_separated("policy names"), default=DEFAULT_POLICIES,
@@ -43,8 +49,9 @@ def add_commands(commands) -> None:
                                 f"context checks for the first (default: {','.join(DEFAULT_POLICIES)})")
     add_budget_arguments(selfcheck, "0.25", help_tail="; of the sync, speed and long-context checks, the batch "
                          "check using 0.5 and evicting at every step")
-    selfcheck.add_argument("--context", type=whole_number(64), default=DEFAULT_CONTEXT, metavar="N",
-                           help=f"prompt tokens of the short checks (default: {DEFAULT_CONTEXT})")
+    selfcheck.add_argument("--context", type=whole_number(64), metavar="N",
+                           help=f"prompt tokens of the short checks (default: {DEFAULT_CONTEXT}, {MATRIX_CONTEXT} "
+                                "with --architectures)")
     selfcheck.add_argument("--decode", type=positive_int, default=4, metavar="N",
                            help="decoding steps per check, and per timed block (default: 4)")
     selfcheck.add_argument("--long-context", type=non_negative_int, metavar="N",
@@ -78,6 +85,9 @@ def run_selfcheck(args: argparse.Namespace) -> int:
         raise UsageError(f"{given} keeps the whole cache, so nothing is evicted to check; give a smaller budget, e.g. "
                          "--budget 0.25 (--compression-ratio 0.75)")
     resolve_device(args.device)  # `--device cuda` without CUDA: said now, not after loading
+    if args.architectures:
+        return _matrix(args, budget)
+    args.context = args.context or DEFAULT_CONTEXT
     what = f"random-weight {args.random_model}" if args.random_model else args.model or "the embedded model"
     print(f"kvpolicies: loading {what} ...", file=sys.stderr)
     model, tokenizer = _load(args.model, args.device, args.dtype, args.random_model)
@@ -104,3 +114,55 @@ def run_selfcheck(args: argparse.Namespace) -> int:
         print("slow: a timing past its target, a warning only (timings on a shared machine are noisy); --strict "
               "makes it a failure")
     return 1 if failed(results, strict=args.strict) else 0
+
+
+def _matrix(args: argparse.Namespace, budget) -> int:
+    """``selfcheck --architectures``: checks 1 to 4 on each model of the architecture matrix, one table."""
+    import dataclasses
+
+    import torch
+    import transformers
+
+    from kvpolicies.errors import BudgetError, ModelLoadError
+    from kvpolicies.experiments.architectures import ARCHITECTURES, COMMON, build
+    from kvpolicies.experiments.selfcheck import CheckResult, SelfCheckSettings, Verdict, failed, run_selfcheck, table
+    from kvpolicies.integrations.models import resolve_device, resolve_dtype
+
+    names = sorted(ARCHITECTURES) if args.architectures == ["all"] else args.architectures
+    if unknown := [name for name in names if name not in ARCHITECTURES]:
+        raise UsageError(f"--architectures {','.join(unknown)}: not in the matrix; give some of "
+                         f"{', '.join(sorted(ARCHITECTURES))}, or none for all")
+    if args.long_context or args.prefill_chunk:
+        raise UsageError("--architectures runs checks 1-4 only (its models have 256 positions); drop --long-context "
+                         "and --prefill-chunk, or check one model with --model or --random-model")
+    context = args.context or MATRIX_CONTEXT
+    longest = context + args.decode
+    if longest > COMMON["max_position_embeddings"]:
+        raise UsageError(f"--context {context} with --decode {args.decode} runs {longest} tokens, but the matrix's "
+                         f"models have {COMMON['max_position_embeddings']} positions; give a shorter --context")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    settings = SelfCheckSettings(policies=args.policies, budget=budget, context_tokens=context,
+                                 decode_tokens=args.decode, timed=False)
+    results: list[CheckResult] = []
+    for name in names:
+        print(f"kvpolicies selfcheck: {name}", file=sys.stderr)
+        try:
+            model = build(ARCHITECTURES[name], dtype, device=device)
+        except Exception as error:  # this transformers cannot build the family: a failed line, the others still run
+            found = [CheckResult("model", f"error: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}",
+                                 "built", Verdict.FAIL)]
+        else:
+            found = []
+            for policy in args.policies:  # one at a time: what one policy cannot run here leaves the others' lines
+                try:
+                    found += run_selfcheck(model, None, dataclasses.replace(settings, policies=[policy]))
+                except (ModelLoadError, BudgetError, UsageError) as error:  # e.g. interleaved RoPE, whole layers
+                    found.append(CheckResult(f"refused ({policy})", str(error).splitlines()[0], "checks 1-4",
+                                             Verdict.SKIPPED))
+        results += [dataclasses.replace(result, check=f"{name}: {result.check}") for result in found]
+    print(f"models: the architecture matrix ({len(names)} tiny random-weight configs of transformers' own classes), "
+          f"device: {device}, dtype: {dtype}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"context: {context} tokens\n")
+    print(table(results))
+    return 1 if failed(results) else 0

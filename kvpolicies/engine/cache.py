@@ -135,7 +135,8 @@ class CompressedCache(Cache):
                 raise UsageError(
                     f"codec {self.codec.name!r} encodes groups of {self.codec.group} consecutive entries, and this "
                     f"model slides a window over {len(self.shape.sliding_layers)} of its layers, which would shift "
-                    "every group at every step; use a per-entry codec (int8, int4) on this model")
+                    "every group at every step; use a per-entry codec (int8, int4) on this model (transformers' "
+                    "own QuantizedCache refuses every model with sliding-window layers)")
             if self.shape.kept_entry_bytes > self.shape.entry_bytes:  # the budget's bound assumes it never is
                 raise UsageError(
                     f"codec {self.codec.name!r} stores an encoded entry in {self.shape.kept_entry_bytes} bytes on "

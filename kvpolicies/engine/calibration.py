@@ -17,6 +17,7 @@ task's haystack reaches: the filters are never fitted on a prompt they are score
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 import weakref
@@ -28,7 +29,7 @@ import torch
 from kvpolicies.corpus import calibration_text
 from kvpolicies.engine.attention import recording_queries
 from kvpolicies.engine.clock import clock
-from kvpolicies.errors import ModelLoadError, UsageError
+from kvpolicies.errors import ModelLoadError, UsageError, out_of_memory
 
 if TYPE_CHECKING:
     from kvpolicies.engine.policy import Policy
@@ -59,15 +60,17 @@ class Calibration:
 
 
 _FITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""Per model, what each policy config's calibration returned in this process, and its seconds: one calibration per
-model and config, whatever the number of cells that use it."""
+"""Per model, what each policy config's calibration returned in this process, and its seconds, or the error it
+raised: one calibration per model and config, whatever the number of cells that use it."""
 
 
 def calibrate(policy: Policy, model, tokenizer=None) -> float:
     """Set ``policy.calibrated`` to what its ``calibrate()`` returns on ``model``, calibrating once per model and
     policy config in this process (a no-op for a policy without ``calibrate``); return the calibration's seconds as
     it took when it ran (the forward passes it asked for and its own fitting), 0 for none. A failing ``calibrate``
-    is a PluginError naming the plugin."""
+    is a PluginError naming the plugin, and is remembered like a result: every later cache of that model and config
+    raises it again at once (a sweep's next cells of a model that cannot calibrate fail without rerunning it), unless
+    it ran out of memory, which a later try with more memory free may not."""
     if not policy.calibrates:
         return 0.0
     key = (json.dumps(policy.identity(), sort_keys=True), tokenizer is not None)
@@ -80,8 +83,14 @@ def calibrate(policy: Policy, model, tokenizer=None) -> float:
         except Exception as error:  # a bug in the plugin is named, as for every hook; our own errors pass as they are
             from kvpolicies.registry import plugin_error  # the registry imports the plugins, which import the engine
 
-            raise plugin_error(type(policy), "calibrate", error)
+            failure = plugin_error(type(policy), "calibrate", error)
+            if not out_of_memory(failure):  # the machine's failure may pass with more memory free: tried again
+                # A copy, without the traceback whose frames hold the model (the memo's weak key).
+                fitted[key] = copy.copy(failure)
+            raise failure
         fitted[key] = (value, clock(device) - started)
+    if isinstance(fitted[key], Exception):  # the same calibration would fail the same way: said again, not rerun
+        raise copy.copy(fitted[key])
     policy.calibrated, seconds = fitted[key]
     return seconds
 

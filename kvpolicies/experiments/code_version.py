@@ -6,6 +6,9 @@ followed through the import statements of each file it reaches. Pages (``kvpolic
 and the benchmarks are never imported by the runner, so editing them keeps every finished cell; a new module that
 the runner starts to import is counted the moment it is imported.
 
+Only code counts: a Python file is hashed without its comments, documentation strings and blank lines
+(:func:`code_only`), so a docstring or a comment edited in the engine keeps every finished cell.
+
 The version has three parts, so that one change invalidates only what it can affect:
 ``VERSION+CORE/POLICY/TASK`` with CORE the runner's modules, POLICY the plugin modules that define the policy (and
 its wrapped scorer) with whatever they import beyond the core, TASK the task's folder and what its code imports.
@@ -18,6 +21,8 @@ import functools
 import hashlib
 import importlib.util
 import inspect
+import io
+import tokenize
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -110,7 +115,40 @@ def _label(path: Path) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _file_digest(path: Path) -> bytes:
-    return hashlib.sha256(path.read_bytes()).digest()
+    source = path.read_bytes()
+    return hashlib.sha256(code_only(source) if path.suffix == ".py" else source).digest()
+
+
+def code_only(source: bytes) -> bytes:
+    """A Python source without its comments, documentation strings, blank lines and trailing spaces. None of those
+    can change what a cell computes, so editing them keeps finished cells; anything else, an error message's
+    wording or a call wrapped over other lines included, counts. The rest is the source's own text, not a syntax
+    tree written back out, so one source has one version under every Python (``ast.unparse`` writes some
+    expressions differently from one Python version to the next)."""
+    text = source.decode("utf-8")
+    lines = text.splitlines()
+    cut: list[tuple[int, int, int, int]] = []  # (first line, first column, last line, end column), 0-based, chars
+
+    def column(line: int, byte_offset: int) -> int:  # the AST counts columns in UTF-8 bytes
+        return len(lines[line].encode("utf-8")[:byte_offset].decode("utf-8"))
+
+    for node in ast.walk(ast.parse(source)):
+        for field in ("body", "orelse", "finalbody"):
+            statements = getattr(node, field, None)
+            for statement in statements if isinstance(statements, list) else []:  # a lambda's body is one expression
+                # A string statement does nothing (a docstring sets ``__doc__``, which no result reads).
+                if (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
+                        and isinstance(statement.value.value, str)):
+                    first, last = statement.lineno - 1, statement.end_lineno - 1
+                    cut.append((first, column(first, statement.col_offset), last,
+                                column(last, statement.end_col_offset)))
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.type == tokenize.COMMENT:
+            (row, col), (end_row, end_col) = token.start, token.end
+            cut.append((row - 1, col, end_row - 1, end_col))
+    for first, start, last, end in sorted(cut, reverse=True):  # from the end, so earlier columns stay put
+        lines[first:last + 1] = [lines[first][:start] + lines[last][end:]]
+    return "\n".join(line.rstrip() for line in lines if line.strip()).encode("utf-8")
 
 
 @functools.lru_cache(maxsize=1)

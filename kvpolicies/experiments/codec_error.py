@@ -25,6 +25,7 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -205,18 +206,12 @@ def measure(model_name: str | None, contexts: Sequence[int], codecs: Sequence[st
     name = f"random-weight {random_model}" if random_model else model_name or "embedded SmolLM2-135M-Instruct"
     header = (f"model: {name}, device: {model.device}, dtype: {model.dtype}, torch {torch.__version__}, "
               f"transformers {transformers.__version__}"
-              + ("" if refused else f", optimum-quanto {_version('optimum-quanto')}"))
+              + ("" if refused else f", optimum-quanto {version('optimum-quanto')}"))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"header": header, "codec_errors": [row.as_dict() for row in rows]},
                                         indent=1) + "\n")
     return header, rows
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
 
 
 def table(rows: Sequence[CodecError], tablefmt: str = "github") -> str:

@@ -44,7 +44,7 @@ from kvpolicies.engine.clock import clock
 from kvpolicies.engine.memory import PeakMemory
 from kvpolicies.engine.replay import Capture, Prefill, capture
 from kvpolicies.engine.rows import decode_together
-from kvpolicies.errors import BudgetError, UsageError
+from kvpolicies.errors import BudgetError, UsageError, out_of_memory
 from kvpolicies.integrations.protocol import QUESTION_MARKER, Protocol, missing_split
 
 if TYPE_CHECKING:
@@ -415,14 +415,6 @@ def capture_bytes(model, tokens: int) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     size = torch.empty((), dtype=model.dtype).element_size()
     return tokens * config.num_hidden_layers * (2 * kv_heads + heads) * head_dim * size
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` says the device ran out of memory: CUDA's error, Python's, or the CPU allocator's (a plain
-    RuntimeError)."""
-    text = str(error).lower()
-    return (isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
-            or "can't allocate memory" in text)
 
 
 def decoding_room(device: torch.device) -> float | None:

@@ -65,8 +65,9 @@ def sweeps(model: str | None = None) -> list[SweepConfig]:
 
 
 @torch.no_grad()
-def kept_masks(model, ids: torch.Tensor, policy: str, budget: float) -> list[torch.Tensor]:
-    """The ``[batch, kv_heads, seq]`` keep masks of every eviction during one prefill, in layer order."""
+def kept_masks(model, ids: torch.Tensor, policy: str, budget: float, tokenizer=None) -> list[torch.Tensor]:
+    """The ``[batch, kv_heads, seq]`` keep masks of every eviction during one prefill, in layer order. ``tokenizer``:
+    the model's, for a policy that writes prompts or calibrates on text (KVzip, Q-Filters), as a sweep's cell has."""
     import kvpolicies.engine.cache as cache_module
     from kvpolicies.engine.cache import CompressedCache
 
@@ -80,7 +81,7 @@ def kept_masks(model, ids: torch.Tensor, policy: str, budget: float) -> list[tor
 
     cache_module.select = recording
     try:
-        model(ids, cache=CompressedCache(model, policy, budget), logits_to_keep=1)
+        model(ids, cache=CompressedCache(model, policy, budget, tokenizer=tokenizer), logits_to_keep=1)
     finally:
         cache_module.select = original
     return masks
@@ -95,10 +96,10 @@ def selection_agreement(model_name: str | None, ids: torch.Tensor, policies: lis
     masks: dict[str, dict[str, list[torch.Tensor]]] = {"sdpa": {}, "eager": {}}
     agreement: dict[str, float | str] = {}
     for implementation in ("sdpa", "eager"):
-        model, _ = load_model(model_name, device=device, dtype="float32", attn_implementation=implementation)
+        model, tokenizer = load_model(model_name, device=device, dtype="float32", attn_implementation=implementation)
         for name in policies:
             try:
-                masks[implementation][name] = kept_masks(model, ids.to(model.device), name, budget)
+                masks[implementation][name] = kept_masks(model, ids.to(model.device), name, budget, tokenizer)
             except BudgetError as error:  # e.g. l2norm's whole first layers on a very shallow model
                 agreement[name] = f"not run: {error}"
         del model

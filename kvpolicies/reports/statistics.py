@@ -131,7 +131,7 @@ def compare(statistic: Statistic, a: dict[int, tuple[float, float | None]], b: d
     weights_a = [a[i][1] for i in common] if statistic != "mean" else None
     weights_b = [b[i][1] for i in common] if statistic != "mean" else None
     difference = score_of(statistic, values_a, weights_a) - score_of(statistic, values_b, weights_b)
-    return _paired_bootstrap(statistic, [(values_a, weights_a, values_b, weights_b)], difference, n, level)
+    return _paired_comparison(statistic, [(values_a, weights_a, values_b, weights_b)], difference, n, level)
 
 
 def pooled(statistic: Statistic, groups: Sequence[tuple[Sequence[float], Sequence[float] | None]],
@@ -182,10 +182,10 @@ def compare_pooled(statistic: Statistic, pairs: Sequence[tuple[dict, dict]], lev
         return None
     difference = math.fsum(score_of(statistic, va, wa) - score_of(statistic, vb, wb)
                            for va, wa, vb, wb in groups) / len(groups)
-    return _paired_bootstrap(statistic, groups, difference, sum(len(g[0]) for g in groups), level)
+    return _paired_comparison(statistic, groups, difference, sum(len(g[0]) for g in groups), level)
 
 
-def _paired_bootstrap(statistic: Statistic, groups, difference: float, n: int, level: float) -> Comparison:
+def _paired_comparison(statistic: Statistic, groups, difference: float, n: int, level: float) -> Comparison:
     """The difference of the mean over ``groups`` of A's score minus B's: its interval from a paired bootstrap
     (each group's samples resampled apart, the same picks for both sides), its p-value from a paired swap test
     (:func:`swap_p_value`)."""
