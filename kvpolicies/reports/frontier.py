@@ -493,6 +493,8 @@ def draw(axis: Any, panel: Panel) -> None:
     axis.set_xticks(sorted({*panel.budgets, 1.0}))  # a point reads against the budgets of its grid
     axis.set_xlabel("bytes kept (share of the full cache's, log scale)")
     metric = _metric(panel).split(",")[0]
+    if metric.isdigit():  # lm-eval's RULER names its score by the prompts' length
+        metric = f"score at {metric} tokens"
     if panel.points[0].higher_is_better:
         axis.set_ylabel(metric)
     else:  # up is better on every panel
