@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -183,25 +184,35 @@ GEMMA_LIKE = CacheShape(num_layers=6, num_kv_heads=2, head_dim=16, dtype_bytes=2
                         windows=(512, 512, None, 512, 512, None))
 
 
+GEMMA_LIKE_KIVI = dataclasses.replace(GEMMA_LIKE, stored_entry_bytes=18, full_precision_entries=159,
+                                      window_overhang=31)
+"""KIVI's 4 bits on the same shape: an encoded entry in 18 bytes of 64, each head's 128 to 159 newest in full, and
+a window's oldest group waiting until all of it slid out (up to 31 entries)."""
+
+
+@pytest.mark.parametrize("shape", [GEMMA_LIKE, GEMMA_LIKE_KIVI], ids=["full-precision", "kivi4"])
 @given(seq_len=st.integers(1, 20000), fraction=st.floats(0.001, 1.0))
-def test_windows_kept_whole_hold_their_window_and_full_layers_share_the_rest_or_the_budget_is_refused(seq_len,
+def test_windows_kept_whole_hold_their_window_and_full_layers_share_the_rest_or_the_budget_is_refused(shape, seq_len,
                                                                                                       fraction):
-    """windows="keep": the full cache is the model's own (windows of W - 1); windows are charged, never cut; the
-    rest is shared."""
-    windowed = 4 * 2 * min(seq_len, 511)
-    assert GEMMA_LIKE.full_entries(seq_len) == windowed + 2 * 2 * seq_len
+    """windows="keep": the full cache is the model's own (windows of W - 1); windows are charged, never cut (and
+    under a grouped codec, charged the entries that wait for their group to slide out); the rest is shared. A
+    refusal names the smallest budget that fits, which a grouped codec's full-precision newest entries raise."""
+    windowed = 4 * 2 * min(seq_len, 511 + shape.window_overhang)
+    assert shape.full_entries(seq_len) == 4 * 2 * min(seq_len, 511) + 2 * 2 * seq_len
     try:
-        allocation = Budget(value=fraction, windows="keep").allocate(seq_len, GEMMA_LIKE)
+        allocation = Budget(value=fraction, windows="keep").allocate(seq_len, shape)
     except BudgetError as error:
         minimum = float(str(error).rsplit("at least ", 1)[1].split()[0])
         assert fraction < minimum and "windows=share" in str(error)
-        assert Budget(value=minimum, windows="keep").allocate(seq_len, GEMMA_LIKE).total >= windowed + 4
+        assert Budget(value=minimum, windows="keep").allocate(seq_len, shape).total >= windowed + 4
         return
     tokens = allocation.tokens
     assert allocation.fixed == (0, 1, 3, 4)
-    assert (tokens[list(allocation.fixed)] == min(seq_len, 511)).all()
-    assert int(tokens.sum()) == allocation.total <= GEMMA_LIKE.full_entries(seq_len)
+    assert (tokens[list(allocation.fixed)] == min(seq_len, 511 + shape.window_overhang)).all()
+    assert int(tokens.sum()) == allocation.total <= shape.most_entries(seq_len)
     assert int(tokens[[2, 5]].min()) >= 1 and int(tokens[[2, 5]].max()) <= seq_len
+    if allocation.total > shape.cells:  # above the floor of one entry a head, the bytes fit the budget
+        assert shape.most_bytes(allocation.total) <= fraction * shape.full_entries(seq_len) * 64 + 1e-6
 
 
 @given(seq_len=st.integers(1, 20000), fraction=st.floats(0.001, 1.0))

@@ -34,12 +34,13 @@ def test_host_reads_of_device_tensors_are_syncs_and_host_tensors_are_not():
 
 def decode_work(policy: str, batch: int, padding: int, slack: int, layers: int = 8, steps: int = 3,
                 evictions: list | None = None, launches: list | None = None, codec=None,
-                budget: float = 0.5) -> list[int]:
+                budget: float = 0.5, model=None) -> list[int]:
     """Syncs of each of ``steps`` decoding steps after a 64-token prefill (the first row never padded); the number
-    of layers cut while decoding is appended to ``evictions``, the launches of each step to ``launches``."""
+    of layers cut while decoding is appended to ``evictions``, the launches of each step to ``launches``. ``model``:
+    a tiny Llama of ``layers`` layers unless given."""
     torch.manual_seed(0)
-    model = tiny_llama(num_layers=layers)
-    ids = torch.randint(3, 128, (batch, 64), generator=torch.Generator().manual_seed(1))
+    model = model or tiny_llama(num_layers=layers)
+    ids = torch.randint(3, model.config.vocab_size, (batch, 64), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1:, :padding] = 0
     cache = CompressedCache(model, kvpolicies.get_policy(policy), Budget(value=budget, slack_tokens=slack), codec=codec)

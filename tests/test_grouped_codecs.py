@@ -228,10 +228,181 @@ def test_a_prompt_too_short_to_fill_a_residual_is_held_in_full_within_the_same_b
     assert stats.resident_bytes == stats.physical_bytes == 16 * 3 * FULL_ENTRY <= 0.3 * stats.full_bytes
 
 
-def test_a_model_that_slides_windows_is_refused_for_a_grouped_codec():
-    model = build(ARCHITECTURES["gemma3"])
-    with pytest.raises(UsageError, match="shift every group at every step; use a per-entry codec"):
-        CompressedCache(model, "snapkv", 0.5, codec=SmallKivi())
+class Exact(GroupedCodec):
+    """Groups of 4 stored exactly as computed, a residual of 2: whatever it decodes to is the model's own entries,
+    so any difference from full precision is where the groups, the hidden entries or the cuts went wrong."""
+
+    name = "exact-grouped-test"
+    group = 4
+    residual = 2
+    encoded_groups = 0
+
+    def entry_bytes(self, head_dim, dtype):
+        return 2 * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def encode(self, keys, values, fitted):
+        Exact.encoded_groups += keys.shape[0]
+        return {"keys": keys.clone(), "values": values.clone()}
+
+    def decode(self, stored, dtype, fitted):
+        return stored["keys"].to(dtype), stored["values"].to(dtype)
+
+
+WINDOWED = ["mistral-sliding-window", "gemma2", "gemma3"]
+
+
+def window_prompt(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("architecture", WINDOWED)
+def test_a_window_drops_a_group_only_once_all_of_it_slid_out_and_hides_the_rest(architecture):
+    """Windows of 8 slide past groups of 4 while decoding: each group is encoded once and dropped whole, what slid
+    out of a group still in view is stored but hidden (the model's own sliding mask, from the stored columns), and
+    the logits are the model's own."""
+    model = build(ARCHITECTURES[architecture])
+    ids, following = window_prompt(1, 21), torch.arange(5, 17)
+    plain = model(torch.cat([ids, following[None]], 1)).logits[0, -len(following) - 1 :]
+    Exact.encoded_groups = 0
+    cache = CompressedCache(model, "full", 1.0, codec=Exact())
+    logits = [model(ids, cache=cache).logits[0, -1]]
+    windows = [layer for layer in cache.layers if layer.window is not None]
+    held, hidden = [], []
+    for token in following:
+        logits.append(model(token.view(1, 1), cache=cache).logits[0, -1])
+        held.append({sum(layer.residual.encoded.host + layer.residual.tails.host) // 2 for layer in windows})
+        hidden.append({layer.hidden for layer in windows})
+        stats = cache.stats()
+        assert stats.resident_bytes == stats.physical_bytes
+    torch.testing.assert_close(torch.stack(logits), plain, atol=1e-5, rtol=1e-5)
+    assert hidden == [{1}, {2}, {3}, {0}] * 3  # 7 in view, and 1 to 3 more until their group is dropped whole
+    assert held == [{7 + n} for (n,) in hidden]
+    full_layers = len(cache.layers) - len(windows)
+    # Windows: 4 groups in all by the last step (1 at prefill, a new one every 4 steps). Full layers: every group of
+    # the 33 tokens older than the residual of 2 (7 groups). The trial encode's 2.
+    assert Exact.encoded_groups == 2 * (len(windows) * 4 + full_layers * 7) + 2
+
+
+@torch.no_grad()
+def test_windows_held_whole_are_charged_for_their_hidden_entries_and_the_budget_holds():
+    """``windows=keep`` holds a window whole, so the budget charges it for what it stores: its ``W - 1`` and its
+    oldest group's hidden entries (3 with groups of 4). KIVI's residual of 128 covers a window of 8: no group ever
+    forms there, and nothing is charged."""
+    model = build(ARCHITECTURES["gemma3"])  # layer 0 windowed to 8, layer 1 full attention
+    cache = CompressedCache(model, "snapkv", Budget(value=0.5, windows="keep", slack_tokens=0), codec=Exact())
+    assert cache.allocation(40).tokens[0].tolist() == [7 + 3, 7 + 3]
+    assert CompressedCache(model, "snapkv", Budget(value=0.5, windows="keep"), codec="kivi4").shape.window_overhang == 0
+    model(window_prompt(1, 40), cache=cache)
+    held = set()
+    for step in range(8):
+        model(torch.tensor([[5 + step]]), cache=cache)
+        residual = cache.layers[0].residual
+        held.add(residual.encoded.host[0] + residual.tails.host[0])  # as stored, head 0
+        stats = cache.stats()
+        assert stats.resident_bytes == stats.physical_bytes <= 0.5 * stats.full_bytes
+    assert held == {7, 8, 9, 10}
+
+
+def exact_against_full_precision(model, build, prompts: torch.Tensor, mask: torch.Tensor, steps: int = 10):
+    """Decode ``prompts`` (left-padded by ``mask``) in a cache from ``build(codec)`` with the exact grouped codec and
+    with full precision: the logits of every step must agree. Returns the grouped cache."""
+    def decode(codec):
+        cache = build(codec)
+        attention = mask
+        logits = [model(prompts, attention_mask=attention, cache=cache).logits[:, -1]]
+        for step in range(steps):
+            attention = torch.cat([attention, attention.new_ones(len(prompts), 1)], 1)
+            token = torch.full((len(prompts), 1), 5 + step)
+            logits.append(model(token, attention_mask=attention, cache=cache).logits[:, -1])
+            stats = cache.stats()  # (full precision stores a dense layer's padding; the grouped codec packs it)
+            assert stats.resident_bytes == stats.physical_bytes or codec is None
+        return torch.stack(logits), cache
+
+    exact, cache = decode(Exact())
+    torch.testing.assert_close(exact, decode(None)[0], atol=1e-5, rtol=1e-5)
+    return cache
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("windows", ["share", "keep"])
+@pytest.mark.parametrize("architecture", ["mistral-sliding-window", "gemma3"])
+def test_a_left_padded_batch_with_a_prompt_shorter_than_the_window_packs_and_slides_each_row_as_alone(
+        architecture, windows):
+    """Nothing is cut (the full policy): the batch packs each row to the entries its window holds (12 tokens, 7 of
+    them in view, beside 3), and the windows then slide run by run, from the host's counts."""
+    model = build(ARCHITECTURES[architecture])
+    ids = window_prompt(2, 12, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    cache = exact_against_full_precision(
+        model, lambda codec: CompressedCache(model, "full", Budget(value=1.0, windows=windows), codec=codec), ids, mask)
+    window = cache.layers[0]
+    assert window.packed and not window.cut and window.window is not None
+
+
+@torch.no_grad()
+def test_windows_cut_and_windows_left_whole_side_by_side_decode_as_full_precision():
+    """l2norm cuts the first layer and leaves the second whole: a packed window beside a dense one that holds
+    hidden entries, which the attention is handed without (transformers builds one mask for every window). The
+    window left whole costs its 3 hidden entries a head too, so the grouped cache gets 1.5 tokens a head more for
+    the first layer to keep as much as full precision keeps (3 a head)."""
+    model = build(ARCHITECTURES["mistral-sliding-window"])  # both layers windowed
+    policy = kvpolicies.get_policy("l2norm", uncompressed_layers=[1])
+    ids = window_prompt(1, 21, seed=6)
+    cache = exact_against_full_precision(model, lambda codec: CompressedCache(
+        model, policy, Budget.parse("5 tokens" if codec is None else "6.5 tokens", slack_tokens=1), codec=codec),
+        ids, torch.ones_like(ids))
+    assert cache.allocation(21).tokens.tolist() == [[3, 3], [10, 10]]
+    assert cache.layers[0].packed and not cache.layers[1].packed
+    assert max(cache.layers[1].counts()[0]) > 7  # a window left whole holding hidden entries
+
+
+@torch.no_grad()
+def test_a_window_left_whole_by_a_compressing_policy_is_not_cut_for_its_hidden_entries():
+    """At the full budget snapkv keeps every window whole: its hidden entries are within what a window may hold, so
+    no cut comes, and every group is encoded once, as without a policy."""
+    model = build(ARCHITECTURES["mistral-sliding-window"])
+    encoded = {}
+    for policy in ("full", "snapkv"):
+        Exact.encoded_groups = 0
+        cache = exact_against_full_precision(model, lambda codec: CompressedCache(model, policy, 1.0, codec=codec),
+                                             window_prompt(1, 21), torch.ones(1, 21, dtype=torch.long), steps=12)
+        encoded[policy] = Exact.encoded_groups
+        assert not any(layer.cut for layer in cache.layers)
+    assert encoded["snapkv"] == encoded["full"]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("architecture", WINDOWED)
+def test_a_window_under_a_grouped_codec_decodes_as_full_precision_through_cuts_padding_and_a_question(architecture):
+    """snapkv cuts windows and full layers at prefill; a left-padded batch packs every layer; the question and the
+    decoded tokens are kept whole, so cut windows slide by reading their runs back. Entries stored exactly in groups
+    must give the logits and the entries kept of full precision, at every step."""
+    model = build(ARCHITECTURES[architecture])
+    ids = window_prompt(2, 30, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+
+    def decode(codec):
+        cache = CompressedCache(model, "snapkv", Budget(value=0.5, slack_tokens=1), codec=codec)
+        cache.context_lengths = [27, 22]  # the last 3 tokens of each prompt are its question
+        attention = mask
+        logits = [model(ids, attention_mask=attention, cache=cache).logits[:, -1]]
+        held = []
+        for step in range(10):
+            attention = torch.cat([attention, attention.new_ones(2, 1)], 1)
+            logits.append(model(torch.full((2, 1), 5 + step), attention_mask=attention, cache=cache).logits[:, -1])
+            held.append(max(max(layer.lengths) for layer in cache.layers if layer.window is not None))
+            stats = cache.stats()
+            assert stats.resident_bytes == stats.physical_bytes
+        return torch.stack(logits), held, cache
+
+    exact, held, cache = decode(Exact())
+    full, _, _ = decode(None)
+    torch.testing.assert_close(exact, full, atol=1e-5, rtol=1e-5)
+    assert all(layer.packed and layer.cut for layer in cache.layers)
+    assert max(held) <= 7 + Exact.group - 1 + 1  # the window, its oldest group's hidden entries, the slack
 
 
 @torch.no_grad()
@@ -286,6 +457,16 @@ def test_a_grouped_codec_adds_no_sync_to_a_decoding_step(policy):
     for batch, counted in launches.items():
         decode_work(policy, batch, 5, slack=16, launches=counted, codec=SmallKivi(), steps=6)
     assert launches[4] == launches[16]  # encoding and merging groups is one set of kernels, whatever the batch
+
+
+@pytest.mark.parametrize("policy", ["full", "snapkv"])
+def test_a_window_under_a_grouped_codec_adds_no_sync_to_a_decoding_step(policy):
+    """Windows never cut slide from the host's counts; cut ones read their runs back only past the slack."""
+    from tests.test_device_work import decode_work
+
+    model = build(ARCHITECTURES["gemma3"])  # a window of 8 beside a full-attention layer
+    own = decode_work("full", 4, 5, slack=16, model=model, steps=8)
+    assert decode_work(policy, 4, 5, slack=16, codec=Exact(), model=model, steps=8) == own == [1] * 8
 
 
 class Uneven(SmallKivi):

@@ -10,7 +10,7 @@ from kvpolicies.engine.replay import capture, replay
 from kvpolicies.engine.rows import CacheRows, decode_together
 from tests.architectures import ARCHITECTURES, REFUSED, build
 from tests.helpers import tiny_llama
-from tests.test_grouped_codecs import SmallKivi
+from tests.test_grouped_codecs import WINDOWED, Exact, SmallKivi
 from tests.test_replay import prompt, state
 
 POLICIES = ["full", "snapkv", "h2o", "streaming", "keydiff", "headkv", "pyramidkv", "tova", "kvzip"]
@@ -148,6 +148,24 @@ def test_rows_decode_together_on_every_architecture(name):
     together = decode_together(model, caches, [start] * len(caches), limit, lambda row, s: False)
     for policy, cache, found in zip(policies, caches, together):
         single = replayed(model, prefill, policy, 0.5)
+        assert torch.equal(found, alone(model, single, start, limit, lambda s: False)), policy
+        assert_alike(state(cache), state(single))
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_rows_hand_a_window_under_a_grouped_codec_its_entries_in_view_only(name):
+    """A row comes without a mask, so a dense window must not hand its hidden entries (the oldest group's, slid out)
+    to the attention: groups stored exactly decode as full precision, and each row as alone."""
+    model = build(ARCHITECTURES[name])
+    ids = prompt(length=21) % model.config.vocab_size
+    prefill = capture(model, ids)
+    start = torch.cat([ids, prefill.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    limit = start.shape[1] + 12
+    caches = [replayed(model, prefill, policy, 0.5, codec=Exact()) for policy in ("full", "snapkv")]
+    together = decode_together(model, caches, [start] * 2, limit, lambda row, s: False)
+    assert torch.equal(together[0], alone(model, replayed(model, prefill, "full", 1.0), start, limit, lambda s: False))
+    for policy, cache, found in zip(("full", "snapkv"), caches, together):
+        single = replayed(model, prefill, policy, 0.5, codec=Exact())
         assert torch.equal(found, alone(model, single, start, limit, lambda s: False)), policy
         assert_alike(state(cache), state(single))
 

@@ -137,7 +137,8 @@ def attend(inner: Callable, module, query, key, value, attention_mask, cache, la
     if layer.packed:
         dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
         output = packed_attention(query, layer, new_visible, scale, dropout), None
-    else:
+    else:  # a window's oldest group may hold entries that slid out, stored until the group goes: never attended
+        key, value = (key, value) if not layer.hidden else (key[:, :, layer.hidden:], value[:, :, layer.hidden:])
         output = inner(module, query, key, value, attention_mask, **kwargs)
     new_valid = None if new_visible is None else new_visible.diagonal(dim1=1, dim2=2)
     cache.after_attention(layer, query, new_valid, scale, module)

@@ -24,6 +24,7 @@ Why share by default: on a Gemma-3 shape the windows hold most of the model's ow
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -73,6 +74,10 @@ class CacheShape:
     full_precision_entries: int = 0
     """The most entries per head a grouped codec holds at full precision (its residual: the newest entries, not yet
     a whole group past it); each costs ``entry_bytes`` instead of ``kept_entry_bytes``."""
+    window_overhang: int = 0
+    """The most entries per head a sliding-window layer holds beyond its ``W - 1``: a grouped codec drops a group
+    only once all of it slid out, so up to ``group - 1`` of its entries wait there, hidden; the budget counts them
+    like any entry, and lets a window hold them (:meth:`held_whole`)."""
 
     @property
     def cells(self) -> int:
@@ -115,7 +120,7 @@ class CacheShape:
     def sliding_layers(self) -> tuple[int, ...]:
         """Layers the model windows itself: the next query of one sees at most its window's ``W - 1`` entries per
         head (all of them when the budget keeps windows whole); a packed one stores what slid out, hidden, up to the
-        budget's slack."""
+        budget's slack (and a grouped codec's window its oldest group's, ``window_overhang``)."""
         return tuple(layer for layer, window in enumerate(self.windows) if window is not None)
 
     def held(self, layer: int, seq_len: int) -> int:
@@ -123,6 +128,19 @@ class CacheShape:
         the last ``W - 1`` of a sliding-window layer (what transformers' ``DynamicSlidingWindowLayer`` keeps)."""
         window = self.windows[layer] if self.windows else None
         return seq_len if window is None else min(seq_len, window - 1)
+
+    def held_whole(self, layer: int, seq_len: int) -> int:
+        """The most entries per KV head ``layer`` holds after ``seq_len`` tokens: what the model's own cache holds
+        there, and in a window the hidden entries of a grouped codec's oldest group (a window held whole holds all
+        of them; a shared one is capped there, so that a window left whole is not cut for its hidden entries)."""
+        return min(seq_len, self.held(layer, seq_len) + self.window_overhang)
+
+    def most_entries(self, seq_len: int) -> int:
+        """Entries of one sequence a cache can hold at most: the model's own cache, and in each window head the
+        entries a grouped codec holds hidden (``held_whole``)."""
+        if not self.window_overhang:
+            return self.full_entries(seq_len)
+        return self.num_kv_heads * sum(self.held_whole(layer, seq_len) for layer in range(self.num_layers))
 
     def full_entries(self, seq_len: int) -> int:
         """Entries of one sequence in the model's own uncompressed cache: what a fraction budget is a fraction of."""
@@ -260,7 +278,7 @@ class Budget(BaseModel):
 
     def total_entries(self, seq_len: int, shape: CacheShape) -> int:
         """Entries the whole cache of one sequence may hold: at least one per head, at most the full cache (the
-        model's own cache, sliding windows included)."""
+        model's own cache, sliding windows included, and the entries a grouped codec's windows hold hidden)."""
         full = shape.full_entries(seq_len)
         if self.unit == "tokens":
             wanted = math.floor(self.value * shape.cells + 1e-9)
@@ -273,20 +291,22 @@ class Budget(BaseModel):
             wanted = math.floor(self.value * full * shape.entry_bytes / shape.kept_entry_bytes + 1e-9)
         else:
             wanted = math.floor(self.value / shape.kept_entry_bytes)
-        return max(min(wanted, full), min(shape.cells, full))
+        return max(min(wanted, shape.most_entries(seq_len)), min(shape.cells, full))
 
     def allocate(self, seq_len: int, shape: CacheShape) -> Allocation:
         """The uniform allocation of a sequence of ``seq_len`` tokens. Without sliding windows every (layer, KV head)
         gets the same share of the total, remainders to the first cells; with them, see ``windows``."""
-        total = self.total_entries(seq_len, shape)
-        held = tuple(shape.held(layer, seq_len) for layer in range(shape.num_layers))
+        total, full = self.total_entries(seq_len, shape), shape.full_entries(seq_len)
+        own = tuple(shape.held(layer, seq_len) for layer in range(shape.num_layers))
+        held = tuple(shape.held_whole(layer, seq_len) for layer in range(shape.num_layers))  # hidden ones too
         if not shape.sliding_layers:
             tokens = spread(total, shape.cells, seq_len).view(shape.num_layers, shape.num_kv_heads)
             return Allocation(tokens=tokens, seq_len=seq_len, total=total)
         if self.windows == "share":  # every layer the same share of what the model's own cache holds there
+            weights = torch.tensor(own, dtype=torch.double).repeat_interleave(shape.num_kv_heads)
             caps = torch.tensor(held, dtype=torch.long).repeat_interleave(shape.num_kv_heads)
-            tokens = distribute(total, caps.double(), cap=caps).view(shape.num_layers, shape.num_kv_heads)
-            return Allocation(tokens=tokens, seq_len=seq_len, total=total, held=held)
+            tokens = distribute(total, weights, cap=caps).view(shape.num_layers, shape.num_kv_heads)
+            return Allocation(tokens=tokens, seq_len=seq_len, total=total, full_entries=full, held=held)
         fixed = shape.sliding_layers
         tokens = torch.zeros(shape.num_layers, shape.num_kv_heads, dtype=torch.long)
         for layer in fixed:
@@ -295,22 +315,25 @@ class Budget(BaseModel):
         free = [layer for layer in range(shape.num_layers) if layer not in fixed]
         if total < windowed + len(free) * shape.num_kv_heads:
             entries = windowed + len(free) * shape.num_kv_heads
-            share = entries * shape.kept_entry_bytes / shape.entry_bytes / shape.full_entries(seq_len)  # of the bytes
+            needed_bytes = math.ceil(shape.most_bytes(entries))  # a grouped codec's newest entries cost in full
+            share = needed_bytes / (shape.full_entries(seq_len) * shape.entry_bytes)
             needed = math.ceil(share * 1000) / 1000  # rounded up: must be enough
             in_units = (f"{min(needed, 1.0):.3f} of the cache" if self.unit == "fraction" else
                         f"{math.ceil(entries / shape.cells)} tokens per KV head" if self.unit == "tokens" else
-                        f"{entries * shape.kept_entry_bytes}B")
+                        f"{needed_bytes}B")
+            hidden = (f", and up to {shape.window_overhang} a head that slid out of a group still in view"
+                      if shape.window_overhang else "")
             where = (f"and one entry per head of its {len(free)} full-attention layers" if free else
                      "(every layer is windowed: a smaller cache would evict inside the window the model attends to)")
             raise BudgetError(
                 f"budget {self} with windows=keep keeps {total} entries of a {seq_len}-token sequence, but the "
                 f"model's {len(fixed)} sliding-window layers hold {windowed} (the last W - 1 tokens each, all of "
-                f"which the model attends to) {where}; raise the budget to at least {in_units} for this length, or "
+                f"which the model attends to{hidden}) {where}; raise the budget to at least {in_units} for this length, or "
                 "let the windows share the budget (windows=share)"
             )
         if free:
             tokens[free] = spread(total - windowed, len(free) * shape.num_kv_heads, seq_len).view(len(free), -1)
-        return Allocation(tokens=tokens, seq_len=seq_len, total=total, fixed=fixed, held=held)
+        return Allocation(tokens=tokens, seq_len=seq_len, total=total, full_entries=full, fixed=fixed, held=held)
 
     def __str__(self) -> str:
         """The budget as a user writes it (the slack and the window rule are said where they matter)."""
@@ -387,8 +410,11 @@ class Allocation:
     total: int
     fixed: tuple[int, ...] = ()
     """Layers whose allocation the model sets (windows held whole): ``check`` refuses a policy that changes them."""
+    full_entries: int = 0
+    """Entries of the model's own cache for this sequence, what a fraction is a fraction of (0: the caps' sum)."""
     held: tuple[int, ...] = ()
-    """Per layer, entries per head the model's own cache holds (empty: ``seq_len`` in every layer)."""
+    """Per layer, entries per head the model's own cache holds (empty: ``seq_len`` in every layer), and in a window
+    the entries a grouped codec holds hidden there (``CacheShape.held_whole``)."""
 
     @property
     def caps(self) -> torch.Tensor:
@@ -407,7 +433,7 @@ class Allocation:
         return self.total - int(self.tokens[list(self.fixed)].sum()) if self.fixed else self.total
 
     def _with(self, tokens: torch.Tensor) -> Allocation:
-        return Allocation(tokens=tokens, seq_len=self.seq_len, total=self.total, fixed=self.fixed, held=self.held)
+        return dataclasses.replace(self, tokens=tokens)
 
     def redistribute(self, weights: torch.Tensor, floor: int | torch.Tensor = 1) -> Allocation:
         """Share the free layers' entries in proportion to ``weights`` (``[layers, kv_heads]``; fixed layers'
@@ -443,7 +469,7 @@ class Allocation:
         remaining = self.free_total - taken
         if remaining < len(rest) * num_heads:
             windowed = self.total - self.free_total
-            full_cache = windowed + int(caps[self.free_layers].sum()) * num_heads
+            full_cache = self.full_entries or windowed + int(caps[self.free_layers].sum()) * num_heads
             needed = (windowed + taken + len(rest) * num_heads) / full_cache
             needed = math.ceil(needed * 1000) / 1000  # rounded up: the budget suggested must be enough
             raise BudgetError(
@@ -485,12 +511,15 @@ class Allocation:
             raise fault(f"returned tokens of shape {list(tokens.shape)} from allocate(); the "
                                f"model has {expected}")
         low, total = int(tokens.min()), int(tokens.sum())
-        beyond = (tokens.cpu() > self.caps).nonzero()  # a policy may hand back tokens on its device
+        caps = self.caps.expand_as(self.tokens).clone()
+        caps[list(self.fixed)] = self.tokens[list(self.fixed)]  # a window held whole: what it holds (checked below)
+        beyond = (tokens.cpu() > caps).nonzero()  # a policy may hand back tokens on its device
         if low < 1 or len(beyond):
             layer = int(beyond[0, 0]) if len(beyond) else int((tokens < 1).nonzero()[0, 0])
-            cap = int(self.caps[layer])
+            cap = int(caps[layer].max())
             what = ("the sequence length" if cap == self.seq_len else
-                    "what the model's own cache holds there: its window of W - 1")
+                    "what the model's own cache holds there: its window of W - 1, and the entries a grouped codec "
+                    "holds hidden there until their group slides out")
             raise fault(f"allocated between {int(tokens[layer].min())} and {int(tokens[layer].max())} entries to "
                         f"the heads of layer {layer} in allocate(); each head must keep between 1 and {cap} "
                         f"({what})")
@@ -505,6 +534,6 @@ class Allocation:
                 "allocation.redistribute(weights))"
             )
         if tuple(returned.fixed) != tuple(self.fixed) or tuple(returned.held) != tuple(self.held):
-            returned = Allocation(tokens=tokens, seq_len=returned.seq_len, total=returned.total, fixed=self.fixed,
-                                  held=self.held)
+            returned = Allocation(tokens=tokens, seq_len=returned.seq_len, total=returned.total,
+                                  full_entries=self.full_entries, fixed=self.fixed, held=self.held)
         return returned

@@ -31,7 +31,7 @@ from kvpolicies.engine.signals import CumulativeAttention, LogitScale, Track, at
 from kvpolicies.engine.stages import Prefilled, SharedScores, probe, select_across_layers
 from kvpolicies.engine.stages import install as install_stage
 from kvpolicies.engine.step import Step
-from kvpolicies.engine.storage import TRACK, CompressedLayer, hand_over
+from kvpolicies.engine.storage import TRACK, CompressedLayer, hand_over, window_overhang
 from kvpolicies.errors import ContextLengthWarning, KVPoliciesError, UsageError
 
 
@@ -131,22 +131,17 @@ class CompressedCache(Cache):
         if not self.codec.lossless:
             self.shape = dataclasses.replace(self.shape, stored_entry_bytes=self._codec_entry_bytes(model))
         if isinstance(self.codec, GroupedCodec):
-            if self.shape.sliding_layers:  # a window drops its oldest entry at every step: every group would shift
-                raise UsageError(
-                    f"codec {self.codec.name!r} encodes groups of {self.codec.group} consecutive entries, and this "
-                    f"model slides a window over {len(self.shape.sliding_layers)} of its layers, which would shift "
-                    "every group at every step; use a per-entry codec (int8, int4) on this model (transformers' "
-                    "own QuantizedCache refuses every model with sliding-window layers)")
             if self.shape.kept_entry_bytes > self.shape.entry_bytes:  # the budget's bound assumes it never is
                 raise UsageError(
                     f"codec {self.codec.name!r} stores an encoded entry in {self.shape.kept_entry_bytes} bytes on "
                     f"this model, more than the {self.shape.entry_bytes} of full precision; use a codec that stores "
                     "less than the model's own cache (fewer bits, larger groups), or none")
-            self.shape = dataclasses.replace(self.shape, full_precision_entries=self.codec.most_at_full_precision)
+            self.shape = dataclasses.replace(self.shape, full_precision_entries=self.codec.most_at_full_precision,
+                                             window_overhang=max(window_overhang(w, self.codec) for w in windows))
         if self.budget.unit != "fraction" and self.shape.sliding_layers and self.policy.compresses:
             # A fixed number of entries against windows that fill up as the sequence grows: check the full windows
             # now, not halfway through a generation.
-            self.budget.allocate(max(w for w in windows if w), self.shape)
+            self.budget.allocate(max(w for w in windows if w) + self.shape.window_overhang, self.shape)
         self._allocations: dict[int, list[list[int]]] = {}
         self._layer_views: dict[int, LayerView] = {}
         self._scales: dict[int, LogitScale] = {}  # each layer's logit scale, as its attention last reported it
@@ -242,10 +237,8 @@ class CompressedCache(Cache):
             except Exception as error:
                 raise self._plugin_error("Track.update", error)
         self.evict(layer, query, scale, module, self.step.real)  # drops what slid out of a window, if it cuts
-        if layer.packed and layer.window is not None and max(layer.lengths) > layer.window - 1 + self.budget.slack_tokens:
-            layer.drop_slid_out()  # no cut came (a question kept whole, a stage): a run outgrew what its window sees
         if layer.window is not None:  # a window the policy chooses in: what slid out goes once the pass has read it
-            layer.slide()
+            layer.slide(self.budget.slack_tokens)  # (a packed one, once a run outgrew it by more than the slack)
         layer.settle(hold=self.policy.has_stage and not self._stage_ran)  # a stage keeps entries encoded once
         if started is not None:
             watch.stop(started)

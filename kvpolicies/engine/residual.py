@@ -17,6 +17,9 @@ and drops it when the pass is done (:meth:`~kvpolicies.engine.storage.Compressed
 - if the pass only appended (decoding, a chunk of a prompt), the groups stay as they are: the new entries join
   the full-precision part, and the whole groups that part now holds beyond its ``residual`` newest are encoded
   and put after their run's groups (:meth:`Residual.extended`). An entry is encoded exactly once;
+- if the pass slid a window past whole groups (a model's sliding-window layer), those groups are dropped and the
+  others stay as they are (:meth:`Residual.without_first`); a group part of which the window still shows is kept
+  whole, its older entries hidden by their positions, so no group is split;
 - if the pass cut the layer (an eviction), each run keeps the groups that lie wholly before the first entry the
   cut removed, and every entry after them is grouped and encoded afresh from the working copy
   (:meth:`Residual.relaid`): those were read back from their codes, so they are quantized a second time, in
@@ -110,6 +113,15 @@ class Residual:
         groups = {name: merge(t, old_counts, new_groups[name], new_counts) for name, t in self.groups.items()}
         return Residual(self.codec, after, tails, groups, take(keys, lengths, after, tails),
                         take(values, lengths, after, tails), fitted)
+
+    def without_first(self, groups: Counts) -> Residual:
+        """This store without each run's ``groups[r]`` oldest groups (slid out of a window whole): the groups after
+        them stay encoded as they were. The full-precision part is left as it is; the pass that slid the window
+        takes it from its working copy when it settles."""
+        held = self.encoded.over(self.codec.group)
+        left = held.minus(groups)
+        kept = {name: take(t, held, groups, left) for name, t in self.groups.items()}
+        return dataclasses.replace(self, encoded=left.times(self.codec.group), groups=kept)
 
     def held(self, keys: torch.Tensor, values: torch.Tensor, lengths: Counts) -> Residual:
         """Every entry of ``keys`` and ``values`` (``[sum(lengths), head_dim]``, runs of ``lengths``) held as

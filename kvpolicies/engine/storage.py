@@ -23,7 +23,10 @@ windows share it (``Budget.windows``), the policy also chooses among a window's 
 any other: it then keeps each entry's position (``positions``), since age order no longer says how far back an entry
 lies, and the kvpolicies attention hides from every query what lies outside its window. Entries that slide out of a
 packed window stay stored, hidden, until a run holds more than ``W - 1`` plus the budget's slack, or an eviction
-comes first (dropping them at every step would read their count back from the device at every step).
+comes first (dropping them at every step would read their count back from the device at every step). Under a
+grouped codec a window drops a group only once all of it slid out, so no group is split and encoded again: up to
+``group - 1`` more entries wait, hidden (a dense layer hands the attention its keys without them); the layer keeps
+positions whether dense or packed, and a re-laid run waits for ``W - 1 + group - 1`` plus the slack.
 
 The hand-off to the attention. transformers calls ``cache.update(keys, values, layer_idx)`` and then the
 attention function with the tensors it returned, but never tells the attention which cache they came from. The
@@ -50,7 +53,7 @@ from transformers.cache_utils import CacheLayerMixin
 from kvpolicies.engine.codecs import Codec, FullPrecision, GroupedCodec
 from kvpolicies.engine.paths import launch_bound
 from kvpolicies.engine.residual import Residual
-from kvpolicies.engine.runs import Counts
+from kvpolicies.engine.runs import Counts, take
 from kvpolicies.engine.selection import age_order
 from kvpolicies.engine.signals import LogitScale, Reduce, SlidingWindow, Track, attention_received
 from kvpolicies.engine.step import Step
@@ -91,6 +94,15 @@ class RowLayers:
     values: tuple[torch.Tensor, ...]
 
 
+def window_overhang(window: int | None, codec: Codec) -> int:
+    """The most entries a run of a layer windowed to ``window`` keeps beyond its ``W - 1`` under ``codec``: a
+    grouped codec's oldest group waits until all of it slid out, up to ``group - 1`` entries, once a window is long
+    enough to encode groups at all (more than the codec's ``residual + group - 1`` newest, which it holds in full)."""
+    if window is None or not isinstance(codec, GroupedCodec) or window - 1 <= codec.most_at_full_precision:
+        return 0
+    return codec.group - 1
+
+
 def held_bytes(*tensors: torch.Tensor | None) -> int:
     """Bytes of the storage behind ``tensors``, each storage once: a small view of a large tensor counts the large
     one, because that is what it keeps alive."""
@@ -126,6 +138,11 @@ class CompressedLayer(CacheLayerMixin):
         """A sliding-window layer whose entries the policy chooses among (it may pack, so it keeps positions)."""
         self.scored = window is None or self.window_compressed
         """Whether the policy chooses among this layer's entries (every layer but a window held whole)."""
+        self.grouped_window = window is not None and isinstance(self.codec, GroupedCodec)
+        """A window under a grouped codec: its oldest group is dropped whole once all of it slid out (see
+        :meth:`slide`), so a run may hold up to ``overhang`` entries its window hides."""
+        self.overhang = window_overhang(window, self.codec)
+        """The most entries a run keeps beyond its window's ``W - 1`` (before its next slide or cut)."""
         self.is_sliding = window is not None  # read by transformers to build this layer's mask
         self.reset()
 
@@ -148,7 +165,15 @@ class CompressedLayer(CacheLayerMixin):
         self._queries: torch.Tensor | None = None  # a ring of the recent queries: see ``remember_queries``
         self._oldest = 0  # where its oldest row is
         self.positions: torch.Tensor | None = None
-        """A sliding-window layer's entries' positions in the sequence, ``[..., 1]`` int32 in the layer's layout."""
+        """A sliding-window layer's entries' positions in the sequence, ``[..., 1]`` int32 in the layer's layout
+        (kept where a run may hold entries its window hides: the policy chooses among them, or a codec groups)."""
+        self.hidden = 0
+        """Columns a dense window holds before its last ``W - 1``: its oldest group's entries that slid out, which
+        the attention is handed without (a view), so the model's own sliding mask and kernels see the window as
+        they would without a codec. 0 once the layer is packed (its positions hide them)."""
+        self.cut = False
+        """Whether an eviction re-laid the runs: until then each run holds consecutive positions up to the newest,
+        so the host knows how many of its entries a window hides without reading positions back."""
         self.is_initialized = False
         self.logical_length = 0
         self.packed = False
@@ -172,7 +197,7 @@ class CompressedLayer(CacheLayerMixin):
             self.codes = self.codec.encode(self.keys, self.values)
         self.tracked = {track.name: key_states.new_zeros(self.batch_size, self.num_heads, 0, 1, dtype=torch.float32)
                         for track in self.tracked_by}
-        if self.window_compressed:
+        if self.window_compressed or self.grouped_window:
             self.positions = key_states.new_zeros(self.batch_size, self.num_heads, 0, 1, dtype=torch.int32)
         self.valid = torch.zeros(self.batch_size, 0, dtype=torch.bool, device=self.device)
         self.seen = [0] * self.batch_size
@@ -388,15 +413,31 @@ class CompressedLayer(CacheLayerMixin):
         self._slots = None
         self._select(self.tracks(), keep, sum(self.lengths))
 
-    def slide(self) -> None:
-        """Keep the last ``W - 1`` positions of a dense layer: all the model's next query can see. A copy, so the
-        dropped entries' memory is freed (a view would keep the whole prompt alive). A packed layer hides what slid
-        out (see ``window_view``) until its next eviction."""
-        keep = self.window - 1
-        if not self.packed and self.keys.shape[2] > keep:
-            self.valid = self.valid[:, -keep:].clone()
-            self._assign({name: t[:, :, -keep:].clone() for name, t in self.tracks().items()})
-            self.intact = Counts.same(0, self.batch_size * self.num_heads)  # every run shifted
+    def slide(self, slack: int = 0) -> None:
+        """Drop what a window's next query cannot see, once the pass has read it.
+
+        A dense layer keeps its last ``W - 1`` positions: a copy, so the dropped entries' memory is freed (a view
+        would keep the whole prompt alive). A packed one hides what slid out (see ``window_view``) until a run
+        holds more than ``W - 1`` plus ``slack`` (the budget's) or its next eviction comes: so it reads its runs'
+        lengths back at most once every ``slack + 1`` decoding steps.
+
+        Under a grouped codec an entry goes with its whole group, once all of the group slid out, so no group is
+        split and encoded again: up to ``group - 1`` entries of the oldest group wait, hidden by their positions.
+        Runs no eviction re-laid hold consecutive positions up to the newest, so the host knows how many of their
+        entries slid out and they slide at every pass; re-laid runs are read back like a packed window's."""
+        limit = self.window - 1
+        if self.grouped_window and not self.cut:
+            held = self.lengths if self.packed else [self.valid.shape[1]] * (self.batch_size * self.num_heads)
+            out = tuple(max(n - limit, 0) for n in held)
+            if any(out):
+                self._drop_leading(self._droppable(Counts(out, (self.run_lengths - limit).clamp(min=0)
+                                                          if self.packed and len(set(out)) > 1 else None)))
+            self.hidden = 0 if self.packed else max(self.valid.shape[1] - limit, 0)
+        elif self.packed:  # (a re-laid run may form groups past W - 1 while it grows by the slack)
+            if max(self.lengths) > limit + (self.codec.group - 1 if self.grouped_window else 0) + slack:
+                self.drop_slid_out()
+        elif self.keys.shape[2] > limit:
+            self._drop_leading(Counts.same(self.keys.shape[2] - limit, self.batch_size * self.num_heads))
 
     def window_view(self, positions: torch.Tensor | None, q_len: int) -> SlidingWindow | None:
         """What this forward's ``q_len`` queries see through a sliding window, for ``positions`` (``[batch,
@@ -410,19 +451,48 @@ class CompressedLayer(CacheLayerMixin):
         return positions >= self.logical_length - self.window + 1
 
     def drop_slid_out(self) -> None:
-        """Drop the entries of a packed window that its next query cannot see. One host read (the runs' new
-        lengths); the cache calls it only once a run holds more than the window plus the budget's slack, so at
-        most once every slack + 1 decoding steps, whatever else happens (a protocol's question, a stage's policy)."""
-        keep = self.in_window(self.positions[:, 0])
-        total = keep.shape[0]
+        """Drop the entries of a packed window that its next query cannot see (under a grouped codec, the whole
+        groups among them). One host read, the count of each run's."""
+        hidden = (~self.in_window(self.positions[:, 0])).long()
+        total = hidden.shape[0]
         run_of = torch.arange(len(self.lengths), device=self.device).repeat_interleave(self.run_lengths,
                                                                                      output_size=total)
-        self.run_lengths = torch.zeros_like(self.run_lengths).index_add_(0, run_of, keep.to(self.run_lengths.dtype))
-        self.lengths = self.run_lengths.tolist()
+        counts = torch.zeros_like(self.run_lengths).index_add_(0, run_of, hidden)
+        self._drop_leading(self._droppable(Counts(tuple(counts.tolist()), counts)))
+
+    def _droppable(self, hidden: Counts) -> Counts:
+        """Of each run's ``hidden`` oldest entries (slid out of the window), those that can go: all of them,
+        or under a grouped codec the whole groups among what it encoded (all, once every group is among them)."""
+        if self.residual is None or self.codec.group == 1:
+            return hidden
+        group, encoded = self.codec.group, self.residual.encoded
+        host = tuple(n if n >= e else n // group * group for n, e in zip(hidden.host, encoded.host))
+        if not any(host) or (hidden.device is None and encoded.device is None):  # nothing to drop: no launch
+            return Counts(host)
+        held, done = hidden.on(self.device), encoded.on(self.device)
+        return Counts(host, torch.where(held >= done, held, held // group * group))
+
+    def _drop_leading(self, drop: Counts) -> None:
+        """Drop each run's ``drop[r]`` oldest entries, from every per-entry tensor and, under a grouped codec,
+        from its groups (``drop`` from :meth:`_droppable`: whole groups, or every group and then some of the
+        full-precision entries)."""
+        if not any(drop.host):
+            return
+        tracks = self.tracks()  # read before the groups go: a settled layer decodes them here
+        if self.residual is not None:
+            gone = drop.minimum(self.residual.encoded).over(self.codec.group)
+            self.residual = self.residual.without_first(gone)
+        if not self.packed:  # every run holds the same columns: drop the oldest of them
+            first = drop.host[0]
+            self.valid = self.valid[:, first:].clone()
+            self._assign({name: t[:, :, first:].clone() for name, t in tracks.items()})
+            return
+        lengths = Counts(tuple(self.lengths), self.run_lengths)
+        left = lengths.minus(drop)
+        self._assign({name: take(t, lengths, drop, left) for name, t in tracks.items()})
+        self.lengths, self.run_lengths = list(left.host), left.on(self.device)
         self.uniform = len(set(self.lengths)) == 1
         self._slots = None
-        self._select(self.tracks(), keep, sum(self.lengths))
-        self.intact = Counts.same(0, len(self.lengths))  # runs cut anywhere: a grouped codec regroups them
 
     def update_tracks(self, query: torch.Tensor, scale: LogitScale) -> None:
         """Let every track take the attention its entries received from this forward's ``query`` (computed once
@@ -512,7 +582,7 @@ class CompressedLayer(CacheLayerMixin):
         if self.packed:
             return [self.lengths[b * self.num_heads : (b + 1) * self.num_heads] for b in range(self.batch_size)]
         if self.window is not None:  # the window's real entries: the padding of a left-padded batch is older
-            return [[min(n, self.window - 1)] * self.num_heads for n in self.seen]
+            return [[min(n, self.window - 1 + self.hidden)] * self.num_heads for n in self.seen]
         return [[n] * self.num_heads for n in self.seen]
 
     def kept_counts(self) -> torch.Tensor:
@@ -592,7 +662,7 @@ class CompressedLayer(CacheLayerMixin):
             self.lengths, in_place = torch.stack([self.run_lengths, intact]).tolist()
             self.intact = Counts(tuple(in_place), intact)
         self.uniform = len(set(self.lengths)) == 1
-        self.packed, self.valid, self._slots = True, None, None
+        self.packed, self.valid, self._slots, self.cut, self.hidden = True, None, None, True, 0
         self._select(dense, keep.flatten(), sum(self.lengths))
         self.settle()  # eviction ends a forward's work on the layer; an after-prefill stage runs between forwards
 
@@ -601,10 +671,11 @@ class CompressedLayer(CacheLayerMixin):
         sequence's real tokens (``seen``), all of which a dense layer holds."""
         keep = self.valid[:, None, :].expand(self.batch_size, self.num_heads, -1)
         self.run_lengths = keep.sum(-1).flatten()
-        self.lengths = [n for n in self.seen for _ in range(self.num_heads)]
+        held = self.valid.shape[1]  # a window holds its last columns only
+        self.lengths = [min(n, held) for n in self.seen for _ in range(self.num_heads)]
         self.intact = self.residual.encoded  # what is encoded lies before any padding: right padding comes last
         self.uniform = len(set(self.lengths)) == 1
-        self.packed, self.valid, self._slots = True, None, None
+        self.packed, self.valid, self._slots, self.hidden = True, None, None, 0
         self._select(self.tracks(), keep.flatten(), sum(self.lengths))
 
     def _select(self, tracks: dict[str, torch.Tensor], keep: torch.Tensor, total: int) -> None:
@@ -659,7 +730,8 @@ class CompressedLayer(CacheLayerMixin):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.window is not None and self.logical_length >= self.window:
-            # The stored last W - 1 positions and the new ones, starting where the stored ones start.
+            # The stored last W - 1 positions and the new ones, starting where the stored ones start (a grouped
+            # codec's hidden entries before them are left out of what the attention reads: see ``hidden``).
             return self.window - 1 + query_length, self.logical_length - self.window + 1
         # Logical sizes: dense layers hold every token; packed layers build their own masks.
         return self.logical_length + query_length, 0
