@@ -31,7 +31,7 @@ class PyramidKV(ScorerWrapper):
     def allocate(self, allocation: Allocation) -> Allocation:
         # Shares relative to the average layer: from 2 - 1/beta at the bottom to 1/beta at the top, over the layers
         # a policy may move entries between (windows held whole keep theirs; redistribute() caps a shared window
-        # at its W - 1).
+        # at what it can hold, its W - 1 and a grouped codec's hidden entries).
         free = allocation.free_layers
         top = 1 / self.config.beta
         per_layer = torch.linspace(2 - top, top, len(free)) if len(free) > 1 else torch.ones(len(free))

@@ -215,6 +215,16 @@ def test_windows_kept_whole_hold_their_window_and_full_layers_share_the_rest_or_
         assert shape.most_bytes(allocation.total) <= fraction * shape.full_entries(seq_len) * 64 + 1e-6
 
 
+def test_the_whole_budget_keeps_all_a_cache_can_hold_a_grouped_codecs_hidden_entries_included():
+    full_price = dataclasses.replace(GEMMA_LIKE, full_precision_entries=5, window_overhang=3)  # e.g. exact groups
+    for seq_len in (5, 515, 600):
+        expected = 4 * 2 * min(seq_len, 511 + 3) + 2 * 2 * seq_len
+        assert Budget(value=1.0).total_entries(seq_len, full_price) == full_price.most_entries(seq_len) == expected
+        allocation = Budget(value=1.0).allocate(seq_len, full_price)
+        assert allocation.tokens.tolist() == [[min(seq_len, 514)] * 2] * 2 + [[seq_len] * 2] + \
+            [[min(seq_len, 514)] * 2] * 2 + [[seq_len] * 2]
+
+
 @given(seq_len=st.integers(1, 20000), fraction=st.floats(0.001, 1.0))
 def test_shared_windows_give_every_layer_the_same_share_of_what_the_model_holds_there(seq_len, fraction):
     """windows="share" (the default): any budget fits; each head keeps between 1 and what the model's own cache

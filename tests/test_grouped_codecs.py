@@ -360,14 +360,16 @@ def test_windows_cut_and_windows_left_whole_side_by_side_decode_as_full_precisio
 
 @torch.no_grad()
 def test_a_window_left_whole_by_a_compressing_policy_is_not_cut_for_its_hidden_entries():
-    """At the full budget snapkv keeps every window whole: its hidden entries are within what a window may hold, so
-    no cut comes, and every group is encoded once, as without a policy."""
+    """At the full budget snapkv keeps every window whole, with no slack: its hidden entries are within what a
+    window may hold (the budget of 1 buys them even from a codec at full precision's price), so no cut comes, and
+    every group is encoded once, as without a policy."""
     model = build(ARCHITECTURES["mistral-sliding-window"])
     encoded = {}
     for policy in ("full", "snapkv"):
         Exact.encoded_groups = 0
-        cache = exact_against_full_precision(model, lambda codec: CompressedCache(model, policy, 1.0, codec=codec),
-                                             window_prompt(1, 21), torch.ones(1, 21, dtype=torch.long), steps=12)
+        cache = exact_against_full_precision(
+            model, lambda codec: CompressedCache(model, policy, Budget(value=1.0, slack_tokens=0), codec=codec),
+            window_prompt(1, 21), torch.ones(1, 21, dtype=torch.long), steps=12)
         encoded[policy] = Exact.encoded_groups
         assert not any(layer.cut for layer in cache.layers)
     assert encoded["snapkv"] == encoded["full"]

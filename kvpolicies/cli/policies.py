@@ -286,11 +286,11 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def allocation_table(tokens, seq_len: int, shape: CacheShape) -> str:
-    """A layer × KV-head table of entries, with each layer's share of the model's own cache for that layer (a
-    sliding-window layer, marked, is measured against its window's ``W - 1``)."""
+    """A layer × KV-head table of entries, with each layer's share of the most it can hold (a sliding-window layer,
+    marked, is measured against its window's ``W - 1``, and a grouped codec's entries hidden there)."""
     heads = tokens.shape[1]
     rows = [[f"{layer} (window {shape.windows[layer]})" if layer in shape.sliding_layers else layer, *row.tolist(),
-             f"{row.sum().item() / (heads * shape.held(layer, seq_len)):.1%}"] for layer, row in enumerate(tokens)]
+             f"{row.sum().item() / (heads * shape.held_whole(layer, seq_len)):.1%}"] for layer, row in enumerate(tokens)]
     return tabulate(rows, headers=["layer", *(f"head {h}" for h in range(heads)), "of full"], tablefmt="simple")
 
 

@@ -12,8 +12,9 @@ is the "full cache" a fraction is taken of, and those entries are charged to the
 windows take part is the budget's ``windows`` option:
 
 - ``"share"`` (the default): windows are compressed like any layer. Every layer keeps the same share of what the
-  model's own cache holds there (a window at most its ``W - 1``), and the policy chooses among the window's entries
-  as among any layer's. Any budget that leaves each head one entry fits, on every architecture.
+  model's own cache holds there (a window at most its ``W - 1``, and under a grouped codec the entries of its
+  oldest group that slid out, see ``CacheShape.window_overhang``), and the policy chooses among the window's
+  entries as among any layer's. Any budget that leaves each head one entry fits, on every architecture.
 - ``"keep"``: windows are held whole (nothing the model attends to next is evicted) and the full-attention layers
   share what remains; a budget too small for the windows is refused with the smallest one that fits, and a model
   whose every layer is windowed cannot be compressed at all once its prompt is longer than the window.
@@ -280,6 +281,8 @@ class Budget(BaseModel):
         """Entries the whole cache of one sequence may hold: at least one per head, at most the full cache (the
         model's own cache, sliding windows included, and the entries a grouped codec's windows hold hidden)."""
         full = shape.full_entries(seq_len)
+        if self.unit == "fraction" and self.value >= 1:  # the whole cache, whatever a codec's entries cost
+            return shape.most_entries(seq_len)
         if self.unit == "tokens":
             wanted = math.floor(self.value * shape.cells + 1e-9)
         elif shape.full_precision_entries:  # a grouped codec: each head's newest entries cost full precision
@@ -306,7 +309,7 @@ class Budget(BaseModel):
             weights = torch.tensor(own, dtype=torch.double).repeat_interleave(shape.num_kv_heads)
             caps = torch.tensor(held, dtype=torch.long).repeat_interleave(shape.num_kv_heads)
             tokens = distribute(total, weights, cap=caps).view(shape.num_layers, shape.num_kv_heads)
-            return Allocation(tokens=tokens, seq_len=seq_len, total=total, full_entries=full, held=held)
+            return Allocation(tokens=tokens, seq_len=seq_len, total=total, full_entries=full, held=held, own=own)
         fixed = shape.sliding_layers
         tokens = torch.zeros(shape.num_layers, shape.num_kv_heads, dtype=torch.long)
         for layer in fixed:
@@ -333,7 +336,8 @@ class Budget(BaseModel):
             )
         if free:
             tokens[free] = spread(total - windowed, len(free) * shape.num_kv_heads, seq_len).view(len(free), -1)
-        return Allocation(tokens=tokens, seq_len=seq_len, total=total, full_entries=full, fixed=fixed, held=held)
+        return Allocation(tokens=tokens, seq_len=seq_len, total=total, full_entries=full, fixed=fixed, held=held,
+                          own=own)
 
     def __str__(self) -> str:
         """The budget as a user writes it (the slack and the window rule are said where they matter)."""
@@ -400,7 +404,8 @@ class Allocation:
     """Tokens kept per (layer, KV head) for one sequence of ``seq_len`` real tokens; ``tokens.sum() == total``.
 
     A policy may move entries between the ``free_layers`` (and their heads), none past what the model's own cache
-    holds there (``held``: the sequence, or a window's ``W - 1``); the ``fixed`` layers are sliding-window layers
+    holds there (``held``: the sequence, or a window's ``W - 1`` and a grouped codec's hidden entries); the ``fixed``
+    layers are sliding-window layers
     held whole (a budget with ``windows="keep"``), which hold their window whatever the policy says.
     """
 
@@ -415,10 +420,14 @@ class Allocation:
     held: tuple[int, ...] = ()
     """Per layer, entries per head the model's own cache holds (empty: ``seq_len`` in every layer), and in a window
     the entries a grouped codec holds hidden there (``CacheShape.held_whole``)."""
+    own: tuple[int, ...] = ()
+    """Per layer, entries per head the model's own cache holds, without a grouped codec's hidden entries: what
+    layers are shared in proportion to (empty: ``held``)."""
 
     @property
     def caps(self) -> torch.Tensor:
-        """``[num_layers, 1]`` the most entries a head of each layer can keep: what the model's own cache holds."""
+        """``[num_layers, 1]`` the most entries a head of each layer can keep: what the model's own cache holds (and a
+        window's hidden entries, see ``held``)."""
         held = self.held or (self.seq_len,) * self.tokens.shape[0]
         return torch.tensor(held, dtype=torch.long)[:, None]
 
@@ -437,8 +446,8 @@ class Allocation:
 
     def redistribute(self, weights: torch.Tensor, floor: int | torch.Tensor = 1) -> Allocation:
         """Share the free layers' entries in proportion to ``weights`` (``[layers, kv_heads]``; fixed layers'
-        weights are ignored), each head within ``[floor, held]`` (the sequence, or a window's ``W - 1``); windows
-        held whole keep their window."""
+        weights are ignored), each head within ``[floor, held]`` (the sequence, or a window's ``W - 1`` and its
+        hidden entries); windows held whole keep their window."""
         free = self.free_layers
         tokens = self.tokens.clone()
         if free:
@@ -485,7 +494,8 @@ class Allocation:
             tokens[rest] = spread(remaining, len(rest) * num_heads, self.seq_len).view(len(rest), num_heads)
         elif rest:  # as allocate() shares with windows: the same share of what each layer holds
             rest_caps = caps[rest, None].expand(-1, num_heads)
-            tokens[rest] = distribute(remaining, rest_caps.double(), cap=rest_caps).view(len(rest), num_heads)
+            own = torch.tensor(self.own or self.held, dtype=torch.double)[rest, None].expand(-1, num_heads)
+            tokens[rest] = distribute(remaining, own, cap=rest_caps).view(len(rest), num_heads)
         return self._with(tokens)
 
     def check(self, returned: object, fault: Callable[[str], Exception]) -> Allocation:
@@ -533,7 +543,7 @@ class Allocation:
                 "window the model attends to; move entries between allocation.free_layers only (e.g. with "
                 "allocation.redistribute(weights))"
             )
-        if tuple(returned.fixed) != tuple(self.fixed) or tuple(returned.held) != tuple(self.held):
+        if (tuple(returned.fixed), tuple(returned.held), tuple(returned.own)) != (self.fixed, self.held, self.own):
             returned = Allocation(tokens=tokens, seq_len=returned.seq_len, total=returned.total,
-                                  full_entries=self.full_entries, fixed=self.fixed, held=self.held)
+                                  full_entries=self.full_entries, fixed=self.fixed, held=self.held, own=self.own)
         return returned

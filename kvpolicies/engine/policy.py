@@ -233,7 +233,7 @@ class Policy:
 
         Whatever is returned must keep at most ``allocation.total`` entries, at least one per head and none above
         what the model's own cache holds in the head's layer (``allocation.caps``: the sequence, or a window's
-        ``W - 1``); the cache checks and names the policy otherwise.
+        ``W - 1`` and a grouped codec's hidden entries there); the cache checks and names the policy otherwise.
         """
         return allocation
 

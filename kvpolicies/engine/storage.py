@@ -582,8 +582,17 @@ class CompressedLayer(CacheLayerMixin):
         if self.packed:
             return [self.lengths[b * self.num_heads : (b + 1) * self.num_heads] for b in range(self.batch_size)]
         if self.window is not None:  # the window's real entries: the padding of a left-padded batch is older
-            return [[min(n, self.window - 1 + self.hidden)] * self.num_heads for n in self.seen]
+            return [[min(n, self.window - 1 + self._kept_hidden())] * self.num_heads for n in self.seen]
         return [[n] * self.num_heads for n in self.seen]
+
+    def _kept_hidden(self) -> int:
+        """Entries a dense window holds beyond its ``W - 1`` once this pass has slid it (between passes, ``hidden``):
+        what the budget judges it by, before the slide that comes after the eviction."""
+        if not self.grouped_window:
+            return 0
+        out = max(self.valid.shape[1] - (self.window - 1), 0)
+        encoded = self.residual.encoded.host[0] if self.residual.encoded.host else 0
+        return out - (out if out >= encoded else out // self.codec.group * self.codec.group)
 
     def kept_counts(self) -> torch.Tensor:
         """``[batch, kv_heads]`` real entries held per head."""
