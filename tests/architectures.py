@@ -4,6 +4,8 @@ report."""
 
 from __future__ import annotations
 
+import pytest
+
 from kvpolicies.experiments.architectures import (  # noqa: F401 (the matrix, as the tests import it)
     ARCHITECTURES,
     COMMON,
@@ -24,3 +26,15 @@ REFUSED = {("cohere-interleaved-rope", "expected_attention"): "rotates interleav
 WHOLE = {"l2norm": {"uncompressed_layers": []}}
 """Options that let a 2-layer model compress (l2norm's default keeps layers 0 and 1 whole)."""
 
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def architecture(request) -> str:
+    """Each family of the matrix in turn (a test module imports this and ``model`` to run on all of them)."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(architecture):
+    """The family's tiny random-weight model, built once per module."""
+    return build(ARCHITECTURES[architecture])

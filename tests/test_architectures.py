@@ -26,7 +26,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 import kvpolicies
 from kvpolicies import Budget, BudgetError, CompressedCache, LayerView, ModelLoadError, PolicyConfig, Signal
 from kvpolicies.engine.policy import Policy
-from tests.architectures import (
+from tests.architectures import (  # noqa: F401 (architecture, model: fixtures)
     ALL_WINDOWED,
     ARCHITECTURES,
     COMMON,
@@ -34,21 +34,13 @@ from tests.architectures import (
     UNSUPPORTED,
     WHOLE,
     WINDOW,
+    architecture,
     build,
+    model,
     prompt,
 )
 
 POLICIES = [info.name for info in kvpolicies.list_policies()]
-
-@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
-def architecture(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model(architecture):
-    return build(ARCHITECTURES[architecture])
-
 
 def policy(name: str) -> Policy:
     return kvpolicies.get_policy(name, **WHOLE.get(name, {}))

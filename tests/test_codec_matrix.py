@@ -15,22 +15,12 @@ import torch
 import kvpolicies
 from kvpolicies import Budget, CompressedCache
 from kvpolicies.engine.codecs import GroupedCodec
-from tests.architectures import ARCHITECTURES, COMMON, build
+from tests.architectures import COMMON, architecture, model  # noqa: F401 (fixtures)
 
 CODECS = [info.name for info in kvpolicies.list_codecs() if info.name != "full"]
 LOGIT_TOLERANCE = 0.01
 """int8 at the full budget: ``max |Δlogit|`` at most this share of the largest logit (a code is a 255th of its
 entry's range, and two layers add little to that)."""
-
-
-@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
-def architecture(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model(architecture):
-    return build(ARCHITECTURES[architecture])
 
 
 def ids(length: int, seed: int = 1) -> torch.Tensor:

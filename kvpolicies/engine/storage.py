@@ -103,6 +103,12 @@ def window_overhang(window: int | None, codec: Codec) -> int:
     return codec.group - 1
 
 
+def droppable(hidden: int, encoded: int, group: int) -> int:
+    """Of a run's ``hidden`` oldest entries (slid out of its window), how many can go when its ``encoded`` oldest
+    are held in groups of ``group``: the whole groups among them, or all of them once every group is among them."""
+    return hidden if hidden >= encoded else hidden // group * group
+
+
 def held_bytes(*tensors: torch.Tensor | None) -> int:
     """Bytes of the storage behind ``tensors``, each storage once: a small view of a large tensor counts the large
     one, because that is what it keeps alive."""
@@ -466,7 +472,7 @@ class CompressedLayer(CacheLayerMixin):
         if self.residual is None or self.codec.group == 1:
             return hidden
         group, encoded = self.codec.group, self.residual.encoded
-        host = tuple(n if n >= e else n // group * group for n, e in zip(hidden.host, encoded.host))
+        host = tuple(droppable(n, e, group) for n, e in zip(hidden.host, encoded.host))
         if not any(host) or (hidden.device is None and encoded.device is None):  # nothing to drop: no launch
             return Counts(host)
         held, done = hidden.on(self.device), encoded.on(self.device)
@@ -592,7 +598,7 @@ class CompressedLayer(CacheLayerMixin):
             return 0
         out = max(self.valid.shape[1] - (self.window - 1), 0)
         encoded = self.residual.encoded.host[0] if self.residual.encoded.host else 0
-        return out - (out if out >= encoded else out // self.codec.group * self.codec.group)
+        return out - droppable(out, encoded, self.codec.group)
 
     def kept_counts(self) -> torch.Tensor:
         """``[batch, kv_heads]`` real entries held per head."""
